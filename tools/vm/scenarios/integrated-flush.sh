@@ -1,0 +1,25 @@
+#!/bin/bash
+# clustered-core mirror with `integrated_flush`: marks arrive as FLUSH requests carrying regions (no
+# MARK_REGION) and a delayed payload-less FLUSH follows 3 s after clears.
+# shellcheck source=lib.sh
+source "$(dirname "$0")/lib.sh"
+
+scenario_integrated_flush() {
+    local name=ulog-iflush uuid=ulogvm-iflush
+    setup_mirror "$name" "$uuid" clustered-core integrated_flush
+    odirect_write "$name" 0 1024
+    check "legs_after_write" "$(cmp_legs)" equal
+    sleep 4  # let the delayed (3 s) flush of the dmlogd workqueue happen
+    odirect_write "$name" 8192 256
+    check "legs_after_write2" "$(cmp_legs)" equal
+    check_status_table "$name" "$uuid" clustered-core integrated_flush
+    remove_mirror "$name"
+    stop_daemon
+    # request types 9 = FLUSH, 10 = MARK_REGION in the capture (requests and replies both counted)
+    record "capture_mark_region" "$("$PY" "$ULOG_CHECKOUT/tools/vm/capture_scan.py" headers "$uuid" \
+        "$SOUT"/capture*.bin | awk '$3 == 10' | wc -l)"
+    record "capture_flush_with_payload" "$("$PY" "$ULOG_CHECKOUT/tools/vm/capture_scan.py" headers "$uuid" \
+        "$SOUT"/capture*.bin | awk '$3 == 9 && $4 > 0' | wc -l)"
+}
+
+main_scenario integrated-flush

@@ -1,0 +1,114 @@
+"""The constructor string the kernel sends with CTR (protocol ref §3.2).
+
+``"<ti_len> <type> [<dev>] <region_size> [sync|nosync] [block_on_error]"`` where ``ti_len`` is
+the mirror target length in 512-byte sectors, printed by the kernel, and the rest is the table's
+log arguments after the uuid (``integrated_flush`` already removed by the kernel).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+
+LOG_TYPES = ("core", "disk", "clustered-core", "clustered-disk")
+DISK_TYPES = ("disk", "clustered-disk")
+#: DM_NAME_LEN: the CTR reply buffer the kernel offers, NUL included.
+MAX_DEVICE_REPLY = 128
+
+
+class CtrError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class CtrArgs:
+    target_sectors: int
+    log_type: str
+    device: str | None
+    region_size: int
+    sync_mode: str  # "default", "sync" (force full resync) or "nosync" (start in sync)
+    block_on_error: bool
+    text: str
+
+    @property
+    def region_count(self) -> int:
+        return -(-self.target_sectors // self.region_size)
+
+    @property
+    def is_disk(self) -> bool:
+        return self.log_type in DISK_TYPES
+
+    def device_reply(self) -> bytes:
+        """The initial CTR's reply: the log device name, NUL counted (kernel registers it)."""
+        if not self.device:
+            return b""
+        return self.device.encode() + b"\0"
+
+    def device_number(self) -> str:
+        """``maj:min`` of the log device for STATUS_INFO (libdm parses that form)."""
+        dev = self.device or ""
+        if ":" in dev and not dev.startswith("/"):
+            return dev
+        try:
+            st = os.stat(dev)
+        except OSError:
+            return dev
+        if stat.S_ISBLK(st.st_mode):
+            return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+        return dev
+
+
+def _positive_int(word: str, what: str) -> int:
+    if not word.isdigit():
+        raise CtrError(f"{what} {word!r} is not a decimal number")
+    value = int(word)
+    if value <= 0:
+        raise CtrError(f"{what} must be positive, got {value}")
+    return value
+
+
+def parse_ctr(payload: bytes) -> CtrArgs:
+    """Parse a CTR payload. The reconnect CTR counts a trailing NUL: strip it first."""
+    raw = payload[:-1] if payload.endswith(b"\0") else payload
+    if b"\0" in raw:
+        raise CtrError("constructor string contains a NUL byte")
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise CtrError("constructor string is not ASCII") from exc
+    words = text.split()
+    if len(words) < 3:
+        raise CtrError(f"constructor string {text!r} has fewer than 3 words")
+    target_sectors = _positive_int(words[0], "target length")
+    log_type = words[1]
+    if log_type not in LOG_TYPES:
+        raise CtrError(f"unknown log type {log_type!r} (expected one of {', '.join(LOG_TYPES)})")
+    rest = words[2:]
+    device = None
+    if log_type in DISK_TYPES:
+        device = rest.pop(0)
+        if len(device) + 1 > MAX_DEVICE_REPLY:
+            raise CtrError(f"log device name longer than {MAX_DEVICE_REPLY - 1} bytes")
+        if not rest:
+            raise CtrError("disk log needs a region size after the device")
+    region_size = _positive_int(rest.pop(0), "region size")
+    if region_size < 2 or region_size & (region_size - 1):
+        raise CtrError(f"region size {region_size} is not a power of two >= 2")
+    if region_size > target_sectors:
+        raise CtrError(f"region size {region_size} exceeds the target length {target_sectors}")
+    sync_mode = "default"
+    block_on_error = False
+    for word in rest:
+        if word in ("sync", "nosync"):
+            if sync_mode != "default":
+                raise CtrError("both sync and nosync given")
+            sync_mode = word
+        elif word == "block_on_error":
+            block_on_error = True
+        else:
+            raise CtrError(f"unknown log argument {word!r}")
+    return CtrArgs(
+        target_sectors=target_sectors, log_type=log_type, device=device, region_size=region_size,
+        sync_mode=sync_mode, block_on_error=block_on_error, text=text,
+    )

@@ -1,0 +1,345 @@
+"""dm-ulogd: the daemon. One thread owns the engine and the sockets; commits run beside it.
+
+The request loop: read every queued frame, let the engine answer it. A request that needs the
+backend (a FLUSH's durable commit, a journal write) is queued on its uuid's lane; lanes run on a
+small thread pool, one job at a time per uuid and in arrival order, so a commit of one mirror
+never delays the replies of another by more than the loop's own turn, and one uuid's commits are
+never reordered. Completed jobs come back through a pipe; their replies are sent by the loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from . import __version__, wire
+from .backends.base import Backend, available_backends, load_backend
+from .capture import FROM_DAEMON, TO_DAEMON, CaptureWriter
+from .engine import Engine, Pending
+from .transport.netlink import GroupTaken, NetlinkTransport
+from .transport.unix import UnixTransport
+from .wire import Reply
+
+log = logging.getLogger("ulog_disk.daemon")
+
+DEFAULT_STATE_DIR = "/var/lib/ulog-disk"
+DEFAULT_BACKEND = "lmdb"
+LANE_THREADS = 8
+
+
+class StartupError(RuntimeError):
+    pass
+
+
+class StateDirLock:
+    """An exclusive ``flock`` on ``<state dir>/lock``; the file holds the owner's pid."""
+
+    def __init__(self, state_dir: Path):
+        self.path = state_dir / "lock"
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StartupError(
+                f"state directory {state_dir} is in use by another dm-ulogd (pid {owner}); "
+                f"refusing to start a second one on it"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        os.close(self.fd)
+
+
+def prepare_state_dir(path: Path) -> None:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+def sd_notify(message: str) -> None:
+    target = os.environ.get("NOTIFY_SOCKET")
+    if not target:
+        return
+    address = "\0" + target[1:] if target.startswith("@") else target
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        try:
+            s.sendto(message.encode(), address)
+        except OSError as exc:
+            log.warning("sd_notify to %s failed: %s", target, exc)
+
+
+class Lanes:
+    """Per-uuid FIFO of backend jobs, run on a thread pool; results come back via a pipe."""
+
+    def __init__(self, threads: int = LANE_THREADS):
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lane")
+        self.queues: dict[str, collections.deque[tuple[Pending, object]]] = {}
+        self.done: collections.deque[tuple[Pending, object, BaseException | None]] = collections.deque()
+        self.lock = threading.Lock()
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+
+    def busy(self, uuid: str) -> bool:
+        return uuid in self.queues
+
+    def submit(self, pending: Pending, address: object) -> None:
+        queue = self.queues.get(pending.uuid)
+        if queue is not None:
+            queue.append((pending, address))
+            return
+        self.queues[pending.uuid] = collections.deque([(pending, address)])
+        self.pool.submit(self._run_lane, pending.uuid)
+
+    def _run_lane(self, uuid: str) -> None:
+        while True:
+            with self.lock:
+                queue = self.queues[uuid]
+                pending, address = queue[0]
+            exc: BaseException | None = None
+            try:
+                pending.job()
+            except BaseException as e:  # noqa: BLE001 - reported to the engine via complete()
+                exc = e
+            with self.lock:
+                queue.popleft()
+                self.done.append((pending, address, exc))
+                empty = not queue
+                if empty:
+                    del self.queues[uuid]
+            os.write(self.wake_w, b"x")
+            if empty:
+                return
+
+    def drain(self) -> list[tuple[Pending, object, BaseException | None]]:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.wake_r, 65536)
+        with self.lock:
+            items = list(self.done)
+            self.done.clear()
+        return items
+
+    def idle(self) -> bool:
+        with self.lock:
+            return not self.queues and not self.done
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+
+
+class Daemon:
+    def __init__(self, engine: Engine, transport: NetlinkTransport | UnixTransport,
+                 capture: CaptureWriter | None = None):
+        self.engine = engine
+        self.transport = transport
+        self.capture = capture
+        self.lanes = Lanes()
+        self.selector = selectors.DefaultSelector()
+        self.stopping = False
+        self.dropped_frames = 0
+        # Lanes run under the submit/queue discipline only when they are touched from this thread.
+        self._lanes_lock = self.lanes.lock
+        self.sig_r, self.sig_w = os.pipe()
+        os.set_blocking(self.sig_r, False)
+        os.set_blocking(self.sig_w, False)
+
+    # --- frames --------------------------------------------------------------------------
+
+    def on_frame(self, frame: bytes, address: object) -> None:
+        if self.capture:
+            self.capture.write(TO_DAEMON, frame)
+        try:
+            request = wire.decode_frame(frame)
+        except wire.FrameError as exc:
+            if exc.request is None:
+                self.dropped_frames += 1
+                log.warning("dropped an unanswerable frame (%d bytes): %s", len(frame), exc.reason)
+                return
+            log.error("malformed request seq=%d: %s: answering -EINVAL", exc.request.seq, exc.reason)
+            self.engine.stats.errors += 1
+            self.send(Reply(exc.request, -errno.EINVAL), address)
+            return
+        try:
+            result = self.engine.handle(request)
+        except Exception:  # noqa: BLE001 - one bad request must not stop the others
+            log.exception("internal error on request seq=%d type=%d: answering -EIO",
+                          request.seq, request.request_type)
+            self.send(Reply(request, -errno.EIO), address)
+            return
+        if isinstance(result, Reply):
+            self.send(result, address)
+        elif result.quick and not self.lanes.busy(result.uuid):
+            try:
+                result.job()
+                exc_: BaseException | None = None
+            except BaseException as e:  # noqa: BLE001
+                exc_ = e
+            self.send(result.complete(exc_), address)
+        else:
+            with self._lanes_lock:
+                self.lanes.submit(result, address)
+
+    def send(self, reply: Reply, address: object) -> None:
+        payload = wire.encode_reply(reply)
+        if self.capture:
+            self.capture.write(FROM_DAEMON, payload)
+        self.transport.send(payload, address)
+
+    def on_completions(self) -> None:
+        for pending, address, exc in self.lanes.drain():
+            try:
+                reply = pending.complete(exc)
+            except Exception:  # noqa: BLE001
+                log.exception("internal error completing a request")
+                continue
+            self.send(reply, address)
+
+    # --- loop ----------------------------------------------------------------------------
+
+    def request_stop(self, signum: int, _frame: object) -> None:
+        self.stopping = True
+        with contextlib.suppress(BlockingIOError):
+            os.write(self.sig_w, b"s")
+
+    def run(self, ready: callable | None = None) -> int:  # type: ignore[valid-type]
+        sel = self.selector
+        if isinstance(self.transport, UnixTransport):
+            sel.register(self.transport.fileno(), selectors.EVENT_READ, "accept")
+        else:
+            sel.register(self.transport.fileno(), selectors.EVENT_READ, "netlink")
+        sel.register(self.lanes.wake_r, selectors.EVENT_READ, "lanes")
+        sel.register(self.sig_r, selectors.EVENT_READ, "signal")
+        if ready:
+            ready()
+        while not self.stopping:
+            for key, _ in sel.select():
+                tag = key.data
+                if tag == "netlink":
+                    for frame, address in self.transport.receive():  # type: ignore[union-attr]
+                        self.on_frame(frame, address)
+                elif tag == "accept":
+                    conn = self.transport.accept()  # type: ignore[union-attr]
+                    if conn is not None:
+                        sel.register(conn.fileno(), selectors.EVENT_READ, conn)
+                elif tag == "lanes":
+                    self.on_completions()
+                elif tag == "signal":
+                    pass
+                else:
+                    frames, still_open = self.transport.receive_from(key.data)  # type: ignore[union-attr]
+                    for frame, address in frames:
+                        self.on_frame(frame, address)
+                    if not still_open:
+                        sel.unregister(key.fd)
+        return self.shutdown()
+
+    def shutdown(self) -> int:
+        log.info("stopping: committing %d log(s)", len(self.engine.table))
+        sd_notify("STOPPING=1")
+        for pending in self.engine.commit_all():
+            with self._lanes_lock:
+                self.lanes.submit(pending, None)
+        failures = 0
+        while not self.lanes.idle():
+            self.selector.select(timeout=1.0)
+            for pending, _address, exc in self.lanes.drain():
+                reply = pending.complete(exc)
+                failures += reply.error != 0
+        self.lanes.close()
+        self.engine.backend.close()
+        self.transport.close()
+        if self.capture:
+            self.capture.close()
+        log.info("stopped (%d requests, %d errors, %d commits, %d failed commits at stop)",
+                 self.engine.stats.requests, self.engine.stats.errors, self.engine.stats.commits, failures)
+        return 1 if failures else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    backends = ", ".join(sorted(available_backends())) or "none"
+    p = argparse.ArgumentParser(
+        prog="dm-ulogd",
+        description="Userspace dirty-log server for device-mapper mirrors (dm-log-userspace), "
+                    "with a durable log store. Runs in the foreground; SIGTERM/SIGINT commit every "
+                    "log and exit 0.",
+    )
+    p.add_argument("--listen", default="netlink", metavar="netlink|unix:PATH",
+                   help="where requests come from: the kernel's netlink connector (default), or a "
+                        "unix SOCK_SEQPACKET socket carrying the same frames (tests, kernel model)")
+    p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, type=Path,
+                   help=f"where the store and the lock live (default {DEFAULT_STATE_DIR}, created 0700)")
+    p.add_argument("--backend", default=DEFAULT_BACKEND,
+                   help=f"log store plugin from the ulog_disk.backends entry points (installed: {backends}; "
+                        f"default {DEFAULT_BACKEND})")
+    p.add_argument("--capture", metavar="FILE",
+                   help="append every frame received and sent to FILE (read it with ulog-dump wire)")
+    p.add_argument("--ready-file", metavar="FILE", type=Path,
+                   help="create FILE once listening (for scripts; systemd gets READY=1 via NOTIFY_SOCKET)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def make_transport(listen: str) -> NetlinkTransport | UnixTransport:
+    if listen == "netlink":
+        return NetlinkTransport()
+    if listen.startswith("unix:") and len(listen) > 5:
+        return UnixTransport(listen[5:])
+    raise StartupError(f"--listen must be 'netlink' or 'unix:PATH', not {listen!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose > 1 else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s dm-ulogd[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+    lock = None
+    backend: Backend | None = None
+    try:
+        backend_cls = load_backend(args.backend)
+        prepare_state_dir(args.state_dir)
+        lock = StateDirLock(args.state_dir)
+        backend = backend_cls(args.state_dir)
+        engine = Engine(backend)
+        engine.restore()
+        transport = make_transport(args.listen)
+    except (StartupError, LookupError, GroupTaken, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        if backend is not None:
+            backend.close()
+        return 2
+    capture = CaptureWriter(args.capture, transport.name) if args.capture else None
+    daemon = Daemon(engine, transport, capture)
+    signal.signal(signal.SIGTERM, daemon.request_stop)
+    signal.signal(signal.SIGINT, daemon.request_stop)
+
+    def ready() -> None:
+        log.info("dm-ulogd %s ready: backend %s, state dir %s, %d log(s) restored, boot id %s",
+                 __version__, args.backend, args.state_dir, len(engine.table), engine.boot_id)
+        sd_notify("READY=1")
+        if args.ready_file:
+            args.ready_file.write_text(f"{os.getpid()}\n")
+
+    try:
+        return daemon.run(ready)
+    finally:
+        if lock:
+            lock.release()

@@ -1,0 +1,530 @@
+"""The engine: applies one kernel request to the log table and says what to answer.
+
+Sans-I/O. ``handle(request)`` returns either a :class:`~ulog_disk.wire.Reply` (answer now) or a
+:class:`Pending`: backend work (a durable commit, a journal write) that must finish before the
+reply goes out. The daemon runs a Pending's ``job`` on the uuid's worker and then calls its
+``complete`` back on the engine's thread. Engine state is only touched on that one thread; jobs
+see nothing but copies.
+
+Protocol rules owned here (protocol ref §1.7, §3, §5; issue #2, #3):
+
+* The table is keyed by (uuid, luid). Two instances with one uuid never share state; a resuming
+  instance may *copy* the newest state of its uuid (hand-over) when that state belongs to an
+  instance that is suspended or gone, never to one that is live — generation numbers decide.
+* A loop-type request for an unknown (uuid, luid) gets -ESRCH, which makes the kernel send CTR
+  (+NUL) and RESUME again for that log; other requests for unknown logs get -EINVAL.
+* Replies carry exactly the value size the kernel reads, ``data_size = 0`` where it offers no
+  buffer, and a negative errno in ``error``.
+* FLUSH (with or without integrated marks) is the durable point; RESUME and POSTSUSPEND commit
+  too, as the kernel's disk log writes its header and bits there.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import wire
+from .backends.base import (
+    OP_CLEAR,
+    OP_MARK,
+    OP_SET_NOSYNC,
+    OP_SET_SYNC,
+    Backend,
+    Commit,
+    InstanceRecord,
+    StoredInstance,
+    StoredState,
+)
+from .ctrargs import CtrArgs, CtrError, parse_ctr
+from .lifecycle import HANDS_OVER, State, gives_resync_work, next_state
+from .regionlog import RegionLog, chunk_count
+from .wire import Reply, Request, RequestType
+
+log = logging.getLogger("ulog_disk.engine")
+
+Key = tuple[str, int]
+
+
+def read_boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
+
+
+def describe(uuid: str, luid: int) -> str:
+    return f"uuid={uuid!r} luid={luid:#x}"
+
+
+@dataclass
+class Instance:
+    uuid: str
+    luid: int
+    ctr: CtrArgs
+    state: State
+    log: RegionLog
+    boot_id: str
+    #: Per-uuid generation of this instance's last commit of resumed state (0: never resumed).
+    generation: int = 0
+    resumed: bool = False
+    #: Health character for STATUS_INFO: A ok, D backend failure, F failed commit.
+    health: str = "A"
+    committed_at: float = 0.0
+    resized: bool = True
+
+    @property
+    def key(self) -> Key:
+        return (self.uuid, self.luid)
+
+    def record(self) -> InstanceRecord:
+        return InstanceRecord(
+            uuid=self.uuid, luid=self.luid, ctr=self.ctr.text, log_type=self.ctr.log_type,
+            region_size=self.ctr.region_size, region_count=self.log.region_count,
+            state=self.state.value, generation=self.generation, cursor=self.log.cursor,
+            boot_id=self.boot_id, resumed=self.resumed, committed_at=self.committed_at,
+        )
+
+    def stored_state(self) -> StoredState:
+        return StoredState(
+            uuid=self.uuid, generation=self.generation, region_count=self.log.region_count,
+            clean=self.log.clean.tobytes(), sync=self.log.sync.tobytes(), source_luid=self.luid,
+            committed_at=time.time(),
+        )
+
+
+@dataclass
+class Pending:
+    """A reply that waits for backend work on the uuid's worker."""
+
+    uuid: str
+    job: Callable[[], None]
+    complete: Callable[[BaseException | None], Reply]
+    #: True for work that never waits for the disk (journal writes): may run inline.
+    quick: bool = False
+
+
+@dataclass
+class Stats:
+    requests: int = 0
+    errors: int = 0
+    commits: int = 0
+    commit_failures: int = 0
+    by_type: dict[str, int] = field(default_factory=dict)
+
+
+def _ok(req: Request, data: bytes = b"") -> Reply:
+    return Reply(req, 0, data)
+
+
+def _err(req: Request, code: int) -> Reply:
+    return Reply(req, -code)
+
+
+class Engine:
+    def __init__(self, backend: Backend, boot_id: str | None = None):
+        self.backend = backend
+        self.boot_id = boot_id or read_boot_id()
+        self.table: dict[Key, Instance] = {}
+        self.generations: dict[str, int] = {}
+        #: States left behind by instances that are gone: DTR'd last instances (retained) and
+        #: instances of earlier boots found in the store (the kernel that owned them is gone).
+        self.gone: dict[str, list[StoredState]] = {}
+        self.stats = Stats()
+
+    # --- start-up ------------------------------------------------------------------------
+
+    def restore(self) -> None:
+        """Rebuild the table from the backend (daemon restart)."""
+        restored = self.backend.restore()
+        for uuid, reason in restored.damaged.items():
+            log.error("store of uuid=%r is damaged (%s): its logs start from a full resync", uuid, reason)
+        for uuid, state in restored.retained.items():
+            self.gone.setdefault(uuid, []).append(state)
+            self._see_generation(uuid, state.generation)
+        for stored in restored.instances:
+            self._restore_instance(stored)
+
+    def _restore_instance(self, stored: StoredInstance) -> None:
+        rec = stored.record
+        self._see_generation(rec.uuid, rec.generation)
+        if rec.boot_id != self.boot_id:
+            # The kernel that owned this luid is gone (host reboot): its state is only a
+            # candidate for hand-over, and its luid may be reused by an unrelated log.
+            self.gone.setdefault(rec.uuid, []).append(StoredState(
+                uuid=rec.uuid, generation=rec.generation, region_count=rec.region_count,
+                clean=stored.clean, sync=stored.sync, source_luid=rec.luid,
+                committed_at=rec.committed_at,
+            ))
+            log.info("found %s from an earlier boot (generation %d): kept for hand-over",
+                     describe(rec.uuid, rec.luid), rec.generation)
+            return
+        try:
+            ctr = parse_ctr(rec.ctr.encode("ascii"))
+        except (CtrError, UnicodeEncodeError) as exc:
+            log.error("stored %s has an unusable constructor %r (%s): not restored",
+                      describe(rec.uuid, rec.luid), rec.ctr, exc)
+            return
+        region_log = RegionLog.from_bitmaps(rec.region_count, stored.clean, stored.sync, rec.cursor)
+        replayed = 0
+        for op, region in stored.journal:
+            if not 0 <= region < region_log.region_count:
+                continue
+            if op == OP_MARK:
+                region_log.mark([region])
+            elif op == OP_CLEAR:
+                region_log.clear([region])
+            elif op in (OP_SET_SYNC, OP_SET_NOSYNC):
+                region_log.set_region_sync(region, op == OP_SET_SYNC)
+            replayed += 1
+        region_log.restart_recovery()
+        region_log.cursor = rec.cursor
+        inst = Instance(
+            uuid=rec.uuid, luid=rec.luid, ctr=ctr, state=State(rec.state), log=region_log,
+            boot_id=rec.boot_id, generation=rec.generation, resumed=rec.resumed,
+            committed_at=rec.committed_at, resized=False,
+        )
+        self.table[inst.key] = inst
+        log.info("restored %s state=%s generation=%d: %d/%d in sync, %d dirty, %d journal ops replayed",
+                 describe(rec.uuid, rec.luid), rec.state, rec.generation, region_log.sync_count,
+                 region_log.region_count, len(region_log.dirty_regions()), replayed)
+
+    def _see_generation(self, uuid: str, generation: int) -> None:
+        if generation > self.generations.get(uuid, 0):
+            self.generations[uuid] = generation
+
+    # --- dispatch ------------------------------------------------------------------------
+
+    def handle(self, req: Request) -> Reply | Pending:
+        self.stats.requests += 1
+        kind = req.kind
+        if req.request_type == 0:
+            # A zero type means the request was garbled on the way (cmirrord's reading): ask the
+            # kernel to send it again.
+            self.stats.errors += 1
+            log.warning("request seq=%d has type 0: asking the kernel to resend", req.seq)
+            return Reply(req, -errno.EAGAIN, ack=True)
+        if kind is None:
+            self.stats.errors += 1
+            log.error("unknown request type %d (seq=%d, %s)", req.request_type, req.seq,
+                      describe(req.uuid, req.luid))
+            return _err(req, errno.EINVAL)
+        self.stats.by_type[kind.name] = self.stats.by_type.get(kind.name, 0) + 1
+        if kind is RequestType.CTR:
+            return self._ctr(req)
+        inst = self.table.get(req.key)
+        if inst is None:
+            self.stats.errors += 1
+            if kind in wire.LOOP_REQUESTS:
+                log.warning("%s for unknown %s: answering -ESRCH so the kernel re-registers it",
+                            kind.name, describe(req.uuid, req.luid))
+                return _err(req, errno.ESRCH)
+            log.error("%s for unknown %s", kind.name, describe(req.uuid, req.luid))
+            return _err(req, errno.EINVAL)
+        try:
+            return self._HANDLERS[kind](self, inst, req)
+        except (ValueError, IndexError) as exc:
+            self.stats.errors += 1
+            log.error("%s %s seq=%d rejected: %s", kind.name, describe(inst.uuid, inst.luid), req.seq, exc)
+            return _err(req, errno.EINVAL)
+
+    def handle_now(self, req: Request) -> Reply:
+        """Handle and run any backend work inline (tests, tools)."""
+        result = self.handle(req)
+        if isinstance(result, Reply):
+            return result
+        try:
+            result.job()
+        except BaseException as exc:  # noqa: BLE001 - handed to complete(), which decides
+            return result.complete(exc)
+        return result.complete(None)
+
+    # --- lifecycle requests --------------------------------------------------------------
+
+    def _ctr(self, req: Request) -> Reply | Pending:
+        reconnect = req.data.endswith(b"\0")
+        try:
+            ctr = parse_ctr(req.data)
+        except CtrError as exc:
+            self.stats.errors += 1
+            log.error("CTR %s rejected: %s", describe(req.uuid, req.luid), exc)
+            return _err(req, errno.EINVAL)
+        if not req.uuid:
+            log.error("CTR with an empty uuid rejected (luid=%#x)", req.luid)
+            return _err(req, errno.EINVAL)
+        # The reconnect CTR offers no reply buffer; the initial one takes the device name.
+        reply_data = b"" if reconnect else ctr.device_reply()
+        existing = self.table.get(req.key)
+        if existing is not None and (existing.ctr.text == ctr.text or existing.resumed):
+            if existing.ctr.text != ctr.text:
+                log.warning("CTR %s repeats a resumed log with another constructor %r (kept %r)",
+                            describe(req.uuid, req.luid), ctr.text, existing.ctr.text)
+            log.info("CTR %s: already known (%s), accepted%s", describe(req.uuid, req.luid),
+                     existing.state, " (kernel reconnect)" if reconnect else "")
+            return _ok(req, reply_data)
+        if existing is not None:
+            # A never-resumed instance whose luid the kernel reuses with another constructor: its
+            # kernel context died after CTR without a DTR (protocol ref §3.2).
+            log.warning("CTR %s replaces a never-resumed instance with constructor %r",
+                        describe(req.uuid, req.luid), existing.ctr.text)
+        inst = Instance(
+            uuid=req.uuid, luid=req.luid, ctr=ctr, state=State.CONSTRUCTED,
+            log=RegionLog.fresh(ctr.region_count, ctr.sync_mode == "nosync"), boot_id=self.boot_id,
+        )
+        self.table[inst.key] = inst
+        log.info("CTR %s type=%s regions=%d region_size=%d%s%s", describe(req.uuid, req.luid),
+                 ctr.log_type, ctr.region_count, ctr.region_size,
+                 f" sync_mode={ctr.sync_mode}" if ctr.sync_mode != "default" else "",
+                 " (kernel reconnect)" if reconnect else "")
+        rec = inst.record()
+
+        def complete(exc: BaseException | None) -> Reply:
+            if exc is not None:
+                inst.health = "D"
+                log.error("CTR %s: could not record the instance (%s); serving it from memory",
+                          describe(inst.uuid, inst.luid), exc)
+            return _ok(req, reply_data)
+
+        return Pending(inst.uuid, lambda: self.backend.record(rec), complete)
+
+    def _dtr(self, inst: Instance, req: Request) -> Reply | Pending:
+        self.table.pop(inst.key, None)
+        inst.state = next_state(inst.state, RequestType.DTR)
+        others = [o for o in self.table.values() if o.uuid == inst.uuid]
+        newest_elsewhere = max(
+            [o.generation for o in others] + [s.generation for s in self.gone.get(inst.uuid, [])],
+            default=0,
+        )
+        retain = None
+        if inst.resumed and inst.generation >= newest_elsewhere:
+            inst.generation = self._next_generation(inst.uuid)
+            retain = inst.stored_state()
+            self.gone[inst.uuid] = [retain]
+        log.info("DTR %s (%d instance(s) of the uuid left)%s", describe(inst.uuid, inst.luid), len(others),
+                 f": its state is kept as the uuid's retained state, generation {retain.generation}"
+                 if retain else "")
+
+        def complete(exc: BaseException | None) -> Reply:
+            if exc is not None:
+                log.error("DTR %s: store cleanup failed (%s); left for ulog-recover",
+                          describe(inst.uuid, inst.luid), exc)
+            return _ok(req)
+
+        return Pending(inst.uuid, lambda: self.backend.drop(inst.uuid, inst.luid, retain), complete)
+
+    def _presuspend(self, inst: Instance, req: Request) -> Reply:
+        self._transition(inst, RequestType.PRESUSPEND)
+        return _ok(req)
+
+    def _postsuspend(self, inst: Instance, req: Request) -> Reply | Pending:
+        self._transition(inst, RequestType.POSTSUSPEND)
+        inst.log.recovering = None
+        return self._commit(inst, req, "POSTSUSPEND")
+
+    def _resume(self, inst: Instance, req: Request) -> Reply | Pending:
+        self._transition(inst, RequestType.RESUME)
+        first = not inst.resumed
+        inst.log.restart_recovery()
+        source = None if (first and inst.ctr.sync_mode == "sync") else self._handover_source(inst)
+        if source is not None:
+            before = inst.log.sync_count
+            inst.log = self._adopt(inst, source)
+            inst.resized = True
+            log.info("RESUME %s adopts the state of luid=%#x (generation %d): %d/%d in sync "
+                     "(was %d), %d dirty", describe(inst.uuid, inst.luid), source.source_luid,
+                     source.generation, inst.log.sync_count, inst.log.region_count, before,
+                     len(inst.log.dirty_regions()))
+        elif first and inst.ctr.sync_mode == "sync":
+            inst.log = RegionLog.fresh(inst.log.region_count, False)
+            log.info("RESUME %s: 'sync' forces a full resync of %d regions",
+                     describe(inst.uuid, inst.luid), inst.log.region_count)
+        else:
+            log.info("RESUME %s: %d/%d in sync", describe(inst.uuid, inst.luid), inst.log.sync_count,
+                     inst.log.region_count)
+        inst.resumed = True
+        return self._commit(inst, req, "RESUME", force_generation=source is not None)
+
+    def _handover_source(self, inst: Instance) -> StoredState | None:
+        """The uuid's newest state, if it is newer than ours and its owner is suspended or gone.
+
+        When the newest state belongs to a live (or suspending) instance nothing is adopted,
+        not even an older state: the live one's state will be the one to take over later.
+        """
+        best_generation = inst.generation
+        best: Instance | StoredState | None = None
+        for other in self.table.values():
+            if (other.uuid == inst.uuid and other.luid != inst.luid and other.resumed
+                    and other.generation > best_generation):
+                best_generation, best = other.generation, other
+        for state in self.gone.get(inst.uuid, []):
+            if state.generation > best_generation:
+                best_generation, best = state.generation, state
+        if isinstance(best, Instance):
+            if best.state not in HANDS_OVER:
+                log.info("RESUME %s: the newest state of the uuid belongs to live luid=%#x: not adopted",
+                         describe(inst.uuid, inst.luid), best.luid)
+                return None
+            return best.stored_state()
+        return best
+
+    def _adopt(self, inst: Instance, source: StoredState) -> RegionLog:
+        donor = RegionLog.from_bitmaps(source.region_count, source.clean, source.sync)
+        inst.generation = source.generation
+        return donor.adopted(inst.log.region_count, inst.ctr.sync_mode == "nosync")
+
+    def _transition(self, inst: Instance, kind: RequestType) -> None:
+        new = next_state(inst.state, kind)
+        if new is not inst.state:
+            log.info("%s %s: %s -> %s", kind.name, describe(inst.uuid, inst.luid), inst.state, new)
+        else:
+            log.info("%s %s (%s)", kind.name, describe(inst.uuid, inst.luid), inst.state)
+        inst.state = new
+
+    # --- commits ---------------------------------------------------------------------------
+
+    def _next_generation(self, uuid: str) -> int:
+        gen = self.generations.get(uuid, 0) + 1
+        self.generations[uuid] = gen
+        return gen
+
+    def _commit(self, inst: Instance, req: Request, why: str, force_generation: bool = False) -> Pending:
+        clean, sync, modified = inst.log.take_changes()
+        if (modified or force_generation) and inst.resumed:
+            inst.generation = self._next_generation(inst.uuid)
+        inst.committed_at = time.time()
+        commit = Commit(inst.record(), clean, sync, resized=inst.resized)
+        inst.resized = False
+
+        def job() -> None:
+            self.backend.commit(commit)
+
+        def complete(exc: BaseException | None) -> Reply:
+            if exc is None:
+                self.stats.commits += 1
+                if inst.health == "F":
+                    log.info("%s %s: commit succeeded again, health back to A", why,
+                             describe(inst.uuid, inst.luid))
+                    inst.health = "A"
+                return _ok(req)
+            self.stats.commit_failures += 1
+            inst.log.restore_changes(clean, sync, modified)
+            inst.resized = inst.resized or commit.resized
+            inst.health = "F"
+            log.error("%s %s: commit failed (%s): answering -EIO", why, describe(inst.uuid, inst.luid), exc)
+            return _err(req, errno.EIO)
+
+        return Pending(inst.uuid, job, complete)
+
+    def commit_all(self) -> list[Pending]:
+        """Work that commits every instance (clean stop)."""
+        pending = []
+        for inst in list(self.table.values()):
+            stop = Request(luid=inst.luid, uuid=inst.uuid, version=3, seq=0,
+                           request_type=RequestType.FLUSH, data=b"")
+            pending.append(self._commit(inst, stop, "stop"))
+        return pending
+
+    # --- region requests -------------------------------------------------------------------
+
+    def _journal(self, inst: Instance, req: Request, ops: list[tuple[int, int]]) -> Pending:
+        def complete(exc: BaseException | None) -> Reply:
+            if exc is not None:
+                inst.health = "D"
+                log.error("%s %s: journal write failed (%s)", wire.RequestType(req.request_type).name,
+                          describe(inst.uuid, inst.luid), exc)
+            return _ok(req)
+
+        return Pending(inst.uuid, lambda: self.backend.journal(inst.uuid, inst.luid, ops), complete,
+                       quick=True)
+
+    def _get_region_size(self, inst: Instance, req: Request) -> Reply:
+        return _ok(req, wire.build_u64(inst.ctr.region_size))
+
+    def _is_clean(self, inst: Instance, req: Request) -> Reply:
+        return _ok(req, wire.build_s64(int(inst.log.is_clean(wire.parse_region(req.data)))))
+
+    def _in_sync(self, inst: Instance, req: Request) -> Reply:
+        return _ok(req, wire.build_s64(int(inst.log.in_sync(wire.parse_region(req.data)))))
+
+    def _flush(self, inst: Instance, req: Request) -> Pending:
+        if req.data:
+            regions = wire.parse_regions(req.data)
+            inst.log.mark(regions)
+        return self._commit(inst, req, "FLUSH")
+
+    def _mark(self, inst: Instance, req: Request) -> Reply | Pending:
+        regions = wire.parse_regions(req.data)
+        if not regions:
+            raise ValueError("MARK_REGION without regions")
+        inst.log.mark(regions)
+        return self._journal(inst, req, [(OP_MARK, r) for r in regions])
+
+    def _clear(self, inst: Instance, req: Request) -> Reply | Pending:
+        regions = wire.parse_regions(req.data)
+        if not regions:
+            raise ValueError("CLEAR_REGION without regions")
+        inst.log.clear(regions)
+        return self._journal(inst, req, [(OP_CLEAR, r) for r in regions])
+
+    def _get_resync_work(self, inst: Instance, req: Request) -> Reply:
+        if req.data:
+            raise ValueError("GET_RESYNC_WORK carries no payload")
+        region = inst.log.get_resync_work() if gives_resync_work(inst.state) else None
+        if region is None:
+            return _ok(req, wire.build_resync_work(False, 0))
+        log.info("%s resync region %d", describe(inst.uuid, inst.luid), region)
+        return _ok(req, wire.build_resync_work(True, region))
+
+    def _set_region_sync(self, inst: Instance, req: Request) -> Reply | Pending:
+        region, in_sync = wire.parse_set_region_sync(req.data)
+        inst.log.set_region_sync(region, bool(in_sync))
+        if not in_sync:
+            log.warning("%s region %d is out of sync", describe(inst.uuid, inst.luid), region)
+        elif inst.log.sync_count == inst.log.region_count:
+            log.info("%s in sync: %d/%d", describe(inst.uuid, inst.luid), inst.log.sync_count,
+                     inst.log.region_count)
+        return self._journal(inst, req, [(OP_SET_SYNC if in_sync else OP_SET_NOSYNC, region)])
+
+    def _get_sync_count(self, inst: Instance, req: Request) -> Reply:
+        return _ok(req, wire.build_u64(inst.log.sync_count))
+
+    def _status_info(self, inst: Instance, req: Request) -> Reply:
+        ctr = inst.ctr
+        text = f"3 {ctr.log_type} {ctr.device_number()} {inst.health}" if ctr.is_disk else f"1 {ctr.log_type}"
+        return _ok(req, text.encode() + b"\0")
+
+    def _status_table(self, inst: Instance, req: Request) -> Reply:
+        # The text the kernel itself prints after "userspace <argc> <uuid> " (ref §4.7).
+        args = inst.ctr.text.split(" ", 1)[1]
+        return _ok(req, f"{args} ".encode() + b"\0")
+
+    def _is_remote_recovering(self, inst: Instance, req: Request) -> Reply:
+        region = wire.parse_region(req.data)
+        inst.log.check_region(region)
+        return _ok(req, wire.build_remote_recovering(False, inst.log.first_unsynced()))
+
+    _HANDLERS: dict[RequestType, Callable[[Engine, Instance, Request], Reply | Pending]] = {
+        RequestType.DTR: _dtr,
+        RequestType.PRESUSPEND: _presuspend,
+        RequestType.POSTSUSPEND: _postsuspend,
+        RequestType.RESUME: _resume,
+        RequestType.GET_REGION_SIZE: _get_region_size,
+        RequestType.IS_CLEAN: _is_clean,
+        RequestType.IN_SYNC: _in_sync,
+        RequestType.FLUSH: _flush,
+        RequestType.MARK_REGION: _mark,
+        RequestType.CLEAR_REGION: _clear,
+        RequestType.GET_RESYNC_WORK: _get_resync_work,
+        RequestType.SET_REGION_SYNC: _set_region_sync,
+        RequestType.GET_SYNC_COUNT: _get_sync_count,
+        RequestType.STATUS_INFO: _status_info,
+        RequestType.STATUS_TABLE: _status_table,
+        RequestType.IS_REMOTE_RECOVERING: _is_remote_recovering,
+    }
+
+
+__all__ = ["Engine", "Instance", "Pending", "chunk_count"]

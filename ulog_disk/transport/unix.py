@@ -1,0 +1,112 @@
+"""A unix-socket transport carrying exactly the connector payload the kernel sends.
+
+``SOCK_SEQPACKET`` keeps datagram boundaries, so one packet is one frame
+(``cn_msg`` + ``dm_ulog_request`` + data, no ``nlmsghdr``) both ways. Used by the kernel model in
+tests, benchmarks and the demo; everything above the transport is the same code the kernel
+drives. Only root and the daemon's own uid may connect (``SO_PEERCRED``); the socket file is 0600.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("ulog_disk.transport.unix")
+
+MAX_FRAME = 65536
+
+
+@dataclass
+class UnixCounters:
+    received: int = 0
+    sent: int = 0
+    rejected_peers: int = 0
+    send_errors: int = 0
+
+
+def peer_uid(conn: socket.socket) -> int:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid
+
+
+class UnixTransport:
+    name = "unix"
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self.counters = UnixCounters()
+        if self.path.is_socket():
+            self.path.unlink()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        old = os.umask(0o177)
+        try:
+            listener.bind(str(self.path))
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        listener.listen(64)
+        listener.setblocking(False)
+        self.listener = listener
+        self.connections: dict[int, socket.socket] = {}
+        self.allowed_uids = {0, os.geteuid()}
+        log.info("listening on unix:%s", self.path)
+
+    def fileno(self) -> int:
+        return self.listener.fileno()
+
+    def accept(self) -> socket.socket | None:
+        try:
+            conn, _ = self.listener.accept()
+        except BlockingIOError:
+            return None
+        uid = peer_uid(conn)
+        if uid not in self.allowed_uids:
+            self.counters.rejected_peers += 1
+            log.warning("refused a unix connection from uid %d (only root and uid %d may talk to "
+                        "the daemon)", uid, os.geteuid())
+            conn.close()
+            return None
+        conn.setblocking(False)
+        self.connections[conn.fileno()] = conn
+        return conn
+
+    def receive_from(self, conn: socket.socket) -> tuple[list[tuple[bytes, object]], bool]:
+        """Drain one connection: ([(frame, reply address)], still open)."""
+        frames: list[tuple[bytes, object]] = []
+        while True:
+            try:
+                data = conn.recv(MAX_FRAME)
+            except BlockingIOError:
+                return frames, True
+            except OSError:
+                data = b""
+            if not data:
+                self.connections.pop(conn.fileno(), None)
+                conn.close()
+                return frames, False
+            self.counters.received += 1
+            frames.append((data, conn))
+
+    def send(self, payload: bytes, address: object) -> None:
+        conn = address
+        assert isinstance(conn, socket.socket)
+        try:
+            conn.send(payload)
+            self.counters.sent += 1
+        except OSError as exc:
+            # The peer went away; its requests die with it, as a kernel caller's would.
+            self.counters.send_errors += 1
+            log.debug("reply to a closed unix peer dropped: %s", exc)
+
+    def close(self) -> None:
+        for conn in self.connections.values():
+            conn.close()
+        self.listener.close()
+        with contextlib.suppress(OSError):
+            self.path.unlink()

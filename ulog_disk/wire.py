@@ -1,0 +1,407 @@
+"""The dm-log-userspace wire format, defined once.
+
+Everything that knows a byte offset lives here, written as construct definitions (see
+``formats/wire.md`` for the same layout in prose, with the kernel sources it comes from).
+The rest of the package sees only :class:`Request`, :class:`Reply` and the payload helpers.
+
+Frame, as the transports hand it over (the netlink transport strips the ``nlmsghdr``)::
+
+    cn_msg (20 bytes) | dm_ulog_request header (160 bytes) | data (data_size bytes)
+
+All integers are in host byte order: the frames never leave the machine.
+
+Decoding is sans-I/O and never raises anything but :class:`FrameError`, whose
+``answerable`` tells whether the frame carried enough of a header to address an error
+reply to the waiting kernel caller.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import construct as c
+
+CN_IDX_DM = 7
+CN_VAL_DM_USERSPACE_LOG = 1
+NETLINK_CONNECTOR = 11
+NLMSG_DONE = 3
+
+DM_ULOG_REQUEST_VERSION = 3
+DM_ULOG_REQUEST_MASK = 0xFF
+DM_UUID_LEN = 129
+#: The kernel builds every request in one 512-byte buffer holding cn_msg + header + data.
+DM_ULOG_PREALLOCED_SIZE = 512
+HEADER_SIZE = 160
+CN_MSG_SIZE = 20
+NLMSGHDR_SIZE = 16
+MAX_REQUEST_DATA = DM_ULOG_PREALLOCED_SIZE - CN_MSG_SIZE - HEADER_SIZE  # 332
+#: Reply payload limit imposed by the connector (cn_msg.len is a u16, nlmsg payload <= 16384).
+CONNECTOR_MAX_MSG_SIZE = 16384
+MAX_REGIONS_PER_GROUP = 32
+
+
+class RequestType(enum.IntEnum):
+    CTR = 1
+    DTR = 2
+    PRESUSPEND = 3
+    POSTSUSPEND = 4
+    RESUME = 5
+    GET_REGION_SIZE = 6
+    IS_CLEAN = 7
+    IN_SYNC = 8
+    FLUSH = 9
+    MARK_REGION = 10
+    CLEAR_REGION = 11
+    GET_RESYNC_WORK = 12
+    SET_REGION_SYNC = 13
+    GET_SYNC_COUNT = 14
+    STATUS_INFO = 15
+    STATUS_TABLE = 16
+    IS_REMOTE_RECOVERING = 17
+
+
+#: Requests the kernel sends through ``userspace_do_request``: an -ESRCH answer makes it
+#: re-send CTR (+NUL) and RESUME for the log, then retry (protocol ref §1.7).
+LOOP_REQUESTS = frozenset({
+    RequestType.IS_CLEAN, RequestType.IN_SYNC, RequestType.FLUSH, RequestType.MARK_REGION,
+    RequestType.CLEAR_REGION, RequestType.GET_RESYNC_WORK, RequestType.SET_REGION_SYNC,
+    RequestType.GET_SYNC_COUNT, RequestType.STATUS_INFO, RequestType.IS_REMOTE_RECOVERING,
+})
+
+# --- layouts ---------------------------------------------------------------------------------
+
+NlMsgHdr = c.Struct(
+    "len" / c.Int32un,
+    "type" / c.Int16un,
+    "flags" / c.Int16un,
+    "seq" / c.Int32un,
+    "pid" / c.Int32un,
+)
+
+CnMsg = c.Struct(
+    "idx" / c.Int32un,
+    "val" / c.Int32un,
+    "seq" / c.Int32un,
+    "ack" / c.Int32un,
+    "len" / c.Int16un,
+    "flags" / c.Int16un,
+)
+
+UlogHeader = c.Struct(
+    "luid" / c.Int64un,
+    "uuid" / c.Bytes(DM_UUID_LEN),
+    "padding" / c.Bytes(3),
+    "version" / c.Int32un,
+    "error" / c.Int32sn,
+    "seq" / c.Int32un,
+    "request_type" / c.Int32un,
+    "data_size" / c.Int32un,
+)
+
+#: IS_CLEAN, IN_SYNC, IS_REMOTE_RECOVERING request payload; GET_REGION_SIZE and
+#: GET_SYNC_COUNT reply payload.
+U64 = c.Int64un
+#: IS_CLEAN / IN_SYNC reply: 1 or 0.
+S64 = c.Int64sn
+#: MARK_REGION, CLEAR_REGION and integrated FLUSH payload.
+RegionList = c.GreedyRange(c.Int64un)
+ResyncWork = c.Struct("have_work" / c.Int64sn, "region" / c.Int64un)
+SetRegionSync = c.Struct("region" / c.Int64un, "in_sync" / c.Int64sn)
+RemoteRecovering = c.Struct("is_recovering" / c.Int64sn, "in_sync_hint" / c.Int64un)
+
+assert CnMsg.sizeof() == CN_MSG_SIZE
+assert UlogHeader.sizeof() == HEADER_SIZE
+assert NlMsgHdr.sizeof() == NLMSGHDR_SIZE
+
+# Compiled forms for the per-request hot path; same definitions, generated code.
+_CnMsgC = CnMsg.compile()
+_UlogHeaderC = UlogHeader.compile()
+_NlMsgHdrC = NlMsgHdr.compile()
+_U64C = U64.compile()
+_S64C = S64.compile()
+_ResyncWorkC = ResyncWork.compile()
+_SetRegionSyncC = SetRegionSync.compile()
+_RemoteRecoveringC = RemoteRecovering.compile()
+
+
+class FrameError(ValueError):
+    """A frame that is not a well-formed request.
+
+    ``answerable`` is set when the frame carried a complete header, so an error reply can
+    be matched by the kernel (``request`` then holds what was decoded).
+    """
+
+    def __init__(self, reason: str, request: Request | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.request = request
+
+    @property
+    def answerable(self) -> bool:
+        return self.request is not None
+
+
+@dataclass(slots=True)
+class Request:
+    """One decoded kernel request. ``uuid`` is latin-1 decoded so every byte round-trips."""
+
+    luid: int
+    uuid: str
+    version: int
+    seq: int
+    request_type: int
+    data: bytes
+    cn_seq: int = 0
+    raw_type: int = 0
+    #: Bytes 137..139 of the header and a possibly non-zero error field are kept only so that
+    #: a decoded frame re-encodes byte for byte (golden vectors).
+    padding: bytes = b"\0\0\0"
+    error: int = 0
+
+    @property
+    def kind(self) -> RequestType | None:
+        try:
+            return RequestType(self.request_type)
+        except ValueError:
+            return None
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.uuid, self.luid)
+
+
+@dataclass(slots=True)
+class Reply:
+    """What goes back to the kernel for one request.
+
+    ``ack`` selects the connector ACK form (``cn_msg.len == 0``, positive errno in
+    ``cn_msg.ack``, matched on ``cn_msg.seq``); otherwise the full header is echoed with
+    ``error`` and ``data``.
+    """
+
+    request: Request
+    error: int = 0
+    data: bytes = b""
+    ack: bool = False
+
+
+def uuid_to_bytes(uuid: str) -> bytes:
+    return uuid.encode("latin-1")
+
+
+def decode_frame(frame: bytes | bytearray | memoryview) -> Request:
+    """Connector payload (cn_msg + header + data) → :class:`Request`.
+
+    Raises :class:`FrameError`; it is answerable when the 160-byte header is complete.
+    """
+    if len(frame) < CN_MSG_SIZE:
+        raise FrameError(f"frame of {len(frame)} bytes is shorter than a cn_msg")
+    cn = _CnMsgC.parse(bytes(frame[:CN_MSG_SIZE]))
+    if (cn.idx, cn.val) != (CN_IDX_DM, CN_VAL_DM_USERSPACE_LOG):
+        raise FrameError(f"connector id ({cn.idx},{cn.val}) is not dm-log-userspace (7,1)")
+    body = bytes(frame[CN_MSG_SIZE:])
+    if len(body) < HEADER_SIZE:
+        raise FrameError(f"request of {len(body)} bytes is shorter than the 160-byte header")
+    hdr = _UlogHeaderC.parse(body[:HEADER_SIZE])
+    nul = hdr.uuid.find(b"\0")
+    uuid_raw = hdr.uuid if nul < 0 else hdr.uuid[:nul]
+    request = Request(
+        luid=hdr.luid,
+        uuid=uuid_raw.decode("latin-1"),
+        version=hdr.version,
+        seq=hdr.seq,
+        request_type=hdr.request_type & DM_ULOG_REQUEST_MASK,
+        data=b"",
+        cn_seq=cn.seq,
+        raw_type=hdr.request_type,
+        padding=hdr.padding,
+        error=hdr.error,
+    )
+    available = len(body) - HEADER_SIZE
+    if hdr.data_size > available:
+        raise FrameError(
+            f"data_size {hdr.data_size} runs past the end of the frame ({available} bytes follow)",
+            request,
+        )
+    if cn.len != HEADER_SIZE + hdr.data_size:
+        raise FrameError(
+            f"cn_msg.len {cn.len} does not match 160 + data_size {hdr.data_size}", request
+        )
+    request.data = body[HEADER_SIZE : HEADER_SIZE + hdr.data_size]
+    if nul < 0:
+        raise FrameError("uuid is not NUL-terminated", request)
+    if any(hdr.uuid[nul:]):
+        raise FrameError("uuid has bytes after its terminating NUL", request)
+    return request
+
+
+def encode_request(request: Request) -> bytes:
+    """Build a kernel-style request frame (kernel model, tests, golden vectors)."""
+    uuid = uuid_to_bytes(request.uuid)
+    if len(uuid) >= DM_UUID_LEN:
+        raise ValueError("uuid longer than 128 bytes")
+    header = _UlogHeaderC.build(dict(
+        luid=request.luid,
+        uuid=uuid.ljust(DM_UUID_LEN, b"\0"),
+        padding=request.padding,
+        version=request.version,
+        error=request.error,
+        seq=request.seq,
+        request_type=request.raw_type or request.request_type,
+        data_size=len(request.data),
+    ))
+    cn = _CnMsgC.build(dict(
+        idx=CN_IDX_DM, val=CN_VAL_DM_USERSPACE_LOG, seq=request.cn_seq, ack=0,
+        len=HEADER_SIZE + len(request.data), flags=0,
+    ))
+    return cn + header + request.data
+
+
+def encode_reply(reply: Reply) -> bytes:
+    """:class:`Reply` → connector payload. One reply per datagram (the kernel reads one)."""
+    req = reply.request
+    if reply.ack:
+        return _CnMsgC.build(dict(
+            idx=CN_IDX_DM, val=CN_VAL_DM_USERSPACE_LOG, seq=req.seq, ack=-reply.error,
+            len=0, flags=0,
+        ))
+    if reply.error > 0:
+        raise ValueError("reply error must be 0 or a negative errno")
+    data = reply.data
+    header = _UlogHeaderC.build(dict(
+        luid=req.luid,
+        uuid=uuid_to_bytes(req.uuid).ljust(DM_UUID_LEN, b"\0")[:DM_UUID_LEN],
+        padding=b"\0\0\0",
+        version=req.version,
+        error=reply.error,
+        seq=req.seq,
+        request_type=req.raw_type or req.request_type,
+        data_size=len(data),
+    ))
+    cn = _CnMsgC.build(dict(
+        idx=CN_IDX_DM, val=CN_VAL_DM_USERSPACE_LOG, seq=req.seq, ack=0,
+        len=HEADER_SIZE + len(data), flags=0,
+    ))
+    return cn + header + data
+
+
+@dataclass(slots=True)
+class DecodedReply:
+    """A reply as the kernel reads it (kernel model, dump tool)."""
+
+    seq: int
+    error: int
+    data: bytes
+    ack_form: bool
+    request_type: int = 0
+    luid: int = 0
+    uuid: str = ""
+
+
+def decode_reply(frame: bytes) -> DecodedReply:
+    """Read a daemon→kernel frame the way ``cn_ulog_callback``/``fill_pkg`` do."""
+    if len(frame) < CN_MSG_SIZE:
+        raise FrameError("reply shorter than a cn_msg")
+    cn = _CnMsgC.parse(frame[:CN_MSG_SIZE])
+    if (cn.idx, cn.val) != (CN_IDX_DM, CN_VAL_DM_USERSPACE_LOG):
+        raise FrameError("reply connector id is not (7,1)")
+    if cn.len == 0:
+        return DecodedReply(seq=cn.seq, error=-cn.ack, data=b"", ack_form=True)
+    if cn.len < HEADER_SIZE or len(frame) < CN_MSG_SIZE + HEADER_SIZE:
+        raise FrameError("incomplete reply")
+    hdr = _UlogHeaderC.parse(frame[CN_MSG_SIZE : CN_MSG_SIZE + HEADER_SIZE])
+    data = frame[CN_MSG_SIZE + HEADER_SIZE : CN_MSG_SIZE + HEADER_SIZE + hdr.data_size]
+    if len(data) != hdr.data_size:
+        raise FrameError("reply data_size runs past the end of the frame")
+    nul = hdr.uuid.find(b"\0")
+    return DecodedReply(
+        seq=hdr.seq, error=hdr.error, data=data, ack_form=False,
+        request_type=hdr.request_type & DM_ULOG_REQUEST_MASK, luid=hdr.luid,
+        uuid=(hdr.uuid if nul < 0 else hdr.uuid[:nul]).decode("latin-1"),
+    )
+
+
+# --- netlink framing -------------------------------------------------------------------------
+
+
+def strip_nlmsghdr(datagram: bytes) -> tuple[int, bytes]:
+    """Netlink datagram → (nlmsg_type, connector payload). Raises FrameError."""
+    if len(datagram) < NLMSGHDR_SIZE:
+        raise FrameError("datagram shorter than a netlink header")
+    hdr = _NlMsgHdrC.parse(datagram[:NLMSGHDR_SIZE])
+    if hdr.len < NLMSGHDR_SIZE or hdr.len > len(datagram):
+        raise FrameError(f"nlmsg_len {hdr.len} does not fit the {len(datagram)}-byte datagram")
+    return hdr.type, datagram[NLMSGHDR_SIZE : hdr.len]
+
+
+def add_nlmsghdr(payload: bytes, seq: int = 0, pid: int = 0) -> bytes:
+    """Connector payload → one netlink message (type NLMSG_DONE), as cmirrord sends it."""
+    hdr = _NlMsgHdrC.build(dict(len=NLMSGHDR_SIZE + len(payload), type=NLMSG_DONE, flags=0,
+                                seq=seq, pid=pid))
+    pad = (-len(payload)) % 4
+    return hdr + payload + b"\0" * pad
+
+
+# --- payloads --------------------------------------------------------------------------------
+
+
+def parse_region(data: bytes) -> int:
+    if len(data) != 8:
+        raise ValueError(f"expected one u64 region (8 bytes), got {len(data)} bytes")
+    return _U64C.parse(data)
+
+
+def parse_regions(data: bytes) -> list[int]:
+    if len(data) % 8:
+        raise ValueError(f"region list of {len(data)} bytes is not a multiple of 8")
+    return list(RegionList.parse(data))
+
+
+def build_regions(regions: list[int]) -> bytes:
+    return RegionList.build(regions)
+
+
+def parse_set_region_sync(data: bytes) -> tuple[int, int]:
+    if len(data) != SetRegionSync.sizeof():
+        raise ValueError(f"SET_REGION_SYNC payload must be 16 bytes, got {len(data)}")
+    p = _SetRegionSyncC.parse(data)
+    return p.region, p.in_sync
+
+
+def build_set_region_sync(region: int, in_sync: int) -> bytes:
+    return _SetRegionSyncC.build(dict(region=region, in_sync=in_sync))
+
+
+def build_u64(value: int) -> bytes:
+    return _U64C.build(value)
+
+
+def parse_u64(data: bytes) -> int:
+    return _U64C.parse(data)
+
+
+def build_s64(value: int) -> bytes:
+    return _S64C.build(value)
+
+
+def parse_s64(data: bytes) -> int:
+    return _S64C.parse(data)
+
+
+def build_resync_work(have_work: bool, region: int) -> bytes:
+    return _ResyncWorkC.build(dict(have_work=int(have_work), region=region))
+
+
+def parse_resync_work(data: bytes) -> tuple[int, int]:
+    p = _ResyncWorkC.parse(data)
+    return p.have_work, p.region
+
+
+def build_remote_recovering(is_recovering: bool, in_sync_hint: int) -> bytes:
+    return _RemoteRecoveringC.build(dict(is_recovering=int(is_recovering), in_sync_hint=in_sync_hint))
+
+
+def parse_remote_recovering(data: bytes) -> tuple[int, int]:
+    p = _RemoteRecoveringC.parse(data)
+    return p.is_recovering, p.in_sync_hint
