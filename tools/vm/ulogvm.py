@@ -11,6 +11,7 @@ Subcommands::
 
     python3 tools/vm/ulogvm.py setup               # host packages, kernel, initramfs (idempotent)
     python3 tools/vm/ulogvm.py run SCENARIO [--timeout S] [--out DIR] [-v]
+    python3 tools/vm/ulogvm.py check               # can `run` work? (exit 0) else what is missing
     python3 tools/vm/ulogvm.py list                # scenarios available
 
 Stdlib only on purpose: it must run before the project's virtualenv exists.
@@ -106,6 +107,11 @@ mount -t proc proc /host/proc
 mount -t sysfs sysfs /host/sys
 mount -t devtmpfs devtmpfs /host/dev
 mkdir -p /host/dev/shm /host/dev/pts
+# devtmpfs has no /dev/fd (bash process substitution needs it) nor /dev/std*
+ln -sf /proc/self/fd /host/dev/fd
+ln -sf /proc/self/fd/0 /host/dev/stdin
+ln -sf /proc/self/fd/1 /host/dev/stdout
+ln -sf /proc/self/fd/2 /host/dev/stderr
 mount -t tmpfs -o mode=1777 tmpfs /host/dev/shm
 mount -t devpts devpts /host/dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /host/tmp
@@ -403,7 +409,7 @@ def build_initramfs(busybox: bytes, modules: list[Module]) -> bytes:
     c.chardev("dev/null", 1, 3)
     c.file("bin/busybox", busybox, 0o755)
     for applet in ("sh", "mount", "insmod", "mkdir", "cut", "echo", "cat", "poweroff", "sleep", "sync",
-                   "timeout", "chroot", "dmesg"):
+                   "timeout", "chroot", "dmesg", "ln"):
         c.symlink(f"bin/{applet}", "busybox")
     c.file("init", INIT_SCRIPT.encode(), 0o755)
     for m in modules:
@@ -505,13 +511,26 @@ def qemu_command(a: Artifacts, share: Path, smp: int, memory: int) -> list[str]:
     ]
 
 
+OUT_MARKER = ".ulogvm-results"
+
+
+def prepare_out(out: Path) -> Path:
+    """Create or empty the results directory; refuse to empty one the harness did not make."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / OUT_MARKER).exists():
+            raise HarnessError(f"--out {out} is not empty and was not made by ulogvm; choose another")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / OUT_MARKER).write_text("results of tools/vm/ulogvm.py run; emptied by the next run\n")
+    return out
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     name = args.scenario.removesuffix(".sh")
     script = SCENARIO_DIR / f"{name}.sh"
     if not script.is_file():
         raise HarnessError(f"no scenario {script}; available: {' '.join(scenarios())}")
-    out = Path(args.out).resolve() if args.out else CHECKOUT / "results" / name
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_out(Path(args.out).resolve() if args.out else CHECKOUT / "results" / name)
     python = Path(args.python) if args.python else default_python()
     a = load_artifacts()
     guest_timeout = max(args.timeout - GUEST_MARGIN_S, 10)
@@ -585,6 +604,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return rc
 
 
+def cmd_check(_args: argparse.Namespace) -> int:
+    """Exit 0 if ``run`` can boot a guest (no network, no apt), else say what is missing."""
+    a = load_artifacts()
+    log(f"ok: qemu {shutil.which('qemu-system-x86_64')}, kernel {a.kernel.package} {a.kernel.version}, "
+        f"initramfs {a.initramfs.name}")
+    return 0
+
+
 def cmd_list(_args: argparse.Namespace) -> int:
     print("\n".join(scenarios()))
     return 0
@@ -594,6 +621,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="ulogvm.py", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("setup", help="install host packages, fetch the kernel, build the initramfs")
+    sub.add_parser("check", help="exit 0 if the harness can run (setup done), else say what is missing")
     sub.add_parser("list", help="list the scenarios")
     r = sub.add_parser("run", help="boot the guest and run one scenario")
     r.add_argument("scenario")
@@ -606,7 +634,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="variable for the scenario (e.g. BACKEND=memory); repeatable")
     r.add_argument("-v", "--verbose", action="store_true", help="echo the guest console")
     args = p.parse_args(argv)
-    handler = {"setup": cmd_setup, "run": cmd_run, "list": cmd_list}[args.cmd]
+    handler = {"setup": cmd_setup, "run": cmd_run, "check": cmd_check, "list": cmd_list}[args.cmd]
     try:
         return handler(args)
     except HarnessError as e:
