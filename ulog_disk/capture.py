@@ -8,7 +8,8 @@ Layout (formats/capture.md)::
              payload (cn_msg + dm_ulog_request + data)
 
 All integers little-endian, so a capture reads the same on any host. A truncated last record
-(the daemon was killed while writing it) is reported and ignored by readers.
+(the daemon was killed while writing it) makes :func:`read_capture` raise
+:class:`CaptureFormatError` after yielding every complete record before it.
 """
 
 from __future__ import annotations
@@ -72,7 +73,10 @@ def read_capture(data: bytes) -> Iterator[CaptureRecord]:
     while pos < len(data):
         if len(data) - pos < RECORD_HEADER_SIZE:
             raise CaptureFormatError(f"truncated record header at byte {pos}")
-        hdr = _RecordHeaderC.parse(data[pos : pos + RECORD_HEADER_SIZE])
+        try:
+            hdr = _RecordHeaderC.parse(data[pos : pos + RECORD_HEADER_SIZE])
+        except c.ConstructError as exc:
+            raise CaptureFormatError(f"bad record header at byte {pos}: {exc}") from None
         start = pos + RECORD_HEADER_SIZE
         if start + hdr.length > len(data):
             raise CaptureFormatError(f"truncated record at byte {pos}")

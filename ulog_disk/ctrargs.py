@@ -15,6 +15,13 @@ LOG_TYPES = ("core", "disk", "clustered-core", "clustered-disk")
 DISK_TYPES = ("disk", "clustered-disk")
 #: DM_NAME_LEN: the CTR reply buffer the kernel offers, NUL included.
 MAX_DEVICE_REPLY = 128
+#: The kernel keeps the GET_REGION_SIZE answer as a uint32_t (dm-log-userspace-base.c).
+MAX_REGION_SIZE = 0xFFFFFFFF
+#: ti->len is a sector_t (u64).
+MAX_TARGET_SECTORS = 2**64 - 1
+#: Two bitmaps of 2^31 regions take 512 MiB; more is refused rather than half-allocated.
+#: (16 TiB at 512 KiB regions is 2^25 regions.)
+MAX_REGION_COUNT = 2**31
 
 
 class CtrError(ValueError):
@@ -81,6 +88,8 @@ def parse_ctr(payload: bytes) -> CtrArgs:
     if len(words) < 3:
         raise CtrError(f"constructor string {text!r} has fewer than 3 words")
     target_sectors = _positive_int(words[0], "target length")
+    if target_sectors > MAX_TARGET_SECTORS:
+        raise CtrError(f"target length {target_sectors} does not fit 64 bits")
     log_type = words[1]
     if log_type not in LOG_TYPES:
         raise CtrError(f"unknown log type {log_type!r} (expected one of {', '.join(LOG_TYPES)})")
@@ -95,8 +104,14 @@ def parse_ctr(payload: bytes) -> CtrArgs:
     region_size = _positive_int(rest.pop(0), "region size")
     if region_size < 2 or region_size & (region_size - 1):
         raise CtrError(f"region size {region_size} is not a power of two >= 2")
+    if region_size > MAX_REGION_SIZE:
+        raise CtrError(f"region size {region_size} does not fit the kernel's 32-bit region size")
     if region_size > target_sectors:
         raise CtrError(f"region size {region_size} exceeds the target length {target_sectors}")
+    region_count = -(-target_sectors // region_size)
+    if region_count > MAX_REGION_COUNT:
+        raise CtrError(f"{region_count} regions is more than the supported {MAX_REGION_COUNT}; "
+                       f"use a larger region size")
     sync_mode = "default"
     block_on_error = False
     for word in rest:

@@ -76,6 +76,9 @@ class Instance:
     health: str = "A"
     committed_at: float = 0.0
     resized: bool = True
+    #: Another instance of the uuid adopted this one's state: whatever this one still receives
+    #: (late clears after POSTSUSPEND) must never make its state the uuid's newest again.
+    superseded: bool = False
 
     @property
     def key(self) -> Key:
@@ -300,7 +303,7 @@ class Engine:
             default=0,
         )
         retain = None
-        if inst.resumed and inst.generation >= newest_elsewhere:
+        if inst.resumed and not inst.superseded and inst.generation >= newest_elsewhere:
             inst.generation = self._next_generation(inst.uuid)
             retain = inst.stored_state()
             self.gone[inst.uuid] = [retain]
@@ -328,8 +331,10 @@ class Engine:
     def _resume(self, inst: Instance, req: Request) -> Reply | Pending:
         self._transition(inst, RequestType.RESUME)
         first = not inst.resumed
+        inst.superseded = False
         inst.log.restart_recovery()
-        source = None if (first and inst.ctr.sync_mode == "sync") else self._handover_source(inst)
+        forced = first and inst.ctr.sync_mode == "sync"
+        source = None if forced else self._handover_source(inst)
         if source is not None:
             before = inst.log.sync_count
             inst.log = self._adopt(inst, source)
@@ -338,7 +343,7 @@ class Engine:
                      "(was %d), %d dirty", describe(inst.uuid, inst.luid), source.source_luid,
                      source.generation, inst.log.sync_count, inst.log.region_count, before,
                      len(inst.log.dirty_regions()))
-        elif first and inst.ctr.sync_mode == "sync":
+        elif forced:
             inst.log = RegionLog.fresh(inst.log.region_count, False)
             log.info("RESUME %s: 'sync' forces a full resync of %d regions",
                      describe(inst.uuid, inst.luid), inst.log.region_count)
@@ -346,7 +351,8 @@ class Engine:
             log.info("RESUME %s: %d/%d in sync", describe(inst.uuid, inst.luid), inst.log.sync_count,
                      inst.log.region_count)
         inst.resumed = True
-        return self._commit(inst, req, "RESUME", force_generation=source is not None)
+        # A state adopted, or thrown away by 'sync', is the uuid's newest from now on.
+        return self._commit(inst, req, "RESUME", force_generation=source is not None or forced)
 
     def _handover_source(self, inst: Instance) -> StoredState | None:
         """The uuid's newest state, if it is newer than ours and its owner is suspended or gone.
@@ -368,6 +374,7 @@ class Engine:
                 log.info("RESUME %s: the newest state of the uuid belongs to live luid=%#x: not adopted",
                          describe(inst.uuid, inst.luid), best.luid)
                 return None
+            best.superseded = True
             return best.stored_state()
         return best
 
@@ -393,7 +400,7 @@ class Engine:
 
     def _commit(self, inst: Instance, req: Request, why: str, force_generation: bool = False) -> Pending:
         clean, sync, modified = inst.log.take_changes()
-        if (modified or force_generation) and inst.resumed:
+        if (modified or force_generation) and inst.resumed and not inst.superseded:
             inst.generation = self._next_generation(inst.uuid)
         inst.committed_at = time.time()
         commit = Commit(inst.record(), clean, sync, resized=inst.resized)

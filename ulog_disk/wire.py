@@ -18,6 +18,7 @@ reply to the waiting kernel caller.
 from __future__ import annotations
 
 import enum
+import struct
 from dataclasses import dataclass
 
 import construct as c
@@ -114,10 +115,34 @@ assert CnMsg.sizeof() == CN_MSG_SIZE
 assert UlogHeader.sizeof() == HEADER_SIZE
 assert NlMsgHdr.sizeof() == NLMSGHDR_SIZE
 
-# Compiled forms for the per-request hot path; same definitions, generated code.
+
+def flat_struct(definition: c.Struct) -> struct.Struct:
+    """A ``struct.Struct`` generated from a flat construct Struct of fixed-size fields.
+
+    The per-request hot path unpacks headers with this (about 10x faster than construct's
+    compiled parser, which builds a Container per parse); the layout still comes from the one
+    construct definition above, and the golden-vector tests check both agree.
+    """
+    fmt = "="
+    for sub in definition.subcons:
+        field = sub.subcon
+        if isinstance(field, c.FormatField):
+            fmt += field.fmtstr.lstrip("=<>!")
+        elif isinstance(field, c.Bytes) and isinstance(field.length, int):
+            fmt += f"{field.length}s"
+        else:  # pragma: no cover - a definition change that this generator must learn
+            raise TypeError(f"field {sub.name!r} is not a fixed-size field")
+    packed = struct.Struct(fmt)
+    assert packed.size == definition.sizeof(), definition
+    return packed
+
+
+_CN = flat_struct(CnMsg)
+_HDR = flat_struct(UlogHeader)
+_NLH = flat_struct(NlMsgHdr)
+# Compiled construct forms for the small payloads (cheap enough, and keep names).
 _CnMsgC = CnMsg.compile()
 _UlogHeaderC = UlogHeader.compile()
-_NlMsgHdrC = NlMsgHdr.compile()
 _U64C = U64.compile()
 _S64C = S64.compile()
 _ResyncWorkC = ResyncWork.compile()
@@ -195,43 +220,46 @@ def decode_frame(frame: bytes | bytearray | memoryview) -> Request:
 
     Raises :class:`FrameError`; it is answerable when the 160-byte header is complete.
     """
+    frame = bytes(frame)
     if len(frame) < CN_MSG_SIZE:
         raise FrameError(f"frame of {len(frame)} bytes is shorter than a cn_msg")
-    cn = _CnMsgC.parse(bytes(frame[:CN_MSG_SIZE]))
-    if (cn.idx, cn.val) != (CN_IDX_DM, CN_VAL_DM_USERSPACE_LOG):
-        raise FrameError(f"connector id ({cn.idx},{cn.val}) is not dm-log-userspace (7,1)")
-    body = bytes(frame[CN_MSG_SIZE:])
-    if len(body) < HEADER_SIZE:
-        raise FrameError(f"request of {len(body)} bytes is shorter than the 160-byte header")
-    hdr = _UlogHeaderC.parse(body[:HEADER_SIZE])
-    nul = hdr.uuid.find(b"\0")
-    uuid_raw = hdr.uuid if nul < 0 else hdr.uuid[:nul]
-    request = Request(
-        luid=hdr.luid,
-        uuid=uuid_raw.decode("latin-1"),
-        version=hdr.version,
-        seq=hdr.seq,
-        request_type=hdr.request_type & DM_ULOG_REQUEST_MASK,
-        data=b"",
-        cn_seq=cn.seq,
-        raw_type=hdr.request_type,
-        padding=hdr.padding,
-        error=hdr.error,
-    )
-    available = len(body) - HEADER_SIZE
-    if hdr.data_size > available:
+    idx, val, cn_seq, _ack, cn_len, _flags = _CN.unpack_from(frame, 0)
+    if (idx, val) != (CN_IDX_DM, CN_VAL_DM_USERSPACE_LOG):
+        raise FrameError(f"connector id ({idx},{val}) is not dm-log-userspace (7,1)")
+    if len(frame) < CN_MSG_SIZE + HEADER_SIZE:
         raise FrameError(
-            f"data_size {hdr.data_size} runs past the end of the frame ({available} bytes follow)",
+            f"request of {len(frame) - CN_MSG_SIZE} bytes is shorter than the 160-byte header"
+        )
+    luid, uuid_field, padding, version, error, seq, raw_type, data_size = _HDR.unpack_from(
+        frame, CN_MSG_SIZE
+    )
+    nul = uuid_field.find(b"\0")
+    uuid_raw = uuid_field if nul < 0 else uuid_field[:nul]
+    start = CN_MSG_SIZE + HEADER_SIZE
+    request = Request(
+        luid=luid,
+        uuid=uuid_raw.decode("latin-1"),
+        version=version,
+        seq=seq,
+        request_type=raw_type & DM_ULOG_REQUEST_MASK,
+        data=b"",
+        cn_seq=cn_seq,
+        raw_type=raw_type,
+        padding=padding,
+        error=error,
+    )
+    available = len(frame) - start
+    if data_size > available:
+        raise FrameError(
+            f"data_size {data_size} runs past the end of the frame ({available} bytes follow)",
             request,
         )
-    if cn.len != HEADER_SIZE + hdr.data_size:
-        raise FrameError(
-            f"cn_msg.len {cn.len} does not match 160 + data_size {hdr.data_size}", request
-        )
-    request.data = body[HEADER_SIZE : HEADER_SIZE + hdr.data_size]
+    if cn_len != HEADER_SIZE + data_size:
+        raise FrameError(f"cn_msg.len {cn_len} does not match 160 + data_size {data_size}", request)
+    request.data = frame[start : start + data_size]
     if nul < 0:
         raise FrameError("uuid is not NUL-terminated", request)
-    if any(hdr.uuid[nul:]):
+    if uuid_field.count(0) != DM_UUID_LEN - nul:
         raise FrameError("uuid has bytes after its terminating NUL", request)
     return request
 
@@ -262,28 +290,17 @@ def encode_reply(reply: Reply) -> bytes:
     """:class:`Reply` → connector payload. One reply per datagram (the kernel reads one)."""
     req = reply.request
     if reply.ack:
-        return _CnMsgC.build(dict(
-            idx=CN_IDX_DM, val=CN_VAL_DM_USERSPACE_LOG, seq=req.seq, ack=-reply.error,
-            len=0, flags=0,
-        ))
+        return _CN.pack(CN_IDX_DM, CN_VAL_DM_USERSPACE_LOG, req.seq, -reply.error, 0, 0)
     if reply.error > 0:
         raise ValueError("reply error must be 0 or a negative errno")
     data = reply.data
-    header = _UlogHeaderC.build(dict(
-        luid=req.luid,
-        uuid=uuid_to_bytes(req.uuid).ljust(DM_UUID_LEN, b"\0")[:DM_UUID_LEN],
-        padding=b"\0\0\0",
-        version=req.version,
-        error=reply.error,
-        seq=req.seq,
-        request_type=req.raw_type or req.request_type,
-        data_size=len(data),
-    ))
-    cn = _CnMsgC.build(dict(
-        idx=CN_IDX_DM, val=CN_VAL_DM_USERSPACE_LOG, seq=req.seq, ack=0,
-        len=HEADER_SIZE + len(data), flags=0,
-    ))
-    return cn + header + data
+    uuid = uuid_to_bytes(req.uuid)[: DM_UUID_LEN - 1]
+    return (
+        _CN.pack(CN_IDX_DM, CN_VAL_DM_USERSPACE_LOG, req.seq, 0, HEADER_SIZE + len(data), 0)
+        + _HDR.pack(req.luid, uuid, b"\0\0\0", req.version, reply.error, req.seq,
+                    req.raw_type or req.request_type, len(data))
+        + data
+    )
 
 
 @dataclass(slots=True)
@@ -329,16 +346,15 @@ def strip_nlmsghdr(datagram: bytes) -> tuple[int, bytes]:
     """Netlink datagram → (nlmsg_type, connector payload). Raises FrameError."""
     if len(datagram) < NLMSGHDR_SIZE:
         raise FrameError("datagram shorter than a netlink header")
-    hdr = _NlMsgHdrC.parse(datagram[:NLMSGHDR_SIZE])
-    if hdr.len < NLMSGHDR_SIZE or hdr.len > len(datagram):
-        raise FrameError(f"nlmsg_len {hdr.len} does not fit the {len(datagram)}-byte datagram")
-    return hdr.type, datagram[NLMSGHDR_SIZE : hdr.len]
+    length, nl_type, _flags, _seq, _pid = _NLH.unpack_from(datagram, 0)
+    if length < NLMSGHDR_SIZE or length > len(datagram):
+        raise FrameError(f"nlmsg_len {length} does not fit the {len(datagram)}-byte datagram")
+    return nl_type, datagram[NLMSGHDR_SIZE:length]
 
 
 def add_nlmsghdr(payload: bytes, seq: int = 0, pid: int = 0) -> bytes:
     """Connector payload → one netlink message (type NLMSG_DONE), as cmirrord sends it."""
-    hdr = _NlMsgHdrC.build(dict(len=NLMSGHDR_SIZE + len(payload), type=NLMSG_DONE, flags=0,
-                                seq=seq, pid=pid))
+    hdr = _NLH.pack(NLMSGHDR_SIZE + len(payload), NLMSG_DONE, 0, seq, pid)
     pad = (-len(payload)) % 4
     return hdr + payload + b"\0" * pad
 
@@ -377,7 +393,13 @@ def build_u64(value: int) -> bytes:
     return _U64C.build(value)
 
 
+def _check_size(data: bytes, size: int, what: str) -> None:
+    if len(data) != size:
+        raise ValueError(f"{what} must be {size} bytes, got {len(data)}")
+
+
 def parse_u64(data: bytes) -> int:
+    _check_size(data, 8, "u64 value")
     return _U64C.parse(data)
 
 
@@ -386,6 +408,7 @@ def build_s64(value: int) -> bytes:
 
 
 def parse_s64(data: bytes) -> int:
+    _check_size(data, 8, "s64 value")
     return _S64C.parse(data)
 
 
@@ -394,6 +417,7 @@ def build_resync_work(have_work: bool, region: int) -> bytes:
 
 
 def parse_resync_work(data: bytes) -> tuple[int, int]:
+    _check_size(data, 16, "GET_RESYNC_WORK reply")
     p = _ResyncWorkC.parse(data)
     return p.have_work, p.region
 
@@ -403,5 +427,6 @@ def build_remote_recovering(is_recovering: bool, in_sync_hint: int) -> bytes:
 
 
 def parse_remote_recovering(data: bytes) -> tuple[int, int]:
+    _check_size(data, 16, "IS_REMOTE_RECOVERING reply")
     p = _RemoteRecoveringC.parse(data)
     return p.is_recovering, p.in_sync_hint

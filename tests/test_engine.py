@@ -1,0 +1,858 @@
+"""Engine semantics, one rule per test (issue #2 item 3; protocol ref §1.7, §3, §4, §5).
+
+Every request goes through the wire both ways (encode_request → decode_frame → Engine.handle_now →
+encode_reply → decode_reply), so the checks are on what the kernel would read.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+import pytest
+
+from ulog_disk import wire
+from ulog_disk.backends.base import BackendError, Commit
+from ulog_disk.backends.memory import MemoryBackend
+from ulog_disk.engine import Engine
+from ulog_disk.wire import Request, RequestType
+
+T = RequestType
+U = "LVM-enginetest"
+A, B, C = 0xFFFF8D8142769400, 0xFFFF8D8142769C00, 0xFFFF8D814276A400
+CORE = b"32768 clustered-core 1024"  # 32 regions
+
+
+class Backend(MemoryBackend):
+    """Memory backend that records commits and can be told to fail."""
+
+    def __init__(self, state_dir):
+        super().__init__(state_dir)
+        self.fail_commit = False
+        self.fail_journal = False
+        self.commits: list[Commit] = []
+
+    def commit(self, commit: Commit) -> None:
+        if self.fail_commit:
+            raise BackendError(errno.EIO, "injected commit failure")
+        self.commits.append(commit)
+
+    def journal(self, uuid, luid, ops) -> None:
+        if self.fail_journal:
+            raise BackendError(errno.EIO, "injected journal failure")
+
+
+class Kernel:
+    """Sends requests the way dm-log-userspace does (one global seq) and reads the replies."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.seq = 1000
+
+    def send(self, type_: int, data: bytes = b"", luid: int = A, uuid: str = U) -> wire.DecodedReply:
+        self.seq += 1
+        req = Request(luid=luid, uuid=uuid, version=3, seq=self.seq, request_type=type_, data=data,
+                      cn_seq=self.seq)
+        out = wire.encode_reply(self.engine.handle_now(wire.decode_frame(wire.encode_request(req))))
+        rep = wire.decode_reply(out)
+        assert rep.seq == self.seq
+        if not rep.ack_form:
+            assert (rep.luid, rep.uuid, rep.request_type) == (luid, uuid, type_ & 0xFF)
+            assert rep.error <= 0
+            if rep.error:
+                assert rep.data == b""
+        return rep
+
+    def ok(self, type_: int, data: bytes = b"", luid: int = A, uuid: str = U) -> bytes:
+        rep = self.send(type_, data, luid, uuid)
+        assert rep.error == 0, (T(type_).name, rep)
+        return rep.data
+
+    def err(self, type_: int, data: bytes = b"", luid: int = A, uuid: str = U) -> int:
+        return self.send(type_, data, luid, uuid).error
+
+    # conveniences
+    def ctr(self, text: bytes = CORE, luid: int = A, uuid: str = U, reconnect: bool = False) -> bytes:
+        return self.ok(T.CTR, text + (b"\0" if reconnect else b""), luid, uuid)
+
+    def up(self, text: bytes = CORE, luid: int = A, uuid: str = U) -> None:
+        self.ctr(text, luid, uuid)
+        assert wire.parse_u64(self.ok(T.GET_REGION_SIZE, luid=luid, uuid=uuid)) > 0
+        self.ok(T.RESUME, luid=luid, uuid=uuid)
+
+    def suspend(self, luid: int = A, uuid: str = U) -> None:
+        self.ok(T.PRESUSPEND, luid=luid, uuid=uuid)
+        self.ok(T.POSTSUSPEND, luid=luid, uuid=uuid)
+
+    def in_sync(self, r: int, luid: int = A, uuid: str = U) -> int:
+        return wire.parse_s64(self.ok(T.IN_SYNC, wire.build_u64(r), luid, uuid))
+
+    def is_clean(self, r: int, luid: int = A, uuid: str = U) -> int:
+        return wire.parse_s64(self.ok(T.IS_CLEAN, wire.build_u64(r), luid, uuid))
+
+    def sync_count(self, luid: int = A, uuid: str = U) -> int:
+        return wire.parse_u64(self.ok(T.GET_SYNC_COUNT, luid=luid, uuid=uuid))
+
+    def work(self, luid: int = A, uuid: str = U) -> tuple[int, int]:
+        return wire.parse_resync_work(self.ok(T.GET_RESYNC_WORK, luid=luid, uuid=uuid))
+
+    def set_sync(self, r: int, value: int = 1, luid: int = A, uuid: str = U) -> None:
+        self.ok(T.SET_REGION_SYNC, wire.build_set_region_sync(r, value), luid, uuid)
+
+    def mark(self, regions: list[int], luid: int = A, uuid: str = U) -> None:
+        self.ok(T.MARK_REGION, wire.build_regions(regions), luid, uuid)
+
+    def clear(self, regions: list[int], luid: int = A, uuid: str = U) -> None:
+        self.ok(T.CLEAR_REGION, wire.build_regions(regions), luid, uuid)
+
+    def flush(self, regions: list[int] | None = None, luid: int = A, uuid: str = U) -> None:
+        self.ok(T.FLUSH, wire.build_regions(regions or []), luid, uuid)
+
+    def remote(self, r: int, luid: int = A, uuid: str = U) -> tuple[int, int]:
+        return wire.parse_remote_recovering(self.ok(T.IS_REMOTE_RECOVERING, wire.build_u64(r), luid, uuid))
+
+    def status(self, luid: int = A, uuid: str = U) -> bytes:
+        return self.ok(T.STATUS_INFO, luid=luid, uuid=uuid)
+
+    def resync_all(self, luid: int = A, uuid: str = U) -> None:
+        while True:
+            have, r = self.work(luid, uuid)
+            if not have:
+                return
+            self.set_sync(r, 1, luid, uuid)
+
+
+@pytest.fixture
+def backend(tmp_path):
+    return Backend(tmp_path)
+
+
+@pytest.fixture
+def engine(backend):
+    return Engine(backend, boot_id="x")
+
+
+@pytest.fixture
+def k(engine):
+    return Kernel(engine)
+
+
+# --- reply sizes --------------------------------------------------------------------------------------
+
+VALUE_SIZES = [
+    (T.GET_REGION_SIZE, b"", 8), (T.IS_CLEAN, wire.build_u64(3), 8), (T.IN_SYNC, wire.build_u64(3), 8),
+    (T.GET_SYNC_COUNT, b"", 8), (T.GET_RESYNC_WORK, b"", 16),
+    (T.IS_REMOTE_RECOVERING, wire.build_u64(3), 16),
+]
+
+
+@pytest.mark.parametrize("type_,data,size", VALUE_SIZES, ids=[t.name for t, _, _ in VALUE_SIZES])
+@pytest.mark.parametrize("resumed", [False, True])
+def test_value_replies_have_their_exact_size(k, type_, data, size, resumed):
+    k.ctr()
+    if resumed:
+        k.ok(T.RESUME)
+    assert len(k.ok(type_, data)) == size
+
+
+NO_BUFFER = [
+    (T.RESUME, b""), (T.PRESUSPEND, b""), (T.POSTSUSPEND, b""), (T.FLUSH, b""),
+    (T.FLUSH, wire.build_regions([1, 2, 3])), (T.MARK_REGION, wire.build_regions([4, 5])),
+    (T.CLEAR_REGION, wire.build_regions([4, 5])), (T.SET_REGION_SYNC, wire.build_set_region_sync(6, 1)),
+    (T.SET_REGION_SYNC, wire.build_set_region_sync(6, 0)), (T.DTR, b""),
+    (T.CTR, CORE + b"\0"),
+]
+
+
+@pytest.mark.parametrize("type_,data", NO_BUFFER, ids=[f"{t.name}-{len(d)}" for t, d in NO_BUFFER])
+def test_requests_without_reply_buffer_get_data_size_0(k, type_, data):
+    k.ctr()
+    k.ok(T.RESUME)
+    assert k.ok(type_, data) == b""
+
+
+def test_region_requests_of_32_regions(k):
+    k.up()
+    group = list(range(31, -1, -1))
+    for t in (T.MARK_REGION, T.CLEAR_REGION, T.FLUSH):
+        assert k.ok(t, wire.build_regions(group)) == b""
+
+
+def test_seq_is_echoed_up_to_u32_max(k):
+    k.ctr()
+    k.seq = 2**32 - 2
+    assert k.send(T.GET_REGION_SIZE).seq == 2**32 - 1
+
+
+# --- CTR -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text,regions,region_size", [
+    (b"32768 core 1024", 32, 1024),
+    (b"32768 clustered-core 1024", 32, 1024),
+    (b"1000 core 64", 16, 64),  # ceil(1000 / 64)
+    (b"1024 core 1024", 1, 1024),  # region size == length
+    (b"3 core 2", 2, 2),
+    (b"32768 disk 7:3 1024", 32, 1024),
+    (b"32768 clustered-disk 253:2 1024 nosync", 32, 1024),
+    (b"32768 clustered-core 1024 sync block_on_error", 32, 1024),
+    (b"32768 clustered-core 1024 block_on_error nosync", 32, 1024),
+    (b"32768  clustered-core   1024 ", 32, 1024),
+])
+def test_ctr_accepts(k, text, regions, region_size):
+    k.ctr(text)
+    assert wire.parse_u64(k.ok(T.GET_REGION_SIZE)) == region_size
+    k.ok(T.IN_SYNC, wire.build_u64(regions - 1))
+    assert k.err(T.IN_SYNC, wire.build_u64(regions)) == -errno.EINVAL
+
+
+@pytest.mark.parametrize("text", [
+    b"", b" ", b"32768", b"32768 core", b"32768 core 1000", b"32768 core 3", b"32768 core 1",
+    b"32768 core 0", b"32768 core -2", b"32768 core 0x400", b"32768 core 1k", b"1024 core 2048",
+    b"0 core 2", b"-1 core 2", b"abc core 2", b"32768 mirror 1024", b"32768 Core 1024",
+    b"32768 userspace 1024", b"32768 disk 1024", b"32768 disk 7:3", b"32768 clustered-disk 7:3",
+    b"32768 core 1024 sync nosync", b"32768 core 1024 nosync nosync", b"32768 core 1024 foo",
+    b"32768 core 1024 integrated_flush", b"32768 core\x001024", b"32768 core 1024\0\0",
+    b"32768 c\xf6re 1024", b"\xff" * 40, b"32768 disk " + b"d" * 200 + b" 1024",
+])
+def test_ctr_garbage_is_einval_and_creates_nothing(k, text, caplog):
+    with caplog.at_level(logging.ERROR, logger="ulog_disk.engine"):
+        assert k.err(T.CTR, text) == -errno.EINVAL
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(lines) == 1 and "CTR" in lines[0], lines  # one clear log line
+    assert k.err(T.GET_REGION_SIZE) == -errno.EINVAL
+    assert k.err(T.IN_SYNC, wire.build_u64(0)) == -errno.ESRCH
+
+
+def test_ctr_with_empty_uuid_is_einval(k):
+    assert k.err(T.CTR, CORE, uuid="") == -errno.EINVAL
+
+
+def test_initial_disk_ctr_returns_the_device(k):
+    assert k.ctr(b"32768 clustered-disk 7:3 1024") == b"7:3\0"
+    assert k.ctr(b"32768 disk 253:12 1024", luid=B) == b"253:12\0"
+
+
+def test_device_reply_fits_dm_name_len(k):
+    dev = b"/dev/" + b"x" * 122  # 127 bytes + NUL = 128
+    assert k.ctr(b"32768 disk " + dev + b" 1024") == dev + b"\0"
+
+
+def test_core_ctr_returns_no_data(k):
+    assert k.ctr(b"32768 core 1024") == b""
+
+
+@pytest.mark.parametrize("text", [b"32768 clustered-disk 7:3 1024", b"32768 clustered-core 1024"])
+def test_reconnect_ctr_gets_data_size_0(k, text):
+    """The reconnect CTR offers no buffer: a device there gives -ENOSPC forever (ref §1.7)."""
+    assert k.ctr(text, reconnect=True) == b""  # unknown log: created by the reconnect CTR
+    assert k.ctr(text, reconnect=True) == b""  # known log
+    assert k.ctr(text, luid=B) == (b"7:3\0" if b"disk" in text else b"")
+
+
+def test_ctr_is_idempotent_and_keeps_state(k):
+    k.up()
+    k.mark([3])
+    k.set_sync(0)
+    for _ in range(3):
+        assert k.ctr() == b""
+        assert k.ctr(reconnect=True) == b""
+    k.ok(T.RESUME)
+    assert k.is_clean(3) == 0 and k.in_sync(0) == 1 and k.sync_count() == 1
+
+
+def test_repeated_disk_ctr_answers_the_device_again(k):
+    assert k.ctr(b"32768 disk 7:3 1024") == b"7:3\0"
+    assert k.ctr(b"32768 disk 7:3 1024") == b"7:3\0"
+
+
+def test_ctr_of_a_resumed_log_with_another_constructor_keeps_the_log(k):
+    k.up()
+    k.set_sync(1)
+    assert k.ctr(b"65536 clustered-core 2048") == b""
+    assert wire.parse_u64(k.ok(T.GET_REGION_SIZE)) == 1024
+    assert k.in_sync(1) == 1
+
+
+# --- lifecycle -------------------------------------------------------------------------------------------
+
+
+def test_requests_before_first_resume(k):
+    k.ctr()
+    assert wire.parse_u64(k.ok(T.GET_REGION_SIZE)) == 1024
+    assert k.sync_count() == 0
+    assert k.status() == b"1 clustered-core\0"
+    assert k.ok(T.DTR) == b""
+    assert k.err(T.GET_SYNC_COUNT) == -errno.ESRCH
+
+
+@pytest.mark.parametrize("text,count", [
+    (b"32768 core 1024", 0), (b"32768 core 1024 sync", 0), (b"32768 core 1024 nosync", 32),
+    (b"1000 clustered-core 64 nosync", 16),
+])
+def test_sync_count_before_resume(k, text, count):
+    k.ctr(text)
+    assert k.sync_count() == count
+
+
+def test_nosync_log_is_in_sync_and_clean(k):
+    k.up(b"32768 core 1024 nosync")
+    assert k.sync_count() == 32
+    assert k.work() == (0, 0)
+    assert k.remote(0) == (0, 32)
+    assert k.in_sync(31) == 1 and k.is_clean(31) == 1
+
+
+def test_fresh_log_is_clean_and_out_of_sync(k):
+    k.up()
+    assert k.in_sync(0) == 0 and k.is_clean(0) == 1
+
+
+def test_mark_clear_flush_before_resume_and_after_postsuspend(k):
+    k.ctr()
+    k.mark([1])
+    k.flush([2])
+    k.clear([1])
+    k.ok(T.RESUME)
+    k.suspend()
+    k.mark([4])
+    k.clear([2])
+    k.flush()
+    k.ok(T.RESUME)
+    assert k.is_clean(1) == 0 and k.is_clean(2) == 0 and k.is_clean(4) == 0
+
+
+def test_no_resync_work_before_resume_or_while_suspending(k):
+    k.ctr()
+    assert k.work() == (0, 0)
+    k.ok(T.RESUME)
+    assert k.work() == (1, 0)
+    k.set_sync(0)
+    k.ok(T.PRESUSPEND)
+    assert k.work() == (0, 0)
+    k.ok(T.POSTSUSPEND)
+    assert k.work() == (0, 0)
+    k.ok(T.RESUME)
+    assert k.work() == (1, 1)
+
+
+def test_resume_is_idempotent(k):
+    k.up()
+    k.set_sync(0)
+    k.mark([5])
+    k.ok(T.RESUME)
+    k.ok(T.RESUME)
+    assert k.in_sync(0) == 1 and k.is_clean(5) == 0 and k.sync_count() == 1
+
+
+def test_suspend_requests_in_any_state_are_accepted(k):
+    k.ctr()
+    k.ok(T.POSTSUSPEND)
+    k.ok(T.PRESUSPEND)
+    k.ok(T.RESUME)
+    k.ok(T.POSTSUSPEND)
+    k.ok(T.POSTSUSPEND)
+    k.ok(T.RESUME)
+
+
+def test_dtr_of_a_live_log(k):
+    k.up()
+    assert k.ok(T.DTR) == b""
+    assert k.err(T.IN_SYNC, wire.build_u64(0)) == -errno.ESRCH
+
+
+def test_luid_reuse_after_dtr(k):
+    k.up()
+    k.ok(T.DTR)
+    k.ctr(b"2048 core 64")
+    assert wire.parse_u64(k.ok(T.GET_REGION_SIZE)) == 64
+
+
+# --- two instances of one uuid ----------------------------------------------------------------------------
+
+
+def test_two_luids_of_one_uuid_are_independent(k):
+    k.up(luid=A)
+    k.ctr(b"65536 clustered-core 1024", luid=B)
+    k.mark([3], luid=A)
+    k.set_sync(0, luid=A)
+    k.flush([4], luid=A)
+    assert k.is_clean(3, luid=B) == 1 and k.is_clean(4, luid=B) == 1
+    assert k.in_sync(0, luid=B) == 0 and k.sync_count(luid=B) == 0
+    assert wire.parse_u64(k.ok(T.GET_REGION_SIZE, luid=B)) == 1024
+    k.ok(T.IN_SYNC, wire.build_u64(63), luid=B)  # B has 64 regions, A 32
+    assert k.err(T.IN_SYNC, wire.build_u64(63), luid=A) == -errno.EINVAL
+    k.mark([7], luid=B)
+    assert k.is_clean(7, luid=A) == 1
+    k.ok(T.DTR, luid=B)
+    assert k.is_clean(3, luid=A) == 0 and k.sync_count(luid=A) == 1
+
+
+def test_same_luid_different_uuids_are_independent(k):
+    k.up(uuid="one")
+    k.up(uuid="two")
+    k.mark([1], uuid="one")
+    assert k.is_clean(1, uuid="two") == 1
+
+
+# --- unknown logs -----------------------------------------------------------------------------------------
+
+PAYLOAD = {
+    T.IS_CLEAN: wire.build_u64(0), T.IN_SYNC: wire.build_u64(0), T.IS_REMOTE_RECOVERING: wire.build_u64(0),
+    T.MARK_REGION: wire.build_regions([0]), T.CLEAR_REGION: wire.build_regions([0]),
+    T.SET_REGION_SYNC: wire.build_set_region_sync(0, 1),
+}
+LOOP = sorted(wire.LOOP_REQUESTS)
+DIRECT = [T.DTR, T.PRESUSPEND, T.POSTSUSPEND, T.RESUME, T.GET_REGION_SIZE, T.STATUS_TABLE]
+
+
+@pytest.mark.parametrize("type_", LOOP, ids=[t.name for t in LOOP])
+def test_unknown_log_loop_request_is_esrch(k, type_):
+    assert k.err(type_, PAYLOAD.get(type_, b"")) == -errno.ESRCH
+    k.up(luid=B)  # same uuid, other luid: still unknown
+    assert k.err(type_, PAYLOAD.get(type_, b"")) == -errno.ESRCH
+
+
+@pytest.mark.parametrize("type_", DIRECT, ids=[t.name for t in DIRECT])
+def test_unknown_log_direct_request_is_einval(k, type_):
+    assert k.err(type_) == -errno.EINVAL
+    k.up(luid=B)
+    assert k.err(type_) == -errno.EINVAL
+
+
+def test_esrch_then_reconnect_sequence_serves_the_log(k):
+    """After a daemon restart the kernel runs CTR(+NUL), RESUME, then retries (ref §1.7)."""
+    assert k.err(T.FLUSH, wire.build_regions([4])) == -errno.ESRCH
+    assert k.ctr(b"32768 clustered-disk 7:3 1024", reconnect=True) == b""
+    k.ok(T.RESUME)
+    k.flush([4])
+    assert k.is_clean(4) == 0
+
+
+def test_type_0_gets_the_ack_form_with_eagain(k):
+    rep = k.send(0)
+    assert rep.ack_form and rep.error == -errno.EAGAIN and rep.data == b""
+
+
+@pytest.mark.parametrize("type_", [18, 100, 0xFF])
+def test_unknown_type_is_einval(k, type_):
+    k.up()
+    assert k.err(type_) == -errno.EINVAL
+
+
+# --- mark / clear ------------------------------------------------------------------------------------------
+
+
+def test_mark_and_clear_tolerate_duplicates(k):
+    k.up()
+    k.resync_all()
+    k.mark([3, 3, 3])
+    k.mark([3])
+    k.flush([3, 3])
+    assert k.is_clean(3) == 0
+    k.clear([3, 3])
+    k.clear([3])
+    assert k.is_clean(3) == 1
+    k.clear([5])  # never marked
+    assert k.is_clean(5) == 1
+
+
+def test_marked_region_is_not_clean_until_cleared(k):
+    k.up()
+    k.resync_all()
+    k.mark([2])
+    k.flush()
+    k.ok(T.RESUME)
+    assert k.is_clean(2) == 0
+    k.clear([2])
+    assert k.is_clean(2) == 1
+
+
+def test_integrated_flush_marks(k):
+    k.up()
+    k.flush([7, 6])
+    assert k.is_clean(7) == 0 and k.is_clean(6) == 0 and k.is_clean(5) == 1
+
+
+def test_clear_only_cleans_in_sync_regions(k):
+    k.up()
+    k.mark([4])
+    k.clear([4])
+    assert k.is_clean(4) == 0  # not in sync: stays dirty
+    k.set_sync(4)
+    k.clear([4])
+    assert k.is_clean(4) == 1
+
+
+def test_clear_of_a_region_that_fell_out_of_sync_keeps_it_dirty(k):
+    k.up(b"32768 core 1024 nosync")
+    k.mark([9])
+    k.set_sync(9, 0)  # write failed on a leg
+    k.clear([9])
+    assert k.is_clean(9) == 0 and k.in_sync(9) == 0 and k.sync_count() == 31
+
+
+def test_empty_mark_or_clear_is_einval(k):
+    k.up()
+    assert k.err(T.MARK_REGION) == -errno.EINVAL
+    assert k.err(T.CLEAR_REGION) == -errno.EINVAL
+
+
+# --- recovery ----------------------------------------------------------------------------------------------
+
+
+def test_resync_work_repeats_until_set_region_sync(k):
+    k.up()
+    assert k.work() == (1, 0)
+    assert k.work() == (1, 0)
+    k.in_sync(0)
+    assert k.work() == (1, 0)
+    k.set_sync(0)
+    assert k.work() == (1, 1)
+    assert k.work() == (1, 1)
+    k.set_sync(1)
+    assert k.work() == (1, 2)
+
+
+def test_resync_work_skips_regions_in_sync(k):
+    k.up()
+    for r in (0, 1, 3):
+        k.set_sync(r)
+    assert k.work() == (1, 2)
+    k.set_sync(2)
+    assert k.work() == (1, 4)
+
+
+def test_failed_recovery_moves_on_and_cursor_restarts_at_resume(k):
+    k.up()
+    assert k.work() == (1, 0)
+    k.set_sync(0, 0)  # recovery failed (errors handled)
+    assert k.work() == (1, 1)
+    k.set_sync(1)
+    assert k.work() == (1, 2)
+    k.suspend()
+    k.ok(T.RESUME)
+    assert k.work() == (1, 0)
+
+
+def test_cursor_restarts_at_every_resume(k):
+    k.up(b"8 core 2")  # 4 regions
+    k.resync_all()
+    assert k.sync_count() == 4 and k.work() == (0, 0)
+    k.set_sync(1, 0)
+    assert k.work() == (0, 0)  # the cursor passed region 1
+    k.suspend()
+    k.ok(T.RESUME)
+    assert k.work() == (1, 1)
+
+
+def test_full_resync_reaches_region_count(k):
+    k.up()
+    handed = []
+    while True:
+        have, r = k.work()
+        if not have:
+            break
+        handed.append(r)
+        assert k.in_sync(r) == 0
+        k.set_sync(r)
+        k.clear([r])
+    assert handed == list(range(32))
+    assert k.sync_count() == 32 and k.work() == (0, 0)
+
+
+def test_set_region_sync_twice_counts_once(k):
+    k.up()
+    k.set_sync(5)
+    k.set_sync(5)
+    assert k.sync_count() == 1
+    k.set_sync(5, 0)
+    k.set_sync(5, 0)
+    assert k.sync_count() == 0
+
+
+def test_is_remote_recovering_reports_the_first_region_not_in_sync(k):
+    k.up(b"8 core 2")  # 4 regions
+    assert k.remote(3) == (0, 0)
+    for r in (0, 1, 3):
+        k.set_sync(r)
+    assert k.remote(3) == (0, 2)
+    k.set_sync(2)
+    assert k.remote(0) == (0, 4)  # region_count only when every region is in sync
+    k.set_sync(1, 0)
+    assert k.remote(3) == (0, 1)
+    k.set_sync(1)
+    k.set_sync(0, 0)
+    assert k.remote(2) == (0, 0)
+
+
+# --- bounds and sizes --------------------------------------------------------------------------------------
+
+BAD_REGIONS = [32, 33, 2**31, 2**63, 2**64 - 1]
+
+
+@pytest.mark.parametrize("bad", BAD_REGIONS)
+def test_region_arguments_are_bounds_checked_and_nothing_applied(k, bad, caplog):
+    k.up()
+    k.set_sync(0)
+    with caplog.at_level(logging.ERROR, logger="ulog_disk.engine"):
+        assert k.err(T.IN_SYNC, wire.build_u64(bad)) == -errno.EINVAL
+        assert k.err(T.IS_CLEAN, wire.build_u64(bad)) == -errno.EINVAL
+        assert k.err(T.IS_REMOTE_RECOVERING, wire.build_u64(bad)) == -errno.EINVAL
+        assert k.err(T.SET_REGION_SYNC, wire.build_set_region_sync(bad, 1)) == -errno.EINVAL
+        assert k.err(T.MARK_REGION, wire.build_regions([1, bad])) == -errno.EINVAL
+        assert k.err(T.FLUSH, wire.build_regions([2, bad])) == -errno.EINVAL
+        assert k.err(T.CLEAR_REGION, wire.build_regions([0, bad])) == -errno.EINVAL
+    assert len([r for r in caplog.records if "rejected" in r.getMessage()]) == 7
+    assert k.is_clean(1) == 1 and k.is_clean(2) == 1  # nothing of the rejected groups applied
+    k.mark([0])
+    assert k.err(T.CLEAR_REGION, wire.build_regions([0, bad])) == -errno.EINVAL
+    assert k.is_clean(0) == 0
+    assert k.sync_count() == 1
+
+
+@pytest.mark.parametrize("type_,data", [
+    (T.IN_SYNC, b""), (T.IN_SYNC, b"\0" * 4), (T.IN_SYNC, b"\0" * 16), (T.IS_CLEAN, b"\0" * 9),
+    (T.IS_REMOTE_RECOVERING, b"\0" * 7), (T.MARK_REGION, b"\0" * 12), (T.CLEAR_REGION, b"\0" * 1),
+    (T.FLUSH, b"\0" * 4), (T.SET_REGION_SYNC, b"\0" * 8), (T.SET_REGION_SYNC, b"\0" * 24),
+    (T.GET_RESYNC_WORK, b"\0" * 8),
+])
+def test_wrong_payload_sizes_are_einval(k, type_, data):
+    k.up()
+    assert k.err(type_, data) == -errno.EINVAL
+    assert k.sync_count() == 0 and k.is_clean(0) == 1
+
+
+def test_log_keeps_working_after_rejected_requests(k):
+    k.up()
+    for bad in (b"\0" * 3, wire.build_u64(2**64 - 1)):
+        k.err(T.IN_SYNC, bad)
+        k.err(T.MARK_REGION, bad)
+    k.mark([1])
+    assert k.is_clean(1) == 0
+
+
+# --- status ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text,info", [
+    (b"32768 core 1024", b"1 core\0"),
+    (b"32768 clustered-core 1024 nosync", b"1 clustered-core\0"),
+    (b"32768 disk 7:3 1024", b"3 disk 7:3 A\0"),
+    (b"32768 clustered-disk 7:3 1024", b"3 clustered-disk 7:3 A\0"),
+])
+def test_status_info(k, text, info):
+    k.ctr(text)
+    assert k.status() == info
+    k.ok(T.RESUME)
+    assert k.status() == info
+
+
+@pytest.mark.parametrize("text,table", [
+    (b"32768 clustered-core 1024", b"clustered-core 1024 \0"),
+    (b"32768 clustered-disk 7:3 1024 nosync block_on_error",
+     b"clustered-disk 7:3 1024 nosync block_on_error \0"),
+])
+def test_status_table(k, text, table):
+    k.ctr(text)
+    assert k.ok(T.STATUS_TABLE) == table
+
+
+def test_failed_commit_gives_eio_then_health_f_then_recovers(k, backend):
+    k.up(b"32768 clustered-disk 7:3 1024")
+    k.resync_all()
+    backend.fail_commit = True
+    assert k.err(T.FLUSH, wire.build_regions([5])) == -errno.EIO
+    assert k.status() == b"3 clustered-disk 7:3 F\0"
+    assert k.err(T.FLUSH) == -errno.EIO
+    assert k.is_clean(5) == 0  # the mark stays in memory
+    backend.fail_commit = False
+    before = len(backend.commits)
+    k.flush()
+    assert k.status() == b"3 clustered-disk 7:3 A\0"
+    # The changes of the failed commits are written by the next one.
+    commit = backend.commits[before]
+    assert 0 in commit.clean_chunks and not commit.clean_chunks[0][0] & (1 << 5)
+
+
+def test_failed_postsuspend_and_resume_commits_are_eio(k, backend):
+    k.up(b"32768 disk 7:3 1024")
+    backend.fail_commit = True
+    k.ok(T.PRESUSPEND)
+    assert k.err(T.POSTSUSPEND) == -errno.EIO
+    assert k.err(T.RESUME) == -errno.EIO
+    assert k.status() == b"3 disk 7:3 F\0"
+    backend.fail_commit = False
+    k.ok(T.RESUME)
+    assert k.status() == b"3 disk 7:3 A\0"
+
+
+def test_journal_failure_gives_health_d(k, backend):
+    k.up(b"32768 clustered-disk 7:3 1024")
+    backend.fail_journal = True
+    k.mark([1])
+    assert k.status() == b"3 clustered-disk 7:3 D\0"
+    assert k.is_clean(1) == 0
+
+
+def test_flush_commits_before_the_reply(k, backend):
+    k.up()
+    before = len(backend.commits)
+    k.flush([3])
+    assert len(backend.commits) == before + 1
+    clean = backend.commits[-1].clean_chunks[0]
+    assert not clean[0] & (1 << 3)
+
+
+# --- hand-over and retained state -------------------------------------------------------------------------
+
+
+def test_reload_hands_state_over_at_resume_of_the_new_luid(k):
+    """Protocol ref §5.4: CTR(B) while A is live, PRESUSPEND(A), POSTSUSPEND(A), RESUME(B), DTR(A)."""
+    k.up(luid=A)
+    for r in range(8):
+        k.set_sync(r, luid=A)
+    k.mark([3], luid=A)
+    k.flush(luid=A)
+    k.ctr(luid=B)
+    assert wire.parse_u64(k.ok(T.GET_REGION_SIZE, luid=B)) == 1024
+    assert k.sync_count(luid=B) == 0  # not adopted before its RESUME
+    k.mark([9], luid=A)  # A keeps being served
+    k.flush(luid=A)
+    k.suspend(luid=A)
+    k.ok(T.RESUME, luid=B)
+    # B: in-sync, clean regions stay in sync; A's marked regions are out of sync in B.
+    assert [k.in_sync(r, luid=B) for r in range(10)] == [1, 1, 1, 0, 1, 1, 1, 1, 0, 0]
+    assert k.sync_count(luid=B) == 7
+    assert k.is_clean(3, luid=B) == 0  # dirty until recovered, as a disk log would store it
+    assert k.work(luid=B) == (1, 3)
+    k.ok(T.DTR, luid=A)
+    assert k.sync_count(luid=B) == 7
+    k.set_sync(3, luid=B)
+    k.clear([3], luid=B)
+    assert k.is_clean(3, luid=B) == 1
+    assert k.work(luid=B) == (1, 8)
+
+
+def test_no_hand_over_from_a_live_instance(k):
+    k.up(luid=A)
+    k.resync_all(luid=A)
+    k.flush(luid=A)
+    k.ctr(luid=B)
+    k.ok(T.RESUME, luid=B)  # A was not suspended
+    assert k.sync_count(luid=B) == 0
+    assert k.sync_count(luid=A) == 32
+
+
+@pytest.mark.parametrize("option,count", [(b"", 32), (b" nosync", 64)])
+def test_hand_over_with_resize(k, option, count):
+    k.up(luid=A)
+    k.resync_all(luid=A)
+    k.flush(luid=A)
+    k.ctr(b"65536 clustered-core 1024" + option, luid=B)  # 64 regions
+    k.suspend(luid=A)
+    k.ok(T.RESUME, luid=B)
+    # The new regions are out of sync, or in sync with nosync.
+    assert k.sync_count(luid=B) == count
+    assert k.work(luid=B) == ((1, 32) if count == 32 else (0, 0))
+
+
+def test_hand_over_to_a_smaller_log(k):
+    k.up(luid=A)
+    k.resync_all(luid=A)
+    k.set_sync(31, 0, luid=A)
+    k.flush(luid=A)
+    k.ctr(b"16384 clustered-core 1024", luid=B)  # 16 regions
+    k.suspend(luid=A)
+    k.ok(T.RESUME, luid=B)
+    assert k.sync_count(luid=B) == 16 and k.remote(0, luid=B) == (0, 16)
+
+
+def test_state_is_retained_after_dtr_of_the_last_instance(k):
+    k.up(luid=A)
+    k.resync_all(luid=A)
+    k.mark([4], luid=A)
+    k.flush(luid=A)
+    k.suspend(luid=A)
+    k.ok(T.DTR, luid=A)
+    assert k.err(T.GET_SYNC_COUNT, luid=A) == -errno.ESRCH
+    k.up(luid=B)  # dmsetup create again, same uuid
+    assert k.sync_count(luid=B) == 31
+    assert k.work(luid=B) == (1, 4)
+    assert k.remote(0, luid=B) == (0, 4)
+
+
+def test_retained_state_survives_luid_reuse(k):
+    k.up(luid=A)
+    k.resync_all(luid=A)
+    k.flush(luid=A)
+    k.suspend(luid=A)
+    k.ok(T.DTR, luid=A)
+    k.up(luid=A)
+    assert k.sync_count(luid=A) == 32
+
+
+def test_never_resumed_instance_leaves_nothing_behind(k):
+    k.ctr(luid=A)
+    k.ok(T.DTR, luid=A)  # table clear (ref §5.5)
+    k.up(b"32768 clustered-core 1024 nosync", luid=B)
+    k.suspend(luid=B)
+    k.ok(T.DTR, luid=B)
+    k.ctr(luid=C)
+    k.ok(T.RESUME, luid=C)
+    assert k.sync_count(luid=C) == 32  # B's state, not A's
+
+
+def test_inactive_table_dtr_does_not_disturb_the_live_one(k):
+    k.up(luid=A)
+    k.set_sync(0, luid=A)
+    k.ctr(luid=B)
+    k.ok(T.DTR, luid=B)
+    assert k.sync_count(luid=A) == 1 and k.work(luid=A) == (1, 1)
+
+
+# --- bugs found by these tests, fixed ------------------------------------------------------
+
+
+def test_ctr_with_an_impossible_region_count_is_einval(k):
+    assert k.err(T.CTR, b"18446744073709551615 core 2") == -errno.EINVAL
+
+
+def test_region_size_beyond_u64_does_not_raise(k):
+    assert k.err(T.CTR, b"36893488147419103232 core 36893488147419103232") == -errno.EINVAL
+    assert k.err(T.GET_REGION_SIZE) == -errno.EINVAL
+
+
+def test_region_size_must_fit_the_kernels_u32(k):
+    assert k.err(T.CTR, b"8589934592 core 4294967296") == -errno.EINVAL
+
+
+def test_sync_forced_resync_is_not_undone_by_the_next_resume(k):
+    k.up(b"8 core 2", luid=A)
+    k.resync_all(luid=A)
+    k.flush(luid=A)
+    k.suspend(luid=A)
+    k.ok(T.DTR, luid=A)
+    k.up(b"8 core 2 sync", luid=B)
+    assert k.sync_count(luid=B) == 0  # forced full resync
+    k.suspend(luid=B)
+    k.ok(T.RESUME, luid=B)
+    assert k.sync_count(luid=B) == 0
+
+
+def test_late_flush_of_the_old_instance_does_not_override_the_successor(k):
+    k.up(b"16 core 2", luid=A)  # 8 regions
+    k.resync_all(luid=A)
+    k.mark([3], luid=A)
+    k.flush(luid=A)
+    k.ctr(b"16 core 2", luid=B)
+    k.suspend(luid=A)
+    k.ok(T.RESUME, luid=B)
+    k.set_sync(5, 0, luid=B)  # a write failed on a leg: region 5 is out of sync
+    k.flush(luid=B)
+    k.clear([3], luid=A)  # late completion on the old table
+    k.flush(luid=A)
+    k.ok(T.DTR, luid=A)
+    k.suspend(luid=B)
+    k.ok(T.RESUME, luid=B)
+    assert k.in_sync(5, luid=B) == 0

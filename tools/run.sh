@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One entry point that sets up a fresh machine and runs a job.
+#   bash tools/run.sh demo   - boot a real kernel under qemu, serve a mirror with dm-ulogd + LMDB,
+#                              kill -9 the daemon mid-write, restart it, show what survived
+#   bash tools/run.sh test   - the whole test suite, real-kernel scenarios included
+#   bash tools/run.sh setup  - only the set-up (Debian packages, virtualenv, kernel image)
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$here"
+venv="$here/.venv"
+
+need_apt=()
+command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
+[ -x /bin/busybox ] || [ -x /usr/bin/busybox ] || need_apt+=(busybox-static)
+command -v dmsetup >/dev/null || need_apt+=(dmsetup)
+command -v losetup >/dev/null || need_apt+=(util-linux)
+
+setup() {
+    if [ ${#need_apt[@]} -gt 0 ]; then
+        echo "== installing Debian packages: ${need_apt[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+    fi
+    if [ ! -x "$venv/bin/python" ]; then
+        echo "== creating $venv"
+        python3 -m venv "$venv"
+    fi
+    echo "== installing ulog-disk and its test dependencies into $venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+    "$venv/bin/python" -c "import ulog_disk, lmdb, construct, pyroute2, bitarray" 
+    if [ -f tools/vm/ulogvm.py ]; then
+        echo "== preparing the qemu guest (Debian kernel image, initramfs)"
+        "$venv/bin/python" tools/vm/ulogvm.py setup
+    fi
+}
+
+case "${1:-}" in
+    setup) setup ;;
+    test)
+        setup
+        shift
+        exec "$venv/bin/python" -m pytest "$@"
+        ;;
+    demo)
+        setup
+        exec "$venv/bin/python" tools/vm/ulogvm.py demo
+        ;;
+    *)
+        echo "usage: bash tools/run.sh setup|test|demo" >&2
+        exit 2
+        ;;
+esac
