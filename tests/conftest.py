@@ -31,7 +31,7 @@ class DaemonProcess:
 
 def start_daemon(tmp: Path, backend: str = "memory", state_dir: Path | None = None,
                  extra_env: dict[str, str] | None = None, name: str = "d",
-                 socket_name: str = "d") -> DaemonProcess:
+                 socket_name: str = "d", extra_args: list[str] | None = None) -> DaemonProcess:
     state_dir = state_dir or tmp / "state"
     sock = tmp / f"{socket_name}.sock"
     ready = tmp / f"{name}.ready"
@@ -43,7 +43,8 @@ def start_daemon(tmp: Path, backend: str = "memory", state_dir: Path | None = No
     log_file = open(log_path, "ab")  # noqa: SIM115 - owned by the child
     proc = subprocess.Popen(
         [sys.executable, "-m", "ulog_disk", "--listen", f"unix:{sock}", "--backend", backend,
-         "--state-dir", str(state_dir), "--ready-file", str(ready), "--capture", str(capture)],
+         "--state-dir", str(state_dir), "--ready-file", str(ready), "--capture", str(capture),
+         *(extra_args or [])],
         stdout=log_file, stderr=log_file, env=env,
     )
     log_file.close()

@@ -249,18 +249,46 @@ class Daemon:
                         sel.unregister(key.fd)
         return self.shutdown()
 
-    def shutdown(self) -> int:
-        log.info("stopping: committing %d log(s)", len(self.engine.table))
-        sd_notify("STOPPING=1")
-        for pending in self.engine.commit_all():
-            with self._lanes_lock:
-                self.lanes.submit(pending, None)
+    def answer_queued(self) -> int:
+        """Answer every request already queued on the sockets, and finish their backend work.
+
+        At stop, a request left unread would cost its kernel caller the 15 s timeout; answered,
+        the caller goes on, and its next request finds no listener and reconnects within 2 s.
+        """
+        frames: list[tuple[bytes, object]] = []
+        if isinstance(self.transport, UnixTransport):
+            for conn in list(self.transport.connections.values()):
+                got, _ = self.transport.receive_from(conn)
+                frames.extend(got)
+        else:
+            frames = self.transport.receive()
+        for frame, address in frames:
+            self.on_frame(frame, address)
+        self.wait_lanes()
+        return len(frames)
+
+    def wait_lanes(self) -> int:
         failures = 0
         while not self.lanes.idle():
             self.selector.select(timeout=1.0)
-            for pending, _address, exc in self.lanes.drain():
+            for pending, address, exc in self.lanes.drain():
                 reply = pending.complete(exc)
-                failures += reply.error != 0
+                if address is None:
+                    failures += reply.error != 0
+                else:
+                    self.send(reply, address)
+        return failures
+
+    def shutdown(self) -> int:
+        sd_notify("STOPPING=1")
+        answered = self.answer_queued()
+        log.info("stopping: answered %d queued request(s), committing %d log(s)", answered,
+                 len(self.engine.table))
+        for pending in self.engine.commit_all():
+            with self._lanes_lock:
+                self.lanes.submit(pending, None)
+        failures = self.wait_lanes()
+        self.answer_queued()
         self.lanes.close()
         self.engine.backend.close()
         self.transport.close()
@@ -291,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="append every frame received and sent to FILE (read it with ulog-dump wire)")
     p.add_argument("--ready-file", metavar="FILE", type=Path,
                    help="create FILE once listening (for scripts; systemd gets READY=1 via NOTIFY_SOCKET)")
+    p.add_argument("--boot-id", metavar="ID",
+                   help="boot id to record with each instance (default: /proc/sys/kernel/random/boot_id); "
+                        "tests use it to play a host reboot")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
@@ -318,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare_state_dir(args.state_dir)
         lock = StateDirLock(args.state_dir)
         backend = backend_cls(args.state_dir)
-        engine = Engine(backend)
+        engine = Engine(backend, boot_id=args.boot_id)
         engine.restore()
         transport = make_transport(args.listen)
     except (StartupError, LookupError, GroupTaken, OSError) as exc:

@@ -23,6 +23,7 @@ Environment: ``ULOG_VM_CACHE`` (cache directory, default /var/cache/ulog-disk-vm
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gzip
 import hashlib
 import io
@@ -32,14 +33,16 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import struct
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
 HERE = Path(__file__).resolve().parent
 CHECKOUT = HERE.parent.parent
@@ -82,6 +85,7 @@ BUSYBOX_CANDIDATES = (Path("/bin/busybox"), Path("/usr/bin/busybox"))
 # Guest-side margin: the guest kills the scenario this many seconds before the host-side limit so
 # that it can still collect dmesg and power off cleanly.
 GUEST_MARGIN_S = 25
+PR_SET_PDEATHSIG = 1
 EXIT_TIMEOUT = 124
 EXIT_BOOT_FAILURE = 125
 
@@ -245,7 +249,7 @@ def ensure_kernel(package: str) -> Kernel:
     if not debs:
         (cache / "debs").mkdir(parents=True, exist_ok=True)
         log(f"downloading {package}")
-        sh(["apt-get", "download", package], cwd=cache / "debs")
+        sh(["apt-get", "-o", "APT::Sandbox::User=root", "download", package], cwd=cache / "debs")
         debs = sorted((cache / "debs").glob(f"{package}_*.deb"))
         if not debs:
             raise HarnessError(f"apt-get download {package} produced no .deb in {cache / 'debs'}")
@@ -440,12 +444,13 @@ def ensure_initramfs(kernel: Kernel) -> Artifacts:
     out = cache_dir() / f"initramfs-{kernel.release}-{key}.cpio.gz"
     if not out.is_file():
         log(f"building {out.name} ({len(modules)} modules: {' '.join(m.name for m in modules)})")
-        tmp = out.with_suffix(".tmp")
+        tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
         tmp.write_bytes(build_initramfs(busybox, modules))
         tmp.replace(out)
         for old in cache_dir().glob("initramfs-*.cpio.gz"):
-            if old != out:
-                old.unlink()
+            # older builds; a qemu already running has read its copy at start
+            if old != out and time.time() - old.stat().st_mtime > 60:
+                old.unlink(missing_ok=True)
     return Artifacts(kernel, out, [m.name for m in modules])
 
 
@@ -511,6 +516,24 @@ def qemu_command(a: Artifacts, share: Path, smp: int, memory: int) -> list[str]:
     ]
 
 
+def die_with_parent() -> None:
+    """In the child (``timeout``): get SIGTERM when ulogvm dies, even by SIGKILL; ``timeout`` passes
+    it on to qemu. Without this a killed harness leaves qemu running until its own limit."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def stop_child(proc: subprocess.Popen[bytes]) -> Callable[[int, FrameType | None], None]:
+    def handler(signo: int, _frame: FrameType | None) -> None:
+        proc.terminate()
+        raise SystemExit(128 + signo)
+
+    return handler
+
+
 OUT_MARKER = ".ulogvm-results"
 
 
@@ -557,19 +580,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         log(f"booting {a.kernel.release} for scenario {name} (timeout {args.timeout}s, results in {out})")
         with console_path.open("wb") as console:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT)
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                console.write(line)
-                console.flush()
-                if args.verbose:
-                    sys.stderr.buffer.write(line)
-                    sys.stderr.flush()
+                                    stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+            previous = {sig: signal.signal(sig, stop_child(proc)) for sig in (signal.SIGTERM, signal.SIGHUP)}
             try:
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    console.write(line)
+                    console.flush()
+                    if args.verbose:
+                        sys.stderr.buffer.write(line)
+                        sys.stderr.flush()
                 qrc = proc.wait(timeout=args.timeout + 15)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 qrc = proc.wait()
+            finally:
+                if proc.poll() is None:  # KeyboardInterrupt or a signal: never leave qemu behind
+                    proc.terminate()
+                    proc.wait()
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
             timed_out = qrc in (124, 137)
         elapsed = time.monotonic() - t0
         for item in share.iterdir():

@@ -1,0 +1,264 @@
+"""Real-kernel tests: dm-log-userspace under qemu, driven by tools/vm/ulogvm.py.
+
+Each test boots a guest (software emulation, ~20 s per boot plus the scenario) and asserts on the
+``key=value`` lines the scenario wrote to ``result.txt``. Results are kept in
+``<checkout>/results/pytest-<scenario>/`` (console log, dmesg, daemon logs, captures).
+
+Prerequisite: ``python3 tools/vm/ulogvm.py setup`` (host packages, kernel package, initramfs).
+Set ``ULOG_SKIP_KERNEL=1`` to skip these tests; otherwise a missing harness is a failure.
+``ULOG_KERNEL_BACKEND=memory`` runs the daemon scenarios with another backend (default: lmdb).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+ULOGVM = ROOT / "tools" / "vm" / "ulogvm.py"
+SETUP_HINT = "run `python3 tools/vm/ulogvm.py setup` first (needs root and the Debian package mirror)"
+
+pytestmark = pytest.mark.kernel
+
+REGIONS = "32/32"
+LEGS = r"7:\d+ 7:\d+"
+
+
+@dataclass
+class ScenarioRun:
+    name: str
+    rc: int
+    out: Path
+    results: dict[str, str]
+    stderr: str
+
+    def get(self, key: str) -> str | None:
+        return self.results.get(key)
+
+    def explain(self) -> str:
+        failed = [f"{k}={v}" for k, v in self.results.items() if k.endswith(".failed")]
+        log = self.out / "scenario.log"
+        tail = log.read_text(errors="replace").splitlines()[-30:] if log.is_file() else []
+        return (f"scenario {self.name}: exit code {self.rc}; results in {self.out}\n"
+                f"failed checks: {failed or 'none'}\nulogvm: {self.stderr.strip()[-2000:]}\n"
+                "scenario.log tail:\n" + "\n".join(tail))
+
+
+def parse_results(path: Path) -> dict[str, str]:
+    results: dict[str, str] = {}
+    if path.is_file():
+        for line in path.read_text(errors="replace").splitlines():
+            key, sep, value = line.partition("=")
+            if sep:
+                if key.endswith(".failed") and key in results:
+                    value = f"{results[key]}; {value}"
+                results[key] = value
+    return results
+
+
+def require_harness() -> None:
+    if os.environ.get("ULOG_SKIP_KERNEL") == "1":
+        pytest.skip("ULOG_SKIP_KERNEL=1: real-kernel (qemu) tests skipped")
+    p = subprocess.run([sys.executable, str(ULOGVM), "check"], capture_output=True, text=True, timeout=120)
+    if p.returncode != 0:
+        pytest.fail(f"real-kernel harness not ready: {p.stderr.strip()}\n{SETUP_HINT}", pytrace=False)
+
+
+def require_daemon() -> None:
+    if not (ROOT / "ulog_disk" / "__main__.py").is_file():
+        pytest.fail("ulog_disk/__main__.py is missing: `python -m ulog_disk` (dm-ulogd) cannot start in the "
+                    "guest; the daemon scenarios need it", pytrace=False)
+
+
+def run_scenario(name: str, timeout: int = 600, env: tuple[str, ...] = ()) -> ScenarioRun:
+    out = ROOT / "results" / f"pytest-{name}"
+    cmd = [sys.executable, str(ULOGVM), "run", name, "--out", str(out), "--timeout", str(timeout)]
+    backend = os.environ.get("ULOG_KERNEL_BACKEND")
+    for item in (*env, *([f"BACKEND={backend}"] if backend else [])):
+        cmd += ["--env", item]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 90)
+    if p.returncode == 2 and "setup" in p.stderr:
+        pytest.fail(f"{p.stderr.strip()}\n{SETUP_HINT}", pytrace=False)
+    return ScenarioRun(name, p.returncode, out, parse_results(out / "result.txt"), p.stderr)
+
+
+def assert_values(run: ScenarioRun, prefix: str, expected: dict[str, str]) -> None:
+    """Every ``prefix.key`` must equal the expected value, or fully match it if it starts with ``^``."""
+    for key, want in expected.items():
+        got = run.get(f"{prefix}.{key}")
+        ok = got is not None and (re.fullmatch(want[1:], got) if want.startswith("^") else got == want)
+        assert ok, f"{prefix}.{key}: got {got!r}, want {want!r}\n{run.explain()}"
+
+
+@pytest.fixture(scope="module")
+def harness() -> None:
+    require_harness()
+
+
+# ---------------------------------------------------------------------------------------------
+# Harness self-tests (no dependency on the ulog_disk package)
+
+
+def test_unknown_scenario_is_refused() -> None:
+    if os.environ.get("ULOG_SKIP_KERNEL") == "1":
+        pytest.skip("ULOG_SKIP_KERNEL=1: real-kernel (qemu) tests skipped")
+    p = subprocess.run([sys.executable, str(ULOGVM), "run", "no-such-scenario"], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 2
+    assert "no scenario" in p.stderr
+
+
+def test_smoke_listener(harness: None) -> None:
+    run = run_scenario("smoke-listener", timeout=300)
+    assert run.rc == 0, run.explain()
+    assert_values(run, "smoke-listener", {
+        "create_rc": "0",
+        "sync_final": REGIONS,
+        "legs_after_resync": "equal",
+        "resync_regions": "32",
+        "write_on_all_legs": "yes",
+        "legs_after_write": "equal",
+        "status": rf"^0 32768 mirror 2 {LEGS} 32/32 1 AA 1 clustered-core",
+        "table": r"^0 32768 mirror userspace 3 ulogvm-smoke-0001 clustered-core 1024 2 7:\d+ 0 7:\d+ 0",
+        "suspend_rc": "0",
+        "resume_rc": "0",
+        "reload_rc": "0",
+        "swap_resume_rc": "0",
+        "luids_for_uuid": "2",
+        "legs_after_swap": "equal",
+        "clear_rc": "0",
+        "remove_rc": "0",
+        "listener_clean_stop": "1",
+        "timeouts_in_dmesg": "0",
+        "rc": "0",
+    })
+    assert int(run.get("smoke-listener.requests") or 0) > 100
+    assert (run.out / "smoke-listener" / "trace.txt").is_file()
+
+
+def test_guest_timeout_is_enforced(harness: None) -> None:
+    run = run_scenario("selftest-timeout", timeout=45)
+    assert run.rc == 124, run.explain()
+    assert run.get("selftest-timeout.sleeping") == "yes"
+    assert (run.out / "console.log").is_file()
+    assert float((run.out / "wall-seconds").read_text()) < 45 + 15
+
+
+# ---------------------------------------------------------------------------------------------
+# dm-ulogd scenarios (need the daemon: python -m ulog_disk)
+
+
+@pytest.fixture(scope="module")
+def suite_core(harness: None) -> Iterator[ScenarioRun]:
+    require_daemon()
+    yield run_scenario("suite-core", timeout=900)
+
+
+@pytest.fixture(scope="module")
+def suite_restart(harness: None) -> Iterator[ScenarioRun]:
+    require_daemon()
+    yield run_scenario("suite-restart", timeout=600)
+
+
+def common_mirror_checks(run: ScenarioRun, name: str) -> None:
+    assert_values(run, name, {
+        "ready_seconds_1": r"^[0-9.]+",
+        "create_rc": "0",
+        "sync_initial": REGIONS,
+        "legs_after_resync": "equal",
+        "resync_initial": "32",
+        "remove_rc": "0",
+        "rc": "0",
+    })
+
+
+def test_basic_core(suite_core: ScenarioRun) -> None:
+    common_mirror_checks(suite_core, "basic-core")
+    assert_values(suite_core, "basic-core", {
+        "write_on_all_legs": "yes",
+        "legs_after_write": "equal",
+        "status": rf"^0 32768 mirror 2 {LEGS} 32/32 1 AA 1 clustered-core",
+        "table": r"^0 32768 mirror userspace 3 ulogvm-basic-core clustered-core 1024 2 7:\d+ 0 7:\d+ 0",
+        "stop_rc_1": "0",
+    })
+
+
+def test_basic_disk(suite_core: ScenarioRun) -> None:
+    common_mirror_checks(suite_core, "basic-disk")
+    assert_values(suite_core, "basic-disk", {
+        "write_on_all_legs": "yes",
+        "status": rf"^0 32768 mirror 2 {LEGS} 32/32 1 AA 3 clustered-disk 7:\d+ A",
+        "table": r"^0 32768 mirror userspace 4 ulogvm-basic-disk clustered-disk 7:\d+ 1024 2 7:\d+ 0 7:\d+ 0",
+        "stop_rc_1": "0",
+    })
+
+
+def test_integrated_flush(suite_core: ScenarioRun) -> None:
+    common_mirror_checks(suite_core, "integrated-flush")
+    assert_values(suite_core, "integrated-flush", {
+        "write_on_all_legs": "yes",
+        "legs_after_write2": "equal",
+        "table": r"^0 32768 mirror userspace 4 ulogvm-iflush integrated_flush clustered-core 1024 2 .*",
+        "capture_mark_region": "0",
+        "capture_flush_with_payload": r"^[1-9][0-9]*",
+    })
+
+
+def test_suspend_resume(suite_core: ScenarioRun) -> None:
+    common_mirror_checks(suite_core, "suspend-resume")
+    assert_values(suite_core, "suspend-resume", {
+        "suspend_rc": "0",
+        "write_blocked_while_suspended": "yes",
+        "resume_rc": "0",
+        "blocked_write_rc": "0",
+        "sync_after_resume": REGIONS,
+        "resync_after_resume": "0",
+        "legs_after_resume": "equal",
+    })
+
+
+def test_reload_same_uuid(suite_core: ScenarioRun) -> None:
+    common_mirror_checks(suite_core, "reload-same-uuid")
+    assert_values(suite_core, "reload-same-uuid", {
+        "reload_rc": "0",
+        "inactive_table_present": "1",
+        "resume_rc": "0",
+        "sync_after_swap": REGIONS,
+        "full_resync_after_swap": "no",
+        "legs_after_swap": "equal",
+        "luids_in_capture": "2",
+    })
+
+
+def test_clear_inactive(suite_core: ScenarioRun) -> None:
+    common_mirror_checks(suite_core, "clear-inactive")
+    assert_values(suite_core, "clear-inactive", {
+        "clear_rc": "0",
+        "inactive_table_present": "0",
+        "clear2_rc": "0",
+        "sync_after_clear": REGIONS,
+        "resync_after_clear": "0",
+        "daemon_alive": "yes",
+    })
+
+
+@pytest.mark.parametrize("mode", ["kill9", "sigterm"])
+def test_restart(suite_restart: ScenarioRun, mode: str) -> None:
+    name = f"{mode}-restart"
+    common_mirror_checks(suite_restart, name)
+    assert_values(suite_restart, name, {
+        "writer_rc": "0",
+        "writer_ok": "0",
+        "legs_after_writer": "equal",
+        "sync": REGIONS,
+        "legs_final": "equal",
+    })
+    if mode == "sigterm":
+        assert_values(suite_restart, name, {"stop_rc_1": "0"})

@@ -1,0 +1,188 @@
+"""kill -9 of dm-ulogd (LMDB backend) at random moments, restart, and the two rules of issue #3 item 5.
+
+A driver plays the kernel with one request in flight at a time and keeps an oracle: the region
+log as every *acknowledged* request left it, plus a snapshot at every acknowledged commit (FLUSH,
+RESUME, POSTSUSPEND). A killer thread SIGKILLs the daemon at a random instant. Then:
+
+* **the daemon died, the kernel did not** (same boot id, same luid): the restarted daemon answers
+  for the log at once, without CTR, and its clean/sync bits equal the oracle's — or the oracle's
+  with the one unacknowledged request applied. Nothing else may change.
+* **the kernel's state is gone** (every few crash points: a new boot id and a new luid): the new
+  instance adopts the stored state; the regions out of sync are exactly those out of sync or
+  dirty in the last acknowledged commit (or in the unacknowledged commit, if it made it).
+
+``ULOG_CRASH_POINTS`` sets the number of crash points (default 24; the full run uses 200+).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import threading
+from pathlib import Path
+
+from conftest import DaemonProcess, start_daemon
+
+from ulog_disk import wire
+from ulog_disk.regionlog import RegionLog
+from ulog_disk.wire import Request, RequestType
+
+UUID = "LVM-crashtest"
+REGIONS = 48
+CTR = f"{REGIONS * 8} clustered-core 8"
+
+
+class DaemonGone(Exception):
+    pass
+
+
+class Client:
+    """One request at a time, like one kernel thread; EOF means the daemon died."""
+
+    def __init__(self, path: Path):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock.connect(str(path))
+        self.sock.settimeout(20)
+        self.seq = 0
+
+    def request(self, luid: int, rtype: RequestType, data: bytes = b"") -> tuple[int, bytes]:
+        self.seq += 1
+        frame = wire.encode_request(Request(luid=luid, uuid=UUID, version=3, seq=self.seq,
+                                            request_type=rtype, data=data))
+        try:
+            self.sock.send(frame)
+            reply = self.sock.recv(65536)
+        except OSError as exc:
+            raise DaemonGone from exc
+        if not reply:
+            raise DaemonGone
+        decoded = wire.decode_reply(reply)
+        assert decoded.seq == self.seq
+        return decoded.error, decoded.data
+
+    def ok(self, luid: int, rtype: RequestType, data: bytes = b"") -> bytes:
+        error, out = self.request(luid, rtype, data)
+        assert error == 0, (rtype.name, error)
+        return out
+
+    def bits(self, luid: int) -> tuple[list[int], list[int]]:
+        def ask(rtype: RequestType) -> list[int]:
+            return [wire.parse_s64(self.ok(luid, rtype, wire.build_u64(r))) for r in range(REGIONS)]
+
+        return ask(RequestType.IS_CLEAN), ask(RequestType.IN_SYNC)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def bits_of(log: RegionLog) -> tuple[list[int], list[int]]:
+    return ([int(log.clean[r]) for r in range(REGIONS)], [int(log.sync[r]) for r in range(REGIONS)])
+
+
+def apply(log: RegionLog, rtype: RequestType, data: bytes) -> None:
+    """What an acknowledged request did (the engine's documented semantics)."""
+    if rtype in (RequestType.MARK_REGION, RequestType.FLUSH) and data:
+        log.mark(wire.parse_regions(data))
+    elif rtype is RequestType.CLEAR_REGION:
+        log.clear(wire.parse_regions(data))
+    elif rtype is RequestType.SET_REGION_SYNC:
+        region, in_sync = wire.parse_set_region_sync(data)
+        log.set_region_sync(region, bool(in_sync))
+
+
+COMMITS = (RequestType.FLUSH, RequestType.RESUME, RequestType.POSTSUSPEND)
+
+
+def random_request(rng: random.Random) -> tuple[RequestType, bytes]:
+    pick = rng.random()
+    regions = rng.sample(range(REGIONS), rng.randint(1, 6))
+    if pick < 0.3:
+        return RequestType.MARK_REGION, wire.build_regions(regions)
+    if pick < 0.5:
+        return RequestType.CLEAR_REGION, wire.build_regions(regions)
+    if pick < 0.7:
+        return RequestType.SET_REGION_SYNC, wire.build_set_region_sync(regions[0], rng.random() < 0.85)
+    if pick < 0.85:
+        return RequestType.FLUSH, wire.build_regions(regions) if rng.random() < 0.5 else b""
+    return RequestType.FLUSH, b""
+
+
+def test_kill9_at_random_points(tmp_path: Path) -> None:
+    points = int(os.environ.get("ULOG_CRASH_POINTS", "24"))
+    rng = random.Random(int(os.environ.get("ULOG_CRASH_SEED", "1")))
+    state = tmp_path / "state"
+    boot = 1
+    luid = 0x1000
+    daemon = _start(tmp_path, state, boot, 0)
+    client = Client(daemon.socket_path)
+    client.ok(luid, RequestType.CTR, CTR.encode())
+    client.ok(luid, RequestType.RESUME)
+    oracle = RegionLog.fresh(REGIONS, False)
+    # The store holds one of these: a commit whose reply was lost may or may not have landed,
+    # and nothing tells until the next acknowledged commit.
+    committed = [oracle.copy()]
+    survived_checks = gone_checks = 0
+    for point in range(1, points + 1):
+        killer = threading.Timer(rng.uniform(0.0, 0.25), lambda d=daemon: d.proc.send_signal(signal.SIGKILL))
+        killer.start()
+        in_flight: tuple[RequestType, bytes] | None = None
+        try:
+            while True:
+                in_flight = random_request(rng)
+                error, _ = client.request(luid, *in_flight)
+                assert error == 0, (in_flight[0].name, error)
+                apply(oracle, *in_flight)
+                if in_flight[0] in COMMITS:
+                    committed = [oracle.copy()]
+                in_flight = None
+        except DaemonGone:
+            pass
+        killer.join()
+        daemon.proc.wait()
+        client.close()
+
+        # What the unacknowledged request could have done, if it got as far as the store.
+        maybe = oracle.copy()
+        maybe_committed = list(committed)
+        if in_flight is not None:
+            apply(maybe, *in_flight)
+            if in_flight[0] in COMMITS:
+                maybe_committed.append(maybe.copy())
+
+        if point % 6:
+            # The daemon died, the kernel did not: same boot, same luid, no CTR.
+            daemon = _start(tmp_path, state, boot, point)
+            client = Client(daemon.socket_path)
+            seen = client.bits(luid)
+            assert seen in (bits_of(oracle), bits_of(maybe)), f"crash point {point}: state changed"
+            if seen != bits_of(oracle):
+                oracle = maybe
+            committed = maybe_committed
+            survived_checks += 1
+        else:
+            # The host rebooted: new boot id; the kernel constructs the log with a new luid.
+            boot += 1
+            daemon = _start(tmp_path, state, boot, point)
+            client = Client(daemon.socket_path)
+            luid += 1
+            client.ok(luid, RequestType.CTR, CTR.encode())
+            client.ok(luid, RequestType.RESUME)
+            _, sync = client.bits(luid)
+            expected = [bits_of(c.adopted(REGIONS, False))[1] for c in maybe_committed]
+            assert sync in expected, (
+                f"crash point {point}: adopted sync bits are not a possible last commit's: in flight "
+                f"{in_flight and in_flight[0].name}, differ at "
+                f"{[[r for r in range(REGIONS) if sync[r] != e[r]] for e in expected]}")
+            oracle = maybe_committed[expected.index(sync)].adopted(REGIONS, False)
+            committed = [oracle.copy()]
+            gone_checks += 1
+            assert "adopts the state of luid" in daemon.log_text()
+    assert daemon.stop() == 0
+    assert survived_checks >= points // 2 and gone_checks >= points // 8
+
+
+def _start(tmp: Path, state: Path, boot: int, point: int) -> DaemonProcess:
+    return start_daemon(tmp, backend="lmdb", state_dir=state, name=f"d{point}",
+                        extra_args=["--boot-id", f"boot-{boot}"])
