@@ -90,6 +90,7 @@ class Instance:
             region_size=self.ctr.region_size, region_count=self.log.region_count,
             state=self.state.value, generation=self.generation, cursor=self.log.cursor,
             boot_id=self.boot_id, resumed=self.resumed, committed_at=self.committed_at,
+            superseded=self.superseded,
         )
 
     def stored_state(self) -> StoredState:
@@ -189,7 +190,7 @@ class Engine:
         inst = Instance(
             uuid=rec.uuid, luid=rec.luid, ctr=ctr, state=State(rec.state), log=region_log,
             boot_id=rec.boot_id, generation=rec.generation, resumed=rec.resumed,
-            committed_at=rec.committed_at, resized=False,
+            committed_at=rec.committed_at, resized=False, superseded=rec.superseded,
         )
         self.table[inst.key] = inst
         log.info("restored %s state=%s generation=%d: %d/%d in sync, %d dirty, %d journal ops replayed",

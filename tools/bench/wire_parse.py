@@ -56,8 +56,8 @@ def main() -> None:
         msg.encode()
 
     their_build = per_call(pyroute2_build)
-    print(f"decode: wire {ours:.2f} us | construct compiled {compiled:.2f} us | construct {interpreted:.2f} us"
-          f" | pyroute2 {theirs:.2f} us ({theirs / ours:.1f}x wire)")
+    print(f"decode: wire {ours:.2f} us | construct compiled {compiled:.2f} us"
+          f" | construct {interpreted:.2f} us | pyroute2 {theirs:.2f} us ({theirs / ours:.1f}x wire)")
     print(f"build:  wire {build:.2f} us | pyroute2 {their_build:.2f} us ({their_build / build:.1f}x wire)")
 
 

@@ -62,6 +62,8 @@ class InstanceRecord:
     cursor: int
     boot_id: str
     resumed: bool = False
+    #: Another instance adopted this one's state; it must never become the uuid's newest again.
+    superseded: bool = False
     #: Unix time of the last commit (0 before the first).
     committed_at: float = 0.0
 

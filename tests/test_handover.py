@@ -1,0 +1,451 @@
+"""Hand-over, retention, restart and resize through the engine on the LMDB store (issue #3, items 4-6).
+
+Every sequence is driven with kernel requests in the kernel's order (protocol ref §5.4, §5.5,
+§5.7) through ``Engine.handle_now``, and checks both the replies and what sits in the store.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import lmdb
+import pytest
+
+from ulog_disk import regionlog, wire
+from ulog_disk import store_format as sf
+from ulog_disk.backends.lmdb_store import LmdbBackend
+from ulog_disk.engine import Engine
+from ulog_disk.wire import Reply, Request, RequestType
+
+UUID = "LVM-mirror0123456789"
+#: Three chunks per bitmap, so chunk-level effects (tail deletion, partial writes) show.
+REGIONS = 2 * regionlog.CHUNK_BITS + 1000
+
+
+def ctr_text(regions: int = REGIONS, mode: str = "", log_type: str = "core") -> str:
+    dev = " 253:3" if log_type == "disk" else ""
+    return f"{regions * 8} {log_type}{dev} 8" + (f" {mode}" if mode else "")
+
+
+class Kernel:
+    """Builds requests the way dm-log-userspace sends them and checks the replies."""
+
+    def __init__(self, engine: Engine, uuid: str = UUID):
+        self.engine = engine
+        self.uuid = uuid
+        self.seq = 0
+
+    def send(self, kind: RequestType, luid: int, data: bytes = b"") -> Reply:
+        self.seq += 1
+        return self.engine.handle_now(Request(luid=luid, uuid=self.uuid, version=3, seq=self.seq,
+                                              request_type=kind, data=data))
+
+    def ok(self, kind: RequestType, luid: int, data: bytes = b"") -> bytes:
+        reply = self.send(kind, luid, data)
+        assert reply.error == 0, f"{kind.name} luid={luid}: error {reply.error}"
+        return reply.data
+
+    def ctr(self, luid: int, text: str, reconnect: bool = False) -> None:
+        self.ok(RequestType.CTR, luid, text.encode() + (b"\0" if reconnect else b""))
+
+    def resume(self, luid: int) -> None:
+        self.ok(RequestType.RESUME, luid)
+
+    def suspend(self, luid: int) -> None:
+        self.ok(RequestType.PRESUSPEND, luid)
+        self.ok(RequestType.POSTSUSPEND, luid)
+
+    def dtr(self, luid: int) -> None:
+        self.ok(RequestType.DTR, luid)
+
+    def mark(self, luid: int, *regions: int) -> None:
+        self.ok(RequestType.MARK_REGION, luid, wire.build_regions(list(regions)))
+
+    def clear(self, luid: int, *regions: int) -> None:
+        self.ok(RequestType.CLEAR_REGION, luid, wire.build_regions(list(regions)))
+
+    def flush(self, luid: int, *marks: int) -> None:
+        self.ok(RequestType.FLUSH, luid, wire.build_regions(list(marks)) if marks else b"")
+
+    def set_sync(self, luid: int, region: int, in_sync: bool) -> None:
+        self.ok(RequestType.SET_REGION_SYNC, luid, wire.build_set_region_sync(region, int(in_sync)))
+
+    def is_clean(self, luid: int, region: int) -> bool:
+        return bool(wire.parse_s64(self.ok(RequestType.IS_CLEAN, luid, wire.build_u64(region))))
+
+    def in_sync(self, luid: int, region: int) -> bool:
+        return bool(wire.parse_s64(self.ok(RequestType.IN_SYNC, luid, wire.build_u64(region))))
+
+    def sync_count(self, luid: int) -> int:
+        return wire.parse_u64(self.ok(RequestType.GET_SYNC_COUNT, luid))
+
+    def resync_work(self, luid: int) -> int | None:
+        have, region = wire.parse_resync_work(self.ok(RequestType.GET_RESYNC_WORK, luid))
+        return region if have else None
+
+    def status_health(self, luid: int) -> str:
+        return self.ok(RequestType.STATUS_INFO, luid).rstrip(b"\0").decode().split()[-1]
+
+
+def start(state_dir, boot_id: str = "b1") -> tuple[Engine, Kernel]:
+    engine = Engine(LmdbBackend(state_dir), boot_id=boot_id)
+    engine.restore()
+    return engine, Kernel(engine)
+
+
+def stop(engine: Engine) -> None:
+    """Close the store without committing anything: as far as the store is concerned, the same
+    as a kill -9 (the journal is written through to the page cache at every request)."""
+    engine.backend.close()
+
+
+def store_dbs(engine: Engine, uuid: str = UUID) -> set[bytes]:
+    return {name for name in engine.backend.contents(uuid) if name}
+
+
+def luid_dbs(luid: int) -> set[bytes]:
+    return {sf.instance_db_name(kind, luid) for kind in ("meta", "clean", "sync")}
+
+
+RETAINED = {sf.RETAINED_META, sf.RETAINED_CLEAN, sf.RETAINED_SYNC}
+
+
+def stored_bitmaps(engine: Engine, luid: int | None, uuid: str = UUID) -> tuple[int, bytes, bytes]:
+    """(region count, clean, sync) as the store holds them (``luid=None``: the retained state)."""
+    contents = engine.backend.contents(uuid)
+    if luid is None:
+        count = sf.RetainedRecord.decode(contents[sf.RETAINED_META][sf.RECORD_KEY]).region_count
+        names = (sf.RETAINED_CLEAN, sf.RETAINED_SYNC)
+    else:
+        count = sf.MetaRecord.decode(contents[sf.instance_db_name("meta", luid)][sf.RECORD_KEY]).region_count
+        names = (sf.instance_db_name("clean", luid), sf.instance_db_name("sync", luid))
+    maps = []
+    for name in names:
+        chunks = {sf.decode_chunk_key(k): v for k, v in contents[name].items()}
+        maps.append(sf.assemble_chunks(chunks, count, regionlog.CHUNK_BYTES))
+    return count, maps[0], maps[1]
+
+
+def memory_bitmaps(engine: Engine, luid: int, uuid: str = UUID) -> tuple[int, bytes, bytes]:
+    log = engine.table[(uuid, luid)].log
+    return log.region_count, log.clean.tobytes(), log.sync.tobytes()
+
+
+def unsynced(engine: Engine, luid: int, uuid: str = UUID) -> list[int]:
+    return engine.table[(uuid, luid)].log.unsynced_regions()
+
+
+def dirty(engine: Engine, luid: int, uuid: str = UUID) -> list[int]:
+    return engine.table[(uuid, luid)].log.dirty_regions()
+
+
+def live_instance_with_traffic(k: Kernel, luid: int = 1, mode: str = "nosync") -> None:
+    """A live instance, in sync, with: 10 marked and cleared, 40000 and 60000 marked and flushed,
+    50000 marked (journal only) — the kernel's usual mix."""
+    k.ctr(luid, ctr_text(mode=mode))
+    k.resume(luid)
+    k.mark(luid, 10, 40000)
+    k.flush(luid)
+    k.clear(luid, 10)
+    k.flush(luid, 60000)
+    k.mark(luid, 50000)
+
+
+# --- item 4: the four sequences -------------------------------------------------------------------
+
+
+def test_load_b_while_a_live_then_switch(tmp_path):
+    engine, k = start(tmp_path)
+    live_instance_with_traffic(k, 1)
+    k.ctr(2, ctr_text(mode="nosync"))
+    assert store_dbs(engine) == luid_dbs(1) | luid_dbs(2)
+    # The inactive table's traffic: B answers from its own (fresh) state, A's is untouched.
+    assert k.is_clean(2, 40000) and k.in_sync(2, 40000)
+    assert not k.is_clean(1, 40000)
+    k.mark(1, 70)
+    k.flush(1)
+    k.ok(RequestType.PRESUSPEND, 1)
+    k.clear(1, 70)  # a late clear after PRESUSPEND
+    k.ok(RequestType.POSTSUSPEND, 1)
+    a_final = memory_bitmaps(engine, 1)
+    assert stored_bitmaps(engine, 1) == a_final  # POSTSUSPEND committed A's last state
+    k.resume(2)
+    k.dtr(1)
+    # B has A's last state, taken over by a new kernel instance: A's dirty regions are out of sync.
+    assert dirty(engine, 2) == [40000, 50000, 60000]
+    assert unsynced(engine, 2) == [40000, 50000, 60000]
+    assert k.sync_count(2) == REGIONS - 3
+    assert k.resync_work(2) == 40000
+    assert k.is_clean(2, 10) and k.in_sync(2, 70)
+    # A's sub-databases are gone; B's hold exactly B's state; nothing retained (B lives on).
+    assert store_dbs(engine) == luid_dbs(2)
+    assert stored_bitmaps(engine, 2) == memory_bitmaps(engine, 2)
+    stop(engine)
+
+
+def test_load_b_then_clear_the_inactive_table(tmp_path):
+    engine, k = start(tmp_path)
+    live_instance_with_traffic(k, 1)
+    k.flush(1)
+    before_memory = memory_bitmaps(engine, 1)
+    before_meta = engine.backend.contents(UUID)[sf.instance_db_name("meta", 1)]
+    k.ctr(2, ctr_text(mode="nosync"))
+    assert k.is_clean(2, 5) and k.sync_count(2) == REGIONS
+    k.dtr(2)
+    assert store_dbs(engine) == luid_dbs(1)
+    assert engine.backend.contents(UUID)[sf.instance_db_name("meta", 1)] == before_meta
+    assert memory_bitmaps(engine, 1) == before_memory == stored_bitmaps(engine, 1)
+    # A serves on.
+    k.mark(1, 7)
+    k.flush(1)
+    assert not k.is_clean(1, 7) and k.sync_count(1) == REGIONS
+    stop(engine)
+
+
+def test_reconnect_resume_of_b_while_a_live_does_not_steal(tmp_path):
+    engine, k = start(tmp_path)
+    live_instance_with_traffic(k, 1)
+    k.ctr(2, ctr_text())  # B without nosync: a fresh B is all out of sync, unlike A
+    k.resume(2)  # the kernel's reconnect path resumes B while A is live
+    assert k.sync_count(2) == 0 and dirty(engine, 2) == []
+    # A keeps serving with its own state.
+    k.mark(1, 80)
+    k.flush(1)
+    assert dirty(engine, 1) == [80, 40000, 50000, 60000]
+    assert k.sync_count(1) == REGIONS
+    assert stored_bitmaps(engine, 1) == memory_bitmaps(engine, 1)
+    assert store_dbs(engine) == luid_dbs(1) | luid_dbs(2)
+    # The real switch: A suspends, B resumes and adopts A's state.
+    k.suspend(1)
+    k.resume(2)
+    k.dtr(1)
+    assert unsynced(engine, 2) == [80, 40000, 50000, 60000]
+    assert k.sync_count(2) == REGIONS - 4
+    assert store_dbs(engine) == luid_dbs(2)
+    assert stored_bitmaps(engine, 2) == memory_bitmaps(engine, 2)
+    stop(engine)
+
+
+@pytest.mark.parametrize("restart", [False, True], ids=["same-daemon", "after-restart"])
+def test_remove_and_create_again_adopts_the_retained_state(tmp_path, restart):
+    engine, k = start(tmp_path)
+    live_instance_with_traffic(k, 1)
+    k.ok(RequestType.PRESUSPEND, 1)
+    k.ok(RequestType.POSTSUSPEND, 1)
+    k.dtr(1)
+    assert store_dbs(engine) == RETAINED
+    assert stored_bitmaps(engine, None)[1:] == (
+        engine.gone[UUID][0].clean, engine.gone[UUID][0].sync)
+    if restart:
+        stop(engine)
+        engine, k = start(tmp_path)
+        assert engine.table == {} and engine.gone[UUID][0].source_luid == 1
+    k.ctr(3, ctr_text())
+    k.resume(3)
+    # Dirty at the removal: out of sync. Nothing else is (no full resync, although no nosync).
+    assert unsynced(engine, 3) == [40000, 50000, 60000]
+    assert k.sync_count(3) == REGIONS - 3
+    assert store_dbs(engine) == RETAINED | luid_dbs(3)
+    assert stored_bitmaps(engine, 3) == memory_bitmaps(engine, 3)
+    stop(engine)
+
+
+# --- item 5: restart ------------------------------------------------------------------------------
+
+
+def test_restart_same_boot_continues_the_state_exactly(tmp_path):
+    engine, k = start(tmp_path)
+    k.ctr(1, ctr_text(mode="nosync"))
+    k.resume(1)
+    k.mark(1, 5, 6)
+    k.flush(1)
+    k.clear(1, 5)          # journal only
+    k.mark(1, 9)           # journal only: answered, not flushed
+    k.set_sync(1, 7, False)  # journal only
+    expected = memory_bitmaps(engine, 1)
+    stop(engine)  # kill -9
+
+    engine, k = start(tmp_path)
+    # Answered at once, without a CTR: the table was rebuilt from the store and the journal.
+    assert memory_bitmaps(engine, 1) == expected
+    assert k.is_clean(1, 5) and not k.is_clean(1, 6) and not k.is_clean(1, 9)
+    assert k.in_sync(1, 6) and k.in_sync(1, 9) and not k.in_sync(1, 7)
+    assert k.sync_count(1) == REGIONS - 1
+    # The kernel's reconnect (CTR with its NUL, RESUME) resumes the stored state as it is:
+    # marked regions stay dirty and in sync until the kernel clears them.
+    k.ctr(1, ctr_text(mode="nosync"), reconnect=True)
+    k.resume(1)
+    assert memory_bitmaps(engine, 1) == expected
+    assert k.resync_work(1) == 7
+    k.clear(1, 6, 9)
+    k.flush(1)
+    assert dirty(engine, 1) == []
+    assert stored_bitmaps(engine, 1) == memory_bitmaps(engine, 1)
+    stop(engine)
+
+
+def test_restart_after_a_reboot_resyncs_the_marked_regions_only(tmp_path):
+    engine, k = start(tmp_path, boot_id="b1")
+    k.ctr(1, ctr_text(mode="nosync"))
+    k.resume(1)
+    k.mark(1, 5, 6)
+    k.flush(1)         # 5 and 6: marks covered by an acknowledged FLUSH
+    k.mark(1, 8)       # answered, never flushed: the kernel wrote nothing to region 8 yet
+    k.clear(1, 6)      # answered, not committed (clears are lazy)
+    stop(engine)
+
+    engine, k = start(tmp_path, boot_id="b2")
+    # The old luid belongs to a kernel that is gone.
+    assert k.send(RequestType.IS_CLEAN, 1, wire.build_u64(5)).error == -errno.ESRCH
+    k.ctr(0xFFFF0001, ctr_text())
+    k.resume(0xFFFF0001)
+    # The committed state, taken over: marked-and-flushed regions are out of sync. The clear of 6
+    # was never committed, so 6 is resynced too (the safe direction); 8 never was flushed.
+    assert unsynced(engine, 0xFFFF0001) == [5, 6]
+    assert k.resync_work(0xFFFF0001) == 5
+    assert k.sync_count(0xFFFF0001) == REGIONS - 2
+    # The earlier boot's instance is left for the recovery tool, never silently deleted.
+    assert store_dbs(engine) == luid_dbs(1) | luid_dbs(0xFFFF0001)
+    stop(engine)
+
+
+# --- resize and sync -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("new_regions", "mode", "expected_unsynced"), [
+    (2 * REGIONS, "", lambda: [100] + list(range(REGIONS, 2 * REGIONS))),
+    (2 * REGIONS, "nosync", lambda: [100]),
+    (regionlog.CHUNK_BITS + 5, "", lambda: [100]),
+], ids=["grow", "grow-nosync", "shrink"])
+def test_resize_at_hand_over(tmp_path, new_regions, mode, expected_unsynced):
+    engine, k = start(tmp_path)
+    k.ctr(1, ctr_text(mode="nosync"))
+    k.resume(1)
+    k.mark(1, 100, REGIONS - 1)
+    k.flush(1)
+    k.clear(1, REGIONS - 1)
+    k.ctr(2, ctr_text(new_regions, mode))
+    k.suspend(1)
+    k.resume(2)
+    k.dtr(1)
+    assert unsynced(engine, 2) == expected_unsynced()
+    assert k.sync_count(2) == new_regions - len(expected_unsynced())
+    contents = engine.backend.contents(UUID)
+    for kind in ("clean", "sync"):
+        keys = sorted(sf.decode_chunk_key(key) for key in contents[sf.instance_db_name(kind, 2)])
+        assert keys == list(range(regionlog.chunk_count(new_regions)))
+    assert stored_bitmaps(engine, 2) == memory_bitmaps(engine, 2)
+    expected = memory_bitmaps(engine, 2)
+    stop(engine)
+    engine, k = start(tmp_path)
+    assert memory_bitmaps(engine, 2) == expected
+    stop(engine)
+
+
+def test_sync_in_the_ctr_forces_a_full_resync(tmp_path):
+    engine, k = start(tmp_path)
+    live_instance_with_traffic(k, 1)
+    k.ctr(2, ctr_text(mode="sync"))
+    k.suspend(1)
+    k.resume(2)
+    k.dtr(1)
+    assert k.sync_count(2) == 0 and k.resync_work(2) == 0
+    _, clean, sync = stored_bitmaps(engine, 2)
+    assert sync == bytes(len(sync))
+    assert store_dbs(engine) & (luid_dbs(1) | luid_dbs(2)) == luid_dbs(2)
+    stop(engine)
+
+
+def test_a_forced_resync_is_not_undone_by_a_later_resume(tmp_path):
+    engine, k = start(tmp_path)
+    live_instance_with_traffic(k, 1)
+    k.ctr(2, ctr_text(mode="sync"))
+    k.suspend(1)
+    k.resume(2)
+    k.dtr(1)
+    k.suspend(2)
+    k.resume(2)
+    try:
+        assert k.sync_count(2) == 0
+    finally:
+        stop(engine)
+
+
+# --- item 6: faults ----------------------------------------------------------------------------------
+
+
+class _FailingTxn:
+    """A write transaction whose commit fails as on a full disk (and aborts, as LMDB does)."""
+
+    def __init__(self, txn):
+        self.txn = txn
+
+    def commit(self) -> None:
+        self.txn.abort()
+        exc = lmdb.DiskError("mdb_txn_commit: No space left on device", errno.ENOSPC)
+        exc.code = errno.ENOSPC
+        raise exc
+
+    def __getattr__(self, name):
+        return getattr(self.txn, name)
+
+
+class _FailingCommits:
+    """Wraps an environment so that write transactions fail at commit while ``armed``."""
+
+    def __init__(self, env):
+        self.env = env
+        self.armed = True
+
+    def begin(self, write: bool = False, **kw):
+        txn = self.env.begin(write=write, **kw)
+        return _FailingTxn(txn) if write and self.armed else txn
+
+    def open_db(self, name, txn=None, **kw):
+        return self.env.open_db(name, txn=getattr(txn, "txn", txn), **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.env, name)
+
+
+def test_failed_commit_answers_eio_marks_f_and_keeps_the_changes(tmp_path):
+    engine, k = start(tmp_path)
+    k.ctr(1, ctr_text(mode="nosync", log_type="disk"))
+    k.resume(1)
+    assert k.status_health(1) == "A"
+    e = engine.backend._envs[UUID]
+    e.env = _FailingCommits(e.env)
+    reply = k.send(RequestType.FLUSH, 1, wire.build_regions([33, 40000]))
+    assert reply.error == -errno.EIO
+    assert k.status_health(1) == "F"
+    # Other logs are served meanwhile.
+    k2 = Kernel(engine, "LVM-other")
+    k2.ctr(1, ctr_text())
+    k2.resume(1)
+    k2.flush(1, 3)
+    e.env.armed = False
+    k.flush(1)  # re-submits the uncommitted chunks
+    assert k.status_health(1) == "A"
+    assert stored_bitmaps(engine, 1) == memory_bitmaps(engine, 1)
+    assert dirty(engine, 1) == [33, 40000]
+    stop(engine)
+
+
+def test_damaged_store_of_one_uuid_falls_back_to_a_full_resync(tmp_path):
+    engine, k = start(tmp_path)
+    live_instance_with_traffic(k, 1)
+    k2 = Kernel(engine, "LVM-other")
+    k2.ctr(1, ctr_text(mode="nosync"))
+    k2.resume(1)
+    stop(engine)
+    data = tmp_path / sf.encode_dir_name(UUID) / "data.mdb"
+    raw = bytearray(data.read_bytes())
+    raw[: 2 * 4096] = b"\xee" * (2 * 4096)  # both meta pages
+    data.write_bytes(bytes(raw))
+    engine, k = start(tmp_path)
+    assert (UUID, 1) not in engine.table and ("LVM-other", 1) in engine.table
+    k.ctr(1, ctr_text())
+    k.resume(1)
+    assert k.sync_count(1) == 0  # a full resync, never the bad data
+    assert any(p.name.startswith(sf.encode_dir_name(UUID) + ".damaged-") for p in tmp_path.iterdir())
+    stop(engine)

@@ -1,0 +1,216 @@
+"""The store layout (formats/store.md): golden vectors both ways, version refusal, names."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ulog_disk import store_format as sf
+
+VECTORS = Path(__file__).resolve().parent.parent / "formats" / "vectors" / "store"
+
+_RECORDS = {
+    "meta": sf.MetaRecord,
+    "retained": sf.RetainedRecord,
+    "format": sf.FormatRecord,
+    "journal_header": sf.JournalHeader,
+}
+
+
+def _vectors(kind: str | None = None) -> list[tuple[str, dict]]:
+    found = []
+    for path in sorted(VECTORS.glob("*.json")):
+        vec = json.loads(path.read_text())
+        if kind is None or vec["kind"] == kind:
+            found.append((path.stem, vec))
+    return found
+
+
+def _decode(kind: str, data: bytes) -> dict:
+    if kind in _RECORDS:
+        return dataclasses.asdict(_RECORDS[kind].decode(data))
+    if kind == "journal_ops":
+        ops, valid, why = sf.decode_journal_ops(data)
+        assert (valid, why) == (len(data), None)
+        return {"ops": [list(op) for op in ops]}
+    if kind == "chunk_key":
+        return {"index": sf.decode_chunk_key(data)}
+    raise AssertionError(kind)
+
+
+def _encode(kind: str, fields: dict) -> bytes:
+    if kind in _RECORDS:
+        return _RECORDS[kind](**fields).encode()
+    if kind == "journal_ops":
+        return sf.encode_journal_ops(tuple(op) for op in fields["ops"])
+    if kind == "chunk_key":
+        return sf.encode_chunk_key(fields["index"])
+    raise AssertionError(kind)
+
+
+def test_every_kind_has_a_vector():
+    kinds = {vec["kind"] for _, vec in _vectors()}
+    assert kinds >= {"meta", "retained", "format", "journal_header", "journal_ops", "chunk_key", "dir_name"}
+
+
+@pytest.mark.parametrize(("name", "vec"), [v for v in _vectors() if v[1]["kind"] != "dir_name"])
+def test_golden_vector_decodes_to_its_fields(name, vec):
+    assert _decode(vec["kind"], bytes.fromhex(vec["hex"])) == vec["fields"], name
+
+
+@pytest.mark.parametrize(("name", "vec"), [v for v in _vectors() if v[1]["kind"] != "dir_name"])
+def test_golden_vector_fields_encode_to_its_bytes(name, vec):
+    assert _encode(vec["kind"], vec["fields"]).hex() == vec["hex"], name
+
+
+@pytest.mark.parametrize(("name", "vec"), _vectors("dir_name"))
+def test_golden_dir_names_both_ways(name, vec):
+    assert sf.encode_dir_name(vec["fields"]["uuid"]) == vec["name"]
+    assert sf.decode_dir_name(vec["name"]) == vec["fields"]["uuid"]
+
+
+def test_meta_vector_offsets_match_the_documented_layout():
+    """formats/store.md gives fixed offsets; check a few against the golden meta record."""
+    vec = dict(_vectors("meta"))["meta-live"]
+    data = bytes.fromhex(vec["hex"])
+    f = vec["fields"]
+    assert data[0:4] == b"ULGM"
+    assert int.from_bytes(data[4:6], "little") == 1
+    assert int.from_bytes(data[6:8], "little") == 1  # resumed flag
+    assert int.from_bytes(data[8:16], "little") == f["luid"]
+    assert int.from_bytes(data[24:32], "little") == f["region_count"]
+    assert int.from_bytes(data[48:56], "little") == f["commit_seq"]
+    assert data[64] == 2  # live
+    assert data[72] == len(f["uuid"])
+    assert data[73 : 73 + len(f["uuid"])] == f["uuid"].encode("latin-1")
+
+
+# --- versions and damage ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["meta", "retained", "format", "journal_header"])
+def test_unknown_version_is_refused_clearly(kind):
+    _, vec = _vectors(kind)[0]
+    data = bytearray.fromhex(vec["hex"])
+    data[4:6] = (2).to_bytes(2, "little")
+    with pytest.raises(sf.UnknownVersionError, match="version 2.*only version 1"):
+        _RECORDS[kind].decode(bytes(data))
+
+
+@pytest.mark.parametrize("kind", ["meta", "retained", "format"])
+def test_damaged_records_are_refused(kind):
+    _, vec = _vectors(kind)[0]
+    data = bytes.fromhex(vec["hex"])
+    with pytest.raises(sf.StoreFormatError):
+        _RECORDS[kind].decode(b"XXXX" + data[4:])  # wrong magic
+    with pytest.raises(sf.StoreFormatError):
+        _RECORDS[kind].decode(data + b"\0")  # trailing bytes
+    with pytest.raises(sf.StoreFormatError):
+        _RECORDS[kind].decode(data[:-1])  # cut short
+    with pytest.raises(sf.StoreFormatError):
+        _RECORDS[kind].decode(b"UL")
+
+
+def test_meta_refuses_unknown_state_flags_and_absurd_geometry():
+    _, vec = _vectors("meta")[0]
+    data = bytes.fromhex(vec["hex"])
+    bad_state = data[:64] + b"\x09" + data[65:]
+    with pytest.raises(sf.StoreFormatError, match="state"):
+        sf.MetaRecord.decode(bad_state)
+    bad_flags = data[:6] + b"\x05\x00" + data[8:]
+    with pytest.raises(sf.StoreFormatError, match="flags"):
+        sf.MetaRecord.decode(bad_flags)
+    huge = data[:24] + (sf.MAX_REGION_COUNT + 1).to_bytes(8, "little") + data[32:]
+    with pytest.raises(sf.StoreFormatError, match="region count"):
+        sf.MetaRecord.decode(huge)
+
+
+def test_journal_ops_stop_at_a_partial_or_invalid_record():
+    good = sf.encode_journal_ops([(1, 7), (2, 7)])
+    ops, valid, why = sf.decode_journal_ops(good + b"\x01\x00")
+    assert (ops, valid) == ([(1, 7), (2, 7)], 32) and "partial" in why
+    ops, valid, why = sf.decode_journal_ops(good + bytes(16) + sf.encode_journal_ops([(1, 9)]))
+    assert (ops, valid) == ([(1, 7), (2, 7)], 32) and "op 0" in why
+    ops, valid, why = sf.decode_journal_ops(good[:16] + b"\x01\x01" + bytes(14))
+    assert (ops, valid) == ([(1, 7)], 16) and why
+
+
+def test_chunks_split_and_assemble():
+    cb = 16
+    region_count = 16 * 8 * 2 + 5  # two whole chunks and one byte
+    bitmap = bytes(range(33))
+    chunks = sf.split_chunks(bitmap, region_count, cb)
+    assert [len(v) for v in chunks.values()] == [16, 16, 1]
+    assert sf.assemble_chunks(chunks, region_count, cb) == bitmap
+    # Missing chunks read as zeros: dirty and out of sync, the safe direction.
+    assert sf.assemble_chunks({1: chunks[1]}, region_count, cb) == bytes(16) + bitmap[16:32] + b"\0"
+    with pytest.raises(sf.StoreFormatError, match="past"):
+        sf.assemble_chunks({3: b"\0"}, region_count, cb)
+    with pytest.raises(sf.StoreFormatError, match="holds 16 bytes, 1 expected"):
+        sf.assemble_chunks({2: bytes(16)}, region_count, cb)
+    with pytest.raises(sf.StoreFormatError):
+        sf.decode_chunk_key(b"\0\0\0")
+
+
+def test_chunk_keys_sort_in_index_order():
+    keys = [sf.encode_chunk_key(i) for i in (0, 1, 255, 256, 65536, 2**32 - 1)]
+    assert keys == sorted(keys)
+
+
+def test_instance_db_names():
+    assert sf.instance_db_name("meta", 0xFFFF88812A4BC000) == b"meta.ffff88812a4bc000"
+    assert sf.parse_instance_db_name(b"clean.0000000000000001") == ("clean", 1)
+    for bad in (b"meta.1", b"meta.FFFF88812A4BC000", b"retained.meta", b"format", b"sync.00000000000000010"):
+        assert sf.parse_instance_db_name(bad) is None
+    assert sf.journal_file_name(1) == "journal.0000000000000001"
+
+
+# --- directory names ---------------------------------------------------------------------------
+
+
+def test_ordinary_uuids_stay_readable():
+    uuid = "LVM-" + "a1B2" * 16
+    assert sf.encode_dir_name(uuid) == "u." + uuid
+    assert sf.encode_dir_name("mpath-3600508b400105e210000900000490000").startswith("u.mpath-")
+
+
+@pytest.mark.parametrize("uuid", [
+    ".", "..", "a/b", "a b", "a.b", "\x00", "\xff" * 128, "x" * 128, "\x01\x7f\x80",
+])
+def test_awkward_uuids_round_trip(uuid):
+    name = sf.encode_dir_name(uuid)
+    assert "/" not in name and name not in (".", "..") and "\0" not in name
+    assert sf.decode_dir_name(name) == uuid
+
+
+@pytest.mark.parametrize("name", [
+    "lock", ".", "..", "u.", "x.", "u.a.b", "u.LVM-abc.damaged-1767225600", "x.MFRGG",  # 'abc' is plain
+    "x.mfrgg", "x.MFRGG===", "x.1", "u.a b", "u." + "a" * 129, "x.MFRGGZ",  # not canonical base32
+    "x.NV4SA3LJOJZG64RPFYXC6AH7.damaged-1",
+])
+def test_other_names_are_not_environments(name):
+    assert sf.decode_dir_name(name) is None
+
+
+def test_bad_uuids_are_refused():
+    for bad in ("", "a" * 129, "\u0100"):
+        with pytest.raises(ValueError):
+            sf.encode_dir_name(bad)
+
+
+@given(st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=255), min_size=1, max_size=128))
+def test_dir_name_round_trip_property(uuid):
+    name = sf.encode_dir_name(uuid)
+    assert "/" not in name and "\0" not in name
+    assert name not in (".", "..")
+    assert len(name.encode("utf-8")) <= 255
+    # The name is pure ASCII: its byte length is what the filesystem sees, whatever the locale.
+    assert name.isascii()
+    assert sf.decode_dir_name(name) == uuid
+    damaged = sf.damaged_dir_name(name, 2**32, 999)
+    assert len(damaged.encode()) <= 255 and sf.decode_dir_name(damaged) is None

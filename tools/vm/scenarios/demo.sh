@@ -1,0 +1,61 @@
+#!/bin/bash
+# The README's main job: a mirror served by dm-ulogd with the LMDB store; a writer runs; the daemon is
+# killed with SIGKILL and restarted; then the mirror is removed and created again. Prints what survived.
+# shellcheck source=lib.sh
+source "$(dirname "$0")/lib.sh"
+
+# store_dirty UUID: "<dirty regions> <out-of-sync regions>" as ranges, read from the LMDB store (read-only).
+store_dirty() {
+    "$PY" - "$STATE" "$1" <<'PYEOF'
+import sys
+from pathlib import Path
+from ulog_disk.backends.lmdb_store import LmdbBackend
+from ulog_disk.regionlog import RegionLog, format_ranges
+from ulog_disk.backends.base import OP_MARK, OP_CLEAR, OP_SET_SYNC, OP_SET_NOSYNC
+restored = LmdbBackend(Path(sys.argv[1])).restore()
+for si in restored.instances:
+    if si.record.uuid != sys.argv[2]:
+        continue
+    log = RegionLog.from_bitmaps(si.record.region_count, si.clean, si.sync)
+    for op, r in si.journal:
+        {OP_MARK: lambda: log.mark([r]), OP_CLEAR: lambda: log.clear([r]),
+         OP_SET_SYNC: lambda: log.set_region_sync(r, True),
+         OP_SET_NOSYNC: lambda: log.set_region_sync(r, False)}[op]()
+    print(format_ranges(log.dirty_regions()) or "none", format_ranges(log.unsynced_regions()) or "none")
+PYEOF
+}
+
+scenario_demo() {
+    local name=ulog-demo uuid=LVM-demo-mirror before after dirty
+    setup_mirror "$name" "$uuid" clustered-core
+    record "status_after_create" "$(dm_status "$name")"
+    before=$(resync_count)
+    background_writer "$name" 25
+    sleep 6
+    kill9_daemon
+    read -r dirty _ <<<"$(store_dirty "$uuid")"
+    record "dirty_regions_at_crash" "$dirty"
+    log "daemon down for 5 s while the writer runs"
+    sleep 5
+    start_daemon
+    wait_writer
+    check "writes_failed" "$(grep -c 'write failed' "$SOUT/writer.log")" 0
+    after=$(resync_count)
+    check "regions_resynced_after_restart" "$((after - before))" 0
+    check "sync_after_restart" "$(sync_field "$name")" "$MIRROR_REGIONS/$MIRROR_REGIONS"
+    check "legs_after_restart" "$(cmp_legs)" equal
+    record "kernel_timeouts" "$(scen_dmesg | grep -c 'timed out')"
+    record "kernel_reconnects" "$(scen_dmesg | grep -c 'Reconnected to userspace log server')"
+    # Deactivate and activate again: a new luid adopts the uuid's retained state.
+    remove_mirror "$name"
+    before=$(resync_count)
+    create_mirror "$name" "$MIRROR_TABLE"
+    wait_sync "$name" 120
+    check "regions_resynced_after_reactivation" "$(($(resync_count) - before))" 0
+    check "legs_final" "$(cmp_legs)" equal
+    record "status_final" "$(dm_status "$name")"
+    remove_mirror "$name"
+    stop_daemon
+}
+
+main_scenario demo

@@ -1,0 +1,485 @@
+"""The on-disk layout of the LMDB store, defined once (``formats/store.md`` says the same in prose).
+
+Everything that knows a byte offset of the store lives here, written as construct definitions:
+the backend (:mod:`ulog_disk.backends.lmdb_store`) and the dump/recovery tools read and write the
+store only through these functions, so one version number covers all of them.
+
+Layout version 1:
+
+* one LMDB environment per uuid, in a directory named by :func:`encode_dir_name`;
+* in its main database, the key ``format`` → :data:`FormatRecordV1`, and the named sub-databases
+  ``meta.<luid>`` (one key, ``record`` → :data:`MetaRecordV1`), ``clean.<luid>`` and
+  ``sync.<luid>`` (chunk index as a big-endian u32 → bitmap bytes), ``<luid>`` being 16 lowercase
+  hex digits; the uuid's retained state in ``retained.meta`` (``record`` →
+  :data:`RetainedRecordV1`), ``retained.clean`` and ``retained.sync``;
+* beside the LMDB files, one journal file ``journal.<luid>`` per instance:
+  :data:`JournalHeaderV1` followed by :data:`JournalRecordV1` records.
+
+Records start with a 4-byte magic and a u16 version. A record whose version is not one this code
+knows raises :class:`UnknownVersionError`, never a guess: a newer daemon's store is refused rather
+than misread. All integers are little-endian except chunk keys, which are big-endian so LMDB's
+byte-wise key order is the chunk order.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import construct as c
+
+from .backends.base import InstanceRecord
+
+#: The store layout this code reads and writes.
+FORMAT_VERSION = 1
+
+#: Longest uuid the kernel sends (DM_UUID_LEN - 1).
+MAX_UUID_BYTES = 128
+#: Largest region count a record may claim: a corrupt count must not make the reader allocate
+#: an absurd bitmap (2**34 regions = 2 GiB per bitmap; 32 M regions, the largest measured
+#: case, is 2**25).
+MAX_REGION_COUNT = 2**34
+
+
+class StoreFormatError(ValueError):
+    """Bytes that are not a valid record of the layout (damage, or not ours)."""
+
+
+class UnknownVersionError(StoreFormatError):
+    """A record of a layout version this code does not know (a newer ulog-disk wrote it)."""
+
+
+# --- directory names -----------------------------------------------------------------------------
+
+#: Characters a uuid may keep as they are in its directory name ("u." form). No '.', so a
+#: directory renamed aside (``<name>.damaged-<time>``) or any stray name with a dot can never
+#: be mistaken for an environment; no '/', NUL, space or control bytes.
+_PLAIN = re.compile(r"[A-Za-z0-9_:+@=-]+")
+_BASE32 = re.compile(r"[A-Z2-7]+")
+PLAIN_PREFIX = "u."
+ENCODED_PREFIX = "x."
+DAMAGED_INFIX = ".damaged-"
+
+
+def encode_dir_name(uuid: str) -> str:
+    """The environment directory name of a uuid (a latin-1 string of 1..128 characters).
+
+    ``u.<uuid>`` when every character is in ``[A-Za-z0-9_:+@=-]`` (LVM's ``LVM-<64 chars>``
+    stays readable), otherwise ``x.<RFC 4648 base32 of the latin-1 bytes, no padding>``.
+    Both forms are one path component of at most 2 + 205 bytes, never ``.`` or ``..``.
+    """
+    raw = uuid.encode("latin-1")  # UnicodeEncodeError (a ValueError) for a non-latin-1 str
+    if not 1 <= len(raw) <= MAX_UUID_BYTES:
+        raise ValueError(f"uuid of {len(raw)} bytes (must be 1..{MAX_UUID_BYTES})")
+    if _PLAIN.fullmatch(uuid):
+        return PLAIN_PREFIX + uuid
+    return ENCODED_PREFIX + base64.b32encode(raw).decode("ascii").rstrip("=")
+
+
+def decode_dir_name(name: str) -> str | None:
+    """The uuid of an environment directory name, or None for any other name.
+
+    Only canonical names decode (``encode_dir_name(decode_dir_name(n)) == n``), so each uuid
+    has exactly one directory and names moved aside are not environments.
+    """
+    if name.startswith(PLAIN_PREFIX):
+        rest = name[len(PLAIN_PREFIX):]
+        if _PLAIN.fullmatch(rest) and len(rest) <= MAX_UUID_BYTES:
+            return rest
+        return None
+    if name.startswith(ENCODED_PREFIX):
+        rest = name[len(ENCODED_PREFIX):]
+        if not _BASE32.fullmatch(rest):
+            return None
+        try:
+            uuid = base64.b32decode(rest + "=" * (-len(rest) % 8)).decode("latin-1")
+        except (binascii.Error, ValueError):
+            return None
+        try:
+            canonical = encode_dir_name(uuid)
+        except ValueError:
+            return None
+        return uuid if canonical == name else None
+    return None
+
+
+def damaged_dir_name(name: str, when: int, attempt: int = 0) -> str:
+    """Where a damaged environment is moved aside (``attempt`` > 0 if that name is taken)."""
+    suffix = f"{DAMAGED_INFIX}{when}" + (f".{attempt}" if attempt else "")
+    return name + suffix
+
+
+# --- names inside an environment -----------------------------------------------------------------
+
+FORMAT_KEY = b"format"
+#: The one key of a ``meta.<luid>`` / ``retained.meta`` sub-database.
+RECORD_KEY = b"record"
+RETAINED_META = b"retained.meta"
+RETAINED_CLEAN = b"retained.clean"
+RETAINED_SYNC = b"retained.sync"
+INSTANCE_KINDS = ("meta", "clean", "sync")
+_INSTANCE_DB = re.compile(rb"(meta|clean|sync)\.([0-9a-f]{16})")
+
+
+def instance_db_name(kind: str, luid: int) -> bytes:
+    """``meta.<luid>``, ``clean.<luid>`` or ``sync.<luid>``: the luid as 16 lowercase hex digits."""
+    if kind not in INSTANCE_KINDS:
+        raise ValueError(f"unknown instance sub-database kind {kind!r}")
+    return f"{kind}.{luid:016x}".encode("ascii")
+
+
+def parse_instance_db_name(name: bytes) -> tuple[str, int] | None:
+    m = _INSTANCE_DB.fullmatch(name)
+    if m is None:
+        return None
+    return m.group(1).decode("ascii"), int(m.group(2), 16)
+
+
+def journal_file_name(luid: int) -> str:
+    return f"journal.{luid:016x}"
+
+
+# --- records -------------------------------------------------------------------------------------
+
+_Prefix = c.Struct("magic" / c.Bytes(4), "version" / c.Int16ul)
+
+#: ``format`` key of the main database: the environment's layout version, its chunk size and
+#: whose it is (the directory name is checked against ``uuid``).
+FormatRecordV1 = c.Struct(
+    "magic" / c.Const(b"ULGS"),          # 0
+    "version" / c.Const(1, c.Int16ul),   # 4
+    "reserved" / c.Const(0, c.Int16ul),  # 6
+    "chunk_bytes" / c.Int32ul,           # 8: bitmap bytes per chunk key
+    "reserved2" / c.Const(0, c.Int32ul),  # 12
+    "created_at" / c.Float64l,           # 16: unix time
+    "uuid" / c.PascalString(c.Int8ul, "latin-1"),  # 24
+    c.Terminated,
+)
+
+_STATES = {"constructed": 1, "live": 2, "presuspended": 3, "suspended": 4, "destroyed": 5}
+FLAG_RESUMED = 0x0001
+#: Another instance adopted this one's state: it must never become the uuid's newest again.
+FLAG_SUPERSEDED = 0x0002
+_KNOWN_FLAGS = FLAG_RESUMED | FLAG_SUPERSEDED
+
+#: ``record`` of ``meta.<luid>``: an instance's identity, constructor, geometry and lifecycle.
+MetaRecordV1 = c.Struct(
+    "magic" / c.Const(b"ULGM"),          # 0
+    "version" / c.Const(1, c.Int16ul),   # 4
+    "flags" / c.Int16ul,                 # 6: bit 0 resumed, bit 1 superseded; others 0
+    "luid" / c.Int64ul,                  # 8
+    "region_size" / c.Int64ul,           # 16: sectors
+    "region_count" / c.Int64ul,          # 24
+    "generation" / c.Int64ul,            # 32: per-uuid generation of the last resumed commit
+    "cursor" / c.Int64ul,                # 40: recovery cursor
+    "commit_seq" / c.Int64ul,            # 48: bumped by every write of this record (journal rule)
+    "committed_at" / c.Float64l,         # 56: unix time of the last commit, 0.0 before
+    "state" / c.Enum(c.Int8ul, **_STATES),  # 64
+    "reserved" / c.Const(bytes(7)),      # 65
+    "uuid" / c.PascalString(c.Int8ul, "latin-1"),   # 72
+    "log_type" / c.PascalString(c.Int8ul, "utf-8"),
+    "boot_id" / c.PascalString(c.Int8ul, "utf-8"),
+    "ctr" / c.PascalString(c.Int16ul, "utf-8"),
+    c.Terminated,
+)
+
+#: ``record`` of ``retained.meta``: the state a uuid's last instance left behind at DTR.
+RetainedRecordV1 = c.Struct(
+    "magic" / c.Const(b"ULGR"),          # 0
+    "version" / c.Const(1, c.Int16ul),   # 4
+    "reserved" / c.Const(0, c.Int16ul),  # 6
+    "generation" / c.Int64ul,            # 8
+    "region_count" / c.Int64ul,          # 16
+    "source_luid" / c.Int64ul,           # 24
+    "committed_at" / c.Float64l,         # 32
+    "uuid" / c.PascalString(c.Int8ul, "latin-1"),  # 40
+    c.Terminated,
+)
+
+#: Key of ``clean.*`` / ``sync.*``: the chunk index, big-endian so keys sort by index.
+ChunkKey = c.Int32ub
+
+#: First bytes of ``journal.<luid>``: the commit it follows.
+JournalHeaderV1 = c.Struct(
+    "magic" / c.Const(b"ULGJ"),          # 0
+    "version" / c.Const(1, c.Int16ul),   # 4
+    "record_size" / c.Const(16, c.Int16ul),  # 6
+    "luid" / c.Int64ul,                  # 8
+    "commit_seq" / c.Int64ul,            # 16: the meta's commit_seq these ops follow
+)
+JOURNAL_HEADER_SIZE = JournalHeaderV1.sizeof()
+
+#: One journal record: an op code (``OP_*`` of :mod:`ulog_disk.backends.base`) and its region.
+JournalRecordV1 = c.Struct(
+    "op" / c.Int8ul,                     # 0: 1 mark, 2 clear, 3 set in sync, 4 set out of sync
+    "reserved" / c.Const(bytes(7)),      # 1
+    "region" / c.Int64ul,                # 8
+)
+JOURNAL_RECORD_SIZE = JournalRecordV1.sizeof()
+JOURNAL_OPS = frozenset({1, 2, 3, 4})
+
+assert JOURNAL_HEADER_SIZE == 24 and JOURNAL_RECORD_SIZE == 16
+
+# The journal is written on the per-request path (up to 32 regions per MARK/CLEAR): records are
+# packed with ``struct``, the same layout as JournalRecordV1 (checked here at import and by the
+# golden vectors), at a fraction of construct's per-record cost.
+_JOURNAL_RECORD = struct.Struct("<B7xQ")
+assert _JOURNAL_RECORD.size == JOURNAL_RECORD_SIZE
+assert _JOURNAL_RECORD.pack(4, 2**63 + 5) == JournalRecordV1.build(dict(op=4, region=2**63 + 5))
+_JournalHeaderC = JournalHeaderV1.compile()
+# Compiled forms of the records (same definitions, generated code) for encoding: a commit
+# encodes a meta record, and that should cost microseconds, not a tenth of a millisecond.
+# Decoding keeps the interpreted forms: construct 2.10's compiled strings accept a record cut
+# short, and decoding happens at start-up only.
+_COMPILED = {id(s): s.compile() for s in (FormatRecordV1, MetaRecordV1, RetainedRecordV1)}
+
+
+def _check_prefix(data: bytes, magic: bytes, what: str) -> None:
+    """Refuse bytes that are not ``what`` or are of a version this code does not know."""
+    if len(data) < _Prefix.sizeof():
+        raise StoreFormatError(f"{what} of {len(data)} bytes is too short")
+    prefix = _Prefix.parse(data)
+    if prefix.magic != magic:
+        raise StoreFormatError(f"{what} has magic {prefix.magic!r}, expected {magic!r}")
+    if prefix.version != FORMAT_VERSION:
+        raise UnknownVersionError(
+            f"{what} is of store format version {prefix.version}; this ulog-disk reads only "
+            f"version {FORMAT_VERSION}: refusing to read it"
+        )
+
+
+def _parse(layout: c.Construct, data: bytes, magic: bytes, what: str) -> c.Container:
+    _check_prefix(data, magic, what)
+    try:
+        return layout.parse(data)
+    except (c.ConstructError, ValueError, struct.error) as exc:  # ValueError: bad UTF-8/latin-1
+        raise StoreFormatError(f"undecodable {what}: {exc}") from exc
+
+
+def _build(layout: c.Construct, what: str, **fields: object) -> bytes:
+    try:
+        return _COMPILED[id(layout)].build(fields)
+    except (c.ConstructError, ValueError, struct.error) as exc:
+        raise StoreFormatError(f"cannot encode {what}: {exc}") from exc
+
+
+@dataclass(slots=True)
+class FormatRecord:
+    chunk_bytes: int
+    uuid: str
+    created_at: float = 0.0
+    version: int = FORMAT_VERSION
+
+    def encode(self) -> bytes:
+        return _build(FormatRecordV1, "format record", chunk_bytes=self.chunk_bytes, uuid=self.uuid,
+                      created_at=self.created_at)
+
+    @classmethod
+    def decode(cls, data: bytes) -> FormatRecord:
+        p = _parse(FormatRecordV1, data, b"ULGS", "format record")
+        if p.chunk_bytes <= 0:
+            raise StoreFormatError(f"format record has chunk size {p.chunk_bytes}")
+        return cls(chunk_bytes=p.chunk_bytes, uuid=p.uuid, created_at=p.created_at, version=p.version)
+
+
+@dataclass(slots=True)
+class MetaRecord:
+    """An :class:`InstanceRecord` as stored, plus the commit sequence of the journal rule."""
+
+    uuid: str
+    luid: int
+    ctr: str
+    log_type: str
+    region_size: int
+    region_count: int
+    state: str
+    generation: int
+    cursor: int
+    boot_id: str
+    resumed: bool
+    committed_at: float
+    commit_seq: int
+    superseded: bool = False
+    version: int = FORMAT_VERSION
+
+    @classmethod
+    def from_instance(cls, rec: InstanceRecord, commit_seq: int) -> MetaRecord:
+        return cls(
+            uuid=rec.uuid, luid=rec.luid, ctr=rec.ctr, log_type=rec.log_type,
+            region_size=rec.region_size, region_count=rec.region_count, state=rec.state,
+            generation=rec.generation, cursor=rec.cursor, boot_id=rec.boot_id, resumed=rec.resumed,
+            committed_at=rec.committed_at, commit_seq=commit_seq,
+            superseded=rec.superseded,
+        )
+
+    def instance(self) -> InstanceRecord:
+        return InstanceRecord(
+            uuid=self.uuid, luid=self.luid, ctr=self.ctr, log_type=self.log_type,
+            region_size=self.region_size, region_count=self.region_count, state=self.state,
+            generation=self.generation, cursor=self.cursor, boot_id=self.boot_id,
+            resumed=self.resumed, committed_at=self.committed_at, superseded=self.superseded,
+        )
+
+    def encode(self) -> bytes:
+        if self.state not in _STATES:
+            raise StoreFormatError(f"unknown lifecycle state {self.state!r}")
+        if not 0 < self.region_count <= MAX_REGION_COUNT:
+            raise StoreFormatError(f"region count {self.region_count} out of range")
+        return _build(
+            MetaRecordV1, "meta record",
+            flags=(FLAG_RESUMED if self.resumed else 0) | (FLAG_SUPERSEDED if self.superseded else 0),
+            luid=self.luid, region_size=self.region_size,
+            region_count=self.region_count, generation=self.generation, cursor=self.cursor,
+            commit_seq=self.commit_seq, committed_at=self.committed_at, state=self.state,
+            uuid=self.uuid, log_type=self.log_type, boot_id=self.boot_id, ctr=self.ctr,
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> MetaRecord:
+        p = _parse(MetaRecordV1, data, b"ULGM", "meta record")
+        if p.flags & ~_KNOWN_FLAGS:
+            raise StoreFormatError(f"meta record has unknown flags {p.flags:#x}")
+        if not isinstance(p.state, str) or p.state not in _STATES:
+            raise StoreFormatError(f"meta record has unknown lifecycle state {int(p.state)}")
+        if not 0 < p.region_count <= MAX_REGION_COUNT:
+            raise StoreFormatError(f"meta record has region count {p.region_count}")
+        return cls(
+            uuid=p.uuid, luid=p.luid, ctr=p.ctr, log_type=p.log_type, region_size=p.region_size,
+            region_count=p.region_count, state=str(p.state), generation=p.generation,
+            cursor=p.cursor, boot_id=p.boot_id, resumed=bool(p.flags & FLAG_RESUMED),
+            superseded=bool(p.flags & FLAG_SUPERSEDED),
+            committed_at=p.committed_at, commit_seq=p.commit_seq, version=p.version,
+        )
+
+
+@dataclass(slots=True)
+class RetainedRecord:
+    uuid: str
+    generation: int
+    region_count: int
+    source_luid: int
+    committed_at: float = 0.0
+    version: int = FORMAT_VERSION
+
+    def encode(self) -> bytes:
+        if not 0 < self.region_count <= MAX_REGION_COUNT:
+            raise StoreFormatError(f"region count {self.region_count} out of range")
+        return _build(
+            RetainedRecordV1, "retained record", generation=self.generation,
+            region_count=self.region_count, source_luid=self.source_luid,
+            committed_at=self.committed_at, uuid=self.uuid,
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> RetainedRecord:
+        p = _parse(RetainedRecordV1, data, b"ULGR", "retained record")
+        if not 0 < p.region_count <= MAX_REGION_COUNT:
+            raise StoreFormatError(f"retained record has region count {p.region_count}")
+        return cls(uuid=p.uuid, generation=p.generation, region_count=p.region_count,
+                   source_luid=p.source_luid, committed_at=p.committed_at, version=p.version)
+
+
+@dataclass(slots=True)
+class JournalHeader:
+    luid: int
+    commit_seq: int
+    version: int = FORMAT_VERSION
+
+    def encode(self) -> bytes:
+        return _JournalHeaderC.build(dict(luid=self.luid, commit_seq=self.commit_seq))
+
+    @classmethod
+    def decode(cls, data: bytes) -> JournalHeader:
+        if len(data) < JOURNAL_HEADER_SIZE:
+            raise StoreFormatError(f"journal header of {len(data)} bytes is too short")
+        p = _parse(JournalHeaderV1, data[:JOURNAL_HEADER_SIZE], b"ULGJ", "journal header")
+        return cls(luid=p.luid, commit_seq=p.commit_seq, version=p.version)
+
+
+def encode_chunk_key(index: int) -> bytes:
+    return ChunkKey.build(index)
+
+
+def decode_chunk_key(key: bytes) -> int:
+    if len(key) != ChunkKey.sizeof():
+        raise StoreFormatError(f"chunk key of {len(key)} bytes (expected 4)")
+    return ChunkKey.parse(key)
+
+
+def encode_journal_ops(ops: Iterable[tuple[int, int]]) -> bytes:
+    pack = _JOURNAL_RECORD.pack
+    return b"".join([pack(op, region) for op, region in ops])
+
+
+def decode_journal_ops(data: bytes) -> tuple[list[tuple[int, int]], int, str | None]:
+    """The ops of a journal body, the length of its valid prefix, and why it stops early.
+
+    Reading stops at a partial last record (a write cut short by ENOSPC) or at a record that is
+    not a valid op (the zero-filled tail a host crash can leave; the journal does not matter
+    after a host crash, see formats/store.md).
+    """
+    ops: list[tuple[int, int]] = []
+    size = JOURNAL_RECORD_SIZE
+    whole = len(data) - len(data) % size
+    zero = bytes(7)
+    for offset in range(0, whole, size):
+        if data[offset + 1 : offset + 8] != zero:
+            return ops, offset, f"invalid journal record at body offset {offset}"
+        op, region = _JOURNAL_RECORD.unpack_from(data, offset)
+        if op not in JOURNAL_OPS:
+            return ops, offset, f"unknown journal op {op} at body offset {offset}"
+        ops.append((op, region))
+    if whole != len(data):
+        return ops, whole, f"partial journal record of {len(data) - whole} bytes at the end"
+    return ops, whole, None
+
+
+# --- bitmaps in chunks ---------------------------------------------------------------------------
+
+
+def bitmap_bytes(region_count: int) -> int:
+    return (region_count + 7) // 8
+
+
+def chunks_for(region_count: int, chunk_bytes: int) -> int:
+    """How many chunk keys a bitmap of ``region_count`` regions has (at least one)."""
+    return max(1, -(-bitmap_bytes(region_count) // chunk_bytes))
+
+
+def chunk_length(index: int, region_count: int, chunk_bytes: int) -> int:
+    """The exact value length of chunk ``index``: whole chunks, the last one the remainder."""
+    total = bitmap_bytes(region_count)
+    return max(0, min(chunk_bytes, total - index * chunk_bytes))
+
+
+def split_chunks(bitmap: bytes, region_count: int, chunk_bytes: int) -> dict[int, bytes]:
+    """A whole bitmap (padded to ``bitmap_bytes(region_count)``) as chunk index → bytes."""
+    total = bitmap_bytes(region_count)
+    data = bytes(bitmap[:total]).ljust(total, b"\0")
+    return {i: data[i * chunk_bytes : (i + 1) * chunk_bytes]
+            for i in range(chunks_for(region_count, chunk_bytes))}
+
+
+def assemble_chunks(chunks: Mapping[int, bytes], region_count: int, chunk_bytes: int) -> bytes:
+    """Chunks → the whole bitmap; a missing chunk reads as zeros (dirty / out of sync).
+
+    Raises :class:`StoreFormatError` when a chunk lies past the geometry or has the wrong
+    length: chunks that do not match the meta's region count are damage, not data.
+    """
+    total = bitmap_bytes(region_count)
+    count = chunks_for(region_count, chunk_bytes)
+    out = bytearray(total)
+    for index, value in chunks.items():
+        if index >= count:
+            raise StoreFormatError(
+                f"chunk {index} lies past the {count} chunk(s) of {region_count} regions")
+        want = chunk_length(index, region_count, chunk_bytes)
+        if len(value) != want:
+            raise StoreFormatError(
+                f"chunk {index} holds {len(value)} bytes, {want} expected for {region_count} regions")
+        out[index * chunk_bytes : index * chunk_bytes + want] = value
+    return bytes(out)
