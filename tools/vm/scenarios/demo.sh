@@ -31,6 +31,10 @@ scenario_demo() {
     record "status_after_create" "$(dm_status "$name")"
     before=$(resync_count)
     background_writer "$name" 25
+    # A second writer streams through the whole mirror, so some regions are mid-write at the kill.
+    (while :; do dd if=/dev/zero of="/dev/mapper/$name" bs=64K count=256 oflag=direct status=none \
+        || break; done) 2>/dev/null &
+    streamer=$!
     sleep 6
     kill9_daemon
     read -r dirty _ <<<"$(store_dirty "$uuid")"
@@ -39,6 +43,7 @@ scenario_demo() {
     sleep 5
     start_daemon
     wait_writer
+    kill "$streamer" 2>/dev/null; wait "$streamer" 2>/dev/null
     check "writes_failed" "$(grep -c 'write failed' "$SOUT/writer.log")" 0
     after=$(resync_count)
     check "regions_resynced_after_restart" "$((after - before))" 0
