@@ -262,3 +262,37 @@ def test_restart(suite_restart: ScenarioRun, mode: str) -> None:
     })
     if mode == "sigterm":
         assert_values(suite_restart, name, {"stop_rc_1": "0"})
+
+
+def test_restart_resyncs_only_what_was_dirty(suite_restart: ScenarioRun) -> None:
+    """LMDB: nothing to resync after kill -9 (the kernel lived on); memory: every region, like cmirrord."""
+    assert_values(suite_restart, "kill9-restart", {"resync_after_restart": "0", "resync_after_resume": "0"})
+    assert_values(suite_restart, "sigterm-restart", {"resync_after_restart": "0", "resync_after_resume": "0"})
+    common_mirror_checks(suite_restart, "kill9-memory")
+    assert_values(suite_restart, "kill9-memory", {
+        "resync_after_resume": "32",
+        "legs_final": "equal",
+        "sync": REGIONS,
+    })
+
+
+#: Error replies a scenario expects: the memory backend forgets its logs at a restart and answers
+#: the kernel's next requests with -ESRCH (3), which makes the kernel re-register them.
+EXPECTED_ERRORS = {"kill9-memory": {3}}
+
+
+@pytest.mark.parametrize("suite", ["suite-core", "suite-restart"])
+def test_no_unexpected_error_replies(suite: str, suite_core: ScenarioRun, suite_restart: ScenarioRun) -> None:
+    """Every request the kernel sent was captured; no reply carried an error the scenario did not expect."""
+    run = suite_core if suite == "suite-core" else suite_restart
+    scenarios = [p for p in run.out.iterdir() if p.is_dir()]
+    assert scenarios, run.explain()
+    for scen in scenarios:
+        captures = sorted(scen.glob("capture*.bin"))
+        assert captures, f"{scen.name}: no capture"
+        p = subprocess.run([sys.executable, str(ROOT / "tools" / "vm" / "capture_scan.py"), "errors",
+                            *map(str, captures)], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        allowed = EXPECTED_ERRORS.get(scen.name, set())
+        unexpected = [line for line in p.stdout.splitlines() if int(line.split()[1]) not in allowed]
+        assert not unexpected, f"{scen.name}: unexpected error replies:\n" + "\n".join(unexpected[:20])

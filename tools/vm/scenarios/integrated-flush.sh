@@ -15,7 +15,7 @@ scenario_integrated_flush() {
     check_status_table "$name" "$uuid" clustered-core integrated_flush
     remove_mirror "$name"
     stop_daemon
-    # request types 9 = FLUSH, 10 = MARK_REGION in the capture (requests and replies both counted)
+    # request types 9 = FLUSH, 10 = MARK_REGION among the requests in the capture
     record "capture_mark_region" "$("$PY" "$ULOG_CHECKOUT/tools/vm/capture_scan.py" headers "$uuid" \
         "$SOUT"/capture*.bin | awk '$3 == 10' | wc -l)"
     record "capture_flush_with_payload" "$("$PY" "$ULOG_CHECKOUT/tools/vm/capture_scan.py" headers "$uuid" \
