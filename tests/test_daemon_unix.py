@@ -198,3 +198,31 @@ def test_third_party_backend_plugin_via_entry_point(tmp_path: Path) -> None:
     lines = (d.state_dir / "acme-commits").read_text().splitlines()
     assert "LVM-acme 5" in lines
     assert len(lines) >= 3  # RESUME, FLUSH, and the commit at stop
+
+
+def test_kernel_resend_after_timeout_is_harmless(daemon: DaemonProcess) -> None:
+    """A stalled daemon: the kernel times out and resends with a new seq; the late reply to the old
+    seq is dropped, and the repeated GET_RESYNC_WORK hands out the same region again."""
+    import threading
+    import time
+
+    conn = KernelConnection(str(daemon.socket_path), timeout=0.5)
+    m = make_mirror(conn, "LVM-slow", 0x42, "8192 clustered-core 1024")
+    m.resume()
+    daemon.proc.send_signal(signal.SIGSTOP)
+    got: list[int | None] = []
+    asker = threading.Thread(target=lambda: got.append(m.log.get_resync_work()))
+    asker.start()
+    time.sleep(1.3)  # at least two kernel timeouts: the request is sent three times
+    daemon.proc.send_signal(signal.SIGCONT)
+    asker.join(10)
+    assert got == [0]
+    assert conn.resends >= 2
+    assert m.log.get_resync_work() == 0  # still the same region until SET_REGION_SYNC
+    m.log.set_region_sync(0, True)
+    assert m.log.get_resync_work() == 1
+    assert daemon.stop() == 0
+    records = list(read_capture(daemon.capture_path.read_bytes()))
+    asks = [wire.decode_frame(r.frame) for r in records if r.direction == TO_DAEMON]
+    asks = [a for a in asks if a.request_type == RequestType.GET_RESYNC_WORK]
+    assert len({a.seq for a in asks}) == len(asks) >= 4  # every resend has a new seq
