@@ -79,6 +79,12 @@ class Instance:
     #: Another instance of the uuid adopted this one's state: whatever this one still receives
     #: (late clears after POSTSUSPEND) must never make its state the uuid's newest again.
     superseded: bool = False
+    #: False for an instance restored from the store until the kernel sends a request for it: a
+    #: restored LIVE instance that stays silent may have been removed while the daemon was down.
+    heard: bool = True
+    #: The last CTR was the kernel's reconnect (NUL counted): the RESUME that follows is the
+    #: reconnect's, which the kernel sends even for a table in the inactive slot.
+    reconnecting: bool = False
 
     @property
     def key(self) -> Key:
@@ -190,7 +196,7 @@ class Engine:
         inst = Instance(
             uuid=rec.uuid, luid=rec.luid, ctr=ctr, state=State(rec.state), log=region_log,
             boot_id=rec.boot_id, generation=rec.generation, resumed=rec.resumed,
-            committed_at=rec.committed_at, resized=False, superseded=rec.superseded,
+            committed_at=rec.committed_at, resized=False, superseded=rec.superseded, heard=False,
         )
         self.table[inst.key] = inst
         log.info("restored %s state=%s generation=%d: %d/%d in sync, %d dirty, %d journal ops replayed",
@@ -229,6 +235,7 @@ class Engine:
                 return _err(req, errno.ESRCH)
             log.error("%s for unknown %s", kind.name, describe(req.uuid, req.luid))
             return _err(req, errno.EINVAL)
+        inst.heard = True
         try:
             return self._HANDLERS[kind](self, inst, req)
         except (ValueError, IndexError) as exc:
@@ -263,6 +270,9 @@ class Engine:
         # The reconnect CTR offers no reply buffer; the initial one takes the device name.
         reply_data = b"" if reconnect else ctr.device_reply()
         existing = self.table.get(req.key)
+        if existing is not None:
+            existing.heard = True
+            existing.reconnecting = reconnect
         if existing is not None and (existing.ctr.text == ctr.text or existing.resumed):
             if existing.ctr.text != ctr.text:
                 log.warning("CTR %s repeats a resumed log with another constructor %r (kept %r)",
@@ -278,6 +288,7 @@ class Engine:
         inst = Instance(
             uuid=req.uuid, luid=req.luid, ctr=ctr, state=State.CONSTRUCTED,
             log=RegionLog.fresh(ctr.region_count, ctr.sync_mode == "nosync"), boot_id=self.boot_id,
+            reconnecting=reconnect,
         )
         self.table[inst.key] = inst
         log.info("CTR %s type=%s regions=%d region_size=%d%s%s", describe(req.uuid, req.luid),
@@ -332,10 +343,11 @@ class Engine:
     def _resume(self, inst: Instance, req: Request) -> Reply | Pending:
         self._transition(inst, RequestType.RESUME)
         first = not inst.resumed
+        reconnect, inst.reconnecting = inst.reconnecting, False
         inst.superseded = False
         inst.log.restart_recovery()
         forced = first and inst.ctr.sync_mode == "sync"
-        source = None if forced else self._handover_source(inst)
+        source = None if forced else self._handover_source(inst, reconnect)
         if source is not None:
             before = inst.log.sync_count
             inst.log = self._adopt(inst, source)
@@ -355,11 +367,15 @@ class Engine:
         # A state adopted, or thrown away by 'sync', is the uuid's newest from now on.
         return self._commit(inst, req, "RESUME", force_generation=source is not None or forced)
 
-    def _handover_source(self, inst: Instance) -> StoredState | None:
+    def _handover_source(self, inst: Instance, reconnect: bool) -> StoredState | None:
         """The uuid's newest state, if it is newer than ours and its owner is suspended or gone.
 
         When the newest state belongs to a live (or suspending) instance nothing is adopted,
         not even an older state: the live one's state will be the one to take over later.
+        One exception: a live instance restored from the store that the kernel has not spoken
+        for since, met by a real (not reconnect) RESUME of another luid. A table swap suspends
+        the old table first, and this daemon would have seen it; so that instance's kernel side
+        is gone (removed while the daemon was down, its DTR lost) and its state is adopted.
         """
         best_generation = inst.generation
         best: Instance | StoredState | None = None
@@ -371,7 +387,11 @@ class Engine:
             if state.generation > best_generation:
                 best_generation, best = state.generation, state
         if isinstance(best, Instance):
-            if best.state not in HANDS_OVER:
+            if best.state not in HANDS_OVER and not best.heard and not reconnect:
+                log.info("RESUME %s: live luid=%#x was restored from the store and has not been heard "
+                         "from since: its kernel instance is gone, its state is adopted",
+                         describe(inst.uuid, inst.luid), best.luid)
+            elif best.state not in HANDS_OVER:
                 log.info("RESUME %s: the newest state of the uuid belongs to live luid=%#x: not adopted",
                          describe(inst.uuid, inst.luid), best.luid)
                 return None
