@@ -281,6 +281,9 @@ class Daemon:
 
     def shutdown(self) -> int:
         sd_notify("STOPPING=1")
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(self.transport.fileno())
+        self.transport.stop_receiving()
         answered = self.answer_queued()
         log.info("stopping: answered %d queued request(s), committing %d log(s)", answered,
                  len(self.engine.table))

@@ -20,6 +20,7 @@ log = logging.getLogger("ulog_disk.transport.netlink")
 
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
+NETLINK_DROP_MEMBERSHIP = 2
 NETLINK_NO_ENOBUFS = 5
 SO_RCVBUFFORCE = 33
 RCVBUF_BYTES = 8 * 1024 * 1024
@@ -93,6 +94,15 @@ class NetlinkTransport:
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+    def stop_receiving(self) -> None:
+        """Leave group 7: from now on the kernel's sends fail at once with -ESRCH (and its
+        reconnect loop waits for the next daemon) instead of queueing requests nobody will
+        answer. What is already queued can still be read and answered."""
+        try:
+            self.sock.setsockopt(SOL_NETLINK, NETLINK_DROP_MEMBERSHIP, wire.CN_IDX_DM)
+        except OSError as exc:
+            log.warning("could not leave netlink group %d: %s", wire.CN_IDX_DM, exc)
 
     def receive(self) -> list[tuple[bytes, object]]:
         """Drain what is queued: [(connector payload, reply address)]."""

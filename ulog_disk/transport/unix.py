@@ -60,6 +60,10 @@ class UnixTransport:
     def fileno(self) -> int:
         return self.listener.fileno()
 
+    def stop_receiving(self) -> None:
+        """Accept no new peers; connected ones are drained and answered by the daemon."""
+        self.listener.close()
+
     def accept(self) -> socket.socket | None:
         try:
             conn, _ = self.listener.accept()
@@ -107,6 +111,7 @@ class UnixTransport:
     def close(self) -> None:
         for conn in self.connections.values():
             conn.close()
-        self.listener.close()
+        if self.listener.fileno() >= 0:
+            self.listener.close()
         with contextlib.suppress(OSError):
             self.path.unlink()
