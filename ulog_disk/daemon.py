@@ -21,6 +21,7 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -98,11 +99,12 @@ class Lanes:
         return uuid in self.queues
 
     def submit(self, pending: Pending, address: object) -> None:
-        queue = self.queues.get(pending.uuid)
-        if queue is not None:
-            queue.append((pending, address))
-            return
-        self.queues[pending.uuid] = collections.deque([(pending, address)])
+        with self.lock:
+            queue = self.queues.get(pending.uuid)
+            if queue is not None:
+                queue.append((pending, address))
+                return
+            self.queues[pending.uuid] = collections.deque([(pending, address)])
         self.pool.submit(self._run_lane, pending.uuid)
 
     def _run_lane(self, uuid: str) -> None:
@@ -153,8 +155,6 @@ class Daemon:
         self.selector = selectors.DefaultSelector()
         self.stopping = False
         self.dropped_frames = 0
-        # Lanes run under the submit/queue discipline only when they are touched from this thread.
-        self._lanes_lock = self.lanes.lock
         self.sig_r, self.sig_w = os.pipe()
         os.set_blocking(self.sig_r, False)
         os.set_blocking(self.sig_w, False)
@@ -192,8 +192,7 @@ class Daemon:
                 exc_ = e
             self.send(result.complete(exc_), address)
         else:
-            with self._lanes_lock:
-                self.lanes.submit(result, address)
+            self.lanes.submit(result, address)
 
     def send(self, reply: Reply, address: object) -> None:
         payload = wire.encode_reply(reply)
@@ -217,7 +216,7 @@ class Daemon:
         with contextlib.suppress(BlockingIOError):
             os.write(self.sig_w, b"s")
 
-    def run(self, ready: callable | None = None) -> int:  # type: ignore[valid-type]
+    def run(self, ready: Callable[[], None] | None = None) -> int:
         sel = self.selector
         if isinstance(self.transport, UnixTransport):
             sel.register(self.transport.fileno(), selectors.EVENT_READ, "accept")
@@ -288,8 +287,7 @@ class Daemon:
         log.info("stopping: answered %d queued request(s), committing %d log(s)", answered,
                  len(self.engine.table))
         for pending in self.engine.commit_all():
-            with self._lanes_lock:
-                self.lanes.submit(pending, None)
+            self.lanes.submit(pending, None)
         failures = self.wait_lanes()
         self.answer_queued()
         self.lanes.close()
