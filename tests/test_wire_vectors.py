@@ -58,21 +58,6 @@ def type_name(raw: int) -> str | None:
     return T(kind).name if kind in T._value2member_map_ else None
 
 
-def request_payload(kind: int, data: bytes) -> dict:
-    if kind == T.CTR:
-        nul = data.endswith(b"\0")
-        return {"ctr": (data[:-1] if nul else data).decode("ascii"), "nul_counted": nul}
-    if kind in (T.IS_CLEAN, T.IN_SYNC, T.IS_REMOTE_RECOVERING):
-        return {"region": wire.parse_region(data)}
-    if kind in (T.MARK_REGION, T.CLEAR_REGION) or (kind == T.FLUSH and data):
-        return {"regions": wire.parse_regions(data)}
-    if kind == T.SET_REGION_SYNC:
-        region, in_sync = wire.parse_set_region_sync(data)
-        return {"region": region, "in_sync": in_sync}
-    assert data == b"", f"{T(kind).name} carries no payload"
-    return {}
-
-
 def reply_payload(kind: int, data: bytes) -> dict:
     if not data:
         return {}
@@ -109,7 +94,7 @@ def decode_request_fields(frame: bytes) -> dict:
             "type_name": type_name(req.raw_type), "data_size": len(req.data),
         },
         "data": req.data.hex(),
-        "payload": request_payload(req.request_type, req.data),
+        "payload": wire.request_fields(req.request_type, req.data),
     }
 
 

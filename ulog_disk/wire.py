@@ -430,3 +430,24 @@ def parse_remote_recovering(data: bytes) -> tuple[int, int]:
     _check_size(data, 16, "IS_REMOTE_RECOVERING reply")
     p = _RemoteRecoveringC.parse(data)
     return p.is_recovering, p.in_sync_hint
+
+
+def request_fields(request_type: int, data: bytes) -> dict[str, object]:
+    """A request payload as named fields (golden vectors, ``ulog-dump wire``).
+
+    Raises ValueError for a payload of the wrong shape.
+    """
+    kind = request_type & DM_ULOG_REQUEST_MASK
+    if kind == RequestType.CTR:
+        nul = data.endswith(b"\0")
+        return {"ctr": (data[:-1] if nul else data).decode("ascii"), "nul_counted": nul}
+    if kind in (RequestType.IS_CLEAN, RequestType.IN_SYNC, RequestType.IS_REMOTE_RECOVERING):
+        return {"region": parse_region(data)}
+    if kind in (RequestType.MARK_REGION, RequestType.CLEAR_REGION) or (kind == RequestType.FLUSH and data):
+        return {"regions": parse_regions(data)}
+    if kind == RequestType.SET_REGION_SYNC:
+        region, in_sync = parse_set_region_sync(data)
+        return {"region": region, "in_sync": in_sync}
+    if data:
+        raise ValueError(f"request type {kind} carries no payload, got {len(data)} bytes")
+    return {}
