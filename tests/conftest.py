@@ -29,6 +29,21 @@ class DaemonProcess:
         return self.proc.wait(timeout)
 
 
+#: Every daemon a test started; killed at the end of the test if still running, so a failing test
+#: leaves no process behind.
+STARTED: list[DaemonProcess] = []
+
+
+@pytest.fixture(autouse=True)
+def _reap_daemons() -> Iterator[None]:
+    yield
+    while STARTED:
+        d = STARTED.pop()
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+
+
 def start_daemon(tmp: Path, backend: str = "memory", state_dir: Path | None = None,
                  extra_env: dict[str, str] | None = None, name: str = "d",
                  socket_name: str = "d", extra_args: list[str] | None = None) -> DaemonProcess:
@@ -56,13 +71,11 @@ def start_daemon(tmp: Path, backend: str = "memory", state_dir: Path | None = No
             proc.kill()
             raise RuntimeError(f"daemon not ready: {log_path.read_text()}")
         time.sleep(0.02)
-    return DaemonProcess(proc, sock, state_dir, log_path, capture)
+    daemon = DaemonProcess(proc, sock, state_dir, log_path, capture)
+    STARTED.append(daemon)
+    return daemon
 
 
 @pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
-    d = start_daemon(tmp_path)
-    yield d
-    if d.proc.poll() is None:
-        d.proc.kill()
-        d.proc.wait()
+def daemon(tmp_path: Path) -> DaemonProcess:
+    return start_daemon(tmp_path)
