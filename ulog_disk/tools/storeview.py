@@ -1,0 +1,733 @@
+"""Read a state directory without disturbing the daemon, and judge what is in it.
+
+Every environment is opened **read-only** (``lmdb.open(..., readonly=True, lock=True)``): the
+reader registers in LMDB's reader table like any reader and reads one snapshot in one read
+transaction, so it never waits for the daemon's write lock, and the daemon's commits never wait
+for it (LMDB writers do not block on readers; they only keep the pages the snapshot uses). A
+snapshot is a committed transaction: the tools see the store exactly as a restart would.
+Records are decoded with :mod:`ulog_disk.store_format` only.
+
+py-lmdb refuses to open one environment twice in one process, so an environment is opened,
+read whole into Python objects and closed again before anything else (the write paths of
+``ulog-recover``, which go through :class:`~ulog_disk.backends.lmdb_store.LmdbBackend`) opens it.
+
+Verdicts (``ulog-recover list``), first match wins:
+
+``damaged``      the instance's records fail verification (the daemon would move the whole store
+                 of its uuid aside at its next start), or the store cannot be opened at all.
+``superseded``   its superseded flag is set (another instance adopted its state), or it is not live
+                 in this boot and another state of the uuid (any instance, or the retained state)
+                 has a higher generation: the daemon never hands its state to anyone again.
+``orphaned``     recorded under another boot id (the kernel that owned it is gone) and not
+                 superseded: if it holds the uuid's newest state, the next RESUME of the uuid
+                 adopts it.
+``live``, ``presuspended``, ``suspended``, ``constructed``  the lifecycle state the daemon last
+                 committed for an instance of this boot.
+``retained``     the uuid's retained state (left by the last DTR), when nothing newer exists.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lmdb
+from bitarray import bitarray
+from bitarray.util import zeros
+
+from ..backends.base import OP_CLEAR, OP_MARK, OP_SET_NOSYNC, OP_SET_SYNC
+from ..backends.lmdb_store import DIR_MODE, FILE_MODE, MAX_DBS
+from ..regionlog import CHUNK_BYTES, RegionLog
+from ..store_format import (
+    DAMAGED_INFIX,
+    FORMAT_KEY,
+    JOURNAL_HEADER_SIZE,
+    RECORD_KEY,
+    RETAINED_CLEAN,
+    RETAINED_META,
+    RETAINED_SYNC,
+    FormatRecord,
+    JournalHeader,
+    MetaRecord,
+    RetainedRecord,
+    StoreFormatError,
+    bitmap_bytes,
+    chunk_length,
+    chunks_for,
+    decode_chunk_key,
+    decode_dir_name,
+    decode_journal_ops,
+    instance_db_name,
+    journal_file_name,
+    parse_instance_db_name,
+)
+from .common import DaemonStatus, bit_ranges, daemon_status, iso, luid_hex, ranges, when
+
+ERROR, WARNING, NOTE = "error", "warning", "note"
+LIVE_STATES = ("live", "presuspended")
+_JOURNAL_NAME = re.compile(r"journal\.([0-9a-f]{16})")
+_OP_NAMES = {OP_MARK: "mark", OP_CLEAR: "clear", OP_SET_SYNC: "set in sync", OP_SET_NOSYNC: "set out of sync"}
+
+
+@dataclass
+class Finding:
+    level: str
+    where: str
+    message: str
+
+    def as_json(self) -> dict[str, str]:
+        return {"level": self.level, "where": self.where, "message": self.message}
+
+
+@dataclass
+class JournalView:
+    path: Path
+    size: int = 0
+    exists: bool = False
+    header_luid: int | None = None
+    header_seq: int | None = None
+    ops: list[tuple[int, int]] = field(default_factory=list)
+    #: The header follows the meta's commit: these ops are what a restart of the same boot replays.
+    follows_meta: bool = False
+    #: ...and the instance is of the current boot, so they are applied to the state shown.
+    replayed: bool = False
+    problem: str | None = None
+
+    def describe(self) -> str:
+        if not self.exists:
+            return "no journal file"
+        if self.header_seq is None:
+            return f"{self.size} bytes, no valid header" + (f" ({self.problem})" if self.problem else "")
+        n = len(self.ops)
+        text = f"header commit {self.header_seq}, {n} op(s)"
+        if self.follows_meta:
+            text += ", applied to the state shown" if self.replayed else \
+                ", not replayed (the instance is of another boot)"
+        if self.problem:
+            text += f"; {self.problem}"
+        return text
+
+    def as_json(self) -> dict[str, Any]:
+        return {"path": str(self.path), "exists": self.exists, "size": self.size,
+                "header_commit_seq": self.header_seq, "ops": len(self.ops),
+                "follows_meta": self.follows_meta, "replayed": self.replayed, "problem": self.problem}
+
+
+@dataclass
+class StateView:
+    """One instance, or the uuid's retained state, as stored (plus journal ops a restart replays)."""
+
+    uuid: str
+    kind: str  # "instance" | "retained"
+    luid: int | None = None
+    meta: MetaRecord | None = None
+    retained: RetainedRecord | None = None
+    region_count: int = 0
+    generation: int = 0
+    committed_at: float = 0.0
+    #: Bitmaps as committed (engine layout, padded to whole bytes).
+    committed_clean: bytes = b""
+    committed_sync: bytes = b""
+    #: Bitmaps as a restart of the daemon would see them (journal applied), exactly
+    #: ``region_count`` bits; None when the records could not be read.
+    clean: bitarray | None = None
+    sync: bitarray | None = None
+    journal: JournalView | None = None
+    findings: list[Finding] = field(default_factory=list)
+    verdict: str = ""
+    reason: str = ""
+
+    @property
+    def damaged(self) -> bool:
+        return any(f.level == ERROR for f in self.findings)
+
+    @property
+    def boot_id(self) -> str | None:
+        return self.meta.boot_id if self.meta else None
+
+    @property
+    def state(self) -> str | None:
+        return self.meta.state if self.meta else None
+
+    @property
+    def resumed(self) -> bool:
+        return self.kind == "retained" or bool(self.meta and self.meta.resumed)
+
+    def in_sync(self) -> int | None:
+        return None if self.sync is None else self.sync.count(1)
+
+    def dirty(self) -> int | None:
+        return None if self.clean is None else self.clean.count(0)
+
+    def out_of_sync_ranges(self) -> str:
+        return "" if self.sync is None else bit_ranges(self.sync, 0)
+
+    def dirty_ranges(self) -> str:
+        return "" if self.clean is None else bit_ranges(self.clean, 0)
+
+    def label(self) -> str:
+        if self.kind == "retained":
+            return f"the retained state (generation {self.generation})"
+        return f"luid {luid_hex(self.luid)} ({self.state}, generation {self.generation})"
+
+    def as_json(self, regions: bool = False) -> dict[str, Any]:
+        m = self.meta
+        out: dict[str, Any] = {
+            "kind": self.kind, "uuid": self.uuid, "luid": self.luid,
+            "luid_hex": None if self.luid is None else luid_hex(self.luid),
+            "verdict": self.verdict, "reason": self.reason,
+            "state": self.state, "generation": self.generation,
+            "boot_id": self.boot_id,
+            "resumed": self.resumed if m else None,
+            "superseded_flag": m.superseded if m else None,
+            "log_type": m.log_type if m else None, "ctr": m.ctr if m else None,
+            "region_size": m.region_size if m else None, "region_count": self.region_count or None,
+            "cursor": m.cursor if m else None, "commit_seq": m.commit_seq if m else None,
+            "committed_at": self.committed_at, "committed_at_iso": iso(self.committed_at),
+            "source_luid": self.retained.source_luid if self.retained else None,
+            "in_sync": self.in_sync(), "dirty": self.dirty(),
+            "out_of_sync_ranges": None if self.sync is None else self.out_of_sync_ranges(),
+            "dirty_ranges": None if self.clean is None else self.dirty_ranges(),
+            "journal": self.journal.as_json() if self.journal else None,
+            "findings": [f.as_json() for f in self.findings],
+        }
+        if regions and self.clean is not None and self.sync is not None:
+            out["regions"] = [{"region": r, "clean": bool(self.clean[r]), "in_sync": bool(self.sync[r])}
+                              for r in range(self.region_count)]
+        return out
+
+
+@dataclass
+class EnvView:
+    """One environment directory (a uuid's store), or a store the daemon moved aside."""
+
+    name: str
+    path: Path
+    uuid: str | None
+    #: The boot id taken as the current one when it was read.
+    boot_id: str = ""
+    #: "store" (an environment the daemon uses) or "moved-aside" (``<name>.damaged-<time>``).
+    kind: str = "store"
+    moved_at: int | None = None
+    format: FormatRecord | None = None
+    instances: list[StateView] = field(default_factory=list)
+    retained: StateView | None = None
+    findings: list[Finding] = field(default_factory=list)
+    opened: bool = False
+    stat: dict[str, int] = field(default_factory=dict)
+    info: dict[str, int] = field(default_factory=dict)
+    data_bytes: int = 0
+    #: Sub-databases and their LMDB statistics (``txn.stat``), by name.
+    databases: dict[str, dict[str, int]] = field(default_factory=dict)
+    journals: list[str] = field(default_factory=list)
+    #: Journal file contents, read *before* the LMDB snapshot: the daemon writes a journal's new
+    #: header only after the commit it follows is durable, so a journal read first never follows
+    #: a commit newer than the snapshot (a header ahead of its meta is then real, not a race).
+    journal_data: dict[str, bytes | OSError] = field(default_factory=dict, repr=False)
+
+    @property
+    def states(self) -> list[StateView]:
+        return self.instances + ([self.retained] if self.retained else [])
+
+    @property
+    def damaged(self) -> bool:
+        return self.kind == "moved-aside" or any(f.level == ERROR for f in self.all_findings())
+
+    def all_findings(self) -> list[Finding]:
+        out = list(self.findings)
+        for s in self.states:
+            out.extend(s.findings)
+        return out
+
+    def damage_reason(self) -> str:
+        if self.kind == "moved-aside":
+            return (f"moved aside by the daemon at {when(self.moved_at)} because it failed verification; "
+                    "kept for inspection only")
+        errors = [f"{f.where}: {f.message}" for f in self.all_findings() if f.level == ERROR]
+        return errors[0] if errors else ""
+
+    def max_generation(self) -> int:
+        return max([s.generation for s in self.states], default=0)
+
+
+@dataclass
+class StoreView:
+    state_dir: Path
+    boot_id: str
+    daemon: DaemonStatus
+    envs: list[EnvView] = field(default_factory=list)
+    #: Names in the state directory that are neither a store nor one moved aside.
+    ignored: list[str] = field(default_factory=list)
+    exists: bool = True
+
+    def env(self, uuid: str) -> EnvView | None:
+        for e in self.envs:
+            if e.kind == "store" and e.uuid == uuid:
+                return e
+        return None
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+
+def _mode_findings(ev: EnvView) -> None:
+    try:
+        mode = stat.S_IMODE(os.stat(ev.path).st_mode)
+        if mode & ~DIR_MODE:
+            ev.findings.append(Finding(WARNING, "store", f"directory mode {mode:o}: others may read the "
+                                       f"store (the daemon creates it {DIR_MODE:o})"))
+        for entry in os.scandir(ev.path):
+            if entry.is_file(follow_symlinks=False):
+                fmode = stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode)
+                if fmode & ~FILE_MODE:
+                    ev.findings.append(Finding(WARNING, "store", f"{entry.name} has mode {fmode:o} "
+                                               f"(the daemon creates its files {FILE_MODE:o})"))
+    except OSError as exc:
+        ev.findings.append(Finding(ERROR, "store", f"cannot read the directory: {exc}"))
+
+
+def _read_txn(env: lmdb.Environment, txn: lmdb.Transaction, ev: EnvView
+              ) -> tuple[dict[bytes, bytes], dict[bytes, dict[bytes, bytes]]]:
+    """Every record of the environment: plain records of the main database, and every
+    sub-database read whole (which makes LMDB walk every page of it)."""
+    plain: dict[bytes, bytes] = {}
+    subs: dict[bytes, dict[bytes, bytes]] = {}
+    for name, value in list(txn.cursor()):
+        try:
+            db = env.open_db(name, txn=txn, create=False)
+        except lmdb.IncompatibleError:
+            plain[name] = value
+            continue
+        ev.databases[name.decode("latin-1")] = dict(txn.stat(db))
+        subs[name] = dict(txn.cursor(db=db))
+    return plain, subs
+
+
+def _bitmap(ev: EnvView, sv: StateView, what: str, chunks: dict[bytes, bytes] | None, chunk_bytes: int,
+            expect_whole: bool) -> bytes:
+    """Assemble one bitmap from its chunks, reporting every chunk that does not fit."""
+    count = sv.region_count
+    total = bitmap_bytes(count)
+    n = chunks_for(count, chunk_bytes)
+    out = bytearray(total)
+    seen: set[int] = set()
+    for key, value in (chunks or {}).items():
+        try:
+            index = decode_chunk_key(key)
+        except StoreFormatError as exc:
+            sv.findings.append(Finding(ERROR, what, f"bad chunk key {key.hex()}: {exc}"))
+            continue
+        if index >= n:
+            sv.findings.append(Finding(ERROR, what, f"chunk {index} lies past the {n} chunk(s) of "
+                                       f"{count} regions (geometry does not match the bitmap)"))
+            continue
+        want = chunk_length(index, count, chunk_bytes)
+        seen.add(index)
+        if len(value) != want:
+            sv.findings.append(Finding(ERROR, what, f"chunk {index} holds {len(value)} bytes, {want} "
+                                       f"expected for {count} regions"))
+            continue
+        out[index * chunk_bytes : index * chunk_bytes + want] = value
+    missing = sorted(set(range(n)) - seen)
+    if missing and expect_whole:
+        sv.findings.append(Finding(WARNING, what, f"chunk(s) {ranges(missing)} missing: read as dirty and "
+                                   "out of sync (every commit since the first writes whole bitmaps)"))
+    if count % 8 and total and out[-1] >> (count % 8):
+        sv.findings.append(Finding(ERROR, what, f"padding bits past region {count - 1} are set "
+                                   f"(last byte {out[-1]:#04x})"))
+    return bytes(out)
+
+
+def _as_bits(data: bytes, count: int) -> bitarray:
+    bits = bitarray(endian="little")
+    bits.frombytes(data)
+    if len(bits) < count:
+        bits.extend(zeros(count - len(bits), endian="little"))
+    del bits[count:]
+    return bits
+
+
+def _read_journal(ev: EnvView, sv: StateView, boot_id: str) -> None:
+    assert sv.meta is not None and sv.luid is not None
+    where = f"luid {luid_hex(sv.luid)}"
+    jv = JournalView(path=ev.path / journal_file_name(sv.luid))
+    sv.journal = jv
+    data = ev.journal_data.get(jv.path.name)
+    if data is None:
+        return
+    jv.exists = True
+    if isinstance(data, OSError):
+        jv.problem = f"cannot read: {data}"
+        sv.findings.append(Finding(WARNING, where, f"journal {jv.path.name}: {jv.problem}"))
+        return
+    jv.size = len(data)
+    if not data:
+        return  # the window between a commit's truncation and the new header: nothing to replay
+    try:
+        header = JournalHeader.decode(data)
+    except StoreFormatError as exc:
+        jv.problem = f"unreadable header ({exc}); the daemon ignores and rewrites it"
+        sv.findings.append(Finding(WARNING, where, f"journal {jv.path.name}: {jv.problem}"))
+        return
+    jv.header_luid, jv.header_seq = header.luid, header.commit_seq
+    meta_seq = sv.meta.commit_seq
+    if header.luid != sv.luid:
+        jv.problem = f"header names luid {luid_hex(header.luid)}"
+        sv.findings.append(Finding(WARNING, where, f"journal {jv.path.name}: {jv.problem}"))
+        return
+    ops, _valid, cut = decode_journal_ops(data[JOURNAL_HEADER_SIZE:])
+    jv.ops = ops
+    if header.commit_seq > meta_seq:
+        jv.problem = (f"header follows commit {header.commit_seq}, newer than the meta's commit {meta_seq} "
+                      "(a journal left by an earlier instance of this luid); ignored by the daemon")
+        sv.findings.append(Finding(WARNING, where, f"journal {jv.path.name}: {jv.problem}"))
+        return
+    if header.commit_seq < meta_seq:
+        jv.problem = (f"stale: follows commit {header.commit_seq}, the meta holds commit {meta_seq} (the "
+                      "daemon stopped between a commit and the journal reset); its ops are in the commit")
+        sv.findings.append(Finding(NOTE, where, f"journal {jv.path.name}: {jv.problem}"))
+        return
+    jv.follows_meta = True
+    if cut:
+        jv.problem = f"{cut} (the daemon keeps the ops before it and truncates the rest)"
+        sv.findings.append(Finding(NOTE, where, f"journal {jv.path.name}: {jv.problem}"))
+    jv.replayed = sv.meta.boot_id == boot_id
+
+
+def _apply_journal(sv: StateView) -> None:
+    """The engine's replay (``Engine._restore_instance``): ops in order, with the log's rules."""
+    log = RegionLog.from_bitmaps(sv.region_count, sv.committed_clean, sv.committed_sync)
+    assert sv.journal is not None
+    for op, region in sv.journal.ops:
+        if not 0 <= region < sv.region_count:
+            continue
+        if op == OP_MARK:
+            log.mark([region])
+        elif op == OP_CLEAR:
+            log.clear([region])
+        elif op in (OP_SET_SYNC, OP_SET_NOSYNC):
+            log.set_region_sync(region, op == OP_SET_SYNC)
+    sv.clean = log.clean[: sv.region_count]
+    sv.sync = log.sync[: sv.region_count]
+
+
+def _decode_env(ev: EnvView, plain: dict[bytes, bytes], subs: dict[bytes, dict[bytes, bytes]],
+                boot_id: str) -> None:
+    uuid = ev.uuid
+    raw_format = plain.pop(FORMAT_KEY, None)
+    chunk_bytes = 0
+    if raw_format is None:
+        if plain or subs:
+            ev.findings.append(Finding(ERROR, "store", "the environment holds data but no format record"))
+        else:
+            ev.findings.append(Finding(NOTE, "store", "empty environment (no records yet)"))
+    else:
+        try:
+            ev.format = FormatRecord.decode(raw_format)
+            chunk_bytes = ev.format.chunk_bytes
+            if uuid is not None and ev.format.uuid != uuid:
+                ev.findings.append(Finding(ERROR, "store", f"format record names uuid {ev.format.uuid!r}, "
+                                           f"the directory {uuid!r}"))
+            if chunk_bytes != CHUNK_BYTES:
+                ev.findings.append(Finding(NOTE, "store", f"written with {chunk_bytes}-byte chunks: the "
+                                           f"daemon re-chunks it to {CHUNK_BYTES} when it next opens it"))
+        except StoreFormatError as exc:
+            ev.findings.append(Finding(ERROR, "store", f"format record: {exc}"))
+    for name in plain:
+        ev.findings.append(Finding(WARNING, "store", f"unknown record {name!r} in the main database "
+                                   "(ignored by the daemon)"))
+    if uuid is None and ev.format is not None:
+        uuid = ev.uuid = ev.format.uuid
+    groups: dict[int, dict[str, dict[bytes, bytes]]] = {}
+    for name, content in subs.items():
+        parsed = parse_instance_db_name(name)
+        if parsed is not None:
+            groups.setdefault(parsed[1], {})[parsed[0]] = content
+        elif name not in (RETAINED_META, RETAINED_CLEAN, RETAINED_SYNC):
+            ev.findings.append(Finding(WARNING, "store",
+                                       f"unknown sub-database {name!r} (ignored by the daemon)"))
+    for luid in sorted(groups):
+        dbs = groups[luid]
+        if "meta" not in dbs:
+            kinds = "/".join(sorted(dbs))
+            ev.findings.append(Finding(WARNING, f"luid {luid_hex(luid)}", f"{kinds} sub-database(s) without "
+                                       "their meta (left over; ignored by the daemon)"))
+            continue
+        sv = StateView(uuid=uuid or "?", kind="instance", luid=luid)
+        ev.instances.append(sv)
+        where = f"meta.{luid:016x}"
+        meta_db = dbs["meta"]
+        raw = meta_db.get(RECORD_KEY)
+        extra = set(meta_db) - {RECORD_KEY}
+        if extra:
+            sv.findings.append(Finding(WARNING, where, f"unexpected keys {sorted(extra)!r}"))
+        if raw is None:
+            sv.findings.append(Finding(ERROR, where, "sub-database has no record"))
+            continue
+        try:
+            meta = MetaRecord.decode(raw)
+        except StoreFormatError as exc:
+            sv.findings.append(Finding(ERROR, where, str(exc)))
+            continue
+        sv.meta = meta
+        sv.region_count, sv.generation = meta.region_count, meta.generation
+        sv.committed_at = meta.committed_at
+        if meta.luid != luid or (uuid is not None and meta.uuid != uuid):
+            sv.findings.append(Finding(ERROR, where, f"holds the record of uuid={meta.uuid!r} "
+                                       f"luid={luid_hex(meta.luid)}"))
+        if not meta.resumed and meta.generation != 0:
+            sv.findings.append(Finding(WARNING, where, f"never resumed but generation {meta.generation} "
+                                       "(only a RESUME gives an instance a generation)"))
+        if not chunk_bytes:
+            continue
+        committed = meta.committed_at > 0
+        sv.committed_clean = _bitmap(ev, sv, f"clean.{luid:016x}", dbs.get("clean"), chunk_bytes, committed)
+        sv.committed_sync = _bitmap(ev, sv, f"sync.{luid:016x}", dbs.get("sync"), chunk_bytes, committed)
+        for kind in ("clean", "sync"):
+            if kind not in dbs:
+                sv.findings.append(Finding(NOTE, where, f"no {kind}.{luid:016x} sub-database"))
+        _read_journal(ev, sv, boot_id)
+        if sv.journal and sv.journal.replayed and sv.journal.ops and not sv.damaged:
+            _apply_journal(sv)
+        else:
+            sv.clean = _as_bits(sv.committed_clean, sv.region_count)
+            sv.sync = _as_bits(sv.committed_sync, sv.region_count)
+    raw = subs.get(RETAINED_META, {}).get(RECORD_KEY)
+    if raw is not None or RETAINED_CLEAN in subs or RETAINED_SYNC in subs:
+        sv = StateView(uuid=uuid or "?", kind="retained")
+        ev.retained = sv
+        if raw is None:
+            sv.findings.append(Finding(ERROR, "retained.meta", "retained bitmaps without a retained record"))
+        else:
+            try:
+                rr = RetainedRecord.decode(raw)
+            except StoreFormatError as exc:
+                sv.findings.append(Finding(ERROR, "retained.meta", str(exc)))
+            else:
+                sv.retained, sv.region_count, sv.generation = rr, rr.region_count, rr.generation
+                sv.committed_at = rr.committed_at
+                if uuid is not None and rr.uuid != uuid:
+                    sv.findings.append(Finding(ERROR, "retained.meta", f"names uuid {rr.uuid!r}"))
+                if chunk_bytes:
+                    sv.committed_clean = _bitmap(ev, sv, "retained.clean", subs.get(RETAINED_CLEAN),
+                                                 chunk_bytes, True)
+                    sv.committed_sync = _bitmap(ev, sv, "retained.sync", subs.get(RETAINED_SYNC),
+                                                chunk_bytes, True)
+                    sv.clean = _as_bits(sv.committed_clean, sv.region_count)
+                    sv.sync = _as_bits(sv.committed_sync, sv.region_count)
+    luids = {s.luid for s in ev.instances}
+    for name in ev.journals:
+        m = _JOURNAL_NAME.fullmatch(name)
+        if m and int(m.group(1), 16) not in luids:
+            ev.findings.append(Finding(NOTE, "store", f"{name} has no instance (left over from a DTR; never "
+                                       "read by the daemon)"))
+
+
+def read_env(path: Path, uuid: str | None, boot_id: str, kind: str = "store",
+             moved_at: int | None = None) -> EnvView:
+    """Read one environment read-only, in one read transaction, then close it."""
+    ev = EnvView(name=path.name, path=path, uuid=uuid, boot_id=boot_id, kind=kind, moved_at=moved_at)
+    if kind == "moved-aside":
+        ev.findings.append(Finding(WARNING, "store", f"moved aside by the daemon at {when(moved_at)} (it "
+                                   "failed verification; the uuid started from a full resync): kept for "
+                                   "inspection, never used again; remove it when done"))
+    _mode_findings(ev)
+    try:
+        ev.journals = sorted(n for n in os.listdir(path) if n.startswith("journal."))
+        ev.data_bytes = (path / "data.mdb").stat().st_size
+    except OSError as exc:
+        ev.findings.append(Finding(ERROR, "store", f"no LMDB data file: {exc}"))
+        return ev
+    for name in ev.journals:
+        try:
+            ev.journal_data[name] = (path / name).read_bytes()
+        except FileNotFoundError:
+            pass  # removed by a DTR meanwhile
+        except OSError as exc:
+            ev.journal_data[name] = exc
+    try:
+        env = lmdb.open(str(path), readonly=True, lock=True, subdir=True, max_dbs=MAX_DBS, create=False,
+                        mode=FILE_MODE)
+    except lmdb.Error as exc:
+        ev.findings.append(Finding(ERROR, "store", f"LMDB cannot open the environment: {exc}"))
+        return ev
+    try:
+        for _attempt in range(3):
+            try:
+                with env.begin() as txn:
+                    plain, subs = _read_txn(env, txn, ev)
+                break
+            except lmdb.MapResizedError:
+                env.set_mapsize(0)  # the daemon grew the map meanwhile: adopt its size, read again
+        else:  # pragma: no cover - the map would have to grow three times during one read
+            raise lmdb.MapResizedError("map resized while reading")
+        ev.stat = dict(env.stat())
+        ev.info = {k: v for k, v in env.info().items() if isinstance(v, int)}
+        ev.opened = True
+    except lmdb.Error as exc:
+        ev.findings.append(Finding(ERROR, "store", f"LMDB error while reading every record: {exc}"))
+        return ev
+    finally:
+        env.close()
+    _decode_env(ev, plain, subs, boot_id)
+    return ev
+
+
+def _judge(ev: EnvView, boot_id: str, daemon_running: bool = True) -> None:
+    """Give every state of one environment its verdict and reason."""
+    good = [s for s in ev.states if not s.damaged and (s.meta or s.retained)]
+    for s in ev.states:
+        s.verdict, s.reason = _verdict(s, good, boot_id, ev)
+        if s.verdict in LIVE_STATES and not daemon_running:
+            s.reason += " (dm-ulogd is not running: the kernel retries its requests until it is back)"
+
+
+def is_live_now(s: StateView, boot_id: str) -> bool:
+    return s.meta is not None and s.meta.boot_id == boot_id and s.meta.state in LIVE_STATES
+
+
+def _verdict(s: StateView, good: list[StateView], boot_id: str, ev: EnvView) -> tuple[str, str]:
+    if ev.kind == "moved-aside":
+        return "damaged", ev.damage_reason()
+    if s.damaged or (s.meta is None and s.retained is None):
+        errors = [f"{f.where}: {f.message}" for f in s.findings if f.level == ERROR]
+        return "damaged", (errors[0] if errors else "unreadable") + \
+            " (the daemon moves this uuid's store aside at its next start: a full resync)"
+    if s.meta is not None and s.meta.superseded:
+        return "superseded", ("another instance adopted its state (superseded flag); it is never handed "
+                              "over again")
+    if s.resumed and not is_live_now(s, boot_id):
+        newer = [o for o in good if o is not s and o.generation > s.generation]
+        if newer:
+            top = max(newer, key=lambda o: o.generation)
+            return "superseded", f"a newer state exists: {top.label()}"
+    if s.kind == "retained":
+        src = s.retained.source_luid if s.retained else None
+        origin = "imported from a disk log" if src == 0 else f"the state of luid {luid_hex(src)}"
+        return "retained", f"the uuid's retained state ({origin}); the next RESUME of the uuid adopts it"
+    assert s.meta is not None
+    if s.meta.boot_id != boot_id:
+        if not s.meta.resumed:
+            return "orphaned", f"recorded under boot {s.meta.boot_id}, never resumed: holds no state"
+        return "orphaned", (f"recorded under boot {s.meta.boot_id}, not this boot: the kernel that owned it "
+                            "is gone; the next RESUME of the uuid adopts its state (generation "
+                            f"{s.generation})")
+    reasons = {
+        "live": "resumed by the running kernel (this boot); its state changes with the mirror's I/O",
+        "presuspended": "being suspended by the running kernel (this boot)",
+        "suspended": "suspended in this boot: its state is handed over to the next instance of the uuid "
+                     "that resumes (or kept at its DTR)",
+        "constructed": "loaded in this boot, not resumed yet (an inactive table)",
+        "destroyed": "destroyed, its removal from the store did not complete",
+    }
+    return s.meta.state, reasons.get(s.meta.state, s.meta.state)
+
+
+def newest(ev: EnvView) -> list[StateView]:
+    """The uuid's newest states: retained, or resumed instances not flagged superseded, at the
+    highest generation (one, unless the store is inconsistent). What the next RESUME adopts."""
+    candidates = [s for s in ev.states if not s.damaged and s.clean is not None and s.resumed
+                  and not (s.meta and s.meta.superseded)]
+    if not candidates:
+        return []
+    top = max(s.generation for s in candidates)
+    return [s for s in candidates if s.generation == top]
+
+
+def check_generations(ev: EnvView, boot_id: str) -> None:
+    """Invariants on generations (``ulog-recover verify``):
+
+    * a never-resumed instance has generation 0 (checked while decoding);
+    * non-zero generations are unique among the uuid's instances and retained state: each commit
+      of a new state takes the next generation, a hand-over copies it into an instance that then
+      commits a newer one, and a retained state takes the next one at DTR;
+    * an instance flagged superseded is never the uuid's newest state: whoever adopted its state
+      committed a higher generation;
+    * at most one instance of the uuid is live in this boot (one active table per device).
+    """
+    seen: dict[int, StateView] = {}
+    for s in ev.states:
+        if s.damaged or not s.generation:
+            continue
+        if s.generation in seen:
+            ev.findings.append(Finding(ERROR, "generations", f"{seen[s.generation].label()} and {s.label()} "
+                                       "share a generation: which one a RESUME adopts is undefined"))
+        seen[s.generation] = s
+    good = [s for s in ev.states if not s.damaged and s.clean is not None]
+    for s in good:
+        if s.meta and s.meta.superseded and s.generation and \
+                not any(o.generation > s.generation for o in good if o is not s):
+            ev.findings.append(Finding(WARNING, "generations", f"{s.label()} is flagged superseded, yet no "
+                                       "newer state of the uuid exists: the state that adopted it was lost"))
+    live = [s for s in ev.instances if is_live_now(s, boot_id)]
+    if len(live) > 1:
+        ev.findings.append(Finding(WARNING, "generations", "more than one instance is live in this boot: "
+                                   + ", ".join(s.label() for s in live)))
+
+
+def _moved_aside(name: str) -> tuple[str | None, int | None] | None:
+    """(uuid, unix time) of a ``<env name>.damaged-<time>[.<n>]`` directory, else None."""
+    base, sep, rest = name.partition(DAMAGED_INFIX)
+    if not sep:
+        return None
+    stamp = rest.split(".", 1)[0]
+    return decode_dir_name(base), int(stamp) if stamp.isdigit() else None
+
+
+def read_store(state_dir: Path, boot_id: str, uuids: Iterable[str] | None = None,
+               only: Path | None = None, moved_aside: bool = True) -> StoreView:
+    """Read every environment of ``state_dir`` (or just ``only``, one environment directory).
+
+    ``uuids`` limits the stores read; ``moved_aside`` also reads the directories the daemon
+    moved aside as damaged.
+    """
+    view = StoreView(state_dir=state_dir, boot_id=boot_id, daemon=daemon_status(state_dir))
+    wanted = set(uuids) if uuids is not None else None
+    if only is not None:
+        entries = [only]
+    else:
+        if not state_dir.is_dir():
+            view.exists = False
+            return view
+        entries = sorted((Path(e.path) for e in os.scandir(state_dir)), key=lambda p: p.name)
+    for path in entries:
+        if not path.is_dir() or path.is_symlink():
+            if path.name != "lock":
+                view.ignored.append(path.name)
+            continue
+        uuid = decode_dir_name(path.name)
+        if uuid is not None:
+            if wanted is not None and uuid not in wanted:
+                continue
+            ev = read_env(path, uuid, boot_id)
+        else:
+            aside = _moved_aside(path.name)
+            if aside is None:
+                view.ignored.append(path.name)
+                continue
+            if not moved_aside or (wanted is not None and aside[0] not in wanted):
+                continue
+            ev = read_env(path, aside[0], boot_id, kind="moved-aside", moved_at=aside[1])
+        _judge(ev, boot_id, view.daemon.running)
+        check_generations(ev, boot_id)
+        view.envs.append(ev)
+    return view
+
+
+def env_dir_argument(path: Path) -> bool:
+    """True if ``path`` is one environment directory (a uuid's store, or one moved aside)."""
+    return path.is_dir() and (path / "data.mdb").exists() and (
+        decode_dir_name(path.name) is not None or _moved_aside(path.name) is not None)
+
+
+def describe_op(op: int) -> str:
+    return _OP_NAMES.get(op, f"op {op}")
+
+
+__all__ = ["EnvView", "Finding", "StateView", "StoreView", "instance_db_name", "newest", "read_env",
+           "read_store"]
