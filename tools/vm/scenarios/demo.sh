@@ -4,25 +4,13 @@
 # shellcheck source=lib.sh
 source "$(dirname "$0")/lib.sh"
 
-# store_dirty UUID: "<dirty regions> <out-of-sync regions>" as ranges, read from the LMDB store (read-only).
+# store_dirty UUID: the dirty regions (ranges) of UUID's instance, read from the store with ulog-dump,
+# read-only: what a restart of the daemon will restore.
 store_dirty() {
-    "$PY" - "$STATE" "$1" <<'PYEOF'
-import sys
-from pathlib import Path
-from ulog_disk.backends.lmdb_store import LmdbBackend
-from ulog_disk.regionlog import RegionLog, format_ranges
-from ulog_disk.backends.base import OP_MARK, OP_CLEAR, OP_SET_SYNC, OP_SET_NOSYNC
-restored = LmdbBackend(Path(sys.argv[1])).restore()
-for si in restored.instances:
-    if si.record.uuid != sys.argv[2]:
-        continue
-    log = RegionLog.from_bitmaps(si.record.region_count, si.clean, si.sync)
-    for op, r in si.journal:
-        {OP_MARK: lambda: log.mark([r]), OP_CLEAR: lambda: log.clear([r]),
-         OP_SET_SYNC: lambda: log.set_region_sync(r, True),
-         OP_SET_NOSYNC: lambda: log.set_region_sync(r, False)}[op]()
-    print(format_ranges(log.dirty_regions()) or "none", format_ranges(log.unsynced_regions()) or "none")
-PYEOF
+    "$PY" -m ulog_disk.tools.dump store "$STATE" --uuid "$1" --json \
+        | "$PY" -c 'import json, sys
+states = [s for st in json.load(sys.stdin)["stores"] for s in st["instances"]]
+print(states[0]["dirty_ranges"] or "none" if states else "no instance")'
 }
 
 scenario_demo() {
@@ -37,7 +25,7 @@ scenario_demo() {
     streamer=$!
     sleep 6
     kill9_daemon
-    read -r dirty _ <<<"$(store_dirty "$uuid")"
+    dirty=$(store_dirty "$uuid")
     record "dirty_regions_at_crash" "$dirty"
     log "daemon down for 5 s while the writer runs"
     sleep 5
