@@ -1,0 +1,865 @@
+"""The ulog-disk benchmark suite: every figure is a ratio against a floor measured in the same run.
+
+    .venv/bin/python tools/bench/run.py [--quick] [--out docs/benchmarks] [--dir DIR] [--only 1,3]
+
+1. durable FLUSH round trip (kernel model -> unix socket -> dm-ulogd --backend lmdb -> LMDB commit
+   -> reply), p50/p99, against a 4 KiB pwrite + fdatasync on the state directory's filesystem;
+2. FLUSH p50 at 32 K .. 32 M regions against a whole-bitmap rewrite + fdatasync at each size
+   (and a PNG plot of it);
+3. non-durable request rate (IN_SYNC, GET_SYNC_COUNT) against a raw Python echo server on the same
+   socket type with the same client;
+4. regions resynced after kill -9 + host reboot with N regions dirty: LMDB vs memory backend;
+5. resume time and RSS of a 32 M-region log restored from the store;
+6. 8 mirrors flushing concurrently against one alone.
+
+Each metric prints one line per figure: value, floor, ratio, target, MET/MISSED (or INFO). The
+results go to ``<out>/results[-quick].json`` and the plot to ``<out>/flush-vs-regions[-quick].png``.
+``--quick`` runs everything smaller (4 M regions stand in for 32 M) in under a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import multiprocessing as mp
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchlib  # noqa: E402
+from benchlib import STRIDE, DaemonProc, LmdbFloor, RawClient, SyncWriter, ctr_string, median, pct  # noqa: E402
+from pngplot import human_count, loglog_plot  # noqa: E402
+
+from ulog_disk import wire  # noqa: E402
+from ulog_disk.backends.lmdb_store import LmdbBackend  # noqa: E402
+from ulog_disk.engine import Engine  # noqa: E402
+from ulog_disk.kernelmodel import KernelConnection, UserspaceLog  # noqa: E402
+from ulog_disk.regionlog import chunk_count  # noqa: E402
+from ulog_disk.wire import RequestType  # noqa: E402
+
+K = 1 << 10
+M = 1 << 20
+MS = 1e3
+
+
+@dataclass(frozen=True)
+class Config:
+    flush_samples: int
+    warmup: int
+    scale_sizes: tuple[int, ...]
+    scale_samples: int
+    rate_requests: int
+    rate_blocks: int
+    restart_regions: int
+    restart_dirty: int
+    restart_completed: int
+    inflight: int
+    resume_regions: int
+    resume_reps: int
+    mirrors: int
+    mirror_seconds: float
+    mirror_rounds: int
+
+
+FULL = Config(flush_samples=2000, warmup=100, scale_sizes=(32 * K, M, 4 * M, 32 * M), scale_samples=400,
+              rate_requests=10000, rate_blocks=5, restart_regions=M, restart_dirty=1000,
+              restart_completed=1000, inflight=32, resume_regions=32 * M, resume_reps=5, mirrors=8,
+              mirror_seconds=3.0, mirror_rounds=3)
+QUICK = Config(flush_samples=150, warmup=20, scale_sizes=(32 * K, M, 4 * M), scale_samples=40,
+               rate_requests=5000, rate_blocks=3, restart_regions=M, restart_dirty=64,
+               restart_completed=64, inflight=32, resume_regions=4 * M, resume_reps=2, mirrors=8,
+               mirror_seconds=0.8, mirror_rounds=1)
+
+
+@dataclass
+class Row:
+    metric: int
+    name: str
+    value: float
+    unit: str
+    floor: float | None
+    floor_name: str
+    ratio: float | None
+    target: str = ""
+    #: True met, False missed, None: informational (no target on this row).
+    met: bool | None = None
+    note: str = ""
+
+    def line(self) -> str:
+        def fmt(v: float) -> str:
+            return f"{v:.4g}"
+
+        verdict = "INFO" if self.met is None else ("MET" if self.met else "MISSED")
+        floor = f"{fmt(self.floor)} {self.unit} ({self.floor_name})" if self.floor is not None else "-"
+        ratio = f"{self.ratio:.3g}x" if self.ratio is not None else "-"
+        target = f" target {self.target}" if self.target else ""
+        note = f"  [{self.note}]" if self.note else ""
+        return (f"[{self.metric}] {self.name}: {fmt(self.value)} {self.unit} | floor {floor} | "
+                f"ratio {ratio} |{target} {verdict}{note}")
+
+
+class Suite:
+    def __init__(self, cfg: Config, work: Path, quick: bool):
+        self.cfg = cfg
+        self.work = work
+        self.quick = quick
+        self.rows: list[Row] = []
+        self.extra: dict[str, object] = {}
+        self.daemons: list[DaemonProc] = []
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+        print(row.line(), flush=True)
+
+    def ratio_row(self, metric: int, name: str, value: float, unit: str, floor: float, floor_name: str,
+                  limit: float | None, note: str = "", lower_is_better: bool = True,
+                  absolute: tuple[float, float, str] | None = None) -> Row:
+        """A row whose target is a ratio (``limit``), or an absolute bound: ``absolute`` is
+        (measured, limit, unit), e.g. a time that must stay under 50 ms."""
+        ratio = value / floor if floor else float("inf")
+        target, met = "", None
+        if limit is not None:
+            target = f"{'<=' if lower_is_better else '>='} {limit:g}x"
+            met = ratio <= limit if lower_is_better else ratio >= limit
+        elif absolute is not None:
+            measured, bound, bound_unit = absolute
+            target = f"<= {bound:g} {bound_unit}"
+            met = measured <= bound
+        row = Row(metric, name, value, unit, floor, floor_name, ratio, target, met, note)
+        self.add(row)
+        return row
+
+    def daemon(self, name: str, backend: str, state_dir: Path, boot_id: str | None = None) -> DaemonProc:
+        d = DaemonProc.start(self.work, name, backend, state_dir, boot_id)
+        self.daemons.append(d)
+        return d
+
+    def cleanup(self) -> None:
+        for d in self.daemons:
+            with contextlib.suppress(Exception):
+                d.kill9()
+
+
+def open_log(conn: KernelConnection, uuid: str, luid: int, regions: int, integrated: bool) -> UserspaceLog:
+    log = UserspaceLog(conn, uuid, luid, ctr_string(regions), integrated_flush=integrated)
+    if log.ctr() or log.resume():
+        raise RuntimeError(f"could not construct and resume {uuid}")
+    return log
+
+
+def timed_flush(log: UserspaceLog, region: int) -> float:
+    log.mark_region(region)
+    t0 = time.perf_counter()
+    r = log.flush()
+    dt = time.perf_counter() - t0
+    if r:
+        raise RuntimeError(f"FLUSH of {log.uuid} answered {r}")
+    return dt
+
+
+# --- 1. durable FLUSH round trip -----------------------------------------------------------------
+
+
+def bench_flush(s: Suite) -> None:
+    cfg = s.cfg
+    regions = M
+    d = s.daemon("flush", "lmdb", s.work / "flush-state")
+    conn = KernelConnection(str(d.socket_path))
+    mf = open_log(conn, "bench-flush-mark", 0x100, regions, integrated=False)
+    itg = open_log(conn, "bench-flush-integrated", 0x101, regions, integrated=True)
+    for uuid, luid in (("bench-flush-lean-mark", 0x102), ("bench-flush-lean-integrated", 0x103)):
+        open_log(conn, uuid, luid, regions, integrated=False)
+    lean_mf = benchlib.LeanClient(d.socket_path, "bench-flush-lean-mark", 0x102)
+    lean_itg = benchlib.LeanClient(d.socket_path, "bench-flush-lean-integrated", 0x103)
+    floor = SyncWriter(s.work / "floor-4k.dat", 4096)
+    two = benchlib.TwoSyncFloor(s.work / "floor-two-syncs.dat")
+    store = LmdbFloor(s.work / "lmdb-floor", chunk_count(regions))
+    samples: dict[str, list[float]] = {}
+
+    def timed(key: str, keep: bool, fn: Callable[[], object]) -> None:
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        if keep:
+            samples.setdefault(key, []).append(dt)
+
+    for i in range(cfg.warmup + cfg.flush_samples):
+        r = (i * STRIDE) % regions
+        keep = i >= cfg.warmup
+        if keep:
+            samples.setdefault("floor", []).append(floor.sample())
+            samples.setdefault("two", []).append(two.sample())
+            samples.setdefault("store", []).append(store.sample())
+        else:
+            floor.sample(), two.sample(), store.sample()
+        mf.mark_region(r)
+        itg.mark_region(r)
+        timed("mf", keep, mf.flush)
+        timed("itg", keep, itg.flush)
+        timed("lean_mf", keep, lambda r=r: lean_mf.mark_flush(r))
+        timed("lean_itg", keep, lambda r=r: lean_itg.call("flush1", r))
+        timed("rtt", keep, lambda r=r: mf.in_sync(r))
+        timed("lean_rtt", keep, lambda r=r: lean_mf.call("in_sync", r))
+        if mf.errors or itg.errors:
+            raise RuntimeError(f"requests failed: {mf.errors + itg.errors}")
+    conn.close()
+    lean_mf.close()
+    lean_itg.close()
+    for w in (floor, two, store):
+        w.close()
+    d.stop()
+
+    def p50(key: str) -> float:
+        return pct(samples[key], 50) * MS
+
+    f50, f99 = p50("floor"), pct(samples["floor"], 99) * MS
+    floor_name = "4 KiB pwrite+fdatasync p50"
+    for key, label in (("mf", "MARK_REGION + FLUSH"), ("itg", "FLUSH with marks (integrated_flush)")):
+        s.ratio_row(1, f"FLUSH p50, {label}, kernel model, 1 M regions", p50(key), "ms", f50, floor_name, 2.5)
+        s.ratio_row(1, f"FLUSH p99, {label}, kernel model, 1 M regions", pct(samples[key], 99) * MS, "ms",
+                    f99, "4 KiB pwrite+fdatasync p99", None)
+    # Where the time goes: the same requests from a client that costs nothing, the commit
+    # without the daemon, the physical cost of LMDB's two syncs, and requests without a disk.
+    s.ratio_row(1, "MARK_REGION + FLUSH p50, lean client (frame templates, no kernel-model threads)",
+                p50("lean_mf"), "ms", f50, floor_name, None)
+    s.ratio_row(1, "FLUSH with marks p50, lean client", p50("lean_itg"), "ms", f50, floor_name, None)
+    s.ratio_row(1, "bare py-lmdb durable commit (meta + 1 chunk), in the benchmark process, p50",
+                p50("store"), "ms", f50, floor_name, None, note="no daemon, no Python beyond two puts")
+    s.ratio_row(1, "two syncs: 4 KiB pwrite+fdatasync, then 120 B pwrite on an O_DSYNC fd, p50", p50("two"),
+                "ms", f50, floor_name, None, note="what LMDB's commit does at least (data, then meta page)")
+    s.ratio_row(1, "IN_SYNC round trip p50, kernel model (no disk)", p50("rtt"), "ms", f50, floor_name, None)
+    s.ratio_row(1, "IN_SYNC round trip p50, lean client (no disk)", p50("lean_rtt"), "ms", f50, floor_name,
+                None)
+    s.extra["flush"] = {k: {"p50_ms": pct(v, 50) * MS, "p99_ms": pct(v, 99) * MS, "n": len(v)}
+                        for k, v in samples.items()}
+
+
+# --- 2. scale ------------------------------------------------------------------------------------
+
+
+def bench_scale(s: Suite, out: Path, suffix: str) -> None:
+    cfg = s.cfg
+    sizes = cfg.scale_sizes
+    d = s.daemon("scale", "lmdb", s.work / "scale-state")
+    conn = KernelConnection(str(d.socket_path), timeout=120)
+    logs = {}
+    for n, size in enumerate(sizes):
+        logs[size] = (open_log(conn, f"bench-scale-{size}-mark", 0x200 + 2 * n, size, integrated=False),
+                      open_log(conn, f"bench-scale-{size}-integrated", 0x201 + 2 * n, size, integrated=True))
+    floors = {size: SyncWriter(s.work / f"floor-bitmap-{size}.dat", size // 8) for size in sizes}
+    floor4k = SyncWriter(s.work / "floor-4k-scale.dat", 4096)
+    stores = {size: LmdbFloor(s.work / f"lmdb-floor-{size}", chunk_count(size)) for size in sizes}
+    bare: dict[int, list[float]] = {size: [] for size in sizes}
+    mf: dict[int, list[float]] = {size: [] for size in sizes}
+    itg: dict[int, list[float]] = {size: [] for size in sizes}
+    whole: dict[int, list[float]] = {size: [] for size in sizes}
+    f4k: list[float] = []
+    for i in range(cfg.warmup + cfg.scale_samples):
+        keep = i >= cfg.warmup
+        got = []
+        for size in sizes:
+            r = (i * STRIDE) % size
+            got.append((mf[size], timed_flush(logs[size][0], r)))
+            got.append((itg[size], timed_flush(logs[size][1], r)))
+        for size in sizes:
+            got.append((whole[size], floors[size].sample()))
+            got.append((bare[size], stores[size].sample()))
+        got.append((f4k, floor4k.sample()))
+        if keep:
+            for bucket, v in got:
+                bucket.append(v)
+    conn.close()
+    d.stop()
+    for w in (*floors.values(), *stores.values(), floor4k):
+        w.close()
+    p = {size: pct(mf[size], 50) * MS for size in sizes}
+    pi = {size: pct(itg[size], 50) * MS for size in sizes}
+    pw = {size: pct(whole[size], 50) * MS for size in sizes}
+    pb = {size: pct(bare[size], 50) * MS for size in sizes}
+    small, big = sizes[0], sizes[-1]
+    note = "" if big == 32 * M else f"--quick: {human_count(big)} stands in for 32M"
+    # The rewrite target is set at 32 M regions; --quick reports its largest size without one.
+    rewrite_limit = 0.25 if big == 32 * M else None
+    for size in sizes:
+        for label, values in (("MARK+FLUSH", p), ("integrated", pi)):
+            s.ratio_row(2, f"FLUSH p50 ({label}) at {human_count(size)} regions", values[size], "ms",
+                        pw[size], f"rewrite {size // 8 // K} KiB bitmap+fdatasync p50",
+                        rewrite_limit if size == big else None, note if size == big else "")
+    s.ratio_row(2, f"bare py-lmdb commit (meta + 1 chunk) p50 at {human_count(big)} regions", pb[big], "ms",
+                pw[big], f"rewrite {big // 8 // K} KiB bitmap+fdatasync p50", None,
+                note="the LMDB design's own floor at this size, no daemon")
+    for label, values in (("MARK+FLUSH", p), ("integrated", pi)):
+        s.ratio_row(2, f"FLUSH p50 ({label}) {human_count(big)} vs {human_count(small)} regions", values[big],
+                    "ms", values[small], f"FLUSH p50 at {human_count(small)}", 1.2, note)
+    f4 = pct(f4k, 50) * MS
+    s.extra["scale"] = {
+        "sizes": list(sizes), "mark_flush_p50_ms": p, "integrated_p50_ms": pi, "bitmap_rewrite_p50_ms": pw,
+        "mark_flush_p99_ms": {size: pct(mf[size], 99) * MS for size in sizes},
+        "integrated_p99_ms": {size: pct(itg[size], 99) * MS for size in sizes},
+        "floor_4k_p50_ms": f4, "bare_lmdb_p50_ms": pb,
+    }
+    plot = out / f"flush-vs-regions{suffix}.png"
+    plot_scale(plot, s.extra["scale"])  # type: ignore[arg-type]
+    s.extra["plot"] = str(plot)
+    print(f"[2] plot written to {plot}", flush=True)
+
+
+def plot_scale(path: Path, scale: dict[str, object]) -> None:
+    """The PNG of metric 2 from its results (``detail.scale`` of a results file works too)."""
+
+    def series(key: str) -> dict[int, float]:
+        return {int(k): float(v) for k, v in scale[key].items()}  # type: ignore[attr-defined]
+
+    sizes = sorted(int(x) for x in scale["sizes"])  # type: ignore[attr-defined]
+    big = sizes[-1]
+    p, pi, pw = series("mark_flush_p50_ms"), series("integrated_p50_ms"), series("bitmap_rewrite_p50_ms")
+    pb = series("bare_lmdb_p50_ms")
+    f4 = float(scale["floor_4k_p50_ms"])  # type: ignore[arg-type]
+    loglog_plot(
+        path, "dm-ulogd FLUSH latency vs region count (p50)", "regions", "ms",
+        [
+            ("FLUSH p50, MARK_REGION + FLUSH (lmdb)", [(x, p[x]) for x in sizes], False),
+            ("FLUSH p50, FLUSH with marks (lmdb)", [(x, pi[x]) for x in sizes], False),
+            ("whole-bitmap rewrite + fdatasync p50 (disk log, cmirrord)", [(x, pw[x]) for x in sizes], True),
+            ("bare py-lmdb commit p50, meta + 1 chunk (no daemon)", [(x, pb[x]) for x in sizes], True),
+            ("4 KiB pwrite + fdatasync p50 (floor)", [(x, f4) for x in sizes], True),
+            (f"0.25 x whole-bitmap rewrite at {human_count(big)} (the target at 32M)",
+             [(big, 0.25 * pw[big])], True),
+        ],
+    )
+
+
+# --- 3. non-durable request rate --------------------------------------------------------------------
+
+
+def request_rate(path: Path, frame: bytes, n: int, pid: int) -> tuple[float, float]:
+    """Requests/s with one in flight, and the server's CPU seconds per request."""
+    sock = RawClient(path).sock
+    send, recv = sock.send, sock.recv
+    for _ in range(50):
+        send(frame)
+        recv(65536)
+    c0 = benchlib.cpu_seconds(pid)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        send(frame)
+        recv(65536)
+    dt = time.perf_counter() - t0
+    c1 = benchlib.cpu_seconds(pid)
+    sock.close()
+    return n / dt, (c1 - c0) / n
+
+
+def bench_rate(s: Suite) -> None:
+    cfg = s.cfg
+    regions = M
+    d = s.daemon("rate", "lmdb", s.work / "rate-state")
+    c = RawClient(d.socket_path)
+    uuid, luid = "bench-rate", 0x300
+    c.ok(uuid, luid, RequestType.CTR, ctr_string(regions).encode())
+    c.ok(uuid, luid, RequestType.RESUME)
+    frames = {
+        "IN_SYNC": c.frame(uuid, luid, RequestType.IN_SYNC, wire.build_u64(12345)),
+        "GET_SYNC_COUNT": c.frame(uuid, luid, RequestType.GET_SYNC_COUNT),
+    }
+    for name, frame in frames.items():  # the frames are answered without error, with 8 bytes
+        c.sock.send(frame)
+        reply = wire.decode_reply(c.sock.recv(65536))
+        if reply.error or len(reply.data) != 8:
+            raise RuntimeError(f"{name} answered {reply.error} with {len(reply.data)} bytes")
+    c.close()
+    echo_sock = s.work / "echo.sock"
+    ready = s.work / "echo.ready"
+    ready.unlink(missing_ok=True)
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("echo_server.py")), str(echo_sock),
+                             str(ready), "--reply-size", "188"])
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("echo server did not start")
+            time.sleep(0.005)
+        placements = benchlib.placements()
+        rates: dict[str, list[float]] = {}
+        cpu: dict[str, list[float]] = {}
+        n = cfg.rate_requests
+        for _ in range(cfg.rate_blocks):
+            for place, (client_cpu, server_cpu) in placements.items():
+                for name, frame in frames.items():
+                    for who, path, pid in (("echo", echo_sock, proc.pid), ("daemon", d.socket_path, d.pid)):
+                        with benchlib.pinned(os.getpid(), client_cpu), benchlib.pinned(pid, server_cpu):
+                            rate, per = request_rate(path, frame, n, pid)
+                        rates.setdefault(f"{place}:{who}:{name}", []).append(rate)
+                        cpu.setdefault(f"{place}:{who}:{name}", []).append(per)
+    finally:
+        proc.kill()
+        proc.wait()
+    d.stop()
+    for place in placements:
+        for name in frames:
+            dr = median(rates[f"{place}:daemon:{name}"])
+            er = median(rates[f"{place}:echo:{name}"])
+            dc = median(cpu[f"{place}:daemon:{name}"]) * 1e6
+            ec = median(cpu[f"{place}:echo:{name}"]) * 1e6
+            target = 0.5 if place == next(iter(placements)) else None
+            s.ratio_row(3, f"{name} requests/s through dm-ulogd, one in flight, {place}", dr, "req/s", er,
+                        "raw Python echo server, same socket, frames, client", target, lower_is_better=False,
+                        note=f"round trip: daemon {1e6 / dr:.1f} us, echo {1e6 / er:.1f} us; server CPU "
+                             f"per request: daemon {dc:.1f} us, echo {ec:.1f} us")
+    s.extra["rate"] = {"rates": rates, "cpu_s_per_request": cpu}
+
+
+# --- 4. restart cost ---------------------------------------------------------------------------------
+
+
+def _send_regions(c: RawClient, uuid: str, luid: int, rtype: RequestType, regions: list[int]) -> None:
+    for i in range(0, len(regions), wire.MAX_REGIONS_PER_GROUP):
+        c.ok(uuid, luid, rtype, wire.build_regions(regions[i : i + wire.MAX_REGIONS_PER_GROUP]))
+
+
+def restart_scenario(s: Suite, backend: str) -> dict[str, object]:
+    """N regions dirty (marked, flushed, writes not completed), M completed, K in flight at
+    kill -9; then the host 'reboots' (new boot id) and the kernel constructs the log with a new
+    luid: how many regions does GET_RESYNC_WORK hand out?"""
+    cfg = s.cfg
+    regions = cfg.restart_regions
+    state = s.work / f"restart-{backend}-state"
+    uuid, luid = f"bench-restart-{backend}", 0x400
+    every = list(range(0, regions, regions // (cfg.restart_dirty + cfg.restart_completed + cfg.inflight)))
+    dirty = every[: cfg.restart_dirty]
+    completed = every[cfg.restart_dirty : cfg.restart_dirty + cfg.restart_completed]
+    inflight = every[cfg.restart_dirty + cfg.restart_completed :][: cfg.inflight]
+    d = s.daemon(f"restart-{backend}-1", backend, state, boot_id="bench-boot-1")
+    c = RawClient(d.socket_path)
+    c.ok(uuid, luid, RequestType.CTR, ctr_string(regions, extra="nosync").encode())
+    c.ok(uuid, luid, RequestType.RESUME)
+    # Writes that completed: mark + flush, then their clears go out with the next flush.
+    for i in range(0, len(completed), wire.MAX_REGIONS_PER_GROUP):
+        _send_regions(c, uuid, luid, RequestType.MARK_REGION, completed[i : i + wire.MAX_REGIONS_PER_GROUP])
+        c.ok(uuid, luid, RequestType.FLUSH)
+    _send_regions(c, uuid, luid, RequestType.CLEAR_REGION, completed)
+    # Writes in progress: marked and flushed, never cleared.
+    for i in range(0, len(dirty), wire.MAX_REGIONS_PER_GROUP):
+        _send_regions(c, uuid, luid, RequestType.MARK_REGION, dirty[i : i + wire.MAX_REGIONS_PER_GROUP])
+        c.ok(uuid, luid, RequestType.FLUSH)
+    # In flight at the kill: an integrated FLUSH carrying K marks, unanswered.
+    c.sock.send(c.frame(uuid, luid, RequestType.FLUSH, wire.build_regions(inflight)))
+    d.kill9()
+    c.close()
+    result: dict[str, object] = {}
+    # The daemon died, the kernel did not (same boot id, same luid): nothing to resync.
+    d = s.daemon(f"restart-{backend}-2", backend, state, boot_id="bench-boot-1")
+    c = RawClient(d.socket_path)
+    err, out = c.request(uuid, luid, RequestType.GET_SYNC_COUNT)
+    result["survived_unsynced"] = regions - wire.parse_u64(out) if err == 0 else None
+    result["survived_error"] = err
+    d.kill9()
+    c.close()
+    # The host rebooted: new boot id, new luid, the constructor without nosync.
+    d = s.daemon(f"restart-{backend}-3", backend, state, boot_id="bench-boot-2")
+    c = RawClient(d.socket_path)
+    new_luid = 0x401
+    c.ok(uuid, new_luid, RequestType.CTR, ctr_string(regions, extra="").encode())
+    c.ok(uuid, new_luid, RequestType.RESUME)
+    unsynced = regions - wire.parse_u64(c.ok(uuid, new_luid, RequestType.GET_SYNC_COUNT))
+    limit = min(unsynced, 4 * (cfg.restart_dirty + cfg.inflight))
+    handed: list[int] = []
+    t0 = time.perf_counter()
+    while len(handed) < limit + 1:
+        have, region = wire.parse_resync_work(c.ok(uuid, new_luid, RequestType.GET_RESYNC_WORK))
+        if not have:
+            break
+        handed.append(region)
+        c.ok(uuid, new_luid, RequestType.SET_REGION_SYNC, wire.build_set_region_sync(region, 1))
+    walk = time.perf_counter() - t0
+    c.close()
+    d.stop()
+    got = set(handed)
+    result.update(
+        regions=regions, dirty=len(dirty), completed=len(completed), inflight=len(inflight),
+        unsynced_after_restart=unsynced, handed_walked=len(handed), walk_complete=len(handed) == unsynced,
+        dirty_covered=set(dirty) <= got or unsynced == regions, completed_handed=len(got & set(completed)),
+        inflight_handed=len(got & set(inflight)), walk_seconds=walk,
+    )
+    return result
+
+
+def bench_restart(s: Suite) -> None:
+    cfg = s.cfg
+    res = {b: restart_scenario(s, b) for b in ("lmdb", "memory")}
+    s.extra["restart"] = res
+    bound = cfg.restart_dirty + cfg.inflight
+    lm, mem = res["lmdb"], res["memory"]
+    lmdb_handed = float(lm["unsynced_after_restart"])  # type: ignore[arg-type]
+    mem_handed = float(mem["unsynced_after_restart"])  # type: ignore[arg-type]
+    total = human_count(cfg.restart_regions)
+    s.ratio_row(4, f"regions resynced after kill -9 + reboot, lmdb, {total} regions",
+                lmdb_handed, "regions", bound, f"N={cfg.restart_dirty} dirty + {cfg.inflight} in flight", 1.0,
+                note=(f"GET_RESYNC_WORK walked {lm['handed_walked']}, every dirty region handed out: "
+                      f"{lm['dirty_covered']}, completed writes handed out: {lm['completed_handed']}, "
+                      f"in-flight handed out: {lm['inflight_handed']}"))
+    s.ratio_row(4, "regions resynced after kill -9 + reboot, memory backend (cmirrord-like)", mem_handed,
+                "regions", bound, f"N={cfg.restart_dirty} dirty + {cfg.inflight} in flight", None,
+                note="counted as region_count - GET_SYNC_COUNT; GET_RESYNC_WORK walked "
+                     f"{mem['handed_walked']} of them")
+    s.ratio_row(4, "lmdb vs memory backend: regions resynced", lmdb_handed, "regions", mem_handed,
+                "memory backend", None)
+    s.ratio_row(4, "daemon died, kernel alive (same boot id and luid): regions out of sync, lmdb",
+                float(lm["survived_unsynced"] or 0), "regions", bound, "N + in flight", None,
+                note="continued exactly: dirty regions stay dirty, not out of sync")
+
+
+# --- 5. resume and memory ---------------------------------------------------------------------------
+
+
+def bench_resume(s: Suite) -> None:
+    cfg = s.cfg
+    regions = cfg.resume_regions
+    bitmaps = 2 * regions // 8
+    label = human_count(regions)
+    quick_note = "" if regions == 32 * M else f"--quick: {label} stands in for 32M"
+    uuid, luid, boot = "bench-resume", 0x500, "bench-boot-r"
+    ctr = ctr_string(regions).encode()
+    state = s.work / "resume-state"
+    d = s.daemon("resume-build", "lmdb", state, boot_id=boot)
+    c = RawClient(d.socket_path, timeout=300)
+    t0 = time.perf_counter()
+    c.ok(uuid, luid, RequestType.CTR, ctr)
+    t1 = time.perf_counter()
+    c.ok(uuid, luid, RequestType.RESUME)
+    first_resume, ctr_time = time.perf_counter() - t1, t1 - t0
+    for i in range(64):
+        c.ok(uuid, luid, RequestType.FLUSH, wire.build_regions([(i * STRIDE) % regions]))
+    # A payload-less FLUSH is a meta-only commit of this log: the floor of a RESUME, which commits too.
+    meta_commits = []
+    for _ in range(21):
+        t = time.perf_counter()
+        c.ok(uuid, luid, RequestType.FLUSH)
+        meta_commits.append(time.perf_counter() - t)
+    c.close()
+    d.kill9()
+    # Alternate a daemon with an empty store (the floor: interpreter, imports, sockets) and the
+    # restart of the daemon that holds the log, which the kernel then reconnects and resumes.
+    empty_start, restart_start, restart_total, resume_alone, rss, base_rss = [], [], [], [], [], []
+    for i in range(cfg.resume_reps):
+        e = s.daemon(f"resume-empty-{i}", "lmdb", s.work / f"resume-empty-state-{i}", boot_id=boot)
+        empty_start.append(e.start_seconds)
+        c = RawClient(e.socket_path)
+        c.request("bench-nothing", 1, RequestType.GET_SYNC_COUNT)  # answered: -EINVAL, unknown log
+        base_rss.append(e.memory())
+        c.close()
+        e.kill9()
+        d = s.daemon(f"resume-restart-{i}", "lmdb", state, boot_id=boot)
+        c = RawClient(d.socket_path, timeout=300)
+        t0 = time.perf_counter()
+        c.ok(uuid, luid, RequestType.CTR, ctr + b"\0")  # the kernel's reconnect: CTR + NUL, no reply buffer
+        t1 = time.perf_counter()
+        c.ok(uuid, luid, RequestType.RESUME)
+        t2 = time.perf_counter()
+        restart_start.append(d.start_seconds)
+        restart_total.append(d.start_seconds + (t2 - t0))
+        resume_alone.append(t2 - t1)
+        rss.append(d.memory())
+        c.close()
+        d.kill9()
+    # In-process: reading the store and rebuilding the table alone, against reading the file.
+    data_mdb = state / only_store_dir(state) / "data.mdb"
+    reads, restores = [], []
+    for _ in range(max(3, cfg.resume_reps)):
+        t = time.perf_counter()
+        data_mdb.read_bytes()
+        reads.append(time.perf_counter() - t)
+        backend = LmdbBackend(state)
+        t = time.perf_counter()
+        engine = Engine(backend, boot_id=boot)
+        engine.restore()
+        restores.append(time.perf_counter() - t)
+        if (uuid, luid) not in engine.table:
+            raise RuntimeError("restore did not rebuild the log")
+        backend.close()
+    # The hand-over path: after a reboot a new luid adopts the state and rewrites both bitmaps.
+    d = s.daemon("resume-handover", "lmdb", state, boot_id=boot + "-2")
+    c = RawClient(d.socket_path, timeout=300)
+    c.ok(uuid, luid + 1, RequestType.CTR, ctr)
+    t = time.perf_counter()
+    c.ok(uuid, luid + 1, RequestType.RESUME)
+    handover = time.perf_counter() - t
+    c.close()
+    d.stop()
+
+    fl = median(meta_commits) * MS
+    floor_name = "payload-less FLUSH p50 of the same log (meta-only commit)"
+
+    ra = median(resume_alone) * MS
+    s.ratio_row(5, f"RESUME alone of a restored {label}-region log (kernel reconnect)", ra, "ms", fl,
+                floor_name, None, absolute=(ra, 50, "ms"))
+    # Process starts are one-shot and swing by tens of ms with the machine's load: the store's
+    # share is taken between the fastest starts of each kind (medians in the note).
+    rt, es = min(restart_total) * MS, min(empty_start) * MS
+    share = rt - es
+    s.ratio_row(5, f"daemon restart + reconnect CTR + RESUME, {label} regions in the store, fastest of "
+                f"{cfg.resume_reps}", rt, "ms", es, "fastest start of the same daemon with an empty store",
+                None, absolute=(share, 50, "ms (store's share)"),
+                note=f"the store's share (this minus the empty start): {share:.1f} ms, the target's subject; "
+                     f"medians {median(restart_total) * MS:.1f} and {median(empty_start) * MS:.1f} ms; "
+                     f"{quick_note}".rstrip("; "))
+    rs = median(restores) * MS
+    s.ratio_row(5, f"in-process Engine.restore() of the {label}-region store", rs, "ms", median(reads) * MS,
+                f"read data.mdb ({data_mdb.stat().st_size >> 20} MiB, page cache)", None,
+                absolute=(rs, 50, "ms"))
+    s.ratio_row(5, f"RESUME with hand-over (new luid after a reboot), {label} regions: adopt + rewrite all",
+                handover * MS, "ms", fl, floor_name, None)
+    s.ratio_row(5, f"first RESUME of a new {label}-region log (writes both bitmaps)", first_resume * MS, "ms",
+                fl, floor_name, None, note=f"its CTR took {ctr_time * MS:.1f} ms")
+    mib = 1 / M
+
+    def med(samples: list[dict[str, int]], key: str) -> float:
+        return median([float(x[key]) for x in samples]) * mib
+
+    vm, base = med(rss, "VmRSS"), med(base_rss, "VmRSS")
+    anon, base_anon = med(rss, "RssAnon"), med(base_rss, "RssAnon")
+    two = bitmaps * mib
+    s.ratio_row(5, f"daemon RSS beyond the empty daemon's, {label}-region log loaded", vm - base, "MiB", two,
+                "its two bitmaps", 2.0,
+                note=f"VmRSS {vm:.1f} MiB (anon {anon:.1f}, file {med(rss, 'RssFile'):.1f}), VmHWM "
+                     f"{med(rss, 'VmHWM'):.1f}; empty daemon VmRSS {base:.1f} (anon {base_anon:.1f}, file "
+                     f"{med(base_rss, 'RssFile'):.1f}); {quick_note}".rstrip("; "))
+    s.ratio_row(5, f"daemon anonymous RSS beyond the empty daemon's, {label}-region log loaded",
+                anon - base_anon, "MiB", two, "its two bitmaps", None,
+                note="the rest is file-backed: LMDB's read-only map of data.mdb (page cache, reclaimable)")
+    s.ratio_row(5, f"daemon VmRSS, whole process, {label}-region log loaded", vm, "MiB", two,
+                "its two bitmaps", None)
+    s.ratio_row(5, "empty daemon VmRSS (the Python interpreter and imports)", base, "MiB", two,
+                "the two bitmaps", None)
+    s.extra["resume"] = {
+        "regions": regions, "empty_start_s": empty_start, "restart_start_s": restart_start,
+        "restart_total_s": restart_total, "resume_alone_s": resume_alone, "restore_s": restores,
+        "read_s": reads, "handover_resume_s": handover, "first_resume_s": first_resume, "ctr_s": ctr_time,
+        "rss": rss, "baseline_rss": base_rss, "meta_commit_s": meta_commits,
+    }
+
+
+def only_store_dir(state: Path) -> str:
+    dirs = [p.name for p in state.iterdir() if p.is_dir()]
+    if len(dirs) != 1:
+        raise RuntimeError(f"expected one store in {state}, found {dirs}")
+    return dirs[0]
+
+
+# --- 6. many mirrors ---------------------------------------------------------------------------------
+
+
+def bench_mirrors(s: Suite) -> None:
+    cfg = s.cfg
+    regions = M
+    n = cfg.mirrors
+    d = s.daemon("mirrors", "lmdb", s.work / "mirrors-state")
+    setup = KernelConnection(str(d.socket_path))
+    for i in range(n):
+        uuid, luid = benchlib.mirror_uuid(i)
+        open_log(setup, uuid, luid, regions, integrated=False)
+    setup.close()
+    ctx = mp.get_context("spawn")
+    workers = []
+    for i in range(n):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=benchlib.load_worker,
+                           args=(i, str(d.socket_path), regions, str(s.work), child), daemon=True)
+        proc.start()
+        workers.append((proc, parent))
+    #: per (kind, workers): (daemon CPU share, machine busy share, daemon user s/op, daemon sys s/op)
+    cpu: dict[tuple[str, int], list[tuple[float, float, float, float]]] = {}
+
+    def run(kind: str, k: int) -> float:
+        """Aggregate operations/s of ``k`` workers running ``kind`` at once."""
+        (u0, s0), (b0, t0) = benchlib.cpu_times(d.pid), benchlib.machine_ticks()
+        w0 = time.perf_counter()
+        for _, pipe in workers[:k]:
+            pipe.send((kind, cfg.mirror_seconds))
+        total = 0.0
+        ops = 0
+        for _, pipe in workers[:k]:
+            count, seconds = pipe.recv()
+            total += count / seconds
+            ops += count
+        wall = time.perf_counter() - w0
+        (u1, s1), (b1, t1) = benchlib.cpu_times(d.pid), benchlib.machine_ticks()
+        cpu.setdefault((kind, k), []).append(
+            ((u1 - u0 + s1 - s0) / wall, (b1 - b0) / max(1, t1 - t0), (u1 - u0) / max(1, ops),
+             (s1 - s0) / max(1, ops)))
+        return total
+
+    results: dict[str, dict[str, list[float]]] = {}
+    kinds = ("lean", "kmodel", "lmdb", "fdatasync")
+    for kind in kinds:
+        run(kind, n)  # warm-up: connections, environments, files, every lane once
+    for _ in range(cfg.mirror_rounds):
+        for kind in kinds:
+            r = results.setdefault(kind, {"one": [], "many": []})
+            r["one"].append(run(kind, 1))
+            r["many"].append(run(kind, n))
+    for proc, pipe in workers:
+        pipe.send(None)
+        proc.join(10)
+
+    def thread_round(k: int) -> float:
+        conns = [KernelConnection(str(d.socket_path)) for _ in range(k)]
+        logs = [UserspaceLog(conns[i], *benchlib.mirror_uuid(i), ctr_string(regions)) for i in range(k)]
+        rates = [0.0] * k
+        start = threading.Barrier(k)
+
+        def body(i: int) -> None:
+            start.wait()
+            count = 0
+            t0 = time.perf_counter()
+            end = t0 + cfg.mirror_seconds
+            while time.perf_counter() < end:
+                logs[i].mark_region(((count + 500000 + 7919 * i) * STRIDE) % regions)
+                if logs[i].flush():
+                    raise RuntimeError("FLUSH failed")
+                count += 1
+            rates[i] = count / (time.perf_counter() - t0)
+
+        threads = [threading.Thread(target=body, args=(i,)) for i in range(k)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for conn in conns:
+            conn.close()
+        return sum(rates)
+
+    t_one = thread_round(1)
+    t_many = thread_round(n)
+    d.stop()
+
+    def cpu_note(kind: str) -> str:
+        one = cpu[(kind, 1)]
+        many = cpu[(kind, n)]
+
+        def m(rows: list[tuple[float, float, float, float]], i: int, scale: float) -> str:
+            return f"{scale * median([r[i] for r in rows]):.0f}"
+
+        return (f"daemon CPU {m(one, 0, 100)}% alone, {m(many, 0, 100)}% with {n}; daemon CPU per flush "
+                f"{m(one, 2, 1e6)} us user + {m(one, 3, 1e6)} us sys alone, {m(many, 2, 1e6)} + "
+                f"{m(many, 3, 1e6)} us with {n}; machine busy {m(one, 1, 100)}% / {m(many, 1, 100)}% of "
+                f"{os.cpu_count()} CPUs")
+
+    one = median(results["lean"]["one"])
+    many = median(results["lean"]["many"])
+    s.ratio_row(6, f"{n} mirrors flushing at once (MARK_REGION + FLUSH, 1 process each): aggregate FLUSH/s",
+                many, "flush/s", one, "one mirror alone, same client", 3.0, lower_is_better=False,
+                note=cpu_note("lean"))
+    s.ratio_row(6, f"{n} mirrors at once, kernel-model clients (1 process each)",
+                median(results["kmodel"]["many"]), "flush/s", median(results["kmodel"]["one"]),
+                "one mirror alone, same client", None,
+                note=cpu_note("kmodel"))
+    s.ratio_row(6, f"{n} mirrors at once, kernel-model clients (1 thread each, one process)", t_many,
+                "flush/s", t_one, "one mirror alone, same client", None,
+                note="the client process's own GIL is part of this figure")
+    s.ratio_row(6, f"floor: {n} processes committing bare py-lmdb transactions (own environments)",
+                median(results["lmdb"]["many"]), "commit/s", median(results["lmdb"]["one"]), "one alone",
+                None,
+                note="what LMDB and the disk allow without dm-ulogd")
+    s.ratio_row(6, f"floor: {n} processes doing 4 KiB pwrite+fdatasync (own files)",
+                median(results["fdatasync"]["many"]), "sync/s", median(results["fdatasync"]["one"]),
+                "one alone",
+                None)
+    s.extra["mirrors"] = {"results": results, "threads_one": t_one, "threads_many": t_many,
+                          "cpu (daemon share, machine busy, daemon user s/op, daemon sys s/op)":
+                              {f"{k}:{m}": v for (k, m), v in cpu.items()}}
+
+
+# --- main -------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smaller and fewer samples (under a minute)")
+    p.add_argument("--out", type=Path, default=benchlib.ROOT / "docs" / "benchmarks",
+                   help="where results[-quick].json and the plot go (default docs/benchmarks)")
+    p.add_argument("--dir", type=Path, default=None,
+                   help="parent of the state directories and floor files (default: a new directory "
+                        "under /var/tmp); the floors are measured on its filesystem")
+    p.add_argument("--only", default="", help="comma-separated metric numbers to run (default all)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = p.parse_args(argv)
+    cfg = QUICK if args.quick else FULL
+    suffix = "-quick" if args.quick else ""
+    only = {int(x) for x in args.only.split(",") if x.strip()} or {1, 2, 3, 4, 5, 6}
+    args.out.mkdir(parents=True, exist_ok=True)
+    parent = args.dir or Path("/var/tmp")
+    parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="ulog-bench-", dir=parent))
+    info = benchlib.machine(work)
+    started = datetime.datetime.now().astimezone()
+    load_before = benchlib.loadavg()
+    b0, t0 = benchlib.machine_ticks()
+    time.sleep(1.0)
+    b1, t1 = benchlib.machine_ticks()
+    busy = 100 * (b1 - b0) / max(1, t1 - t0)
+    busy_before = f"{busy:.0f}% of {os.cpu_count()} CPUs busy (1 s before the run)"
+    given = argv if argv is not None else sys.argv[1:]
+    command = " ".join([".venv/bin/python", "tools/bench/run.py", *given])
+    print(f"ulog-disk benchmarks ({'quick' if args.quick else 'full'}), {started:%Y-%m-%d %H:%M %Z}")
+    for k, v in info.items():
+        print(f"  {k}: {v}")
+    print(f"  load average before: {load_before}; {busy_before}", flush=True)
+    if info["state_dir_fs"].startswith("tmpfs"):
+        print("  WARNING: the state directory is on tmpfs: fdatasync costs nothing there; use --dir")
+    suite = Suite(cfg, work, args.quick)
+    steps: list[tuple[int, Callable[[], None]]] = [
+        (1, lambda: bench_flush(suite)),
+        (2, lambda: bench_scale(suite, args.out, suffix)),
+        (3, lambda: bench_rate(suite)),
+        (4, lambda: bench_restart(suite)),
+        (5, lambda: bench_resume(suite)),
+        (6, lambda: bench_mirrors(suite)),
+    ]
+    t_start = time.perf_counter()
+    loads = {}
+    try:
+        for number, step in steps:
+            if number in only:
+                t = time.perf_counter()
+                step()
+                loads[number] = benchlib.loadavg()
+                print(f"  (metric {number}: {time.perf_counter() - t:.1f} s, load average {loads[number]})",
+                      flush=True)
+    finally:
+        suite.cleanup()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    elapsed = time.perf_counter() - t_start
+    load_after = benchlib.loadavg()
+    print(f"done in {elapsed:.1f} s; load average after: {load_after}")
+    missed = [r for r in suite.rows if r.met is False]
+    print(f"targets: {sum(r.met is True for r in suite.rows)} met, {len(missed)} missed")
+    for r in missed:
+        print(f"  MISSED: [{r.metric}] {r.name}")
+    results = {
+        "command": command, "date": started.isoformat(timespec="seconds"),
+        "mode": "quick" if args.quick else "full", "machine": info, "load_before": load_before,
+        "busy_before": busy_before, "load_after": load_after, "load_by_metric": loads, "elapsed_s": elapsed,
+        "config": asdict(cfg),
+        "rows": [asdict(r) for r in suite.rows], "detail": suite.extra,
+    }
+    path = args.out / f"results{suffix}.json"
+    path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    print(f"results written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
