@@ -579,7 +579,7 @@ def test_a_failing_commit_is_a_backend_error_and_changes_nothing(backend, exc, c
     assert (inst.clean, inst.sync) == (pattern(rec, 1), pattern(rec, 2))
     assert inst.journal == [(OP_MARK, 1), (OP_MARK, 2)]
     # After a failed commit the sequence is read back from the store, not trusted from memory.
-    e = backend._envs[UUID]
+    e = backend._env(UUID, create=False)
     e.env = _FailingEnv(e.env, exc)
     with pytest.raises(BackendError):
         full_commit(backend, rec, pattern(rec, 3), pattern(rec, 4), resized=False)

@@ -21,6 +21,7 @@ Protocol rules owned here (protocol ref §1.7, §3, §5; issue #2, #3):
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import time
@@ -124,7 +125,7 @@ class Stats:
     errors: int = 0
     commits: int = 0
     commit_failures: int = 0
-    by_type: dict[str, int] = field(default_factory=dict)
+    by_type: collections.Counter[RequestType] = field(default_factory=collections.Counter)
 
 
 def _ok(req: Request, data: bytes = b"") -> Reply:
@@ -223,7 +224,7 @@ class Engine:
             log.error("unknown request type %d (seq=%d, %s)", req.request_type, req.seq,
                       describe(req.uuid, req.luid))
             return _err(req, errno.EINVAL)
-        self.stats.by_type[kind.name] = self.stats.by_type.get(kind.name, 0) + 1
+        self.stats.by_type[kind] += 1
         if kind is RequestType.CTR:
             return self._ctr(req)
         inst = self.table.get(req.key)

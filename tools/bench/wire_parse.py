@@ -34,8 +34,8 @@ def main() -> None:
                   request_type=RequestType.IN_SYNC, data=wire.build_u64(3))
     datagram = wire.add_nlmsghdr(wire.encode_request(req))
     ours = per_call(lambda: wire.decode_frame(wire.strip_nlmsghdr(datagram)[1]))
-    compiled = per_call(lambda: (wire._CnMsgC.parse(datagram[16:36]),
-                                 wire._UlogHeaderC.parse(datagram[36:196])))
+    cn_compiled, header_compiled = wire.CnMsg.compile(), wire.UlogHeader.compile()
+    compiled = per_call(lambda: (cn_compiled.parse(datagram[16:36]), header_compiled.parse(datagram[36:196])))
     interpreted = per_call(lambda: (wire.NlMsgHdr.parse(datagram[:16]), wire.CnMsg.parse(datagram[16:36]),
                                     wire.UlogHeader.parse(datagram[36:196])))
 

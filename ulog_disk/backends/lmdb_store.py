@@ -647,7 +647,17 @@ class LmdbBackend(Backend):
             restored.instances.extend(instances)
             if retained is not None:
                 restored.retained[uuid] = retained
+            # Reading every chunk faulted the whole map in; unmapping drops those pages from the
+            # daemon's RSS (the engine holds the bitmaps now). The next commit reopens the env.
+            self._forget_env(uuid)
         return restored
+
+    def _forget_env(self, uuid: str) -> None:
+        with self._open_lock, self._lock:
+            e = self._envs.pop(uuid, None)
+        if e is not None:
+            with e.lock:
+                e.env.close()
 
     def _read_env(self, e: _Env) -> tuple[list[StoredInstance], StoredState | None]:
         """Read and verify one environment; StoreFormatError on anything that does not add up."""
