@@ -16,13 +16,13 @@ import errno
 import fcntl
 import logging
 import os
+import queue
 import selectors
 import signal
 import socket
 import sys
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import __version__, wire
@@ -37,7 +37,6 @@ log = logging.getLogger("ulog_disk.daemon")
 
 DEFAULT_STATE_DIR = "/var/lib/ulog-disk"
 DEFAULT_BACKEND = "lmdb"
-LANE_THREADS = 8
 
 
 class StartupError(RuntimeError):
@@ -85,62 +84,70 @@ def sd_notify(message: str) -> None:
 
 
 class Lanes:
-    """Per-uuid FIFO of backend jobs, run on a thread pool; results come back via a pipe."""
+    """Per-uuid FIFO of backend jobs, each uuid with its own long-lived thread.
 
-    def __init__(self, threads: int = LANE_THREADS):
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lane")
-        self.queues: dict[str, collections.deque[tuple[Pending, object]]] = {}
+    One thread per uuid keeps a uuid's jobs in order and lets commits of different uuids (each its
+    own LMDB environment; py-lmdb releases the GIL while it syncs) run at the same time. Results
+    come back through a deque and a wake-up pipe; everything else here is touched only by the
+    request loop's thread.
+    """
+
+    def __init__(self) -> None:
+        self.queues: dict[str, queue.SimpleQueue[tuple[Pending, object] | None]] = {}
+        self.threads: list[threading.Thread] = []
+        self.inflight: collections.Counter[str] = collections.Counter()
         self.done: collections.deque[tuple[Pending, object, BaseException | None]] = collections.deque()
-        self.lock = threading.Lock()
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
 
     def busy(self, uuid: str) -> bool:
-        return uuid in self.queues
+        return self.inflight[uuid] > 0
 
     def submit(self, pending: Pending, address: object) -> None:
-        with self.lock:
-            queue = self.queues.get(pending.uuid)
-            if queue is not None:
-                queue.append((pending, address))
-                return
-            self.queues[pending.uuid] = collections.deque([(pending, address)])
-        self.pool.submit(self._run_lane, pending.uuid)
+        lane = self.queues.get(pending.uuid)
+        if lane is None:
+            lane = self.queues[pending.uuid] = queue.SimpleQueue()
+            thread = threading.Thread(target=self._run_lane, args=(lane,), daemon=True,
+                                      name=f"lane-{len(self.queues)}")
+            thread.start()
+            self.threads.append(thread)
+        self.inflight[pending.uuid] += 1
+        lane.put((pending, address))
 
-    def _run_lane(self, uuid: str) -> None:
-        while True:
-            with self.lock:
-                queue = self.queues[uuid]
-                pending, address = queue[0]
+    def _run_lane(self, lane: queue.SimpleQueue[tuple[Pending, object] | None]) -> None:
+        while (item := lane.get()) is not None:
+            pending, address = item
             exc: BaseException | None = None
             try:
                 pending.job()
             except BaseException as e:  # noqa: BLE001 - reported to the engine via complete()
                 exc = e
-            with self.lock:
-                queue.popleft()
-                self.done.append((pending, address, exc))
-                empty = not queue
-                if empty:
-                    del self.queues[uuid]
-            os.write(self.wake_w, b"x")
-            if empty:
-                return
+            self.done.append((pending, address, exc))
+            with contextlib.suppress(BlockingIOError):  # a full pipe wakes the loop all the same
+                os.write(self.wake_w, b"x")
 
     def drain(self) -> list[tuple[Pending, object, BaseException | None]]:
         with contextlib.suppress(BlockingIOError):
             os.read(self.wake_r, 65536)
-        with self.lock:
-            items = list(self.done)
-            self.done.clear()
+        items = []
+        while self.done:
+            item = self.done.popleft()
+            uuid = item[0].uuid
+            self.inflight[uuid] -= 1
+            if not self.inflight[uuid]:
+                del self.inflight[uuid]
+            items.append(item)
         return items
 
     def idle(self) -> bool:
-        with self.lock:
-            return not self.queues and not self.done
+        return not self.inflight
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        for lane in self.queues.values():
+            lane.put(None)
+        for thread in self.threads:
+            thread.join()
         os.close(self.wake_r)
         os.close(self.wake_w)
 
