@@ -304,8 +304,24 @@ def test_restart_after_a_reboot_resyncs_the_marked_regions_only(tmp_path):
     assert unsynced(engine, 0xFFFF0001) == [5, 6]
     assert k.resync_work(0xFFFF0001) == 5
     assert k.sync_count(0xFFFF0001) == REGIONS - 2
-    # The earlier boot's instance is left for the recovery tool, never silently deleted.
-    assert store_dbs(engine) == luid_dbs(1) | luid_dbs(0xFFFF0001)
+    # The earlier boot's instance gave its state to the new one: like an old table at its DTR, it
+    # loses its sub-databases (logged). Instances nobody adopts stay for the recovery tool.
+    assert store_dbs(engine) == luid_dbs(0xFFFF0001)
+    stop(engine)
+
+
+def test_an_earlier_boot_instance_nobody_adopts_is_kept(tmp_path):
+    engine, k = start(tmp_path, boot_id="b1")
+    k.ctr(1, ctr_text(mode="nosync"))
+    k.resume(1)
+    stop(engine)
+    engine, k = start(tmp_path, boot_id="b2")
+    k.ctr(2, ctr_text(), reconnect=True)  # a reconnect RESUME: nothing is adopted
+    assert store_dbs(engine) >= luid_dbs(1)
+    engine2_other_uuid = Kernel(engine, uuid="LVM-other")
+    engine2_other_uuid.ctr(3, ctr_text())
+    engine2_other_uuid.resume(3)
+    assert luid_dbs(1) <= store_dbs(engine)
     stop(engine)
 
 

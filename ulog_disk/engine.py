@@ -145,6 +145,8 @@ class Engine:
         #: States left behind by instances that are gone: DTR'd last instances (retained) and
         #: instances of earlier boots found in the store (the kernel that owned them is gone).
         self.gone: dict[str, list[StoredState]] = {}
+        #: luids of instances of earlier boots still in the store, per uuid.
+        self.earlier_boot: dict[str, set[int]] = {}
         self.stats = Stats()
 
     # --- start-up ------------------------------------------------------------------------
@@ -171,6 +173,7 @@ class Engine:
                 clean=stored.clean, sync=stored.sync, source_luid=rec.luid,
                 committed_at=rec.committed_at,
             ))
+            self.earlier_boot.setdefault(rec.uuid, set()).add(rec.luid)
             log.info("found %s from an earlier boot (generation %d): kept for hand-over",
                      describe(rec.uuid, rec.luid), rec.generation)
             return
@@ -330,7 +333,14 @@ class Engine:
                           describe(inst.uuid, inst.luid), exc)
             return _ok(req)
 
-        return Pending(inst.uuid, lambda: self.backend.drop(inst.uuid, inst.luid, retain), complete)
+        last = not others
+
+        def job() -> None:
+            self.backend.drop(inst.uuid, inst.luid, retain)
+            if last:
+                self.backend.release(inst.uuid)
+
+        return Pending(inst.uuid, job, complete)
 
     def _presuspend(self, inst: Instance, req: Request) -> Reply:
         self._transition(inst, RequestType.PRESUSPEND)
@@ -366,7 +376,30 @@ class Engine:
                      inst.log.region_count)
         inst.resumed = True
         # A state adopted, or thrown away by 'sync', is the uuid's newest from now on.
-        return self._commit(inst, req, "RESUME", force_generation=source is not None or forced)
+        pending = self._commit(inst, req, "RESUME", force_generation=source is not None or forced)
+        if source is not None:
+            self._drop_adopted_earlier_boot(inst, source, pending)
+        return pending
+
+    def _drop_adopted_earlier_boot(self, inst: Instance, source: StoredState, pending: Pending) -> None:
+        """An instance of an earlier boot whose state was just adopted has nothing left to give:
+        remove it once the adopter's state is committed, or every reboot would leave one more
+        (the retained state and live instances are never removed here)."""
+        stale = self.earlier_boot.get(inst.uuid, set())
+        luid = source.source_luid
+        if luid not in stale or luid == inst.luid or (inst.uuid, luid) in self.table:
+            return
+        stale.discard(luid)
+        self.gone[inst.uuid] = [s for s in self.gone.get(inst.uuid, []) if s is not source]
+        commit_job = pending.job
+
+        def job() -> None:
+            commit_job()
+            self.backend.drop(inst.uuid, luid, None)
+            log.info("RESUME %s: removed luid=%#x of an earlier boot, whose state it adopted",
+                     describe(inst.uuid, inst.luid), luid)
+
+        pending.job = job
 
     def _handover_source(self, inst: Instance, reconnect: bool) -> StoredState | None:
         """The uuid's newest state, if it is newer than ours and its owner is suspended or gone.
@@ -434,9 +467,10 @@ class Engine:
         def complete(exc: BaseException | None) -> Reply:
             if exc is None:
                 self.stats.commits += 1
-                if inst.health == "F":
-                    log.info("%s %s: commit succeeded again, health back to A", why,
-                             describe(inst.uuid, inst.luid))
+                if inst.health != "A":
+                    # The commit wrote everything the failed commits or journal writes could not.
+                    log.info("%s %s: commit succeeded again, health %s back to A", why,
+                             describe(inst.uuid, inst.luid), inst.health)
                     inst.health = "A"
                 return _ok(req)
             self.stats.commit_failures += 1

@@ -15,6 +15,8 @@ lifecycle). A backend only stores what it is told and gives it back after a rest
                        changed chunks and meta of the commit are on stable storage.
 ``drop(key, retain)``  DTR: remove the instance; with ``retain``, first keep its state as the
                        uuid's retained state (one transaction).
+``release(uuid)``      the uuid has no instance left in the daemon: resources held for it
+                       (open files, maps) may go; a later call for the uuid reopens them.
 ``close()``            stop.
 =====================  ==========================================================================
 
@@ -135,6 +137,9 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def drop(self, uuid: str, luid: int, retain: StoredState | None) -> None: ...
+
+    def release(self, uuid: str) -> None:  # noqa: B027 - optional hook
+        """Default: nothing is held per uuid."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release everything; called once at stop."""

@@ -652,6 +652,11 @@ class LmdbBackend(Backend):
             self._forget_env(uuid)
         return restored
 
+    def release(self, uuid: str) -> None:
+        """The uuid's last instance is gone: close its environment (descriptors, map), so that
+        short-lived mirrors (pvmove) do not pile up open environments for the daemon's life."""
+        self._forget_env(uuid)
+
     def _forget_env(self, uuid: str) -> None:
         with self._open_lock, self._lock:
             e = self._envs.pop(uuid, None)
