@@ -78,6 +78,8 @@ MAX_MAP_SIZE = 1 << 40
 #: per-transaction arrays of this size (a few dozen KiB), nothing per database that is unused.
 MAX_DBS = 1024
 DIR_MODE = 0o700
+#: Enough for LMDB's lock table at its default 126 readers (about 8 KiB).
+LOCK_FILE_BYTES = 16384
 FILE_MODE = 0o600
 
 
@@ -190,12 +192,31 @@ class LmdbBackend(Backend):
             path.mkdir(mode=DIR_MODE)
             created = True
         os.chmod(path, DIR_MODE)  # mkdir's mode is filtered by the umask; be exact
+        lock_file = path / "lock.mdb"
+        if not lock_file.exists():
+            # LMDB sizes a new lock file with ftruncate and writes it through its map: on a full
+            # filesystem that is a SIGBUS, not an error. Written with write(), a full disk is ENOSPC.
+            fd = os.open(lock_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+            try:
+                os.write(fd, bytes(LOCK_FILE_BYTES))
+            except OSError:
+                os.close(fd)
+                lock_file.unlink(missing_ok=True)
+                raise
+            os.close(fd)
         env = lmdb.open(
             str(path), map_size=self.initial_map_size, subdir=True, max_dbs=self.max_dbs,
             sync=True, metasync=True, writemap=False, map_async=False, mode=FILE_MODE, create=True,
             lock=True,
         )
         try:
+            # Reading a page past the end of a truncated data.mdb through the map is a SIGBUS:
+            # check the file holds every page its meta page counts before reading anything.
+            data_bytes = (path / "data.mdb").stat().st_size
+            needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+            if data_bytes < needed:
+                raise StoreFormatError(f"data.mdb has {data_bytes} bytes, its meta page needs {needed}: "
+                                       f"the file was truncated")
             for name in ("data.mdb", "lock.mdb"):
                 if (path / name).stat().st_mode & 0o777 != FILE_MODE:
                     os.chmod(path / name, FILE_MODE)
