@@ -302,8 +302,10 @@ class Daemon:
         self.transport.close()
         if self.capture:
             self.capture.close()
-        log.info("stopped (%d requests, %d errors, %d commits, %d failed commits at stop)",
-                 self.engine.stats.requests, self.engine.stats.errors, self.engine.stats.commits, failures)
+        counters = ", ".join(f"{k} {v}" for k, v in vars(self.transport.counters).items())
+        log.info("stopped (%d requests, %d errors, %d commits, %d failed commits at stop; %s: %s; "
+                 "%d unanswerable frames dropped)", self.engine.stats.requests, self.engine.stats.errors,
+                 self.engine.stats.commits, failures, self.transport.name, counters, self.dropped_frames)
         return 1 if failures else 0
 
 
