@@ -195,6 +195,13 @@ class Engine:
             elif op in (OP_SET_SYNC, OP_SET_NOSYNC):
                 region_log.set_region_sync(region, op == OP_SET_SYNC)
             replayed += 1
+        if stored.journal_damaged:
+            # What was answered since the last commit is unknown and the kernel will not send it
+            # again: nothing of this log can be trusted to be clean or in sync.
+            log.error("%s: journal damaged (%s): every region is taken as dirty and out of sync "
+                      "(full resync at the next resume)", describe(rec.uuid, rec.luid),
+                      stored.journal_damaged)
+            region_log.distrust_all()
         region_log.restart_recovery()
         region_log.cursor = rec.cursor
         inst = Instance(

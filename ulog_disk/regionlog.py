@@ -185,6 +185,17 @@ class RegionLog:
                 self.dirty_clean_chunks.add(r // CHUNK_BITS)
                 self.modified = True
 
+    def distrust_all(self) -> None:
+        """Every region dirty and out of sync: what is left when the requests answered since the
+        last commit are unknown (a damaged journal: a lost MARK or SET_REGION_SYNC(r, 0) must
+        not read as clean or in sync). The next resume resyncs everything."""
+        self.clean.setall(0)
+        self.sync.setall(0)
+        self.sync_count = 0
+        self.first_unsynced_hint = 0
+        self.mark_all_chunks_dirty()
+        self.modified = True
+
     def clear(self, regions: list[int]) -> None:
         for r in regions:
             self.check_region(r)

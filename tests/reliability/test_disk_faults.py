@@ -541,13 +541,11 @@ DAMAGE = {
     "journal_cut_mid_record": (_journal_cut_mid_record, "safe"),
 }
 #: Damage the store does not handle yet (strict xfail). "data_truncated_to_3_pages" was one: LMDB read
-#: past the end of the file through its map, SIGBUS at every start; fixed in 459ffb1.
+#: past the end of the file through its map, SIGBUS at every start; fixed in 459ffb1. So was
+#: "journal_header_garbage": its ops were dropped as "no ops"; now every region is distrusted.
 KNOWN_BUGS = {
     "chunk_bit_flipped": "design gap: chunk values carry no checksum, so a flipped bit in a stored bitmap is "
                          "read as valid state (a dirty region reported clean)",
-    "journal_header_garbage": "bug: an unreadable journal header is ignored with a warning, so acknowledged "
-                              "MARKs in it are lost (LmdbBackend._read_journal): damage must not read as "
-                              "'no ops'",
 }
 
 

@@ -92,6 +92,8 @@ class StoredInstance:
     clean: bytes
     sync: bytes
     journal: list[tuple[int, int]] = field(default_factory=list)
+    #: Why the journal could not be read (answered MARKs may be missing), or None.
+    journal_damaged: str | None = None
 
 
 @dataclass(slots=True)

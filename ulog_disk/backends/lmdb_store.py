@@ -377,9 +377,12 @@ class LmdbBackend(Backend):
             j.fd = None
         return j
 
-    def _read_journal(self, e: _Env, meta: MetaRecord) -> list[tuple[int, int]]:
+    def _read_journal(self, e: _Env, meta: MetaRecord) -> tuple[list[tuple[int, int]], str | None]:
         """The ops of an instance's journal, by the rule of formats/store.md: only when its
-        header follows the meta's commit sequence. Leaves the file ready for appending."""
+        header follows the meta's commit sequence. Leaves the file ready for appending.
+
+        The second value says why the journal is damaged (a non-empty file whose header does
+        not decode, names another luid, or is ahead of the meta): answered ops may be lost."""
         j = self._journal_state(e, meta.luid, meta.commit_seq)
         j.seq, j.seq_trusted = meta.commit_seq, True
         try:
@@ -396,6 +399,9 @@ class LmdbBackend(Backend):
                 why = f"unreadable header ({exc})"
         if header is not None and header.luid != meta.luid:
             why, header = f"header names luid {header.luid:#x}", None
+        if header is not None and header.commit_seq > meta.commit_seq:
+            why, header = (f"header follows commit {header.commit_seq}, ahead of the store's "
+                           f"{meta.commit_seq}"), None
         if header is not None and header.commit_seq != meta.commit_seq:
             # The crash came between the LMDB commit and the journal's truncation: every op
             # in the file is already in that commit.
@@ -404,10 +410,10 @@ class LmdbBackend(Backend):
                      meta.commit_seq)
             header = None
         if why is not None:
-            log.warning("journal of uuid=%r luid=%#x ignored: %s", e.uuid, meta.luid, why)
+            log.error("journal of uuid=%r luid=%#x is damaged: %s", e.uuid, meta.luid, why)
         if header is None:
             self._journal_rewrite(j)
-            return ops
+            return ops, why
         ops, valid, cut = decode_journal_ops(data[JOURNAL_HEADER_SIZE:])
         if j.fd is None:
             j.fd = os.open(j.path, os.O_RDWR | os.O_CLOEXEC)
@@ -417,7 +423,7 @@ class LmdbBackend(Backend):
             log.warning("journal of uuid=%r luid=%#x: %s; %d op(s) before it kept", e.uuid,
                         meta.luid, cut, len(ops))
             os.ftruncate(j.fd, j.length)
-        return ops
+        return ops, None
 
     # --- Backend interface -----------------------------------------------------------------
 
@@ -738,11 +744,11 @@ class LmdbBackend(Backend):
                 )
         # Journals are read after the transaction: they are plain files, and the LMDB reader
         # slot should not be held while reading them.
-        instances = [
-            StoredInstance(record=meta.instance(), clean=clean, sync=sync,
-                           journal=self._read_journal(e, meta))
-            for meta, clean, sync in found
-        ]
+        instances = []
+        for meta, clean, sync in found:
+            ops, damaged = self._read_journal(e, meta)
+            instances.append(StoredInstance(record=meta.instance(), clean=clean, sync=sync,
+                                            journal=ops, journal_damaged=damaged))
         return instances, retained
 
     def _move_aside(self, uuid: str, path: Path) -> Path | None:
