@@ -273,3 +273,18 @@ def confirm(question: str, yes: bool, stream: TextIO | None = None) -> None:
     answer = sys.stdin.readline().strip().lower()
     if answer not in ("y", "yes"):
         raise Refused("not confirmed: nothing changed")
+
+
+def run_tool(tool: str, parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """Parse, run the subcommand, and turn failures into one line on stderr and an exit status."""
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ToolError as exc:
+        print(f"{tool}: {exc}", file=sys.stderr)
+        return exc.code
+    except BrokenPipeError:  # | head
+        return EXIT_OK
+    except OSError as exc:
+        print(f"{tool}: {exc}", file=sys.stderr)
+        return EXIT_ERROR

@@ -12,7 +12,6 @@ from ..daemon import DEFAULT_STATE_DIR
 from . import storeview as sv
 from . import wiredump as wd
 from .common import (
-    EXIT_ERROR,
     EXIT_OK,
     ToolError,
     add_store_options,
@@ -24,6 +23,7 @@ from .common import (
     json_doc,
     luid_hex,
     parse_luid,
+    run_tool,
     table,
     when,
 )
@@ -400,17 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except ToolError as exc:
-        print(f"{TOOL}: {exc}", file=sys.stderr)
-        return exc.code
-    except BrokenPipeError:  # | head
-        return EXIT_OK
-    except OSError as exc:
-        print(f"{TOOL}: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+    return run_tool(TOOL, build_parser(), argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -23,7 +23,6 @@ from ..daemon import prepare_state_dir
 from ..store_format import split_chunks
 from . import storeview as sv
 from .common import (
-    EXIT_ERROR,
     EXIT_OK,
     EXIT_PROBLEMS,
     Refused,
@@ -41,6 +40,7 @@ from .common import (
     parse_luid,
     parse_ranges,
     ranges,
+    run_tool,
     table,
     when,
 )
@@ -811,17 +811,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except ToolError as exc:
-        print(f"{TOOL}: {exc}", file=sys.stderr)
-        return exc.code
-    except BrokenPipeError:
-        return EXIT_OK
-    except OSError as exc:
-        print(f"{TOOL}: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+    return run_tool(TOOL, build_parser(), argv)
 
 
 if __name__ == "__main__":  # pragma: no cover
