@@ -298,3 +298,23 @@ def test_no_unexpected_error_replies(suite: str, suite_core: ScenarioRun, suite_
         allowed = EXPECTED_ERRORS.get(scen.name, set())
         unexpected = [line for line in p.stdout.splitlines() if int(line.split()[1]) not in allowed]
         assert not unexpected, f"{scen.name}: unexpected error replies:\n" + "\n".join(unexpected[:20])
+
+
+def test_readme_demo(harness: None) -> None:
+    """The README's main command: kill -9 under a live mirror costs no resync, data identical."""
+    require_daemon()
+    out = ROOT / "results" / "pytest-demo"
+    p = subprocess.run([sys.executable, str(ULOGVM), "demo", "--out", str(out), "--timeout", "600"],
+                       capture_output=True, text=True, timeout=700)
+    run = ScenarioRun("demo", p.returncode, out, parse_results(out / "result.txt"), p.stderr)
+    assert run.rc == 0, run.explain()
+    assert "dm-ulogd demo on a real kernel (passed)" in p.stdout
+    assert_values(run, "demo", {
+        "dirty_regions_at_crash": r"^(none|[0-9,-]+)$",
+        "regions_resynced_after_restart": "0",
+        "writes_failed": "0",
+        "legs_after_restart": "equal",
+        "regions_resynced_after_reactivation": "0",
+        "legs_final": "equal",
+        "status_final": rf"^0 32768 mirror 2 {LEGS} 32/32 1 AA 1 clustered-core",
+    })
