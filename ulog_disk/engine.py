@@ -35,6 +35,7 @@ from .backends.base import (
     OP_SET_NOSYNC,
     OP_SET_SYNC,
     Backend,
+    BackendError,
     Commit,
     InstanceRecord,
     StoredInstance,
@@ -402,7 +403,12 @@ class Engine:
 
         def job() -> None:
             commit_job()
-            self.backend.drop(inst.uuid, luid, None)
+            try:
+                self.backend.drop(inst.uuid, luid, None)
+            except BackendError as exc:  # the RESUME itself succeeded; the leftover is harmless
+                log.warning("RESUME %s: luid=%#x of an earlier boot not removed (%s); left for "
+                            "ulog-recover purge", describe(inst.uuid, inst.luid), luid, exc)
+                return
             log.info("RESUME %s: removed luid=%#x of an earlier boot, whose state it adopted",
                      describe(inst.uuid, inst.luid), luid)
 
