@@ -41,6 +41,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rel_lib import Client, Daemon, NoReply, figures, launch, scale
+from test_engine_fuzz import damage as damage_fields
 
 from ulog_disk import wire
 from ulog_disk.backends.memory import MemoryBackend
@@ -163,26 +164,13 @@ def requests(draw) -> Request:
 
 
 def damage(frame: bytes, how: int, value: int) -> bytes:
-    c_size, h_size = wire.CN_MSG_SIZE, wire.HEADER_SIZE
+    """The engine fuzz's damage, with two changes for a socket: a cut frame keeps at least one byte
+    (an empty packet reads as the peer closing), and padding is longer and never empty."""
     if how == 1:
         return frame[: max(1, value % (len(frame) + 1))]
     if how == 2:
         return frame + bytes([value & 0xFF]) * (1 + value % 300)
-    cn = dict(wire.CnMsg.parse(frame[:c_size]))
-    hdr = dict(wire.UlogHeader.parse(frame[c_size: c_size + h_size]))
-    cn.pop("_io", None)
-    hdr.pop("_io", None)
-    if how == 3:
-        cn["len"] = value & 0xFFFF
-    elif how == 4:
-        hdr["data_size"] = value & 0xFFFFFFFF
-    elif how == 5:
-        hdr["uuid"] = bytes([(value % 255) + 1]) * wire.DM_UUID_LEN  # no NUL
-    elif how == 6:
-        hdr["uuid"] = b"ab\0" + bytes([(value % 255) + 1]) + b"\0" * (wire.DM_UUID_LEN - 4)
-    elif how == 7:
-        cn["idx"], cn["val"] = value & 0xF, (value >> 4) & 0xF
-    return wire.CnMsg.build(cn) + wire.UlogHeader.build(hdr) + frame[c_size + h_size:]
+    return damage_fields(frame, how, value)
 
 
 @st.composite
