@@ -226,3 +226,44 @@ def test_kernel_resend_after_timeout_is_harmless(daemon: DaemonProcess) -> None:
     asks = [wire.decode_frame(r.frame) for r in records if r.direction == TO_DAEMON]
     asks = [a for a in asks if a.request_type == RequestType.GET_RESYNC_WORK]
     assert len({a.seq for a in asks}) == len(asks) >= 4  # every resend has a new seq
+
+
+def test_every_request_gets_exactly_one_reply_whichever_thread_sends_it(tmp_path: Path) -> None:
+    """A successful FLUSH is answered by its uuid's worker, everything else by the loop: each
+    request still gets one reply, in the order the kernel's one-at-a-time caller sees them,
+    and the capture records each reply once, after its request."""
+    d = start_daemon(tmp_path, backend="lmdb")
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    raw.connect(str(d.socket_path))
+    raw.settimeout(10)
+    seq = 0
+
+    def call(rtype: RequestType, data: bytes = b"") -> wire.Reply:
+        nonlocal seq
+        seq += 1
+        raw.send(wire.encode_request(wire.Request(luid=1, uuid="LVM-one", version=3, seq=seq,
+                                                  request_type=rtype, data=data)))
+        reply = wire.decode_reply(raw.recv(65536))
+        assert (reply.seq, reply.error) == (seq, 0), (rtype, reply)
+        return reply
+
+    call(RequestType.CTR, b"131072 clustered-core 1024\0")  # 128 regions
+    call(RequestType.RESUME)
+    for region in range(40):
+        call(RequestType.MARK_REGION, wire.build_u64(region))
+        call(RequestType.FLUSH)
+        call(RequestType.FLUSH, wire.build_u64(region + 40))  # integrated marks
+        assert wire.parse_s64(call(RequestType.IS_CLEAN, wire.build_u64(region)).data) == 0
+        call(RequestType.CLEAR_REGION, wire.build_u64(region))
+    raw.settimeout(0.3)
+    try:
+        extra = raw.recv(65536)
+    except TimeoutError:
+        extra = b""
+    assert extra == b"", wire.decode_reply(extra)
+    raw.close()
+    assert d.stop() == 0
+    records = list(read_capture(d.capture_path.read_bytes()))
+    seqs = [(r.direction, wire.decode_frame(r.frame).seq if r.direction == TO_DAEMON
+             else wire.decode_reply(r.frame).seq) for r in records]
+    assert seqs == [(direction, s) for s in range(1, seq + 1) for direction in (TO_DAEMON, FROM_DAEMON)]

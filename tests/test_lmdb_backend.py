@@ -246,6 +246,11 @@ def test_a_commit_empties_the_journal(backend):
     backend.record(rec)
     backend.journal(UUID, 1, [(OP_MARK, 5)])
     full_commit(backend, rec, pattern(rec, 1), pattern(rec, 2))
+    # Until after_commit (the FLUSH reply goes first) the file keeps the older header, whose
+    # ops a restore leaves alone: they are in the commit.
+    stale = journal_path(backend, UUID, 1).read_bytes()
+    assert sf.JournalHeader.decode(stale).commit_seq == 0 and len(stale) > sf.JOURNAL_HEADER_SIZE
+    backend.after_commit(UUID, 1)
     data = journal_path(backend, UUID, 1).read_bytes()
     assert data == sf.JournalHeader(luid=1, commit_seq=1).encode()
     backend = reopen(backend)
@@ -253,15 +258,26 @@ def test_a_commit_empties_the_journal(backend):
     backend.close()
 
 
-def test_journal_of_a_crash_between_commit_and_truncation_is_not_replayed(backend, monkeypatch):
+def test_a_journal_write_after_a_commit_resets_the_file_if_after_commit_did_not(backend):
+    rec = make_rec()
+    backend.record(rec)
+    backend.journal(UUID, 1, [(OP_MARK, 5)])
+    full_commit(backend, rec, pattern(rec, 1), pattern(rec, 2))
+    backend.journal(UUID, 1, [(OP_CLEAR, 7)])
+    data = journal_path(backend, UUID, 1).read_bytes()
+    assert sf.JournalHeader.decode(data).commit_seq == 1
+    backend = reopen(backend)
+    assert backend.restore().instances[0].journal == [(OP_CLEAR, 7)]
+    backend.close()
+
+
+def test_journal_of_a_crash_between_commit_and_truncation_is_not_replayed(backend):
     rec = make_rec()
     backend.record(rec)
     full_commit(backend, rec, pattern(rec, 1), pattern(rec, 2))
     backend.journal(UUID, 1, [(OP_MARK, 5), (OP_MARK, 6)])
-    # The daemon dies after the LMDB commit and before the journal is truncated.
-    with monkeypatch.context() as m:
-        m.setattr(LmdbBackend, "_journal_after_commit", lambda self, e, luid, seq: None)
-        full_commit(backend, rec, pattern(rec, 3), pattern(rec, 4), resized=False)
+    # The daemon dies after the LMDB commit and before after_commit truncates the journal.
+    full_commit(backend, rec, pattern(rec, 3), pattern(rec, 4), resized=False)
     header = sf.JournalHeader.decode(journal_path(backend, UUID, 1).read_bytes())
     assert header.commit_seq == stored_seq(backend, UUID, 1) - 1
     backend = reopen(backend)
@@ -585,6 +601,7 @@ def test_a_failing_commit_is_a_backend_error_and_changes_nothing(backend, exc, c
         full_commit(backend, rec, pattern(rec, 3), pattern(rec, 4), resized=False)
     e.env.armed = False
     full_commit(backend, rec, pattern(rec, 5), pattern(rec, 6), resized=False)
+    backend.after_commit(UUID, 1)
     assert stored_seq(backend, UUID, 1) == seq + 1
     header = sf.JournalHeader.decode(journal_path(backend, UUID, 1).read_bytes())
     assert header.commit_seq == seq + 1

@@ -1,10 +1,12 @@
 """dm-ulogd: the daemon. One thread owns the engine and the sockets; commits run beside it.
 
 The request loop: read every queued frame, let the engine answer it. A request that needs the
-backend (a FLUSH's durable commit, a journal write) is queued on its uuid's lane; lanes run on a
-small thread pool, one job at a time per uuid and in arrival order, so a commit of one mirror
-never delays the replies of another by more than the loop's own turn, and one uuid's commits are
-never reordered. Completed jobs come back through a pipe; their replies are sent by the loop.
+backend (a FLUSH's durable commit, a journal write) is queued on its uuid's lane; each uuid has
+its own worker thread, one job at a time and in arrival order, so a commit of one mirror never
+delays the replies of another by more than the loop's own turn, and one uuid's commits are
+never reordered. A successful commit is answered by its worker the moment it returns; every
+other completion comes back through a pipe and is answered by the loop, after the engine has
+heard of it.
 """
 
 from __future__ import annotations
@@ -92,11 +94,13 @@ class Lanes:
     request loop's thread.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, send: Callable[[Reply, object], None]) -> None:
+        self.send = send
         self.queues: dict[str, queue.SimpleQueue[tuple[Pending, object] | None]] = {}
         self.threads: list[threading.Thread] = []
         self.inflight: collections.Counter[str] = collections.Counter()
-        self.done: collections.deque[tuple[Pending, object, BaseException | None]] = collections.deque()
+        #: (job, reply address, its exception, whether the worker already sent the reply)
+        self.done: collections.deque[tuple[Pending, object, BaseException | None, bool]] = collections.deque()
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
@@ -123,11 +127,17 @@ class Lanes:
                 pending.job()
             except BaseException as e:  # noqa: BLE001 - reported to the engine via complete()
                 exc = e
-            self.done.append((pending, address, exc))
+            sent = False
+            if exc is None:
+                if pending.reply_on_success is not None and address is not None:
+                    self.send(pending.reply_on_success, address)
+                    sent = True
+                run_after(pending)
+            self.done.append((pending, address, exc, sent))
             with contextlib.suppress(BlockingIOError):  # a full pipe wakes the loop all the same
                 os.write(self.wake_w, b"x")
 
-    def drain(self) -> list[tuple[Pending, object, BaseException | None]]:
+    def drain(self) -> list[tuple[Pending, object, BaseException | None, bool]]:
         with contextlib.suppress(BlockingIOError):
             os.read(self.wake_r, 65536)
         items = []
@@ -152,13 +162,24 @@ class Lanes:
         os.close(self.wake_w)
 
 
+def run_after(pending: Pending) -> None:
+    if pending.after is None:
+        return
+    try:
+        pending.after()
+    except Exception:  # noqa: BLE001 - tidying; the request itself has succeeded
+        log.exception("internal error tidying after a request of uuid=%r", pending.uuid)
+
+
 class Daemon:
     def __init__(self, engine: Engine, transport: NetlinkTransport | UnixTransport,
                  capture: CaptureWriter | None = None):
         self.engine = engine
         self.transport = transport
         self.capture = capture
-        self.lanes = Lanes()
+        # Replies go out from the loop and from the lanes' workers.
+        self.send_lock = threading.Lock()
+        self.lanes = Lanes(self.send)
         self.selector = selectors.DefaultSelector()
         self.stopping = False
         self.dropped_frames = 0
@@ -170,7 +191,8 @@ class Daemon:
 
     def on_frame(self, frame: bytes, address: object) -> None:
         if self.capture:
-            self.capture.write(TO_DAEMON, frame)
+            with self.send_lock:
+                self.capture.write(TO_DAEMON, frame)
         try:
             request = wire.decode_frame(frame)
         except wire.FrameError as exc:
@@ -198,23 +220,27 @@ class Daemon:
             except BaseException as e:  # noqa: BLE001
                 exc_ = e
             self.send(result.complete(exc_), address)
+            if exc_ is None:
+                run_after(result)
         else:
             self.lanes.submit(result, address)
 
     def send(self, reply: Reply, address: object) -> None:
         payload = wire.encode_reply(reply)
-        if self.capture:
-            self.capture.write(FROM_DAEMON, payload)
-        self.transport.send(payload, address)
+        with self.send_lock:
+            if self.capture:
+                self.capture.write(FROM_DAEMON, payload)
+            self.transport.send(payload, address)
 
     def on_completions(self) -> None:
-        for pending, address, exc in self.lanes.drain():
+        for pending, address, exc, sent in self.lanes.drain():
             try:
                 reply = pending.complete(exc)
             except Exception:  # noqa: BLE001
                 log.exception("internal error completing a request")
                 continue
-            self.send(reply, address)
+            if not sent:
+                self.send(reply, address)
 
     # --- loop ----------------------------------------------------------------------------
 
@@ -234,7 +260,12 @@ class Daemon:
         if ready:
             ready()
         while not self.stopping:
-            for key, _ in sel.select():
+            events = sel.select()
+            if self.lanes.done:
+                # Completions first: a lane the engine hears is idle again lets the next
+                # journal write of its uuid run inline rather than queue behind nothing.
+                self.on_completions()
+            for key, _ in events:
                 tag = key.data
                 if tag == "netlink":
                     for frame, address in self.transport.receive():  # type: ignore[union-attr]
@@ -277,11 +308,11 @@ class Daemon:
         failures = 0
         while not self.lanes.idle():
             self.selector.select(timeout=1.0)
-            for pending, address, exc in self.lanes.drain():
+            for pending, address, exc, sent in self.lanes.drain():
                 reply = pending.complete(exc)
                 if address is None:
                     failures += reply.error != 0
-                else:
+                elif not sent:
                     self.send(reply, address)
         return failures
 

@@ -118,6 +118,13 @@ class Pending:
     complete: Callable[[BaseException | None], Reply]
     #: True for work that never waits for the disk (journal writes): may run inline.
     quick: bool = False
+    #: The reply a successful job gets, when ``complete(None)`` only keeps books: the worker
+    #: may send it the moment the job returns, before the request loop hears of it. A failure
+    #: is always answered through ``complete``, after it has put the engine's state right.
+    reply_on_success: Reply | None = None
+    #: Tidying that may follow the reply (off the request's latency), still before any later
+    #: job of the uuid.
+    after: Callable[[], None] | None = None
 
 
 @dataclass
@@ -493,7 +500,8 @@ class Engine:
             log.error("%s %s: commit failed (%s): answering -EIO", why, describe(inst.uuid, inst.luid), exc)
             return _err(req, errno.EIO)
 
-        return Pending(inst.uuid, job, complete)
+        return Pending(inst.uuid, job, complete, reply_on_success=_ok(req),
+                       after=lambda: self.backend.after_commit(inst.uuid, inst.luid))
 
     def commit_all(self) -> list[Pending]:
         """Work that commits every instance (clean stop)."""

@@ -140,6 +140,10 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def drop(self, uuid: str, luid: int, retain: StoredState | None) -> None: ...
 
+    def after_commit(self, uuid: str, luid: int) -> None:  # noqa: B027 - optional hook
+        """Called after a successful :meth:`commit` once its reply is on its way (tidying that
+        need not delay the FLUSH), before any other call for the uuid."""
+
     def release(self, uuid: str) -> None:  # noqa: B027 - optional hook
         """Default: nothing is held per uuid."""
 

@@ -357,17 +357,28 @@ class LmdbBackend(Backend):
         j.stale = False
 
     def _journal_after_commit(self, e: _Env, luid: int, seq: int) -> None:
+        """The commit of ``seq`` is durable: the journal's ops are all in it.
+
+        The file is not rewritten here but in :meth:`after_commit`, after the FLUSH reply has
+        gone: until then it keeps the previous commit's header, and a restore ignores the ops
+        of a journal that follows an older commit (formats/store.md), so a crash in between
+        replays nothing twice. ``stale`` makes the next journal write reset the file first
+        should ``after_commit`` not have run.
+        """
         j = self._journal_state(e, luid, seq)
         j.seq = seq
         j.seq_trusted = True
+        j.stale = True
+
+    def after_commit(self, uuid: str, luid: int) -> None:
+        j = self._journals.get((uuid, luid))
+        if j is None or not j.stale:
+            return
         try:
             self._journal_rewrite(j)
         except OSError as exc:
-            # The commit itself is durable. The file still has the old header (whose ops the
-            # restore will ignore, rightly) or none; ``stale`` makes the next journal() retry
-            # the rewrite before it appends anything.
             log.warning("journal of uuid=%r luid=%#x not reset after a commit (%s); retried at "
-                        "the next journal write", e.uuid, luid, exc)
+                        "the next journal write", uuid, luid, exc)
 
     def _journal_close(self, uuid: str, luid: int) -> _Journal | None:
         with self._lock:
@@ -465,6 +476,9 @@ class LmdbBackend(Backend):
         except (lmdb.Error, OSError, StoreFormatError) as exc:
             raise _backend_error(f"record uuid={rec.uuid!r} luid={rec.luid:#x}", exc) from exc
         self._journal_after_commit(e, rec.luid, seq)
+        # At once, not after the reply: a journal left from an earlier instance of this luid
+        # may carry a later sequence than the new meta's.
+        self.after_commit(rec.uuid, rec.luid)
 
     def _journal_seq_on_disk(self, e: _Env, luid: int) -> int | None:
         try:

@@ -405,6 +405,7 @@ def _resync_plan(args: argparse.Namespace, view: sv.StoreView) -> list[Change]:
 
             def apply(b: LmdbBackend, commit: Commit = commit) -> None:
                 b.commit(commit)
+                b.after_commit(commit.record.uuid, commit.record.luid)
         changes.append(Change("resync", s.uuid, text, details, apply))
     return changes
 
