@@ -276,7 +276,7 @@ def test_store_shows_a_damaged_store_and_one_moved_aside(store_after: Path) -> N
     h = [s for s in doc["stores"] if s["uuid"] == UUID_H and s["kind"] == "store"][0]
     assert h["damaged"]
     a = {i["luid"]: i for i in h["instances"]}[LUID_A]
-    assert a["verdict"] == "damaged" and "store format version 2" in a["reason"]
+    assert a["verdict"] == "damaged" and "meta record is of version 2" in a["reason"]
     aside = [s for s in doc["stores"] if s["kind"] == "moved-aside"]
     assert len(aside) == 1 and aside[0]["uuid"] == UUID_GONE and aside[0]["moved_at"] == 1767225600
     assert aside[0]["retained"]["verdict"] == "damaged"

@@ -121,8 +121,7 @@ def stored_bitmaps(engine: Engine, luid: int | None, uuid: str = UUID) -> tuple[
         names = (sf.instance_db_name("clean", luid), sf.instance_db_name("sync", luid))
     maps = []
     for name in names:
-        chunks = {sf.decode_chunk_key(k): v for k, v in contents[name].items()}
-        maps.append(sf.assemble_chunks(chunks, count, regionlog.CHUNK_BYTES))
+        maps.append(sf.read_bitmap(name, contents[name], count, regionlog.CHUNK_BYTES))
     return count, maps[0], maps[1]
 
 

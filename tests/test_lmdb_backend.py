@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import shutil
 import stat
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import lmdb
@@ -112,7 +114,7 @@ def test_record_creates_the_instance_sub_databases_without_bitmaps(backend):
                              b"sync.0000000000000001"}
     assert contents[b"clean.0000000000000001"] == {} and contents[b"sync.0000000000000001"] == {}
     fmt = sf.FormatRecord.decode(contents[b""][sf.FORMAT_KEY])
-    assert (fmt.uuid, fmt.chunk_bytes, fmt.version) == (UUID, CB, 1)
+    assert (fmt.uuid, fmt.chunk_bytes, fmt.version) == (UUID, CB, sf.LAYOUT_VERSION)
     meta = sf.MetaRecord.decode(contents[b"meta.0000000000000001"][sf.RECORD_KEY])
     assert meta.instance() == rec and meta.commit_seq == 0
 
@@ -126,9 +128,13 @@ def test_commit_writes_only_the_chunks_it_carries(backend):
     assert chunk_keys(backend, UUID, b"sync.0000000000000001") == []
     backend.commit(Commit(rec, {0: b}, {1: a}, resized=False))
     contents = backend.contents(UUID)
-    clean = contents[b"clean.0000000000000001"]
-    assert clean == {sf.encode_chunk_key(0): b, sf.encode_chunk_key(2): a}
-    assert contents[b"sync.0000000000000001"] == {sf.encode_chunk_key(1): a}
+    clean_name, sync_name = b"clean.0000000000000001", b"sync.0000000000000001"
+    k0, k1, k2 = (sf.encode_chunk_key(i) for i in range(3))
+    assert contents[clean_name] == {k0: sf.seal_chunk(clean_name, k0, b),
+                                    k2: sf.seal_chunk(clean_name, k2, a)}
+    assert contents[sync_name] == {k1: sf.seal_chunk(sync_name, k1, a)}
+    # Sealed: the bitmap bytes, then a CRC-32 of the sub-database name, the key and the bytes.
+    assert contents[sync_name][k1] == a + zlib.crc32(sync_name + k1 + a).to_bytes(4, "little")
     assert stored_seq(backend, UUID, 1) == 2
 
 
@@ -148,7 +154,7 @@ def test_resize_deletes_the_tail_chunks(backend):
     full_commit(backend, small, pattern(small, 3), pattern(small, 4))
     for name in (b"clean.0000000000000001", b"sync.0000000000000001"):
         assert chunk_keys(backend, UUID, name) == [0, 1, 2]
-    assert len(backend.contents(UUID)[b"clean.0000000000000001"][sf.encode_chunk_key(2)]) == 3
+    assert len(backend.contents(UUID)[b"clean.0000000000000001"][sf.encode_chunk_key(2)]) == 3 + 4
     backend = reopen(backend)
     (inst,) = backend.restore().instances
     assert (inst.clean, inst.sync) == (pattern(small, 3), pattern(small, 4))
@@ -446,8 +452,18 @@ def _assert_moved_aside(state_dir: Path, uuid: str, restored, fragment: str) -> 
 
 @pytest.mark.parametrize(("db_name", "key", "value", "fragment"), [
     (b"meta.0000000000000001", sf.RECORD_KEY, b"garbage", "meta record"),
-    (b"clean.0000000000000001", sf.encode_chunk_key(99), b"\0", "past"),
-    (b"sync.0000000000000001", sf.encode_chunk_key(0), b"\0" * 5, "bytes"),
+    (b"clean.0000000000000001", sf.encode_chunk_key(99),
+     sf.seal_chunk(b"clean.0000000000000001", sf.encode_chunk_key(99), b"\0"), "past"),
+    (b"sync.0000000000000001", sf.encode_chunk_key(0),
+     sf.seal_chunk(b"sync.0000000000000001", sf.encode_chunk_key(0), b"\0" * 5), "bytes"),
+    # Whole, but sealed for another place: the other bitmap's, another luid's, another index's.
+    (b"sync.0000000000000001", sf.encode_chunk_key(0),
+     sf.seal_chunk(b"clean.0000000000000001", sf.encode_chunk_key(0), b"\0" * CB), "fails its checksum"),
+    (b"sync.0000000000000001", sf.encode_chunk_key(0),
+     sf.seal_chunk(b"sync.0000000000000002", sf.encode_chunk_key(0), b"\0" * CB), "fails its checksum"),
+    (b"sync.0000000000000001", sf.encode_chunk_key(0),
+     sf.seal_chunk(b"sync.0000000000000001", sf.encode_chunk_key(1), b"\0" * CB), "fails its checksum"),
+    (b"clean.0000000000000001", sf.encode_chunk_key(0), b"\0" * 3, "no room for its checksum"),
     (b"clean.0000000000000001", b"\0\0", b"\0", "chunk key"),
     (None, sf.FORMAT_KEY, sf.FormatRecord(chunk_bytes=CB, uuid="LVM-other").encode(), "belongs to"),
     (sf.RETAINED_META, sf.RECORD_KEY, b"ULGR\x01\x00", "retained record"),
@@ -471,12 +487,37 @@ def test_damaged_store_is_reported_and_moved_aside(backend, db_name, key, value,
 def test_store_of_an_unknown_version_is_refused(backend):
     backend.record(make_rec())
     newer = bytearray(sf.FormatRecord(chunk_bytes=CB, uuid=UUID).encode())
-    newer[4:6] = (2).to_bytes(2, "little")
+    newer[4:6] = (3).to_bytes(2, "little")
     _poke(backend, UUID, None, sf.FORMAT_KEY, bytes(newer))
     backend = LmdbBackend(backend.state_dir)
     restored = backend.restore()
-    _assert_moved_aside(backend.state_dir, UUID, restored, "version 2")
+    _assert_moved_aside(backend.state_dir, UUID, restored, "version 3")
     backend.close()
+
+
+def test_a_flipped_bit_in_any_stored_chunk_is_found_and_the_store_moved_aside(backend):
+    rec = make_rec()
+    backend.record(rec)
+    full_commit(backend, rec, pattern(rec, 1), pattern(rec, 2))
+    backend.drop(UUID, 9, StoredState(uuid=UUID, generation=1, region_count=rec.region_count,
+                                      clean=pattern(rec, 3), sync=pattern(rec, 4), source_luid=9))
+    backend.close()
+    rnd = random.Random(7)
+    names = [b"clean.0000000000000001", b"sync.0000000000000001", sf.RETAINED_CLEAN, sf.RETAINED_SYNC]
+    for round_ in range(12):
+        state = backend.state_dir.parent / f"copy{round_}"
+        shutil.copytree(backend.state_dir, state)
+        probe = LmdbBackend(state)
+        name = names[round_ % len(names)]
+        values = probe.contents(UUID)[name]
+        key = rnd.choice(sorted(values))
+        value = bytearray(values[key])
+        value[rnd.randrange(len(value))] ^= 1 << rnd.randrange(8)  # bitmap bytes or checksum
+        probe.close()
+        _poke(probe, UUID, name, key, bytes(value))
+        restored = LmdbBackend(state).restore()
+        assert "fails its checksum" in restored.damaged[UUID], (name, key)
+        assert not restored.instances and UUID not in restored.retained
 
 
 def test_unknown_version_found_outside_restore_is_a_backend_error(backend):
@@ -694,6 +735,42 @@ def test_a_store_written_with_another_chunk_size_is_rechunked(tmp_path, monkeypa
     assert sf.FormatRecord.decode(contents[b""][sf.FORMAT_KEY]).chunk_bytes == CB
     count = regionlog.chunk_count(rec.region_count)
     assert chunk_keys(backend, UUID, b"clean.0000000000000001") == list(range(count))
+    backend.close()
+
+
+def test_a_layout_1_store_is_migrated_to_layout_2_in_one_transaction(backend):
+    """Layout 1 (4080-byte chunks, no checksums), written here from its construct definition:
+    opened by this version, every bitmap is read as it was and rewritten sealed."""
+    rec = make_rec(region_count=3 * 4080 * 8 + 100)
+    backend.record(rec)
+    clean, sync = pattern(rec, 1), pattern(rec, 2)
+    retained = StoredState(uuid=UUID, generation=1, region_count=rec.region_count, clean=sync,
+                           sync=clean, source_luid=9)
+    backend.close()
+    env = lmdb.open(str(backend.env_path(UUID)), max_dbs=16)
+    with env.begin(write=True) as txn:
+        txn.put(sf.FORMAT_KEY, sf.FormatRecordV1.build(dict(chunk_bytes=4080, created_at=1.0, uuid=UUID)))
+        for name, bitmap in ((b"clean.0000000000000001", clean), (b"sync.0000000000000001", sync),
+                             (sf.RETAINED_CLEAN, retained.clean), (sf.RETAINED_SYNC, retained.sync)):
+            db = env.open_db(name, txn=txn)
+            txn.drop(db, delete=False)
+            for index, bits in sf.split_chunks(bitmap, rec.region_count, 4080).items():
+                txn.put(sf.encode_chunk_key(index), bits, db=db)
+        txn.put(sf.RECORD_KEY, sf.RetainedRecord(uuid=UUID, generation=1, region_count=rec.region_count,
+                                                 source_luid=9).encode(),
+                db=env.open_db(sf.RETAINED_META, txn=txn))
+        assert sf.FormatRecord.decode(txn.get(sf.FORMAT_KEY)).version == 1
+    env.close()
+    backend = LmdbBackend(backend.state_dir)
+    restored = backend.restore()
+    (inst,) = restored.instances
+    assert (inst.clean, inst.sync) == (clean, sync)
+    assert (restored.retained[UUID].clean, restored.retained[UUID].sync) == (sync, clean)
+    contents = backend.contents(UUID)
+    fmt = sf.FormatRecord.decode(contents[b""][sf.FORMAT_KEY])
+    assert (fmt.version, fmt.chunk_bytes, fmt.created_at) == (sf.LAYOUT_VERSION, CB, 1.0)
+    for name, bitmap in ((b"clean.0000000000000001", clean), (sf.RETAINED_SYNC, clean)):
+        assert sf.read_bitmap(name, contents[name], rec.region_count, CB) == bitmap
     backend.close()
 
 

@@ -260,19 +260,28 @@ def _findings(state: Path) -> list[tuple[str, str]]:
 def test_verify_finds_each_broken_invariant(tmp_path: Path) -> None:
     cases = {}
 
+    def put_chunk(env, txn, kind: str, index: int, bits: bytes) -> None:
+        """Sealed, so that the invariant behind the checksum is what verify finds."""
+        name, key = sf.instance_db_name(kind, 0x10), sf.encode_chunk_key(index)
+        txn.put(key, sf.seal_chunk(name, key, bits), db=env.open_db(name, txn=txn, create=False))
+
     def padding(env, txn):
-        db = env.open_db(sf.instance_db_name("sync", 0x10), txn=txn, create=False)
-        chunk = bytearray(txn.get(sf.encode_chunk_key(0), db=db))
+        name, key = sf.instance_db_name("sync", 0x10), sf.encode_chunk_key(0)
+        chunk = bytearray(sf.unseal_chunk(name, key, txn.get(key, db=env.open_db(name, txn=txn))))
         chunk[-1] |= 0x80  # 100 regions: bits 100-103 are padding
+        put_chunk(env, txn, "sync", 0, bytes(chunk))
+
+    def flipped_bit(env, txn):
+        db = env.open_db(sf.instance_db_name("clean", 0x10), txn=txn, create=False)
+        chunk = bytearray(txn.get(sf.encode_chunk_key(0), db=db))
+        chunk[3] ^= 0x10
         txn.put(sf.encode_chunk_key(0), bytes(chunk), db=db)
 
     def wrong_length(env, txn):
-        db = env.open_db(sf.instance_db_name("clean", 0x10), txn=txn, create=False)
-        txn.put(sf.encode_chunk_key(0), bytes(5), db=db)
+        put_chunk(env, txn, "clean", 0, bytes(5))
 
     def past_geometry(env, txn):
-        db = env.open_db(sf.instance_db_name("clean", 0x10), txn=txn, create=False)
-        txn.put(sf.encode_chunk_key(3), bytes(13), db=db)
+        put_chunk(env, txn, "clean", 3, bytes(13))
 
     def missing_chunk(env, txn):
         db = env.open_db(sf.instance_db_name("sync", 0x10), txn=txn, create=False)
@@ -304,7 +313,7 @@ def test_verify_finds_each_broken_invariant(tmp_path: Path) -> None:
         env.open_db(sf.instance_db_name("clean", 0x77), txn=txn, create=True)
 
     def bad_format(env, txn):
-        txn.put(sf.FORMAT_KEY, sf.FormatRecord(chunk_bytes=4080, uuid="LVM-other").encode())
+        txn.put(sf.FORMAT_KEY, sf.FormatRecord(chunk_bytes=4076, uuid="LVM-other").encode())
 
     def journal_ahead(state: Path) -> None:
         d = state / sf.encode_dir_name("LVM-v")
@@ -314,6 +323,7 @@ def test_verify_finds_each_broken_invariant(tmp_path: Path) -> None:
 
     cases = {
         "padding": (padding, "error", "padding bits past region 99 are set"),
+        "flipped_bit": (flipped_bit, "error", "chunk 0 of clean.0000000000000010 fails its checksum"),
         "wrong_length": (wrong_length, "error", "chunk 0 holds 5 bytes, 13 expected for 100 regions"),
         "past_geometry": (past_geometry, "error", "chunk 3 lies past the 1 chunk(s) of 100 regions"),
         "missing_chunk": (missing_chunk, "warning", "chunk(s) 0 missing"),

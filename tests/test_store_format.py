@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import zlib
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,10 @@ def _decode(kind: str, data: bytes) -> dict:
         return {"ops": [list(op) for op in ops]}
     if kind == "chunk_key":
         return {"index": sf.decode_chunk_key(data)}
+    if kind == "format_v1":
+        return dataclasses.asdict(sf.FormatRecord.decode(data))
+    if kind == "chunk_value":
+        raise AssertionError("chunk values are checked by test_chunk_value_vector")
     raise AssertionError(kind)
 
 
@@ -50,22 +55,64 @@ def _encode(kind: str, fields: dict) -> bytes:
         return sf.encode_journal_ops(tuple(op) for op in fields["ops"])
     if kind == "chunk_key":
         return sf.encode_chunk_key(fields["index"])
+    if kind == "format_v1":
+        # Never written by the package (FormatRecord.encode refuses): built from its definition.
+        return sf.FormatRecordV1.build({k: v for k, v in fields.items() if k != "version"})
     raise AssertionError(kind)
 
 
 def test_every_kind_has_a_vector():
     kinds = {vec["kind"] for _, vec in _vectors()}
-    assert kinds >= {"meta", "retained", "format", "journal_header", "journal_ops", "chunk_key", "dir_name"}
+    assert kinds >= {"meta", "retained", "format", "format_v1", "journal_header", "journal_ops", "chunk_key",
+                     "chunk_value", "dir_name"}
 
 
-@pytest.mark.parametrize(("name", "vec"), [v for v in _vectors() if v[1]["kind"] != "dir_name"])
+_BYTES_BOTH_WAYS = [v for v in _vectors() if v[1]["kind"] not in ("dir_name", "chunk_value")]
+
+
+@pytest.mark.parametrize(("name", "vec"), _BYTES_BOTH_WAYS)
 def test_golden_vector_decodes_to_its_fields(name, vec):
     assert _decode(vec["kind"], bytes.fromhex(vec["hex"])) == vec["fields"], name
 
 
-@pytest.mark.parametrize(("name", "vec"), [v for v in _vectors() if v[1]["kind"] != "dir_name"])
+@pytest.mark.parametrize(("name", "vec"), _BYTES_BOTH_WAYS)
 def test_golden_vector_fields_encode_to_its_bytes(name, vec):
     assert _encode(vec["kind"], vec["fields"]).hex() == vec["hex"], name
+
+
+@pytest.mark.parametrize(("name", "vec"), _vectors("chunk_value"))
+def test_chunk_value_vector_both_ways(name, vec):
+    f = vec["fields"]
+    db_name, key, bits = f["db_name"].encode(), sf.encode_chunk_key(f["index"]), bytes.fromhex(f["bits"])
+    value = bytes.fromhex(vec["hex"])
+    assert sf.seal_chunk(db_name, key, bits) == value
+    assert sf.unseal_chunk(db_name, key, value) == bits
+    # The checksum is zlib's CRC-32 of name, key and bytes, little-endian after the bytes.
+    assert value[-4:] == zlib.crc32(db_name + key + bits).to_bytes(4, "little")
+    next_key = sf.encode_chunk_key(f["index"] + 1)
+    for other_name, other_key in ((b"sync" + db_name[5:], key), (db_name, next_key)):
+        with pytest.raises(sf.StoreFormatError, match="fails its checksum"):
+            sf.unseal_chunk(other_name, other_key, value)
+
+
+@given(st.binary(min_size=1, max_size=64), st.integers(0, 2**32 - 1), st.binary(max_size=300),
+       st.integers(0, 10**6))
+def test_any_single_bit_flip_of_a_sealed_chunk_is_caught(name, index, bits, where):
+    key = sf.encode_chunk_key(index)
+    value = bytearray(sf.seal_chunk(name, key, bits))
+    bit = where % (len(value) * 8)
+    value[bit // 8] ^= 1 << (bit % 8)
+    with pytest.raises(sf.StoreFormatError):
+        sf.unseal_chunk(name, key, bytes(value))
+
+
+def test_layout_1_chunks_are_read_unverified_and_the_v1_format_record_is_never_written():
+    key = sf.encode_chunk_key(0)
+    assert sf.unseal_chunk(b"clean.0000000000000001", key, b"\x01\x02", sealed=False) == b"\x01\x02"
+    old = sf.FormatRecord.decode(bytes.fromhex(dict(_vectors("format_v1"))["format-v1"]["hex"]))
+    assert (old.version, old.sealed) == (1, False)
+    with pytest.raises(sf.StoreFormatError, match="never written"):
+        old.encode()
 
 
 @pytest.mark.parametrize(("name", "vec"), _vectors("dir_name"))
@@ -93,12 +140,17 @@ def test_meta_vector_offsets_match_the_documented_layout():
 # --- versions and damage ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["meta", "retained", "format", "journal_header"])
-def test_unknown_version_is_refused_clearly(kind):
+@pytest.mark.parametrize(("kind", "newer", "message"), [
+    ("meta", 2, "version 2; .*only version 1:"),
+    ("retained", 2, "version 2; .*only version 1:"),
+    ("journal_header", 2, "version 2; .*only version 1:"),
+    ("format", 3, "version 3; .*only version 1 and 2:"),
+])
+def test_unknown_version_is_refused_clearly(kind, newer, message):
     _, vec = _vectors(kind)[0]
     data = bytearray.fromhex(vec["hex"])
-    data[4:6] = (2).to_bytes(2, "little")
-    with pytest.raises(sf.UnknownVersionError, match="version 2.*only version 1"):
+    data[4:6] = newer.to_bytes(2, "little")
+    with pytest.raises(sf.UnknownVersionError, match=message):
         _RECORDS[kind].decode(bytes(data))
 
 

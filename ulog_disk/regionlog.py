@@ -32,12 +32,13 @@ from dataclasses import dataclass, field
 from bitarray import bitarray
 from bitarray.util import zeros
 
-#: Bitmap bytes per stored chunk: 4080 bytes = 32640 regions, exactly one LMDB overflow page
-#: (a 4 KiB page less its 16-byte header). Any chunk above ~2 KiB is an overflow value on 4 KiB
-#: pages, so 2048 or 4096 bytes would waste half a page or take two; measured against 1024..8192
-#: (same commit latency and page writes per changed chunk, half the file size and the fastest
-#: full write and restore): formats/store.md, "Chunk size".
-CHUNK_BYTES = 4080
+#: Bitmap bytes per stored chunk: 4076 bytes = 32608 regions, which with the chunk's 4-byte
+#: checksum (store layout 2) is exactly one LMDB overflow page (a 4 KiB page less its 16-byte
+#: header). Any value above ~2 KiB is an overflow value on 4 KiB pages, so 2048 or 4096 bytes
+#: would waste half a page or take two; measured against 1024..8192 (same commit latency and
+#: page writes per changed chunk, half the file size and the fastest full write and restore):
+#: formats/store.md, "Chunk size".
+CHUNK_BYTES = 4076
 CHUNK_BITS = CHUNK_BYTES * 8
 
 

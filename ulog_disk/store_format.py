@@ -4,16 +4,20 @@ Everything that knows a byte offset of the store lives here, written as construc
 the backend (:mod:`ulog_disk.backends.lmdb_store`) and the dump/recovery tools read and write the
 store only through these functions, so one version number covers all of them.
 
-Layout version 1:
+Layout version 2 (the version of the format record):
 
 * one LMDB environment per uuid, in a directory named by :func:`encode_dir_name`;
-* in its main database, the key ``format`` → :data:`FormatRecordV1`, and the named sub-databases
+* in its main database, the key ``format`` → :data:`FormatRecordV2`, and the named sub-databases
   ``meta.<luid>`` (one key, ``record`` → :data:`MetaRecordV1`), ``clean.<luid>`` and
-  ``sync.<luid>`` (chunk index as a big-endian u32 → bitmap bytes), ``<luid>`` being 16 lowercase
-  hex digits; the uuid's retained state in ``retained.meta`` (``record`` →
-  :data:`RetainedRecordV1`), ``retained.clean`` and ``retained.sync``;
+  ``sync.<luid>`` (chunk index as a big-endian u32 → bitmap bytes sealed with
+  :data:`ChunkChecksum`), ``<luid>`` being 16 lowercase hex digits; the uuid's retained state in
+  ``retained.meta`` (``record`` → :data:`RetainedRecordV1`), ``retained.clean`` and
+  ``retained.sync``;
 * beside the LMDB files, one journal file ``journal.<luid>`` per instance:
   :data:`JournalHeaderV1` followed by :data:`JournalRecordV1` records.
+
+Layout 1 differs only in its chunks, which carry no checksum: it is read to be migrated
+(:func:`unseal_chunk` with ``sealed=False``), never written.
 
 Records start with a 4-byte magic and a u16 version. A record whose version is not one this code
 knows raises :class:`UnknownVersionError`, never a guess: a newer daemon's store is refused rather
@@ -27,6 +31,7 @@ import base64
 import binascii
 import re
 import struct
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -34,8 +39,13 @@ import construct as c
 
 from .backends.base import InstanceRecord
 
-#: The store layout this code reads and writes.
-FORMAT_VERSION = 1
+#: The store layout this code writes: the format record's version. It says how everything in
+#: the environment is laid out; layout 2 seals every bitmap chunk with a checksum.
+LAYOUT_VERSION = 2
+#: Layouts this code reads: 1 only to migrate it to 2 when the daemon opens the store.
+LAYOUT_VERSIONS_READ = (1, 2)
+#: The version of the meta, retained and journal records (unchanged since layout 1).
+RECORD_VERSION = 1
 
 #: Longest uuid the kernel sends (DM_UUID_LEN - 1).
 MAX_UUID_BYTES = 128
@@ -147,18 +157,27 @@ def journal_file_name(luid: int) -> str:
 
 _Prefix = c.Struct("magic" / c.Bytes(4), "version" / c.Int16ul)
 
+
+
+def _format_record(layout: int) -> c.Construct:
+    return c.Struct(
+        "magic" / c.Const(b"ULGS"),          # 0
+        "version" / c.Const(layout, c.Int16ul),  # 4: the layout version of the environment
+        "reserved" / c.Const(0, c.Int16ul),  # 6
+        "chunk_bytes" / c.Int32ul,           # 8: bitmap bytes per chunk (the checksum not counted)
+        "reserved2" / c.Const(0, c.Int32ul),  # 12
+        "created_at" / c.Float64l,           # 16: unix time
+        "uuid" / c.PascalString(c.Int8ul, "latin-1"),  # 24
+        c.Terminated,
+    )
+
+
 #: ``format`` key of the main database: the environment's layout version, its chunk size and
-#: whose it is (the directory name is checked against ``uuid``).
-FormatRecordV1 = c.Struct(
-    "magic" / c.Const(b"ULGS"),          # 0
-    "version" / c.Const(1, c.Int16ul),   # 4
-    "reserved" / c.Const(0, c.Int16ul),  # 6
-    "chunk_bytes" / c.Int32ul,           # 8: bitmap bytes per chunk key
-    "reserved2" / c.Const(0, c.Int32ul),  # 12
-    "created_at" / c.Float64l,           # 16: unix time
-    "uuid" / c.PascalString(c.Int8ul, "latin-1"),  # 24
-    c.Terminated,
-)
+#: whose it is (the directory name is checked against ``uuid``). Layouts 1 and 2 have the same
+#: fields; the version says whether chunks are sealed.
+FormatRecordV1 = _format_record(1)
+FormatRecordV2 = _format_record(2)
+_FORMAT_RECORDS = {1: FormatRecordV1, 2: FormatRecordV2}
 
 _STATES = {"constructed": 1, "live": 2, "presuspended": 3, "suspended": 4, "destroyed": 5}
 FLAG_RESUMED = 0x0001
@@ -169,7 +188,7 @@ _KNOWN_FLAGS = FLAG_RESUMED | FLAG_SUPERSEDED
 #: ``record`` of ``meta.<luid>``: an instance's identity, constructor, geometry and lifecycle.
 MetaRecordV1 = c.Struct(
     "magic" / c.Const(b"ULGM"),          # 0
-    "version" / c.Const(1, c.Int16ul),   # 4
+    "version" / c.Const(RECORD_VERSION, c.Int16ul),   # 4
     "flags" / c.Int16ul,                 # 6: bit 0 resumed, bit 1 superseded; others 0
     "luid" / c.Int64ul,                  # 8
     "region_size" / c.Int64ul,           # 16: sectors
@@ -190,7 +209,7 @@ MetaRecordV1 = c.Struct(
 #: ``record`` of ``retained.meta``: the state a uuid's last instance left behind at DTR.
 RetainedRecordV1 = c.Struct(
     "magic" / c.Const(b"ULGR"),          # 0
-    "version" / c.Const(1, c.Int16ul),   # 4
+    "version" / c.Const(RECORD_VERSION, c.Int16ul),   # 4
     "reserved" / c.Const(0, c.Int16ul),  # 6
     "generation" / c.Int64ul,            # 8
     "region_count" / c.Int64ul,          # 16
@@ -203,10 +222,17 @@ RetainedRecordV1 = c.Struct(
 #: Key of ``clean.*`` / ``sync.*``: the chunk index, big-endian so keys sort by index.
 ChunkKey = c.Int32ub
 
+#: Layout 2: what follows a chunk's bitmap bytes in its value. CRC-32 (zlib's, the IEEE
+#: polynomial) of the sub-database name, the key and the bitmap bytes, in that order, so a
+#: chunk that is damaged, or whole but under another name or key (another instance's, the other
+#: bitmap's, another index's), fails it.
+ChunkChecksum = c.Int32ul
+CHUNK_CHECKSUM_SIZE = ChunkChecksum.sizeof()
+
 #: First bytes of ``journal.<luid>``: the commit it follows.
 JournalHeaderV1 = c.Struct(
     "magic" / c.Const(b"ULGJ"),          # 0
-    "version" / c.Const(1, c.Int16ul),   # 4
+    "version" / c.Const(RECORD_VERSION, c.Int16ul),   # 4
     "record_size" / c.Const(16, c.Int16ul),  # 6
     "luid" / c.Int64ul,                  # 8
     "commit_seq" / c.Int64ul,            # 16: the meta's commit_seq these ops follow
@@ -235,25 +261,27 @@ _JournalHeaderC = JournalHeaderV1.compile()
 # encodes a meta record, and that should cost microseconds, not a tenth of a millisecond.
 # Decoding keeps the interpreted forms: construct 2.10's compiled strings accept a record cut
 # short, and decoding happens at start-up only.
-_COMPILED = {id(s): s.compile() for s in (FormatRecordV1, MetaRecordV1, RetainedRecordV1)}
+_COMPILED = {id(s): s.compile() for s in (FormatRecordV2, MetaRecordV1, RetainedRecordV1)}
 
 
-def _check_prefix(data: bytes, magic: bytes, what: str) -> None:
+def _check_prefix(data: bytes, magic: bytes, what: str, known: tuple[int, ...]) -> int:
     """Refuse bytes that are not ``what`` or are of a version this code does not know."""
     if len(data) < _Prefix.sizeof():
         raise StoreFormatError(f"{what} of {len(data)} bytes is too short")
     prefix = _Prefix.parse(data)
     if prefix.magic != magic:
         raise StoreFormatError(f"{what} has magic {prefix.magic!r}, expected {magic!r}")
-    if prefix.version != FORMAT_VERSION:
+    if prefix.version not in known:
         raise UnknownVersionError(
-            f"{what} is of store format version {prefix.version}; this ulog-disk reads only "
-            f"version {FORMAT_VERSION}: refusing to read it"
+            f"{what} is of version {prefix.version}; this ulog-disk reads only version "
+            f"{' and '.join(map(str, known))}: refusing to read it"
         )
+    return int(prefix.version)
 
 
-def _parse(layout: c.Construct, data: bytes, magic: bytes, what: str) -> c.Container:
-    _check_prefix(data, magic, what)
+def _parse(layout: c.Construct, data: bytes, magic: bytes, what: str,
+           known: tuple[int, ...] = (RECORD_VERSION,)) -> c.Container:
+    _check_prefix(data, magic, what, known)
     try:
         return layout.parse(data)
     except (c.ConstructError, ValueError, struct.error) as exc:  # ValueError: bad UTF-8/latin-1
@@ -272,15 +300,24 @@ class FormatRecord:
     chunk_bytes: int
     uuid: str
     created_at: float = 0.0
-    version: int = FORMAT_VERSION
+    #: The layout version: what this code writes is always :data:`LAYOUT_VERSION`.
+    version: int = LAYOUT_VERSION
+
+    @property
+    def sealed(self) -> bool:
+        """Whether the environment's chunks carry a checksum (layout 2 on)."""
+        return self.version >= 2
 
     def encode(self) -> bytes:
-        return _build(FormatRecordV1, "format record", chunk_bytes=self.chunk_bytes, uuid=self.uuid,
+        if self.version != LAYOUT_VERSION:
+            raise StoreFormatError(f"layout version {self.version} is read, never written")
+        return _build(FormatRecordV2, "format record", chunk_bytes=self.chunk_bytes, uuid=self.uuid,
                       created_at=self.created_at)
 
     @classmethod
     def decode(cls, data: bytes) -> FormatRecord:
-        p = _parse(FormatRecordV1, data, b"ULGS", "format record")
+        version = _check_prefix(data, b"ULGS", "format record", LAYOUT_VERSIONS_READ)
+        p = _parse(_FORMAT_RECORDS[version], data, b"ULGS", "format record", LAYOUT_VERSIONS_READ)
         if p.chunk_bytes <= 0:
             raise StoreFormatError(f"format record has chunk size {p.chunk_bytes}")
         return cls(chunk_bytes=p.chunk_bytes, uuid=p.uuid, created_at=p.created_at, version=p.version)
@@ -304,7 +341,7 @@ class MetaRecord:
     committed_at: float
     commit_seq: int
     superseded: bool = False
-    version: int = FORMAT_VERSION
+    version: int = RECORD_VERSION
 
     @classmethod
     def from_instance(cls, rec: InstanceRecord, commit_seq: int) -> MetaRecord:
@@ -363,7 +400,7 @@ class RetainedRecord:
     region_count: int
     source_luid: int
     committed_at: float = 0.0
-    version: int = FORMAT_VERSION
+    version: int = RECORD_VERSION
 
     def encode(self) -> bytes:
         if not 0 < self.region_count <= MAX_REGION_COUNT:
@@ -387,7 +424,7 @@ class RetainedRecord:
 class JournalHeader:
     luid: int
     commit_seq: int
-    version: int = FORMAT_VERSION
+    version: int = RECORD_VERSION
 
     def encode(self) -> bytes:
         return _JournalHeaderC.build(dict(luid=self.luid, commit_seq=self.commit_seq))
@@ -402,6 +439,38 @@ class JournalHeader:
 
 def encode_chunk_key(index: int) -> bytes:
     return ChunkKey.build(index)
+
+
+_CHECKSUM = struct.Struct("<I")
+assert _CHECKSUM.size == CHUNK_CHECKSUM_SIZE and _CHECKSUM.pack(0x01020304) == ChunkChecksum.build(0x01020304)
+
+
+def chunk_checksum(db_name: bytes, key: bytes, bits: bytes) -> int:
+    return zlib.crc32(bits, zlib.crc32(key, zlib.crc32(db_name)))
+
+
+def seal_chunk(db_name: bytes, key: bytes, bits: bytes) -> bytes:
+    """A chunk's stored value (layout 2): its bitmap bytes, then their :data:`ChunkChecksum`."""
+    return bits + _CHECKSUM.pack(chunk_checksum(db_name, key, bits))
+
+
+def unseal_chunk(db_name: bytes, key: bytes, value: bytes, sealed: bool = True) -> bytes:
+    """The bitmap bytes of a stored chunk value; :class:`StoreFormatError` if its checksum fails.
+
+    ``sealed=False`` reads a layout-1 value (bitmap bytes only, nothing to verify).
+    """
+    if not sealed:
+        return bytes(value)
+    if len(value) < CHUNK_CHECKSUM_SIZE:
+        raise StoreFormatError(f"chunk value of {len(value)} bytes has no room for its checksum")
+    bits = bytes(value[:-CHUNK_CHECKSUM_SIZE])
+    (stored,) = _CHECKSUM.unpack_from(value, len(value) - CHUNK_CHECKSUM_SIZE)
+    if stored != chunk_checksum(db_name, key, bits):
+        where = db_name.decode("latin-1")
+        index = ChunkKey.parse(key) if len(key) == ChunkKey.sizeof() else key.hex()
+        raise StoreFormatError(f"chunk {index} of {where} fails its checksum (damaged, or not this "
+                               f"sub-database's chunk {index})")
+    return bits
 
 
 def decode_chunk_key(key: bytes) -> int:
@@ -483,3 +552,11 @@ def assemble_chunks(chunks: Mapping[int, bytes], region_count: int, chunk_bytes:
                 f"chunk {index} holds {len(value)} bytes, {want} expected for {region_count} regions")
         out[index * chunk_bytes : index * chunk_bytes + want] = value
     return bytes(out)
+
+
+def read_bitmap(db_name: bytes, values: Mapping[bytes, bytes], region_count: int, chunk_bytes: int,
+                sealed: bool = True) -> bytes:
+    """A whole bitmap from the raw key → value pairs of its sub-database ``db_name``: every
+    checksum verified, then :func:`assemble_chunks`."""
+    return assemble_chunks({decode_chunk_key(key): unseal_chunk(db_name, key, value, sealed)
+                            for key, value in values.items()}, region_count, chunk_bytes)

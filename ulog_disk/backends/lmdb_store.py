@@ -1,4 +1,4 @@
-"""The durable backend: one LMDB environment per uuid (layout: ``formats/store.md``, version 1).
+"""The durable backend: one LMDB environment per uuid (layout: ``formats/store.md``, version 2).
 
 What lives where (byte layouts are in :mod:`ulog_disk.store_format`, nowhere else):
 
@@ -37,8 +37,10 @@ import lmdb
 
 from .. import regionlog
 from ..store_format import (
+    CHUNK_CHECKSUM_SIZE,
     FORMAT_KEY,
     JOURNAL_HEADER_SIZE,
+    LAYOUT_VERSION,
     RECORD_KEY,
     RETAINED_CLEAN,
     RETAINED_META,
@@ -60,7 +62,9 @@ from ..store_format import (
     instance_db_name,
     journal_file_name,
     parse_instance_db_name,
+    seal_chunk,
     split_chunks,
+    unseal_chunk,
 )
 from .base import Backend, BackendError, Commit, InstanceRecord, Restored, StoredInstance, StoredState
 
@@ -247,16 +251,22 @@ class LmdbBackend(Backend):
         fmt_rec = FormatRecord.decode(raw)
         if fmt_rec.uuid != e.uuid:
             raise StoreFormatError(f"environment belongs to uuid {fmt_rec.uuid!r}, not {e.uuid!r}")
-        if fmt_rec.chunk_bytes != want:
-            log.info("store of uuid=%r: re-chunking from %d to %d bytes per chunk", e.uuid,
-                     fmt_rec.chunk_bytes, want)
+        if fmt_rec.version != LAYOUT_VERSION or fmt_rec.chunk_bytes != want:
+            log.info("store of uuid=%r: rewriting its bitmaps from layout %d, %d bytes per chunk, to "
+                     "layout %d, %d bytes per chunk", e.uuid, fmt_rec.version, fmt_rec.chunk_bytes,
+                     LAYOUT_VERSION, want)
             self._rechunk(e, fmt_rec, want)
         return False
 
     def _rechunk(self, e: _Env, fmt: FormatRecord, new: int) -> None:
-        """Rewrite every bitmap with ``new`` bytes per chunk, in one transaction."""
-        old = fmt.chunk_bytes
-        fmt.chunk_bytes = new
+        """Rewrite every bitmap in the current layout with ``new`` bytes per chunk, and the
+        format record, in one transaction: a crash leaves the old store or the new one.
+
+        This is also the migration from layout 1, whose chunks carry no checksum: they are
+        read as they are (nothing to verify them against) and written sealed.
+        """
+        old, old_sealed = fmt.chunk_bytes, fmt.sealed
+        fmt = FormatRecord(chunk_bytes=new, uuid=fmt.uuid, created_at=fmt.created_at)
 
         def body(txn: lmdb.Transaction) -> None:
             groups: list[tuple[int, bytes, bytes]] = []
@@ -274,10 +284,12 @@ class LmdbBackend(Backend):
                     db = self._db(e, txn, name, create=False)
                     if db is None:
                         continue
-                    bitmap = assemble_chunks(self._read_chunks(txn, db), region_count, old)
+                    bitmap = assemble_chunks(self._read_chunks(txn, db, name, old_sealed),
+                                             region_count, old)
                     txn.drop(db, delete=False)
-                    for index, value in split_chunks(bitmap, region_count, new).items():
-                        txn.put(encode_chunk_key(index), value, db=db)
+                    for index, bits in split_chunks(bitmap, region_count, new).items():
+                        key = encode_chunk_key(index)
+                        txn.put(key, seal_chunk(name, key, bits), db=db)
             txn.put(FORMAT_KEY, fmt.encode())
 
         self._write(e, body)
@@ -297,8 +309,11 @@ class LmdbBackend(Backend):
         return raw
 
     @staticmethod
-    def _read_chunks(txn: lmdb.Transaction, db: lmdb._Database) -> dict[int, bytes]:
-        return {decode_chunk_key(key): value for key, value in txn.cursor(db=db)}
+    def _read_chunks(txn: lmdb.Transaction, db: lmdb._Database, name: bytes,
+                     sealed: bool = True) -> dict[int, bytes]:
+        """Chunk index → bitmap bytes, every checksum verified (StoreFormatError if one fails)."""
+        return {decode_chunk_key(key): unseal_chunk(name, key, value, sealed)
+                for key, value in txn.cursor(db=db)}
 
     def _write(self, e: _Env, body: Callable[[lmdb.Transaction], T]) -> T:
         """Run ``body`` in one durable write transaction; grow the map and retry on MapFullError.
@@ -505,11 +520,15 @@ class LmdbBackend(Backend):
         retained = RetainedRecord(uuid=e.uuid, generation=old.generation, region_count=old.region_count,
                                   source_luid=old.luid, committed_at=old.committed_at)
         txn.put(RECORD_KEY, retained.encode(), db=self._db(e, txn, RETAINED_META, create=True))
-        for src, name in ((clean_db, RETAINED_CLEAN), (sync_db, RETAINED_SYNC)):
+        sources = ((clean_db, instance_db_name("clean", old.luid), RETAINED_CLEAN),
+                   (sync_db, instance_db_name("sync", old.luid), RETAINED_SYNC))
+        for src, src_name, name in sources:
             dst = self._db(e, txn, name, create=True)
             txn.drop(dst, delete=False)
+            # Verified on the way: a damaged chunk fails this CTR's record() rather than be
+            # sealed again under the retained name as if it were good.
             for key, value in list(txn.cursor(db=src)):
-                txn.put(key, value, db=dst)
+                txn.put(key, seal_chunk(name, key, unseal_chunk(src_name, key, value)), db=dst)
         log.info("CTR uuid=%r reuses luid=%#x of boot %s: its state (generation %d) kept as the "
                  "retained state", e.uuid, old.luid, old.boot_id, old.generation)
 
@@ -558,17 +577,19 @@ class LmdbBackend(Backend):
         # only puts prepared bytes.
         puts: list[tuple[bytes, list[tuple[bytes, bytes]]]] = []
         for kind, chunks in (("clean", commit.clean_chunks), ("sync", commit.sync_chunks)):
+            name = instance_db_name(kind, rec.luid)
             items = []
-            for index, value in sorted(chunks.items()):
-                if not 0 <= index < count or len(value) != chunk_length(index, rec.region_count, cb):
-                    raise BackendError(errno.EINVAL, f"{what}: chunk {index} of {len(value)} bytes does "
+            for index, bits in sorted(chunks.items()):
+                if not 0 <= index < count or len(bits) != chunk_length(index, rec.region_count, cb):
+                    raise BackendError(errno.EINVAL, f"{what}: chunk {index} of {len(bits)} bytes does "
                                        f"not fit {rec.region_count} regions")
-                items.append((encode_chunk_key(index), value))
-            puts.append((instance_db_name(kind, rec.luid), items))
+                key = encode_chunk_key(index)
+                items.append((key, seal_chunk(name, key, bits)))
+            puts.append((name, items))
         meta_name = instance_db_name("meta", rec.luid)
         tail_key = encode_chunk_key(count)
         last_key = encode_chunk_key(count - 1)
-        last_length = chunk_length(count - 1, rec.region_count, cb)
+        last_length = chunk_length(count - 1, rec.region_count, cb) + CHUNK_CHECKSUM_SIZE
         # The commit sequence: from memory when the last write of this meta is known to have
         # landed (record, restore, a successful commit), else read back from the store.
         j = self._journals.get((e.uuid, rec.luid))
@@ -642,8 +663,9 @@ class LmdbBackend(Backend):
                 for name, chunks in retained_puts:
                     db = self._db(e, txn, name, create=True)
                     txn.drop(db, delete=False)
-                    for index, value in chunks.items():
-                        txn.put(encode_chunk_key(index), value, db=db)
+                    for index, bits in chunks.items():
+                        key = encode_chunk_key(index)
+                        txn.put(key, seal_chunk(name, key, bits), db=db)
             for kind in ("meta", "clean", "sync"):
                 db = self._db(e, txn, instance_db_name(kind, luid), create=False)
                 if db is not None:
@@ -731,8 +753,9 @@ class LmdbBackend(Backend):
                         f"{name.decode()} holds the record of uuid={meta.uuid!r} luid={meta.luid:#x}")
                 bitmaps = []
                 for bitmap_kind in ("clean", "sync"):
-                    db = self._db(e, txn, instance_db_name(bitmap_kind, luid), create=False)
-                    chunks = {} if db is None else self._read_chunks(txn, db)
+                    db_name = instance_db_name(bitmap_kind, luid)
+                    db = self._db(e, txn, db_name, create=False)
+                    chunks = {} if db is None else self._read_chunks(txn, db, db_name)
                     try:
                         bitmaps.append(assemble_chunks(chunks, meta.region_count, cb))
                     except StoreFormatError as exc:
@@ -746,7 +769,7 @@ class LmdbBackend(Backend):
                 bitmaps = []
                 for name in (RETAINED_CLEAN, RETAINED_SYNC):
                     db = self._db(e, txn, name, create=False)
-                    chunks = {} if db is None else self._read_chunks(txn, db)
+                    chunks = {} if db is None else self._read_chunks(txn, db, name)
                     try:
                         bitmaps.append(assemble_chunks(chunks, rr.region_count, cb))
                     except StoreFormatError as exc:

@@ -47,6 +47,7 @@ from ..store_format import (
     DAMAGED_INFIX,
     FORMAT_KEY,
     JOURNAL_HEADER_SIZE,
+    LAYOUT_VERSION,
     RECORD_KEY,
     RETAINED_CLEAN,
     RETAINED_META,
@@ -65,6 +66,7 @@ from ..store_format import (
     instance_db_name,
     journal_file_name,
     parse_instance_db_name,
+    unseal_chunk,
 )
 from .common import DaemonStatus, bit_ranges, daemon_status, iso, luid_hex, ranges, when
 
@@ -310,7 +312,9 @@ def _read_txn(env: lmdb.Environment, txn: lmdb.Transaction, ev: EnvView
 
 def _bitmap(ev: EnvView, sv: StateView, what: str, chunks: dict[bytes, bytes] | None, chunk_bytes: int,
             expect_whole: bool) -> bytes:
-    """Assemble one bitmap from its chunks, reporting every chunk that does not fit."""
+    """Assemble one bitmap (sub-database ``what``) from its chunks, reporting every chunk that
+    fails its checksum or does not fit; such a chunk reads as zeros (dirty, out of sync)."""
+    sealed = ev.format is not None and ev.format.sealed
     count = sv.region_count
     total = bitmap_bytes(count)
     n = chunks_for(count, chunk_bytes)
@@ -328,6 +332,11 @@ def _bitmap(ev: EnvView, sv: StateView, what: str, chunks: dict[bytes, bytes] | 
             continue
         want = chunk_length(index, count, chunk_bytes)
         seen.add(index)
+        try:
+            value = unseal_chunk(what.encode("latin-1"), key, value, sealed)
+        except StoreFormatError as exc:
+            sv.findings.append(Finding(ERROR, what, str(exc)))
+            continue
         if len(value) != want:
             sv.findings.append(Finding(ERROR, what, f"chunk {index} holds {len(value)} bytes, {want} "
                                        f"expected for {count} regions"))
@@ -433,7 +442,11 @@ def _decode_env(ev: EnvView, plain: dict[bytes, bytes], subs: dict[bytes, dict[b
             if uuid is not None and ev.format.uuid != uuid:
                 ev.findings.append(Finding(ERROR, "store", f"format record names uuid {ev.format.uuid!r}, "
                                            f"the directory {uuid!r}"))
-            if chunk_bytes != CHUNK_BYTES:
+            if not ev.format.sealed:
+                ev.findings.append(Finding(NOTE, "store", f"layout {ev.format.version}: chunks without "
+                                           f"checksums; the daemon migrates it to layout "
+                                           f"{LAYOUT_VERSION} when it next opens it"))
+            elif chunk_bytes != CHUNK_BYTES:
                 ev.findings.append(Finding(NOTE, "store", f"written with {chunk_bytes}-byte chunks: the "
                                            f"daemon re-chunks it to {CHUNK_BYTES} when it next opens it"))
         except StoreFormatError as exc:
