@@ -268,7 +268,8 @@ def test_store_shows_a_damaged_store_and_one_moved_aside(store_after: Path) -> N
     env = lmdb.open(str(env_dir), max_dbs=1024, subdir=True)
     with env.begin(write=True) as txn:
         db = env.open_db(sf.instance_db_name("meta", LUID_A), txn=txn, create=False)
-        txn.put(sf.RECORD_KEY, b"ULGM\x02\x00garbage", db=db)
+        garbage = sf.record_value(sf.instance_db_name("meta", LUID_A), b"ULGM\x02\x00garbage")
+        txn.put(sf.RECORD_KEY, garbage, db=db)
     env.close()
     shutil.copytree(store_after / sf.encode_dir_name(UUID_GONE),
                     store_after / (sf.encode_dir_name(UUID_GONE) + ".damaged-1767225600"))

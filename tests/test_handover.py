@@ -114,10 +114,12 @@ def stored_bitmaps(engine: Engine, luid: int | None, uuid: str = UUID) -> tuple[
     """(region count, clean, sync) as the store holds them (``luid=None``: the retained state)."""
     contents = engine.backend.contents(uuid)
     if luid is None:
-        count = sf.RetainedRecord.decode(contents[sf.RETAINED_META][sf.RECORD_KEY]).region_count
+        raw = sf.record_bytes(sf.RETAINED_META, contents[sf.RETAINED_META][sf.RECORD_KEY])
+        count = sf.RetainedRecord.decode(raw).region_count
         names = (sf.RETAINED_CLEAN, sf.RETAINED_SYNC)
     else:
-        count = sf.MetaRecord.decode(contents[sf.instance_db_name("meta", luid)][sf.RECORD_KEY]).region_count
+        name = sf.instance_db_name("meta", luid)
+        count = sf.MetaRecord.decode(sf.record_bytes(name, contents[name][sf.RECORD_KEY])).region_count
         names = (sf.instance_db_name("clean", luid), sf.instance_db_name("sync", luid))
     maps = []
     for name in names:

@@ -79,8 +79,8 @@ def sub_dbs(backend: LmdbBackend, uuid: str) -> set[bytes]:
 
 
 def stored_seq(backend: LmdbBackend, uuid: str, luid: int) -> int:
-    raw = backend.contents(uuid)[sf.instance_db_name("meta", luid)][sf.RECORD_KEY]
-    return sf.MetaRecord.decode(raw).commit_seq
+    name = sf.instance_db_name("meta", luid)
+    return sf.MetaRecord.decode(sf.record_bytes(name, backend.contents(uuid)[name][sf.RECORD_KEY])).commit_seq
 
 
 @pytest.fixture
@@ -113,9 +113,12 @@ def test_record_creates_the_instance_sub_databases_without_bitmaps(backend):
     assert set(contents) == {b"", b"meta.0000000000000001", b"clean.0000000000000001",
                              b"sync.0000000000000001"}
     assert contents[b"clean.0000000000000001"] == {} and contents[b"sync.0000000000000001"] == {}
-    fmt = sf.FormatRecord.decode(contents[b""][sf.FORMAT_KEY])
+    fmt = sf.read_format_value(contents[b""][sf.FORMAT_KEY])
     assert (fmt.uuid, fmt.chunk_bytes, fmt.version) == (UUID, CB, sf.LAYOUT_VERSION)
-    meta = sf.MetaRecord.decode(contents[b"meta.0000000000000001"][sf.RECORD_KEY])
+    raw = contents[b"meta.0000000000000001"][sf.RECORD_KEY]
+    meta = sf.MetaRecord.decode(sf.record_bytes(b"meta.0000000000000001", raw))
+    # Every value is sealed: the record's bytes, then the CRC-32 of name, key and bytes.
+    assert raw[-4:] == zlib.crc32(b"meta.0000000000000001" + sf.RECORD_KEY + raw[:-4]).to_bytes(4, "little")
     assert meta.instance() == rec and meta.commit_seq == 0
 
 
@@ -451,7 +454,10 @@ def _assert_moved_aside(state_dir: Path, uuid: str, restored, fragment: str) -> 
 
 
 @pytest.mark.parametrize(("db_name", "key", "value", "fragment"), [
-    (b"meta.0000000000000001", sf.RECORD_KEY, b"garbage", "meta record"),
+    (b"meta.0000000000000001", sf.RECORD_KEY, sf.record_value(b"meta.0000000000000001", b"garbage"),
+     "meta record"),
+    (b"meta.0000000000000001", sf.RECORD_KEY, b"garbage",
+     "record of meta.0000000000000001 fails its checksum"),
     (b"clean.0000000000000001", sf.encode_chunk_key(99),
      sf.seal_chunk(b"clean.0000000000000001", sf.encode_chunk_key(99), b"\0"), "past"),
     (b"sync.0000000000000001", sf.encode_chunk_key(0),
@@ -465,8 +471,11 @@ def _assert_moved_aside(state_dir: Path, uuid: str, restored, fragment: str) -> 
      sf.seal_chunk(b"sync.0000000000000001", sf.encode_chunk_key(1), b"\0" * CB), "fails its checksum"),
     (b"clean.0000000000000001", sf.encode_chunk_key(0), b"\0" * 3, "no room for its checksum"),
     (b"clean.0000000000000001", b"\0\0", b"\0", "chunk key"),
-    (None, sf.FORMAT_KEY, sf.FormatRecord(chunk_bytes=CB, uuid="LVM-other").encode(), "belongs to"),
-    (sf.RETAINED_META, sf.RECORD_KEY, b"ULGR\x01\x00", "retained record"),
+    (None, sf.FORMAT_KEY, sf.format_value(sf.FormatRecord(chunk_bytes=CB, uuid="LVM-other")), "belongs to"),
+    (b"meta.0000000000000001", sf.RECORD_KEY,
+     sf.record_value(b"meta.0000000000000002", sf.MetaRecord.from_instance(make_rec(luid=1), 9).encode()),
+     "record of meta.0000000000000001 fails its checksum"),
+    (sf.RETAINED_META, sf.RECORD_KEY, sf.record_value(sf.RETAINED_META, b"ULGR\x01\x00"), "retained record"),
 ])
 def test_damaged_store_is_reported_and_moved_aside(backend, db_name, key, value, fragment):
     rec = make_rec()
@@ -486,7 +495,7 @@ def test_damaged_store_is_reported_and_moved_aside(backend, db_name, key, value,
 
 def test_store_of_an_unknown_version_is_refused(backend):
     backend.record(make_rec())
-    newer = bytearray(sf.FormatRecord(chunk_bytes=CB, uuid=UUID).encode())
+    newer = bytearray(sf.format_value(sf.FormatRecord(chunk_bytes=CB, uuid=UUID)))
     newer[4:6] = (3).to_bytes(2, "little")
     _poke(backend, UUID, None, sf.FORMAT_KEY, bytes(newer))
     backend = LmdbBackend(backend.state_dir)
@@ -522,7 +531,7 @@ def test_a_flipped_bit_in_any_stored_chunk_is_found_and_the_store_moved_aside(ba
 
 def test_unknown_version_found_outside_restore_is_a_backend_error(backend):
     backend.record(make_rec())
-    newer = bytearray(sf.FormatRecord(chunk_bytes=CB, uuid=UUID).encode())
+    newer = bytearray(sf.format_value(sf.FormatRecord(chunk_bytes=CB, uuid=UUID)))
     newer[4:6] = (7).to_bytes(2, "little")
     _poke(backend, UUID, None, sf.FORMAT_KEY, bytes(newer))
     backend = LmdbBackend(backend.state_dir)
@@ -732,7 +741,7 @@ def test_a_store_written_with_another_chunk_size_is_rechunked(tmp_path, monkeypa
     assert (inst.clean, inst.sync) == (clean, sync)
     assert (restored.retained[UUID].clean, restored.retained[UUID].sync) == (sync, clean)
     contents = backend.contents(UUID)
-    assert sf.FormatRecord.decode(contents[b""][sf.FORMAT_KEY]).chunk_bytes == CB
+    assert sf.read_format_value(contents[b""][sf.FORMAT_KEY]).chunk_bytes == CB
     count = regionlog.chunk_count(rec.region_count)
     assert chunk_keys(backend, UUID, b"clean.0000000000000001") == list(range(count))
     backend.close()
@@ -750,6 +759,9 @@ def test_a_layout_1_store_is_migrated_to_layout_2_in_one_transaction(backend):
     env = lmdb.open(str(backend.env_path(UUID)), max_dbs=16)
     with env.begin(write=True) as txn:
         txn.put(sf.FORMAT_KEY, sf.FormatRecordV1.build(dict(chunk_bytes=4080, created_at=1.0, uuid=UUID)))
+        meta_db = env.open_db(b"meta.0000000000000001", txn=txn)
+        txn.put(sf.RECORD_KEY, sf.record_bytes(b"meta.0000000000000001", txn.get(sf.RECORD_KEY, db=meta_db)),
+                db=meta_db)
         for name, bitmap in ((b"clean.0000000000000001", clean), (b"sync.0000000000000001", sync),
                              (sf.RETAINED_CLEAN, retained.clean), (sf.RETAINED_SYNC, retained.sync)):
             db = env.open_db(name, txn=txn)
@@ -767,8 +779,10 @@ def test_a_layout_1_store_is_migrated_to_layout_2_in_one_transaction(backend):
     assert (inst.clean, inst.sync) == (clean, sync)
     assert (restored.retained[UUID].clean, restored.retained[UUID].sync) == (sync, clean)
     contents = backend.contents(UUID)
-    fmt = sf.FormatRecord.decode(contents[b""][sf.FORMAT_KEY])
+    fmt = sf.read_format_value(contents[b""][sf.FORMAT_KEY])
     assert (fmt.version, fmt.chunk_bytes, fmt.created_at) == (sf.LAYOUT_VERSION, CB, 1.0)
+    for name in (b"meta.0000000000000001", sf.RETAINED_META):
+        sf.record_bytes(name, contents[name][sf.RECORD_KEY])  # sealed now
     for name, bitmap in ((b"clean.0000000000000001", clean), (sf.RETAINED_SYNC, clean)):
         assert sf.read_bitmap(name, contents[name], rec.region_count, CB) == bitmap
     backend.close()

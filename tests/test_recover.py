@@ -248,8 +248,14 @@ def _edit(state: Path, uuid: str, fn) -> None:
 
 
 def _meta(env, txn, luid: int) -> tuple[object, sf.MetaRecord]:
-    db = env.open_db(sf.instance_db_name("meta", luid), txn=txn, create=False)
-    return db, sf.MetaRecord.decode(txn.get(sf.RECORD_KEY, db=db))
+    name = sf.instance_db_name("meta", luid)
+    db = env.open_db(name, txn=txn, create=False)
+    return db, sf.MetaRecord.decode(sf.record_bytes(name, txn.get(sf.RECORD_KEY, db=db)))
+
+
+def _put_meta(txn, db, meta: sf.MetaRecord) -> None:
+    """Sealed, so that the invariant behind the checksum is what verify finds."""
+    txn.put(sf.RECORD_KEY, sf.record_value(sf.instance_db_name("meta", meta.luid), meta.encode()), db=db)
 
 
 def _findings(state: Path) -> list[tuple[str, str]]:
@@ -291,29 +297,29 @@ def test_verify_finds_each_broken_invariant(tmp_path: Path) -> None:
         _, a = _meta(env, txn, 0x10)
         db, b = _meta(env, txn, 0x20)
         b.generation, b.resumed = a.generation, True
-        txn.put(sf.RECORD_KEY, b.encode(), db=db)
+        _put_meta(txn, db, b)
 
     def never_resumed_generation(env, txn):
         db, b = _meta(env, txn, 0x20)
         b.generation = 7
-        txn.put(sf.RECORD_KEY, b.encode(), db=db)
+        _put_meta(txn, db, b)
 
     def superseded_but_newest(env, txn):
         db, a = _meta(env, txn, 0x10)
         a.superseded = True
-        txn.put(sf.RECORD_KEY, a.encode(), db=db)
+        _put_meta(txn, db, a)
 
     def two_live(env, txn):
         for luid in (0x10, 0x20):
             db, m = _meta(env, txn, luid)
             m.state, m.resumed = "live", True
-            txn.put(sf.RECORD_KEY, m.encode(), db=db)
+            _put_meta(txn, db, m)
 
     def leftover(env, txn):
         env.open_db(sf.instance_db_name("clean", 0x77), txn=txn, create=True)
 
     def bad_format(env, txn):
-        txn.put(sf.FORMAT_KEY, sf.FormatRecord(chunk_bytes=4076, uuid="LVM-other").encode())
+        txn.put(sf.FORMAT_KEY, sf.format_value(sf.FormatRecord(chunk_bytes=4076, uuid="LVM-other")))
 
     def journal_ahead(state: Path) -> None:
         d = state / sf.encode_dir_name("LVM-v")

@@ -16,8 +16,9 @@ Layout version 2 (the version of the format record):
 * beside the LMDB files, one journal file ``journal.<luid>`` per instance:
   :data:`JournalHeaderV1` followed by :data:`JournalRecordV1` records.
 
-Layout 1 differs only in its chunks, which carry no checksum: it is read to be migrated
-(:func:`unseal_chunk` with ``sealed=False``), never written.
+Layout 2 seals every value (records and chunks) with :data:`ValueChecksum`. Layout 1 differs
+only in that: its values carry no checksum. It is read to be migrated (``sealed=False``), never
+written.
 
 Records start with a 4-byte magic and a u16 version. A record whose version is not one this code
 knows raises :class:`UnknownVersionError`, never a guess: a newer daemon's store is refused rather
@@ -222,12 +223,15 @@ RetainedRecordV1 = c.Struct(
 #: Key of ``clean.*`` / ``sync.*``: the chunk index, big-endian so keys sort by index.
 ChunkKey = c.Int32ub
 
-#: Layout 2: what follows a chunk's bitmap bytes in its value. CRC-32 (zlib's, the IEEE
-#: polynomial) of the sub-database name, the key and the bitmap bytes, in that order, so a
-#: chunk that is damaged, or whole but under another name or key (another instance's, the other
-#: bitmap's, another index's), fails it.
-ChunkChecksum = c.Int32ul
-CHUNK_CHECKSUM_SIZE = ChunkChecksum.sizeof()
+#: Layout 2: what follows every value of the environment (a record's bytes, a chunk's bitmap
+#: bytes). CRC-32 (zlib's, the IEEE polynomial) of the sub-database name (empty for the main
+#: database), the key and the bytes, in that order, so a value that is damaged, or whole but
+#: under another name or key (another instance's, the other bitmap's, another index's), fails it.
+ValueChecksum = c.Int32ul
+CHECKSUM_SIZE = ValueChecksum.sizeof()
+#: The chunk-specific names of the same trailer.
+ChunkChecksum = ValueChecksum
+CHUNK_CHECKSUM_SIZE = CHECKSUM_SIZE
 
 #: First bytes of ``journal.<luid>``: the commit it follows.
 JournalHeaderV1 = c.Struct(
@@ -442,35 +446,71 @@ def encode_chunk_key(index: int) -> bytes:
 
 
 _CHECKSUM = struct.Struct("<I")
-assert _CHECKSUM.size == CHUNK_CHECKSUM_SIZE and _CHECKSUM.pack(0x01020304) == ChunkChecksum.build(0x01020304)
+assert _CHECKSUM.size == CHECKSUM_SIZE and _CHECKSUM.pack(0x01020304) == ValueChecksum.build(0x01020304)
+#: The main database's name in a checksum.
+MAIN_DB = b""
 
 
-def chunk_checksum(db_name: bytes, key: bytes, bits: bytes) -> int:
-    return zlib.crc32(bits, zlib.crc32(key, zlib.crc32(db_name)))
+def value_checksum(db_name: bytes, key: bytes, data: bytes) -> int:
+    return zlib.crc32(data, zlib.crc32(key, zlib.crc32(db_name)))
 
 
-def seal_chunk(db_name: bytes, key: bytes, bits: bytes) -> bytes:
-    """A chunk's stored value (layout 2): its bitmap bytes, then their :data:`ChunkChecksum`."""
-    return bits + _CHECKSUM.pack(chunk_checksum(db_name, key, bits))
+def seal(db_name: bytes, key: bytes, data: bytes) -> bytes:
+    """The stored value (layout 2) of ``data`` under ``db_name``/``key``: the bytes, then their
+    :data:`ValueChecksum`."""
+    return data + _CHECKSUM.pack(value_checksum(db_name, key, data))
 
 
-def unseal_chunk(db_name: bytes, key: bytes, value: bytes, sealed: bool = True) -> bytes:
-    """The bitmap bytes of a stored chunk value; :class:`StoreFormatError` if its checksum fails.
+def unseal(db_name: bytes, key: bytes, value: bytes, sealed: bool = True, what: str | None = None) -> bytes:
+    """The bytes of a stored value; :class:`StoreFormatError` if its checksum fails.
 
-    ``sealed=False`` reads a layout-1 value (bitmap bytes only, nothing to verify).
+    ``sealed=False`` reads a layout-1 value (the bytes only, nothing to verify).
     """
     if not sealed:
         return bytes(value)
-    if len(value) < CHUNK_CHECKSUM_SIZE:
-        raise StoreFormatError(f"chunk value of {len(value)} bytes has no room for its checksum")
-    bits = bytes(value[:-CHUNK_CHECKSUM_SIZE])
-    (stored,) = _CHECKSUM.unpack_from(value, len(value) - CHUNK_CHECKSUM_SIZE)
-    if stored != chunk_checksum(db_name, key, bits):
-        where = db_name.decode("latin-1")
-        index = ChunkKey.parse(key) if len(key) == ChunkKey.sizeof() else key.hex()
-        raise StoreFormatError(f"chunk {index} of {where} fails its checksum (damaged, or not this "
-                               f"sub-database's chunk {index})")
-    return bits
+    where = db_name.decode("latin-1") or "the main database"
+    what = what or f"value {key.decode('latin-1')!r}"
+    if len(value) < CHECKSUM_SIZE:
+        raise StoreFormatError(f"{what} of {where} ({len(value)} bytes) has no room for its checksum")
+    data = bytes(value[:-CHECKSUM_SIZE])
+    (stored,) = _CHECKSUM.unpack_from(value, len(value) - CHECKSUM_SIZE)
+    if stored != value_checksum(db_name, key, data):
+        raise StoreFormatError(f"{what} of {where} fails its checksum (damaged, or not this "
+                               f"sub-database's {what})")
+    return data
+
+
+def seal_chunk(db_name: bytes, key: bytes, bits: bytes) -> bytes:
+    """A chunk's stored value (layout 2): its bitmap bytes, then their checksum."""
+    return seal(db_name, key, bits)
+
+
+def unseal_chunk(db_name: bytes, key: bytes, value: bytes, sealed: bool = True) -> bytes:
+    """The bitmap bytes of a stored chunk value; :class:`StoreFormatError` if its checksum fails."""
+    index = ChunkKey.parse(key) if len(key) == ChunkKey.sizeof() else key.hex()
+    return unseal(db_name, key, value, sealed, what=f"chunk {index}")
+
+
+def format_value(rec: FormatRecord) -> bytes:
+    """The stored value of the main database's ``format`` key (always layout 2, sealed)."""
+    return seal(MAIN_DB, FORMAT_KEY, rec.encode())
+
+
+def read_format_value(value: bytes) -> FormatRecord:
+    """The format record of a stored ``format`` value: its own version says whether it is
+    sealed (layout 2) or not (layout 1), and so whether the rest of the environment is."""
+    version = _check_prefix(value, b"ULGS", "format record", LAYOUT_VERSIONS_READ)
+    return FormatRecord.decode(unseal(MAIN_DB, FORMAT_KEY, value, version >= 2, what="format record"))
+
+
+def record_value(db_name: bytes, record: bytes) -> bytes:
+    """The stored value of a ``record`` key (meta or retained record, layout 2)."""
+    return seal(db_name, RECORD_KEY, record)
+
+
+def record_bytes(db_name: bytes, value: bytes, sealed: bool = True) -> bytes:
+    """The record bytes of a stored ``record`` value, checksum verified."""
+    return unseal(db_name, RECORD_KEY, value, sealed, what="record")
 
 
 def decode_chunk_key(key: bytes) -> int:

@@ -59,9 +59,13 @@ from ..store_format import (
     encode_chunk_key,
     encode_dir_name,
     encode_journal_ops,
+    format_value,
     instance_db_name,
     journal_file_name,
     parse_instance_db_name,
+    read_format_value,
+    record_bytes,
+    record_value,
     seal_chunk,
     split_chunks,
     unseal_chunk,
@@ -245,24 +249,24 @@ class LmdbBackend(Backend):
         if raw is None:
             if entries:
                 raise StoreFormatError("environment holds data but no format record")
-            fmt = FormatRecord(chunk_bytes=want, uuid=e.uuid, created_at=time.time()).encode()
+            fmt = format_value(FormatRecord(chunk_bytes=want, uuid=e.uuid, created_at=time.time()))
             self._write(e, lambda txn: txn.put(FORMAT_KEY, fmt))
             return True
-        fmt_rec = FormatRecord.decode(raw)
+        fmt_rec = read_format_value(raw)
         if fmt_rec.uuid != e.uuid:
             raise StoreFormatError(f"environment belongs to uuid {fmt_rec.uuid!r}, not {e.uuid!r}")
         if fmt_rec.version != LAYOUT_VERSION or fmt_rec.chunk_bytes != want:
-            log.info("store of uuid=%r: rewriting its bitmaps from layout %d, %d bytes per chunk, to "
+            log.info("store of uuid=%r: rewriting it from layout %d, %d bytes per chunk, to "
                      "layout %d, %d bytes per chunk", e.uuid, fmt_rec.version, fmt_rec.chunk_bytes,
                      LAYOUT_VERSION, want)
             self._rechunk(e, fmt_rec, want)
         return False
 
     def _rechunk(self, e: _Env, fmt: FormatRecord, new: int) -> None:
-        """Rewrite every bitmap in the current layout with ``new`` bytes per chunk, and the
-        format record, in one transaction: a crash leaves the old store or the new one.
+        """Rewrite every record and bitmap in the current layout with ``new`` bytes per chunk,
+        and the format record, in one transaction: a crash leaves the old store or the new one.
 
-        This is also the migration from layout 1, whose chunks carry no checksum: they are
+        This is also the migration from layout 1, whose values carry no checksum: they are
         read as they are (nothing to verify them against) and written sealed.
         """
         old, old_sealed = fmt.chunk_bytes, fmt.sealed
@@ -273,12 +277,15 @@ class LmdbBackend(Backend):
             for name, _ in list(txn.cursor()):
                 parsed = parse_instance_db_name(name)
                 if parsed and parsed[0] == "meta":
-                    meta = MetaRecord.decode(self._get_record(e, txn, name))
+                    raw = self._get_record(e, txn, name, sealed=old_sealed)
+                    meta = MetaRecord.decode(raw)
+                    self._put_record(e, txn, name, raw)
                     groups.append((meta.region_count, instance_db_name("clean", parsed[1]),
                                    instance_db_name("sync", parsed[1])))
-            raw = self._get_record(e, txn, RETAINED_META, missing_ok=True)
+            raw = self._get_record(e, txn, RETAINED_META, missing_ok=True, sealed=old_sealed)
             if raw is not None:
                 groups.append((RetainedRecord.decode(raw).region_count, RETAINED_CLEAN, RETAINED_SYNC))
+                self._put_record(e, txn, RETAINED_META, raw)
             for region_count, *names in groups:
                 for name in names:
                     db = self._db(e, txn, name, create=False)
@@ -290,7 +297,7 @@ class LmdbBackend(Backend):
                     for index, bits in split_chunks(bitmap, region_count, new).items():
                         key = encode_chunk_key(index)
                         txn.put(key, seal_chunk(name, key, bits), db=db)
-            txn.put(FORMAT_KEY, fmt.encode())
+            txn.put(FORMAT_KEY, format_value(fmt))
 
         self._write(e, body)
 
@@ -301,12 +308,18 @@ class LmdbBackend(Backend):
             return None
 
     def _get_record(self, e: _Env, txn: lmdb.Transaction, db_name: bytes,
-                    missing_ok: bool = False) -> bytes | None:
+                    missing_ok: bool = False, sealed: bool = True) -> bytes | None:
+        """The record bytes of ``db_name``, checksum verified."""
         db = self._db(e, txn, db_name, create=False)
         raw = None if db is None else txn.get(RECORD_KEY, db=db)
-        if raw is None and not missing_ok:
-            raise StoreFormatError(f"sub-database {db_name.decode()} has no record")
-        return raw
+        if raw is None:
+            if not missing_ok:
+                raise StoreFormatError(f"sub-database {db_name.decode()} has no record")
+            return None
+        return record_bytes(db_name, raw, sealed)
+
+    def _put_record(self, e: _Env, txn: lmdb.Transaction, db_name: bytes, record: bytes) -> None:
+        txn.put(RECORD_KEY, record_value(db_name, record), db=self._db(e, txn, db_name, create=True))
 
     @staticmethod
     def _read_chunks(txn: lmdb.Transaction, db: lmdb._Database, name: bytes,
@@ -468,11 +481,12 @@ class LmdbBackend(Backend):
             seq = 0
             raw = txn.get(RECORD_KEY, db=meta_db)
             if raw is not None:
+                # Verified here (not by _get_record) so that an undecodable meta is replaced.
                 # A CTR that replaces an instance with this luid (the engine only does that for
                 # one that never resumed, or one of an earlier boot whose luid the kernel
                 # happens to reuse). The new sequence must differ from the old journal's.
                 try:
-                    old = MetaRecord.decode(raw)
+                    old = MetaRecord.decode(record_bytes(meta_name, raw))
                 except StoreFormatError as exc:
                     log.warning("CTR uuid=%r luid=%#x replaces an undecodable meta record (%s)",
                                 rec.uuid, rec.luid, exc)
@@ -483,7 +497,8 @@ class LmdbBackend(Backend):
                         self._keep_as_retained(e, txn, old, clean_db, sync_db)
                 txn.drop(clean_db, delete=False)
                 txn.drop(sync_db, delete=False)
-            txn.put(RECORD_KEY, MetaRecord.from_instance(rec, seq).encode(), db=meta_db)
+            new_meta = MetaRecord.from_instance(rec, seq).encode()
+            txn.put(RECORD_KEY, record_value(meta_name, new_meta), db=meta_db)
             return seq
 
         try:
@@ -519,7 +534,7 @@ class LmdbBackend(Backend):
                 pass
         retained = RetainedRecord(uuid=e.uuid, generation=old.generation, region_count=old.region_count,
                                   source_luid=old.luid, committed_at=old.committed_at)
-        txn.put(RECORD_KEY, retained.encode(), db=self._db(e, txn, RETAINED_META, create=True))
+        self._put_record(e, txn, RETAINED_META, retained.encode())
         sources = ((clean_db, instance_db_name("clean", old.luid), RETAINED_CLEAN),
                    (sync_db, instance_db_name("sync", old.luid), RETAINED_SYNC))
         for src, src_name, name in sources:
@@ -595,7 +610,7 @@ class LmdbBackend(Backend):
         j = self._journals.get((e.uuid, rec.luid))
         known = j is not None and j.seq_trusted
         seq = j.seq + 1 if known else 0
-        meta_raw = MetaRecord.from_instance(rec, seq).encode() if known else b""
+        meta_raw = record_value(meta_name, MetaRecord.from_instance(rec, seq).encode()) if known else b""
         fallback_seq = None if known else self._journal_seq_on_disk(e, rec.luid)
 
         def body(txn: lmdb.Transaction) -> int:
@@ -604,8 +619,9 @@ class LmdbBackend(Backend):
             if not known:
                 old = txn.get(RECORD_KEY, db=meta_db)
                 # No meta: the CTR's record() failed, and this commit creates the instance.
-                new_seq = (fallback_seq or 0) + 1 if old is None else MetaRecord.decode(old).commit_seq + 1
-                raw = MetaRecord.from_instance(rec, new_seq).encode()
+                new_seq = ((fallback_seq or 0) + 1 if old is None
+                           else MetaRecord.decode(record_bytes(meta_name, old)).commit_seq + 1)
+                raw = record_value(meta_name, MetaRecord.from_instance(rec, new_seq).encode())
             txn.put(RECORD_KEY, raw, db=meta_db)
             for name, items in puts:
                 db = self._db(e, txn, name, create=True)
@@ -648,10 +664,10 @@ class LmdbBackend(Backend):
         retained_puts: list[tuple[bytes, dict[int, bytes]]] = []
         retained_raw = b""
         if retain is not None:
-            retained_raw = RetainedRecord(
+            retained_raw = record_value(RETAINED_META, RetainedRecord(
                 uuid=uuid, generation=retain.generation, region_count=retain.region_count,
                 source_luid=retain.source_luid, committed_at=retain.committed_at,
-            ).encode()
+            ).encode())
             retained_puts = [
                 (RETAINED_CLEAN, split_chunks(retain.clean, retain.region_count, cb)),
                 (RETAINED_SYNC, split_chunks(retain.sync, retain.region_count, cb)),

@@ -66,6 +66,8 @@ from ..store_format import (
     instance_db_name,
     journal_file_name,
     parse_instance_db_name,
+    read_format_value,
+    record_bytes,
     unseal_chunk,
 )
 from .common import DaemonStatus, bit_ranges, daemon_status, iso, luid_hex, ranges, when
@@ -437,7 +439,7 @@ def _decode_env(ev: EnvView, plain: dict[bytes, bytes], subs: dict[bytes, dict[b
             ev.findings.append(Finding(NOTE, "store", "empty environment (no records yet)"))
     else:
         try:
-            ev.format = FormatRecord.decode(raw_format)
+            ev.format = read_format_value(raw_format)
             chunk_bytes = ev.format.chunk_bytes
             if uuid is not None and ev.format.uuid != uuid:
                 ev.findings.append(Finding(ERROR, "store", f"format record names uuid {ev.format.uuid!r}, "
@@ -456,6 +458,9 @@ def _decode_env(ev: EnvView, plain: dict[bytes, bytes], subs: dict[bytes, dict[b
                                    "(ignored by the daemon)"))
     if uuid is None and ev.format is not None:
         uuid = ev.uuid = ev.format.uuid
+    # Without a readable format record the layout is unknown: records are taken as sealed
+    # (this version's layout), so a layout-1 record reads as failing its checksum.
+    sealed = ev.format is None or ev.format.sealed
     groups: dict[int, dict[str, dict[bytes, bytes]]] = {}
     for name, content in subs.items():
         parsed = parse_instance_db_name(name)
@@ -483,7 +488,7 @@ def _decode_env(ev: EnvView, plain: dict[bytes, bytes], subs: dict[bytes, dict[b
             sv.findings.append(Finding(ERROR, where, "sub-database has no record"))
             continue
         try:
-            meta = MetaRecord.decode(raw)
+            meta = MetaRecord.decode(record_bytes(where.encode(), raw, sealed))
         except StoreFormatError as exc:
             sv.findings.append(Finding(ERROR, where, str(exc)))
             continue
@@ -518,7 +523,7 @@ def _decode_env(ev: EnvView, plain: dict[bytes, bytes], subs: dict[bytes, dict[b
             sv.findings.append(Finding(ERROR, "retained.meta", "retained bitmaps without a retained record"))
         else:
             try:
-                rr = RetainedRecord.decode(raw)
+                rr = RetainedRecord.decode(record_bytes(RETAINED_META, raw, sealed))
             except StoreFormatError as exc:
                 sv.findings.append(Finding(ERROR, "retained.meta", str(exc)))
             else:
