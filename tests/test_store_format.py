@@ -277,3 +277,34 @@ def test_dir_name_round_trip_property(uuid):
     assert sf.decode_dir_name(name) == uuid
     damaged = sf.damaged_dir_name(name, 2**32, 999)
     assert len(damaged.encode()) <= 255 and sf.decode_dir_name(damaged) is None
+
+
+_META_FIELDS = dict(uuid="u", luid=1, ctr="8 core 8", log_type="core", region_size=8, region_count=1,
+                    state="live", generation=0, cursor=0, boot_id="b", resumed=False, committed_at=0.0,
+                    commit_seq=0)
+
+
+@given(uuid=st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=255), min_size=1, max_size=128),
+       luid=st.integers(0, 2**64 - 1), region_count=st.integers(1, sf.MAX_REGION_COUNT),
+       generation=st.integers(0, 2**64 - 1), commit_seq=st.integers(0, 2**64 - 1),
+       committed_at=st.floats(allow_nan=False), state=st.sampled_from(sorted(sf._STATES)),
+       ctr=st.text(max_size=400), boot_id=st.text(max_size=40), resumed=st.booleans(),
+       superseded=st.booleans())
+def test_meta_fast_encoding_is_the_construct_definitions(**fields):
+    """The commit path packs meta records with struct; the bytes are MetaRecordV1's, and decode."""
+    rec = sf.MetaRecord(**{**_META_FIELDS, **fields})
+    flags = (sf.FLAG_RESUMED if rec.resumed else 0) | (sf.FLAG_SUPERSEDED if rec.superseded else 0)
+    by_definition = sf.MetaRecordV1.build(dict(
+        flags=flags, luid=rec.luid, region_size=rec.region_size, region_count=rec.region_count,
+        generation=rec.generation, cursor=rec.cursor, commit_seq=rec.commit_seq,
+        committed_at=rec.committed_at, state=rec.state, uuid=rec.uuid, log_type=rec.log_type,
+        boot_id=rec.boot_id, ctr=rec.ctr))
+    assert rec.encode() == by_definition
+    assert sf.MetaRecord.decode(by_definition) == rec
+
+
+@pytest.mark.parametrize("bad", [dict(uuid="x" * 256), dict(ctr="c" * 70000), dict(luid=-1),
+                                 dict(uuid="\u20ac"), dict(generation=2**64)])
+def test_meta_fields_that_do_not_fit_are_refused(bad):
+    with pytest.raises(sf.StoreFormatError, match="cannot encode meta record"):
+        sf.MetaRecord(**{**_META_FIELDS, **bad}).encode()

@@ -7,6 +7,12 @@ delays the replies of another by more than the loop's own turn, and one uuid's c
 never reordered. A successful commit is answered by its worker the moment it returns; every
 other completion comes back through a pipe and is answered by the loop, after the engine has
 heard of it.
+
+The hand-off to a worker and back costs a FLUSH 60-100 us on the development VM, a third of a
+fast disk's commit (docs/benchmarks.md). So the loop runs a job itself when that delays
+nobody: the request came alone (nothing else was readable), no worker is busy, and the uuid's
+recent jobs were fast (:data:`INLINE_JOB_LIMIT`). A slow or stalling store, or concurrent
+requests, keep the work on the workers, where it never holds up another mirror's replies.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,6 +46,11 @@ log = logging.getLogger("ulog_disk.daemon")
 
 DEFAULT_STATE_DIR = "/var/lib/ulog-disk"
 DEFAULT_BACKEND = "lmdb"
+#: A uuid whose backend jobs took less than this lately (moving average) may have them run by
+#: the request loop itself: at worst another mirror's request waits about this long.
+INLINE_JOB_LIMIT = 0.002
+#: Weight of the newest job in the moving average of a uuid's job time.
+_JOB_TIME_WEIGHT = 0.25
 
 
 class StartupError(RuntimeError):
@@ -99,6 +111,8 @@ class Lanes:
         self.queues: dict[str, queue.SimpleQueue[tuple[Pending, object] | None]] = {}
         self.threads: list[threading.Thread] = []
         self.inflight: collections.Counter[str] = collections.Counter()
+        #: Moving average of each uuid's job time (seconds), written by whichever thread ran it.
+        self.job_seconds: dict[str, float] = {}
         #: (job, reply address, its exception, whether the worker already sent the reply)
         self.done: collections.deque[tuple[Pending, object, BaseException | None, bool]] = collections.deque()
         self.wake_r, self.wake_w = os.pipe()
@@ -123,10 +137,12 @@ class Lanes:
         while (item := lane.get()) is not None:
             pending, address = item
             exc: BaseException | None = None
+            started = time.monotonic()
             try:
                 pending.job()
             except BaseException as e:  # noqa: BLE001 - reported to the engine via complete()
                 exc = e
+            self.timed(pending, time.monotonic() - started)
             sent = False
             if exc is None:
                 if pending.reply_on_success is not None and address is not None:
@@ -136,6 +152,17 @@ class Lanes:
             self.done.append((pending, address, exc, sent))
             with contextlib.suppress(BlockingIOError):  # a full pipe wakes the loop all the same
                 os.write(self.wake_w, b"x")
+
+    def timed(self, pending: Pending, seconds: float) -> None:
+        if pending.quick:
+            return
+        before = self.job_seconds.get(pending.uuid)
+        self.job_seconds[pending.uuid] = (seconds if before is None
+                                          else before + _JOB_TIME_WEIGHT * (seconds - before))
+
+    def fast(self, uuid: str) -> bool:
+        """Whether the uuid's jobs have been quick lately (unknown until one ran on a worker)."""
+        return self.job_seconds.get(uuid, INLINE_JOB_LIMIT) < INLINE_JOB_LIMIT
 
     def drain(self) -> list[tuple[Pending, object, BaseException | None, bool]]:
         with contextlib.suppress(BlockingIOError):
@@ -183,6 +210,11 @@ class Daemon:
         self.selector = selectors.DefaultSelector()
         self.stopping = False
         self.dropped_frames = 0
+        #: The frame being handled arrived alone: nothing else was readable with it.
+        self.alone = False
+        #: Jobs run here whose tidying (``Pending.after``) waits for the loop to be idle, so it
+        #: delays no request; a uuid's is run before any later job of that uuid.
+        self.deferred: dict[str, Pending] = {}
         self.sig_r, self.sig_w = os.pipe()
         os.set_blocking(self.sig_r, False)
         os.set_blocking(self.sig_w, False)
@@ -213,17 +245,36 @@ class Daemon:
             return
         if isinstance(result, Reply):
             self.send(result, address)
-        elif result.quick and not self.lanes.busy(result.uuid):
+            return
+        self.run_deferred(result.uuid)
+        if self.may_run_inline(result):
+            started = time.monotonic()
             try:
                 result.job()
                 exc_: BaseException | None = None
             except BaseException as e:  # noqa: BLE001
                 exc_ = e
+            self.lanes.timed(result, time.monotonic() - started)
             self.send(result.complete(exc_), address)
-            if exc_ is None:
-                run_after(result)
+            if exc_ is None and result.after is not None:
+                self.deferred[result.uuid] = result
         else:
             self.lanes.submit(result, address)
+
+    def run_deferred(self, uuid: str | None = None) -> None:
+        """The tidying left by jobs run here: the uuid's, or (None) everyone's."""
+        if uuid is None:
+            while self.deferred:
+                run_after(self.deferred.popitem()[1])
+        elif (pending := self.deferred.pop(uuid, None)) is not None:
+            run_after(pending)
+
+    def may_run_inline(self, pending: Pending) -> bool:
+        """Journal writes (no disk wait) whenever the uuid's lane is idle; other jobs only when
+        running them here delays nobody (see the module's docstring)."""
+        if self.lanes.busy(pending.uuid):
+            return False
+        return pending.quick or (self.alone and self.lanes.idle() and self.lanes.fast(pending.uuid))
 
     def send(self, reply: Reply, address: object) -> None:
         payload = wire.encode_reply(reply)
@@ -260,7 +311,10 @@ class Daemon:
         if ready:
             ready()
         while not self.stopping:
-            events = sel.select()
+            events = sel.select(0 if self.deferred else None)
+            if not events:
+                self.run_deferred()
+                continue
             if self.lanes.done:
                 # Completions first: a lane the engine hears is idle again lets the next
                 # journal write of its uuid run inline rather than queue behind nothing.
@@ -268,7 +322,9 @@ class Daemon:
             for key, _ in events:
                 tag = key.data
                 if tag == "netlink":
-                    for frame, address in self.transport.receive():  # type: ignore[union-attr]
+                    frames = self.transport.receive()  # type: ignore[union-attr]
+                    self.alone = len(events) == 1 and len(frames) == 1
+                    for frame, address in frames:
                         self.on_frame(frame, address)
                 elif tag == "accept":
                     conn = self.transport.accept()  # type: ignore[union-attr]
@@ -280,6 +336,7 @@ class Daemon:
                     pass
                 else:
                     frames, still_open = self.transport.receive_from(key.data)  # type: ignore[union-attr]
+                    self.alone = len(events) == 1 and len(frames) == 1
                     for frame, address in frames:
                         self.on_frame(frame, address)
                     if not still_open:
@@ -293,6 +350,7 @@ class Daemon:
         the caller goes on, and its next request finds no listener and reconnects within 2 s.
         """
         frames: list[tuple[bytes, object]] = []
+        self.alone = False
         if isinstance(self.transport, UnixTransport):
             for conn in list(self.transport.connections.values()):
                 got, _ = self.transport.receive_from(conn)
@@ -318,6 +376,7 @@ class Daemon:
 
     def shutdown(self) -> int:
         sd_notify("STOPPING=1")
+        self.run_deferred()
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(self.transport.fileno())
         self.transport.stop_receiving()
