@@ -532,18 +532,27 @@ class LmdbBackend(Backend):
                     return
             except StoreFormatError:
                 pass
+        # Verified before anything is written: a damaged chunk must not be sealed again under
+        # the retained name as if it were good. The state is then not kept (the engine still
+        # offers it from memory, where it was verified at restore).
+        copies: list[tuple[bytes, list[tuple[bytes, bytes]]]] = []
+        try:
+            for src, src_name, name in ((clean_db, instance_db_name("clean", old.luid), RETAINED_CLEAN),
+                                        (sync_db, instance_db_name("sync", old.luid), RETAINED_SYNC)):
+                copies.append((name, [(key, unseal_chunk(src_name, key, value))
+                                      for key, value in txn.cursor(db=src)]))
+        except StoreFormatError as exc:
+            log.error("CTR uuid=%r reuses luid=%#x of boot %s: its stored state is damaged (%s); "
+                      "not kept as the retained state", e.uuid, old.luid, old.boot_id, exc)
+            return
         retained = RetainedRecord(uuid=e.uuid, generation=old.generation, region_count=old.region_count,
                                   source_luid=old.luid, committed_at=old.committed_at)
         self._put_record(e, txn, RETAINED_META, retained.encode())
-        sources = ((clean_db, instance_db_name("clean", old.luid), RETAINED_CLEAN),
-                   (sync_db, instance_db_name("sync", old.luid), RETAINED_SYNC))
-        for src, src_name, name in sources:
+        for name, chunks in copies:
             dst = self._db(e, txn, name, create=True)
             txn.drop(dst, delete=False)
-            # Verified on the way: a damaged chunk fails this CTR's record() rather than be
-            # sealed again under the retained name as if it were good.
-            for key, value in list(txn.cursor(db=src)):
-                txn.put(key, seal_chunk(name, key, unseal_chunk(src_name, key, value)), db=dst)
+            for key, bits in chunks:
+                txn.put(key, seal_chunk(name, key, bits), db=dst)
         log.info("CTR uuid=%r reuses luid=%#x of boot %s: its state (generation %d) kept as the "
                  "retained state", e.uuid, old.luid, old.boot_id, old.generation)
 
