@@ -9,10 +9,9 @@ Layout version 2 (the version of the format record):
 * one LMDB environment per uuid, in a directory named by :func:`encode_dir_name`;
 * in its main database, the key ``format`` → :data:`FormatRecordV2`, and the named sub-databases
   ``meta.<luid>`` (one key, ``record`` → :data:`MetaRecordV1`), ``clean.<luid>`` and
-  ``sync.<luid>`` (chunk index as a big-endian u32 → bitmap bytes sealed with
-  :data:`ChunkChecksum`), ``<luid>`` being 16 lowercase hex digits; the uuid's retained state in
-  ``retained.meta`` (``record`` → :data:`RetainedRecordV1`), ``retained.clean`` and
-  ``retained.sync``;
+  ``sync.<luid>`` (chunk index as a big-endian u32 → bitmap bytes), ``<luid>`` being 16
+  lowercase hex digits; the uuid's retained state in ``retained.meta`` (``record`` →
+  :data:`RetainedRecordV1`), ``retained.clean`` and ``retained.sync``;
 * beside the LMDB files, one journal file ``journal.<luid>`` per instance:
   :data:`JournalHeaderV1` followed by :data:`JournalRecordV1` records.
 
@@ -230,9 +229,6 @@ ChunkKey = c.Int32ub
 #: under another name or key (another instance's, the other bitmap's, another index's), fails it.
 ValueChecksum = c.Int32ul
 CHECKSUM_SIZE = ValueChecksum.sizeof()
-#: The chunk-specific names of the same trailer.
-ChunkChecksum = ValueChecksum
-CHUNK_CHECKSUM_SIZE = CHECKSUM_SIZE
 
 #: First bytes of ``journal.<luid>``: the commit it follows.
 JournalHeaderV1 = c.Struct(

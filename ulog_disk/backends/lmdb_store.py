@@ -37,7 +37,7 @@ import lmdb
 
 from .. import regionlog
 from ..store_format import (
-    CHUNK_CHECKSUM_SIZE,
+    CHECKSUM_SIZE,
     FORMAT_KEY,
     JOURNAL_HEADER_SIZE,
     LAYOUT_VERSION,
@@ -613,7 +613,7 @@ class LmdbBackend(Backend):
         meta_name = instance_db_name("meta", rec.luid)
         tail_key = encode_chunk_key(count)
         last_key = encode_chunk_key(count - 1)
-        last_length = chunk_length(count - 1, rec.region_count, cb) + CHUNK_CHECKSUM_SIZE
+        last_length = chunk_length(count - 1, rec.region_count, cb) + CHECKSUM_SIZE
         # The commit sequence: from memory when the last write of this meta is known to have
         # landed (record, restore, a successful commit), else read back from the store.
         j = self._journals.get((e.uuid, rec.luid))
