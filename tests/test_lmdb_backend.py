@@ -559,6 +559,22 @@ def test_unknown_version_found_outside_restore_is_a_backend_error(backend):
     backend.close()
 
 
+def test_an_emptied_data_file_is_damage_once_instances_had_journals(backend):
+    backend.record(make_rec())
+    backend.record(make_rec(uuid="LVM-never-written"))
+    backend.close()
+    (backend.env_path(UUID) / "data.mdb").write_bytes(b"")
+    other = backend.env_path("LVM-never-written")
+    for name in ("data.mdb", *(p.name for p in other.glob("journal.*"))):
+        (other / name).unlink()
+    (other / "data.mdb").write_bytes(b"")  # a crash before the first commit: nothing was there
+    backend = LmdbBackend(backend.state_dir)
+    restored = backend.restore()
+    _assert_moved_aside(backend.state_dir, UUID, restored, "data.mdb is empty but journal.")
+    assert "LVM-never-written" not in restored.damaged
+    backend.close()
+
+
 def test_a_file_that_is_not_lmdb_is_damage(tmp_path):
     path = tmp_path / "s" / ("u." + UUID)
     path.mkdir(parents=True)

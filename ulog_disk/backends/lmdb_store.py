@@ -200,6 +200,14 @@ class LmdbBackend(Backend):
             path.mkdir(mode=DIR_MODE)
             created = True
         os.chmod(path, DIR_MODE)  # mkdir's mode is filtered by the umask; be exact
+        data_file = path / "data.mdb"
+        if not created and data_file.exists() and data_file.stat().st_size == 0:
+            journals = sorted(p.name for p in path.glob("journal.*"))
+            if journals:
+                # LMDB would start an empty environment over it. The journals are written only
+                # after the first commit, so their instances' data was there, and is lost.
+                raise StoreFormatError(f"data.mdb is empty but {journals[0]} and {len(journals) - 1} "
+                                       f"other journal(s) are there: the store's data was lost")
         lock_file = path / "lock.mdb"
         if not lock_file.exists():
             # LMDB sizes a new lock file with ftruncate and writes it through its map: on a full
