@@ -263,6 +263,37 @@ def _findings(state: Path) -> list[tuple[str, str]]:
     return [(f["level"], f["message"]) for s in r.json["stores"] for f in s["findings"]], r.rc
 
 
+def _as_layout_1(state: Path, uuid: str) -> None:
+    """Rewrite a layout-2 store as layout 1 wrote it: the same values without their checksums."""
+    def body(env, txn):
+        for name, _ in list(txn.cursor()):
+            if name == sf.FORMAT_KEY:
+                fmt = sf.read_format_value(txn.get(name))
+                txn.put(name, sf.FormatRecordV1.build(dict(chunk_bytes=fmt.chunk_bytes, uuid=fmt.uuid,
+                                                          created_at=fmt.created_at)))
+                continue
+            db = env.open_db(name, txn=txn, create=False)
+            for key, value in list(txn.cursor(db=db)):
+                txn.put(key, sf.unseal(name, key, value), db=db)
+    _edit(state, uuid, body)
+
+
+def test_tools_read_a_layout_1_store_and_note_the_migration(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    _engine_store(state)
+    before = ulog_dump("store", str(state), "--boot-id", BOOT1, "--regions", "--json").json
+    _as_layout_1(state, "LVM-v")
+    found, rc = _findings(state)
+    assert rc == 0 and ("note", "layout 1: values without checksums; the daemon migrates it to layout 2 "
+                        "when it next opens it") in found, found
+    after = ulog_dump("store", str(state), "--boot-id", BOOT1, "--regions", "--json").json
+    def logs(doc: dict) -> list:
+        return [(st["uuid"], st["instances"], st["retained"]) for st in doc["stores"]]
+
+    assert logs(after) == logs(before)  # the same logs, bitmaps and verdicts
+    assert [st["format"]["version"] for st in after["stores"] if st["uuid"] == "LVM-v"] == [1]
+
+
 def test_verify_finds_each_broken_invariant(tmp_path: Path) -> None:
     cases = {}
 

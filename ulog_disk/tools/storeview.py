@@ -316,7 +316,7 @@ def _bitmap(ev: EnvView, sv: StateView, what: str, chunks: dict[bytes, bytes] | 
             expect_whole: bool) -> bytes:
     """Assemble one bitmap (sub-database ``what``) from its chunks, reporting every chunk that
     fails its checksum or does not fit; such a chunk reads as zeros (dirty, out of sync)."""
-    sealed = ev.format is not None and ev.format.sealed
+    sealed = ev.format is None or ev.format.sealed
     count = sv.region_count
     total = bitmap_bytes(count)
     n = chunks_for(count, chunk_bytes)
@@ -445,7 +445,7 @@ def _decode_env(ev: EnvView, plain: dict[bytes, bytes], subs: dict[bytes, dict[b
                 ev.findings.append(Finding(ERROR, "store", f"format record names uuid {ev.format.uuid!r}, "
                                            f"the directory {uuid!r}"))
             if not ev.format.sealed:
-                ev.findings.append(Finding(NOTE, "store", f"layout {ev.format.version}: chunks without "
+                ev.findings.append(Finding(NOTE, "store", f"layout {ev.format.version}: values without "
                                            f"checksums; the daemon migrates it to layout "
                                            f"{LAYOUT_VERSION} when it next opens it"))
             elif chunk_bytes != CHUNK_BYTES:
