@@ -192,17 +192,7 @@ class Engine:
                       describe(rec.uuid, rec.luid), rec.ctr, exc)
             return
         region_log = RegionLog.from_bitmaps(rec.region_count, stored.clean, stored.sync, rec.cursor)
-        replayed = 0
-        for op, region in stored.journal:
-            if not 0 <= region < region_log.region_count:
-                continue
-            if op == OP_MARK:
-                region_log.mark([region])
-            elif op == OP_CLEAR:
-                region_log.clear([region])
-            elif op in (OP_SET_SYNC, OP_SET_NOSYNC):
-                region_log.set_region_sync(region, op == OP_SET_SYNC)
-            replayed += 1
+        replayed = region_log.replay(stored.journal)
         if stored.journal_damaged:
             # What was answered since the last commit is unknown and the kernel will not send it
             # again: nothing of this log can be trusted to be clean or in sync.

@@ -27,10 +27,13 @@ Invariants (checked by :meth:`RegionLog.check` and by the property tests):
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from bitarray import bitarray
 from bitarray.util import zeros
+
+from .backends.base import OP_CLEAR, OP_MARK, OP_SET_NOSYNC, OP_SET_SYNC
 
 #: Bitmap bytes per stored chunk: 4076 bytes = 32608 regions, which with the chunk's 4-byte
 #: checksum (store layout 2) is exactly one LMDB overflow page (a 4 KiB page less its 16-byte
@@ -218,6 +221,23 @@ class RegionLog:
         self.cursor = r + 1
         self.recovering = r
         return r
+
+    def replay(self, ops: Iterable[tuple[int, int]]) -> int:
+        """Apply journaled requests (``OP_*`` codes of :mod:`ulog_disk.backends.base`) in order,
+        by the same rules as when they were answered; ops for regions past the log are skipped.
+        Returns how many were applied."""
+        applied = 0
+        for op, region in ops:
+            if not 0 <= region < self.region_count:
+                continue
+            if op == OP_MARK:
+                self.mark([region])
+            elif op == OP_CLEAR:
+                self.clear([region])
+            elif op in (OP_SET_SYNC, OP_SET_NOSYNC):
+                self.set_region_sync(region, op == OP_SET_SYNC)
+            applied += 1
+        return applied
 
     def set_region_sync(self, region: int, in_sync: bool) -> None:
         self.check_region(region)

@@ -411,18 +411,10 @@ def _read_journal(ev: EnvView, sv: StateView, boot_id: str) -> None:
 
 
 def _apply_journal(sv: StateView) -> None:
-    """The engine's replay (``Engine._restore_instance``): ops in order, with the log's rules."""
+    """The engine's replay (``RegionLog.replay``, as ``Engine._restore_instance`` does it)."""
     log = RegionLog.from_bitmaps(sv.region_count, sv.committed_clean, sv.committed_sync)
     assert sv.journal is not None
-    for op, region in sv.journal.ops:
-        if not 0 <= region < sv.region_count:
-            continue
-        if op == OP_MARK:
-            log.mark([region])
-        elif op == OP_CLEAR:
-            log.clear([region])
-        elif op in (OP_SET_SYNC, OP_SET_NOSYNC):
-            log.set_region_sync(region, op == OP_SET_SYNC)
+    log.replay(sv.journal.ops)
     sv.clean = log.clean[: sv.region_count]
     sv.sync = log.sync[: sv.region_count]
 
