@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +54,9 @@ class DaemonProc:
 
     @classmethod
     def start(cls, workdir: Path, name: str, backend: str, state_dir: Path,
-              boot_id: str | None = None, timeout: float = 120.0) -> DaemonProc:
+              boot_id: str | None = None, timeout: float = 120.0, nofile: int | None = None) -> DaemonProc:
+        """``nofile``: start the daemon with that soft RLIMIT_NOFILE (the hard limit unchanged;
+        the daemon may raise its soft limit itself)."""
         workdir.mkdir(parents=True, exist_ok=True)
         sock = workdir / f"{name}.sock"
         ready = workdir / f"{name}.ready"
@@ -64,7 +68,8 @@ class DaemonProc:
             args += ["--boot-id", boot_id]
         with open(log_path, "ab") as log_file:
             t0 = time.perf_counter()
-            proc = subprocess.Popen(args, stdout=log_file, stderr=log_file, cwd=ROOT)
+            proc = subprocess.Popen(args, stdout=log_file, stderr=log_file, cwd=ROOT,
+                                    preexec_fn=None if nofile is None else lambda: soft_nofile_limit(nofile))
         deadline = t0 + timeout
         while not ready.exists():
             if proc.poll() is not None:
@@ -90,6 +95,12 @@ class DaemonProc:
                     out[key] = int(rest.split()[0]) * 1024
         return out
 
+    def threads(self) -> int:
+        return thread_count(self.pid)
+
+    def fds(self) -> int:
+        return fd_count(self.pid)
+
     def kill9(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
@@ -103,6 +114,68 @@ class DaemonProc:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(30)
+
+
+def soft_nofile_limit(soft: int) -> None:
+    """Set this process's soft RLIMIT_NOFILE to ``soft`` (at most the hard limit); for preexec_fn."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    soft = soft if hard == resource.RLIM_INFINITY else min(soft, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def thread_count(pid: int) -> int:
+    """Threads of a process (entries of /proc/PID/task)."""
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def fd_count(pid: int) -> int:
+    """Open descriptors of a process (entries of /proc/PID/fd)."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def nofile_of(pid: int) -> tuple[str, str]:
+    """(soft, hard) 'Max open files' of a process, from /proc/PID/limits, as printed there."""
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                soft, hard = line[len("Max open files"):].split()[:2]
+                return soft, hard
+    return "?", "?"
+
+
+class PeakSampler:
+    """The most threads and descriptors a process had, sampled every ``interval`` seconds in a
+    background thread between ``start()`` and ``stop()`` (``see()`` adds a reading taken elsewhere)."""
+
+    def __init__(self, pid: int, interval: float = 0.01):
+        self.pid = pid
+        self.interval = interval
+        self.threads = 0
+        self.fds = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="peak-sampler")
+
+    def see(self, threads: int, fds: int) -> None:
+        self.threads = max(self.threads, threads)
+        self.fds = max(self.fds, fds)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.see(thread_count(self.pid), fd_count(self.pid))
+                self.samples += 1
+            except OSError:  # the process is gone, or a descriptor closed while listed
+                pass
+            self._stop.wait(self.interval)
+
+    def start(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 # --- a client without the kernel model's threads ---------------------------------------------------
@@ -135,6 +208,35 @@ class RawClient:
         if error:
             raise RuntimeError(f"{rtype.name} for {uuid} answered {error}")
         return out
+
+    def many(self, requests: list[tuple[str, int, RequestType, bytes]], window: int = 32) -> list[int | None]:
+        """Send ``requests`` (uuid, luid, type, data) keeping at most ``window`` unanswered, as
+        the kernel does with requests of many mirrors; return each one's error (0: answered
+        successfully), or None for those left unanswered when the connection closed or a reply
+        took longer than the socket's timeout (the connection is then unusable: open another).
+
+        The window stays well under what the daemon can send before our receive queue is full
+        (its replies would be dropped, not delayed)."""
+        results: list[int | None] = [None] * len(requests)
+        waiting: dict[int, int] = {}
+        i = 0
+        try:
+            while i < len(requests) or waiting:
+                while i < len(requests) and len(waiting) < window:
+                    frame = self.frame(*requests[i])
+                    waiting[self.seq] = i
+                    self.sock.send(frame)
+                    i += 1
+                data = self.sock.recv(65536)
+                if not data:
+                    break
+                reply = wire.decode_reply(data)
+                index = waiting.pop(reply.seq, None)
+                if index is not None:
+                    results[index] = reply.error
+        except OSError:  # timeout, reset, or the daemon gone
+            pass
+        return results
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
