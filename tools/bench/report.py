@@ -18,6 +18,7 @@ TITLES = {
     4: "4. Restart cost (kill -9, then the kernel's state is gone)",
     5: "5. Resume and memory",
     6: "6. Many mirrors",
+    7: "7. Live mirrors on one daemon (soft limit of 1024 descriptors)",
 }
 
 

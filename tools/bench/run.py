@@ -10,18 +10,25 @@
    socket type with the same client;
 4. regions resynced after kill -9 + host reboot with N regions dirty: LMDB vs memory backend;
 5. resume time and RSS of a 32 M-region log restored from the store;
-6. 8 mirrors flushing concurrently against one alone.
+6. 8 mirrors flushing concurrently against one alone;
+7. 1000 live mirrors of 32768 regions on one daemon started with a soft limit of 1024 descriptors:
+   how many work (CTR + RESUME + MARK_REGION + FLUSH), the daemon's threads, descriptors and RSS
+   per mirror, and a kill -9 + restart until every mirror answers again, against the daemon's
+   start with an empty state directory.
 
 Each metric prints one line per figure: value, floor, ratio, target, MET/MISSED (or INFO). The
 results go to ``<out>/results[-quick].json`` and the plot to ``<out>/flush-vs-regions[-quick].png``.
-``--quick`` runs everything smaller (4 M regions stand in for 32 M) in under a minute.
+``--quick`` runs everything smaller (4 M regions stand in for 32 M, 200 live mirrors for 1000) in
+under a minute.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
+import errno
 import json
 import multiprocessing as mp
 import os
@@ -70,16 +77,18 @@ class Config:
     mirrors: int
     mirror_seconds: float
     mirror_rounds: int
+    #: Metric 7: live mirrors on one daemon.
+    live_mirrors: int
 
 
 FULL = Config(flush_samples=2000, warmup=100, scale_sizes=(32 * K, M, 4 * M, 32 * M), scale_samples=400,
               rate_requests=10000, rate_blocks=5, restart_regions=M, restart_dirty=1000,
               restart_completed=1000, inflight=32, resume_regions=32 * M, resume_reps=5, mirrors=8,
-              mirror_seconds=3.0, mirror_rounds=3)
+              mirror_seconds=3.0, mirror_rounds=3, live_mirrors=1000)
 QUICK = Config(flush_samples=150, warmup=20, scale_sizes=(32 * K, M, 4 * M), scale_samples=40,
                rate_requests=5000, rate_blocks=3, restart_regions=M, restart_dirty=64,
                restart_completed=64, inflight=32, resume_regions=4 * M, resume_reps=2, mirrors=8,
-               mirror_seconds=0.8, mirror_rounds=1)
+               mirror_seconds=0.8, mirror_rounds=1, live_mirrors=200)
 
 
 @dataclass
@@ -140,8 +149,9 @@ class Suite:
         self.add(row)
         return row
 
-    def daemon(self, name: str, backend: str, state_dir: Path, boot_id: str | None = None) -> DaemonProc:
-        d = DaemonProc.start(self.work, name, backend, state_dir, boot_id)
+    def daemon(self, name: str, backend: str, state_dir: Path, boot_id: str | None = None,
+               nofile: int | None = None) -> DaemonProc:
+        d = DaemonProc.start(self.work, name, backend, state_dir, boot_id, nofile=nofile)
         self.daemons.append(d)
         return d
 
@@ -791,6 +801,204 @@ def bench_mirrors(s: Suite) -> None:
                               {f"{k}:{m}": v for (k, m), v in cpu.items()}}
 
 
+# --- 7. many live mirrors on one daemon --------------------------------------------------------------
+
+#: Metric 7's mirrors: 32768 regions each (two 4 KiB bitmaps).
+LIVE_REGIONS = 32 * K
+#: The soft RLIMIT_NOFILE metric 7's daemons are started with: a stock systemd host's.
+LIVE_NOFILE = 1024
+#: Requests kept unanswered at once on metric 7's connection.
+LIVE_WINDOW = 32
+#: Empty-state-directory starts whose median is the restart's floor.
+LIVE_EMPTY_STARTS = 3
+
+
+def live_uuid(index: int) -> tuple[str, int]:
+    return f"bench-live-{index}", 0x10000 + index
+
+
+class LiveMirrors:
+    """Metric 7's requests to one daemon, many mirrors at a time on one connection; a mirror whose
+    request fails or goes unanswered is recorded and asked nothing more."""
+
+    def __init__(self, d: DaemonProc, timeout: float):
+        self.d = d
+        self.timeout = timeout
+        self.client: RawClient | None = None
+        self.failed: dict[int, str] = {}
+        self.connect()
+
+    def connect(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        self.client = None
+        if self.d.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                self.client = RawClient(self.d.socket_path, timeout=self.timeout)
+
+    def phase(self, indices: range | list[int], rtype: RequestType,
+              data: Callable[[int], bytes] = lambda _i: b"") -> list[int]:
+        """One request of ``rtype`` to each mirror of ``indices`` still working; those answered 0."""
+        todo = [i for i in indices if i not in self.failed]
+        if self.client is None:
+            errors: list[int | None] = [None] * len(todo)
+        else:
+            errors = self.client.many([(*live_uuid(i), rtype, data(i)) for i in todo], LIVE_WINDOW)
+        for i, e in zip(todo, errors, strict=True):
+            if e is None:
+                gone = "daemon exited" if self.d.proc.poll() is not None else "no answer"
+                self.failed[i] = f"{rtype.name}: {gone}"
+            elif e:
+                self.failed[i] = f"{rtype.name}: {e} ({errno_name(e)})"
+        if None in errors:
+            self.connect()
+        return [i for i, e in zip(todo, errors, strict=True) if e == 0]
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+
+
+def errno_name(error: int) -> str:
+    return errno.errorcode.get(-error, "?") if error < 0 else "?"
+
+
+def failure_summary(failed: dict[int, str]) -> str:
+    if not failed:
+        return "none failed"
+    kinds: dict[str, int] = {}
+    for why in failed.values():
+        kinds[why] = kinds.get(why, 0) + 1
+    first = min(failed)
+    return (f"first failure: mirror #{first + 1} ({failed[first]}); "
+            + ", ".join(f"{count} x {why}" for why, count in sorted(kinds.items(), key=lambda kv: -kv[1])))
+
+
+def bench_live(s: Suite) -> None:
+    cfg = s.cfg
+    n = cfg.live_mirrors
+    boot = "bench-boot-live"
+    ctr = ctr_string(LIVE_REGIONS).encode()
+    bitmaps_kib = 2 * LIVE_REGIONS / 8 / K
+    timeout = 30.0
+    # The floor of the restart: the same daemon, same limit, started on an empty state directory.
+    empty = []
+    for i in range(LIVE_EMPTY_STARTS):
+        e = s.daemon(f"live-empty-{i}", "lmdb", s.work / f"live-empty-state-{i}", boot_id=boot,
+                     nofile=LIVE_NOFILE)
+        empty.append(e.start_seconds)
+        e.kill9()
+    state = s.work / "live-state"
+    d = s.daemon("live", "lmdb", state, boot_id=boot, nofile=LIVE_NOFILE)
+    limit_at_start = benchlib.nofile_of(d.pid)
+    live = LiveMirrors(d, timeout)
+    if live.client is not None:  # answered -EINVAL (unknown log): the loop has run once
+        with contextlib.suppress(OSError):
+            live.client.request("bench-nothing", 1, RequestType.GET_SYNC_COUNT)
+
+    def snapshot(count: int) -> dict[str, float]:
+        out: dict[str, float] = {"mirrors": count, "working": count - sum(i < count for i in live.failed)}
+        try:
+            out.update(threads=d.threads(), fds=d.fds(), rss_kib=d.memory()["VmRSS"] / K)
+            peaks.see(int(out["threads"]), int(out["fds"]))
+        except (OSError, KeyError):
+            out.update(threads=float("nan"), fds=float("nan"), rss_kib=float("nan"))
+        return out
+
+    peaks = benchlib.PeakSampler(d.pid)
+    points = [snapshot(0)]
+    peaks.start()
+    bounds = sorted({b for b in (1, 100, n) if 1 <= b <= n})
+    t_create = time.perf_counter()
+    lo = 0
+    for hi in bounds:
+        chunk = range(lo, hi)
+        live.phase(chunk, RequestType.CTR, lambda _i: ctr)
+        live.phase(chunk, RequestType.RESUME)
+        live.phase(chunk, RequestType.MARK_REGION,
+                   lambda i: wire.build_regions([(i * STRIDE) % LIVE_REGIONS]))
+        live.phase(chunk, RequestType.FLUSH)
+        points.append(snapshot(hi))
+        lo = hi
+    create_seconds = time.perf_counter() - t_create
+    peaks.stop()
+    limit_at_end = benchlib.nofile_of(d.pid) if d.proc.poll() is None else ("?", "?")
+    working = n - len(live.failed)
+    creation_failures = failure_summary(live.failed)
+    live.close()
+
+    # kill -9, restart on the same state directory (same boot: the kernel is alive), and ask every
+    # mirror for a FLUSH carrying one mark, until all have answered.
+    restart: dict[str, object] = {}
+    t0 = time.perf_counter()
+    d.kill9()
+    try:
+        d2 = s.daemon("live-restart", "lmdb", state, boot_id=boot, nofile=LIVE_NOFILE)
+    except RuntimeError as exc:
+        lines = [x for x in str(exc).splitlines() if x.strip()]
+        restart.update(seconds=time.perf_counter() - t0, answered=0, error=" / ".join(lines[:1] + lines[-1:]))
+        d2 = None
+    if d2 is not None:
+        again = LiveMirrors(d2, timeout)
+        answered = again.phase(range(n), RequestType.FLUSH,
+                               lambda i: wire.build_regions([(i * STRIDE + 1) % LIVE_REGIONS]))
+        restart_seconds = time.perf_counter() - t0
+        restart.update(seconds=restart_seconds, start_seconds=d2.start_seconds, answered=len(answered),
+                       failures=failure_summary(again.failed))
+        with contextlib.suppress(OSError):
+            restart.update(threads=d2.threads(), fds=d2.fds())
+        again.close()
+        d2.stop()
+
+    top = points[-1]
+    note_limit = (f"daemon started with soft RLIMIT_NOFILE {LIVE_NOFILE} (hard {limit_at_start[1]}); "
+                  f"its soft limit at the end: {limit_at_end[0]}")
+    s.ratio_row(7, f"live mirrors working of {n} ({LIVE_REGIONS} regions each; CTR + RESUME + MARK_REGION + "
+                f"FLUSH answered), soft limit {LIVE_NOFILE} descriptors", working, "mirrors", n,
+                "mirrors created", 1.0, lower_is_better=False,
+                note=f"{creation_failures}; {create_seconds:.1f} s for all, {LIVE_WINDOW} requests in flight "
+                     f"on one connection; {note_limit}")
+
+    def progression(key: str) -> str:
+        return ", ".join(f"{int(p['mirrors'])}: {p[key]:.0f}" for p in points)
+
+    for key, label, bound, what in (("threads", "threads", 8, "threads"), ("fds", "open descriptors", 128,
+                                                                           "descriptors")):
+        peak = max(getattr(peaks, key), *(p[key] for p in points if p[key] == p[key]))
+        s.ratio_row(7, f"daemon {label}, most seen with up to {n} live mirrors", peak, what,
+                    points[0][key], "the daemon with no mirror", None, absolute=(peak, bound, what),
+                    note=f"by mirrors created: {progression(key)} ({int(top['working'])} working at {n}); "
+                         f"sampled every 10 ms ({peaks.samples} samples) while the mirrors were created")
+    # Per mirror created (a daemon that fails mirrors is caught by the first row); per working
+    # mirror in the note.
+    grown = top["rss_kib"] - points[0]["rss_kib"]
+    growth = grown / n
+    per_working = f"{grown / working:.1f} KiB" if working else "-"
+    s.ratio_row(7, f"daemon RSS growth per mirror, {n} mirrors of {LIVE_REGIONS} regions", growth,
+                "KiB", bitmaps_kib, "its two bitmaps", None, absolute=(growth, 48, "KiB"),
+                note=f"VmRSS (KiB) by mirrors created: {progression('rss_kib')}; per working mirror "
+                     f"({working}): {per_working}")
+    floor = median(empty)
+    seconds = float(restart["seconds"])  # type: ignore[arg-type]
+    answered = int(restart["answered"])  # type: ignore[arg-type]
+    if "error" in restart:
+        detail = f"the restarted daemon did not start: {restart['error']}"
+    else:
+        detail = (f"{answered} of {n} answered; start to ready {float(restart['start_seconds']):.3f} s, "  # type: ignore[arg-type]
+                  f"then the {n} FLUSHes; failures: {restart['failures']}; after: {restart.get('threads')} "
+                  f"threads, {restart.get('fds')} descriptors")
+    s.ratio_row(7, f"kill -9 + restart until all {n} mirrors answer a FLUSH", seconds, "s", floor,
+                f"start with an empty state directory, median of {LIVE_EMPTY_STARTS}", None,
+                absolute=(seconds if answered == n else float("inf"), 2, "s (all answered)"),
+                note=f"{detail}; empty starts {', '.join(f'{x:.3f}' for x in empty)} s")
+    s.extra["live"] = {
+        "mirrors": n, "regions": LIVE_REGIONS, "nofile": LIVE_NOFILE, "limit_at_start": limit_at_start,
+        "limit_at_end": limit_at_end, "points": points, "peak_threads": peaks.threads, "peak_fds": peaks.fds,
+        "samples": peaks.samples, "working": working, "create_seconds": create_seconds,
+        "failures": creation_failures, "restart": restart, "empty_start_s": empty,
+    }
+
+
 # --- main -------------------------------------------------------------------------------------------
 
 
@@ -804,10 +1012,14 @@ def main(argv: list[str] | None = None) -> int:
                         "under /var/tmp); the floors are measured on its filesystem")
     p.add_argument("--only", default="", help="comma-separated metric numbers to run (default all)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--live-mirrors", type=int, default=None, metavar="N",
+                   help="metric 7's number of live mirrors (default 1000, --quick 200; tests use a few)")
     args = p.parse_args(argv)
     cfg = QUICK if args.quick else FULL
+    if args.live_mirrors is not None:
+        cfg = dataclasses.replace(cfg, live_mirrors=args.live_mirrors)
     suffix = "-quick" if args.quick else ""
-    only = {int(x) for x in args.only.split(",") if x.strip()} or {1, 2, 3, 4, 5, 6}
+    only = {int(x) for x in args.only.split(",") if x.strip()} or {1, 2, 3, 4, 5, 6, 7}
     args.out.mkdir(parents=True, exist_ok=True)
     parent = args.dir or Path("/var/tmp")
     parent.mkdir(parents=True, exist_ok=True)
@@ -836,6 +1048,7 @@ def main(argv: list[str] | None = None) -> int:
         (4, lambda: bench_restart(suite)),
         (5, lambda: bench_resume(suite)),
         (6, lambda: bench_mirrors(suite)),
+        (7, lambda: bench_live(suite)),
     ]
     t_start = time.perf_counter()
     loads = {}
