@@ -1,35 +1,75 @@
-"""The request loop's choice of where a backend job runs, and when its tidying runs.
+"""The request loop's group commit and background work.
 
-No timing is asserted: job times are set, not measured, and the order of backend calls is what
-is checked.
+No timing is asserted: sync times are set, not measured; a sync that must be "running" is held
+on an event; what is checked is which thread synced, how many syncs covered how many FLUSHes,
+what was answered, and the order of store writes.
 """
 
 from __future__ import annotations
 
-import selectors
+import errno
+import threading
+import time
 from pathlib import Path
 
 from ulog_disk import wire
-from ulog_disk.backends.base import Commit
+from ulog_disk.backends.base import BackendError, Commit
 from ulog_disk.backends.memory import MemoryBackend
-from ulog_disk.daemon import INLINE_JOB_LIMIT, Daemon, Lanes
-from ulog_disk.engine import Engine, Pending
+from ulog_disk.daemon import INLINE_SYNC_LIMIT, Daemon
+from ulog_disk.engine import Engine
 from ulog_disk.wire import RequestType
 
 
-class RecordingBackend(MemoryBackend):
+class JournalBackend(MemoryBackend):
+    """A journal that counts positions and records which thread synced; syncs can be held."""
+
+    journaled = True
+
     def __init__(self, state_dir: Path):
         super().__init__(state_dir)
+        self.appended = 0
+        self.durable = 0
+        self.sync_threads: list[int] = []
         self.calls: list[str] = []
+        self.hold: threading.Event | None = None
+        self.syncing = threading.Event()
+        self.fail_sync = False
 
-    def journal(self, uuid, luid, ops) -> None:
-        self.calls.append(f"journal {uuid}")
+    def _append(self) -> int:
+        self.appended += 1
+        return self.appended
+
+    def log_ops(self, uuid, luid, ops) -> int:
+        return self._append()
+
+    def log_flush(self, rec, ops) -> int:
+        return self._append()
+
+    def log_event(self, rec, event) -> int:
+        return self._append()
+
+    def position(self) -> int:
+        return self.appended
+
+    def durable_position(self) -> int:
+        return self.durable
+
+    def sync(self) -> int:
+        target = self.appended
+        self.sync_threads.append(threading.get_ident())
+        self.syncing.set()
+        if self.hold is not None:
+            self.hold.wait(10)
+        if self.fail_sync:
+            raise BackendError(errno.EIO, "injected")
+        self.durable = target
+        return target
 
     def commit(self, commit: Commit) -> None:
         self.calls.append(f"commit {commit.record.uuid}")
 
-    def after_commit(self, uuid: str, luid: int) -> None:
-        self.calls.append(f"after_commit {uuid}")
+    def maintain(self, needed: int) -> None:
+        self.calls.append(f"maintain {needed}")
 
 
 class CollectingTransport:
@@ -37,17 +77,11 @@ class CollectingTransport:
 
     def __init__(self) -> None:
         self.sent: list[wire.DecodedReply] = []
+        self.lock = threading.Lock()
 
     def send(self, payload: bytes, address: object) -> None:
-        self.sent.append(wire.decode_reply(payload))
-
-
-def make_daemon(tmp_path: Path) -> tuple[Daemon, RecordingBackend, CollectingTransport]:
-    backend = RecordingBackend(tmp_path)
-    transport = CollectingTransport()
-    daemon = Daemon(Engine(backend, boot_id="b"), transport)  # type: ignore[arg-type]
-    daemon.selector.register(daemon.lanes.wake_r, selectors.EVENT_READ, "lanes")  # as run() does
-    return daemon, backend, transport
+        with self.lock:
+            self.sent.append(wire.decode_reply(payload))
 
 
 SEQ = iter(range(1, 1 << 30))
@@ -58,69 +92,143 @@ def frame(uuid: str, rtype: RequestType, data: bytes = b"") -> bytes:
                                             request_type=rtype, data=data))
 
 
-def open_log(daemon: Daemon, uuid: str) -> None:
-    daemon.alone = False
-    daemon.on_frame(frame(uuid, RequestType.CTR, b"65536 clustered-core 1024\0"), None)
-    daemon.on_frame(frame(uuid, RequestType.RESUME), None)
-    daemon.wait_lanes()
-
-
-def test_job_times_are_a_moving_average_and_unknown_uuids_are_not_fast() -> None:
-    lanes = Lanes(lambda reply, address: None)
-    job = Pending("u", lambda: None, lambda exc: None)  # type: ignore[arg-type,return-value]
-    assert not lanes.fast("u")
-    lanes.timed(job, INLINE_JOB_LIMIT / 10)
-    assert lanes.fast("u")
-    for _ in range(3):
-        lanes.timed(job, INLINE_JOB_LIMIT * 10)
-    assert not lanes.fast("u")  # a disk that turned slow moves the uuid's jobs back to a worker
-    quick = Pending("q", lambda: None, lambda exc: None, quick=True)  # type: ignore[arg-type,return-value]
-    lanes.timed(quick, 0.0)
-    assert "q" not in lanes.job_seconds  # journal writes never wait for the disk: not counted
-    lanes.close()
-
-
-def test_a_commit_runs_in_the_loop_only_when_that_delays_nobody(tmp_path: Path) -> None:
-    daemon, backend, _ = make_daemon(tmp_path)
-    open_log(daemon, "A")
-    commit = Pending("A", lambda: None, lambda exc: None)  # type: ignore[arg-type,return-value]
-    journal = Pending("A", lambda: None, lambda exc: None, quick=True)  # type: ignore[arg-type,return-value]
-    daemon.lanes.job_seconds["A"] = INLINE_JOB_LIMIT / 10
-    daemon.alone = True
-    assert daemon.may_run_inline(commit) and daemon.may_run_inline(journal)
-    daemon.alone = False  # other requests came with it
-    assert not daemon.may_run_inline(commit) and daemon.may_run_inline(journal)
-    daemon.alone = True
-    daemon.lanes.job_seconds["A"] = INLINE_JOB_LIMIT * 2  # a slow store
-    assert not daemon.may_run_inline(commit)
-    daemon.lanes.job_seconds["A"] = INLINE_JOB_LIMIT / 10
-    daemon.lanes.inflight["B"] = 1  # another uuid's job is running on its worker
-    assert not daemon.may_run_inline(commit) and daemon.may_run_inline(journal)
-    daemon.lanes.inflight["A"] = 1  # this uuid's own lane is busy: everything queues behind it
-    assert not daemon.may_run_inline(journal)
-    daemon.lanes.inflight.clear()
-    daemon.lanes.close()
-
-
-def test_tidying_after_an_inline_commit_waits_but_precedes_the_uuids_next_job(tmp_path: Path) -> None:
-    daemon, backend, transport = make_daemon(tmp_path)
-    for uuid in ("A", "B"):
-        open_log(daemon, uuid)
-        daemon.lanes.job_seconds[uuid] = INLINE_JOB_LIMIT / 10
+def make_daemon(tmp_path: Path, uuids: tuple[str, ...] = ("A",)) -> tuple[Daemon, JournalBackend,
+                                                                          CollectingTransport]:
+    backend = JournalBackend(tmp_path)
+    transport = CollectingTransport()
+    daemon = Daemon(Engine(backend, boot_id="b"), transport)  # type: ignore[arg-type]
+    for uuid in uuids:
+        daemon.on_frame(frame(uuid, RequestType.CTR, b"65536 clustered-core 1024\0"), "k")
+        daemon.on_frame(frame(uuid, RequestType.RESUME), "k")
+    daemon.wait_idle()
     backend.calls.clear()
     transport.sent.clear()
-    daemon.alone = True
-    daemon.on_frame(frame("A", RequestType.FLUSH, wire.build_u64(3)), None)
-    # Answered at once, in the loop; the journal reset is still to do.
-    assert [r.error for r in transport.sent] == [0]
-    assert backend.calls == ["commit A"] and set(daemon.deferred) == {"A"}
-    daemon.on_frame(frame("B", RequestType.MARK_REGION, wire.build_u64(4)), None)
-    assert backend.calls == ["commit A", "journal B"]  # another uuid's request is not delayed
-    daemon.on_frame(frame("A", RequestType.MARK_REGION, wire.build_u64(5)), None)
-    assert backend.calls == ["commit A", "journal B", "after_commit A", "journal A"]
-    assert not daemon.deferred
-    daemon.on_frame(frame("B", RequestType.FLUSH), None)
-    daemon.run_deferred()  # what the loop does when nothing is readable
-    assert backend.calls[-2:] == ["commit B", "after_commit B"]
-    assert [r.error for r in transport.sent] == [0, 0, 0, 0]
-    daemon.lanes.close()
+    return daemon, backend, transport
+
+
+def flushes(transport: CollectingTransport) -> list[int]:
+    return [r.error for r in transport.sent if r.request_type == RequestType.FLUSH]
+
+
+def close(daemon: Daemon) -> None:
+    daemon.group.close()
+    daemon.worker.close()
+
+
+def test_a_flush_alone_on_an_idle_daemon_is_synced_by_the_loop_itself(tmp_path: Path) -> None:
+    daemon, backend, transport = make_daemon(tmp_path)
+    daemon.on_frame(frame("A", RequestType.FLUSH, wire.build_u64(3)), "k")
+    daemon.group.start(inline=True)  # what the loop does after each batch
+    assert backend.sync_threads == [threading.get_ident()]  # no thread hand-off
+    assert flushes(transport) == [0]
+    close(daemon)
+
+
+def test_after_slow_syncs_the_group_commit_thread_syncs_and_the_loop_goes_on(tmp_path: Path) -> None:
+    daemon, backend, transport = make_daemon(tmp_path)
+    daemon.group.sync_seconds = INLINE_SYNC_LIMIT * 5  # a slow or stalling disk
+    backend.hold = threading.Event()
+    daemon.on_frame(frame("A", RequestType.FLUSH), "k")
+    daemon.group.start(inline=True)
+    assert backend.syncing.wait(10)
+    assert backend.sync_threads[0] != threading.get_ident()
+    # The loop is free meanwhile: a request that needs no disk is answered now.
+    daemon.on_frame(frame("A", RequestType.GET_SYNC_COUNT), "k")
+    assert [r.request_type for r in transport.sent] == [RequestType.GET_SYNC_COUNT]
+    backend.hold.set()
+    daemon.wait_idle()
+    assert flushes(transport) == [0]
+    close(daemon)
+
+
+def test_flushes_of_one_batch_share_one_sync(tmp_path: Path) -> None:
+    daemon, backend, transport = make_daemon(tmp_path, ("A", "B", "C"))
+    for uuid in ("A", "B", "C"):
+        daemon.on_frame(frame(uuid, RequestType.FLUSH, wire.build_u64(7)), "k")
+    assert flushes(transport) == []  # nothing is answered before its sync
+    daemon.group.start(inline=True)
+    assert len(backend.sync_threads) == 1 and flushes(transport) == [0, 0, 0]
+    assert daemon.group.syncs == 1 and daemon.group.flushes == 3
+    close(daemon)
+
+
+def test_flushes_arriving_during_a_sync_ride_on_the_next_one_together(tmp_path: Path) -> None:
+    daemon, backend, transport = make_daemon(tmp_path, ("A", "B", "C", "D"))
+    daemon.group.sync_seconds = INLINE_SYNC_LIMIT * 5
+    backend.hold = threading.Event()
+    daemon.on_frame(frame("A", RequestType.FLUSH), "k")
+    daemon.group.start(inline=True)
+    assert backend.syncing.wait(10)
+    for uuid in ("B", "C", "D"):
+        daemon.on_frame(frame(uuid, RequestType.FLUSH), "k")
+        daemon.group.start(inline=True)  # a sync is running: nothing more starts
+    assert len(backend.sync_threads) == 1
+    backend.hold.set()
+    daemon.wait_idle()
+    assert flushes(transport) == [0, 0, 0, 0]
+    assert len(backend.sync_threads) == 2  # A's sync, then one for B, C and D
+    close(daemon)
+
+
+def test_a_failed_sync_answers_eio_to_every_flush_it_covered_then_the_next_succeeds(tmp_path: Path) -> None:
+    daemon, backend, transport = make_daemon(tmp_path, ("A", "B"))
+    backend.fail_sync = True
+    daemon.on_frame(frame("A", RequestType.FLUSH), "k")
+    daemon.on_frame(frame("B", RequestType.FLUSH), "k")
+    daemon.group.start(inline=True)
+    daemon.on_completions()
+    assert flushes(transport) == [-errno.EIO, -errno.EIO]
+    backend.fail_sync = False
+    daemon.on_frame(frame("A", RequestType.FLUSH), "k")
+    daemon.group.start(inline=True)
+    daemon.on_completions()
+    assert flushes(transport)[-1] == 0
+    close(daemon)
+
+
+def test_a_flush_already_durable_is_answered_at_once(tmp_path: Path) -> None:
+    daemon, backend, transport = make_daemon(tmp_path)
+    daemon.on_frame(frame("A", RequestType.FLUSH), "k")
+    daemon.group.start(inline=True)
+    backend.durable = backend.appended + 10  # another sync already covered what comes next
+    syncs = len(backend.sync_threads)
+    daemon.on_frame(frame("A", RequestType.FLUSH), "k")
+    assert flushes(transport) == [0, 0] and len(backend.sync_threads) == syncs
+    close(daemon)
+
+
+def test_background_work_waits_for_an_idle_worker_and_a_lifecycle_write_waits_for_at_most_one(
+        tmp_path: Path) -> None:
+    daemon, backend, transport = make_daemon(tmp_path, ("A", "B"))
+    daemon.cut_at = daemon.engine.needed()  # the journal is cut up to here already
+    for uuid in ("A", "B"):
+        daemon.on_frame(frame(uuid, RequestType.MARK_REGION, wire.build_u64(3)), "k")
+    assert set(daemon.engine.unstored) == {("A", 1), ("B", 1)}
+    daemon.background(idle=False)
+    assert not daemon.worker.busy()  # nothing due yet: young changes, short journal
+    daemon.background(idle=True)
+    assert daemon.worker.busy() and daemon.worker.background == 1
+    daemon.background(idle=True)  # the worker is busy: no second background job queued
+    assert daemon.worker.inflight == 1
+    daemon.on_frame(frame("B", RequestType.PRESUSPEND), "k")
+    daemon.on_frame(frame("B", RequestType.POSTSUSPEND), "k")
+    daemon.wait_idle()
+    assert backend.calls == ["commit A", "commit B"]  # the checkpoint of A, then B's POSTSUSPEND
+    assert [r.error for r in transport.sent if r.request_type == RequestType.POSTSUSPEND] == [0]
+    assert set(daemon.engine.unstored) == set()
+    daemon.background(idle=True)  # nothing left to store: the journal can be cut
+    daemon.wait_idle()
+    assert backend.calls[-1] == f"maintain {backend.appended}"
+    close(daemon)
+
+
+def test_changes_older_than_the_checkpoint_age_are_stored_while_busy(tmp_path: Path, monkeypatch) -> None:
+    daemon, backend, _ = make_daemon(tmp_path)
+    daemon.cut_at = daemon.engine.needed()
+    daemon.on_frame(frame("A", RequestType.MARK_REGION, wire.build_u64(3)), "k")
+    first, _since = daemon.engine.unstored[("A", 1)]
+    daemon.engine.unstored[("A", 1)] = (first, time.monotonic() - 3600)
+    daemon.background(idle=False)
+    daemon.wait_idle()
+    assert backend.calls == ["commit A"]
+    close(daemon)

@@ -12,7 +12,7 @@ import logging
 import pytest
 
 from ulog_disk import wire
-from ulog_disk.backends.base import BackendError, Commit
+from ulog_disk.backends.base import OP_MARK, BackendError, Commit
 from ulog_disk.backends.memory import MemoryBackend
 from ulog_disk.engine import Engine
 from ulog_disk.wire import Request, RequestType
@@ -24,22 +24,50 @@ CORE = b"32768 clustered-core 1024"  # 32 regions
 
 
 class Backend(MemoryBackend):
-    """Memory backend that records commits and can be told to fail."""
+    """Memory backend with a journal that counts, records commits, and can be told to fail."""
+
+    journaled = True
 
     def __init__(self, state_dir):
         super().__init__(state_dir)
         self.fail_commit = False
         self.fail_journal = False
+        self.fail_sync = False
         self.commits: list[Commit] = []
+        self.records: list[tuple[str, object]] = []
+        self.synced = 0
 
     def commit(self, commit: Commit) -> None:
         if self.fail_commit:
             raise BackendError(errno.EIO, "injected commit failure")
         self.commits.append(commit)
 
-    def journal(self, uuid, luid, ops) -> None:
+    def _append(self, what: str, item: object) -> int:
         if self.fail_journal:
             raise BackendError(errno.EIO, "injected journal failure")
+        self.records.append((what, item))
+        return len(self.records)
+
+    def log_ops(self, uuid, luid, ops) -> int:
+        return self._append("ops", list(ops))
+
+    def log_flush(self, rec, ops) -> int:
+        return self._append("flush", list(ops))
+
+    def log_event(self, rec, event) -> int:
+        return self._append("event", event)
+
+    def position(self) -> int:
+        return len(self.records)
+
+    def durable_position(self) -> int:
+        return self.synced
+
+    def sync(self) -> int:
+        if self.fail_sync:
+            raise BackendError(errno.EIO, "injected sync failure")
+        self.synced = len(self.records)
+        return self.synced
 
 
 class Kernel:
@@ -658,21 +686,19 @@ def test_status_table(k, text, table):
     assert k.ok(T.STATUS_TABLE) == table
 
 
-def test_failed_commit_gives_eio_then_health_f_then_recovers(k, backend):
+def test_failed_journal_sync_gives_eio_then_health_f_then_recovers(k, backend):
     k.up(b"32768 clustered-disk 7:3 1024")
     k.resync_all()
-    backend.fail_commit = True
+    backend.fail_sync = True
     assert k.err(T.FLUSH, wire.build_regions([5])) == -errno.EIO
     assert k.status() == b"3 clustered-disk 7:3 F\0"
     assert k.err(T.FLUSH) == -errno.EIO
-    assert k.is_clean(5) == 0  # the mark stays in memory
-    backend.fail_commit = False
-    before = len(backend.commits)
+    assert k.is_clean(5) == 0  # the mark stays in memory (and in the journal)
+    backend.fail_sync = False
     k.flush()
     assert k.status() == b"3 clustered-disk 7:3 A\0"
-    # The changes of the failed commits are written by the next one.
-    commit = backend.commits[before]
-    assert 0 in commit.clean_chunks and not commit.clean_chunks[0][0] & (1 << 5)
+    assert backend.synced == backend.position()
+    assert ("flush", [(OP_MARK, 5)]) in backend.records
 
 
 def test_failed_postsuspend_and_resume_commits_are_eio(k, backend):
@@ -687,21 +713,52 @@ def test_failed_postsuspend_and_resume_commits_are_eio(k, backend):
     assert k.status() == b"3 disk 7:3 A\0"
 
 
-def test_journal_failure_gives_health_d(k, backend):
+def test_journal_failure_gives_health_d_and_the_next_flush_writes_the_store(k, backend):
     k.up(b"32768 clustered-disk 7:3 1024")
     backend.fail_journal = True
     k.mark([1])
     assert k.status() == b"3 clustered-disk 7:3 D\0"
     assert k.is_clean(1) == 0
-
-
-def test_flush_commits_before_the_reply(k, backend):
-    k.up()
+    backend.fail_journal = False
     before = len(backend.commits)
+    k.flush()
+    # The journal misses the mark: the FLUSH writes the instance's whole change to its store.
+    assert len(backend.commits) == before + 1
+    assert not backend.commits[-1].clean_chunks[0][0] & (1 << 1)
+    assert k.status() == b"3 clustered-disk 7:3 A\0"
+    commits = len(backend.commits)
+    k.mark([2])
+    k.flush()
+    assert len(backend.commits) == commits  # the journal is whole again: FLUSH syncs it
+
+
+def test_flush_syncs_the_journal_before_the_reply(k, backend):
+    k.up()
+    commits = len(backend.commits)
     k.flush([3])
+    assert backend.records[-1] == ("flush", [(OP_MARK, 3)])
+    assert backend.synced == backend.position()
+    assert len(backend.commits) == commits  # no store write on the FLUSH's path
+
+
+def test_flush_of_a_backend_without_a_journal_commits_before_the_reply(tmp_path):
+    backend = MemoryCommits(tmp_path)
+    kern = Kernel(Engine(backend, boot_id="b"))
+    kern.up()
+    before = len(backend.commits)
+    kern.flush([3])
     assert len(backend.commits) == before + 1
     clean = backend.commits[-1].clean_chunks[0]
     assert not clean[0] & (1 << 3)
+
+
+class MemoryCommits(MemoryBackend):
+    def __init__(self, state_dir):
+        super().__init__(state_dir)
+        self.commits: list[Commit] = []
+
+    def commit(self, commit: Commit) -> None:
+        self.commits.append(commit)
 
 
 # --- hand-over and retained state -------------------------------------------------------------------------

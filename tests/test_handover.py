@@ -7,6 +7,7 @@ Every sequence is driven with kernel requests in the kernel's order (protocol re
 from __future__ import annotations
 
 import errno
+import os
 
 import lmdb
 import pytest
@@ -110,8 +111,20 @@ def luid_dbs(luid: int) -> set[bytes]:
 RETAINED = {sf.RETAINED_META, sf.RETAINED_CLEAN, sf.RETAINED_SYNC}
 
 
+def checkpoint_all(engine: Engine) -> None:
+    """Run every checkpoint the daemon would run in the background."""
+    while engine.unstored:
+        pending = engine.checkpoint(next(iter(engine.unstored)))
+        if pending is not None:
+            assert pending.job is not None
+            pending.job()
+            pending.complete(None)
+
+
 def stored_bitmaps(engine: Engine, luid: int | None, uuid: str = UUID) -> tuple[int, bytes, bytes]:
-    """(region count, clean, sync) as the store holds them (``luid=None``: the retained state)."""
+    """(region count, clean, sync) as the store holds them once the background checkpoints have
+    run (``luid=None``: the retained state)."""
+    checkpoint_all(engine)
     contents = engine.backend.contents(uuid)
     if luid is None:
         raw = sf.record_bytes(sf.RETAINED_META, contents[sf.RETAINED_META][sf.RECORD_KEY])
@@ -425,23 +438,51 @@ class _FailingCommits:
         return getattr(self.env, name)
 
 
-def test_failed_commit_answers_eio_marks_f_and_keeps_the_changes(tmp_path):
+def test_failed_journal_sync_answers_eio_marks_f_and_keeps_the_changes(tmp_path, monkeypatch):
     engine, k = start(tmp_path)
     k.ctr(1, ctr_text(mode="nosync", log_type="disk"))
     k.resume(1)
     assert k.status_health(1) == "A"
-    e = engine.backend._envs[UUID]
-    e.env = _FailingCommits(e.env)
+    real = os.fdatasync
+    failing = {"on": True}
+
+    def fdatasync(fd: int) -> None:
+        if failing["on"]:
+            raise OSError(errno.EIO, "injected")
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
     reply = k.send(RequestType.FLUSH, 1, wire.build_regions([33, 40000]))
     assert reply.error == -errno.EIO
     assert k.status_health(1) == "F"
+    failing["on"] = False
     # Other logs are served meanwhile.
     k2 = Kernel(engine, "LVM-other")
     k2.ctr(1, ctr_text())
     k2.resume(1)
     k2.flush(1, 3)
+    k.flush(1)  # the journal's unsynced bytes are written again, then synced
+    assert k.status_health(1) == "A"
+    assert stored_bitmaps(engine, 1) == memory_bitmaps(engine, 1)
+    assert dirty(engine, 1) == [33, 40000]
+    stop(engine)
+    engine, k = start(tmp_path)
+    assert dirty(engine, 1) == [33, 40000]
+    stop(engine)
+
+
+def test_failed_store_write_at_postsuspend_answers_eio_and_keeps_the_changes(tmp_path):
+    engine, k = start(tmp_path)
+    k.ctr(1, ctr_text(mode="nosync", log_type="disk"))
+    k.resume(1)
+    k.flush(1, 33, 40000)
+    e = engine.backend._envs[UUID]
+    e.env = _FailingCommits(e.env)
+    assert k.send(RequestType.PRESUSPEND, 1).error == 0
+    assert k.send(RequestType.POSTSUSPEND, 1).error == -errno.EIO
+    assert k.status_health(1) == "F"
     e.env.armed = False
-    k.flush(1)  # re-submits the uncommitted chunks
+    k.resume(1)
     assert k.status_health(1) == "A"
     assert stored_bitmaps(engine, 1) == memory_bitmaps(engine, 1)
     assert dirty(engine, 1) == [33, 40000]

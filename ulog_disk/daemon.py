@@ -1,18 +1,24 @@
-"""dm-ulogd: the daemon. One thread owns the engine and the sockets; commits run beside it.
+"""dm-ulogd: the daemon. One thread owns the engine and the sockets; two threads work beside it.
 
-The request loop: read every queued frame, let the engine answer it. A request that needs the
-backend (a FLUSH's durable commit, a journal write) is queued on its uuid's lane; each uuid has
-its own worker thread, one job at a time and in arrival order, so a commit of one mirror never
-delays the replies of another by more than the loop's own turn, and one uuid's commits are
-never reordered. A successful commit is answered by its worker the moment it returns; every
-other completion comes back through a pipe and is answered by the loop, after the engine has
-heard of it.
+The request loop reads every queued frame and lets the engine answer it. Three kinds of answer:
 
-The hand-off to a worker and back costs a FLUSH 60-100 us on the development VM, a third of a
-fast disk's commit (docs/benchmarks.md). So the loop runs a job itself when that delays
-nobody: the request came alone (nothing else was readable), no worker is busy, and the uuid's
-recent jobs were fast (:data:`INLINE_JOB_LIMIT`). A slow or stalling store, or concurrent
-requests, keep the work on the workers, where it never holds up another mirror's replies.
+* at once (most requests; MARK, CLEAR and SET_REGION_SYNC after their journal record is
+  written, which never waits for the disk);
+* a FLUSH, once the journal is durable up to its record. After each batch of frames the loop
+  starts one sync for every FLUSH waiting (**group commit**): on a healthy disk it runs the sync
+  itself (a FLUSH that came alone pays one ``fdatasync`` and no thread hand-off); when syncs have
+  been slow, or one is already running, the group-commit thread runs it, and every FLUSH that
+  arrives meanwhile rides on the next one. Replies of a successful sync are sent by whichever
+  thread ran it;
+* a lifecycle request (CTR, RESUME, POSTSUSPEND, DTR), once its store write has run on the
+  **store worker**, the one thread that touches the LMDB stores, in order.
+
+The store worker also runs the background work, one job at a time and only when it is idle, so
+a lifecycle write waits for at most one: checkpoints (an instance's changes written to its store
+when they are older than :data:`CHECKPOINT_AGE`, the journal since them is longer than
+:data:`CHECKPOINT_SPAN`, or the daemon is idle), and journal maintenance (cutting segments whose
+records are all in the stores, preparing the next segment). Three threads, whatever the number
+of mirrors.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import fcntl
 import logging
 import os
 import queue
+import resource
 import selectors
 import signal
 import socket
@@ -32,6 +39,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__, wire
@@ -46,11 +54,21 @@ log = logging.getLogger("ulog_disk.daemon")
 
 DEFAULT_STATE_DIR = "/var/lib/ulog-disk"
 DEFAULT_BACKEND = "lmdb"
-#: A uuid whose backend jobs took less than this lately (moving average) may have them run by
-#: the request loop itself: at worst another mirror's request waits about this long.
-INLINE_JOB_LIMIT = 0.002
-#: Weight of the newest job in the moving average of a uuid's job time.
-_JOB_TIME_WEIGHT = 0.25
+#: Journal syncs that took less than this lately (moving average) are run by the request loop
+#: itself: at worst another mirror's request waits about this long.
+INLINE_SYNC_LIMIT = 0.002
+#: Weight of the newest sync in the moving average of sync time.
+_SYNC_TIME_WEIGHT = 0.25
+#: An instance's changes are written to its store at the latest this long after the first of
+#: them (seconds), ...
+CHECKPOINT_AGE = 10.0
+#: ... or once the journal since them is this long (bytes), ...
+CHECKPOINT_SPAN = 2 * 1024 * 1024
+#: ... or when the daemon has had nothing to do for this long (seconds).
+IDLE_AFTER = 0.5
+
+#: (job, reply address, its exception, whether the worker already sent the reply)
+Done = tuple[Pending, object, BaseException | None, bool]
 
 
 class StartupError(RuntimeError):
@@ -97,105 +115,178 @@ def sd_notify(message: str) -> None:
             log.warning("sd_notify to %s failed: %s", target, exc)
 
 
-class Lanes:
-    """Per-uuid FIFO of backend jobs, each uuid with its own long-lived thread.
+class StoreWorker:
+    """The one thread that runs store writes, in the order they were submitted.
 
-    One thread per uuid keeps a uuid's jobs in order and lets commits of different uuids (each its
-    own LMDB environment; py-lmdb releases the GIL while it syncs) run at the same time. Results
-    come back through a deque and a wake-up pipe; everything else here is touched only by the
-    request loop's thread.
+    Results come back through a deque and the loop's wake-up pipe; everything else here is
+    touched only by the request loop's thread.
     """
 
-    def __init__(self, send: Callable[[Reply, object], None]) -> None:
+    def __init__(self, send: Callable[[Reply, object], None], wake: Callable[[], None]) -> None:
         self.send = send
-        self.queues: dict[str, queue.SimpleQueue[tuple[Pending, object] | None]] = {}
-        self.threads: list[threading.Thread] = []
-        self.inflight: collections.Counter[str] = collections.Counter()
-        #: Moving average of each uuid's job time (seconds), written by whichever thread ran it.
-        self.job_seconds: dict[str, float] = {}
-        #: (job, reply address, its exception, whether the worker already sent the reply)
-        self.done: collections.deque[tuple[Pending, object, BaseException | None, bool]] = collections.deque()
-        self.wake_r, self.wake_w = os.pipe()
-        os.set_blocking(self.wake_r, False)
-        os.set_blocking(self.wake_w, False)
+        self.wake = wake
+        self.jobs: queue.SimpleQueue[tuple[Pending, object] | None] = queue.SimpleQueue()
+        self.inflight = 0
+        #: Of them, background work (checkpoints, maintenance).
+        self.background = 0
+        self.done: collections.deque[Done] = collections.deque()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="store")
+        self.thread.start()
 
-    def busy(self, uuid: str) -> bool:
-        return self.inflight[uuid] > 0
+    def busy(self) -> bool:
+        return self.inflight > 0
 
-    def submit(self, pending: Pending, address: object) -> None:
-        lane = self.queues.get(pending.uuid)
-        if lane is None:
-            lane = self.queues[pending.uuid] = queue.SimpleQueue()
-            thread = threading.Thread(target=self._run_lane, args=(lane,), daemon=True,
-                                      name=f"lane-{len(self.queues)}")
-            thread.start()
-            self.threads.append(thread)
-        self.inflight[pending.uuid] += 1
-        lane.put((pending, address))
+    def submit(self, pending: Pending, address: object, background: bool = False) -> None:
+        self.inflight += 1
+        self.background += background
+        self.jobs.put((pending, address))
 
-    def _run_lane(self, lane: queue.SimpleQueue[tuple[Pending, object] | None]) -> None:
-        while (item := lane.get()) is not None:
+    def _run(self) -> None:
+        while (item := self.jobs.get()) is not None:
             pending, address = item
             exc: BaseException | None = None
-            started = time.monotonic()
             try:
+                assert pending.job is not None
                 pending.job()
             except BaseException as e:  # noqa: BLE001 - reported to the engine via complete()
                 exc = e
-            self.timed(pending, time.monotonic() - started)
             sent = False
-            if exc is None:
-                if pending.reply_on_success is not None and address is not None:
-                    self.send(pending.reply_on_success, address)
-                    sent = True
-                run_after(pending)
+            if exc is None and pending.reply_on_success is not None and address is not None:
+                self.send(pending.reply_on_success, address)
+                sent = True
             self.done.append((pending, address, exc, sent))
-            with contextlib.suppress(BlockingIOError):  # a full pipe wakes the loop all the same
-                os.write(self.wake_w, b"x")
+            self.wake()
 
-    def timed(self, pending: Pending, seconds: float) -> None:
-        if pending.quick:
-            return
-        before = self.job_seconds.get(pending.uuid)
-        self.job_seconds[pending.uuid] = (seconds if before is None
-                                          else before + _JOB_TIME_WEIGHT * (seconds - before))
-
-    def fast(self, uuid: str) -> bool:
-        """Whether the uuid's jobs have been quick lately (unknown until one ran on a worker)."""
-        return self.job_seconds.get(uuid, INLINE_JOB_LIMIT) < INLINE_JOB_LIMIT
-
-    def drain(self) -> list[tuple[Pending, object, BaseException | None, bool]]:
-        with contextlib.suppress(BlockingIOError):
-            os.read(self.wake_r, 65536)
+    def drain(self) -> list[Done]:
         items = []
         while self.done:
-            item = self.done.popleft()
-            uuid = item[0].uuid
-            self.inflight[uuid] -= 1
-            if not self.inflight[uuid]:
-                del self.inflight[uuid]
-            items.append(item)
+            items.append(self.done.popleft())
+            self.inflight -= 1
         return items
 
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.thread.join()
+
+
+@dataclass
+class _Waiting:
+    position: int
+    pending: Pending
+    address: object
+
+
+class GroupCommit:
+    """The journal's syncs, one at a time: every FLUSH waiting when a sync starts rides on it.
+
+    ``add`` and ``start`` run on the request loop; a sync runs there (``start`` with
+    ``inline``) or on this class's thread, which keeps syncing while FLUSHes keep arriving.
+    """
+
+    def __init__(self, backend: Backend, send: Callable[[Reply, object], None],
+                 wake: Callable[[], None]) -> None:
+        self.backend = backend
+        self.send = send
+        self.wake = wake
+        self.lock = threading.Lock()
+        self.go = threading.Condition(self.lock)
+        self.waiting: list[_Waiting] = []
+        self.running = False
+        self.stopping = False
+        #: Moving average of sync time (seconds); None until the first sync.
+        self.sync_seconds: float | None = None
+        self.syncs = 0
+        self.flushes = 0
+        self.done: collections.deque[Done] = collections.deque()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="group-commit")
+        self.thread.start()
+
+    def add(self, pending: Pending, address: object) -> None:
+        assert pending.durable_at is not None
+        with self.lock:
+            self.waiting.append(_Waiting(pending.durable_at, pending, address))
+
+    def fast(self) -> bool:
+        return self.sync_seconds is None or self.sync_seconds < INLINE_SYNC_LIMIT
+
     def idle(self) -> bool:
-        return not self.inflight
+        with self.lock:
+            return not self.running and not self.waiting
+
+    def start(self, inline: bool) -> None:
+        """Start a sync for the FLUSHes waiting, if none is running: here when ``inline`` and
+        syncs have been fast, else on the thread."""
+        with self.lock:
+            if self.running or not self.waiting:
+                return
+            if not (inline and self.fast()):
+                self.running = True
+                self.go.notify()
+                return
+        self._round()
+
+    def _run(self) -> None:
+        with self.lock:
+            while True:
+                while not self.running and not self.stopping:
+                    self.go.wait()
+                if self.stopping and not self.waiting:
+                    return
+                self.lock.release()
+                try:
+                    self._round()
+                finally:
+                    self.lock.acquire()
+                if not self.waiting:
+                    self.running = False
+
+    def _round(self) -> None:
+        started = time.monotonic()
+        exc: BaseException | None = None
+        try:
+            durable = self.backend.sync()
+        except BaseException as e:  # noqa: BLE001 - every FLUSH waiting gets -EIO via complete()
+            exc, durable = e, -1
+        seconds = time.monotonic() - started
+        self.sync_seconds = (seconds if self.sync_seconds is None
+                             else self.sync_seconds + _SYNC_TIME_WEIGHT * (seconds - self.sync_seconds))
+        with self.lock:
+            self.syncs += 1
+            ready = [w for w in self.waiting if exc is not None or w.position <= durable]
+            self.waiting = [w for w in self.waiting if exc is None and w.position > durable]
+            self.flushes += len(ready)
+        for w in ready:
+            sent = False
+            if exc is None and w.pending.reply_on_success is not None:
+                self.send(w.pending.reply_on_success, w.address)
+                sent = True
+            self.done.append((w.pending, w.address, exc, sent))
+        if ready:
+            self.wake()
+
+    def drain(self) -> list[Done]:
+        items = []
+        while self.done:
+            items.append(self.done.popleft())
+        return items
 
     def close(self) -> None:
-        for lane in self.queues.values():
-            lane.put(None)
-        for thread in self.threads:
-            thread.join()
-        os.close(self.wake_r)
-        os.close(self.wake_w)
+        with self.lock:
+            self.stopping = True
+            self.go.notify()
+        self.thread.join()
 
 
-def run_after(pending: Pending) -> None:
-    if pending.after is None:
-        return
-    try:
-        pending.after()
-    except Exception:  # noqa: BLE001 - tidying; the request itself has succeeded
-        log.exception("internal error tidying after a request of uuid=%r", pending.uuid)
+def _maintenance(backend: Backend, needed: int) -> Pending:
+    def complete(exc: BaseException | None) -> Reply:
+        if exc is not None:
+            log.warning("journal maintenance failed (%s); retried later", exc)
+        return Reply(_NOBODY, 0 if exc is None else -errno.EIO)
+
+    return Pending("", lambda: backend.maintain(needed), complete)
+
+
+_NOBODY = wire.Request(luid=0, uuid="", version=3, seq=0, request_type=wire.RequestType.FLUSH, data=b"")
 
 
 class Daemon:
@@ -204,20 +295,28 @@ class Daemon:
         self.engine = engine
         self.transport = transport
         self.capture = capture
-        # Replies go out from the loop and from the lanes' workers.
+        # Replies go out from the loop, the store worker and the group-commit thread.
         self.send_lock = threading.Lock()
-        self.lanes = Lanes(self.send)
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        self.worker = StoreWorker(self.send, self.wake)
+        self.group = GroupCommit(engine.backend, self.send, self.wake)
         self.selector = selectors.DefaultSelector()
         self.stopping = False
         self.dropped_frames = 0
-        #: The frame being handled arrived alone: nothing else was readable with it.
-        self.alone = False
-        #: Jobs run here whose tidying (``Pending.after``) waits for the loop to be idle, so it
-        #: delays no request; a uuid's is run before any later job of that uuid.
-        self.deferred: dict[str, Pending] = {}
+        #: The journal position up to which maintenance last cut.
+        self.cut_at = -1
+        self.last_frame = time.monotonic()
         self.sig_r, self.sig_w = os.pipe()
         os.set_blocking(self.sig_r, False)
         os.set_blocking(self.sig_w, False)
+        self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
+        self.selector.register(self.sig_r, selectors.EVENT_READ, "signal")
+
+    def wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # a full pipe wakes the loop all the same
+            os.write(self.wake_w, b"x")
 
     # --- frames --------------------------------------------------------------------------
 
@@ -245,36 +344,13 @@ class Daemon:
             return
         if isinstance(result, Reply):
             self.send(result, address)
-            return
-        self.run_deferred(result.uuid)
-        if self.may_run_inline(result):
-            started = time.monotonic()
-            try:
-                result.job()
-                exc_: BaseException | None = None
-            except BaseException as e:  # noqa: BLE001
-                exc_ = e
-            self.lanes.timed(result, time.monotonic() - started)
-            self.send(result.complete(exc_), address)
-            if exc_ is None and result.after is not None:
-                self.deferred[result.uuid] = result
+        elif result.durable_at is not None:
+            if result.durable_at <= self.engine.backend.durable_position():
+                self.send(result.complete(None), address)
+            else:
+                self.group.add(result, address)
         else:
-            self.lanes.submit(result, address)
-
-    def run_deferred(self, uuid: str | None = None) -> None:
-        """The tidying left by jobs run here: the uuid's, or (None) everyone's."""
-        if uuid is None:
-            while self.deferred:
-                run_after(self.deferred.popitem()[1])
-        elif (pending := self.deferred.pop(uuid, None)) is not None:
-            run_after(pending)
-
-    def may_run_inline(self, pending: Pending) -> bool:
-        """Journal writes (no disk wait) whenever the uuid's lane is idle; other jobs only when
-        running them here delays nobody (see the module's docstring)."""
-        if self.lanes.busy(pending.uuid):
-            return False
-        return pending.quick or (self.alone and self.lanes.idle() and self.lanes.fast(pending.uuid))
+            self.worker.submit(result, address)
 
     def send(self, reply: Reply, address: object) -> None:
         payload = wire.encode_reply(reply)
@@ -283,15 +359,44 @@ class Daemon:
                 self.capture.write(FROM_DAEMON, payload)
             self.transport.send(payload, address)
 
-    def on_completions(self) -> None:
-        for pending, address, exc, sent in self.lanes.drain():
+    def on_completions(self) -> int:
+        """Let the engine hear of finished work; answer what was not answered yet. Returns how
+        many store writes failed (at stop, the commits nobody waits for)."""
+        failures = 0
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.wake_r, 65536)
+        for pending, address, exc, sent in self.group.drain() + self.worker.drain():
             try:
                 reply = pending.complete(exc)
             except Exception:  # noqa: BLE001
                 log.exception("internal error completing a request")
                 continue
-            if not sent:
+            if address is None:
+                failures += reply.error != 0
+            elif not sent:
                 self.send(reply, address)
+        return failures
+
+    # --- background work -----------------------------------------------------------------
+
+    def background(self, idle: bool) -> None:
+        """Hand the store worker its next background job, if it has nothing to do."""
+        if self.worker.busy():
+            return
+        engine = self.engine
+        key = engine.checkpoint_due(time.monotonic(), CHECKPOINT_AGE, CHECKPOINT_SPAN, idle)
+        if key is not None:
+            pending = engine.checkpoint(key)
+            if pending is not None:
+                self.worker.submit(pending, None, background=True)
+                return
+        needed = engine.needed()
+        if needed > self.cut_at or engine.backend.maintenance_due():
+            self.cut_at = needed
+            self.worker.submit(_maintenance(engine.backend, needed), None, background=True)
+
+    def has_background_work(self) -> bool:
+        return bool(self.engine.unstored) or self.engine.needed() > self.cut_at
 
     # --- loop ----------------------------------------------------------------------------
 
@@ -300,57 +405,55 @@ class Daemon:
         with contextlib.suppress(BlockingIOError):
             os.write(self.sig_w, b"s")
 
+    def _frames_from(self, key: selectors.SelectorKey) -> list[tuple[bytes, object]]:
+        if key.data == "netlink":
+            return self.transport.receive()  # type: ignore[union-attr]
+        frames, still_open = self.transport.receive_from(key.data)  # type: ignore[union-attr]
+        if not still_open:
+            self.selector.unregister(key.fd)
+        return frames
+
     def run(self, ready: Callable[[], None] | None = None) -> int:
         sel = self.selector
         if isinstance(self.transport, UnixTransport):
             sel.register(self.transport.fileno(), selectors.EVENT_READ, "accept")
         else:
             sel.register(self.transport.fileno(), selectors.EVENT_READ, "netlink")
-        sel.register(self.lanes.wake_r, selectors.EVENT_READ, "lanes")
-        sel.register(self.sig_r, selectors.EVENT_READ, "signal")
         if ready:
             ready()
         while not self.stopping:
-            events = sel.select(0 if self.deferred else None)
-            if not events:
-                self.run_deferred()
-                continue
-            if self.lanes.done:
-                # Completions first: a lane the engine hears is idle again lets the next
-                # journal write of its uuid run inline rather than queue behind nothing.
+            timeout = IDLE_AFTER if self.has_background_work() else None
+            events = sel.select(timeout)
+            now = time.monotonic()
+            if self.group.done or self.worker.done:
                 self.on_completions()
+            got = 0
             for key, _ in events:
                 tag = key.data
-                if tag == "netlink":
-                    frames = self.transport.receive()  # type: ignore[union-attr]
-                    self.alone = len(events) == 1 and len(frames) == 1
-                    for frame, address in frames:
-                        self.on_frame(frame, address)
-                elif tag == "accept":
+                if tag == "accept":
                     conn = self.transport.accept()  # type: ignore[union-attr]
                     if conn is not None:
                         sel.register(conn.fileno(), selectors.EVENT_READ, conn)
-                elif tag == "lanes":
-                    self.on_completions()
-                elif tag == "signal":
-                    pass
-                else:
-                    frames, still_open = self.transport.receive_from(key.data)  # type: ignore[union-attr]
-                    self.alone = len(events) == 1 and len(frames) == 1
-                    for frame, address in frames:
+                elif tag not in ("wake", "signal"):
+                    for frame, address in self._frames_from(key):
+                        got += 1
                         self.on_frame(frame, address)
-                    if not still_open:
-                        sel.unregister(key.fd)
+            if got:
+                self.last_frame = now
+                # One sync for every FLUSH of the batch (and of earlier batches still waiting).
+                self.group.start(inline=True)
+                if self.group.done:
+                    self.on_completions()
+            self.background(idle=now - self.last_frame >= IDLE_AFTER)
         return self.shutdown()
 
     def answer_queued(self) -> int:
-        """Answer every request already queued on the sockets, and finish their backend work.
+        """Answer every request already queued on the sockets, and finish their work.
 
         At stop, a request left unread would cost its kernel caller the 15 s timeout; answered,
         the caller goes on, and its next request finds no listener and reconnects within 2 s.
         """
         frames: list[tuple[bytes, object]] = []
-        self.alone = False
         if isinstance(self.transport, UnixTransport):
             for conn in list(self.transport.connections.values()):
                 got, _ = self.transport.receive_from(conn)
@@ -359,44 +462,62 @@ class Daemon:
             frames = self.transport.receive()
         for frame, address in frames:
             self.on_frame(frame, address)
-        self.wait_lanes()
+        self.group.start(inline=True)
+        self.wait_idle()
         return len(frames)
 
-    def wait_lanes(self) -> int:
+    def wait_idle(self) -> int:
+        """Wait for every sync and store write under way; returns how many failed."""
         failures = 0
-        while not self.lanes.idle():
+        while self.worker.busy() or not self.group.idle():
+            self.group.start(inline=False)
             self.selector.select(timeout=1.0)
-            for pending, address, exc, sent in self.lanes.drain():
-                reply = pending.complete(exc)
-                if address is None:
-                    failures += reply.error != 0
-                elif not sent:
-                    self.send(reply, address)
+            failures += self.on_completions()
         return failures
 
     def shutdown(self) -> int:
         sd_notify("STOPPING=1")
-        self.run_deferred()
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(self.transport.fileno())
         self.transport.stop_receiving()
         answered = self.answer_queued()
-        log.info("stopping: answered %d queued request(s), committing %d log(s)", answered,
+        log.info("stopping: answered %d queued request(s), writing %d log(s) to their stores", answered,
                  len(self.engine.table))
         for pending in self.engine.commit_all():
-            self.lanes.submit(pending, None)
-        failures = self.wait_lanes()
+            self.worker.submit(pending, None)
+        failures = self.wait_idle()
+        if not failures:
+            # Everything is in the stores: the journal keeps only its last segment.
+            self.worker.submit(_maintenance(self.engine.backend, self.engine.needed()), None)
+            self.wait_idle()
         self.answer_queued()
-        self.lanes.close()
+        self.group.close()
+        self.worker.close()
         self.engine.backend.close()
         self.transport.close()
         if self.capture:
             self.capture.close()
+        stats = self.engine.stats
         counters = ", ".join(f"{k} {v}" for k, v in vars(self.transport.counters).items())
-        log.info("stopped (%d requests, %d errors, %d commits, %d failed commits at stop; %s: %s; "
-                 "%d unanswerable frames dropped)", self.engine.stats.requests, self.engine.stats.errors,
-                 self.engine.stats.commits, failures, self.transport.name, counters, self.dropped_frames)
+        log.info("stopped (%d requests, %d errors, %d commits, %d journal syncs for %d FLUSHes, %d "
+                 "checkpoints, %d failed store writes at stop; %s: %s; %d unanswerable frames dropped)",
+                 stats.requests, stats.errors, stats.commits, self.group.syncs, self.group.flushes,
+                 stats.checkpoints, failures, self.transport.name, counters, self.dropped_frames)
         return 1 if failures else 0
+
+
+def raise_descriptor_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (the daemon's own use is bounded; this is
+    headroom for the kernel's and the tools' sockets): returns (soft before, soft now)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return soft, target
+        except (ValueError, OSError):
+            pass
+    return soft, soft
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -442,6 +563,9 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s dm-ulogd[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
+    before, now = raise_descriptor_limit()
+    if now != before:
+        log.debug("descriptor limit raised from %d to %d", before, now)
     lock = None
     backend: Backend | None = None
     try:

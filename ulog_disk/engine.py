@@ -1,10 +1,16 @@
 """The engine: applies one kernel request to the log table and says what to answer.
 
 Sans-I/O. ``handle(request)`` returns either a :class:`~ulog_disk.wire.Reply` (answer now) or a
-:class:`Pending`: backend work (a durable commit, a journal write) that must finish before the
-reply goes out. The daemon runs a Pending's ``job`` on the uuid's worker and then calls its
-``complete`` back on the engine's thread. Engine state is only touched on that one thread; jobs
-see nothing but copies.
+:class:`Pending`: a reply that waits for the journal to be durable up to a position (FLUSH), or
+for a store write (lifecycle requests) that the daemon runs on its store worker. Either way the
+daemon then calls the Pending's ``complete`` back on the engine's thread. Engine state is only
+touched on that one thread; jobs see nothing but copies.
+
+Every change is written to the backend's journal as it is applied (``log_ops``, ``log_flush``,
+``log_event``), in the order it was applied; the engine tracks, per instance, the journal
+position of its first record that is not yet in its store, and hands out **checkpoints** (the
+instance's changed chunks and meta, with the position they reach) for the daemon to run in the
+background. The oldest such position is how far the journal may be cut.
 
 Protocol rules owned here (protocol ref §1.7, §3, §5; issue #2, #3):
 
@@ -15,8 +21,9 @@ Protocol rules owned here (protocol ref §1.7, §3, §5; issue #2, #3):
   (+NUL) and RESUME again for that log; other requests for unknown logs get -EINVAL.
 * Replies carry exactly the value size the kernel reads, ``data_size = 0`` where it offers no
   buffer, and a negative errno in ``error``.
-* FLUSH (with or without integrated marks) is the durable point; RESUME and POSTSUSPEND commit
-  too, as the kernel's disk log writes its header and bits there.
+* FLUSH (with or without integrated marks) is the durable point: answered once the journal is
+  durable up to its record. RESUME and POSTSUSPEND write the instance to its store before they
+  are answered, as the kernel's disk log writes its header and bits there.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from .backends.base import (
     StoredState,
 )
 from .ctrargs import CtrArgs, CtrError, parse_ctr
+from .journal import Event
 from .lifecycle import HANDS_OVER, State, gives_resync_work, next_state
 from .regionlog import RegionLog, chunk_count
 from .wire import Reply, Request, RequestType
@@ -87,6 +95,9 @@ class Instance:
     #: The last CTR was the kernel's reconnect (NUL counted): the RESUME that follows is the
     #: reconnect's, which the kernel sends even for a table in the inactive slot.
     reconnecting: bool = False
+    #: A journal append of this instance failed: the journal misses some of its changes, so its
+    #: FLUSHes are made durable by writing its whole state to its store until one succeeds.
+    journal_gap: bool = False
 
     @property
     def key(self) -> Key:
@@ -111,20 +122,19 @@ class Instance:
 
 @dataclass
 class Pending:
-    """A reply that waits for backend work on the uuid's worker."""
+    """A reply that waits: for the journal to be durable up to ``durable_at`` (FLUSH), or for
+    ``job`` (a store write) to run on the store worker."""
 
     uuid: str
-    job: Callable[[], None]
+    job: Callable[[], None] | None
     complete: Callable[[BaseException | None], Reply]
-    #: True for work that never waits for the disk (journal writes): may run inline.
-    quick: bool = False
-    #: The reply a successful job gets, when ``complete(None)`` only keeps books: the worker
-    #: may send it the moment the job returns, before the request loop hears of it. A failure
-    #: is always answered through ``complete``, after it has put the engine's state right.
+    #: The journal position that must be durable before the reply (then ``job`` is None).
+    durable_at: int | None = None
+    #: The reply a success gets, when ``complete(None)`` only keeps books: the thread that saw
+    #: the success (store worker, group-commit thread) may send it at once, before the request
+    #: loop hears of it. A failure is always answered through ``complete``, after it has put
+    #: the engine's state right.
     reply_on_success: Reply | None = None
-    #: Tidying that may follow the reply (off the request's latency), still before any later
-    #: job of the uuid.
-    after: Callable[[], None] | None = None
 
 
 @dataclass
@@ -133,7 +143,13 @@ class Stats:
     errors: int = 0
     commits: int = 0
     commit_failures: int = 0
+    checkpoints: int = 0
+    checkpoint_failures: int = 0
     by_type: collections.Counter[RequestType] = field(default_factory=collections.Counter)
+
+
+#: The request a background store write answers (nobody: its reply is never sent).
+_STOP = Request(luid=0, uuid="", version=3, seq=0, request_type=RequestType.FLUSH, data=b"")
 
 
 def _ok(req: Request, data: bytes = b"") -> Reply:
@@ -156,12 +172,19 @@ class Engine:
         #: luids of instances of earlier boots still in the store, per uuid.
         self.earlier_boot: dict[str, set[int]] = {}
         self.stats = Stats()
+        #: Per instance with changes not in its store: the journal position of the first of
+        #: them, and when (monotonic) it was made; oldest first.
+        self.unstored: dict[Key, tuple[int, float]] = {}
+        #: Store writes under way (checkpoints, lifecycle writes): the position of the oldest
+        #: change each carries, by a token.
+        self.storing: dict[int, int] = {}
+        self._tokens = 0
 
     # --- start-up ------------------------------------------------------------------------
 
     def restore(self) -> None:
         """Rebuild the table from the backend (daemon restart)."""
-        restored = self.backend.restore()
+        restored = self.backend.restore(self.boot_id)
         for uuid, reason in restored.damaged.items():
             log.error("store of uuid=%r is damaged (%s): its logs start from a full resync", uuid, reason)
         for uuid, state in restored.retained.items():
@@ -176,9 +199,13 @@ class Engine:
         if rec.boot_id != self.boot_id:
             # The kernel that owned this luid is gone (host reboot): its state is only a
             # candidate for hand-over, and its luid may be reused by an unrelated log.
+            state = RegionLog.from_bitmaps(rec.region_count, stored.clean, stored.sync)
+            state.replay(stored.journal)
+            if stored.journal_damaged:
+                state.distrust_all()
             self.gone.setdefault(rec.uuid, []).append(StoredState(
                 uuid=rec.uuid, generation=rec.generation, region_count=rec.region_count,
-                clean=stored.clean, sync=stored.sync, source_luid=rec.luid,
+                clean=state.clean.tobytes(), sync=state.sync.tobytes(), source_luid=rec.luid,
                 committed_at=rec.committed_at,
             ))
             self.earlier_boot.setdefault(rec.uuid, set()).add(rec.luid)
@@ -208,6 +235,9 @@ class Engine:
             committed_at=rec.committed_at, resized=False, superseded=rec.superseded, heard=False,
         )
         self.table[inst.key] = inst
+        if stored.replayed_from is not None:
+            # What was replayed is in the journal only: the next checkpoints write it.
+            self.unstored[inst.key] = (stored.replayed_from, time.monotonic())
         log.info("restored %s state=%s generation=%d: %d/%d in sync, %d dirty, %d journal ops replayed",
                  describe(rec.uuid, rec.luid), rec.state, rec.generation, region_log.sync_count,
                  region_log.region_count, len(region_log.dirty_regions()), replayed)
@@ -258,7 +288,10 @@ class Engine:
         if isinstance(result, Reply):
             return result
         try:
-            result.job()
+            if result.job is not None:
+                result.job()
+            else:
+                self.backend.sync()
         except BaseException as exc:  # noqa: BLE001 - handed to complete(), which decides
             return result.complete(exc)
         return result.complete(None)
@@ -305,15 +338,19 @@ class Engine:
                  f" sync_mode={ctr.sync_mode}" if ctr.sync_mode != "default" else "",
                  " (kernel reconnect)" if reconnect else "")
         rec = inst.record()
+        self._log_event(inst, rec, Event.CTR)
+        self.unstored.pop(inst.key, None)  # the record below is the instance's whole state
+        position = self.backend.position()
 
         def complete(exc: BaseException | None) -> Reply:
             if exc is not None:
                 inst.health = "D"
                 log.error("CTR %s: could not record the instance (%s); serving it from memory",
                           describe(inst.uuid, inst.luid), exc)
+                self._unstored_since(inst.key, position)
             return _ok(req, reply_data)
 
-        return Pending(inst.uuid, lambda: self.backend.record(rec), complete)
+        return Pending(inst.uuid, lambda: self.backend.record(rec, position), complete)
 
     def _dtr(self, inst: Instance, req: Request) -> Reply | Pending:
         self.table.pop(inst.key, None)
@@ -332,7 +369,12 @@ class Engine:
                  f": its state is kept as the uuid's retained state, generation {retain.generation}"
                  if retain else "")
 
+        self._log_event(inst, inst.record(), Event.DTR)
+        position = self.backend.position()
+        token = self._storing(inst.key)
+
         def complete(exc: BaseException | None) -> Reply:
+            self.storing.pop(token, None)
             if exc is not None:
                 log.error("DTR %s: store cleanup failed (%s); left for ulog-recover",
                           describe(inst.uuid, inst.luid), exc)
@@ -341,7 +383,7 @@ class Engine:
         last = not others
 
         def job() -> None:
-            self.backend.drop(inst.uuid, inst.luid, retain)
+            self.backend.drop(inst.uuid, inst.luid, retain, position)
             if last:
                 self.backend.release(inst.uuid)
 
@@ -354,7 +396,7 @@ class Engine:
     def _postsuspend(self, inst: Instance, req: Request) -> Reply | Pending:
         self._transition(inst, RequestType.POSTSUSPEND)
         inst.log.recovering = None
-        return self._commit(inst, req, "POSTSUSPEND")
+        return self._commit(inst, req, "POSTSUSPEND", event=Event.POSTSUSPEND)
 
     def _resume(self, inst: Instance, req: Request) -> Reply | Pending:
         self._transition(inst, RequestType.RESUME)
@@ -381,7 +423,8 @@ class Engine:
                      inst.log.region_count)
         inst.resumed = True
         # A state adopted, or thrown away by 'sync', is the uuid's newest from now on.
-        pending = self._commit(inst, req, "RESUME", force_generation=source is not None or forced)
+        pending = self._commit(inst, req, "RESUME", force_generation=source is not None or forced,
+                               event=Event.RESUME)
         if source is not None:
             self._drop_adopted_earlier_boot(inst, source, pending)
         return pending
@@ -397,11 +440,13 @@ class Engine:
         stale.discard(luid)
         self.gone[inst.uuid] = [s for s in self.gone.get(inst.uuid, []) if s is not source]
         commit_job = pending.job
+        assert commit_job is not None
+        position = self.backend.position()
 
         def job() -> None:
             commit_job()
             try:
-                self.backend.drop(inst.uuid, luid, None)
+                self.backend.drop(inst.uuid, luid, None, position)
             except BackendError as exc:  # the RESUME itself succeeded; the leftover is harmless
                 log.warning("RESUME %s: luid=%#x of an earlier boot not removed (%s); left for "
                             "ulog-recover purge", describe(inst.uuid, inst.luid), luid, exc)
@@ -463,18 +508,21 @@ class Engine:
         self.generations[uuid] = gen
         return gen
 
-    def _commit(self, inst: Instance, req: Request, why: str, force_generation: bool = False) -> Pending:
-        clean, sync, modified = inst.log.take_changes()
+    def _commit(self, inst: Instance, req: Request, why: str, force_generation: bool = False,
+                event: Event | None = None) -> Pending:
+        """Write the instance to its store before answering (lifecycle points, stop, and a FLUSH
+        of an instance whose journal records are incomplete)."""
+        modified = inst.log.take_modified()
         if (modified or force_generation) and inst.resumed and not inst.superseded:
             inst.generation = self._next_generation(inst.uuid)
         inst.committed_at = time.time()
-        commit = Commit(inst.record(), clean, sync, resized=inst.resized)
-        inst.resized = False
-
-        def job() -> None:
-            self.backend.commit(commit)
+        if event is not None:
+            self._log_event(inst, inst.record(), event)
+        pending = self._store(inst, why)
+        store_complete = pending.complete
 
         def complete(exc: BaseException | None) -> Reply:
+            store_complete(exc)
             if exc is None:
                 self.stats.commits += 1
                 if inst.health != "A":
@@ -484,17 +532,90 @@ class Engine:
                     inst.health = "A"
                 return _ok(req)
             self.stats.commit_failures += 1
-            inst.log.restore_changes(clean, sync, modified)
-            inst.resized = inst.resized or commit.resized
+            inst.log.modified = inst.log.modified or modified
             inst.health = "F"
             log.error("%s %s: commit failed (%s): answering -EIO", why, describe(inst.uuid, inst.luid), exc)
             return _err(req, errno.EIO)
 
-        return Pending(inst.uuid, job, complete, reply_on_success=_ok(req),
-                       after=lambda: self.backend.after_commit(inst.uuid, inst.luid))
+        pending.complete = complete
+        pending.reply_on_success = _ok(req)
+        return pending
+
+    def _store(self, inst: Instance, why: str) -> Pending:
+        """A checkpoint of the instance: its chunks changed since the last one and its meta, with
+        the journal position they reach. ``complete`` keeps the books (and puts the chunks back
+        for the next checkpoint if the write failed)."""
+        clean, sync = inst.log.take_chunks()
+        position = self.backend.position()
+        commit = Commit(inst.record(), clean, sync, resized=inst.resized, position=position)
+        inst.resized = False
+        gap = inst.journal_gap
+        inst.journal_gap = False
+        token = self._storing(inst.key)
+
+        def job() -> None:
+            self.backend.commit(commit)
+
+        def complete(exc: BaseException | None) -> Reply:
+            first = self.storing.pop(token, None)
+            if exc is None:
+                self.stats.checkpoints += 1
+                return _ok(_STOP)
+            self.stats.checkpoint_failures += 1
+            inst.log.restore_changes(clean, sync, False)
+            inst.resized = inst.resized or commit.resized
+            inst.journal_gap = inst.journal_gap or gap
+            if first is not None and inst.key in self.table:
+                self._unstored_since(inst.key, first)
+            log.warning("%s %s: store write failed (%s); the journal keeps its changes, retried later",
+                        why, describe(inst.uuid, inst.luid), exc)
+            return _err(_STOP, errno.EIO)
+
+        return Pending(inst.uuid, job, complete)
+
+    def _storing(self, key: Key) -> int:
+        """Move the instance's unstored changes to a store write under way; its token."""
+        self._tokens += 1
+        first = self.unstored.pop(key, None)
+        if first is not None:
+            self.storing[self._tokens] = first[0]
+        return self._tokens
+
+    def _unstored_since(self, key: Key, position: int) -> None:
+        found = self.unstored.get(key)
+        if found is None or position < found[0]:
+            self.unstored[key] = (position, found[1] if found else time.monotonic())
+
+    def checkpoint(self, key: Key) -> Pending | None:
+        """Background work: write one instance's changes to its store (None if it is gone)."""
+        inst = self.table.get(key)
+        if inst is None:
+            self.unstored.pop(key, None)
+            return None
+        return self._store(inst, "checkpoint")
+
+    def checkpoint_due(self, now: float, age: float, span: int, idle: bool) -> Key | None:
+        """The instance to checkpoint next, if any is due: its changes are older than ``age``
+        seconds, or the journal since them is longer than ``span`` bytes, or the daemon is idle."""
+        if not self.unstored:
+            return None
+        key, (first, since) = next(iter(self.unstored.items()))
+        if idle or now - since >= age or self.backend.position() - first >= span:
+            return key
+        return None
+
+    def needed(self) -> int:
+        """Every journal record below this position is in the stores."""
+        oldest = self.backend.position()
+        for first, _ in self.unstored.values():
+            oldest = min(oldest, first)
+        for first in self.storing.values():
+            oldest = min(oldest, first)
+        return oldest
 
     def commit_all(self) -> list[Pending]:
-        """Work that commits every instance (clean stop)."""
+        """Work that writes every instance to its store (clean stop): the journal is then not
+        needed by anything."""
         pending = []
         for inst in list(self.table.values()):
             stop = Request(luid=inst.luid, uuid=inst.uuid, version=3, seq=0,
@@ -502,18 +623,32 @@ class Engine:
             pending.append(self._commit(inst, stop, "stop"))
         return pending
 
+    # --- the journal -------------------------------------------------------------------------
+
+    def _journaled(self, inst: Instance, append: Callable[[], int], what: str) -> bool:
+        """Run one journal append for the instance; False (health D, journal gap) if it failed."""
+        before = self.backend.position()
+        try:
+            append()
+        except BackendError as exc:
+            inst.health = "D"
+            inst.journal_gap = True
+            log.error("%s %s: journal write failed (%s)", what, describe(inst.uuid, inst.luid), exc)
+            self._unstored_since(inst.key, before)
+            return False
+        if inst.key not in self.unstored:
+            self.unstored[inst.key] = (before, time.monotonic())
+        return True
+
+    def _log_event(self, inst: Instance, rec: InstanceRecord, event: Event) -> None:
+        self._journaled(inst, lambda: self.backend.log_event(rec, event), event.name)
+
     # --- region requests -------------------------------------------------------------------
 
-    def _journal(self, inst: Instance, req: Request, ops: list[tuple[int, int]]) -> Pending:
-        def complete(exc: BaseException | None) -> Reply:
-            if exc is not None:
-                inst.health = "D"
-                log.error("%s %s: journal write failed (%s)", wire.RequestType(req.request_type).name,
-                          describe(inst.uuid, inst.luid), exc)
-            return _ok(req)
-
-        return Pending(inst.uuid, lambda: self.backend.journal(inst.uuid, inst.luid, ops), complete,
-                       quick=True)
+    def _journal(self, inst: Instance, req: Request, ops: list[tuple[int, int]]) -> Reply:
+        kind = RequestType(req.request_type).name
+        self._journaled(inst, lambda: self.backend.log_ops(inst.uuid, inst.luid, ops), kind)
+        return _ok(req)
 
     def _get_region_size(self, inst: Instance, req: Request) -> Reply:
         return _ok(req, wire.build_u64(inst.ctr.region_size))
@@ -525,10 +660,38 @@ class Engine:
         return _ok(req, wire.build_s64(int(inst.log.in_sync(wire.parse_region(req.data)))))
 
     def _flush(self, inst: Instance, req: Request) -> Pending:
+        ops: list[tuple[int, int]] = []
         if req.data:
             regions = wire.parse_regions(req.data)
             inst.log.mark(regions)
-        return self._commit(inst, req, "FLUSH")
+            ops = [(OP_MARK, r) for r in regions]
+        if inst.journal_gap or not self.backend.journaled:
+            # Some changes never reached the journal (or there is none): only the store can
+            # hold them all.
+            return self._commit(inst, req, "FLUSH")
+        if inst.log.take_modified() and inst.resumed and not inst.superseded:
+            inst.generation = self._next_generation(inst.uuid)
+        inst.committed_at = time.time()
+        rec = inst.record()
+        if not self._journaled(inst, lambda: self.backend.log_flush(rec, ops), "FLUSH"):
+            return self._commit(inst, req, "FLUSH")
+
+        def complete(exc: BaseException | None) -> Reply:
+            if exc is None:
+                self.stats.commits += 1
+                if inst.health != "A":
+                    log.info("FLUSH %s: durable again, health %s back to A", describe(inst.uuid, inst.luid),
+                             inst.health)
+                    inst.health = "A"
+                return _ok(req)
+            self.stats.commit_failures += 1
+            inst.health = "F"
+            log.error("FLUSH %s: journal sync failed (%s): answering -EIO",
+                      describe(inst.uuid, inst.luid), exc)
+            return _err(req, errno.EIO)
+
+        return Pending(inst.uuid, None, complete, durable_at=self.backend.position(),
+                       reply_on_success=_ok(req))
 
     def _mark(self, inst: Instance, req: Request) -> Reply | Pending:
         regions = wire.parse_regions(req.data)

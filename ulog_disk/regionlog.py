@@ -286,6 +286,20 @@ class RegionLog:
         self.modified = False
         return clean, sync, modified
 
+    def take_chunks(self) -> tuple[dict[int, bytes], dict[int, bytes]]:
+        """Copies of the chunks changed since the last call (what a checkpoint writes); the
+        ``modified`` flag is left to the commit points (FLUSH, RESUME, POSTSUSPEND)."""
+        clean = {i: self.chunk_bytes(self.clean, i) for i in sorted(self.dirty_clean_chunks)}
+        sync = {i: self.chunk_bytes(self.sync, i) for i in sorted(self.dirty_sync_chunks)}
+        self.dirty_clean_chunks = set()
+        self.dirty_sync_chunks = set()
+        return clean, sync
+
+    def take_modified(self) -> bool:
+        """Whether the kernel's traffic changed anything since the last call."""
+        modified, self.modified = self.modified, False
+        return modified
+
     def restore_changes(self, clean: dict[int, bytes], sync: dict[int, bytes], modified: bool) -> None:
         """A commit failed: its chunks must be written by the next one."""
         self.dirty_clean_chunks.update(clean)

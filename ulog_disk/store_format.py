@@ -42,9 +42,9 @@ from .backends.base import InstanceRecord
 
 #: The store layout this code writes: the format record's version. It says how everything in
 #: the environment is laid out; layout 2 seals every value with a checksum.
-LAYOUT_VERSION = 2
-#: Layouts this code reads: 1 only to migrate it to 2 when the daemon opens the store.
-LAYOUT_VERSIONS_READ = (1, 2)
+LAYOUT_VERSION = 3
+#: Layouts this code reads: 1 and 2 only to migrate them to 3 when the daemon opens the store.
+LAYOUT_VERSIONS_READ = (1, 2, 3)
 #: The version of the meta, retained and journal records (unchanged since layout 1).
 RECORD_VERSION = 1
 
@@ -177,7 +177,10 @@ def _format_record(layout: int) -> c.Construct:
 #: fields; the version says whether chunks are sealed.
 FormatRecordV1 = _format_record(1)
 FormatRecordV2 = _format_record(2)
-_FORMAT_RECORDS = {1: FormatRecordV1, 2: FormatRecordV2}
+#: Layout 3: as layout 2, plus a ``checkpoint`` record per instance; the per-instance journal
+#: files are gone (the daemon-wide journal of :mod:`ulog_disk.journal` replaced them).
+FormatRecordV3 = _format_record(3)
+_FORMAT_RECORDS = {1: FormatRecordV1, 2: FormatRecordV2, 3: FormatRecordV3}
 
 _STATES = {"constructed": 1, "live": 2, "presuspended": 3, "suspended": 4, "destroyed": 5}
 FLAG_RESUMED = 0x0001
@@ -229,7 +232,22 @@ ChunkKey = c.Int32ub
 ValueChecksum = c.Int32ul
 CHECKSUM_SIZE = ValueChecksum.sizeof()
 
-#: First bytes of ``journal.<luid>``: the commit it follows.
+#: Layout 3: ``checkpoint`` of ``meta.<luid>``: which journal the instance's stored state follows
+#: and up to where: every record of the instance in that journal before ``position`` is in its
+#: sub-databases, every record at or after it is not.
+CheckpointRecordV1 = c.Struct(
+    "magic" / c.Const(b"ULGC"),          # 0
+    "version" / c.Const(RECORD_VERSION, c.Int16ul),   # 4
+    "reserved" / c.Const(0, c.Int16ul),  # 6
+    "journal_id" / c.Bytes(16),          # 8: the journal's id (every segment header carries it)
+    "position" / c.Int64ul,              # 24
+    c.Terminated,
+)
+CHECKPOINT_KEY = b"checkpoint"
+_CHECKPOINT = struct.Struct("<4sHH16sQ")
+assert _CHECKPOINT.size == 32
+
+#: Layout 2 only (read to be migrated): first bytes of ``journal.<luid>``: the commit it follows.
 JournalHeaderV1 = c.Struct(
     "magic" / c.Const(b"ULGJ"),          # 0
     "version" / c.Const(RECORD_VERSION, c.Int16ul),   # 4
@@ -261,7 +279,7 @@ _JournalHeaderC = JournalHeaderV1.compile()
 # encodes a meta record, and that should cost microseconds, not a tenth of a millisecond.
 # Decoding keeps the interpreted forms: construct 2.10's compiled strings accept a record cut
 # short, and decoding happens at start-up only.
-_COMPILED = {id(s): s.compile() for s in (FormatRecordV2, MetaRecordV1, RetainedRecordV1)}
+_COMPILED = {id(s): s.compile() for s in (FormatRecordV3, MetaRecordV1, RetainedRecordV1)}
 
 
 def _check_prefix(data: bytes, magic: bytes, what: str, known: tuple[int, ...]) -> int:
@@ -311,7 +329,7 @@ class FormatRecord:
     def encode(self) -> bytes:
         if self.version != LAYOUT_VERSION:
             raise StoreFormatError(f"layout version {self.version} is read, never written")
-        return _build(FormatRecordV2, "format record", chunk_bytes=self.chunk_bytes, uuid=self.uuid,
+        return _build(FormatRecordV3, "format record", chunk_bytes=self.chunk_bytes, uuid=self.uuid,
                       created_at=self.created_at)
 
     @classmethod
@@ -445,6 +463,32 @@ class RetainedRecord:
                    source_luid=p.source_luid, committed_at=p.committed_at, version=p.version)
 
 
+@dataclass(slots=True, frozen=True)
+class CheckpointRecord:
+    journal_id: bytes
+    position: int
+    version: int = RECORD_VERSION
+
+    def encode(self) -> bytes:
+        if len(self.journal_id) != 16:
+            raise StoreFormatError(f"journal id of {len(self.journal_id)} bytes (must be 16)")
+        return _CHECKPOINT.pack(b"ULGC", RECORD_VERSION, 0, self.journal_id, self.position)
+
+    @classmethod
+    def decode(cls, data: bytes) -> CheckpointRecord:
+        p = _parse(CheckpointRecordV1, data, b"ULGC", "checkpoint record")
+        return cls(journal_id=p.journal_id, position=p.position, version=p.version)
+
+
+def checkpoint_value(db_name: bytes, rec: CheckpointRecord) -> bytes:
+    """The stored value of a ``checkpoint`` key of ``meta.<luid>`` (sealed)."""
+    return seal(db_name, CHECKPOINT_KEY, rec.encode())
+
+
+def read_checkpoint_value(db_name: bytes, value: bytes) -> CheckpointRecord:
+    return CheckpointRecord.decode(unseal(db_name, CHECKPOINT_KEY, value, what="checkpoint record"))
+
+
 @dataclass(slots=True)
 class JournalHeader:
     luid: int
@@ -513,7 +557,7 @@ def unseal_chunk(db_name: bytes, key: bytes, value: bytes, sealed: bool = True) 
 
 
 def format_value(rec: FormatRecord) -> bytes:
-    """The stored value of the main database's ``format`` key (always layout 2, sealed)."""
+    """The stored value of the main database's ``format`` key (always the current layout, sealed)."""
     return seal(MAIN_DB, FORMAT_KEY, rec.encode())
 
 

@@ -1,37 +1,57 @@
 """What a backend is: the persistence of log instances, like the kernel's ``dm_dirty_log_type``.
 
 The engine keeps every instance's state in memory and decides everything (hand-over, retention,
-lifecycle). A backend only stores what it is told and gives it back after a restart. Its calls:
+lifecycle). A backend only stores what it is told and gives it back after a restart.
 
-=====================  ==========================================================================
-``restore()``          at start-up: every instance this backend still holds (any boot), so the
-                       engine can rebuild its table; plus, per uuid, the retained state.
-``record(rec)``        after CTR: the instance's identity, constructor and geometry (no bitmaps).
-                       Need not be durable by itself; the next commit makes it so.
-``journal(key, ops)``  MARK/CLEAR/SET_REGION_SYNC just applied: keep them so that a *daemon*
-                       crash (kernel alive) loses nothing that was answered. Not durable against
-                       a host crash (need not be, the kernel's state dies with the host).
-``commit(c)``          the durable point (FLUSH, RESUME, POSTSUSPEND, stop): when it returns, the
-                       changed chunks and meta of the commit are on stable storage.
-``drop(key, retain)``  DTR: remove the instance; with ``retain``, first keep its state as the
-                       uuid's retained state (one transaction).
-``release(uuid)``      the uuid has no instance left in the daemon: resources held for it
-                       (open files, maps) may go; a later call for the uuid reopens them.
-``close()``            stop.
-=====================  ==========================================================================
+Two kinds of calls. The **journal** calls run on the request loop and never wait for the disk;
+each returns the journal position after what it appended (a *ticket*):
 
-A backend raises :class:`BackendError` for any I/O failure; the engine answers -EIO and keeps
-the uncommitted changes for the next commit.
+=========================  ======================================================================
+``log_ops(uuid, luid, ops)``  MARK/CLEAR/SET_REGION_SYNC just applied: kept so that a *daemon*
+                           crash loses nothing answered (a host crash may lose it, until a sync).
+``log_flush(rec, ops)``    a FLUSH of ``rec``'s instance (with its integrated marks ``ops``): the
+                           commit point; the FLUSH is answered once ``sync()`` has reached its
+                           ticket.
+``log_event(rec, event)``  a lifecycle request (for the record; its store write follows).
+``position()``             the ticket of everything appended so far.
+``sync()``                 (the group-commit thread, or the loop) make everything appended so
+                           far durable, one sync for every FLUSH waiting; returns the position
+                           now durable. Raises BackendError; the next call tries again.
+=========================  ======================================================================
 
-Calls for one uuid come from one thread at a time, in order; calls for different uuids may come
-from different threads at once.
+The **store** calls run on the store worker, one at a time, in the order the engine made them;
+``position`` in them is the journal position of the state they carry (every journal record of
+the instance before it is in that state):
+
+=========================  ======================================================================
+``restore(boot_id)``       at start-up: every instance this backend still holds (any boot), its
+                           bitmaps and the journal ops to replay after them; each uuid's
+                           retained state; uuids whose store is damaged.
+``record(rec, position)``  after CTR: the instance's identity, constructor and geometry.
+``commit(c)``              durable write of one instance's changed chunks and meta (a checkpoint;
+                           RESUME, POSTSUSPEND and stop wait for theirs before answering).
+``drop(key, retain, pos)`` DTR: remove the instance; with ``retain``, first keep its state as the
+                           uuid's retained state (one transaction).
+``release(uuid)``          the uuid has no instance left in the daemon: resources held for it
+                           may go.
+``maintain(needed)``       housekeeping off the request path: every journal record below
+                           ``needed`` is in the stores (the journal may be cut there); prepare
+                           what the next appends need.
+``close()``                stop.
+=========================  ======================================================================
+
+A backend raises :class:`BackendError` for any I/O failure; the engine answers -EIO, or marks
+the log's health, and keeps whatever was not stored for the next attempt. The ``memory`` backend
+keeps nothing; its tickets are always durable. A backend that sets ``journaled = False`` (the
+default, for plugins written before the journal) implements the store calls only: every FLUSH
+is then a ``commit`` on the store worker.
 """
 
 from __future__ import annotations
 
 import abc
 import importlib.metadata
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -82,6 +102,9 @@ class Commit:
     clean_chunks: dict[int, bytes]
     sync_chunks: dict[int, bytes]
     resized: bool = False
+    #: The journal position of this state: every journal record of the instance before it is
+    #: in it, every one at or after it is not. None: the journal's end (a tool's write).
+    position: int | None = None
 
 
 @dataclass(slots=True)
@@ -94,6 +117,9 @@ class StoredInstance:
     journal: list[tuple[int, int]] = field(default_factory=list)
     #: Why the journal could not be read (answered MARKs may be missing), or None.
     journal_damaged: str | None = None
+    #: Journal position of the first record replayed (the instance has state that is not in
+    #: its store yet until a checkpoint), or None when nothing was replayed.
+    replayed_from: int | None = None
 
 
 @dataclass(slots=True)
@@ -119,33 +145,61 @@ class Restored:
 
 class Backend(abc.ABC):
     name: ClassVar[str]
-    #: True when ``commit`` survives a host crash (the memory backend's does not).
+    #: True when a synced ticket survives a host crash (the memory backend's do not).
     durable: ClassVar[bool] = True
+    #: True when the backend implements the journal calls. A backend that does not (the
+    #: interface before the journal) gets a ``commit`` for every FLUSH, as before.
+    journaled: ClassVar[bool] = False
 
     def __init__(self, state_dir: Path):
         self.state_dir = Path(state_dir)
 
-    @abc.abstractmethod
-    def restore(self) -> Restored: ...
+    # --- journal calls (request loop; never wait for the disk) --------------------------------
 
-    @abc.abstractmethod
-    def record(self, rec: InstanceRecord) -> None: ...
-
-    def journal(self, uuid: str, luid: int, ops: Iterable[tuple[int, int]]) -> None:  # noqa: B027
+    def log_ops(self, uuid: str, luid: int, ops: Sequence[tuple[int, int]]) -> int:
         """Default: no journal (a daemon crash loses answered, uncommitted changes)."""
+        return 0
+
+    def log_flush(self, rec: InstanceRecord, ops: Sequence[tuple[int, int]]) -> int:
+        return 0
+
+    def log_event(self, rec: InstanceRecord, event: int) -> int:
+        return 0
+
+    def position(self) -> int:
+        return 0
+
+    def sync(self) -> int:
+        """Make every ticket handed out so far durable; returns the durable position."""
+        return self.position()
+
+    def durable_position(self) -> int:
+        """The position known durable (no waiting)."""
+        return self.position()
+
+    # --- store calls (store worker) --------------------------------------------------------------
+
+    @abc.abstractmethod
+    def restore(self, boot_id: str) -> Restored: ...
+
+    @abc.abstractmethod
+    def record(self, rec: InstanceRecord, position: int | None = None) -> None: ...
 
     @abc.abstractmethod
     def commit(self, commit: Commit) -> None: ...
 
     @abc.abstractmethod
-    def drop(self, uuid: str, luid: int, retain: StoredState | None) -> None: ...
-
-    def after_commit(self, uuid: str, luid: int) -> None:  # noqa: B027 - optional hook
-        """Called after a successful :meth:`commit` once its reply is on its way (tidying that
-        need not delay the FLUSH), before any other call for the uuid."""
+    def drop(self, uuid: str, luid: int, retain: StoredState | None, position: int | None = None) -> None: ...
 
     def release(self, uuid: str) -> None:  # noqa: B027 - optional hook
         """Default: nothing is held per uuid."""
+
+    def maintain(self, needed: int) -> None:  # noqa: B027 - optional hook
+        """Default: nothing to tidy."""
+
+    def maintenance_due(self) -> bool:
+        """Whether :meth:`maintain` has work beyond cutting (asked on the loop, cheap)."""
+        return False
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release everything; called once at stop."""

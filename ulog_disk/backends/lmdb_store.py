@@ -1,42 +1,57 @@
-"""The durable backend: one LMDB environment per uuid (layout: ``formats/store.md``, version 2).
+"""The durable backend: a daemon-wide journal plus one LMDB environment per uuid (layout:
+``formats/journal.md`` and ``formats/store.md``, store layout 3).
 
-What lives where (byte layouts are in :mod:`ulog_disk.store_format`, nowhere else):
+What lives where (byte layouts are in :mod:`ulog_disk.journal` and :mod:`ulog_disk.store_format`,
+nowhere else):
 
-* ``<state dir>/<encode_dir_name(uuid)>/`` — the uuid's environment (``data.mdb``, ``lock.mdb``)
-  and one ``journal.<luid>`` file per instance;
-* in the environment: ``format``; per instance ``meta.<luid>``, ``clean.<luid>``,
+* ``<state dir>/journal.<start>`` — the journal's segments (:mod:`ulog_disk.journal`): every
+  MARK, CLEAR, SET_REGION_SYNC, FLUSH and lifecycle request of every instance, in order. A FLUSH
+  is answered once the journal is durable up to its record: one ``fdatasync``, shared by every
+  FLUSH that arrived meanwhile (group commit);
+* ``<state dir>/<encode_dir_name(uuid)>/`` — the uuid's environment (``data.mdb``, ``lock.mdb``):
+  ``format``; per instance ``meta.<luid>`` (``record`` and ``checkpoint``), ``clean.<luid>``,
   ``sync.<luid>``; the uuid's retained state ``retained.meta/clean/sync``.
 
-Durability: every write transaction runs with LMDB's durable settings (``sync=True``,
-``metasync=True``, no ``writemap``), so when :meth:`LmdbBackend.commit` returns the commit is on
-stable storage, and a crash at any instant leaves the previous or the new commit, never a mix.
-The journal is written with ``pwrite`` and never fsynced: it only has to survive the daemon's
-death (the kernel keeps the page cache), not the host's.
+The environments are the home of the state; the journal is its durable front. A **checkpoint**
+writes an instance's changed chunks and meta into its environment together with the journal
+position they reach (``checkpoint`` record); at restore, the journal's records of the instance
+from that position on are replayed over them. Checkpoints run on the store worker, off the
+request path; so do the lifecycle writes (CTR, RESUME, POSTSUSPEND, DTR), which also carry
+their position.
 
-Threading (the :mod:`ulog_disk.backends.base` contract): calls for one uuid come one at a time,
-in order; calls for different uuids may run at once on different threads. Each uuid has its own
-environment, so they never share an LMDB write lock; the only shared structures are the caches
-of environments and journals, guarded by one lock. A per-environment lock also serializes the
-calls of one uuid, which the contract already does; it costs nothing and keeps a misbehaving
-caller from corrupting LMDB's single-writer rules.
+Durability: every LMDB write transaction runs with LMDB's durable settings (``sync=True``,
+``metasync=True``, no ``writemap``), so when a store call returns it is on stable storage, and a
+crash leaves the previous or the new transaction, never a mix.
+
+Cost per idle mirror: none but its bitmaps. Environments are opened when a store call or the
+restore needs them and at most :data:`MAX_OPEN_ENVS` stay open (least recently used closed
+first), so the descriptors do not grow with the number of mirrors.
+
+Threading: journal calls (``log_*``, ``position``) on the request loop, ``sync`` on one thread
+at a time, store calls on the store worker, one at a time. The journal has its own locks; the
+environment cache is touched by store calls only.
 """
 
 from __future__ import annotations
 
+import collections
 import errno
+import functools
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 import lmdb
 
+from .. import journal as jn
 from .. import regionlog
 from ..store_format import (
+    CHECKPOINT_KEY,
     CHECKSUM_SIZE,
     FORMAT_KEY,
     JOURNAL_HEADER_SIZE,
@@ -45,12 +60,14 @@ from ..store_format import (
     RETAINED_CLEAN,
     RETAINED_META,
     RETAINED_SYNC,
+    CheckpointRecord,
     FormatRecord,
     JournalHeader,
     MetaRecord,
     RetainedRecord,
     StoreFormatError,
     assemble_chunks,
+    checkpoint_value,
     chunk_length,
     damaged_dir_name,
     decode_chunk_key,
@@ -58,11 +75,11 @@ from ..store_format import (
     decode_journal_ops,
     encode_chunk_key,
     encode_dir_name,
-    encode_journal_ops,
     format_value,
     instance_db_name,
     journal_file_name,
     parse_instance_db_name,
+    read_checkpoint_value,
     read_format_value,
     record_bytes,
     record_value,
@@ -89,6 +106,11 @@ DIR_MODE = 0o700
 #: Enough for LMDB's lock table at its default 126 readers (about 8 KiB).
 LOCK_FILE_BYTES = 16384
 FILE_MODE = 0o600
+#: Environments kept open between store calls (2 descriptors and two maps each): enough for the
+#: uuids a checkpoint round touches in turn, bounded whatever the number of mirrors.
+MAX_OPEN_ENVS = 8
+_OP_MARK = 1
+_OP_NOSYNC = 4
 
 
 @dataclass(eq=False)
@@ -100,23 +122,14 @@ class _Env:
     lock: threading.RLock = field(default_factory=threading.RLock)
 
 
-@dataclass(eq=False)
-class _Journal:
-    """The journal file of one instance.
+@dataclass
+class _Found:
+    """One instance as read from its environment, before the journal is replayed over it."""
 
-    ``seq`` is the meta's commit sequence the file must carry in its header; ``stale`` means the
-    file does not (yet) start with that header, so it must be rewritten before the next append.
-    ``length`` is where the next record goes: only whole, written records count.
-    """
-
-    path: Path
-    luid: int
-    seq: int
-    fd: int | None = None
-    length: int = 0
-    stale: bool = True
-    #: ``seq`` is known to be the stored meta's (false after a failed commit).
-    seq_trusted: bool = True
+    meta: MetaRecord
+    clean: bytes
+    sync: bytes
+    checkpoint: CheckpointRecord | None
 
 
 def _backend_error(what: str, exc: BaseException) -> BackendError:
@@ -148,19 +161,24 @@ def _fsync_dir(path: Path) -> None:
 class LmdbBackend(Backend):
     name = "lmdb"
     durable = True
+    journaled = True
 
-    def __init__(self, state_dir: Path, map_size: int = INITIAL_MAP_SIZE, max_dbs: int = MAX_DBS):
+    def __init__(self, state_dir: Path, map_size: int = INITIAL_MAP_SIZE, max_dbs: int = MAX_DBS,
+                 max_open_envs: int = MAX_OPEN_ENVS, segment_bytes: int = jn.SEGMENT_BYTES):
         super().__init__(state_dir)
         self.initial_map_size = map_size
         self.max_dbs = max_dbs
-        #: Guards the two caches below; held for dictionary updates only.
-        self._lock = threading.Lock()
-        #: Serializes opening environments (which may create, fsync or re-chunk one), so that
-        #: work never holds up the cache lock that every commit's journal reset takes.
-        self._open_lock = threading.Lock()
-        self._envs: dict[str, _Env] = {}
-        self._journals: dict[tuple[str, int], _Journal] = {}
+        self.max_open_envs = max_open_envs
+        #: Guards the environment cache (store calls come one at a time; tools and tests may not).
+        self._lock = threading.RLock()
+        self._envs: collections.OrderedDict[str, _Env] = collections.OrderedDict()
         self._closed = False
+        self.journal = jn.Journal(self.state_dir, segment_bytes)
+        #: The journal is open for appending (the daemon's restore opened it).
+        self._journal_open = False
+        #: Which journal, and up to where, a store write of a tool (no restore) follows.
+        self._journal_ref: tuple[bytes, int] | None = None
+        self.boot_id = ""
 
     # --- environments ----------------------------------------------------------------------
 
@@ -168,30 +186,35 @@ class LmdbBackend(Backend):
         return self.state_dir / encode_dir_name(uuid)
 
     def _env(self, uuid: str, create: bool) -> _Env | None:
-        """The uuid's open environment (opened once, then cached); None if absent and not
-        ``create``. Raises BackendError when it cannot be opened or verified."""
-        found = self._envs.get(uuid)  # dict reads are atomic: no lock on the hot path
-        if found is not None:
-            return found
-        with self._open_lock:
-            if self._closed:
-                raise BackendError(errno.EBADF, "the LMDB backend is closed")
+        """The uuid's open environment (cached, the least recently used closed past
+        :attr:`max_open_envs`); None if absent and not ``create``. Raises BackendError when it
+        cannot be opened or verified."""
+        with self._lock:
             found = self._envs.get(uuid)
             if found is not None:
+                self._envs.move_to_end(uuid)
                 return found
+            if self._closed:
+                raise BackendError(errno.EBADF, "the LMDB backend is closed")
             try:
                 path = self.env_path(uuid)
             except ValueError as exc:
                 raise BackendError(errno.EINVAL, f"uuid {uuid!r} cannot name a store: {exc}") from exc
             if not path.is_dir() and not create:
                 return None
+            while len(self._envs) >= self.max_open_envs:
+                _, oldest = self._envs.popitem(last=False)
+                with oldest.lock:
+                    oldest.env.close()
             try:
                 opened = self._open(uuid, path)
             except (lmdb.Error, OSError, StoreFormatError) as exc:
                 raise _backend_error(f"store of uuid={uuid!r} at {path}", exc) from exc
-            with self._lock:
-                self._envs[uuid] = opened
+            self._envs[uuid] = opened
             return opened
+
+    def open_environments(self) -> int:
+        return len(self._envs)
 
     def _open(self, uuid: str, path: Path) -> _Env:
         created = False
@@ -202,12 +225,9 @@ class LmdbBackend(Backend):
         os.chmod(path, DIR_MODE)  # mkdir's mode is filtered by the umask; be exact
         data_file = path / "data.mdb"
         if not created and data_file.exists() and data_file.stat().st_size == 0:
-            journals = sorted(p.name for p in path.glob("journal.*"))
-            if journals:
-                # LMDB would start an empty environment over it. The journals are written only
-                # after the first commit, so their instances' data was there, and is lost.
-                raise StoreFormatError(f"data.mdb is empty but {journals[0]} and {len(journals) - 1} "
-                                       f"other journal(s) are there: the store's data was lost")
+            # LMDB would start an empty environment over it. An environment's directory is made
+            # together with its first transaction, so its data was there, and is lost.
+            raise StoreFormatError("data.mdb is empty: the store's data was lost")
         lock_file = path / "lock.mdb"
         if not lock_file.exists():
             # LMDB sizes a new lock file with ftruncate and writes it through its map: on a full
@@ -249,7 +269,7 @@ class LmdbBackend(Backend):
 
     def _check_format(self, e: _Env) -> bool:
         """Verify the format record; write it into a new environment (and say so: True);
-        re-chunk an environment written with another CHUNK_BYTES."""
+        migrate an environment of an older layout or another chunk size."""
         with e.env.begin() as txn:
             raw = txn.get(FORMAT_KEY)
             entries = e.env.stat()["entries"]
@@ -267,21 +287,27 @@ class LmdbBackend(Backend):
             log.info("store of uuid=%r: rewriting it from layout %d, %d bytes per chunk, to "
                      "layout %d, %d bytes per chunk", e.uuid, fmt_rec.version, fmt_rec.chunk_bytes,
                      LAYOUT_VERSION, want)
-            self._rechunk(e, fmt_rec, want)
+            self._migrate(e, fmt_rec, want)
         return False
 
-    def _rechunk(self, e: _Env, fmt: FormatRecord, new: int) -> None:
+    def _migrate(self, e: _Env, fmt: FormatRecord, new: int) -> None:
         """Rewrite every record and bitmap in the current layout with ``new`` bytes per chunk,
         and the format record, in one transaction: a crash leaves the old store or the new one.
 
-        This is also the migration from layout 1, whose values carry no checksum: they are
-        read as they are (nothing to verify them against) and written sealed.
+        From layout 1 (no checksums) values are read as they are and written sealed. From
+        layouts 1 and 2, each instance's own journal file (``journal.<luid>``) is folded in: its
+        ops are replayed over the bitmaps (for an instance of this boot, by the rule the daemon
+        of that layout used: only a journal that follows the meta's commit), a damaged one makes
+        the instance all dirty and out of sync, and the instance gets a checkpoint record at the
+        journal's current end. The files are removed once the transaction is durable.
         """
-        old, old_sealed = fmt.chunk_bytes, fmt.sealed
+        old, old_sealed, old_layout = fmt.chunk_bytes, fmt.sealed, fmt.version
         fmt = FormatRecord(chunk_bytes=new, uuid=fmt.uuid, created_at=fmt.created_at)
+        journal_id, position = self._journal_position()
+        journal_files = sorted(e.path.glob("journal.*")) if old_layout < 3 else []
 
         def body(txn: lmdb.Transaction) -> None:
-            groups: list[tuple[int, bytes, bytes]] = []
+            groups: list[tuple[int, bytes, bytes, MetaRecord | None]] = []
             for name, _ in list(txn.cursor()):
                 parsed = parse_instance_db_name(name)
                 if parsed and parsed[0] == "meta":
@@ -289,25 +315,68 @@ class LmdbBackend(Backend):
                     meta = MetaRecord.decode(raw)
                     self._put_record(e, txn, name, raw)
                     groups.append((meta.region_count, instance_db_name("clean", parsed[1]),
-                                   instance_db_name("sync", parsed[1])))
+                                   instance_db_name("sync", parsed[1]), meta))
             raw = self._get_record(e, txn, RETAINED_META, missing_ok=True, sealed=old_sealed)
             if raw is not None:
-                groups.append((RetainedRecord.decode(raw).region_count, RETAINED_CLEAN, RETAINED_SYNC))
+                groups.append((RetainedRecord.decode(raw).region_count, RETAINED_CLEAN, RETAINED_SYNC, None))
                 self._put_record(e, txn, RETAINED_META, raw)
-            for region_count, *names in groups:
-                for name in names:
+            for region_count, clean_name, sync_name, meta in groups:
+                bitmaps = []
+                for name in (clean_name, sync_name):
                     db = self._db(e, txn, name, create=False)
-                    if db is None:
-                        continue
-                    bitmap = assemble_chunks(self._read_chunks(txn, db, name, old_sealed),
-                                             region_count, old)
+                    chunks = {} if db is None else self._read_chunks(txn, db, name, old_sealed)
+                    bitmaps.append(assemble_chunks(chunks, region_count, old))
+                if meta is not None and old_layout < 3:
+                    bitmaps = self._fold_old_journal(e, meta, bitmaps[0], bitmaps[1])
+                for name, bitmap in zip((clean_name, sync_name), bitmaps, strict=True):
+                    db = self._db(e, txn, name, create=True)
                     txn.drop(db, delete=False)
                     for index, bits in split_chunks(bitmap, region_count, new).items():
                         key = encode_chunk_key(index)
                         txn.put(key, seal_chunk(name, key, bits), db=db)
+                if meta is not None and old_layout < 3:
+                    meta_name = instance_db_name("meta", meta.luid)
+                    ckpt = checkpoint_value(meta_name, CheckpointRecord(journal_id, position))
+                    txn.put(CHECKPOINT_KEY, ckpt, db=self._db(e, txn, meta_name, create=True))
             txn.put(FORMAT_KEY, format_value(fmt))
 
         self._write(e, body)
+        for path in journal_files:
+            try:
+                path.unlink()
+            except OSError as exc:
+                log.warning("store of uuid=%r: old journal %s not removed (%s); it is never read again",
+                            e.uuid, path.name, exc)
+
+    def _fold_old_journal(self, e: _Env, meta: MetaRecord, clean: bytes, sync: bytes) -> list[bytes]:
+        """Layout 1-2: the instance's bitmaps with its own journal file replayed over them."""
+        try:
+            data = (e.path / journal_file_name(meta.luid)).read_bytes()
+        except FileNotFoundError:
+            return [clean, sync]
+        if not data or meta.boot_id != self.boot_id:
+            # After a reboot that layout never used the journal (the kernel's state is gone).
+            return [clean, sync]
+        state = regionlog.RegionLog.from_bitmaps(meta.region_count, clean, sync)
+        why = None
+        try:
+            header = JournalHeader.decode(data)
+        except StoreFormatError as exc:
+            header, why = None, f"unreadable header ({exc})"
+        if header is not None and header.luid != meta.luid:
+            header, why = None, f"header names luid {header.luid:#x}"
+        elif header is not None and header.commit_seq > meta.commit_seq:
+            header, why = None, f"header follows commit {header.commit_seq}, ahead of {meta.commit_seq}"
+        if why is not None:
+            log.error("store of uuid=%r luid=%#x: its layout-2 journal is damaged (%s): every region "
+                      "is taken as dirty and out of sync", e.uuid, meta.luid, why)
+            state.distrust_all()
+        elif header is not None and header.commit_seq == meta.commit_seq:
+            ops, _, cut = decode_journal_ops(data[JOURNAL_HEADER_SIZE:])
+            applied = state.replay(ops)
+            log.info("store of uuid=%r luid=%#x: %d op(s) of its layout-2 journal folded in%s", e.uuid,
+                     meta.luid, applied, f" ({cut})" if cut else "")
+        return [state.clean.tobytes(), state.sync.tobytes()]
 
     def _db(self, e: _Env, txn: lmdb.Transaction, name: bytes, create: bool) -> lmdb._Database | None:
         try:
@@ -364,166 +433,122 @@ class LmdbBackend(Backend):
         e.map_size = new
         log.info("store of uuid=%r: map grown to %d MiB", e.uuid, new >> 20)
 
-    # --- journal files ---------------------------------------------------------------------
+    # --- the journal -------------------------------------------------------------------------
 
-    def _journal_state(self, e: _Env, luid: int, seq: int) -> _Journal:
-        key = (e.uuid, luid)
+    def _journal_position(self) -> tuple[bytes, int]:
+        """The journal a store write follows and its position: the open journal's (daemon), or
+        the end of the journal on disk (a tool's write, or a migration during restore). A
+        state directory without a journal gets an empty one first, so no store ever names a
+        journal that is not on disk."""
+        if self._journal_open:
+            return self.journal.journal_id, self.journal.position
         with self._lock:
-            j = self._journals.get(key)
-            if j is None:
-                j = _Journal(path=e.path / journal_file_name(luid), luid=luid, seq=seq)
-                self._journals[key] = j
-            return j
+            return self._journal_ref_on_disk()
 
-    @staticmethod
-    def _journal_rewrite(j: _Journal) -> None:
-        """Truncate the journal and give it the header of ``j.seq``.
+    def _journal_ref_on_disk(self) -> tuple[bytes, int]:
+        if self._journal_ref is None:
+            found = jn.scan(self.state_dir)
+            if found.journal_id is not None:
+                self._journal_ref = (found.journal_id, found.end)
+            else:
+                self.state_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+                fresh = jn.Journal(self.state_dir, self.journal.capacity + jn.HEADER_BYTES)
+                fresh.open(found, 0)
+                self._journal_ref = (fresh.journal_id, fresh.position)
+                fresh.close()
+        return self._journal_ref
 
-        Truncation comes first: killed in between, the file is empty, which replays nothing,
-        and that is right because every op in it was already in the commit.
-        """
-        j.stale = True
-        if j.fd is None:
-            j.fd = os.open(j.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
-        os.ftruncate(j.fd, 0)
-        header = JournalHeader(luid=j.luid, commit_seq=j.seq).encode()
-        if os.pwrite(j.fd, header, 0) != len(header):
-            raise OSError(errno.ENOSPC, "short write of the journal header")
-        j.length = len(header)
-        j.stale = False
+    def _append(self, kind: int, uuid: str, luid: int, body: bytes, count: int = 0) -> int:
+        if not self._journal_open:
+            raise BackendError(errno.EBADF, "the journal is not open (restore() opens it)")
+        try:
+            return self.journal.append(kind, _uuid_bytes(uuid), luid, body, count)
+        except OSError as exc:
+            raise _backend_error(f"journal append uuid={uuid!r} luid={luid:#x}", exc) from exc
 
-    def _journal_after_commit(self, e: _Env, luid: int, seq: int) -> None:
-        """The commit of ``seq`` is durable: the journal's ops are all in it.
+    def log_ops(self, uuid: str, luid: int, ops: Sequence[tuple[int, int]]) -> int:
+        body, count = jn.ops_body(ops)
+        return self._append(jn.Kind.OPS, uuid, luid, body, count)
 
-        The file is not rewritten here but in :meth:`after_commit`, after the FLUSH reply has
-        gone: until then it keeps the previous commit's header, and a restore ignores the ops
-        of a journal that follows an older commit (formats/store.md), so a crash in between
-        replays nothing twice. ``stale`` makes the next journal write reset the file first
-        should ``after_commit`` not have run.
-        """
-        j = self._journal_state(e, luid, seq)
-        j.seq = seq
-        j.seq_trusted = True
-        j.stale = True
+    def log_flush(self, rec: InstanceRecord, ops: Sequence[tuple[int, int]]) -> int:
+        body, count = jn.flush_body(rec.generation, rec.cursor, rec.committed_at, ops)
+        return self._append(jn.Kind.FLUSH, rec.uuid, rec.luid, body, count)
 
-    def after_commit(self, uuid: str, luid: int) -> None:
-        j = self._journals.get((uuid, luid))
-        if j is None or not j.stale:
+    def log_event(self, rec: InstanceRecord, event: int) -> int:
+        body = jn.event_body(event, rec.state, rec.resumed, rec.superseded, rec.generation, rec.region_count)
+        return self._append(jn.Kind.EVENT, rec.uuid, rec.luid, body)
+
+    def position(self) -> int:
+        return self.journal.position
+
+    def sync(self) -> int:
+        try:
+            return self.journal.sync()
+        except OSError as exc:
+            raise _backend_error("journal sync", exc) from exc
+
+    def durable_position(self) -> int:
+        return self.journal.durable
+
+    def maintain(self, needed: int) -> None:
+        if not self._journal_open:
             return
         try:
-            self._journal_rewrite(j)
+            for path in self.journal.cut(needed):
+                log.debug("journal segment %s removed: its records are all in the stores", path.name)
+            if self.journal.wants_spare():
+                self.journal.prepare()
         except OSError as exc:
-            log.warning("journal of uuid=%r luid=%#x not reset after a commit (%s); retried at "
-                        "the next journal write", uuid, luid, exc)
+            raise _backend_error("journal maintenance", exc) from exc
 
-    def _journal_close(self, uuid: str, luid: int) -> _Journal | None:
-        with self._lock:
-            j = self._journals.pop((uuid, luid), None)
-        if j is not None and j.fd is not None:
-            os.close(j.fd)
-            j.fd = None
-        return j
+    def maintenance_due(self) -> bool:
+        return self._journal_open and self.journal.wants_spare()
 
-    def _read_journal(self, e: _Env, meta: MetaRecord) -> tuple[list[tuple[int, int]], str | None]:
-        """The ops of an instance's journal, by the rule of formats/store.md: only when its
-        header follows the meta's commit sequence. Leaves the file ready for appending.
+    # --- store calls -------------------------------------------------------------------------
 
-        The second value says why the journal is damaged (a non-empty file whose header does
-        not decode, names another luid, or is ahead of the meta): answered ops may be lost."""
-        j = self._journal_state(e, meta.luid, meta.commit_seq)
-        j.seq, j.seq_trusted = meta.commit_seq, True
-        try:
-            data = j.path.read_bytes()
-        except FileNotFoundError:
-            data = b""
-        ops: list[tuple[int, int]] = []
-        why = None
-        try:
-            header = JournalHeader.decode(data)
-        except StoreFormatError as exc:
-            header = None
-            if data:
-                why = f"unreadable header ({exc})"
-        if header is not None and header.luid != meta.luid:
-            why, header = f"header names luid {header.luid:#x}", None
-        if header is not None and header.commit_seq > meta.commit_seq:
-            why, header = (f"header follows commit {header.commit_seq}, ahead of the store's "
-                           f"{meta.commit_seq}"), None
-        if header is not None and header.commit_seq != meta.commit_seq:
-            # The crash came between the LMDB commit and the journal's truncation: every op
-            # in the file is already in that commit.
-            log.info("journal of uuid=%r luid=%#x follows commit %d, the store holds commit %d: "
-                     "its ops are all in the store", e.uuid, meta.luid, header.commit_seq,
-                     meta.commit_seq)
-            header = None
-        if why is not None:
-            log.error("journal of uuid=%r luid=%#x is damaged: %s", e.uuid, meta.luid, why)
-        if header is None:
-            self._journal_rewrite(j)
-            return ops, why
-        ops, valid, cut = decode_journal_ops(data[JOURNAL_HEADER_SIZE:])
-        if j.fd is None:
-            j.fd = os.open(j.path, os.O_RDWR | os.O_CLOEXEC)
-        j.length = JOURNAL_HEADER_SIZE + valid
-        j.stale = False
-        if cut is not None:
-            log.warning("journal of uuid=%r luid=%#x: %s; %d op(s) before it kept", e.uuid,
-                        meta.luid, cut, len(ops))
-            os.ftruncate(j.fd, j.length)
-        return ops, None
+    def _checkpoint_put(self, e: _Env, txn: lmdb.Transaction, meta_db: lmdb._Database, meta_name: bytes,
+                        position: int | None) -> int:
+        journal_id, at = self._journal_position()
+        if position is not None:
+            at = position
+        txn.put(CHECKPOINT_KEY, checkpoint_value(meta_name, CheckpointRecord(journal_id, at)), db=meta_db)
+        return at
 
-    # --- Backend interface -----------------------------------------------------------------
-
-    def record(self, rec: InstanceRecord) -> None:
+    def record(self, rec: InstanceRecord, position: int | None = None) -> None:
         e = self._env(rec.uuid, create=True)
         assert e is not None
         meta_name = instance_db_name("meta", rec.luid)
         clean_name = instance_db_name("clean", rec.luid)
         sync_name = instance_db_name("sync", rec.luid)
-        fallback_seq = self._journal_seq_on_disk(e, rec.luid)
 
-        def body(txn: lmdb.Transaction) -> int:
+        def body(txn: lmdb.Transaction) -> None:
             meta_db = self._db(e, txn, meta_name, create=True)
             clean_db = self._db(e, txn, clean_name, create=True)
             sync_db = self._db(e, txn, sync_name, create=True)
-            seq = 0
             raw = txn.get(RECORD_KEY, db=meta_db)
             if raw is not None:
-                # Verified here (not by _get_record) so that an undecodable meta is replaced.
                 # A CTR that replaces an instance with this luid (the engine only does that for
                 # one that never resumed, or one of an earlier boot whose luid the kernel
-                # happens to reuse). The new sequence must differ from the old journal's.
+                # happens to reuse). Verified here (not by _get_record) so that an undecodable
+                # meta is replaced.
                 try:
                     old = MetaRecord.decode(record_bytes(meta_name, raw))
                 except StoreFormatError as exc:
                     log.warning("CTR uuid=%r luid=%#x replaces an undecodable meta record (%s)",
                                 rec.uuid, rec.luid, exc)
-                    seq = (fallback_seq or 0) + 1
                 else:
-                    seq = old.commit_seq + 1
                     if old.resumed and old.boot_id != rec.boot_id:
                         self._keep_as_retained(e, txn, old, clean_db, sync_db)
                 txn.drop(clean_db, delete=False)
                 txn.drop(sync_db, delete=False)
-            new_meta = MetaRecord.from_instance(rec, seq).encode()
-            txn.put(RECORD_KEY, record_value(meta_name, new_meta), db=meta_db)
-            return seq
+            at = self._checkpoint_put(e, txn, meta_db, meta_name, position)
+            meta = MetaRecord.from_instance(rec, at).encode()
+            txn.put(RECORD_KEY, record_value(meta_name, meta), db=meta_db)
 
         try:
-            seq = self._write(e, body)
+            self._write(e, body)
         except (lmdb.Error, OSError, StoreFormatError) as exc:
             raise _backend_error(f"record uuid={rec.uuid!r} luid={rec.luid:#x}", exc) from exc
-        self._journal_after_commit(e, rec.luid, seq)
-        # At once, not after the reply: a journal left from an earlier instance of this luid
-        # may carry a later sequence than the new meta's.
-        self.after_commit(rec.uuid, rec.luid)
-
-    def _journal_seq_on_disk(self, e: _Env, luid: int) -> int | None:
-        try:
-            with open(e.path / journal_file_name(luid), "rb") as f:
-                return JournalHeader.decode(f.read(JOURNAL_HEADER_SIZE)).commit_seq
-        except (OSError, StoreFormatError):
-            return None
 
     def _keep_as_retained(self, e: _Env, txn: lmdb.Transaction, old: MetaRecord,
                           clean_db: lmdb._Database, sync_db: lmdb._Database) -> None:
@@ -564,40 +589,6 @@ class LmdbBackend(Backend):
         log.info("CTR uuid=%r reuses luid=%#x of boot %s: its state (generation %d) kept as the "
                  "retained state", e.uuid, old.luid, old.boot_id, old.generation)
 
-    def journal(self, uuid: str, luid: int, ops: Iterable[tuple[int, int]]) -> None:
-        data = encode_journal_ops(ops)
-        if not data:
-            return
-        j = self._journals.get((uuid, luid))
-        try:
-            if j is None:
-                j = self._journal_for_unknown(uuid, luid)
-            if j.stale:
-                self._journal_rewrite(j)
-            assert j.fd is not None
-            written = os.pwrite(j.fd, data, j.length)
-            if written != len(data):
-                # A short write (disk full): the next append overwrites it at the same offset.
-                raise OSError(errno.ENOSPC, f"short journal write ({written} of {len(data)} bytes)")
-            j.length += written
-        except OSError as exc:
-            raise _backend_error(f"journal uuid={uuid!r} luid={luid:#x}", exc) from exc
-
-    def _journal_for_unknown(self, uuid: str, luid: int) -> _Journal:
-        """A journal write for an instance this process has not recorded or restored: only
-        possible if its meta exists (its record() failed, or a caller skipped restore())."""
-        e = self._env(uuid, create=False)
-        if e is None:
-            raise BackendError(errno.ENOENT, "no store for this uuid: the instance was never recorded")
-        with e.env.begin() as txn:
-            raw = self._get_record(e, txn, instance_db_name("meta", luid), missing_ok=True)
-        if raw is None:
-            raise BackendError(errno.ENOENT, "instance was never recorded")
-        meta = MetaRecord.decode(raw)
-        j = self._journal_state(e, luid, meta.commit_seq)
-        j.seq, j.seq_trusted = meta.commit_seq, True
-        return j
-
     def commit(self, commit: Commit) -> None:
         rec = commit.record
         what = f"commit uuid={rec.uuid!r} luid={rec.luid:#x}"
@@ -622,24 +613,13 @@ class LmdbBackend(Backend):
         tail_key = encode_chunk_key(count)
         last_key = encode_chunk_key(count - 1)
         last_length = chunk_length(count - 1, rec.region_count, cb) + CHECKSUM_SIZE
-        # The commit sequence: from memory when the last write of this meta is known to have
-        # landed (record, restore, a successful commit), else read back from the store.
-        j = self._journals.get((e.uuid, rec.luid))
-        known = j is not None and j.seq_trusted
-        seq = j.seq + 1 if known else 0
-        meta_raw = record_value(meta_name, MetaRecord.from_instance(rec, seq).encode()) if known else b""
-        fallback_seq = None if known else self._journal_seq_on_disk(e, rec.luid)
 
-        def body(txn: lmdb.Transaction) -> int:
+        def body(txn: lmdb.Transaction) -> None:
             meta_db = self._db(e, txn, meta_name, create=True)
-            new_seq, raw = seq, meta_raw
-            if not known:
-                old = txn.get(RECORD_KEY, db=meta_db)
-                # No meta: the CTR's record() failed, and this commit creates the instance.
-                new_seq = ((fallback_seq or 0) + 1 if old is None
-                           else MetaRecord.decode(record_bytes(meta_name, old)).commit_seq + 1)
-                raw = record_value(meta_name, MetaRecord.from_instance(rec, new_seq).encode())
-            txn.put(RECORD_KEY, raw, db=meta_db)
+            at = self._checkpoint_put(e, txn, meta_db, meta_name, commit.position)
+            # The meta's commit_seq (layout 3): the journal position of this write.
+            meta = MetaRecord.from_instance(rec, at).encode()
+            txn.put(RECORD_KEY, record_value(meta_name, meta), db=meta_db)
             for name, items in puts:
                 db = self._db(e, txn, name, create=True)
                 for key, value in items:
@@ -655,27 +635,16 @@ class LmdbBackend(Backend):
                     old = txn.get(last_key, db=db)
                     if old is not None and len(old) != last_length:
                         txn.delete(last_key, db=db)
-            return new_seq
 
         try:
-            done_seq = self._write(e, body)
+            self._write(e, body)
         except (lmdb.Error, OSError, StoreFormatError) as exc:
-            if j is not None:
-                # A commit that failed late (an fsync error) may have landed all the same: read
-                # the sequence back next time rather than trust memory.
-                j.seq_trusted = False
             raise _backend_error(what, exc) from exc
-        self._journal_after_commit(e, rec.luid, done_seq)
 
-    def drop(self, uuid: str, luid: int, retain: StoredState | None) -> None:
+    def drop(self, uuid: str, luid: int, retain: StoredState | None, position: int | None = None) -> None:
         what = f"drop uuid={uuid!r} luid={luid:#x}"
-        try:
-            e = self._env(uuid, create=retain is not None)
-        except BackendError:
-            self._journal_close(uuid, luid)
-            raise
+        e = self._env(uuid, create=retain is not None)
         if e is None:
-            self._journal_close(uuid, luid)
             return
         cb = regionlog.CHUNK_BYTES
         retained_puts: list[tuple[bytes, dict[int, bytes]]] = []
@@ -708,62 +677,118 @@ class LmdbBackend(Backend):
             self._write(e, body)
         except (lmdb.Error, OSError, StoreFormatError) as exc:
             raise _backend_error(what, exc) from exc
-        j = self._journal_close(uuid, luid)
-        path = j.path if j is not None else e.path / journal_file_name(luid)
-        try:
-            path.unlink(missing_ok=True)
-        except OSError as exc:
-            # The instance is gone from the store; a leftover journal has no meta to follow
-            # and is never read (a later CTR of this luid rewrites it).
-            log.warning("%s: journal file not removed (%s)", what, exc)
 
-    def restore(self) -> Restored:
+    # --- restore -----------------------------------------------------------------------------
+
+    def restore(self, boot_id: str) -> Restored:
+        """Every instance of every store with the journal replayed over it; then the journal is
+        open for appending. Instances of earlier boots get their replay written back at once (a
+        recovery checkpoint), so only this boot's instances keep the journal from being cut."""
+        self.boot_id = boot_id
         restored = Restored()
-        if not self.state_dir.is_dir():
-            return restored
-        for entry in sorted(os.scandir(self.state_dir), key=lambda d: d.name):
-            if not entry.is_dir(follow_symlinks=False):
-                continue  # the daemon's lock file, stray files
-            uuid = decode_dir_name(entry.name)
-            if uuid is None:
-                if ".damaged-" not in entry.name:
-                    log.warning("state dir entry %r is not a store name: ignored", entry.name)
-                continue
-            try:
-                e = self._env(uuid, create=False)
-                if e is None:  # removed while we looked
+        try:
+            found = jn.scan(self.state_dir)
+        except OSError as exc:
+            raise _backend_error(f"journal in {self.state_dir}", exc) from exc
+        for problem in found.problems:
+            log.warning("journal: %s: ignored", problem)
+        for d in found.damage:
+            log.error("journal damaged between positions %d and %d: %s", d.start, d.end, d.reason)
+        journal_id = found.journal_id or os.urandom(16)
+        self._journal_ref = (journal_id, found.end)
+        by_instance = journal_records_by_instance(found)
+        floor = found.end
+        write_back: list[StoredInstance] = []
+        if self.state_dir.is_dir():
+            for entry in sorted(os.scandir(self.state_dir), key=lambda d: d.name):
+                if not entry.is_dir(follow_symlinks=False):
+                    continue  # the daemon's lock file, journal segments, stray files
+                uuid = decode_dir_name(entry.name)
+                if uuid is None:
+                    if ".damaged-" not in entry.name:
+                        log.warning("state dir entry %r is not a store name: ignored", entry.name)
                     continue
-                instances, retained = self._read_env(e)
-            except (BackendError, lmdb.Error, OSError, StoreFormatError) as exc:
-                reason = str(exc)
-                log.error("store of uuid=%r (%s) is damaged: %s", uuid, entry.path, reason)
-                aside = self._move_aside(uuid, Path(entry.path))
-                restored.damaged[uuid] = reason + (f" (moved to {aside.name})" if aside else "")
-                continue
-            restored.instances.extend(instances)
-            if retained is not None:
-                restored.retained[uuid] = retained
-            # Reading every chunk faulted the whole map in; unmapping drops those pages from the
-            # daemon's RSS (the engine holds the bitmaps now). The next commit reopens the env.
-            self._forget_env(uuid)
+                try:
+                    e = self._env(uuid, create=False)
+                    if e is None:  # removed while we looked
+                        continue
+                    instances, retained = self._read_env(e)
+                except (BackendError, lmdb.Error, OSError, StoreFormatError) as exc:
+                    reason = str(exc)
+                    log.error("store of uuid=%r (%s) is damaged: %s", uuid, entry.path, reason)
+                    aside = self._move_aside(uuid, Path(entry.path))
+                    restored.damaged[uuid] = reason + (f" (moved to {aside.name})" if aside else "")
+                    continue
+                for f in instances:
+                    stored = self._replayed(f, by_instance.get((uuid, f.meta.luid), ()), found, journal_id)
+                    if f.checkpoint is not None and f.checkpoint.journal_id == journal_id:
+                        floor = max(floor, f.checkpoint.position)
+                    if f.meta.boot_id != boot_id and (stored.journal or stored.journal_damaged):
+                        write_back.append(stored)
+                    restored.instances.append(stored)
+                if retained is not None:
+                    restored.retained[uuid] = retained
+                # Reading every chunk faulted the whole map in; closing drops those pages from the
+                # daemon's RSS (the engine holds the bitmaps now) and frees the descriptors.
+                self._forget_env(uuid)
+        needed = [s.replayed_from for s in restored.instances
+                  if s.replayed_from is not None and s.record.boot_id == boot_id]
+        try:
+            self.journal.open(found, base=min(needed, default=floor), floor=floor, journal_id=journal_id)
+        except OSError as exc:
+            raise _backend_error(f"journal in {self.state_dir}", exc) from exc
+        self._journal_open = True
+        self._journal_ref = None
+        for stored in write_back:
+            self._recovery_checkpoint(stored)
         return restored
 
+    def _replayed(self, f: _Found, records: Sequence[jn.Record], found: jn.Scan,
+                  journal_id: bytes) -> StoredInstance:
+        r = plan_replay(f.meta, f.checkpoint, records, found, journal_id, self.boot_id)
+        if r.damaged is not None:
+            log.error("store of uuid=%r luid=%#x: %s: answered requests may be missing", f.meta.uuid,
+                      f.meta.luid, r.damaged)
+        return StoredInstance(record=r.record, clean=f.clean, sync=f.sync, journal=r.ops,
+                              journal_damaged=r.damaged, replayed_from=r.first)
+
+    def _recovery_checkpoint(self, stored: StoredInstance) -> None:
+        """Write an earlier boot's instance back with its journal replayed (and distrusted if its
+        journal was damaged), so that no later start depends on those records."""
+        rec = stored.record
+        state = regionlog.RegionLog.from_bitmaps(rec.region_count, stored.clean, stored.sync)
+        state.replay(stored.journal)
+        if stored.journal_damaged:
+            state.distrust_all()
+        cb = regionlog.CHUNK_BYTES
+        stored.clean, stored.sync = state.clean.tobytes(), state.sync.tobytes()
+        commit = Commit(rec, split_chunks(stored.clean, rec.region_count, cb),
+                        split_chunks(stored.sync, rec.region_count, cb), resized=True,
+                        position=self.journal.position)
+        try:
+            self.commit(commit)
+        except BackendError as exc:
+            log.error("store of uuid=%r luid=%#x: replayed state of an earlier boot not written back (%s); "
+                      "the journal keeps it", rec.uuid, rec.luid, exc)
+            return
+        stored.journal = []
+        stored.replayed_from = None
+
     def release(self, uuid: str) -> None:
-        """The uuid's last instance is gone: close its environment (descriptors, map), so that
-        short-lived mirrors (pvmove) do not pile up open environments for the daemon's life."""
+        """The uuid's last instance is gone: close its environment (descriptors, map)."""
         self._forget_env(uuid)
 
     def _forget_env(self, uuid: str) -> None:
-        with self._open_lock, self._lock:
+        with self._lock:
             e = self._envs.pop(uuid, None)
         if e is not None:
             with e.lock:
                 e.env.close()
 
-    def _read_env(self, e: _Env) -> tuple[list[StoredInstance], StoredState | None]:
+    def _read_env(self, e: _Env) -> tuple[list[_Found], StoredState | None]:
         """Read and verify one environment; StoreFormatError on anything that does not add up."""
         cb = regionlog.CHUNK_BYTES
-        found: list[tuple[MetaRecord, bytes, bytes]] = []
+        found: list[_Found] = []
         retained: StoredState | None = None
         with e.lock, e.env.begin() as txn:
             names = [key for key, _ in txn.cursor()]
@@ -784,6 +809,9 @@ class LmdbBackend(Backend):
                 if meta.luid != luid or meta.uuid != e.uuid:
                     raise StoreFormatError(
                         f"{name.decode()} holds the record of uuid={meta.uuid!r} luid={meta.luid:#x}")
+                meta_db = self._db(e, txn, name, create=False)
+                raw = txn.get(CHECKPOINT_KEY, db=meta_db)
+                ckpt = None if raw is None else read_checkpoint_value(name, raw)
                 bitmaps = []
                 for bitmap_kind in ("clean", "sync"):
                     db_name = instance_db_name(bitmap_kind, luid)
@@ -793,7 +821,7 @@ class LmdbBackend(Backend):
                         bitmaps.append(assemble_chunks(chunks, meta.region_count, cb))
                     except StoreFormatError as exc:
                         raise StoreFormatError(f"{bitmap_kind}.{luid:016x}: {exc}") from exc
-                found.append((meta, bitmaps[0], bitmaps[1]))
+                found.append(_Found(meta, bitmaps[0], bitmaps[1], ckpt))
             raw = self._get_record(e, txn, RETAINED_META, missing_ok=True)
             if raw is not None:
                 rr = RetainedRecord.decode(raw)
@@ -812,25 +840,12 @@ class LmdbBackend(Backend):
                     clean=bitmaps[0], sync=bitmaps[1], source_luid=rr.source_luid,
                     committed_at=rr.committed_at,
                 )
-        # Journals are read after the transaction: they are plain files, and the LMDB reader
-        # slot should not be held while reading them.
-        instances = []
-        for meta, clean, sync in found:
-            ops, damaged = self._read_journal(e, meta)
-            instances.append(StoredInstance(record=meta.instance(), clean=clean, sync=sync,
-                                            journal=ops, journal_damaged=damaged))
-        return instances, retained
+        return found, retained
 
     def _move_aside(self, uuid: str, path: Path) -> Path | None:
         """Close the uuid's environment and rename its directory out of the way, so the uuid
         starts from nothing (a full resync) and the bad data stays for inspection."""
-        with self._lock:
-            e = self._envs.pop(uuid, None)
-            keys = [k for k in self._journals if k[0] == uuid]
-        for key in keys:
-            self._journal_close(*key)
-        if e is not None:
-            e.env.close()
+        self._forget_env(uuid)
         now = int(time.time())
         for attempt in range(1000):
             target = path.with_name(damaged_dir_name(path.name, now, attempt))
@@ -845,20 +860,17 @@ class LmdbBackend(Backend):
             return target
         return None  # pragma: no cover - a thousand moved-aside stores in one second
 
+
     def close(self) -> None:
-        with self._open_lock, self._lock:
+        with self._lock:
             self._closed = True
             envs = list(self._envs.values())
             self._envs.clear()
-            journals = list(self._journals.values())
-            self._journals.clear()
-        for j in journals:
-            if j.fd is not None:
-                os.close(j.fd)
-                j.fd = None
         for e in envs:
             with e.lock:
                 e.env.close()
+        self.journal.close()
+        self._journal_open = False
 
     # --- inspection (tests, tools) ---------------------------------------------------------
 
@@ -879,3 +891,81 @@ class LmdbBackend(Backend):
                 out[name] = dict(txn.cursor(db=db))
         return out
 
+
+
+@dataclass
+class Replay:
+    """What a restore does with one stored instance and the journal (the daemon's restore and
+    the tools' store view both get it from :func:`plan_replay`)."""
+
+    #: The instance's meta with what its FLUSHes since the checkpoint changed.
+    record: InstanceRecord
+    #: The ops to replay over its stored bitmaps, in order.
+    ops: list[tuple[int, int]]
+    #: Why answered requests may be missing (the instance then comes back all dirty and out of
+    #: sync), or None.
+    damaged: str | None
+    #: Journal position of the first record of the instance at or after its checkpoint (or of
+    #: the checkpoint itself when damaged): the journal is needed from there until the next
+    #: checkpoint. None when nothing is replayed.
+    first: int | None
+    #: Journal records of the instance at or after its checkpoint.
+    records: int = 0
+
+
+def journal_records_by_instance(found: jn.Scan) -> dict[tuple[str, int], list[jn.Record]]:
+    """The OPS and FLUSH records of the journal, per (uuid, luid), in journal order."""
+    by_instance: dict[tuple[str, int], list[jn.Record]] = collections.defaultdict(list)
+    for r in found.records:
+        if r.kind is jn.Kind.OPS or r.kind is jn.Kind.FLUSH:
+            by_instance[(r.uuid, r.luid)].append(r)
+    return by_instance
+
+
+def plan_replay(meta: MetaRecord, ckpt: CheckpointRecord | None, records: Sequence[jn.Record],
+                found: jn.Scan, journal_id: bytes | None, boot_id: str) -> Replay:
+    """The journal records of one instance since its checkpoint, by the restore rules
+    (formats/journal.md §5): the ops to replay and the meta its FLUSHes changed. For an
+    instance of another boot, past the point the journal is known to have been durable, only
+    what cannot make a region read cleaner is kept: that tail may be what a host crash happened
+    to leave of records never synced."""
+    rec = meta.instance()
+    start = ckpt.position if ckpt is not None else 0
+    damaged = None
+    if ckpt is None:
+        damaged = "its store has no checkpoint record"
+    elif ckpt.journal_id != journal_id:
+        damaged = (f"its store follows journal {ckpt.journal_id.hex()} up to position {ckpt.position}, "
+                   f"and that journal is not in the state directory")
+    elif (d := found.damaged_after(start)) is not None:
+        damaged = f"the journal is damaged at positions {d.start}-{d.end} ({d.reason})"
+    same_boot = meta.boot_id == boot_id
+    ops: list[tuple[int, int]] = []
+    first = None
+    count = 0
+    if ckpt is not None and ckpt.journal_id == journal_id:
+        last_flush = max((r.lsn for r in records if r.kind is jn.Kind.FLUSH), default=-1)
+        for r in records:
+            if r.lsn < start:
+                continue
+            count += 1
+            if first is None:
+                first = r.lsn
+            if r.kind is jn.Kind.FLUSH:
+                rec.generation, rec.cursor, rec.committed_at = r.generation, r.cursor, r.committed_at
+            if same_boot or r.end <= found.durable:
+                ops.extend(r.ops)
+            else:
+                # Past the known durable point, after a reboot: a clear may be lost safely (its
+                # region is resynced); a mark matters only if a FLUSH followed it (the kernel
+                # writes nothing before the FLUSH is answered); out-of-sync always.
+                flushed = r.lsn <= last_flush
+                ops.extend(op for op in r.ops if op[0] == _OP_NOSYNC or (op[0] == _OP_MARK and flushed))
+    if damaged is not None:
+        first = start if first is None else min(first, start)
+    return Replay(rec, ops, damaged, first, count)
+
+
+@functools.lru_cache(maxsize=4096)
+def _uuid_bytes(uuid: str) -> bytes:
+    return uuid.encode("latin-1")

@@ -14,14 +14,14 @@ class MemoryBackend(Backend):
     name = "memory"
     durable = False
 
-    def restore(self) -> Restored:
+    def restore(self, boot_id: str) -> Restored:
         return Restored()
 
-    def record(self, rec: InstanceRecord) -> None:
+    def record(self, rec: InstanceRecord, position: int | None = None) -> None:
         pass
 
     def commit(self, commit: Commit) -> None:
         pass
 
-    def drop(self, uuid: str, luid: int, retain: StoredState | None) -> None:
+    def drop(self, uuid: str, luid: int, retain: StoredState | None, position: int | None = None) -> None:
         pass
