@@ -11,6 +11,7 @@ Subcommands::
 
     python3 tools/vm/ulogvm.py setup               # host packages, kernel, initramfs (idempotent)
     python3 tools/vm/ulogvm.py run SCENARIO [--timeout S] [--out DIR] [-v]
+                                   [--disk NAME:SIZE ...] [--boots N] [--keep-disks]
     python3 tools/vm/ulogvm.py check               # can `run` work? (exit 0) else what is missing
     python3 tools/vm/ulogvm.py list                # scenarios available
 
@@ -68,6 +69,12 @@ WANTED_MODULES: tuple[str, ...] = (
     "dm-mirror",
     "dm-log-userspace",
     "loop",
+    "dm-delay",  # a slow leg or state disk, e.g. to leave writes in flight on one leg at a crash
+    # virtual disks (--disk) and an ext4 file system on them (crc32c_generic: ext4 metadata checksums;
+    # nothing autoloads it in a busybox initramfs)
+    "virtio_blk",
+    "crc32c_generic",
+    "ext4",
 )
 
 # Host commands the harness (or the guest, through the shared root) needs -> Debian package.
@@ -105,7 +112,7 @@ NINEP="trans=virtio,version=9p2000.L,msize=262144"
 mkdir -p /out /host
 mount -t 9p -o "$NINEP" out /out || halt "FATAL: cannot mount the results share"
 . /out/params.sh
-say "scenario $ULOG_SCENARIO, checkout $ULOG_CHECKOUT"
+say "scenario $ULOG_SCENARIO (boot $ULOG_BOOT of $ULOG_BOOTS), checkout $ULOG_CHECKOUT"
 mount -t 9p -o "$NINEP,ro" hostroot /host || halt "FATAL: cannot mount the host root"
 mount -t proc proc /host/proc
 mount -t sysfs sysfs /host/sys
@@ -131,8 +138,9 @@ echo "$(cut -d' ' -f1 /proc/uptime)" > /out/scenario-start-uptime
 timeout -s TERM "$ULOG_GUEST_TIMEOUT" chroot /host /usr/bin/env -i \
     PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp LANG=C.UTF-8 \
     ULOG_CHECKOUT="$ULOG_CHECKOUT" ULOG_OUT=/run/ulog-out PY="$ULOG_PY" ULOG_SCENARIO="$ULOG_SCENARIO" \
+    ULOG_BOOT="$ULOG_BOOT" ULOG_BOOTS="$ULOG_BOOTS" \
     /bin/bash -c 'set -o pipefail; bash "$ULOG_CHECKOUT/tools/vm/scenarios/$ULOG_SCENARIO.sh" 2>&1 \
-        | tee /run/ulog-out/scenario.log'
+        | tee -a /run/ulog-out/scenario.log'
 rc=$?
 echo "$(cut -d' ' -f1 /proc/uptime)" > /out/scenario-end-uptime
 [ "$rc" = 143 ] && { say "guest timeout after ${ULOG_GUEST_TIMEOUT}s"; rc=124; }
@@ -503,9 +511,52 @@ def default_python() -> Path:
     return CHECKOUT / ".venv" / "bin" / "python"
 
 
-def qemu_command(a: Artifacts, share: Path, smp: int, memory: int) -> list[str]:
+@dataclass
+class Disk:
+    """A virtual disk of the run (``--disk NAME:SIZE``): a raw image file on the host, attached to
+    every boot of the run as a virtio-blk device whose serial number is NAME."""
+
+    name: str
+    size: int  # bytes
+    path: Path
+
+
+DISK_NAME = re.compile(r"[A-Za-z0-9_-]{1,20}")  # virtio-blk serial numbers hold 20 bytes
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_disk(spec: str) -> tuple[str, int]:
+    """``NAME:SIZE`` (SIZE in bytes or with a K/M/G suffix, binary units) -> (name, bytes)."""
+    name, sep, size = spec.partition(":")
+    m = re.fullmatch(r"([0-9]+)([KMG]?)i?B?", size.strip().upper())
+    if not sep or not DISK_NAME.fullmatch(name) or not m or int(m.group(1)) == 0:
+        raise HarnessError(f"--disk wants NAME:SIZE (NAME of [A-Za-z0-9_-], at most 20; SIZE like 64M), "
+                           f"got {spec!r}")
+    nbytes = int(m.group(1)) * SIZE_UNITS[m.group(2)]
+    if nbytes % 512:
+        raise HarnessError(f"--disk {spec}: the size must be a multiple of 512 bytes")
+    return name, nbytes
+
+
+def make_disks(specs: Sequence[str], where: Path) -> list[Disk]:
+    """Create the run's disk images (sparse, zero-filled) under ``where``."""
+    disks: list[Disk] = []
+    for spec in specs:
+        name, size = parse_disk(spec)
+        if any(d.name == name for d in disks):
+            raise HarnessError(f"--disk {name} given twice")
+        disks.append(Disk(name, size, where / f"{name}.img"))
+    if disks:
+        where.mkdir(parents=True, exist_ok=True)
+    for d in disks:
+        with d.path.open("wb") as f:
+            f.truncate(d.size)
+    return disks
+
+
+def qemu_command(a: Artifacts, share: Path, smp: int, memory: int, disks: Sequence[Disk] = ()) -> list[str]:
     ninep = "security_model=none,multidevs=remap"
-    return [
+    cmd = [
         "qemu-system-x86_64", "-accel", "tcg", "-M", "pc", "-smp", str(smp), "-m", str(memory),
         "-nodefaults", "-display", "none", "-no-reboot", "-serial", "stdio", "-monitor", "none",
         "-kernel", str(a.kernel.vmlinuz), "-initrd", str(a.initramfs),
@@ -514,6 +565,12 @@ def qemu_command(a: Artifacts, share: Path, smp: int, memory: int) -> list[str]:
         "-virtfs", f"local,path={CHECKOUT},mount_tag=checkout,{ninep},readonly=on",
         "-virtfs", f"local,path={share},mount_tag=out,{ninep}",
     ]
+    # cache=writeback: what the guest flushed (fdatasync, FUA, PREFLUSH) is in the image when qemu
+    # ends, what it had not flushed is lost -- a guest crash is a faithful power cut.
+    for i, d in enumerate(disks):
+        cmd += ["-drive", f"file={d.path},format=raw,if=none,id=disk{i},cache=writeback,discard=unmap",
+                "-device", f"virtio-blk-pci,drive=disk{i},serial={d.name}"]
+    return cmd
 
 
 def die_with_parent() -> None:
@@ -535,6 +592,9 @@ def stop_child(proc: subprocess.Popen[bytes]) -> Callable[[int, FrameType | None
 
 
 OUT_MARKER = ".ulogvm-results"
+#: Written to the results share by a scenario just before it crashes the guest kernel on purpose
+#: (lib.sh crash_guest): the boot's end without an exit code is then expected, not a failure.
+CRASH_MARKER = "crash-intended"
 
 
 def prepare_out(out: Path) -> Path:
@@ -548,25 +608,100 @@ def prepare_out(out: Path) -> Path:
     return out
 
 
+#: Files the guest writes per boot to the results share; in a run of several boots those of boot K
+#: (all but the last) are renamed ``bootK.<name>`` before the next boot.
+PER_BOOT_FILES = ("exit-code", "scenario-start-uptime", "scenario-end-uptime", "dmesg.txt", CRASH_MARKER)
+
+
+def declared_options(script: Path) -> argparse.Namespace:
+    """Options a scenario declares for itself in ``# ulogvm-run: --boots N --disk NAME:SIZE ...`` lines."""
+    p = argparse.ArgumentParser(prog=f"{script.name} (# ulogvm-run:)", add_help=False,
+                                exit_on_error=False)
+    p.add_argument("--boots", type=int)
+    p.add_argument("--disk", action="append", default=[])
+    words: list[str] = []
+    for line in script.read_text().splitlines():
+        if line.startswith("# ulogvm-run:"):
+            words += shlex.split(line.partition(":")[2])
+    try:
+        return p.parse_args(words)
+    except (argparse.ArgumentError, SystemExit) as e:
+        raise HarnessError(f"{script}: bad '# ulogvm-run:' line ({e})") from None
+
+
+def run_qemu(cmd: list[str], console: io.BufferedWriter, verbose: bool, limit: float) -> tuple[int, bytes]:
+    """Run one boot; the console goes to ``console`` (and stderr if verbose). Returns qemu's exit code
+    (124/137 from ``timeout``) and this boot's console output."""
+    text = io.BytesIO()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+    previous = {sig: signal.signal(sig, stop_child(proc)) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            console.write(line)
+            console.flush()
+            text.write(line)
+            if verbose:
+                sys.stderr.buffer.write(line)
+                sys.stderr.flush()
+        qrc = proc.wait(timeout=limit + 15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        qrc = proc.wait()
+    finally:
+        if proc.poll() is None:  # KeyboardInterrupt or a signal: never leave qemu behind
+            proc.terminate()
+            proc.wait()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return qrc, text.getvalue()
+
+
+@dataclass
+class BootOutcome:
+    rc: int | None  # the scenario's exit code; None: crashed as the scenario intended (go on)
+    msg: str
+    failed: bool  # the boot did not end as a scenario may end (boot failure, timeout, no exit code)
+
+
+def boot_outcome(share: Path, console_text: str, qrc: int, limit: float) -> BootOutcome:
+    rc_file = share / "exit-code"
+    if rc_file.is_file() and (share / "scenario-start-uptime").is_file():
+        rc = int(rc_file.read_text().strip() or EXIT_BOOT_FAILURE)
+        state = "timed out in the guest" if rc == EXIT_TIMEOUT else f"exit code {rc}"
+        return BootOutcome(rc, state, False)
+    timed_out = qrc in (124, 137)
+    if "ulogvm: running scenario" not in console_text:
+        why = "host timeout" if timed_out else f"qemu exit code {qrc}"
+        return BootOutcome(EXIT_BOOT_FAILURE, f"boot failure ({why}) before the scenario started", True)
+    if timed_out:
+        return BootOutcome(EXIT_TIMEOUT, f"timed out after {limit:.0f}s (host-side limit)", True)
+    if (share / CRASH_MARKER).is_file() and "Kernel panic" in console_text:
+        return BootOutcome(None, "guest kernel crashed as the scenario intended", False)
+    return BootOutcome(EXIT_BOOT_FAILURE, f"guest ended without an exit code (qemu exit code {qrc})", True)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     name = args.scenario.removesuffix(".sh")
     script = SCENARIO_DIR / f"{name}.sh"
     if not script.is_file():
         raise HarnessError(f"no scenario {script}; available: {' '.join(scenarios())}")
+    declared = declared_options(script)
+    boots = getattr(args, "boots", None) or declared.boots or 1
+    disk_specs = getattr(args, "disk", None) or declared.disk
+    if boots < 1:
+        raise HarnessError(f"--boots must be at least 1, got {boots}")
     out = prepare_out(Path(args.out).resolve() if args.out else CHECKOUT / "results" / name)
     python = Path(args.python) if args.python else default_python()
     a = load_artifacts()
     compile_checkout(python)
-    guest_timeout = max(args.timeout - GUEST_MARGIN_S, 10)
+    disks = make_disks(disk_specs, out / "disks")
     t0 = time.monotonic()
+    boots_log: list[str] = []
     with tempfile.TemporaryDirectory(prefix="ulogvm-") as tmp:
         share = Path(tmp)
         share.chmod(0o755)
-        params = {
-            "ULOG_SCENARIO": name, "ULOG_CHECKOUT": str(CHECKOUT), "ULOG_PY": str(python),
-            "ULOG_GUEST_TIMEOUT": str(guest_timeout),
-        }
-        (share / "params.sh").write_text("".join(f"{k}={shlex.quote(v)}\n" for k, v in params.items()))
         extra = []
         for item in args.env:
             key, sep, value = item.partition("=")
@@ -575,33 +710,45 @@ def cmd_run(args: argparse.Namespace) -> int:
             extra.append(f"export {key}={shlex.quote(value)}\n")
         if extra:
             (share / "scenario-env.sh").write_text("".join(extra))
-        cmd = ["timeout", "-k", "5", str(args.timeout), *qemu_command(a, share, args.smp, args.memory)]
         console_path = out / "console.log"
-        timed_out = False
-        log(f"booting {a.kernel.release} for scenario {name} (timeout {args.timeout}s, results in {out})")
         with console_path.open("wb") as console:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
-            previous = {sig: signal.signal(sig, stop_child(proc)) for sig in (signal.SIGTERM, signal.SIGHUP)}
-            try:
-                assert proc.stdout is not None
-                for line in proc.stdout:
-                    console.write(line)
-                    console.flush()
-                    if args.verbose:
-                        sys.stderr.buffer.write(line)
-                        sys.stderr.flush()
-                qrc = proc.wait(timeout=args.timeout + 15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                qrc = proc.wait()
-            finally:
-                if proc.poll() is None:  # KeyboardInterrupt or a signal: never leave qemu behind
-                    proc.terminate()
-                    proc.wait()
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-            timed_out = qrc in (124, 137)
+            for boot in range(1, boots + 1):
+                t_boot = time.monotonic()
+                limit = args.timeout - (t_boot - t0)
+                if boot > 1 and limit < GUEST_MARGIN_S + 10:
+                    outcome = BootOutcome(EXIT_TIMEOUT, f"no time left for boot {boot} "
+                                          f"(--timeout {args.timeout}s)", True)
+                    console_text = ""
+                    break
+                params = {
+                    "ULOG_SCENARIO": name, "ULOG_CHECKOUT": str(CHECKOUT), "ULOG_PY": str(python),
+                    "ULOG_GUEST_TIMEOUT": str(max(int(limit) - GUEST_MARGIN_S, 10)),
+                    "ULOG_BOOT": str(boot), "ULOG_BOOTS": str(boots),
+                }
+                (share / "params.sh").write_text("".join(f"{k}={shlex.quote(v)}\n"
+                                                         for k, v in params.items()))
+                cmd = ["timeout", "-k", "5", str(int(limit)),
+                       *qemu_command(a, share, args.smp, args.memory, disks)]
+                what = f"scenario {name}" + (f", boot {boot} of {boots}" if boots > 1 else "")
+                log(f"booting {a.kernel.release} for {what} (timeout {int(limit)}s, results in {out})")
+                if boots > 1:
+                    console.write(f"==== ulogvm: boot {boot} of {boots} ====\n".encode())
+                qrc, raw = run_qemu(cmd, console, args.verbose, limit)
+                console_text = raw.decode(errors="replace")
+                outcome = boot_outcome(share, console_text, qrc, limit)
+                if boots > 1:
+                    boots_log.append(f"boot{boot}={outcome.rc if outcome.rc is not None else 'crashed'} "
+                                     f"{time.monotonic() - t_boot:.1f}s {outcome.msg}\n")
+                    (share / "boots.txt").write_text("".join(boots_log))
+                if boot == boots or outcome.rc != 0 and outcome.rc is not None:
+                    break
+                log(f"{what}: {outcome.msg}; {time.monotonic() - t_boot:.1f}s wall")
+                for f in PER_BOOT_FILES:  # keep this boot's files apart from the next boot's
+                    if (share / f).exists():
+                        (share / f).replace(share / f"boot{boot}.{f}")
+        if outcome.rc is None:
+            outcome = BootOutcome(EXIT_BOOT_FAILURE, "the guest crashed as intended, but in the last boot, "
+                                  "which must end with an exit code", True)
         elapsed = time.monotonic() - t0
         for item in share.iterdir():
             if item.name == "params.sh":
@@ -611,27 +758,18 @@ def cmd_run(args: argparse.Namespace) -> int:
                 shutil.copytree(item, dest, dirs_exist_ok=True)
             else:
                 shutil.copy2(item, dest)
-    rc_file = out / "exit-code"
-    console_text = console_path.read_text(errors="replace")
     (out / "wall-seconds").write_text(f"{elapsed:.1f}\n")
-    if rc_file.is_file() and (out / "scenario-start-uptime").is_file():
-        rc = int(rc_file.read_text().strip() or EXIT_BOOT_FAILURE)
-        state = "timed out in the guest" if rc == EXIT_TIMEOUT else f"exit code {rc}"
-        log(f"scenario {name}: {state}; {elapsed:.1f}s wall; results in {out}")
+    rc = outcome.rc
+    if disks and rc == 0 and not getattr(args, "keep_disks", False):
+        shutil.rmtree(out / "disks", ignore_errors=True)
+    where = f" (boot {boot} of {boots})" if boots > 1 else ""
+    if not outcome.failed:
+        log(f"scenario {name}: {outcome.msg}{where}; {elapsed:.1f}s wall; results in {out}")
         return rc
-    if "ulogvm: running scenario" not in console_text:
-        why = "host timeout" if timed_out else f"qemu exit code {qrc}"
-        msg = f"boot failure ({why}) before the scenario started"
-        rc = EXIT_BOOT_FAILURE
-    elif timed_out:
-        msg = f"timed out after {args.timeout}s (host-side limit)"
-        rc = EXIT_TIMEOUT
-    else:
-        msg = f"guest ended without an exit code (qemu exit code {qrc})"
-        rc = EXIT_BOOT_FAILURE
-    rc_file.write_text(f"{rc}\n")
+    (out / "exit-code").write_text(f"{rc}\n")
     tail = "\n".join(console_text.splitlines()[-25:])
-    log(f"scenario {name}: {msg}; {elapsed:.1f}s wall; console log {console_path}; last lines:\n{tail}")
+    log(f"scenario {name}: {outcome.msg}{where}; {elapsed:.1f}s wall; console log {console_path}; "
+        f"last lines:\n{tail}")
     return rc
 
 
@@ -706,6 +844,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.add_argument("--memory", type=int, default=1024, help="guest memory in MiB")
         parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                             help="variable for the scenario (e.g. BACKEND=memory); repeatable")
+        parser.add_argument("--disk", action="append", metavar="NAME:SIZE",
+                            help="attach a virtual disk: a sparse raw image <out>/disks/NAME.img of SIZE "
+                                 "(e.g. 64M), virtio-blk with serial NAME, the same image in every boot; "
+                                 "repeatable (replaces the scenario's own '# ulogvm-run: --disk' list)")
+        parser.add_argument("--boots", type=int,
+                            help="boot the guest N times on the same disks, running the scenario each time "
+                                 "with ULOG_BOOT=1..N (default: the scenario's '# ulogvm-run:' line, or 1)")
+        parser.add_argument("--keep-disks", action="store_true",
+                            help="keep the disk images after a passing run (a failing run always keeps them)")
         parser.add_argument("-v", "--verbose", action="store_true", help="echo the guest console")
     args = p.parse_args(argv)
     handler = {"setup": cmd_setup, "run": cmd_run, "check": cmd_check, "list": cmd_list,

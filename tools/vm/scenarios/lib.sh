@@ -5,6 +5,7 @@
 # checkout mounted at its own absolute path (read-only), and these variables set by the harness:
 #   ULOG_CHECKOUT  the project checkout          ULOG_OUT  writable results directory (9p share)
 #   PY             python to run the daemon with ULOG_SCENARIO  the scenario being run
+#   ULOG_BOOT      this boot's number (1..ULOG_BOOTS; several with `ulogvm.py run --boots N`)
 #
 # Conventions:
 #   * A scenario file NAME.sh defines a function scenario_NAME (dashes -> underscores) and ends with
@@ -28,6 +29,7 @@ WORK=${WORK:-/tmp/ulog}
 BACKEND=${BACKEND:-lmdb}
 STATE=${STATE:-$WORK/state}
 SCENARIO_DIR=$ULOG_CHECKOUT/tools/vm/scenarios
+BOOT=${ULOG_BOOT:-1}
 export PYTHONPATH=$ULOG_CHECKOUT${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 
@@ -164,6 +166,32 @@ count_diff_regions() {
     drop_leg_caches
     cmp -l "${LEGS[0]}" "${LEGS[1]}" 2>/dev/null |
         awk -v rs="$(($1 * 512))" '{ r = int(($1 - 1) / rs); if (!(r in s)) { s[r] = 1; n++ } } END { print n + 0 }'
+}
+
+# disk_dev NAME: the guest's block device of the run's virtual disk NAME (`ulogvm.py run --disk
+# NAME:SIZE`, a virtio-blk device with serial number NAME); nothing and status 1 if there is none.
+disk_dev() {
+    local f
+    for f in /sys/block/vd*/serial; do
+        [ -r "$f" ] && [ "$(cat "$f")" = "$1" ] && { echo "/dev/$(basename "$(dirname "$f")")"; return 0; }
+    done
+    return 1
+}
+
+# crash_guest [CMD...]: crash the guest kernel at once (sysrq c): nothing is flushed, as in a power
+# cut, and qemu ends (panic=-1, -no-reboot). The marker file tells the harness the crash is intended;
+# it then boots the next boot of the run (`--boots N`) on the same disks. CMD (e.g. a function that
+# waits for writes in flight) runs last, just before the crash. What the scenario wrote to $OUT
+# before is on the host already (9p); do not `sync` before calling this unless that is the point.
+crash_guest() {
+    dmesg >"$SOUT/dmesg.boot$BOOT.txt" 2>/dev/null
+    echo "$BOOT" >"$OUT/crash-intended"
+    echo 1 >/proc/sys/kernel/sysrq
+    [ $# -gt 0 ] && "$@"
+    record "crash_uptime" "$(now)"
+    echo c >/proc/sysrq-trigger
+    sleep 10
+    die "the guest still runs 10 s after sysrq c"
 }
 
 # ---------------------------------------------------------------------------------------------
