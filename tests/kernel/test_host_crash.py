@@ -1,0 +1,124 @@
+"""A host crash under a live mirror, on a real kernel (qemu, two boots on the same virtual disks).
+
+Scenario ``tools/vm/scenarios/host-crash.sh`` (run by ``ulogvm.py run host-crash``, which attaches
+the disks ``state``, ``leg0``, ``leg1`` and boots twice): boot 1 puts dm-ulogd's state directory on
+an ext4 disk and the mirror's legs on two other disks (512 regions), resyncs the mirror fully, puts
+O_DIRECT writes in flight (leg 1 slowed down by dm-delay) and crashes the guest kernel (sysrq c,
+nothing flushed). Boot 2 mounts the state disk again, starts dm-ulogd on it and creates the mirror
+again with the same table and uuid.
+
+* ``lmdb``: only the regions dirty at the crash resync (at most the store's dirty count, far fewer
+  than 512), every region the crash left different among them, legs identical.
+* ``memory`` (the control, like cmirrord): the daemon remembers nothing, so all 512 regions resync.
+
+Both runs take about 70-100 s each on a 2-core machine. Results in ``results/pytest-host-crash-lmdb/``
+and ``results/pytest-host-crash-memory/``; the numbers side by side in
+``results/pytest-host-crash-summary.txt``. ``ULOG_SKIP_KERNEL=1`` skips.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+from test_real_kernel import (
+    ROOT,
+    SETUP_HINT,
+    ULOGVM,
+    ScenarioRun,
+    assert_values,
+    parse_results,
+    require_daemon,
+    require_harness,
+)
+
+pytestmark = pytest.mark.kernel
+
+REGIONS = 512
+S = "host-crash"
+
+
+def run_host_crash(backend: str, timeout: int = 600) -> ScenarioRun:
+    out = ROOT / "results" / f"pytest-{S}-{backend}"
+    cmd = [sys.executable, str(ULOGVM), "run", S, "--out", str(out), "--timeout", str(timeout),
+           "--env", f"BACKEND={backend}"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 90)
+    if p.returncode == 2 and "setup" in p.stderr:
+        pytest.fail(f"{p.stderr.strip()}\n{SETUP_HINT}", pytrace=False)
+    return ScenarioRun(f"{S} ({backend})", p.returncode, out, parse_results(out / "result.txt"), p.stderr)
+
+
+def num(run: ScenarioRun, key: str) -> int:
+    value = run.get(f"{S}.{key}")
+    assert value is not None and value.isdigit(), f"{S}.{key}: got {value!r}\n{run.explain()}"
+    return int(value)
+
+
+@pytest.fixture(scope="module")
+def runs() -> Iterator[dict[str, ScenarioRun]]:
+    require_harness()
+    require_daemon()
+    results = {backend: run_host_crash(backend) for backend in ("lmdb", "memory")}
+    lines = []
+    for backend, run in results.items():
+        lines.append(f"{backend}.regions_resynced={run.get(f'{S}.boot2_resynced')}\n")
+        lines.append(f"{backend}.regions_dirty_in_store={run.get(f'{S}.boot2_store_dirty') or 'n/a'}\n")
+        lines.append(f"{backend}.regions_different_after_crash={run.get(f'{S}.boot2_diff_regions')}\n")
+        lines.append(f"{backend}.wall_seconds={(run.out / 'wall-seconds').read_text().strip()}\n"
+                     if (run.out / "wall-seconds").is_file() else f"{backend}.wall_seconds=n/a\n")
+    lines.append(f"regions={REGIONS}\n")
+    (ROOT / "results" / f"pytest-{S}-summary.txt").write_text("".join(lines))
+    yield results
+
+
+def common_checks(run: ScenarioRun) -> None:
+    assert run.rc == 0, run.explain()
+    boots = (run.out / "boots.txt").read_text() if (run.out / "boots.txt").is_file() else ""
+    assert boots.startswith("boot1=crashed "), f"boots.txt: {boots!r}\n{run.explain()}"
+    assert "Kernel panic - not syncing: sysrq triggered crash" in (run.out / "console.log").read_text(
+        errors="replace"), run.explain()
+    assert_values(run, S, {
+        # boot 1: a fully resynced mirror, then writes in flight at the crash
+        "boot1_sync": f"{REGIONS}/{REGIONS}",
+        "boot1_resync_initial": str(REGIONS),
+        "boot1_legs_after_resync": "equal",
+        "boot1_write_failures": "0",
+        "boot1_sync_at_crash": f"{REGIONS}/{REGIONS}",
+        "boot1_writes_in_flight": r"^[1-9][0-9]*",
+        # boot 2 on the same disks: a new boot, the legs differed only where writes were in flight,
+        # every one of those regions resynced, legs identical
+        "boot2_diff_outside_in_flight": "0",
+        "boot2_sync": f"{REGIONS}/{REGIONS}",
+        "boot2_regions": str(REGIONS),
+        "boot2_diff_not_resynced": "0",
+        "boot2_legs_final": "equal",
+        "remove_rc": "0",
+        "stop_rc_2": "0",
+        "rc": "0",
+    })
+    assert run.get(f"{S}.boot1_boot_id") != run.get(f"{S}.boot2_boot_id"), run.explain()
+    resynced = num(run, "boot2_resynced")
+    assert resynced == REGIONS - num(run, "boot2_in_sync_at_resume"), run.explain()
+    assert resynced >= num(run, "boot2_diff_regions"), run.explain()
+
+
+def test_host_crash_lmdb_resyncs_only_the_dirty_regions(runs: dict[str, ScenarioRun]) -> None:
+    run = runs["lmdb"]
+    common_checks(run)
+    resynced = num(run, "boot2_resynced")
+    dirty = num(run, "boot2_store_dirty")
+    assert num(run, "boot2_store_out_of_sync") == 0, run.explain()
+    assert resynced <= dirty, f"resynced {resynced} > {dirty} dirty in the store\n{run.explain()}"
+    assert resynced < REGIONS, f"lmdb resynced all {REGIONS} regions\n{run.explain()}"
+    assert resynced < REGIONS // 4, f"lmdb resynced {resynced} of {REGIONS} regions\n{run.explain()}"
+    # Writes were in flight to a slowed-down leg: the crash left the legs different, and the store
+    # knew about every such region.
+    assert num(run, "boot2_diff_regions") >= 1, run.explain()
+
+
+def test_host_crash_memory_control_resyncs_everything(runs: dict[str, ScenarioRun]) -> None:
+    run = runs["memory"]
+    common_checks(run)
+    assert_values(run, S, {"boot2_in_sync_at_resume": "0", "boot2_resynced": str(REGIONS)})
