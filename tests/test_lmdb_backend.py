@@ -1,4 +1,5 @@
-"""The LMDB backend on its own: layout in the environment, journal rule, damage, faults, modes.
+"""The LMDB backend on its own: layout in the environment, the journal's restore rules, damage,
+faults, modes.
 
 The chunk-size measurement behind ``regionlog.CHUNK_BYTES`` is here too (skipped unless
 ``ULOG_BENCH=1``; see formats/store.md, "Chunk size").
@@ -22,16 +23,21 @@ from pathlib import Path
 
 import lmdb
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from ulog_disk import journal as jn
 from ulog_disk import regionlog
 from ulog_disk import store_format as sf
 from ulog_disk.backends.base import (
     OP_CLEAR,
     OP_MARK,
+    OP_SET_NOSYNC,
     OP_SET_SYNC,
     BackendError,
     Commit,
     InstanceRecord,
+    Restored,
     StoredState,
     load_backend,
 )
@@ -39,12 +45,15 @@ from ulog_disk.backends.lmdb_store import LmdbBackend
 
 CB = regionlog.CHUNK_BYTES
 UUID = "LVM-test0123"
+BOOT = "b1"
+#: Small journal segments: quick to preallocate, and a few hundred records fill one.
+SEG = 64 * 1024
 
 
 def make_rec(uuid: str = UUID, luid: int = 1, region_count: int = 3 * regionlog.CHUNK_BITS + 100,
              **kw) -> InstanceRecord:
     fields = dict(uuid=uuid, luid=luid, ctr=f"{region_count * 8} core 8", log_type="core", region_size=8,
-                  region_count=region_count, state="live", generation=1, cursor=0, boot_id="b1",
+                  region_count=region_count, state="live", generation=1, cursor=0, boot_id=BOOT,
                   resumed=True, committed_at=0.0)
     fields.update(kw)
     return InstanceRecord(**fields)
@@ -64,10 +73,20 @@ def pattern(rec: InstanceRecord, seed: int) -> bytes:
     return bytes(data)
 
 
+def replayed(rec: InstanceRecord, clean: bytes, sync: bytes, ops: list[tuple[int, int]],
+             distrust: bool = False) -> tuple[bytes, bytes]:
+    """The bitmaps ``ops`` make of ``clean``/``sync`` (the engine's replay)."""
+    state = regionlog.RegionLog.from_bitmaps(rec.region_count, clean, sync)
+    state.replay(ops)
+    if distrust:
+        state.distrust_all()
+    return state.clean.tobytes(), state.sync.tobytes()
+
+
 def full_commit(backend: LmdbBackend, rec: InstanceRecord, clean: bytes, sync: bytes,
-                resized: bool = True) -> None:
+                resized: bool = True, position: int | None = None) -> None:
     backend.commit(Commit(rec, sf.split_chunks(clean, rec.region_count, CB),
-                          sf.split_chunks(sync, rec.region_count, CB), resized=resized))
+                          sf.split_chunks(sync, rec.region_count, CB), resized=resized, position=position))
 
 
 def chunk_keys(backend: LmdbBackend, uuid: str, name: bytes) -> list[int]:
@@ -78,21 +97,78 @@ def sub_dbs(backend: LmdbBackend, uuid: str) -> set[bytes]:
     return {name for name in backend.contents(uuid) if name}
 
 
-def stored_seq(backend: LmdbBackend, uuid: str, luid: int) -> int:
+def stored_meta(backend: LmdbBackend, uuid: str, luid: int) -> sf.MetaRecord:
     name = sf.instance_db_name("meta", luid)
-    return sf.MetaRecord.decode(sf.record_bytes(name, backend.contents(uuid)[name][sf.RECORD_KEY])).commit_seq
+    return sf.MetaRecord.decode(sf.record_bytes(name, backend.contents(uuid)[name][sf.RECORD_KEY]))
+
+
+def checkpoint(backend: LmdbBackend, uuid: str, luid: int) -> sf.CheckpointRecord:
+    name = sf.instance_db_name("meta", luid)
+    return sf.read_checkpoint_value(name, backend.contents(uuid)[name][sf.CHECKPOINT_KEY])
+
+
+def journal_id_on_disk(state_dir: Path) -> bytes | None:
+    return jn.scan(state_dir).journal_id
+
+
+def segment_files(state_dir: Path) -> list[Path]:
+    return sorted(p for p in state_dir.iterdir() if jn.parse_segment_name(p.name) is not None)
+
+
+def file_offset(state_dir: Path, position: int) -> tuple[Path, int]:
+    """The segment file and byte offset holding journal position ``position``."""
+    for path in segment_files(state_dir):
+        start = jn.parse_segment_name(path.name)
+        assert start is not None
+        header = jn.decode_segment_header(path.read_bytes()[: jn.SEGMENT_HEADER_SIZE])
+        if start <= position < start + header.capacity:
+            return path, jn.HEADER_BYTES + position - start
+    raise AssertionError(f"no segment holds position {position}")
+
+
+def flip(state_dir: Path, position: int, delta: int = 0) -> None:
+    """Flip one bit of the journal byte at ``position + delta`` (damage)."""
+    path, offset = file_offset(state_dir, position)
+    with open(path, "r+b") as f:
+        f.seek(offset + delta)
+        byte = f.read(1)[0]
+        f.seek(offset + delta)
+        f.write(bytes([byte ^ 0x10]))
+
+
+def fresh(state_dir: Path, **kw) -> LmdbBackend:
+    return LmdbBackend(state_dir, segment_bytes=SEG, **kw)
+
+
+def restore(backend: LmdbBackend, boot: str = BOOT) -> Restored:
+    return backend.restore(boot)
 
 
 @pytest.fixture
 def backend(tmp_path):
-    b = LmdbBackend(tmp_path / "state")
+    b = fresh(tmp_path / "state")
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    """A backend as the daemon has it: restored, the journal open for appending."""
+    b = fresh(tmp_path / "state")
+    restore(b)
     yield b
     b.close()
 
 
 def reopen(backend: LmdbBackend) -> LmdbBackend:
     backend.close()
-    return LmdbBackend(backend.state_dir)
+    return fresh(backend.state_dir)
+
+
+def restart(backend: LmdbBackend, boot: str = BOOT) -> tuple[LmdbBackend, Restored]:
+    """Close, open again and restore (a daemon restart; ``boot`` another id: a host reboot)."""
+    b = reopen(backend)
+    return b, restore(b, boot)
 
 
 # --- plugin ----------------------------------------------------------------------------------------
@@ -100,7 +176,7 @@ def reopen(backend: LmdbBackend) -> LmdbBackend:
 
 def test_registered_as_the_lmdb_entry_point():
     assert load_backend("lmdb") is LmdbBackend
-    assert LmdbBackend.name == "lmdb" and LmdbBackend.durable
+    assert LmdbBackend.name == "lmdb" and LmdbBackend.durable and LmdbBackend.journaled
 
 
 # --- layout ----------------------------------------------------------------------------------------
@@ -114,22 +190,32 @@ def test_record_creates_the_instance_sub_databases_without_bitmaps(backend):
                              b"sync.0000000000000001"}
     assert contents[b"clean.0000000000000001"] == {} and contents[b"sync.0000000000000001"] == {}
     fmt = sf.read_format_value(contents[b""][sf.FORMAT_KEY])
-    assert (fmt.uuid, fmt.chunk_bytes, fmt.version) == (UUID, CB, sf.LAYOUT_VERSION)
+    assert (fmt.uuid, fmt.chunk_bytes, fmt.version) == (UUID, CB, sf.LAYOUT_VERSION) and fmt.version == 3
+    assert set(contents[b"meta.0000000000000001"]) == {sf.RECORD_KEY, sf.CHECKPOINT_KEY}
     raw = contents[b"meta.0000000000000001"][sf.RECORD_KEY]
     meta = sf.MetaRecord.decode(sf.record_bytes(b"meta.0000000000000001", raw))
     # Every value is sealed: the record's bytes, then the CRC-32 of name, key and bytes.
     assert raw[-4:] == zlib.crc32(b"meta.0000000000000001" + sf.RECORD_KEY + raw[:-4]).to_bytes(4, "little")
-    assert meta.instance() == rec and meta.commit_seq == 0
+    raw = contents[b"meta.0000000000000001"][sf.CHECKPOINT_KEY]
+    crc = zlib.crc32(b"meta.0000000000000001" + sf.CHECKPOINT_KEY + raw[:-4])
+    assert raw[-4:] == crc.to_bytes(4, "little")
+    # A tool's write (no restore): the checkpoint names the journal on disk (made empty if there
+    # was none) at its end; the meta's commit_seq is that position.
+    ckpt = checkpoint(backend, UUID, 1)
+    assert ckpt.journal_id == journal_id_on_disk(backend.state_dir) and ckpt.position == 0
+    assert meta.instance() == rec and meta.commit_seq == ckpt.position
 
 
-def test_commit_writes_only_the_chunks_it_carries(backend):
+def test_commit_writes_only_the_chunks_it_carries(daemon):
+    backend = daemon
     rec = make_rec()
-    backend.record(rec)
+    backend.record(rec, backend.position())
     a, b = b"\x0f" * CB, b"\xf0" * CB
     backend.commit(Commit(rec, {2: a}, {}, resized=False))
     assert chunk_keys(backend, UUID, b"clean.0000000000000001") == [2]
     assert chunk_keys(backend, UUID, b"sync.0000000000000001") == []
-    backend.commit(Commit(rec, {0: b}, {1: a}, resized=False))
+    end = backend.log_ops(UUID, 1, [(OP_MARK, 1)])
+    backend.commit(Commit(rec, {0: b}, {1: a}, resized=False, position=end))
     contents = backend.contents(UUID)
     clean_name, sync_name = b"clean.0000000000000001", b"sync.0000000000000001"
     k0, k1, k2 = (sf.encode_chunk_key(i) for i in range(3))
@@ -138,7 +224,9 @@ def test_commit_writes_only_the_chunks_it_carries(backend):
     assert contents[sync_name] == {k1: sf.seal_chunk(sync_name, k1, a)}
     # Sealed: the bitmap bytes, then a CRC-32 of the sub-database name, the key and the bytes.
     assert contents[sync_name][k1] == a + zlib.crc32(sync_name + k1 + a).to_bytes(4, "little")
-    assert stored_seq(backend, UUID, 1) == 2
+    # The checkpoint (and the meta's commit_seq) is the position the commit carries.
+    assert checkpoint(backend, UUID, 1) == sf.CheckpointRecord(backend.journal.journal_id, end)
+    assert stored_meta(backend, UUID, 1).commit_seq == end
 
 
 def test_commit_rejects_chunks_that_do_not_fit_the_geometry(backend):
@@ -158,8 +246,8 @@ def test_resize_deletes_the_tail_chunks(backend):
     for name in (b"clean.0000000000000001", b"sync.0000000000000001"):
         assert chunk_keys(backend, UUID, name) == [0, 1, 2]
     assert len(backend.contents(UUID)[b"clean.0000000000000001"][sf.encode_chunk_key(2)]) == 3 + 4
-    backend = reopen(backend)
-    (inst,) = backend.restore().instances
+    backend, restored = restart(backend)
+    (inst,) = restored.instances
     assert (inst.clean, inst.sync) == (pattern(small, 3), pattern(small, 4))
     backend.close()
 
@@ -169,9 +257,10 @@ def test_resize_without_the_last_chunk_drops_a_last_chunk_of_the_old_length(back
     full_commit(backend, big, b"\xff" * nbytes(big), b"\xff" * nbytes(big))
     small = make_rec(region_count=regionlog.CHUNK_BITS + 8)
     backend.commit(Commit(small, {0: b"\xff" * CB}, {}, resized=True))
-    backend = reopen(backend)
-    (inst,) = backend.restore().instances  # not damaged: the odd chunk is gone, reads as zeros
+    backend, restored = restart(backend)
+    (inst,) = restored.instances  # not damaged: the odd chunk is gone, reads as zeros
     assert inst.clean == b"\xff" * CB + b"\0" and inst.sync == b"\xff" * CB + b"\0"
+    assert restored.damaged == {} and inst.journal_damaged is None
     backend.close()
 
 
@@ -188,8 +277,7 @@ def test_restore_round_trip(backend):
         full_commit(backend, r, pattern(r, seed), pattern(r, seed + 10))
     backend.drop(odd, 1, StoredState(uuid=odd, generation=5, region_count=9, clean=b"\xff\x01",
                                      sync=b"\x0f\x00", source_luid=1, committed_at=2.5))
-    backend = reopen(backend)
-    restored = backend.restore()
+    backend, restored = restart(backend)
     assert restored.damaged == {}
     got = {(i.record.uuid, i.record.luid): i for i in restored.instances}
     assert set(got) == {(UUID, live.luid), (UUID, 7)}
@@ -197,9 +285,12 @@ def test_restore_round_trip(backend):
         inst = got[(r.uuid, r.luid)]
         assert inst.record == r
         assert (inst.clean, inst.sync, inst.journal) == (pattern(r, seed), pattern(r, seed + 10), [])
+        assert (inst.journal_damaged, inst.replayed_from) == (None, None)
     assert restored.retained == {odd: StoredState(uuid=odd, generation=5, region_count=9, clean=b"\xff\x01",
                                                   sync=b"\x0f\x00", source_luid=1, committed_at=2.5)}
-    assert sorted(os.listdir(backend.state_dir)) == sorted(["u." + UUID, sf.encode_dir_name(odd)])
+    stores = sorted(["u." + UUID, sf.encode_dir_name(odd)])
+    assert sorted(n for n in os.listdir(backend.state_dir) if not n.startswith("journal.")) == stores
+    assert [p.name for p in segment_files(backend.state_dir)] == [jn.segment_name(0)]
     backend.close()
 
 
@@ -207,157 +298,441 @@ def test_fresh_instance_restores_with_zero_bitmaps(backend):
     """Never committed: no chunks. It comes back all dirty and out of sync (the safe direction)."""
     rec = make_rec(region_count=1001, resumed=False, state="constructed", generation=0)
     backend.record(rec)
-    backend = reopen(backend)
-    (inst,) = backend.restore().instances
+    backend, restored = restart(backend)
+    (inst,) = restored.instances
     assert inst.record == rec and inst.clean == bytes(126) and inst.sync == bytes(126)
     backend.close()
 
 
 def test_restore_of_an_empty_or_missing_state_dir(tmp_path):
-    assert LmdbBackend(tmp_path / "none").restore().instances == []
+    b = fresh(tmp_path / "none")
+    assert restore(b).instances == []
+    b.close()
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "lock").write_text("123\n")
     (tmp_path / "s" / "not-a-store").mkdir()
     (tmp_path / "s" / "u.x.damaged-1").mkdir()
-    restored = LmdbBackend(tmp_path / "s").restore()
+    b = fresh(tmp_path / "s")
+    restored = restore(b)
     assert (restored.instances, restored.retained, restored.damaged) == ([], {}, {})
+    # The journal is open for appending at the end of a new, empty journal.
+    assert b.position() == b.durable_position() == 0 and len(segment_files(tmp_path / "s")) == 1
+    b.close()
 
 
-# --- journal ----------------------------------------------------------------------------------------
+# --- the journal: what a restore replays -------------------------------------------------------------
 
 
-def journal_path(backend: LmdbBackend, uuid: str, luid: int) -> Path:
-    return backend.env_path(uuid) / sf.journal_file_name(luid)
-
-
-def test_journal_ops_since_the_last_commit_are_replayed(backend):
+def test_ops_logged_after_a_checkpoint_are_replayed_by_a_restore_of_the_same_boot(daemon):
+    backend = daemon
     rec = make_rec()
-    backend.record(rec)
-    full_commit(backend, rec, pattern(rec, 1), pattern(rec, 2))
-    backend.journal(UUID, 1, [(OP_MARK, 5), (OP_MARK, 6)])
-    backend.journal(UUID, 1, [(OP_CLEAR, 5)])
-    data = journal_path(backend, UUID, 1).read_bytes()
-    assert sf.JournalHeader.decode(data) == sf.JournalHeader(luid=1, commit_seq=stored_seq(backend, UUID, 1))
-    assert len(data) == sf.JOURNAL_HEADER_SIZE + 3 * sf.JOURNAL_RECORD_SIZE
-    backend = reopen(backend)
-    (inst,) = backend.restore().instances
+    backend.record(rec, backend.position())
+    full_commit(backend, rec, pattern(rec, 1), pattern(rec, 2), position=backend.position())
+    first = backend.position()
+    backend.log_ops(UUID, 1, [(OP_MARK, 5), (OP_MARK, 6)])
+    backend.log_ops(UUID, 1, [(OP_CLEAR, 5)])
+    # Not synced: a daemon crash keeps what was appended (the page cache outlives the process).
+    backend, restored = restart(backend)
+    (inst,) = restored.instances
     assert inst.journal == [(OP_MARK, 5), (OP_MARK, 6), (OP_CLEAR, 5)]
-    # Appends after a restore go on after the replayed ops, under the same header.
-    backend.journal(UUID, 1, [(OP_SET_SYNC, 9)])
-    backend = reopen(backend)
-    (inst,) = backend.restore().instances
-    assert inst.journal == [(OP_MARK, 5), (OP_MARK, 6), (OP_CLEAR, 5), (OP_SET_SYNC, 9)]
+    assert (inst.clean, inst.sync) == (pattern(rec, 1), pattern(rec, 2))
+    assert inst.journal_damaged is None and inst.replayed_from == first
+    # Appends after a restore go on after the replayed records.
+    backend.log_ops(UUID, 1, [(OP_SET_SYNC, 9)])
+    backend, restored = restart(backend)
+    assert restored.instances[0].journal == [(OP_MARK, 5), (OP_MARK, 6), (OP_CLEAR, 5), (OP_SET_SYNC, 9)]
     backend.close()
 
 
-def test_a_commit_empties_the_journal(backend):
+def test_a_checkpoint_makes_the_records_before_it_not_replayed(daemon):
+    """The checkpoint's position splits the journal: records before it are in the store (a crash
+    between the store write and anything else replays none of them), records at or after it are
+    replayed."""
+    backend = daemon
     rec = make_rec()
-    backend.record(rec)
-    backend.journal(UUID, 1, [(OP_MARK, 5)])
+    backend.record(rec, backend.position())
+    backend.log_ops(UUID, 1, [(OP_MARK, 5), (OP_MARK, 6)])
+    split = backend.position()
+    backend.log_ops(UUID, 1, [(OP_CLEAR, 6)])
+    full_commit(backend, rec, pattern(rec, 3), pattern(rec, 4), position=split)
+    assert checkpoint(backend, UUID, 1).position == split
+    backend, restored = restart(backend)
+    (inst,) = restored.instances
+    assert inst.journal == [(OP_CLEAR, 6)] and inst.replayed_from == split
+    assert inst.clean == pattern(rec, 3)
+    # A commit without a position (what the store holds now) checkpoints at the journal's end.
+    full_commit(backend, rec, pattern(rec, 5), pattern(rec, 6), resized=False)
+    assert checkpoint(backend, UUID, 1).position == backend.position()
+    backend, restored = restart(backend)
+    (inst,) = restored.instances
+    assert (inst.journal, inst.replayed_from, inst.clean) == ([], None, pattern(rec, 5))
+    backend.close()
+
+
+def test_a_flush_record_restores_generation_cursor_and_its_marks(daemon):
+    backend = daemon
+    rec = make_rec(generation=1, cursor=0)
+    backend.record(rec, backend.position())
     full_commit(backend, rec, pattern(rec, 1), pattern(rec, 2))
-    # Until after_commit (the FLUSH reply goes first) the file keeps the older header, whose
-    # ops a restore leaves alone: they are in the commit.
-    stale = journal_path(backend, UUID, 1).read_bytes()
-    assert sf.JournalHeader.decode(stale).commit_seq == 0 and len(stale) > sf.JOURNAL_HEADER_SIZE
-    backend.after_commit(UUID, 1)
-    data = journal_path(backend, UUID, 1).read_bytes()
-    assert data == sf.JournalHeader(luid=1, commit_seq=1).encode()
-    backend = reopen(backend)
-    assert backend.restore().instances[0].journal == []
+    backend.log_ops(UUID, 1, [(OP_MARK, 3)])
+    flushed = make_rec(generation=5, cursor=123, committed_at=42.5)
+    ticket = backend.log_flush(flushed, [(OP_MARK, 7), (OP_CLEAR, 3)])
+    assert backend.sync() >= ticket and backend.durable_position() >= ticket
+    backend.log_ops(UUID, 1, [(OP_SET_NOSYNC, 8)])
+    backend, restored = restart(backend)
+    (inst,) = restored.instances
+    assert inst.journal == [(OP_MARK, 3), (OP_MARK, 7), (OP_CLEAR, 3), (OP_SET_NOSYNC, 8)]
+    assert (inst.record.generation, inst.record.cursor, inst.record.committed_at) == (5, 123, 42.5)
+    assert inst.record == flushed
     backend.close()
 
 
-def test_a_journal_write_after_a_commit_resets_the_file_if_after_commit_did_not(backend):
-    rec = make_rec()
-    backend.record(rec)
-    backend.journal(UUID, 1, [(OP_MARK, 5)])
+def test_records_of_other_instances_are_not_replayed(daemon):
+    backend = daemon
+    a, b = make_rec(luid=1), make_rec(luid=2)
+    other = make_rec(uuid="LVM-other", luid=1)
+    for r in (a, b, other):
+        backend.record(r, backend.position())
+    backend.log_ops(UUID, 1, [(OP_MARK, 1)])
+    backend.log_ops(UUID, 2, [(OP_MARK, 2)])
+    backend.log_ops("LVM-other", 1, [(OP_MARK, 3)])
+    backend.log_ops(UUID, 3, [(OP_MARK, 4)])  # an instance the stores do not know: ignored
+    backend, restored = restart(backend)
+    got = {(i.record.uuid, i.record.luid): i.journal for i in restored.instances}
+    assert got == {(UUID, 1): [(OP_MARK, 1)], (UUID, 2): [(OP_MARK, 2)], ("LVM-other", 1): [(OP_MARK, 3)]}
+    backend.close()
+
+
+def test_record_replacing_an_instance_drops_its_bitmaps_and_journal(daemon):
+    backend = daemon
+    rec = make_rec(resumed=False, state="constructed", generation=0)
+    backend.record(rec, backend.position())
     full_commit(backend, rec, pattern(rec, 1), pattern(rec, 2))
-    backend.journal(UUID, 1, [(OP_CLEAR, 7)])
-    data = journal_path(backend, UUID, 1).read_bytes()
-    assert sf.JournalHeader.decode(data).commit_seq == 1
-    backend = reopen(backend)
-    assert backend.restore().instances[0].journal == [(OP_CLEAR, 7)]
+    backend.log_ops(UUID, 1, [(OP_MARK, 1)])
+    other = make_rec(ctr="999999 core 8", region_count=124_999, resumed=False, state="constructed",
+                     generation=0)
+    at = backend.position()
+    backend.record(other, at)
+    assert chunk_keys(backend, UUID, b"clean.0000000000000001") == []
+    assert checkpoint(backend, UUID, 1).position == at == stored_meta(backend, UUID, 1).commit_seq
+    backend, restored = restart(backend)
+    (inst,) = restored.instances
+    assert inst.record == other and inst.journal == [] and inst.clean == bytes(nbytes(other))
     backend.close()
 
 
-def test_journal_of_a_crash_between_commit_and_truncation_is_not_replayed(backend):
+def test_an_instance_of_another_boot_keeps_only_what_is_safe_past_the_durable_point(daemon):
+    """After a reboot the journal's tail past its known durable point may be what a host crash
+    happened to leave of records never synced: only marks a FLUSH followed and out-of-sync ops
+    are kept there (a lost CLEAR or SET_REGION_SYNC(r, 1) only costs a resync). The replayed
+    state is written back at once (a recovery checkpoint)."""
+    backend = daemon
+    rec = make_rec(boot_id="b0")
+    backend.record(rec, backend.position())
+    clean, sync = b"\xff" * nbytes(rec), b"\0" * nbytes(rec)
+    full_commit(backend, rec, clean, sync)
+    synced = [(OP_MARK, 1), (OP_CLEAR, 2), (OP_SET_SYNC, 3), (OP_SET_SYNC, 4)]
+    backend.log_ops(UUID, 1, synced)
+    backend.sync()
+    backend.log_ops(UUID, 1, [(OP_MARK, 10), (OP_CLEAR, 11), (OP_SET_SYNC, 12), (OP_SET_NOSYNC, 4)])
+    backend.log_flush(make_rec(boot_id="b0", generation=2), [(OP_MARK, 14)])
+    backend.log_ops(UUID, 1, [(OP_MARK, 20), (OP_SET_NOSYNC, 3), (OP_CLEAR, 1)])
+    kept = synced + [(OP_MARK, 10), (OP_SET_NOSYNC, 4), (OP_MARK, 14), (OP_SET_NOSYNC, 3)]
+    want = replayed(rec, clean, sync, kept)
+    # The same journal read by this boot replays everything (the kernel's state lives on).
+    backend.close()
+    same = fresh(backend.state_dir)
+    (inst,) = same.restore("b0").instances
+    assert inst.journal == synced + [(OP_MARK, 10), (OP_CLEAR, 11), (OP_SET_SYNC, 12), (OP_SET_NOSYNC, 4),
+                                     (OP_MARK, 14), (OP_MARK, 20), (OP_SET_NOSYNC, 3), (OP_CLEAR, 1)]
+    same.close()
+    backend, restored = restart(same, boot="b1")
+    (inst,) = restored.instances
+    assert (inst.clean, inst.sync) == want
+    assert inst.record.generation == 2 and inst.record.boot_id == "b0"
+    # Written back: the next start needs none of those records.
+    assert inst.journal == [] and inst.replayed_from is None and inst.journal_damaged is None
+    assert checkpoint(backend, UUID, 1).position == backend.position()
+    backend, restored = restart(backend, boot="b2")
+    (inst,) = restored.instances
+    assert (inst.clean, inst.sync, inst.journal) == (*want, [])
+    backend.close()
+
+
+def test_a_journal_of_another_id_makes_the_instance_journal_damaged(daemon):
+    backend = daemon
+    rec = make_rec()
+    backend.record(rec, backend.position())
+    full_commit(backend, rec, pattern(rec, 1), pattern(rec, 2))
+    backend.log_ops(UUID, 1, [(OP_MARK, 5)])
+    backend.close()
+    old_id = jn.scan(backend.state_dir).journal_id
+    for path in segment_files(backend.state_dir):
+        path.unlink()  # the journal is gone: a new one (another id) starts
+    backend = fresh(backend.state_dir)
+    (inst,) = restore(backend).instances
+    assert inst.journal_damaged is not None and old_id.hex() in inst.journal_damaged
+    assert inst.journal == [] and inst.replayed_from is not None
+    assert backend.journal.journal_id != old_id
+    backend.close()
+
+
+def test_an_instance_without_a_checkpoint_is_journal_damaged(backend):
     rec = make_rec()
     backend.record(rec)
     full_commit(backend, rec, pattern(rec, 1), pattern(rec, 2))
-    backend.journal(UUID, 1, [(OP_MARK, 5), (OP_MARK, 6)])
-    # The daemon dies after the LMDB commit and before after_commit truncates the journal.
-    full_commit(backend, rec, pattern(rec, 3), pattern(rec, 4), resized=False)
-    header = sf.JournalHeader.decode(journal_path(backend, UUID, 1).read_bytes())
-    assert header.commit_seq == stored_seq(backend, UUID, 1) - 1
-    backend = reopen(backend)
-    (inst,) = backend.restore().instances
-    assert inst.journal == [] and inst.clean == pattern(rec, 3)
-    # The stale ops are gone from the file, so later appends are not hidden behind an old header.
-    backend.journal(UUID, 1, [(OP_CLEAR, 6)])
-    backend = reopen(backend)
-    assert backend.restore().instances[0].journal == [(OP_CLEAR, 6)]
+    name = sf.instance_db_name("meta", 1)
+    backend.close()
+    env = lmdb.open(str(backend.env_path(UUID)), max_dbs=16)
+    with env.begin(write=True) as txn:
+        assert txn.delete(sf.CHECKPOINT_KEY, db=env.open_db(name, txn=txn))
+    env.close()
+    backend = fresh(backend.state_dir)
+    (inst,) = restore(backend).instances
+    assert inst.journal_damaged is not None and "checkpoint" in inst.journal_damaged
     backend.close()
 
 
-def test_journal_killed_between_truncation_and_header_replays_nothing(backend):
+def test_damage_after_a_checkpoint_is_damage_and_before_it_is_not(daemon):
+    """A record that fails, followed by a record saying the journal was durable past it: damage.
+    It concerns every instance whose checkpoint is before it (its records there could have been
+    anyone's), none whose checkpoint is after it."""
+    backend = daemon
+    before, after = make_rec(luid=1), make_rec(luid=2)
+    for r in (before, after):
+        backend.record(r, backend.position())
+        full_commit(backend, r, pattern(r, r.luid), pattern(r, r.luid + 10))
+    damaged_at = backend.position()
+    backend.log_ops(UUID, 1, [(OP_MARK, 5)])
+    backend.log_ops(UUID, 2, [(OP_MARK, 6)])
+    backend.sync()
+    backend.log_ops(UUID, 1, [(OP_MARK, 7)])   # claims the journal durable past the damage
+    full_commit(backend, after, pattern(after, 3), pattern(after, 4), resized=False)
+    backend.log_ops(UUID, 2, [(OP_MARK, 8)])
+    backend.close()
+    flip(backend.state_dir, damaged_at, delta=jn.RECORD_HEADER_SIZE + len(UUID))
+    assert jn.scan(backend.state_dir).damaged_after(damaged_at) is not None
+    backend = fresh(backend.state_dir)
+    got = {i.record.luid: i for i in restore(backend).instances}
+    assert got[1].journal_damaged is not None and "damaged" in got[1].journal_damaged
+    assert got[1].replayed_from is not None and got[1].replayed_from <= damaged_at
+    assert got[2].journal_damaged is None and got[2].journal == [(OP_MARK, 8)]
+    assert got[2].clean == pattern(after, 3)
+    backend.close()
+
+
+def test_a_torn_tail_loses_nothing_that_was_synced(daemon):
+    """Bytes past the durable point that fail (a torn write of a host crash) end the journal:
+    not damage; every record synced before them is replayed."""
+    backend = daemon
     rec = make_rec()
-    backend.record(rec)
+    backend.record(rec, backend.position())
     full_commit(backend, rec, pattern(rec, 1), pattern(rec, 2))
+    backend.log_ops(UUID, 1, [(OP_MARK, 1)])
+    backend.log_flush(rec, [(OP_MARK, 2)])
+    backend.sync()
+    torn = backend.position()
+    backend.log_ops(UUID, 1, [(OP_MARK, 3)])
+    backend.log_ops(UUID, 1, [(OP_CLEAR, 4)])
     backend.close()
-    journal_path(backend, UUID, 1).write_bytes(b"")
-    backend = LmdbBackend(backend.state_dir)
-    assert backend.restore().instances[0].journal == []
-    backend.journal(UUID, 1, [(OP_MARK, 1)])
-    backend = reopen(backend)
-    assert backend.restore().instances[0].journal == [(OP_MARK, 1)]
+    flip(backend.state_dir, torn, delta=8)  # the first unsynced record's position field
+    assert jn.scan(backend.state_dir).damage == []
+    backend = fresh(backend.state_dir)
+    (inst,) = restore(backend).instances
+    assert inst.journal_damaged is None
+    assert inst.journal == [(OP_MARK, 1), (OP_MARK, 2)]
+    # The journal goes on at the tail: later records are read, the torn bytes never again.
+    assert backend.position() == torn
+    backend.log_ops(UUID, 1, [(OP_MARK, 9)])
+    backend.sync()
+    backend, restored = restart(backend)
+    assert restored.instances[0].journal == [(OP_MARK, 1), (OP_MARK, 2), (OP_MARK, 9)]
     backend.close()
 
 
-def test_journal_with_a_partial_last_record_keeps_the_whole_ones(backend):
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batches=st.lists(st.lists(st.tuples(st.sampled_from([OP_MARK, OP_CLEAR, OP_SET_SYNC, OP_SET_NOSYNC]),
+                                           st.integers(0, 199)), min_size=1, max_size=6),
+                        min_size=1, max_size=12),
+       split=st.integers(0, 12), synced=st.integers(0, 12), reboot=st.booleans())
+def test_restore_replays_exactly_the_records_the_rules_keep(tmp_path_factory, batches, split, synced, reboot):
+    """For any records and any checkpoint: a restore of the same boot replays every op at or
+    after the checkpoint, in order; one of another boot the same up to the durable point (the
+    sync a later record's durable claim witnesses) and, past it, only marks a FLUSH followed and
+    out-of-sync ops. The last batch is a FLUSH; ``synced`` = the number of batches: no sync."""
+    split, synced = min(split, len(batches)), min(synced, len(batches))
+    state = tmp_path_factory.mktemp("prop") / "s"
+    backend = fresh(state)
+    restore(backend, "b0")
+    rec = make_rec(region_count=200, boot_id="b0")
+    backend.record(rec, backend.position())
+    clean, sync = pattern(rec, 1), pattern(rec, 2)
+    positions = []
+    for i, ops in enumerate(batches):
+        if i == synced:
+            backend.sync()
+        positions.append(backend.position())
+        if i == len(batches) - 1:
+            backend.log_flush(rec, ops)
+        else:
+            backend.log_ops(UUID, 1, ops)
+    positions.append(backend.position())
+    full_commit(backend, rec, clean, sync, position=positions[split])
+    backend.close()
+    backend = fresh(state)
+    (inst,) = restore(backend, "b1" if reboot else "b0").instances
+    want: list[tuple[int, int]] = []
+    for i, ops in enumerate(batches[split:], start=split):
+        if not reboot or i < synced < len(batches):
+            want += ops
+        else:
+            want += [op for op in ops if op[0] == OP_SET_NOSYNC or op[0] == OP_MARK]
+    if reboot:
+        assert (inst.clean, inst.sync) == replayed(rec, clean, sync, want) and inst.journal == []
+    else:
+        assert inst.journal == want
+        assert inst.replayed_from == (positions[split] if split < len(batches) else None)
+    assert inst.journal_damaged is None
+    backend.close()
+
+
+# --- the journal: durability -------------------------------------------------------------------------
+
+
+def test_sync_makes_appended_records_durable(daemon, monkeypatch):
+    backend = daemon
     rec = make_rec()
-    backend.record(rec)
-    backend.journal(UUID, 1, [(OP_MARK, 3)])
-    backend.close()
-    with open(journal_path(backend, UUID, 1), "ab") as f:
-        f.write(sf.encode_journal_ops([(OP_MARK, 4)])[:9])
-    backend = LmdbBackend(backend.state_dir)
-    assert backend.restore().instances[0].journal == [(OP_MARK, 3)]
-    backend.journal(UUID, 1, [(OP_CLEAR, 3)])
-    backend = reopen(backend)
-    assert backend.restore().instances[0].journal == [(OP_MARK, 3), (OP_CLEAR, 3)]
-    backend.close()
+    backend.record(rec, backend.position())
+    calls = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append(fd), real(fd))[1])
+    start = backend.durable_position()
+    ticket = backend.log_ops(UUID, 1, [(OP_MARK, 1)])
+    ticket2 = backend.log_flush(rec, [(OP_MARK, 2)])
+    assert start < ticket < ticket2 and backend.durable_position() == start
+    assert backend.sync() == ticket2 == backend.durable_position() == backend.position()
+    assert calls == [backend.journal.segments[-1].fd]  # one sync for every record appended
+    assert backend.sync() == ticket2 and len(calls) == 1  # nothing new: no sync
 
 
-def test_journal_is_never_fsynced(backend, monkeypatch):
+def test_marks_are_never_fsynced_by_themselves(daemon, monkeypatch):
+    backend = daemon
     rec = make_rec()
-    backend.record(rec)
+    backend.record(rec, backend.position())
     calls = []
     monkeypatch.setattr(os, "fsync", lambda fd: calls.append(fd))
     monkeypatch.setattr(os, "fdatasync", lambda fd: calls.append(fd))
-    backend.journal(UUID, 1, [(OP_MARK, 1)] * 32)
-    assert calls == []
+    for i in range(32):
+        backend.log_ops(UUID, 1, [(OP_MARK, i)] * 8)
+        backend.log_event(rec, jn.Event.RESUME)
+    assert calls == [] and backend.durable_position() < backend.position()
 
 
-def test_journal_for_an_unrecorded_instance_is_a_backend_error(backend):
-    with pytest.raises(BackendError):
-        backend.journal("LVM-nobody", 1, [(OP_MARK, 1)])
-
-
-def test_record_replacing_an_instance_drops_its_bitmaps_and_journal(backend):
-    rec = make_rec(resumed=False, state="constructed", generation=0)
-    backend.record(rec)
+def test_after_a_failed_sync_the_next_sync_rewrites_and_succeeds(daemon, monkeypatch):
+    """A failed fdatasync may have dropped the pages it failed to write: the next sync writes the
+    unsynced records again before syncing."""
+    backend = daemon
+    rec = make_rec()
+    backend.record(rec, backend.position())
     full_commit(backend, rec, pattern(rec, 1), pattern(rec, 2))
-    backend.journal(UUID, 1, [(OP_MARK, 1)])
-    seq = stored_seq(backend, UUID, 1)
-    other = make_rec(ctr="999999 core 8", region_count=124_999, resumed=False, state="constructed",
-                     generation=0)
-    backend.record(other)
-    assert chunk_keys(backend, UUID, b"clean.0000000000000001") == []
-    assert stored_seq(backend, UUID, 1) == seq + 1
-    backend = reopen(backend)
-    (inst,) = backend.restore().instances
-    assert inst.record == other and inst.journal == [] and inst.clean == bytes(nbytes(other))
+    start = backend.position()
+    backend.log_ops(UUID, 1, [(OP_MARK, 1), (OP_MARK, 2)])
+    ticket = backend.log_flush(rec, [(OP_MARK, 3)])
+    real = os.fdatasync
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", failing)
+    with pytest.raises(BackendError) as info:
+        backend.sync()
+    assert info.value.errno == errno.EIO and backend.durable_position() < ticket
+    # What the kernel may do after a failed writeback: the pages are gone (here: zeros).
+    path, offset = file_offset(backend.state_dir, start)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(bytes(ticket - start))
+    monkeypatch.setattr(os, "fdatasync", real)
+    assert backend.sync() == ticket == backend.durable_position()
+    backend, restored = restart(backend)
+    assert restored.instances[0].journal == [(OP_MARK, 1), (OP_MARK, 2), (OP_MARK, 3)]
     backend.close()
+
+
+def test_journal_calls_before_restore_are_a_backend_error(backend):
+    """Only a restore opens the journal for appending (it must know where the journal ends)."""
+    with pytest.raises(BackendError) as info:
+        backend.log_ops(UUID, 1, [(OP_MARK, 1)])
+    assert info.value.errno == errno.EBADF
+    with pytest.raises(BackendError):
+        backend.log_flush(make_rec(), [])
+
+
+# --- the journal: cutting -----------------------------------------------------------------------------
+
+
+def test_the_journal_is_cut_only_behind_the_stores_and_the_newest_segments_base(daemon):
+    backend = daemon
+    rec = make_rec()
+    backend.record(rec, backend.position())
+    full_commit(backend, rec, pattern(rec, 1), pattern(rec, 2))
+    ops = [(OP_MARK, i) for i in range(60)]
+    capacity = SEG - jn.HEADER_BYTES
+    starts: list[int] = []
+    needed = 0
+    for round_ in range(12):
+        for _ in range(20):
+            starts.append(backend.position())
+            backend.log_ops(UUID, 1, ops)
+        backend.sync()
+        # A checkpoint never goes back; some lag half a segment behind the end.
+        needed = max(needed, backend.position() - (capacity // 2 if round_ % 3 else 0))
+        full_commit(backend, rec, pattern(rec, 1), pattern(rec, 2), resized=False, position=needed)
+        newest_base = backend.journal.segments[-1].base
+        on_disk = {p.name for p in segment_files(backend.state_dir)}
+        backend.maintain(needed)
+        left = {jn.parse_segment_name(p.name) for p in segment_files(backend.state_dir)}
+        for name in on_disk - {jn.segment_name(s) for s in left}:
+            start = jn.parse_segment_name(name)
+            assert start is not None
+            # Only whole segments behind both the stores and the newest segment's base go.
+            assert start + capacity <= min(needed, newest_base), (name, needed, newest_base)
+        # What a restore needs (from the checkpoint on) is always still there.
+        assert any(s <= needed < s + capacity for s in left if s is not None), (needed, left)
+    assert len(segment_files(backend.state_dir)) <= 4  # the journal does not grow without end
+    backend.log_ops(UUID, 1, [(OP_CLEAR, 1)])
+    backend, restored = restart(backend)
+    (inst,) = restored.instances
+    assert inst.journal_damaged is None
+    replayed_records = len([s for s in starts if s >= needed])
+    assert replayed_records > 0
+    assert inst.journal == ops * replayed_records + [(OP_CLEAR, 1)]
+    backend.close()
+
+
+# --- environments ---------------------------------------------------------------------------------------
+
+
+def test_the_environment_cache_is_bounded(tmp_path):
+    fds = lambda: len(os.listdir("/proc/self/fd"))  # noqa: E731
+    backend = fresh(tmp_path / "s", max_open_envs=4)
+    restore(backend)
+    before = fds()
+    for n in range(50):
+        rec = make_rec(uuid=f"LVM-many{n}", region_count=100)
+        backend.record(rec, backend.position())
+        full_commit(backend, rec, pattern(rec, n), pattern(rec, n + 1))
+        assert backend.open_environments() <= 4
+    # Descriptors bounded by the cache (each environment holds a few), not by the 50 uuids.
+    assert fds() - before <= 4 * 4
+    backend, restored = restart(backend)
+    assert len(restored.instances) == 50 and backend.open_environments() <= 4
+    for inst in restored.instances:
+        n = int(inst.record.uuid.removeprefix("LVM-many"))
+        assert inst.clean == pattern(inst.record, n)
+    backend.close()
+
+# --- luid reuse --------------------------------------------------------------------------------------
 
 
 def test_record_reusing_the_luid_of_an_earlier_boot_keeps_its_state(backend):
@@ -369,7 +744,7 @@ def test_record_reusing_the_luid_of_an_earlier_boot_keeps_its_state(backend):
     new = make_rec(boot_id="b1", resumed=False, state="constructed", generation=0)
     backend.record(new)
     backend = reopen(backend)
-    restored = backend.restore()
+    restored = restore(backend)
     assert [i.record for i in restored.instances] == [new]
     kept = restored.retained[UUID]
     assert (kept.generation, kept.source_luid) == (6, 1)
@@ -385,13 +760,13 @@ def test_a_damaged_earlier_boot_state_is_not_kept_but_the_ctr_succeeds(backend):
     value = bytearray(backend.contents(UUID)[name][key])
     value[0] ^= 1
     _poke(backend, UUID, name, key, bytes(value))
-    backend = LmdbBackend(backend.state_dir)  # no restore(): it would find the damage first
+    backend = fresh(backend.state_dir)  # no restore(): it would find the damage first
     new = make_rec(boot_id="b1", resumed=False, state="constructed", generation=0)
     backend.record(new)  # not refused: damage in the state it replaces must not block a CTR
     contents = backend.contents(UUID)
     assert sf.RETAINED_META not in contents and sf.RETAINED_SYNC not in contents
     backend = reopen(backend)
-    restored = backend.restore()
+    restored = restore(backend)
     assert [i.record for i in restored.instances] == [new] and UUID not in restored.retained
     backend.close()
 
@@ -399,17 +774,17 @@ def test_a_damaged_earlier_boot_state_is_not_kept_but_the_ctr_succeeds(backend):
 # --- drop -------------------------------------------------------------------------------------------
 
 
-def test_drop_with_retention_is_one_transaction(backend):
+def test_drop_with_retention_is_one_transaction(daemon):
+    backend = daemon
     a = make_rec(luid=1)
     b = make_rec(luid=2)
     for r in (a, b):
-        backend.record(r)
+        backend.record(r, backend.position())
         full_commit(backend, r, pattern(r, r.luid), pattern(r, r.luid + 10))
-        backend.journal(UUID, r.luid, [(OP_MARK, 1)])
-    backend.drop(UUID, 2, None)
+        backend.log_ops(UUID, r.luid, [(OP_MARK, 1)])
+    backend.drop(UUID, 2, None, backend.position())
     assert sub_dbs(backend, UUID) == {b"meta.0000000000000001", b"clean.0000000000000001",
                                       b"sync.0000000000000001"}
-    assert not journal_path(backend, UUID, 2).exists()
     state = StoredState(uuid=UUID, generation=9, region_count=a.region_count, clean=pattern(a, 5),
                         sync=pattern(a, 6), source_luid=1, committed_at=3.0)
     txns = []
@@ -421,21 +796,20 @@ def test_drop_with_retention_is_one_transaction(backend):
 
     LmdbBackend._write = counting_write
     try:
-        backend.drop(UUID, 1, state)
+        backend.drop(UUID, 1, state, backend.position())
     finally:
         LmdbBackend._write = real_write
     assert len(txns) == 1
     assert sub_dbs(backend, UUID) == {sf.RETAINED_META, sf.RETAINED_CLEAN, sf.RETAINED_SYNC}
-    assert not journal_path(backend, UUID, 1).exists()
     assert chunk_keys(backend, UUID, sf.RETAINED_CLEAN) == list(range(regionlog.chunk_count(a.region_count)))
     # A later retention replaces the earlier one whole, including a shorter geometry.
     c = make_rec(luid=3, region_count=10)
-    backend.record(c)
+    backend.record(c, backend.position())
     backend.drop(UUID, 3, StoredState(uuid=UUID, generation=10, region_count=10, clean=b"\x01\x02",
-                                      sync=b"\x03\x00", source_luid=3))
-    backend = reopen(backend)
-    restored = backend.restore()
-    assert restored.instances == []
+                                      sync=b"\x03\x00", source_luid=3), backend.position())
+    backend, restored = restart(backend)
+    # The dropped instances' journal records are replayed into nothing.
+    assert restored.instances == [] and restored.damaged == {}
     assert restored.retained[UUID] == StoredState(uuid=UUID, generation=10, region_count=10,
                                                   clean=b"\x01\x02", sync=b"\x03\x00", source_luid=3)
     backend.close()
@@ -502,8 +876,8 @@ def test_damaged_store_is_reported_and_moved_aside(backend, db_name, key, value,
     full_commit(backend, rec, pattern(rec, 1), pattern(rec, 2))
     backend.record(make_rec(uuid="LVM-healthy"))
     _poke(backend, UUID, db_name, key, value)
-    backend = LmdbBackend(backend.state_dir)
-    restored = backend.restore()
+    backend = fresh(backend.state_dir)
+    restored = restore(backend)
     _assert_moved_aside(backend.state_dir, UUID, restored, fragment)
     assert [i.record.uuid for i in restored.instances] == ["LVM-healthy"]
     # The uuid starts from nothing.
@@ -515,11 +889,11 @@ def test_damaged_store_is_reported_and_moved_aside(backend, db_name, key, value,
 def test_store_of_an_unknown_version_is_refused(backend):
     backend.record(make_rec())
     newer = bytearray(sf.format_value(sf.FormatRecord(chunk_bytes=CB, uuid=UUID)))
-    newer[4:6] = (3).to_bytes(2, "little")
+    newer[4:6] = (4).to_bytes(2, "little")
     _poke(backend, UUID, None, sf.FORMAT_KEY, bytes(newer))
-    backend = LmdbBackend(backend.state_dir)
-    restored = backend.restore()
-    _assert_moved_aside(backend.state_dir, UUID, restored, "version 3")
+    backend = fresh(backend.state_dir)
+    restored = restore(backend)
+    _assert_moved_aside(backend.state_dir, UUID, restored, "version 4")
     backend.close()
 
 
@@ -535,7 +909,7 @@ def test_a_flipped_bit_in_any_stored_chunk_is_found_and_the_store_moved_aside(ba
     for round_ in range(12):
         state = backend.state_dir.parent / f"copy{round_}"
         shutil.copytree(backend.state_dir, state)
-        probe = LmdbBackend(state)
+        probe = fresh(state)
         name = names[round_ % len(names)]
         values = probe.contents(UUID)[name]
         key = rnd.choice(sorted(values))
@@ -543,7 +917,7 @@ def test_a_flipped_bit_in_any_stored_chunk_is_found_and_the_store_moved_aside(ba
         value[rnd.randrange(len(value))] ^= 1 << rnd.randrange(8)  # bitmap bytes or checksum
         probe.close()
         _poke(probe, UUID, name, key, bytes(value))
-        restored = LmdbBackend(state).restore()
+        restored = restore(fresh(state))
         assert "fails its checksum" in restored.damaged[UUID], (name, key)
         assert not restored.instances and UUID not in restored.retained
 
@@ -553,25 +927,28 @@ def test_unknown_version_found_outside_restore_is_a_backend_error(backend):
     newer = bytearray(sf.format_value(sf.FormatRecord(chunk_bytes=CB, uuid=UUID)))
     newer[4:6] = (7).to_bytes(2, "little")
     _poke(backend, UUID, None, sf.FORMAT_KEY, bytes(newer))
-    backend = LmdbBackend(backend.state_dir)
+    backend = fresh(backend.state_dir)
     with pytest.raises(BackendError, match="version 7"):
         backend.commit(Commit(make_rec(), {}, {}))
     backend.close()
 
 
-def test_an_emptied_data_file_is_damage_once_instances_had_journals(backend):
+def test_an_emptied_data_file_is_damage(backend):
+    """An environment's directory is made with its first transaction: an empty data.mdb means its
+    data was lost (moved aside, full resync). A directory whose data.mdb was never made (a crash
+    before LMDB created it) is no damage."""
     backend.record(make_rec())
     backend.record(make_rec(uuid="LVM-never-written"))
     backend.close()
     (backend.env_path(UUID) / "data.mdb").write_bytes(b"")
     other = backend.env_path("LVM-never-written")
-    for name in ("data.mdb", *(p.name for p in other.glob("journal.*"))):
-        (other / name).unlink()
-    (other / "data.mdb").write_bytes(b"")  # a crash before the first commit: nothing was there
-    backend = LmdbBackend(backend.state_dir)
-    restored = backend.restore()
-    _assert_moved_aside(backend.state_dir, UUID, restored, "data.mdb is empty but journal.")
+    for path in other.iterdir():
+        path.unlink()
+    backend = fresh(backend.state_dir)
+    restored = restore(backend)
+    _assert_moved_aside(backend.state_dir, UUID, restored, "data.mdb is empty")
     assert "LVM-never-written" not in restored.damaged
+    assert restored.instances == []
     backend.close()
 
 
@@ -579,8 +956,8 @@ def test_a_file_that_is_not_lmdb_is_damage(tmp_path):
     path = tmp_path / "s" / ("u." + UUID)
     path.mkdir(parents=True)
     (path / "data.mdb").write_bytes(b"\x55" * 16384)
-    backend = LmdbBackend(tmp_path / "s")
-    restored = backend.restore()
+    backend = fresh(tmp_path / "s")
+    restored = restore(backend)
     assert UUID in restored.damaged
     assert not path.exists()
     backend.close()
@@ -592,15 +969,22 @@ def test_a_file_that_is_not_lmdb_is_damage(tmp_path):
 def test_directories_0700_files_0600_whatever_the_umask(tmp_path):
     old = os.umask(0)
     try:
-        backend = LmdbBackend(tmp_path / "state")
+        backend = fresh(tmp_path / "state")
+        restore(backend)
         rec = make_rec()
-        backend.record(rec)
-        backend.journal(UUID, 1, [(OP_MARK, 1)])
+        backend.record(rec, backend.position())
+        for _ in range(10):
+            backend.log_ops(UUID, 1, [(OP_MARK, 1)] * 2000)  # into further segments
+        backend.maintain(0)
         env_dir = backend.env_path(UUID)
         assert stat.S_IMODE(env_dir.stat().st_mode) == 0o700
         assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700
-        for name in ("data.mdb", "lock.mdb", sf.journal_file_name(1)):
+        for name in ("data.mdb", "lock.mdb"):
             assert stat.S_IMODE((env_dir / name).stat().st_mode) == 0o600, name
+        segments = segment_files(tmp_path / "state")
+        assert len(segments) >= 2
+        for path in segments:
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name
         backend.close()
     finally:
         os.umask(old)
@@ -610,13 +994,13 @@ def test_directories_0700_files_0600_whatever_the_umask(tmp_path):
 
 
 def test_map_full_grows_the_map_and_retries(tmp_path):
-    backend = LmdbBackend(tmp_path / "s", map_size=64 * 1024)
+    backend = fresh(tmp_path / "s", map_size=64 * 1024)
     rec = make_rec(region_count=40 * regionlog.CHUNK_BITS)  # 2 x 160 KiB of bitmaps
     backend.record(rec)
     full_commit(backend, rec, pattern(rec, 1), pattern(rec, 2))
     assert backend._envs[UUID].env.info()["map_size"] >= 512 * 1024
     backend = reopen(backend)
-    (inst,) = backend.restore().instances
+    (inst,) = restore(backend).instances
     assert (inst.clean, inst.sync) == (pattern(rec, 1), pattern(rec, 2))
     backend.close()
 
@@ -662,36 +1046,37 @@ def lmdb_error(cls: type[lmdb.Error], code: int) -> lmdb.Error:
     (lmdb_error(lmdb.Error, errno.EIO), errno.EIO),
     (lmdb_error(lmdb.CorruptedError, -30796), errno.EIO),
 ])
-def test_a_failing_commit_is_a_backend_error_and_changes_nothing(backend, exc, code):
+def test_a_failing_commit_is_a_backend_error_and_changes_nothing(daemon, exc, code):
+    backend = daemon
     rec = make_rec()
-    backend.record(rec)
+    backend.record(rec, backend.position())
     full_commit(backend, rec, pattern(rec, 1), pattern(rec, 2))
-    backend.journal(UUID, 1, [(OP_MARK, 1)])
+    ckpt = checkpoint(backend, UUID, 1)
+    backend.log_ops(UUID, 1, [(OP_MARK, 1)])
     e = backend._envs[UUID]
     e.env = _FailingEnv(e.env, exc)
     with pytest.raises(BackendError) as info:
         full_commit(backend, rec, pattern(rec, 3), pattern(rec, 4), resized=False)
     assert info.value.errno == code
     e.env.armed = False
-    seq = stored_seq(backend, UUID, 1)
-    backend.journal(UUID, 1, [(OP_MARK, 2)])
-    backend = reopen(backend)
-    (inst,) = backend.restore().instances
+    # Neither the bitmaps nor the checkpoint moved: the journal since it is still replayed.
+    assert checkpoint(backend, UUID, 1) == ckpt
+    backend.log_ops(UUID, 1, [(OP_MARK, 2)])
+    backend, restored = restart(backend)
+    (inst,) = restored.instances
     assert (inst.clean, inst.sync) == (pattern(rec, 1), pattern(rec, 2))
     assert inst.journal == [(OP_MARK, 1), (OP_MARK, 2)]
-    # After a failed commit the sequence is read back from the store, not trusted from memory.
     e = backend._env(UUID, create=False)
     e.env = _FailingEnv(e.env, exc)
     with pytest.raises(BackendError):
         full_commit(backend, rec, pattern(rec, 3), pattern(rec, 4), resized=False)
+    assert checkpoint(backend, UUID, 1) == ckpt
     e.env.armed = False
-    full_commit(backend, rec, pattern(rec, 5), pattern(rec, 6), resized=False)
-    backend.after_commit(UUID, 1)
-    assert stored_seq(backend, UUID, 1) == seq + 1
-    header = sf.JournalHeader.decode(journal_path(backend, UUID, 1).read_bytes())
-    assert header.commit_seq == seq + 1
-    backend = reopen(backend)
-    (inst,) = backend.restore().instances
+    at = backend.position()
+    full_commit(backend, rec, pattern(rec, 5), pattern(rec, 6), resized=False, position=at)
+    assert checkpoint(backend, UUID, 1) == sf.CheckpointRecord(ckpt.journal_id, at)
+    backend, restored = restart(backend)
+    (inst,) = restored.instances
     assert (inst.clean, inst.sync, inst.journal) == (pattern(rec, 5), pattern(rec, 6), [])
     backend.close()
 
@@ -742,7 +1127,7 @@ def test_a_full_filesystem_is_a_backend_error_and_the_next_commit_succeeds(tmp_p
         backend.commit(Commit(rec, chunks, chunks, resized=True))
         backend.close()
         backend = LmdbBackend(state)
-        (inst,) = backend.restore().instances
+        (inst,) = backend.restore("b").instances
         print("restored", inst.clean == b"\\xa5" * (n // 8))
     """)
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "s")], capture_output=True,
@@ -760,7 +1145,7 @@ def test_a_full_filesystem_is_a_backend_error_and_the_next_commit_succeeds(tmp_p
 def test_a_store_written_with_another_chunk_size_is_rechunked(tmp_path, monkeypatch):
     monkeypatch.setattr(regionlog, "CHUNK_BYTES", 1024)
     monkeypatch.setattr(regionlog, "CHUNK_BITS", 8192)
-    backend = LmdbBackend(tmp_path / "s")
+    backend = fresh(tmp_path / "s")
     rec = make_rec(region_count=5 * 8192 + 3)
     backend.record(rec)
     clean, sync = pattern(rec, 1), pattern(rec, 2)
@@ -770,8 +1155,8 @@ def test_a_store_written_with_another_chunk_size_is_rechunked(tmp_path, monkeypa
                                       sync=clean, source_luid=9))
     backend.close()
     monkeypatch.undo()
-    backend = LmdbBackend(tmp_path / "s")
-    restored = backend.restore()
+    backend = fresh(tmp_path / "s")
+    restored = restore(backend)
     (inst,) = restored.instances
     assert (inst.clean, inst.sync) == (clean, sync)
     assert (restored.retained[UUID].clean, restored.retained[UUID].sync) == (sync, clean)
@@ -782,7 +1167,7 @@ def test_a_store_written_with_another_chunk_size_is_rechunked(tmp_path, monkeypa
     backend.close()
 
 
-def test_a_layout_1_store_is_migrated_to_layout_2_in_one_transaction(backend):
+def test_a_layout_1_store_is_migrated_to_layout_3_in_one_transaction(backend):
     """Layout 1 (4080-byte chunks, no checksums), written here from its construct definition:
     opened by this version, every bitmap is read as it was and rewritten sealed."""
     rec = make_rec(region_count=3 * 4080 * 8 + 100)
@@ -808,8 +1193,8 @@ def test_a_layout_1_store_is_migrated_to_layout_2_in_one_transaction(backend):
                 db=env.open_db(sf.RETAINED_META, txn=txn))
         assert sf.FormatRecord.decode(txn.get(sf.FORMAT_KEY)).version == 1
     env.close()
-    backend = LmdbBackend(backend.state_dir)
-    restored = backend.restore()
+    backend = fresh(backend.state_dir)
+    restored = restore(backend)
     (inst,) = restored.instances
     assert (inst.clean, inst.sync) == (clean, sync)
     assert (restored.retained[UUID].clean, restored.retained[UUID].sync) == (sync, clean)
@@ -820,6 +1205,103 @@ def test_a_layout_1_store_is_migrated_to_layout_2_in_one_transaction(backend):
         sf.record_bytes(name, contents[name][sf.RECORD_KEY])  # sealed now
     for name, bitmap in ((b"clean.0000000000000001", clean), (sf.RETAINED_SYNC, clean)):
         assert sf.read_bitmap(name, contents[name], rec.region_count, CB) == bitmap
+    # The instance follows the state directory's journal from its end at the migration on.
+    assert checkpoint(backend, UUID, 1).journal_id == backend.journal.journal_id
+    assert inst.journal_damaged is None
+    backend.close()
+
+
+def _old_layout(backend: LmdbBackend, rec: InstanceRecord, layout: int, commit_seq: int,
+                journal: bytes | None) -> None:
+    """Rewrite a closed store as layout ``layout`` (1 or 2) wrote it: its format record, a meta
+    with ``commit_seq``, no checkpoint, values sealed only from layout 2 on, the instance's own
+    ``journal.<luid>`` file (``journal``), and no daemon-wide journal in the state directory."""
+    env = lmdb.open(str(backend.env_path(UUID)), max_dbs=16)
+    meta_name = sf.instance_db_name("meta", rec.luid)
+    sealed = layout >= 2
+    with env.begin(write=True) as txn:
+        fmt = (sf.FormatRecordV1 if layout == 1 else sf.FormatRecordV2).build(
+            dict(chunk_bytes=CB, created_at=1.0, uuid=UUID))
+        txn.put(sf.FORMAT_KEY, sf.seal(sf.MAIN_DB, sf.FORMAT_KEY, fmt) if sealed else fmt)
+        meta_db = env.open_db(meta_name, txn=txn)
+        meta = sf.MetaRecord.from_instance(rec, commit_seq).encode()
+        txn.put(sf.RECORD_KEY, sf.record_value(meta_name, meta) if sealed else meta, db=meta_db)
+        assert txn.delete(sf.CHECKPOINT_KEY, db=meta_db)
+        if not sealed:
+            for kind in ("clean", "sync"):
+                name = sf.instance_db_name(kind, rec.luid)
+                db = env.open_db(name, txn=txn)
+                for key, value in list(txn.cursor(db=db)):
+                    txn.put(key, sf.unseal_chunk(name, key, value), db=db)
+    env.close()
+    for path in segment_files(backend.state_dir):
+        path.unlink()
+    if journal is not None:
+        (backend.env_path(UUID) / sf.journal_file_name(rec.luid)).write_bytes(journal)
+
+
+@pytest.mark.parametrize("layout", [1, 2])
+@pytest.mark.parametrize("case", ["follows", "stale", "ahead", "garbage", "none"])
+def test_an_old_layout_store_folds_its_instance_journal_in(backend, layout, case):
+    """Layouts 1 and 2 kept one journal file per instance (a header naming the commit it follows,
+    then fixed-size ops). Migrated to layout 3: the ops of a journal that follows the meta's
+    commit are folded into the bitmaps; a stale one (an older commit, already in it) is not; a
+    damaged one (ahead of the commit, or an unreadable header) makes the instance all dirty and
+    out of sync; the files are removed; the instance gets a checkpoint at the journal's end."""
+    rec = make_rec()
+    backend.record(rec)
+    clean, sync = pattern(rec, 1), pattern(rec, 2)
+    full_commit(backend, rec, clean, sync)
+    backend.close()
+    ops = [(OP_MARK, 3), (OP_CLEAR, 4), (OP_SET_SYNC, 5), (OP_SET_NOSYNC, 6), (OP_MARK, 7)]
+    body = sf.encode_journal_ops(ops)
+    journal = {
+        "follows": sf.JournalHeader(luid=1, commit_seq=5).encode() + body,
+        "stale": sf.JournalHeader(luid=1, commit_seq=4).encode() + body,
+        "ahead": sf.JournalHeader(luid=1, commit_seq=6).encode() + body,
+        "garbage": random.Random(4).randbytes(sf.JOURNAL_HEADER_SIZE) + body,
+        "none": None,
+    }[case]
+    _old_layout(backend, rec, layout, 5, journal)
+    backend = fresh(backend.state_dir)
+    restored = restore(backend)
+    (inst,) = restored.instances
+    want = {
+        "follows": replayed(rec, clean, sync, ops),
+        "stale": (clean, sync),
+        "ahead": replayed(rec, clean, sync, [], distrust=True),
+        "garbage": replayed(rec, clean, sync, [], distrust=True),
+        "none": (clean, sync),
+    }[case]
+    assert (inst.clean, inst.sync) == want
+    if case in ("ahead", "garbage"):
+        assert inst.clean == bytes(nbytes(rec)) and inst.sync == bytes(nbytes(rec))
+    assert (inst.journal, inst.journal_damaged, restored.damaged) == ([], None, {})
+    assert not list(backend.env_path(UUID).glob("journal.*"))
+    contents = backend.contents(UUID)
+    assert sf.read_format_value(contents[b""][sf.FORMAT_KEY]).version == 3
+    assert checkpoint(backend, UUID, 1).journal_id == backend.journal.journal_id
+    sf.record_bytes(b"meta.0000000000000001", contents[b"meta.0000000000000001"][sf.RECORD_KEY])
+    # Migrated once: a restart finds layout 3 and the same state.
+    backend, restored = restart(backend)
+    (inst,) = restored.instances
+    assert (inst.clean, inst.sync, inst.journal, inst.journal_damaged) == (*want, [], None)
+    backend.close()
+
+
+def test_an_old_instance_journal_of_an_earlier_boot_is_not_folded_in(backend):
+    """After a reboot layouts 1-2 never used an instance's journal (the kernel's state is gone):
+    its ops are not folded in, and the file is removed."""
+    rec = make_rec(boot_id="b0")
+    backend.record(rec)
+    full_commit(backend, rec, pattern(rec, 1), pattern(rec, 2))
+    backend.close()
+    _old_layout(backend, rec, 2, 5, sf.JournalHeader(luid=1, commit_seq=5).encode()
+                + sf.encode_journal_ops([(OP_CLEAR, 1), (OP_SET_SYNC, 2)]))
+    backend = fresh(backend.state_dir)
+    (inst,) = restore(backend, "b1").instances
+    assert (inst.clean, inst.sync) == (pattern(rec, 1), pattern(rec, 2))
+    assert not list(backend.env_path(UUID).glob("journal.*"))
     backend.close()
 
 
@@ -827,15 +1309,19 @@ def test_a_layout_1_store_is_migrated_to_layout_2_in_one_transaction(backend):
 
 
 def test_uuids_commit_in_parallel_threads(backend):
+    """Store calls come from the store worker one at a time, but tools and tests may call from
+    several threads: without a restore each write follows the journal on disk, and the first
+    writers must agree on one (its creation is locked): one journal, every checkpoint naming it."""
     errors = []
+    start = threading.Barrier(6)
 
     def worker(n: int) -> None:
         uuid = f"LVM-thread{n}"
         try:
             rec = make_rec(uuid=uuid, region_count=2 * regionlog.CHUNK_BITS)
+            start.wait()
             backend.record(rec)
             for i in range(10):
-                backend.journal(uuid, 1, [(OP_MARK, i)])
                 full_commit(backend, rec, pattern(rec, n * 100 + i), pattern(rec, i), resized=i == 0)
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
@@ -846,12 +1332,45 @@ def test_uuids_commit_in_parallel_threads(backend):
     for t in threads:
         t.join()
     assert errors == []
-    backend = reopen(backend)
-    restored = backend.restore()
-    assert len(restored.instances) == 6
+    assert len(segment_files(backend.state_dir)) == 1
+    jid = journal_id_on_disk(backend.state_dir)
+    for n in range(6):
+        assert checkpoint(backend, f"LVM-thread{n}", 1).journal_id == jid
+    backend, restored = restart(backend)
+    assert len(restored.instances) == 6 and restored.damaged == {}
     for inst in restored.instances:
         n = int(inst.record.uuid.removeprefix("LVM-thread"))
         assert inst.clean == pattern(inst.record, n * 100 + 9) and inst.journal == []
+        assert inst.journal_damaged is None
+    backend.close()
+
+
+def test_instances_log_and_commit_from_parallel_threads(daemon):
+    """The journal's appends are locked: records of many instances interleave whole."""
+    backend = daemon
+    errors = []
+    recs = [make_rec(uuid=f"LVM-thread{n}", region_count=1000) for n in range(6)]
+    for rec in recs:
+        backend.record(rec, backend.position())
+
+    def worker(n: int) -> None:
+        try:
+            for i in range(50):
+                backend.log_ops(recs[n].uuid, 1, [(OP_MARK, n * 100 + i)])
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    backend.sync()
+    backend, restored = restart(backend)
+    got = {i.record.uuid: i.journal for i in restored.instances}
+    for n, rec in enumerate(recs):
+        assert got[rec.uuid] == [(OP_MARK, n * 100 + i) for i in range(50)]
     backend.close()
 
 
@@ -905,7 +1424,7 @@ def _bench_one(chunk_bytes: int, regions: int, root: Path, n1: int, n100: int) -
     backend.close()
     backend = LmdbBackend(state)
     t = time.perf_counter()
-    backend.restore()
+    backend.restore("bench")
     out["restore_ms"] = (time.perf_counter() - t) * 1e3
     backend.close()
     return out
