@@ -40,9 +40,16 @@ import lmdb
 import pytest
 from rel_lib import Client, DaemonGone, ctr_text, figures, launch, scale
 
+from ulog_disk import journal as jn
 from ulog_disk import wire
 from ulog_disk.regionlog import CHUNK_BITS
-from ulog_disk.store_format import encode_chunk_key, encode_dir_name, instance_db_name, journal_file_name
+from ulog_disk.store_format import (
+    CHECKPOINT_KEY,
+    encode_chunk_key,
+    encode_dir_name,
+    instance_db_name,
+    read_checkpoint_value,
+)
 from ulog_disk.wire import RequestType as T
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount, losetup)")
@@ -491,11 +498,12 @@ def _chunk_deleted(state: Path) -> None:
 
 
 def _chunk_bitflip(state: Path) -> None:
-    """Region 1 (marked, committed, never cleared) flips to clean in the stored bitmap."""
+    """Region 1's bit flips in the stored bitmap (XOR: whatever the stored state, the value
+    changes; with the journal the stored bit may already read clean, its MARK being replayed)."""
     def body(env, txn):
         db = env.open_db(instance_db_name("clean", A.luid), txn=txn)
         value = bytearray(txn.get(encode_chunk_key(0), db=db))
-        value[0] |= 0b10
+        value[0] ^= 0b10
         txn.put(encode_chunk_key(0), bytes(value), db=db)
     with_env(state, A, body)
 
@@ -512,18 +520,61 @@ def _foreign_env(state: Path) -> None:
     shutil.copytree(env_dir(state, C), env_dir(state, A))
 
 
-def _journal_header_garbage(state: Path) -> None:
-    path = env_dir(state, A) / journal_file_name(A.luid)
-    data = bytearray(path.read_bytes())
-    assert len(data) > 24
-    data[0:24] = random.Random(4).randbytes(24)
-    path.write_bytes(bytes(data))
+def checkpoints(state: Path) -> dict[str, int]:
+    """Each mirror's checkpoint position (read-only)."""
+    out = {}
+    for m in MIRRORS:
+        env = lmdb.open(str(env_dir(state, m)), max_dbs=64, subdir=True, readonly=True, lock=False)
+        try:
+            name = instance_db_name("meta", m.luid)
+            with env.begin() as txn:
+                raw = txn.get(CHECKPOINT_KEY, db=env.open_db(name, txn=txn, create=False))
+            out[m.uuid] = read_checkpoint_value(name, raw).position
+        finally:
+            env.close()
+    return out
 
 
-def _journal_cut_mid_record(state: Path) -> None:
-    path = env_dir(state, A) / journal_file_name(A.luid)
-    size = path.stat().st_size
-    os.truncate(path, size - 8)  # the last record (a no-op CLEAR) half gone
+def journal_place(state: Path, position: int) -> tuple[Path, int]:
+    """The segment file and offset of journal position ``position``."""
+    found = jn.scan(state)
+    for start, header in found.segments.items():
+        if start <= position < start + header.capacity:
+            return state / jn.segment_name(start), jn.HEADER_BYTES + position - start
+    raise AssertionError(f"no segment holds position {position}")
+
+
+def damaged_record(state: Path) -> jn.Record:
+    """The last record of A that the journal's durable claims say was synced: damage there is
+    damage (not a torn tail)."""
+    found = jn.scan(state)
+    assert found.damage == [] and found.journal_id is not None
+    return [r for r in found.records if r.uuid == A.uuid and r.end <= found.durable][-1]
+
+
+def _journal_record_garbage(state: Path) -> None:
+    rec = damaged_record(state)
+    path, offset = journal_place(state, rec.lsn)
+    with open(path, "r+b") as f:
+        f.seek(offset + jn.RECORD_HEADER_SIZE)
+        f.write(random.Random(4).randbytes(rec.length - jn.RECORD_HEADER_SIZE))
+
+
+def _journal_torn_tail(state: Path) -> None:
+    """The last record (a CLEAR of a clean region, never synced) half written."""
+    found = jn.scan(state)
+    last = found.records[-1]
+    assert last.end > found.durable, "the last record must be past the durable point"
+    path, offset = journal_place(state, last.lsn)
+    with open(path, "r+b") as f:
+        f.seek(offset + last.length // 2)
+        f.write(bytes(jn._padded(last.length) - last.length // 2))
+
+
+def _journal_segment_header_garbage(state: Path) -> None:
+    path = sorted(state.glob("journal.*"))[-1]
+    with open(path, "r+b") as f:
+        f.write(random.Random(5).randbytes(jn.SEGMENT_HEADER_SIZE))
 
 
 DAMAGE = {
@@ -537,15 +588,28 @@ DAMAGE = {
     "chunk_bit_flipped": (_chunk_bitflip, "resync"),
     "meta_record_garbage": (_meta_garbage, "resync"),
     "environment_of_another_uuid": (_foreign_env, "resync"),
-    "journal_header_garbage": (_journal_header_garbage, "safe"),
-    "journal_cut_mid_record": (_journal_cut_mid_record, "safe"),
+    # The daemon-wide journal: damage to a synced record concerns every instance whose
+    # checkpoint is before it ("journal": all dirty and out of sync; the others exactly as they
+    # were); a torn tail is the journal's end; a segment header that fails makes the journal
+    # unknown: every instance all dirty and out of sync.
+    "journal_record_garbage": (_journal_record_garbage, "journal"),
+    "journal_torn_tail": (_journal_torn_tail, "same"),
+    "journal_segment_header_garbage": (_journal_segment_header_garbage, "journal"),
 }
 #: Damage the store does not handle yet (strict xfail). "data_truncated_to_3_pages" was one: LMDB read
 #: past the end of the file through its map, SIGBUS at every start; fixed in 459ffb1. So was
-#: "journal_header_garbage": its ops were dropped as "no ops"; now every region is distrusted. So was
+#: a layout-2 instance journal's garbage header: its ops were dropped as "no ops"; now every region is
+#: distrusted (the daemon-wide journal's damage cases above replaced those files). So was
 #: "chunk_bit_flipped": a flipped bit in a stored bitmap read as valid state (a dirty region reported
 #: clean); store layout 2 seals every chunk with a CRC-32, and the store is moved aside (full resync).
 KNOWN_BUGS: dict[str, str] = {}
+
+
+def assert_distrusted(now: Snapshot, case: str, m: Mirror) -> None:
+    """Every region dirty and out of sync: what a log whose answered requests may be missing
+    comes back as (never clean, whatever was lost)."""
+    assert set(now.clean.values()) == {0} and set(now.sync.values()) == {0}, f"{case}: {m.uuid}"
+    assert now.sync_count == 0, f"{case}: {m.uuid}"
 
 
 @pytest.mark.parametrize("case", [
@@ -556,6 +620,15 @@ def test_damaged_files_between_runs(tmp_path: Path, golden: Golden, case: str) -
     state = tmp_path / "state"
     shutil.copytree(golden.state, state)
     damage, expect = DAMAGE[case]
+    # Journal damage concerns the instances whose checkpoint is before it (all, when the journal
+    # itself is unknown); every other uuid must be exactly as it was.
+    concerned: set[str] = set()
+    if case == "journal_record_garbage":
+        at = damaged_record(state).lsn
+        concerned = {uuid for uuid, position in checkpoints(state).items() if position <= at}
+        assert A.uuid in concerned
+    elif expect == "journal":
+        concerned = {m.uuid for m in MIRRORS}
     damage(state)
     d = launch(tmp_path, state_dir=state, boot_id="boot-1", wait_ready=False)
     try:
@@ -570,7 +643,10 @@ def test_damaged_files_between_runs(tmp_path: Path, golden: Golden, case: str) -
         c = Client(d.socket_path)  # type: ignore[arg-type]
         # the other uuids are exactly as they were
         for m in (B, C):
-            assert snapshot(c, m) == golden.snaps[m.uuid], m.uuid
+            if m.uuid in concerned:
+                assert_distrusted(snapshot(c, m), case, m)
+            else:
+                assert snapshot(c, m) == golden.snaps[m.uuid], m.uuid
         g = golden.snaps[A.uuid]
         err, _ = c.request(A.uuid, A.luid, T.IS_CLEAN, wire.build_u64(0))
         if expect == "resync":
@@ -586,6 +662,9 @@ def test_damaged_files_between_runs(tmp_path: Path, golden: Golden, case: str) -
             assert not bad, f"{case}: {bad[:10]}"
             if expect == "same":
                 assert now == g
+            if expect == "journal":
+                assert "answered requests may be missing" in text, text[-2000:]
+                assert_distrusted(now, case, A)
             for r in golden.journaled[A.uuid]:
                 assert now.clean[r] == 0, f"{case}: acknowledged MARK of region {r} lost"
         c.close()
@@ -649,4 +728,64 @@ def test_random_damage_to_data_mdb(tmp_path: Path, golden: Golden) -> None:
     # Layout 1 (no checksums) let 28 of 200 through with a dirty region reading clean.
     unsafe = outcomes.get("changed, unsafe (undetected)", 0)
     figures("disk.random_damage.undetected", trials=trials, violations=unsafe)
+    assert unsafe == 0, outcomes
+
+
+def test_random_damage_to_journal_segments(tmp_path: Path, golden: Golden) -> None:
+    """Random bytes or blocks of the journal's synced part (or its segment header) overwritten:
+    the daemon always starts, and every log is intact or changed only in the safe direction
+    (all dirty and out of sync when its records may be missing): every record is self-checking
+    and a later record's durable claim tells damage from a torn tail, so no damage brings a
+    region that must be dirty back clean. The unsynced tail is left alone: losing it is what a
+    host crash may do (no FLUSH was answered for it)."""
+    trials = int(scale("ULOG_REL_DAMAGE_TRIALS", 12, 200))
+    rng = random.Random(int(os.environ.get("ULOG_REL_SEED", "7")) + 1)
+    found = jn.scan(golden.state)
+    assert found.damage == [] and len(found.segments) == 1
+    (start,) = found.segments
+    synced_bytes = found.durable - start
+    assert synced_bytes > 0
+    outcomes: dict[str, int] = {}
+    unsafe = 0
+    for i in range(trials):
+        state = tmp_path / f"j{i}"
+        shutil.copytree(golden.state, state)
+        path = state / jn.segment_name(start)
+        raw = bytearray(path.read_bytes())
+        what = rng.random()
+        if what < 0.1:
+            raw[rng.randrange(jn.SEGMENT_HEADER_SIZE)] ^= 1 << rng.randrange(8)
+        elif what < 0.55:
+            for _ in range(rng.randint(1, 16)):
+                raw[jn.HEADER_BYTES + rng.randrange(synced_bytes)] = rng.randrange(256)
+        else:
+            n = min(synced_bytes, rng.choice((8, 64, 512)))  # a block of the synced part only
+            at = jn.HEADER_BYTES + rng.randrange(synced_bytes - n + 1)
+            raw[at:at + n] = rng.randbytes(n)
+        path.write_bytes(bytes(raw))
+        d = launch(tmp_path, state_dir=state, boot_id="boot-1", name=f"j{i}")
+        try:
+            c = Client(d.socket_path)  # type: ignore[arg-type]
+            for m in MIRRORS:
+                err, _ = c.request(m.uuid, m.luid, T.IS_CLEAN, wire.build_u64(0))
+                if err == -errno.ESRCH:
+                    outcome = "damaged, full resync"
+                else:
+                    now = snapshot(c, m)
+                    if now == golden.snaps[m.uuid]:
+                        outcome = "intact"
+                    elif false_clean(golden.snaps[m.uuid], now):
+                        outcome = "changed, unsafe (undetected)"
+                        unsafe += 1
+                    else:
+                        outcome = "changed, safe"
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+            c.close()
+            assert d.stop() == 0
+        finally:
+            if d.alive():
+                d.kill9()
+        shutil.rmtree(state, ignore_errors=True)
+    figures("disk.random_journal_damage", trials=trials, outcomes=outcomes, daemon_crashes=0,
+            violations=unsafe)
     assert unsafe == 0, outcomes
