@@ -190,6 +190,10 @@ def test_store_after_kill9_following_resume_b(store_after: Path) -> None:
     assert doc["tool"] == "ulog-dump" and doc["command"] == "store" and doc["json_version"] == 1
     assert doc["daemon"] == {"running": False, "pid": None}
     assert {s["uuid"] for s in doc["stores"]} == {UUID_H, UUID_GONE}
+    journal = doc["journal"]
+    assert journal["exists"] and len(journal["journal_id"]) == 32 and journal["segments"] == 1
+    assert (journal["damage"], journal["problems"], journal["findings"]) == ([], [], [])
+    assert 0 < journal["durable"] <= journal["end"]
     h = instances(doc, UUID_H)
     a, b = h[hexluid(LUID_A)], h[hexluid(LUID_B)]
     assert (a["state"], a["verdict"]) == ("suspended", "superseded")
@@ -201,7 +205,12 @@ def test_store_after_kill9_following_resume_b(store_after: Path) -> None:
         assert inst["boot_id"] == BOOT1 and inst["log_type"] == "clustered-core"
         assert inst["committed_at"] > 0 and inst["committed_at_iso"].endswith("Z")
         assert inst["findings"] == []
-        assert inst["journal"]["follows_meta"] and inst["journal"]["replayed"]
+        # Layout 3: the instance follows this journal from its checkpoint on; what follows the
+        # checkpoint is replayed over the state shown, as the daemon's restore would.
+        j = inst["journal"]
+        assert (j["layout"], j["replayed"], j["damaged"], j["same_boot"]) == (3, True, None, True)
+        assert j["journal_id"] == journal["journal_id"] and 0 < j["checkpoint"] <= journal["end"]
+        assert not j["exists"] and j["path"] is None  # no per-instance journal file any more
     assert (a["out_of_sync_ranges"], a["dirty_ranges"]) == (A_OUT_OF_SYNC, A_DIRTY)
     assert (a["in_sync"], a["dirty"]) == (40, 2)
     assert (b["out_of_sync_ranges"], b["dirty_ranges"], b["in_sync"]) == (B_OUT_OF_SYNC, A_DIRTY, 38)
@@ -236,8 +245,12 @@ def test_store_before_resume_b_other_boot(store_before: Path) -> None:
     assert "never resumed" in b["reason"]
     # B's bitmaps were never committed: they read as all dirty, out of sync (the safe direction).
     assert (b["in_sync"], b["dirty"], b["committed_at"]) == (0, REGIONS, 0.0)
-    # The journal of another boot is never replayed.
-    assert not a["journal"]["replayed"]
+    # Another boot: the journal is replayed by the restore's rule for another boot (past the
+    # durable point only flushed marks and out-of-sync ops); A's POSTSUSPEND write put every
+    # record of A before its checkpoint, so nothing is left to replay.
+    ja = a["journal"]
+    assert (ja["same_boot"], ja["damaged"], ja["records"], ja["ops"]) == (False, None, 0, 0)
+    assert (a["out_of_sync_ranges"], a["dirty_ranges"]) == (A_OUT_OF_SYNC, A_DIRTY)
     doc1 = ulog_dump("store", str(store_before), "--boot-id", BOOT1, "--json").json
     h1 = instances(doc1, UUID_H)
     assert (h1[hexluid(LUID_A)]["verdict"], h1[hexluid(LUID_B)]["verdict"]) == ("suspended", "constructed")

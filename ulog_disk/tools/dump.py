@@ -1,4 +1,5 @@
-"""ulog-dump: decode the store, a capture of kernel frames, or the kernel's disk log. Read-only."""
+"""ulog-dump: decode the store, the journal, a capture of kernel frames, or the kernel's disk log.
+Read-only."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__, capture, disklog
+from .. import journal as jn
 from ..daemon import DEFAULT_STATE_DIR
 from . import storeview as sv
 from . import wiredump as wd
@@ -99,7 +101,10 @@ def state_lines(s: sv.StateView, boot_id: str, regions: bool, indent: str = "  "
     if m is not None:
         this = " (this boot)" if m.boot_id == boot_id else " (another boot)"
         rows.append(("boot id", (m.boot_id or "?") + this))
-        rows.append(("committed", f"{when(m.committed_at)} (commit {m.commit_seq}), cursor {m.cursor}"))
+        # Layout 3 keeps the journal position of the meta's last write in commit_seq.
+        seq = f"journal position {m.commit_seq}" if s.journal is not None and s.journal.layout >= 3 \
+            else f"commit {m.commit_seq}"
+        rows.append(("committed", f"{when(s.committed_at)} ({seq}), cursor {m.cursor}"))
     elif s.retained:
         rows.append(("committed", when(s.committed_at)))
     if s.journal is not None:
@@ -160,11 +165,15 @@ def cmd_store(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(json_doc(TOOL, "store", state_dir=str(state_dir), boot_id=boot_id,
                            daemon=view.daemon.as_json(),
+                           journal=view.journal.as_json() if view.journal else None,
                            stores=[env_json(e, args.regions, args.luid) for e in view.envs],
                            ignored=view.ignored))
         return EXIT_OK
     lines = [f"state dir {state_dir}: {view.daemon.describe()}; this boot {boot_id}; "
              f"{len(view.envs)} store(s)"]
+    if view.journal is not None:
+        lines.append(journal_summary(view.journal))
+        lines.extend(f"  {f.level}: {f.where}: {f.message}" for f in view.journal.findings)
     for e in view.envs:
         lines.append("")
         lines.extend(env_lines(e, boot_id, args.regions, args.luid))
@@ -172,6 +181,159 @@ def cmd_store(args: argparse.Namespace) -> int:
         lines.append("")
         lines.append(f"ignored (not stores): {', '.join(view.ignored)}")
     print("\n".join(lines))
+    return EXIT_OK
+
+
+# --- journal -------------------------------------------------------------------------------------
+
+
+def journal_summary(js: sv.JournalState) -> str:
+    sc = js.scan
+    if js.error:
+        return f"journal: cannot be read ({js.error})"
+    if not sc.exists:
+        return "journal: none in the state directory (the daemon starts one)"
+    return (f"journal {sc.journal_id.hex() if sc.journal_id else '?'}: {len(sc.segments)} segment(s), "
+            f"records from {sc.base} to {sc.end}, durable up to at least {sc.durable}"
+            + (f", {len(sc.damage)} damaged range(s)" if sc.damage else ""))
+
+
+def ops_text(ops: list[tuple[int, int]], limit: int | None = 32) -> str:
+    """``mark 5, clear 7``: the ops of a record, in order (the first ``limit`` of them)."""
+    shown = ops if limit is None else ops[:limit]
+    text = ", ".join(f"{jn.OP_NAMES.get(op, f'op {op}')} {region}" for op, region in shown)
+    if len(shown) < len(ops):
+        text += f", ... ({len(ops)} ops)"
+    return text
+
+
+def record_json(r: jn.Record) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "position": r.lsn, "length": r.length, "end": r.end, "durable": r.durable, "kind": r.kind.name,
+        "uuid": r.uuid if r.kind is not jn.Kind.SWITCH else None,
+        "luid": r.luid if r.kind is not jn.Kind.SWITCH else None,
+        "luid_hex": luid_hex(r.luid) if r.kind is not jn.Kind.SWITCH else None,
+    }
+    if r.kind in (jn.Kind.OPS, jn.Kind.FLUSH):
+        out["ops"] = ops_text(r.ops, None)
+        out["op_list"] = [[op, region] for op, region in r.ops]
+    if r.kind is jn.Kind.FLUSH:
+        out.update(generation=r.generation, cursor=r.cursor, committed_at=r.committed_at,
+                   committed_at_iso=iso(r.committed_at))
+    if r.kind is jn.Kind.EVENT:
+        out.update(event=jn.Event(r.event).name, state=r.state, resumed=bool(r.flags & jn.FLAG_RESUMED),
+                   superseded=bool(r.flags & jn.FLAG_SUPERSEDED), generation=r.generation,
+                   region_count=r.region_count)
+    if r.kind is jn.Kind.SWITCH:
+        out["next_start"] = r.next_start
+        out["next_segment"] = jn.segment_name(r.next_start)
+    return out
+
+
+def record_text(r: jn.Record, labels: dict[str, str]) -> list[str]:
+    who = "" if r.kind is jn.Kind.SWITCH else f"{labels.get(r.uuid, r.uuid)} {luid_hex(r.luid)}"
+    if r.kind is jn.Kind.OPS:
+        what = ops_text(r.ops)
+    elif r.kind is jn.Kind.FLUSH:
+        what = f"generation {r.generation}, cursor {r.cursor}" + (f"; {ops_text(r.ops)}" if r.ops else "")
+    elif r.kind is jn.Kind.EVENT:
+        flags = [n for bit, n in ((jn.FLAG_RESUMED, "resumed"), (jn.FLAG_SUPERSEDED, "superseded"))
+                 if r.flags & bit]
+        what = (f"{jn.Event(r.event).name} -> {r.state}{', ' + ', '.join(flags) if flags else ''}, "
+                f"generation {r.generation}, {r.region_count} regions")
+    else:
+        what = f"continues in {jn.segment_name(r.next_start)}"
+    return [f"  {r.lsn:>12}  {r.kind.name:<6}  {who + '  ' if who else ''}{what}".rstrip()]
+
+
+def _instances_of(view: sv.StoreView) -> list[dict[str, Any]]:
+    """Each instance of a store with its checkpoint and the records that follow it."""
+    out = []
+    for ev in view.envs:
+        for s in ev.instances:
+            j = s.journal
+            out.append({
+                "uuid": s.uuid, "dir": ev.name, "luid": s.luid, "luid_hex": luid_hex(s.luid),
+                "layout": None if ev.format is None else ev.format.version,
+                "checkpoint": None if j is None or j.checkpoint is None else j.checkpoint.position,
+                "checkpoint_journal_id": None if j is None or j.checkpoint is None
+                else j.checkpoint.journal_id.hex(),
+                "records_after": 0 if j is None else j.records,
+                "ops_replayed": 0 if j is None else len(j.ops),
+                "damaged": None if j is None else j.damaged,
+                "findings": [f.as_json() for f in s.findings],
+            })
+    return out
+
+
+def cmd_journal(args: argparse.Namespace) -> int:
+    state_dir: Path = args.path if args.path is not None else args.state_dir
+    if args.records < 0:
+        raise ToolError("--records must be 0 or more")
+    if not state_dir.is_dir():
+        raise ToolError(f"{state_dir}: no such state directory")
+    boot_id = current_boot_id(args.boot_id)
+    js = sv.read_journal_state(state_dir)
+    if js.error:
+        raise ToolError(f"{state_dir}: cannot read the journal: {js.error}")
+    view = sv.read_store(state_dir, boot_id, moved_aside=False, journal=js)
+    sc = js.scan
+    insts = _instances_of(view)
+    records = sc.records if args.all else sc.records[max(0, len(sc.records) - args.records):]
+    segs = [{"file": jn.segment_name(start), "start": start, "base": h.base, "capacity": h.capacity,
+             "end": start + h.capacity, "created_at": h.created_at, "created_at_iso": iso(h.created_at)}
+            for start, h in sorted(sc.segments.items())]
+    if args.json:
+        emit_json(json_doc(
+            TOOL, "journal", state_dir=str(state_dir), boot_id=boot_id, daemon=view.daemon.as_json(),
+            exists=sc.exists, journal_id=None if sc.journal_id is None else sc.journal_id.hex(),
+            segments=segs, base=sc.base, end=sc.end, durable=sc.durable,
+            damage=[{"start": d.start, "end": d.end, "reason": d.reason} for d in sc.damage],
+            problems=list(sc.problems), findings=[f.as_json() for f in js.findings],
+            instances=insts, records_total=len(sc.records), records_shown=len(records),
+            records=[record_json(r) for r in records]))
+        return EXIT_OK
+    out = [f"state dir {state_dir}: {view.daemon.describe()}; this boot {boot_id}", journal_summary(js)]
+    if segs:
+        rows = [[g["file"], str(g["start"]), str(g["base"]), str(g["capacity"]), when(g["created_at"])]
+                for g in segs]
+        out.append("")
+        out.extend(table(rows, ["segment", "start", "base", "capacity", "created"], right={1, 2, 3},
+                         indent="  "))
+    for d in sc.damage:
+        out.append(f"  DAMAGE {d.start}-{d.end}: {d.reason}")
+    for p in sc.problems:
+        out.append(f"  problem: {p}")
+    if insts:
+        out.append("")
+        out.append("instances (checkpoint: every record of the instance before it is in its store):")
+        rows = []
+        for i in insts:
+            ck = "-" if i["checkpoint"] is None else str(i["checkpoint"])
+            other = i["checkpoint_journal_id"]
+            if other and other != (sc.journal_id.hex() if sc.journal_id else None):
+                ck += f" (journal {i['checkpoint_journal_id'][:12]})"
+            elif i["layout"] is not None and i["layout"] < 3:
+                ck = f"- (layout {i['layout']}: migrated at the daemon's next start)"
+            rows.append([i["uuid"], i["luid_hex"], ck, str(i["records_after"]), str(i["ops_replayed"]),
+                         i["damaged"] or ""])
+        out.extend(table(rows, ["uuid", "luid", "checkpoint", "records after", "ops replayed", "damaged"],
+                         right={3, 4}, indent="  "))
+    out.append("")
+    if not sc.records:
+        out.append("no records")
+    else:
+        labels: dict[str, str] = {}
+        for r in sc.records:
+            if r.kind is not jn.Kind.SWITCH and r.uuid not in labels:
+                labels[r.uuid] = f"u{len(labels) + 1}"
+        which = "all" if len(records) == len(sc.records) else f"the last {len(records)}"
+        out.append(f"records ({which} of {len(sc.records)}; position, kind, uuid label, luid, what):")
+        for u, label in labels.items():
+            out.append(f"  {label} = uuid {u!r}")
+        for r in records:
+            out.extend(record_text(r, labels))
+    print("\n".join(out))
     return EXIT_OK
 
 
@@ -317,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "read-only transactions)."),
         epilog="commands:\n"
                "  store    every uuid, instance, verdict, generation, geometry, counts and region ranges\n"
+               "  journal  the daemon-wide journal: segments, end, durable point, damage, records\n"
                "  wire     one line per request and reply of a capture (dm-ulogd --capture) or hex frames\n"
                "  disklog  header and clean bits of an in-kernel 'disk' log (file or device)\n\n"
                "Run 'ulog-dump COMMAND --help' for each. Every command takes --json (keys documented in\n"
@@ -351,6 +514,32 @@ def build_parser() -> argparse.ArgumentParser:
     add_store_options(s, state_dir=False)
     s.add_argument("--json", action="store_true", help="JSON instead of text")
     s.set_defaults(func=cmd_store)
+
+    j = sub.add_parser(
+        "journal", formatter_class=fmt, help="decode the daemon-wide journal",
+        description=fill(
+                    "Decode the journal of a state directory (formats/journal.md), read-only: its segments "
+                    "(file, start, base, capacity, created), the journal id, where it ends, the position it "
+                    "was durable up to at least (the highest durable claim of a record), damaged ranges "
+                    "(a record that fails while a later one says the journal was durable past it) and "
+                    "segments that could not be used; each instance's checkpoint (read from its store, "
+                    "read-only) and how many of its records follow it, which is what the daemon's next "
+                    "start replays; and the records: position, kind (OPS, FLUSH, EVENT, SWITCH), uuid, "
+                    "luid, ops as text (mark 5, clear 7, in-sync 9, out-of-sync 12), a FLUSH's generation, "
+                    "an EVENT's request and lifecycle state."),
+        epilog="examples:\n"
+               "  ulog-dump journal                      # /var/lib/ulog-disk, the last 50 records\n"
+               "  ulog-dump journal /srv/state --all\n"
+               "  ulog-dump journal --state-dir /srv/state --records 5 --json\n",
+    )
+    j.add_argument("path", nargs="?", type=Path, default=None, metavar="STATE_DIR",
+                   help="state directory (same as --state-dir)")
+    j.add_argument("--records", type=int, default=50, metavar="N",
+                   help="show the last N records (default 50; 0 for none)")
+    j.add_argument("--all", action="store_true", help="show every record")
+    add_store_options(j)
+    j.add_argument("--json", action="store_true", help="JSON instead of text")
+    j.set_defaults(func=cmd_journal)
 
     w = sub.add_parser(
         "wire", formatter_class=fmt, help="decode captured kernel frames",

@@ -17,6 +17,7 @@ import lmdb
 from bitarray import bitarray
 
 from .. import __version__, disklog, regionlog
+from .. import journal as jn
 from ..backends.base import Commit, StoredState
 from ..backends.lmdb_store import DIR_MODE, FILE_MODE, MAX_DBS, LmdbBackend
 from ..daemon import prepare_state_dir
@@ -148,7 +149,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.uuid and view.env(args.uuid) is None and not view.envs:
         raise ToolError(f"no store for uuid {args.uuid!r} in {args.state_dir}")
     results = []
-    problems = 0
+    journal = view.journal
+    journal_findings = journal.findings if journal is not None else []
+    problems = sum(1 for f in journal_findings if f.level in ("error", "warning"))
     for ev in view.envs:
         findings = ev.all_findings()
         errors = [f for f in findings if f.level == "error"]
@@ -158,17 +161,29 @@ def cmd_verify(args: argparse.Namespace) -> int:
         checked = {
             "lmdb_opened": ev.opened, "sub_databases": len(ev.databases), "records": records,
             "instances": len(ev.instances), "retained": ev.retained is not None,
-            "journals": sum(1 for s in ev.instances if s.journal and s.journal.exists),
+            # Instances whose journal was checked: a checkpoint (layout 3) or an old journal file.
+            "journals": sum(1 for s in ev.instances if s.journal and (s.journal.checkpoint is not None
+                                                                       or s.journal.exists)),
         }
         results.append((ev, errors, warnings, findings, checked))
     ok = problems == 0
     if args.json:
         emit_json(json_doc(TOOL, "verify", state_dir=str(args.state_dir), boot_id=boot_id, healthy=ok,
                            daemon=view.daemon.as_json(),
+                           journal=journal.as_json() if journal is not None else None,
                            stores=[_verify_json(ev, e, w, fs, c) for ev, e, w, fs, c in results],
                            ignored=view.ignored))
         return EXIT_OK if ok else EXIT_PROBLEMS
     print(f"state dir {args.state_dir}: {view.daemon.describe()}; this boot {boot_id}")
+    if journal is not None:
+        sc = journal.scan
+        state = "no journal yet" if not sc.exists else (
+            f"journal {sc.journal_id.hex() if sc.journal_id else '?'}: {len(sc.segments)} segment(s) read, "
+            f"{len(sc.records)} record(s) from {sc.base} to {sc.end}, durable up to at least {sc.durable}")
+        bad = [f for f in journal_findings if f.level in ("error", "warning")]
+        print(f"\njournal: {'OK' if not bad else f'{len(bad)} problem(s)'}; {state}")
+        for f in journal_findings:
+            print(f"  {f.level:<7}  {f.where}: {f.message}")
     for ev, errors, warnings, findings, checked in results:
         verdict = "OK" if not (errors or warnings) else f"{len(errors)} error(s), {len(warnings)} warning(s)"
         print(f"\n{ev.uuid!r} ({ev.name}{', moved aside' if ev.kind == 'moved-aside' else ''}): {verdict}")
@@ -258,6 +273,9 @@ def _run_destructive(args: argparse.Namespace, command: str,
                 print(f"  {c.text}", file=sys.stderr)
         confirm(f"{command}: make these {len(changes)} change(s)?", args.yes)
         backend = LmdbBackend(state_dir)
+        # A store of layout 1-2 is migrated when the backend first opens it; the migration folds
+        # the journal files of instances of the current boot only, so it must know the boot.
+        backend.boot_id = boot_id
         done: list[Change] = []
         try:
             for c in changes:
@@ -315,7 +333,7 @@ def _purge_plan(args: argparse.Namespace, view: sv.StoreView) -> list[Change]:
                                     or s.generation > retained.generation)
             text = (f"purge uuid={s.uuid!r} luid={luid_hex(s.luid)} ({s.verdict}, {s.state}, generation "
                     f"{s.generation}, boot {s.boot_id}): sub-databases meta/clean/sync.{s.luid:016x} dropped"
-                    f"{', journal removed' if s.journal and s.journal.exists else ''}")
+                    f"{', its layout-2 journal file removed' if s.journal and s.journal.exists else ''}")
             details: dict[str, Any] = {"luid": s.luid, "luid_hex": luid_hex(s.luid), "verdict": s.verdict,
                                        "generation": s.generation, "kept_as_retained": keep,
                                        "replaced_retained_generation": retained.generation
@@ -387,7 +405,7 @@ def _resync_plan(args: argparse.Namespace, view: sv.StoreView) -> list[Change]:
         details = {"target": "retained" if s.kind == "retained" else luid_hex(s.luid), "luid": s.luid,
                    "generation": s.generation, "regions": ranges(regions),
                    "newly_out_of_sync": ranges(was_sync), "newly_dirty": ranges(was_clean),
-                   "in_sync_after": sync.count(1), "region_count": s.region_count}
+                   "in_sync_after": sync.count(1), "region_count": s.region_count, "folded_ops": 0}
         if s.kind == "retained":
             state = _stored(s, clean, sync)
 
@@ -398,14 +416,20 @@ def _resync_plan(args: argparse.Namespace, view: sv.StoreView) -> list[Change]:
             record = s.meta.instance()
             record.committed_at = time.time()
             cb = regionlog.CHUNK_BYTES
+            # The bitmaps shown are the store's with the journal's records since the checkpoint
+            # replayed (as the daemon's restore would): written with position=None, the checkpoint
+            # becomes the journal's end, so the restore does not replay those records again.
             commit = Commit(record, split_chunks(clean.tobytes(), s.region_count, cb),
-                            split_chunks(sync.tobytes(), s.region_count, cb), resized=True)
-            if s.journal and s.journal.replayed and s.journal.ops:
-                text += f" (its {len(s.journal.ops)} journal op(s) are folded into this commit)"
+                            split_chunks(sync.tobytes(), s.region_count, cb), resized=True, position=None)
+            j = s.journal
+            if j is not None and j.replayed and j.ops:
+                where = (f"{j.records} journal record(s) after its checkpoint" if j.layout >= 3
+                         else f"its layout-{j.layout} journal file")
+                text += f" (its {len(j.ops)} journal op(s), from {where}, are folded into this commit)"
+                details["folded_ops"] = len(j.ops)
 
             def apply(b: LmdbBackend, commit: Commit = commit) -> None:
                 b.commit(commit)
-                b.after_commit(commit.record.uuid, commit.record.luid)
         changes.append(Change("resync", s.uuid, text, details, apply))
     return changes
 
@@ -415,6 +439,47 @@ def cmd_resync(args: argparse.Namespace) -> int:
 
 
 # --- backup --------------------------------------------------------------------------------------
+
+
+def _segment_names(directory: Path) -> list[str]:
+    return sorted(n for n in os.listdir(directory) if jn.parse_segment_name(n) is not None)
+
+
+def copy_journal(state_dir: Path, dest: Path, attempts: int = 5) -> dict[str, Any]:
+    """Copy the journal's segments into ``dest`` while the daemon may be appending to them.
+
+    Segments are copied **newest first**: the journal is written in position order, so every
+    record an older segment holds before a newer segment's records was written before them, and
+    a copy of the older segment taken after the copy of the newer one has it (the SWITCH that
+    leads into the newer segment included). A segment that appears during a round (the daemon
+    switched to it) makes the round start again, as does a copy that reads as damaged (a page
+    copied in the middle of an append, see :func:`storeview.scan_journal`). A segment removed
+    before its copy was cut by the daemon: every record in it was in the stores by then, and the
+    stores are copied after the journal. Returns what ended up in ``dest``.
+    """
+    copied: list[str] = []
+    check = jn.Scan(dest)
+    for _attempt in range(attempts):
+        for name in _segment_names(dest):
+            (dest / name).unlink()
+        names = _segment_names(state_dir)
+        copied = []
+        for name in reversed(names):
+            try:
+                shutil.copyfile(state_dir / name, dest / name)
+            except FileNotFoundError:
+                continue
+            os.chmod(dest / name, FILE_MODE)
+            copied.append(name)
+        if set(_segment_names(state_dir)) - set(names):
+            continue
+        check = jn.scan(dest)
+        if not check.damage:
+            break
+    return {"segments": sorted(copied),
+            "journal_id": None if check.journal_id is None else check.journal_id.hex(), "end": check.end,
+            "damage": [{"start": d.start, "end": d.end, "reason": d.reason} for d in check.damage],
+            "problems": list(check.problems)}
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
@@ -429,58 +494,73 @@ def cmd_backup(args: argparse.Namespace) -> int:
     dest.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     os.chmod(dest, DIR_MODE)
     started = time.time()
+    # The journal first, then the stores. The daemon removes a journal segment once every record
+    # in it is in the stores, so stores copied first could need records (after their checkpoints)
+    # that are cut before the journal is copied. Copied in this order, each store snapshot is at
+    # least as new as the journal copy: it needs no record older than what the copy starts with,
+    # replays what the copy holds past its checkpoint, and a checkpoint past the copy's end is
+    # a store ahead of its journal, which a restore accepts (formats/journal.md, §6).
+    journal = copy_journal(state_dir, dest)
+    copied_journal = sv.read_journal_state(dest)
     results = []
     for ev in view.envs:
         out = dest / ev.name
         out.mkdir(mode=DIR_MODE)
-        # Journals first, then the LMDB snapshot: a journal whose header follows the snapshot's
-        # commit holds only ops after it, and one that does not is ignored at restore (the rule
-        # of formats/store.md section 5), so the pair is always consistent.
-        journals = []
-        for name in ev.journals:
-            try:
-                shutil.copyfile(ev.path / name, out / name)
-                os.chmod(out / name, FILE_MODE)
-                journals.append(name)
-            except FileNotFoundError:
-                pass  # dropped meanwhile
         error = None
         try:
             env = lmdb.open(str(ev.path), readonly=True, lock=True, subdir=True, max_dbs=MAX_DBS,
                             create=False, mode=FILE_MODE)
             try:
-                env.copy(str(out), compact=True)
+                env.copy(str(out), compact=True)  # one read transaction: a committed snapshot
             finally:
                 env.close()
             os.chmod(out / "data.mdb", FILE_MODE)
         except lmdb.Error as exc:
             error = f"LMDB copy failed: {exc}"
-        check = None if error else sv.read_env(out, ev.uuid, boot_id)
+        # Read back against the copied journal: what a daemon started on the backup restores.
+        check = None if error else sv.read_env(out, ev.uuid, boot_id, journal=copied_journal)
         problems = [] if check is None else [f.message for f in check.all_findings() if f.level == "error"]
+        if check is not None:
+            problems += [f"luid {luid_hex(s.luid)}: {s.journal.damaged}" for s in check.instances
+                         if s.journal is not None and s.journal.damaged]
         size = (out / "data.mdb").stat().st_size if not error else 0
-        results.append({"uuid": ev.uuid, "dir": ev.name, "data_bytes": size, "journals": journals,
+        old_journals = []
+        for name in ev.journals if ev.format is not None and ev.format.version < 3 else []:
+            # Layout 1-2 stores keep a journal file per instance beside data.mdb.
+            try:
+                shutil.copyfile(ev.path / name, out / name)
+                os.chmod(out / name, FILE_MODE)
+                old_journals.append(name)
+            except FileNotFoundError:
+                pass
+        results.append({"uuid": ev.uuid, "dir": ev.name, "data_bytes": size, "journals": old_journals,
                         "instances": len(check.instances) if check else 0,
                         "retained": bool(check and check.retained), "error": error,
                         "verify_errors": problems})
     manifest = {"tool": TOOL, "command": "backup", "json_version": 1, "source": str(state_dir.resolve()),
-                "started_at": started, "finished_at": time.time(), "stores": results}
+                "started_at": started, "finished_at": time.time(), "journal": journal, "stores": results}
     (dest / "backup.json").write_text(json.dumps(manifest, indent=2) + "\n")
     os.chmod(dest / "backup.json", FILE_MODE)
     failed = [r for r in results if r["error"] or r["verify_errors"]]
     if args.json:
-        emit_json(json_doc(TOOL, "backup", state_dir=str(state_dir), dest=str(dest), stores=results,
-                           ok=not failed))
+        emit_json(json_doc(TOOL, "backup", state_dir=str(state_dir), dest=str(dest), journal=journal,
+                           stores=results, ok=not failed))
     else:
         print(f"backup of {state_dir} into {dest} ({view.daemon.describe()}):")
+        jid = journal["journal_id"] or "none"
+        damage = f"; damaged: {journal['damage']}" if journal["damage"] else ""
+        print(f"  journal {jid}: {len(journal['segments'])} segment(s), up to position {journal['end']}"
+              f"{damage}")
         for r in results:
             state = r["error"] or ("; ".join(r["verify_errors"]) if r["verify_errors"] else "ok, read back")
+            old = f", {len(r['journals'])} layout-2 journal file(s)" if r["journals"] else ""
             print(f"  {r['uuid']!r}: data.mdb {r['data_bytes']} bytes (compacted snapshot), "
-                  f"{len(r['journals'])} journal(s), {r['instances']} instance(s)"
-                  f"{', retained state' if r['retained'] else ''}: {state}")
+                  f"{r['instances']} instance(s){', retained state' if r['retained'] else ''}{old}: {state}")
         if not results:
             print("  no stores")
-        print(f"manifest: {dest / 'backup.json'}. To restore: stop dm-ulogd, move the store directories "
-              f"out of {state_dir}, copy the ones in {dest} back, start dm-ulogd.")
+        print(f"manifest: {dest / 'backup.json'}. To restore: stop dm-ulogd, move the store directories and "
+              f"the journal segments (journal.*) out of {state_dir}, copy the ones in {dest} back, start "
+              "dm-ulogd.")
     return EXIT_PROBLEMS if failed else EXIT_OK
 
 
@@ -697,13 +777,20 @@ def build_parser() -> argparse.ArgumentParser:
                     "are 0; no chunk is missing once an instance has committed; generations are consistent "
                     "(a never-resumed instance has generation 0; non-zero generations are unique per uuid; "
                     "an instance flagged superseded is never the newest; at most one instance per uuid is "
-                    "live in this boot); a journal's header follows the meta's commit or an earlier one "
-                    "(header commit_seq <= meta commit_seq) and names its luid; file modes are private. "
+                    "live in this boot); file modes are private. The journal (formats/journal.md): "
+                    "its segments "
+                    "belong to one journal id and read without damage (a record that fails while a later "
+                    "one says the journal was durable past it); each instance has a checkpoint record that "
+                    "names this journal (a checkpoint past the journal's end is fine: the store is ahead) "
+                    "and no damage follows it, else the daemon's restore takes that instance as all dirty "
+                    "and out of sync. A store of layout 1 or 2 is read as it is and noted (the daemon "
+                    "migrates it, folding each instance's journal file in). "
                     "The store keeps no sync count of its own (the daemon counts the sync bitmap when it "
                     "loads it), so the count shown is the popcount. Reads only."),
         epilog="levels: error = damage (the daemon moves the store aside at its next start); warning =\n"
-               "inconsistent but harmless to the daemon; note = worth knowing, not a problem. Errors and\n"
-               "warnings make the exit status 1.\n\nexamples:\n  ulog-recover verify\n"
+               "inconsistent, or journal damage the daemon meets with a full resync of the instances it\n"
+               "touches; note = worth knowing, not a problem. Errors and warnings make the exit status 1.\n"
+               "\nexamples:\n  ulog-recover verify\n"
                "  ulog-recover verify LVM-abc --json\n\n" + EXIT_TEXT)
     s.add_argument("uuid", nargs="?", metavar="UUID", help="only this uuid")
     s.set_defaults(func=cmd_verify)
@@ -712,7 +799,8 @@ def build_parser() -> argparse.ArgumentParser:
         "purge", parents=[common], formatter_class=fmt, help="remove orphaned and superseded instances",
         description=fill(
                     "Remove the instances whose verdict is orphaned or superseded (see 'list'): their three "
-                    "sub-databases and their journal, one transaction each. An orphaned instance that holds "
+                    "sub-databases, one transaction each (its journal records are then never read). "
+                    "An orphaned instance that holds "
                     "its uuid's newest state is first kept as the uuid's retained state in the same "
                     "transaction (the daemon adopts a retained state exactly as it adopts an orphaned "
                     "instance), so purge never costs a resync. Live, suspended, constructed and retained "
@@ -730,8 +818,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "Mark regions of a uuid's newest state out of sync (and dirty), so the next RESUME of "
                     "the mirror hands them to the kernel for recovery: the legs are copied again for those "
                     "regions. The newest state is the one the next RESUME adopts: the retained state, or a "
-                    "suspended or orphaned instance (the highest generation). An instance's journal ops are "
-                    "folded into the commit. When the newest state is live in this boot the command refuses "
+                    "suspended or orphaned instance (the highest generation). An instance's journal "
+                    "records since its checkpoint are folded into the commit (replayed as the daemon's "
+                    "restore would) and its "
+                    "checkpoint moves to the journal's end. When the newest state is live in this boot the "
+                    "command refuses "
                     "unless --force; the change then takes effect at the instance's next resume "
                     "(dmsetup suspend + resume) after dm-ulogd restarts."),
         epilog=SAFETY_TEXT + "\n\nexamples:\n  ulog-recover resync LVM-abc                  # every region\n"
@@ -744,15 +835,22 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "backup", parents=[common], formatter_class=fmt, help="copy every store, while the daemon runs",
         description=fill(
-                    "Copy every store into DIR (created; must be new or empty) while dm-ulogd runs: each "
-                    "environment as a compacted LMDB snapshot (one read transaction, consistent, never "
-                    "blocking the daemon) plus its journal files, copied before the snapshot so the pair is "
-                    "consistent by the journal rule (a journal is replayed only when it follows the "
-                    "snapshot's commit). Each copy is read back and verified; DIR/backup.json lists what "
-                    "was copied. Stores moved aside as damaged are not copied."),
-        epilog="restoring: stop dm-ulogd, move the store directories (u.* and x.*) out of the state\n"
-               "directory, copy the directories from DIR back into it (cp -a DIR/. STATE_DIR/), start\n"
-               "dm-ulogd. Instances then continue from the backup's commits; anything committed after\n"
+                    "Copy the journal and every store into DIR (created; must be new or empty) while "
+                    "dm-ulogd "
+                    "runs. The journal segments first, newest first (a round is redone if a segment appears "
+                    "meanwhile), then each environment as a compacted LMDB snapshot (one read transaction, "
+                    "consistent, never blocking the daemon). In that order the copy is consistent: a store "
+                    "snapshot is never older than the journal copy, so every record it needs past its "
+                    "checkpoint that the copy could hold is in it (the daemon removes a segment only once "
+                    "its records are in the stores, which is why the stores are not copied first), and a "
+                    "checkpoint past the copy's end is a store ahead of its journal, which a restore "
+                    "accepts. Each store is read back against the copied journal and verified; "
+                    "DIR/backup.json lists what was copied. Stores moved aside as damaged are not copied."),
+        epilog="restoring: stop dm-ulogd, move the store directories (u.* and x.*) and the journal\n"
+               "segments (journal.*) out of the state directory, copy everything from DIR back into it\n"
+               "(cp -a DIR/. STATE_DIR/), start dm-ulogd (a store whose checkpoint names a journal that\n"
+               "is not there comes back all dirty: the stores and the journal go back together).\n"
+               "Instances then continue from the backup's commits; anything committed after\n"
                "the backup is lost (regions the mirror dirtied since are covered only if the kernel\n"
                "still holds them; a 'resync' of the affected uuids is the safe choice).\n\n"
                "examples:\n  ulog-recover backup /root/ulog-backup-$(date +%F)\n\n" + EXIT_TEXT)

@@ -40,10 +40,12 @@ import lmdb
 from bitarray import bitarray
 from bitarray.util import zeros
 
+from .. import journal as jn
 from ..backends.base import OP_CLEAR, OP_MARK, OP_SET_NOSYNC, OP_SET_SYNC
-from ..backends.lmdb_store import DIR_MODE, FILE_MODE, MAX_DBS
+from ..backends.lmdb_store import DIR_MODE, FILE_MODE, MAX_DBS, journal_records_by_instance, plan_replay
 from ..regionlog import CHUNK_BYTES, RegionLog
 from ..store_format import (
+    CHECKPOINT_KEY,
     DAMAGED_INFIX,
     FORMAT_KEY,
     JOURNAL_HEADER_SIZE,
@@ -52,6 +54,7 @@ from ..store_format import (
     RETAINED_CLEAN,
     RETAINED_META,
     RETAINED_SYNC,
+    CheckpointRecord,
     FormatRecord,
     JournalHeader,
     MetaRecord,
@@ -66,6 +69,7 @@ from ..store_format import (
     instance_db_name,
     journal_file_name,
     parse_instance_db_name,
+    read_checkpoint_value,
     read_format_value,
     record_bytes,
     unseal_chunk,
@@ -90,36 +94,152 @@ class Finding:
 
 @dataclass
 class JournalView:
-    path: Path
+    """What the daemon's next start does with one instance's journal records.
+
+    Layout 3: the daemon-wide journal (``formats/journal.md``). ``checkpoint`` is the instance's
+    checkpoint record; ``records``, ``ops`` and ``damaged`` come from
+    :func:`~ulog_disk.backends.lmdb_store.plan_replay`, the function the daemon's restore calls,
+    so the state shown is the one the daemon would restore.
+
+    Layouts 1-2: the instance's own ``journal.<luid>`` file, which the daemon folds into the
+    bitmaps when it migrates the store to layout 3 (by the rule of
+    ``LmdbBackend._fold_old_journal``), then removes.
+    """
+
+    layout: int
+    ops: list[tuple[int, int]] = field(default_factory=list)
+    #: The ops are applied to the state shown (as the daemon's restore or migration would).
+    replayed: bool = False
+    problem: str | None = None
+    # --- layout 3
+    checkpoint: CheckpointRecord | None = None
+    #: Records of the instance at or after its checkpoint.
+    records: int = 0
+    #: Position of the first of them (or of the checkpoint when damaged): the journal is needed
+    #: from there until the instance's next checkpoint.
+    first: int | None = None
+    #: Why requests answered since the checkpoint may be missing: the instance then comes back
+    #: all dirty and out of sync.
+    damaged: str | None = None
+    same_boot: bool = True
+    #: Ops of those records not replayed (another boot, past the journal's durable point).
+    dropped: int = 0
+    # --- layouts 1-2
+    path: Path | None = None
     size: int = 0
     exists: bool = False
     header_luid: int | None = None
     header_seq: int | None = None
-    ops: list[tuple[int, int]] = field(default_factory=list)
-    #: The header follows the meta's commit: these ops are what a restart of the same boot replays.
+    #: The header follows the meta's commit: the migration folds these ops in (same boot).
     follows_meta: bool = False
-    #: ...and the instance is of the current boot, so they are applied to the state shown.
-    replayed: bool = False
-    problem: str | None = None
 
     def describe(self) -> str:
+        if self.layout < 3:
+            return self._describe_old()
+        c = self.checkpoint
+        if c is None:
+            text = "no checkpoint record"
+        else:
+            text = (f"checkpoint at position {c.position} of journal {c.journal_id.hex()[:12]}, "
+                    f"{self.records} record(s) after it, {len(self.ops)} op(s) replayed")
+            if self.dropped:
+                text += (f", {self.dropped} op(s) past the journal's durable point not replayed "
+                         "(another boot: only flushed marks and out-of-sync ops are kept)")
+        if self.damaged:
+            text += f"; DAMAGED: {self.damaged}: every region comes back dirty and out of sync"
+        if self.problem:
+            text += f"; {self.problem}"
+        return text
+
+    def _describe_old(self) -> str:
         if not self.exists:
             return "no journal file"
         if self.header_seq is None:
-            return f"{self.size} bytes, no valid header" + (f" ({self.problem})" if self.problem else "")
-        n = len(self.ops)
-        text = f"header commit {self.header_seq}, {n} op(s)"
-        if self.follows_meta:
-            text += ", applied to the state shown" if self.replayed else \
-                ", not replayed (the instance is of another boot)"
+            text = f"{self.path.name if self.path else 'journal'}: {self.size} bytes, no valid header"
+        else:
+            text = f"{self.path.name if self.path else 'journal'}: header commit {self.header_seq}, " \
+                   f"{len(self.ops)} op(s)"
+            if self.follows_meta:
+                text += ", folded into the state shown by the migration to layout 3" if self.replayed \
+                    else ", not folded by the migration (the instance is of another boot)"
+        if self.damaged:
+            text += f"; DAMAGED: {self.damaged}: the migration takes every region as dirty and out of sync"
         if self.problem:
             text += f"; {self.problem}"
         return text
 
     def as_json(self) -> dict[str, Any]:
-        return {"path": str(self.path), "exists": self.exists, "size": self.size,
-                "header_commit_seq": self.header_seq, "ops": len(self.ops),
-                "follows_meta": self.follows_meta, "replayed": self.replayed, "problem": self.problem}
+        c = self.checkpoint
+        return {"layout": self.layout, "ops": len(self.ops), "replayed": self.replayed,
+                "problem": self.problem, "damaged": self.damaged,
+                "journal_id": None if c is None else c.journal_id.hex(),
+                "checkpoint": None if c is None else c.position,
+                "records": self.records, "first": self.first, "same_boot": self.same_boot,
+                "dropped": self.dropped,
+                "path": None if self.path is None else str(self.path), "exists": self.exists,
+                "size": self.size, "header_commit_seq": self.header_seq,
+                "follows_meta": self.follows_meta}
+
+
+@dataclass
+class JournalState:
+    """The daemon-wide journal of a state directory, scanned once per store read."""
+
+    scan: jn.Scan
+    error: str | None = None
+    by_instance: dict[tuple[str, int], list[jn.Record]] = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def journal_id(self) -> bytes | None:
+        return self.scan.journal_id
+
+    def records_of(self, uuid: str, luid: int) -> list[jn.Record]:
+        return self.by_instance.get((uuid, luid), [])
+
+    def as_json(self) -> dict[str, Any]:
+        sc = self.scan
+        return {"exists": sc.exists, "journal_id": None if sc.journal_id is None else sc.journal_id.hex(),
+                "segments": len(sc.segments), "base": sc.base, "end": sc.end, "durable": sc.durable,
+                "records": len(sc.records),
+                "damage": [{"start": d.start, "end": d.end, "reason": d.reason} for d in sc.damage],
+                "problems": list(sc.problems), "error": self.error,
+                "findings": [f.as_json() for f in self.findings]}
+
+
+def scan_journal(state_dir: Path, attempts: int = 3) -> jn.Scan:
+    """``journal.scan`` of ``state_dir``; a scan that finds damage is repeated.
+
+    Why: a segment is read with one ``read`` while the daemon may be appending to it, and the
+    kernel copies page after page, so a reader can get a record's page from before its write and
+    a later record's page from after its own: the first looks torn while the second, synced
+    meanwhile, claims it durable, which reads as damage. Real damage stays on the next scan.
+    """
+    found = jn.scan(state_dir)
+    for _ in range(attempts - 1):
+        if not found.damage:
+            break
+        found = jn.scan(state_dir)
+    return found
+
+
+def read_journal_state(state_dir: Path) -> JournalState:
+    """Scan the journal (read-only) and judge it: damage and problems as findings."""
+    try:
+        found = scan_journal(state_dir)
+    except OSError as exc:
+        st = JournalState(jn.Scan(state_dir), error=str(exc))
+        st.findings.append(Finding(ERROR, "journal", f"cannot read the journal: {exc} (the daemon "
+                                   "refuses to start until it can)"))
+        return st
+    st = JournalState(found, by_instance=dict(journal_records_by_instance(found)))
+    for problem in found.problems:
+        st.findings.append(Finding(WARNING, "journal", f"{problem}: ignored by the daemon"))
+    for d in found.damage:
+        st.findings.append(Finding(WARNING, "journal", f"damaged between positions {d.start} and {d.end}: "
+                                   f"{d.reason}; instances whose checkpoint is before it come back all "
+                                   "dirty and out of sync"))
+    return st
 
 
 @dataclass
@@ -228,9 +348,11 @@ class EnvView:
     data_bytes: int = 0
     #: Sub-databases and their LMDB statistics (``txn.stat``), by name.
     databases: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: Layouts 1-2: the per-instance journal files in the directory (read only to show what the
+    #: migration to layout 3 folds in).
     journals: list[str] = field(default_factory=list)
-    #: Journal file contents, read *before* the LMDB snapshot: the daemon writes a journal's new
-    #: header only after the commit it follows is durable, so a journal read first never follows
+    #: Their contents, read *before* the LMDB snapshot: a layout-2 daemon wrote a journal's new
+    #: header only after the commit it follows was durable, so a journal read first never follows
     #: a commit newer than the snapshot (a header ahead of its meta is then real, not a race).
     journal_data: dict[str, bytes | OSError] = field(default_factory=dict, repr=False)
 
@@ -268,6 +390,8 @@ class StoreView:
     #: Names in the state directory that are neither a store nor one moved aside.
     ignored: list[str] = field(default_factory=list)
     exists: bool = True
+    #: The daemon-wide journal, scanned once, before any store is read.
+    journal: JournalState | None = None
 
     def env(self, uuid: str) -> EnvView | None:
         for e in self.envs:
@@ -363,64 +487,102 @@ def _as_bits(data: bytes, count: int) -> bitarray:
     return bits
 
 
-def _read_journal(ev: EnvView, sv: StateView, boot_id: str) -> None:
+def _read_old_journal(ev: EnvView, sv: StateView, boot_id: str) -> None:
+    """Layouts 1-2: the instance's own journal file, judged by the rule the migration to layout 3
+    folds it in with (``LmdbBackend._fold_old_journal``): only for an instance of this boot, only a
+    journal whose header follows the meta's commit; an unreadable header, one naming another luid
+    or one ahead of the meta's commit makes the instance all dirty and out of sync."""
     assert sv.meta is not None and sv.luid is not None
     where = f"luid {luid_hex(sv.luid)}"
-    jv = JournalView(path=ev.path / journal_file_name(sv.luid))
+    jv = JournalView(layout=ev.format.version if ev.format else 1,
+                     path=ev.path / journal_file_name(sv.luid), same_boot=sv.meta.boot_id == boot_id)
     sv.journal = jv
-    data = ev.journal_data.get(jv.path.name)
+    data = ev.journal_data.get(jv.path.name)  # type: ignore[union-attr]
     if data is None:
         return
     jv.exists = True
+    name = jv.path.name  # type: ignore[union-attr]
     if isinstance(data, OSError):
         jv.problem = f"cannot read: {data}"
-        sv.findings.append(Finding(WARNING, where, f"journal {jv.path.name}: {jv.problem}"))
+        sv.findings.append(Finding(WARNING, where, f"journal {name}: {jv.problem}"))
         return
     jv.size = len(data)
-    if not data:
-        return  # the window between a commit's truncation and the new header: nothing to replay
+    if not data or not jv.same_boot:
+        return  # nothing to fold, or another boot: the migration drops it unread
     try:
         header = JournalHeader.decode(data)
     except StoreFormatError as exc:
-        jv.problem = f"unreadable header ({exc}); the daemon ignores and rewrites it"
-        sv.findings.append(Finding(WARNING, where, f"journal {jv.path.name}: {jv.problem}"))
+        jv.damaged = f"its journal {name} has an unreadable header ({exc})"
+    else:
+        jv.header_luid, jv.header_seq = header.luid, header.commit_seq
+        if header.luid != sv.luid:
+            jv.damaged = f"its journal {name} names luid {luid_hex(header.luid)}"
+        elif header.commit_seq > sv.meta.commit_seq:
+            jv.damaged = (f"its journal {name} follows commit {header.commit_seq}, newer than the meta's "
+                          f"commit {sv.meta.commit_seq}")
+        elif header.commit_seq < sv.meta.commit_seq:
+            jv.problem = (f"stale: follows commit {header.commit_seq}, the meta holds commit "
+                          f"{sv.meta.commit_seq}; its ops are in the commit, the migration drops it")
+            sv.findings.append(Finding(NOTE, where, f"journal {name}: {jv.problem}"))
+            return
+        else:
+            ops, _valid, cut = decode_journal_ops(data[JOURNAL_HEADER_SIZE:])
+            jv.ops, jv.follows_meta, jv.replayed = ops, True, True
+            if cut:
+                jv.problem = f"{cut} (the migration folds the ops before it)"
+                sv.findings.append(Finding(NOTE, where, f"journal {name}: {jv.problem}"))
+    if jv.damaged:
+        sv.findings.append(Finding(WARNING, where, f"{jv.damaged}: the daemon's migration to layout 3 "
+                                   "takes every region of this instance as dirty and out of sync (a full "
+                                   "resync at its next resume)"))
+
+
+def _plan_journal(sv: StateView, ckpt: CheckpointRecord | None, journal: JournalState | None,
+                  boot_id: str) -> None:
+    """Layout 3: what the daemon's restore replays for this instance (its own function)."""
+    assert sv.meta is not None and sv.luid is not None
+    where = f"luid {luid_hex(sv.luid)}"
+    scan = journal.scan if journal is not None else jn.Scan(Path("."))
+    records = journal.records_of(sv.meta.uuid, sv.luid) if journal is not None else []
+    plan = plan_replay(sv.meta, ckpt, records, scan, scan.journal_id, boot_id)
+    jv = JournalView(layout=3, checkpoint=ckpt, ops=plan.ops, replayed=True, damaged=plan.damaged,
+                     records=plan.records, first=plan.first, same_boot=sv.meta.boot_id == boot_id)
+    start = ckpt.position if ckpt is not None else 0
+    if ckpt is not None and ckpt.journal_id == scan.journal_id:
+        jv.dropped = sum(len(r.ops) for r in records if r.lsn >= start) - len(plan.ops)
+    sv.journal = jv
+    # What the instance's FLUSHes since the checkpoint changed (as the restore takes it).
+    sv.generation, sv.committed_at = plan.record.generation, plan.record.committed_at
+    if journal is not None and journal.error:
+        jv.problem = f"the journal could not be read ({journal.error}): shown as stored"
+        jv.replayed, jv.ops, jv.damaged = False, [], None
+        sv.findings.append(Finding(WARNING, where, jv.problem))
         return
-    jv.header_luid, jv.header_seq = header.luid, header.commit_seq
-    meta_seq = sv.meta.commit_seq
-    if header.luid != sv.luid:
-        jv.problem = f"header names luid {luid_hex(header.luid)}"
-        sv.findings.append(Finding(WARNING, where, f"journal {jv.path.name}: {jv.problem}"))
-        return
-    ops, _valid, cut = decode_journal_ops(data[JOURNAL_HEADER_SIZE:])
-    jv.ops = ops
-    if header.commit_seq > meta_seq:
-        jv.problem = (f"header follows commit {header.commit_seq}, newer than the meta's commit {meta_seq} "
-                      "(a journal left by an earlier instance of this luid); ignored by the daemon")
-        sv.findings.append(Finding(WARNING, where, f"journal {jv.path.name}: {jv.problem}"))
-        return
-    if header.commit_seq < meta_seq:
-        jv.problem = (f"stale: follows commit {header.commit_seq}, the meta holds commit {meta_seq} (the "
-                      "daemon stopped between a commit and the journal reset); its ops are in the commit")
-        sv.findings.append(Finding(NOTE, where, f"journal {jv.path.name}: {jv.problem}"))
-        return
-    jv.follows_meta = True
-    if cut:
-        jv.problem = f"{cut} (the daemon keeps the ops before it and truncates the rest)"
-        sv.findings.append(Finding(NOTE, where, f"journal {jv.path.name}: {jv.problem}"))
-    jv.replayed = sv.meta.boot_id == boot_id
+    if plan.damaged:
+        sv.findings.append(Finding(WARNING, where, f"{plan.damaged}: the daemon's restore takes every region "
+                                   "of this instance as dirty and out of sync (a full resync at its next "
+                                   "resume)"))
+    elif ckpt is not None and ckpt.position > scan.end:
+        sv.findings.append(Finding(NOTE, where, f"checkpoint at position {ckpt.position}, past the journal's "
+                                   f"end ({scan.end}): the store is ahead of the journal, nothing to replay "
+                                   "(the daemon continues the journal past it)"))
 
 
 def _apply_journal(sv: StateView) -> None:
-    """The engine's replay (``RegionLog.replay``, as ``Engine._restore_instance`` does it)."""
+    """The engine's restore: ``RegionLog.replay`` of the planned ops, then ``distrust_all`` when
+    the journal is damaged (``Engine._restore_instance``)."""
     log = RegionLog.from_bitmaps(sv.region_count, sv.committed_clean, sv.committed_sync)
-    assert sv.journal is not None
-    log.replay(sv.journal.ops)
+    j = sv.journal
+    if j is not None and j.replayed:
+        log.replay(j.ops)
+    if j is not None and j.damaged:
+        log.distrust_all()
     sv.clean = log.clean[: sv.region_count]
     sv.sync = log.sync[: sv.region_count]
 
 
 def _decode_env(ev: EnvView, plain: dict[bytes, bytes], subs: dict[bytes, dict[bytes, bytes]],
-                boot_id: str) -> None:
+                boot_id: str, journal: JournalState | None) -> None:
     uuid = ev.uuid
     raw_format = plain.pop(FORMAT_KEY, None)
     chunk_bytes = 0
@@ -440,6 +602,11 @@ def _decode_env(ev: EnvView, plain: dict[bytes, bytes], subs: dict[bytes, dict[b
                 ev.findings.append(Finding(NOTE, "store", f"layout {ev.format.version}: values without "
                                            f"checksums; the daemon migrates it to layout "
                                            f"{LAYOUT_VERSION} when it next opens it"))
+            elif ev.format.version < LAYOUT_VERSION:
+                ev.findings.append(Finding(NOTE, "store", f"layout {ev.format.version}: the daemon migrates "
+                                           f"it to layout {LAYOUT_VERSION} when it next opens it (each "
+                                           "instance's journal file is folded into its bitmaps, then "
+                                           "removed)"))
             elif chunk_bytes != CHUNK_BYTES:
                 ev.findings.append(Finding(NOTE, "store", f"written with {chunk_bytes}-byte chunks: the "
                                            f"daemon re-chunks it to {CHUNK_BYTES} when it next opens it"))
@@ -473,7 +640,8 @@ def _decode_env(ev: EnvView, plain: dict[bytes, bytes], subs: dict[bytes, dict[b
         where = f"meta.{luid:016x}"
         meta_db = dbs["meta"]
         raw = meta_db.get(RECORD_KEY)
-        extra = set(meta_db) - {RECORD_KEY}
+        layout = ev.format.version if ev.format is not None else LAYOUT_VERSION
+        extra = set(meta_db) - ({RECORD_KEY, CHECKPOINT_KEY} if layout >= 3 else {RECORD_KEY})
         if extra:
             sv.findings.append(Finding(WARNING, where, f"unexpected keys {sorted(extra)!r}"))
         if raw is None:
@@ -487,6 +655,13 @@ def _decode_env(ev: EnvView, plain: dict[bytes, bytes], subs: dict[bytes, dict[b
         sv.meta = meta
         sv.region_count, sv.generation = meta.region_count, meta.generation
         sv.committed_at = meta.committed_at
+        ckpt = None
+        raw_ckpt = meta_db.get(CHECKPOINT_KEY)
+        if layout >= 3 and raw_ckpt is not None:
+            try:
+                ckpt = read_checkpoint_value(where.encode(), raw_ckpt)
+            except StoreFormatError as exc:
+                sv.findings.append(Finding(ERROR, where, str(exc)))
         if meta.luid != luid or (uuid is not None and meta.uuid != uuid):
             sv.findings.append(Finding(ERROR, where, f"holds the record of uuid={meta.uuid!r} "
                                        f"luid={luid_hex(meta.luid)}"))
@@ -501,8 +676,12 @@ def _decode_env(ev: EnvView, plain: dict[bytes, bytes], subs: dict[bytes, dict[b
         for kind in ("clean", "sync"):
             if kind not in dbs:
                 sv.findings.append(Finding(NOTE, where, f"no {kind}.{luid:016x} sub-database"))
-        _read_journal(ev, sv, boot_id)
-        if sv.journal and sv.journal.replayed and sv.journal.ops and not sv.damaged:
+        if ev.kind == "store" and not sv.damaged:
+            # The daemon reads a store moved aside never, a damaged one not for its data.
+            if layout >= 3:
+                _plan_journal(sv, ckpt, journal, boot_id)
+            else:
+                _read_old_journal(ev, sv, boot_id)
             _apply_journal(sv)
         else:
             sv.clean = _as_bits(sv.committed_clean, sv.region_count)
@@ -531,16 +710,19 @@ def _decode_env(ev: EnvView, plain: dict[bytes, bytes], subs: dict[bytes, dict[b
                     sv.clean = _as_bits(sv.committed_clean, sv.region_count)
                     sv.sync = _as_bits(sv.committed_sync, sv.region_count)
     luids = {s.luid for s in ev.instances}
+    old_layout = ev.format is not None and ev.format.version < 3
     for name in ev.journals:
         m = _JOURNAL_NAME.fullmatch(name)
-        if m and int(m.group(1), 16) not in luids:
-            ev.findings.append(Finding(NOTE, "store", f"{name} has no instance (left over from a DTR; never "
-                                       "read by the daemon)"))
+        if m and (not old_layout or int(m.group(1), 16) not in luids):
+            why = "left over from a DTR" if old_layout else "a layout-2 journal file in a layout-3 store"
+            ev.findings.append(Finding(NOTE, "store", f"{name} has no instance ({why}; never read by the "
+                                       "daemon)"))
 
 
 def read_env(path: Path, uuid: str | None, boot_id: str, kind: str = "store",
-             moved_at: int | None = None) -> EnvView:
-    """Read one environment read-only, in one read transaction, then close it."""
+             moved_at: int | None = None, journal: JournalState | None = None) -> EnvView:
+    """Read one environment read-only, in one read transaction, then close it; ``journal`` is the
+    state directory's journal, scanned before (:func:`read_store` says why)."""
     ev = EnvView(name=path.name, path=path, uuid=uuid, boot_id=boot_id, kind=kind, moved_at=moved_at)
     if kind == "moved-aside":
         ev.findings.append(Finding(WARNING, "store", f"moved aside by the daemon at {when(moved_at)} (it "
@@ -584,7 +766,7 @@ def read_env(path: Path, uuid: str | None, boot_id: str, kind: str = "store",
         return ev
     finally:
         env.close()
-    _decode_env(ev, plain, subs, boot_id)
+    _decode_env(ev, plain, subs, boot_id, journal)
     return ev
 
 
@@ -689,12 +871,28 @@ def _moved_aside(name: str) -> tuple[str | None, int | None] | None:
     return decode_dir_name(base), int(stamp) if stamp.isdigit() else None
 
 
+def _is_journal_file(name: str) -> bool:
+    """A journal segment, or one being made (``journal.<start>.new``)."""
+    return jn.parse_segment_name(name.removesuffix(".new")) is not None
+
+
 def read_store(state_dir: Path, boot_id: str, uuids: Iterable[str] | None = None,
-               only: Path | None = None, moved_aside: bool = True) -> StoreView:
+               only: Path | None = None, moved_aside: bool = True,
+               journal: JournalState | None = None) -> StoreView:
     """Read every environment of ``state_dir`` (or just ``only``, one environment directory).
 
     ``uuids`` limits the stores read; ``moved_aside`` also reads the directories the daemon
-    moved aside as damaged.
+    moved aside as damaged. ``journal`` is a scan of the state directory's journal made by the
+    caller; without it the journal is scanned here.
+
+    The journal is scanned **before** any store is read. While the daemon runs, it removes a
+    journal segment once every record in it is in the stores; a store snapshot read first could
+    be older than the checkpoints that let a segment go, and its records after its checkpoint
+    could then be gone by the time the journal is read. Read in this order, every record a
+    snapshot needs that existed at the scan is in the scan (a snapshot is never older than the
+    scan, and the scan starts at the newest segment's base, below every needed record); records
+    appended after the scan are missing, so the view is the state at some moment between the
+    scan and the snapshot, never a mix with a hole in it.
     """
     view = StoreView(state_dir=state_dir, boot_id=boot_id, daemon=daemon_status(state_dir))
     wanted = set(uuids) if uuids is not None else None
@@ -704,17 +902,19 @@ def read_store(state_dir: Path, boot_id: str, uuids: Iterable[str] | None = None
         if not state_dir.is_dir():
             view.exists = False
             return view
+    view.journal = journal if journal is not None else read_journal_state(state_dir)
+    if only is None:
         entries = sorted((Path(e.path) for e in os.scandir(state_dir)), key=lambda p: p.name)
     for path in entries:
         if not path.is_dir() or path.is_symlink():
-            if path.name != "lock":
+            if path.name != "lock" and not _is_journal_file(path.name):
                 view.ignored.append(path.name)
             continue
         uuid = decode_dir_name(path.name)
         if uuid is not None:
             if wanted is not None and uuid not in wanted:
                 continue
-            ev = read_env(path, uuid, boot_id)
+            ev = read_env(path, uuid, boot_id, journal=view.journal)
         else:
             aside = _moved_aside(path.name)
             if aside is None:
@@ -739,5 +939,5 @@ def describe_op(op: int) -> str:
     return _OP_NAMES.get(op, f"op {op}")
 
 
-__all__ = ["EnvView", "Finding", "StateView", "StoreView", "instance_db_name", "newest", "read_env",
-           "read_store"]
+__all__ = ["EnvView", "Finding", "JournalState", "JournalView", "StateView", "StoreView", "instance_db_name",
+           "newest", "read_env", "read_journal_state", "read_store", "scan_journal"]
