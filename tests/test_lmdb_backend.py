@@ -421,11 +421,12 @@ def test_record_replacing_an_instance_drops_its_bitmaps_and_journal(daemon):
     backend.close()
 
 
-def test_an_instance_of_another_boot_keeps_only_what_is_safe_past_the_durable_point(daemon):
-    """After a reboot the journal's tail past its known durable point may be what a host crash
-    happened to leave of records never synced: only marks a FLUSH followed and out-of-sync ops
-    are kept there (a lost CLEAR or SET_REGION_SYNC(r, 1) only costs a resync). The replayed
-    state is written back at once (a recovery checkpoint)."""
+def test_an_instance_of_another_boot_leaves_out_marks_no_flush_followed(daemon):
+    """After a reboot (the kernel's state is gone) every record up to the instance's last FLUSH
+    record is replayed whole; after it, its marks are left out (the kernel writes nothing to a
+    region before the FLUSH after its mark is answered), every other op is kept. Whether a sync
+    covered a record does not matter: every record found was written after its request was
+    applied. The replayed state is written back at once (a recovery checkpoint)."""
     backend = daemon
     rec = make_rec(boot_id="b0")
     backend.record(rec, backend.position())
@@ -437,7 +438,8 @@ def test_an_instance_of_another_boot_keeps_only_what_is_safe_past_the_durable_po
     backend.log_ops(UUID, 1, [(OP_MARK, 10), (OP_CLEAR, 11), (OP_SET_SYNC, 12), (OP_SET_NOSYNC, 4)])
     backend.log_flush(make_rec(boot_id="b0", generation=2), [(OP_MARK, 14)])
     backend.log_ops(UUID, 1, [(OP_MARK, 20), (OP_SET_NOSYNC, 3), (OP_CLEAR, 1)])
-    kept = synced + [(OP_MARK, 10), (OP_SET_NOSYNC, 4), (OP_MARK, 14), (OP_SET_NOSYNC, 3)]
+    kept = synced + [(OP_MARK, 10), (OP_CLEAR, 11), (OP_SET_SYNC, 12), (OP_SET_NOSYNC, 4), (OP_MARK, 14),
+                     (OP_SET_NOSYNC, 3), (OP_CLEAR, 1)]
     want = replayed(rec, clean, sync, kept)
     # The same journal read by this boot replays everything (the kernel's state lives on).
     backend.close()
@@ -554,12 +556,14 @@ def test_a_torn_tail_loses_nothing_that_was_synced(daemon):
 @given(batches=st.lists(st.lists(st.tuples(st.sampled_from([OP_MARK, OP_CLEAR, OP_SET_SYNC, OP_SET_NOSYNC]),
                                            st.integers(0, 199)), min_size=1, max_size=6),
                         min_size=1, max_size=12),
-       split=st.integers(0, 12), synced=st.integers(0, 12), reboot=st.booleans())
-def test_restore_replays_exactly_the_records_the_rules_keep(tmp_path_factory, batches, split, synced, reboot):
+       split=st.integers(0, 12), flush_at=st.integers(0, 12), synced=st.integers(0, 12),
+       reboot=st.booleans())
+def test_restore_replays_exactly_the_records_the_rules_keep(tmp_path_factory, batches, split, flush_at,
+                                                            synced, reboot):
     """For any records and any checkpoint: a restore of the same boot replays every op at or
-    after the checkpoint, in order; one of another boot the same up to the durable point (the
-    sync a later record's durable claim witnesses) and, past it, only marks a FLUSH followed and
-    out-of-sync ops. The last batch is a FLUSH; ``synced`` = the number of batches: no sync."""
+    after the checkpoint, in order; one of another boot the same up to the instance's last FLUSH
+    record and, after it, every op but the marks. Batch ``flush_at`` is a FLUSH (none if past the
+    end); where the journal was synced (``synced``) changes nothing."""
     split, synced = min(split, len(batches)), min(synced, len(batches))
     state = tmp_path_factory.mktemp("prop") / "s"
     backend = fresh(state)
@@ -572,7 +576,7 @@ def test_restore_replays_exactly_the_records_the_rules_keep(tmp_path_factory, ba
         if i == synced:
             backend.sync()
         positions.append(backend.position())
-        if i == len(batches) - 1:
+        if i == flush_at:
             backend.log_flush(rec, ops)
         else:
             backend.log_ops(UUID, 1, ops)
@@ -583,10 +587,10 @@ def test_restore_replays_exactly_the_records_the_rules_keep(tmp_path_factory, ba
     (inst,) = restore(backend, "b1" if reboot else "b0").instances
     want: list[tuple[int, int]] = []
     for i, ops in enumerate(batches[split:], start=split):
-        if not reboot or i < synced < len(batches):
+        if not reboot or i <= flush_at < len(batches):
             want += ops
         else:
-            want += [op for op in ops if op[0] == OP_SET_NOSYNC or op[0] == OP_MARK]
+            want += [op for op in ops if op[0] != OP_MARK]
     if reboot:
         assert (inst.clean, inst.sync) == replayed(rec, clean, sync, want) and inst.journal == []
     else:

@@ -1,10 +1,12 @@
 """Disk faults under the LMDB store (issue #7 item 3).
 
-* **Full filesystem**: the state directory on a 2 MiB tmpfs the test mounts, then filled with a
-  filler file. One tmpfs holds every uuid's store, so "keeps serving other uuids" means: their
-  requests that need no new disk space (IS_CLEAN, IN_SYNC, MARK/CLEAR, resync work, status) keep
-  being answered, and a commit that LMDB can fit into pages it already owns still commits. The
-  log whose commit needs space gets -EIO for FLUSH and shows ``F``; when the filler is deleted the
+* **Full filesystem**: the state directory on a 24 MiB tmpfs the test mounts (room for the
+  journal's 4 MiB segments), then filled with a filler file. One tmpfs holds every uuid's store
+  and the journal, so "keeps serving other uuids" means: their requests that need no new disk
+  space (IS_CLEAN, IN_SYNC, MARK/CLEAR, resync work, status) keep being answered, and a commit
+  that LMDB can fit into pages it already owns still commits. A FLUSH is answered from the
+  journal's preallocated segment while it has room; once the journal cannot grow, the log whose
+  commit needs space gets -EIO for FLUSH and shows ``F``; when the filler is deleted the
   next FLUSH succeeds and health is ``A`` again; no region marked under an acknowledged FLUSH, or
   marked while the disk was full, is ever reported clean, before or after a restart.
 * **Read-only filesystem**: ``mount -o remount,ro`` is refused while the daemon holds its store
@@ -65,7 +67,7 @@ def _run(*cmd: str) -> subprocess.CompletedProcess[str]:
 
 
 @contextlib.contextmanager
-def tmpfs(mountpoint: Path, size: str = "2m") -> Iterator[Path]:
+def tmpfs(mountpoint: Path, size: str = "24m") -> Iterator[Path]:
     mountpoint.mkdir(parents=True, exist_ok=True)
     p = _run("mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mountpoint))
     if p.returncode:
@@ -190,6 +192,18 @@ def spread(m: Mirror, n: int, offset: int = 0) -> list[int]:
     return sorted({(offset + i * step) % m.regions for i in range(n)})
 
 
+def exhaust_journal(c: Client, m: Mirror, regions: list[int], limit: int = 60000) -> int:
+    """MARK and CLEAR ``regions`` (at most 32 a request) until the log's health leaves A: the
+    journal's preallocated segments are used up and the next one cannot be made on the full
+    disk. Returns the requests it took."""
+    payload = wire.build_regions(regions[:32])
+    for n in range(limit):
+        c.ok(m.uuid, m.luid, T.MARK_REGION if n % 2 == 0 else T.CLEAR_REGION, payload)
+        if n % 64 == 63 and not c.status_info(m.uuid, m.luid).endswith(" A"):
+            return n + 1
+    raise AssertionError(f"{limit} journal records and the journal never filled")
+
+
 def test_full_filesystem(tmp_path: Path) -> None:
     big = Mirror("LVM-big", 0x10, 24 * CHUNK_BITS, "clustered-disk")   # 24 chunks per bitmap
     warm = Mirror("LVM-warm", 0x20, 256, "clustered-core")
@@ -210,9 +224,15 @@ def test_full_filesystem(tmp_path: Path) -> None:
 
             filler = fs / "filler"
             filled = fill(filler)
-            # The big log's next commit needs new pages: -EIO, health F, as many times as asked.
+            # A FLUSH needs no new space while the journal's preallocated segment has room: it
+            # is answered (its checkpoint into the store fails in the background, retried).
             marks = spread(big, 24, offset=5)
             c.ok(big.uuid, big.luid, T.MARK_REGION, wire.build_regions(marks))
+            c.ok(big.uuid, big.luid, T.FLUSH)
+            assert c.status_info(big.uuid, big.luid) == "3 clustered-disk 7:3 A"
+            # Once the journal cannot grow, the big log's FLUSH must go to its store, which needs
+            # new pages: -EIO, health F, as many times as asked.
+            records = exhaust_journal(c, big, list(range(200, 232)))
             failures = 0
             for _ in range(3):
                 err, _ = c.request(big.uuid, big.luid, T.FLUSH)
@@ -270,7 +290,8 @@ def test_full_filesystem(tmp_path: Path) -> None:
                     assert wire.parse_s64(c.ok(new.uuid, new.luid, T.IN_SYNC, wire.build_u64(r))) == 0, (m, r)
             c.close()
             assert d.stop() == 0
-            figures("disk.full_filesystem", filler_bytes=filled, flush_eio=failures,
+            figures("disk.full_filesystem", filler_bytes=filled, journal_records_to_full=records,
+                    flush_eio=failures,
                     other_requests_answered=answered,
                     warm_commit_while_full="ok" if warm_flush == 0 else "EIO", recovered=True,
                     dirty_reported_clean=0, violations=0)
@@ -290,7 +311,9 @@ def test_health_returns_to_a_after_journal_failures(tmp_path: Path) -> None:
             setup_mirror(c, m, in_sync=[], marked=[0])
             filler = fs / "filler"
             fill(filler)
-            # More journal records than the journal's allocated page holds: appends fail (D).
+            # More journal records than the journal's preallocated segments hold: the next
+            # segment cannot be made, appends fail (D).
+            exhaust_journal(c, m, list(range(1000, 1032)))
             for i in range(600):
                 c.ok(m.uuid, m.luid, T.MARK_REGION, wire.build_regions([1 + i]))
             assert c.status_info(m.uuid, m.luid).endswith((" D", " F"))
