@@ -16,6 +16,7 @@ from ulog_disk import store_format as sf
 VECTORS = Path(__file__).resolve().parent.parent / "formats" / "vectors" / "store"
 
 _RECORDS = {
+    "checkpoint": sf.CheckpointRecord,
     "meta": sf.MetaRecord,
     "retained": sf.RetainedRecord,
     "format": sf.FormatRecord,
@@ -33,7 +34,7 @@ def _vectors(kind: str | None = None) -> list[tuple[str, dict]]:
 
 
 def _decode(kind: str, data: bytes) -> dict:
-    if kind in _RECORDS:
+    if kind in _RECORDS and kind != "checkpoint":
         return dataclasses.asdict(_RECORDS[kind].decode(data))
     if kind == "journal_ops":
         ops, valid, why = sf.decode_journal_ops(data)
@@ -41,30 +42,42 @@ def _decode(kind: str, data: bytes) -> dict:
         return {"ops": [list(op) for op in ops]}
     if kind == "chunk_key":
         return {"index": sf.decode_chunk_key(data)}
-    if kind == "format_v1":
+    if kind in ("format_v1", "format_v2"):
         return dataclasses.asdict(sf.FormatRecord.decode(data))
+    if kind == "checkpoint":
+        rec = sf.CheckpointRecord.decode(data)
+        # The definition reads the same fields as the fast path.
+        p = sf.CheckpointRecordV1.parse(data)
+        assert (p.journal_id, p.position, p.version) == (rec.journal_id, rec.position, rec.version)
+        return {"journal_id": rec.journal_id.hex(), "position": rec.position, "version": rec.version}
     if kind == "sealed_value":
         raise AssertionError("sealed values are checked by test_sealed_value_vector_both_ways")
     raise AssertionError(kind)
 
 
 def _encode(kind: str, fields: dict) -> bytes:
-    if kind in _RECORDS:
+    if kind in _RECORDS and kind != "checkpoint":
         return _RECORDS[kind](**fields).encode()
     if kind == "journal_ops":
         return sf.encode_journal_ops(tuple(op) for op in fields["ops"])
     if kind == "chunk_key":
         return sf.encode_chunk_key(fields["index"])
-    if kind == "format_v1":
+    if kind in ("format_v1", "format_v2"):
         # Never written by the package (FormatRecord.encode refuses): built from its definition.
-        return sf.FormatRecordV1.build({k: v for k, v in fields.items() if k != "version"})
+        layout = sf.FormatRecordV1 if kind == "format_v1" else sf.FormatRecordV2
+        return layout.build({k: v for k, v in fields.items() if k != "version"})
+    if kind == "checkpoint":
+        journal_id = bytes.fromhex(fields["journal_id"])
+        built = sf.CheckpointRecordV1.build(dict(journal_id=journal_id, position=fields["position"]))
+        assert sf.CheckpointRecord(journal_id, fields["position"]).encode() == built
+        return built
     raise AssertionError(kind)
 
 
 def test_every_kind_has_a_vector():
     kinds = {vec["kind"] for _, vec in _vectors()}
-    assert kinds >= {"meta", "retained", "format", "format_v1", "journal_header", "journal_ops", "chunk_key",
-                     "sealed_value", "dir_name"}
+    assert kinds >= {"meta", "retained", "format", "format_v1", "format_v2", "checkpoint", "journal_header",
+                     "journal_ops", "chunk_key", "sealed_value", "dir_name"}
 
 
 _BYTES_BOTH_WAYS = [v for v in _vectors() if v[1]["kind"] not in ("dir_name", "sealed_value")]
@@ -104,6 +117,13 @@ def test_sealed_format_and_record_values_read_back():
     assert sf.record_value(meta_name, meta.encode()).hex() == vecs["value-meta"]["hex"]
     # A layout-1 format value is the bare record: read, with nothing to verify.
     assert sf.read_format_value(bytes.fromhex(dict(_vectors("format_v1"))["format-v1"]["hex"])).version == 1
+    # Layout 3: each instance's checkpoint record, sealed under its meta sub-database.
+    ck = vecs["value-checkpoint"]
+    name = ck["fields"]["db_name"].encode()
+    rec = sf.read_checkpoint_value(name, bytes.fromhex(ck["hex"]))
+    fields = dict(_vectors("checkpoint"))["checkpoint"]["fields"]
+    assert rec == sf.CheckpointRecord(bytes.fromhex(fields["journal_id"]), fields["position"])
+    assert sf.checkpoint_value(name, rec).hex() == ck["hex"]
 
 
 @given(st.binary(min_size=1, max_size=64), st.integers(0, 2**32 - 1), st.binary(max_size=300),
@@ -117,13 +137,17 @@ def test_any_single_bit_flip_of_a_sealed_chunk_is_caught(name, index, bits, wher
         sf.unseal_chunk(name, key, bytes(value))
 
 
-def test_layout_1_chunks_are_read_unverified_and_the_v1_format_record_is_never_written():
+def test_layout_1_chunks_are_read_unverified_and_the_v1_v2_format_records_are_never_written():
     key = sf.encode_chunk_key(0)
     assert sf.unseal_chunk(b"clean.0000000000000001", key, b"\x01\x02", sealed=False) == b"\x01\x02"
     old = sf.FormatRecord.decode(bytes.fromhex(dict(_vectors("format_v1"))["format-v1"]["hex"]))
     assert (old.version, old.sealed) == (1, False)
     with pytest.raises(sf.StoreFormatError, match="never written"):
         old.encode()
+    v2 = sf.FormatRecord.decode(bytes.fromhex(dict(_vectors("format_v2"))["format-v2"]["hex"]))
+    assert (v2.version, v2.sealed) == (2, True)
+    with pytest.raises(sf.StoreFormatError, match="never written"):
+        v2.encode()
 
 
 @pytest.mark.parametrize(("name", "vec"), _vectors("dir_name"))
@@ -155,7 +179,8 @@ def test_meta_vector_offsets_match_the_documented_layout():
     ("meta", 2, "version 2; .*only version 1:"),
     ("retained", 2, "version 2; .*only version 1:"),
     ("journal_header", 2, "version 2; .*only version 1:"),
-    ("format", 3, "version 3; .*only version 1 and 2:"),
+    ("format", 4, "version 4; .*only version 1 and 2 and 3:"),
+    ("checkpoint", 2, "version 2; .*only version 1:"),
 ])
 def test_unknown_version_is_refused_clearly(kind, newer, message):
     _, vec = _vectors(kind)[0]
@@ -165,7 +190,7 @@ def test_unknown_version_is_refused_clearly(kind, newer, message):
         _RECORDS[kind].decode(bytes(data))
 
 
-@pytest.mark.parametrize("kind", ["meta", "retained", "format"])
+@pytest.mark.parametrize("kind", ["meta", "retained", "format", "checkpoint"])
 def test_damaged_records_are_refused(kind):
     _, vec = _vectors(kind)[0]
     data = bytes.fromhex(vec["hex"])
