@@ -147,8 +147,12 @@ def test_flushes_of_one_batch_share_one_sync(tmp_path: Path) -> None:
         daemon.on_frame(frame(uuid, RequestType.FLUSH, wire.build_u64(7)), "k")
     assert flushes(transport) == []  # nothing is answered before its sync
     daemon.group.start(inline=True)
+    daemon.wait_idle()
     assert len(backend.sync_threads) == 1 and flushes(transport) == [0, 0, 0]
     assert daemon.group.syncs == 1 and daemon.group.flushes == 3
+    # Several mirrors flushing: the sync ran on the group-commit thread, so the loop could go on
+    # reading the others' requests meanwhile.
+    assert backend.sync_threads[0] != threading.get_ident()
     close(daemon)
 
 
@@ -176,13 +180,15 @@ def test_a_failed_sync_answers_eio_to_every_flush_it_covered_then_the_next_succe
     daemon.on_frame(frame("A", RequestType.FLUSH), "k")
     daemon.on_frame(frame("B", RequestType.FLUSH), "k")
     daemon.group.start(inline=True)
-    daemon.on_completions()
+    daemon.wait_idle()
     assert flushes(transport) == [-errno.EIO, -errno.EIO]
+    assert daemon.engine.table[("A", 1)].health == "F"
     backend.fail_sync = False
     daemon.on_frame(frame("A", RequestType.FLUSH), "k")
     daemon.group.start(inline=True)
-    daemon.on_completions()
+    daemon.wait_idle()
     assert flushes(transport)[-1] == 0
+    assert daemon.engine.table[("A", 1)].health == "A"
     close(daemon)
 
 

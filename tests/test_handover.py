@@ -12,8 +12,10 @@ import os
 import lmdb
 import pytest
 
+from ulog_disk import journal as jn
 from ulog_disk import regionlog, wire
 from ulog_disk import store_format as sf
+from ulog_disk.backends.base import OP_CLEAR
 from ulog_disk.backends.lmdb_store import LmdbBackend
 from ulog_disk.engine import Engine
 from ulog_disk.wire import Reply, Request, RequestType
@@ -302,25 +304,50 @@ def test_restart_after_a_reboot_resyncs_the_marked_regions_only(tmp_path):
     engine, k = start(tmp_path, boot_id="b1")
     k.ctr(1, ctr_text(mode="nosync"))
     k.resume(1)
-    k.mark(1, 5, 6)
-    k.flush(1)         # 5 and 6: marks covered by an acknowledged FLUSH
-    k.mark(1, 8)       # answered, never flushed: the kernel wrote nothing to region 8 yet
-    k.clear(1, 6)      # answered, not committed (clears are lazy)
+    k.mark(1, 5, 6, 7)
+    k.flush(1)         # 5, 6 and 7: marks covered by an acknowledged FLUSH
+    k.mark(1, 8)       # answered, never flushed
+    k.clear(1, 6)      # answered (its writes are done), never flushed: in the journal, not synced
     stop(engine)
+    # What a host crash may leave of the records after the last sync: here the clear was not
+    # written back. The journal ends after the mark of 8.
+    found = jn.scan(tmp_path)
+    last = found.records[-1]
+    assert last.kind is jn.Kind.OPS and last.ops == [(OP_CLEAR, 6)]
+    segment = tmp_path / jn.segment_name(max(found.segments))
+    with open(segment, "r+b") as f:
+        f.seek(jn.HEADER_BYTES + last.lsn - max(found.segments))
+        f.write(bytes(last.end - last.lsn))
 
     engine, k = start(tmp_path, boot_id="b2")
     # The old luid belongs to a kernel that is gone.
     assert k.send(RequestType.IS_CLEAN, 1, wire.build_u64(5)).error == -errno.ESRCH
     k.ctr(0xFFFF0001, ctr_text())
     k.resume(0xFFFF0001)
-    # The committed state, taken over: marked-and-flushed regions are out of sync. The clear of 6
-    # was never committed, so 6 is resynced too (the safe direction); 8 never was flushed.
-    assert unsynced(engine, 0xFFFF0001) == [5, 6]
+    # The state the journal kept, taken over: marked regions are out of sync. The clear of 6 did
+    # not survive, so 6 is resynced too (the safe direction); so is 8, whose mark did.
+    assert unsynced(engine, 0xFFFF0001) == [5, 6, 7, 8]
     assert k.resync_work(0xFFFF0001) == 5
-    assert k.sync_count(0xFFFF0001) == REGIONS - 2
+    assert k.sync_count(0xFFFF0001) == REGIONS - 4
     # The earlier boot's instance gave its state to the new one: like an old table at its DTR, it
     # loses its sub-databases (logged). Instances nobody adopts stay for the recovery tool.
     assert store_dbs(engine) == luid_dbs(0xFFFF0001)
+    stop(engine)
+
+
+def test_after_a_reboot_every_answered_request_the_journal_kept_counts(tmp_path):
+    engine, k = start(tmp_path, boot_id="b1")
+    k.ctr(1, ctr_text(mode="nosync"))
+    k.resume(1)
+    k.mark(1, 5, 6)
+    k.flush(1)
+    k.clear(1, 6)      # answered: both legs hold region 6's writes; it reached the journal
+    k.mark(1, 8)       # answered, never flushed: resynced (the journal cannot tell it was not)
+    stop(engine)
+    engine, k = start(tmp_path, boot_id="b2")
+    k.ctr(0xFFFF0001, ctr_text())
+    k.resume(0xFFFF0001)
+    assert unsynced(engine, 0xFFFF0001) == [5, 8]
     stop(engine)
 
 

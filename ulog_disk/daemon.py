@@ -59,6 +59,11 @@ DEFAULT_BACKEND = "lmdb"
 INLINE_SYNC_LIMIT = 0.002
 #: Weight of the newest sync in the moving average of sync time.
 _SYNC_TIME_WEIGHT = 0.25
+#: A FLUSH of another mirror within this long (seconds) of the last one means several mirrors
+#: are flushing: for the next :data:`CONCURRENT_HOLD` seconds syncs run on the group-commit
+#: thread, so the loop reads the others' requests while the disk works.
+CONCURRENT_WINDOW = 0.005
+CONCURRENT_HOLD = 0.1
 #: An instance's changes are written to its store at the latest this long after the first of
 #: them (seconds), ...
 CHECKPOINT_AGE = 10.0
@@ -179,8 +184,11 @@ class _Waiting:
 class GroupCommit:
     """The journal's syncs, one at a time: every FLUSH waiting when a sync starts rides on it.
 
-    ``add`` and ``start`` run on the request loop; a sync runs there (``start`` with
-    ``inline``) or on this class's thread, which keeps syncing while FLUSHes keep arriving.
+    ``add`` and ``start`` run on the request loop; a sync runs there (``start`` with ``inline``:
+    a FLUSH alone pays no thread hand-off) or on this class's thread, which keeps syncing while
+    FLUSHes keep arriving. The thread is used when syncs have been slow (the loop must not wait
+    for the disk) or when several mirrors are flushing (the loop goes on reading their requests
+    while the disk works: their FLUSHes share the next sync).
     """
 
     def __init__(self, backend: Backend, send: Callable[[Reply, object], None],
@@ -189,7 +197,9 @@ class GroupCommit:
         self.send = send
         self.wake = wake
         self.lock = threading.Lock()
-        self.go = threading.Condition(self.lock)
+        #: Released to start the thread's next round (a plain lock: cheaper than a Condition).
+        self.signal = threading.Lock()
+        self.signal.acquire()
         self.waiting: list[_Waiting] = []
         self.running = False
         self.stopping = False
@@ -197,12 +207,20 @@ class GroupCommit:
         self.sync_seconds: float | None = None
         self.syncs = 0
         self.flushes = 0
+        #: Several mirrors have been flushing until then (monotonic time).
+        self.concurrent_until = 0.0
+        self._last_uuid = ""
+        self._last_at = 0.0
         self.done: collections.deque[Done] = collections.deque()
         self.thread = threading.Thread(target=self._run, daemon=True, name="group-commit")
         self.thread.start()
 
     def add(self, pending: Pending, address: object) -> None:
         assert pending.durable_at is not None
+        now = time.monotonic()
+        if pending.uuid != self._last_uuid and now - self._last_at < CONCURRENT_WINDOW:
+            self.concurrent_until = now + CONCURRENT_HOLD
+        self._last_uuid, self._last_at = pending.uuid, now
         with self.lock:
             self.waiting.append(_Waiting(pending.durable_at, pending, address))
 
@@ -215,32 +233,29 @@ class GroupCommit:
 
     def start(self, inline: bool) -> None:
         """Start a sync for the FLUSHes waiting, if none is running: here when ``inline`` and
-        syncs have been fast, else on the thread."""
+        that delays nobody, else on the thread."""
         with self.lock:
             if self.running or not self.waiting:
                 return
-            if not (inline and self.fast()):
+            if not (inline and self.fast() and time.monotonic() >= self.concurrent_until):
                 self.running = True
-                self.go.notify()
+                self.signal.release()
                 return
-        self._round()
+        self._round(inline=True)
 
     def _run(self) -> None:
-        with self.lock:
+        while True:
+            self.signal.acquire()
+            if self.stopping:
+                return
             while True:
-                while not self.running and not self.stopping:
-                    self.go.wait()
-                if self.stopping and not self.waiting:
-                    return
-                self.lock.release()
-                try:
-                    self._round()
-                finally:
-                    self.lock.acquire()
-                if not self.waiting:
-                    self.running = False
+                self._round(inline=False)
+                with self.lock:
+                    if not self.waiting or self.stopping:
+                        self.running = False
+                        break
 
-    def _round(self) -> None:
+    def _round(self, inline: bool) -> None:
         started = time.monotonic()
         exc: BaseException | None = None
         try:
@@ -252,16 +267,23 @@ class GroupCommit:
                              else self.sync_seconds + _SYNC_TIME_WEIGHT * (seconds - self.sync_seconds))
         with self.lock:
             self.syncs += 1
-            ready = [w for w in self.waiting if exc is not None or w.position <= durable]
-            self.waiting = [w for w in self.waiting if exc is None and w.position > durable]
+            if exc is None:
+                ready = [w for w in self.waiting if w.position <= durable]
+                self.waiting = [w for w in self.waiting if w.position > durable]
+            else:
+                ready, self.waiting = self.waiting, []
             self.flushes += len(ready)
+        needs_loop = False
         for w in ready:
             sent = False
             if exc is None and w.pending.reply_on_success is not None:
                 self.send(w.pending.reply_on_success, w.address)
                 sent = True
+            else:
+                needs_loop = True
             self.done.append((w.pending, w.address, exc, sent))
-        if ready:
+        # Answered successes only keep the engine's books: the loop drains them at its next turn.
+        if needs_loop and not inline:
             self.wake()
 
     def drain(self) -> list[Done]:
@@ -273,7 +295,9 @@ class GroupCommit:
     def close(self) -> None:
         with self.lock:
             self.stopping = True
-            self.go.notify()
+            if not self.running:
+                self.running = True
+                self.signal.release()
         self.thread.join()
 
 
@@ -471,9 +495,9 @@ class Daemon:
         failures = 0
         while self.worker.busy() or not self.group.idle():
             self.group.start(inline=False)
-            self.selector.select(timeout=1.0)
+            self.selector.select(timeout=0.01 if not self.group.idle() else 1.0)
             failures += self.on_completions()
-        return failures
+        return failures + self.on_completions()
 
     def shutdown(self) -> int:
         sd_notify("STOPPING=1")

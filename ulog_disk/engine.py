@@ -690,8 +690,10 @@ class Engine:
                       describe(inst.uuid, inst.luid), exc)
             return _err(req, errno.EIO)
 
+        # A FLUSH of an instance whose health is not A is answered after complete() put it
+        # right, so that no STATUS_INFO after the reply still shows the old health.
         return Pending(inst.uuid, None, complete, durable_at=self.backend.position(),
-                       reply_on_success=_ok(req))
+                       reply_on_success=_ok(req) if inst.health == "A" else None)
 
     def _mark(self, inst: Instance, req: Request) -> Reply | Pending:
         regions = wire.parse_regions(req.data)

@@ -109,8 +109,6 @@ FILE_MODE = 0o600
 #: Environments kept open between store calls (2 descriptors and two maps each): enough for the
 #: uuids a checkpoint round touches in turn, bounded whatever the number of mirrors.
 MAX_OPEN_ENVS = 8
-_OP_MARK = 1
-_OP_NOSYNC = 4
 
 
 @dataclass(eq=False)
@@ -925,10 +923,15 @@ def journal_records_by_instance(found: jn.Scan) -> dict[tuple[str, int], list[jn
 def plan_replay(meta: MetaRecord, ckpt: CheckpointRecord | None, records: Sequence[jn.Record],
                 found: jn.Scan, journal_id: bytes | None, boot_id: str) -> Replay:
     """The journal records of one instance since its checkpoint, by the restore rules
-    (formats/journal.md §5): the ops to replay and the meta its FLUSHes changed. For an
-    instance of another boot, past the point the journal is known to have been durable, only
-    what cannot make a region read cleaner is kept: that tail may be what a host crash happened
-    to leave of records never synced."""
+    (formats/journal.md): the ops to replay and the meta its FLUSHes changed.
+
+    Every record the scan found was written by the daemon after it applied and answered the
+    request, and the scan ends at the first record missing (a host crash keeps a prefix of what
+    was appended: at least everything synced). So the instance comes back as it was after a
+    prefix of its answered requests that holds at least every FLUSH answered; the same rule for
+    the same boot (the daemon died: the prefix is everything) and after a reboot, where the
+    engine then turns every region that is dirty in it out of sync.
+    """
     rec = meta.instance()
     start = ckpt.position if ckpt is not None else 0
     damaged = None
@@ -939,12 +942,10 @@ def plan_replay(meta: MetaRecord, ckpt: CheckpointRecord | None, records: Sequen
                    f"and that journal is not in the state directory")
     elif (d := found.damaged_after(start)) is not None:
         damaged = f"the journal is damaged at positions {d.start}-{d.end} ({d.reason})"
-    same_boot = meta.boot_id == boot_id
     ops: list[tuple[int, int]] = []
     first = None
     count = 0
     if ckpt is not None and ckpt.journal_id == journal_id:
-        last_flush = max((r.lsn for r in records if r.kind is jn.Kind.FLUSH), default=-1)
         for r in records:
             if r.lsn < start:
                 continue
@@ -953,14 +954,7 @@ def plan_replay(meta: MetaRecord, ckpt: CheckpointRecord | None, records: Sequen
                 first = r.lsn
             if r.kind is jn.Kind.FLUSH:
                 rec.generation, rec.cursor, rec.committed_at = r.generation, r.cursor, r.committed_at
-            if same_boot or r.end <= found.durable:
-                ops.extend(r.ops)
-            else:
-                # Past the known durable point, after a reboot: a clear may be lost safely (its
-                # region is resynced); a mark matters only if a FLUSH followed it (the kernel
-                # writes nothing before the FLUSH is answered); out-of-sync always.
-                flushed = r.lsn <= last_flush
-                ops.extend(op for op in r.ops if op[0] == _OP_NOSYNC or (op[0] == _OP_MARK and flushed))
+            ops.extend(r.ops)
     if damaged is not None:
         first = start if first is None else min(first, start)
     return Replay(rec, ops, damaged, first, count)
