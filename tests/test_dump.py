@@ -469,7 +469,8 @@ def test_wire_malformed_frames_are_shown(tmp_path: Path) -> None:
 # --- help ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cmd", [["--help"], ["store", "--help"], ["wire", "--help"], ["disklog", "--help"]])
+@pytest.mark.parametrize("cmd", [["--help"], ["store", "--help"], ["journal", "--help"], ["wire", "--help"],
+                                 ["disklog", "--help"]])
 def test_help_is_complete(cmd: list[str]) -> None:
     r = ulog_dump(*cmd)
     assert r.rc == 0
@@ -500,3 +501,49 @@ def test_bit_ranges_walk_runs() -> None:
             assert bit_ranges(bits, v) == format_ranges([i for i, b in enumerate(values) if b == v])
 
     check()
+
+
+# --- ulog-dump journal -------------------------------------------------------------------------
+
+
+def test_journal_of_the_handover(store_after: Path) -> None:
+    r = ulog_dump("journal", str(store_after), "--boot-id", BOOT1, "--json", "--all")
+    assert r.rc == 0, r.err
+    doc = r.json
+    assert (doc["tool"], doc["command"], doc["exists"]) == ("ulog-dump", "journal", True)
+    assert doc["damage"] == [] and doc["problems"] == [] and doc["findings"] == []
+    assert doc["records_total"] == doc["records_shown"] == len(doc["records"]) > 50
+    (seg,) = doc["segments"]
+    assert (seg["file"], seg["start"], seg["base"]) == ("journal.0000000000000000", 0, 0)
+    assert seg["created_at_iso"].endswith("Z") and seg["end"] == seg["capacity"]
+    assert 0 < doc["durable"] <= doc["end"] == doc["records"][-1]["end"]
+    insts = {i["luid"]: i for i in doc["instances"]}
+    assert set(insts) == {LUID_A, LUID_B}
+    for i in insts.values():
+        assert i["checkpoint_journal_id"] == doc["journal_id"] and 0 < i["checkpoint"] <= doc["end"]
+        # A's POSTSUSPEND and B's RESUME wrote their stores before they were answered.
+        assert (i["records_after"], i["ops_replayed"], i["damaged"], i["layout"]) == (0, 0, None, 3)
+    recs = doc["records"]
+    assert [p["position"] for p in recs] == sorted(p["position"] for p in recs)
+    assert any(p["kind"] == "OPS" and p["luid"] == LUID_A
+               and {"mark 5", "mark 6"} <= set(p["ops"].split(", ")) for p in recs)
+    events = [(p["event"], p["luid"], p["state"]) for p in recs if p["kind"] == "EVENT"]
+    assert ("CTR", LUID_B, "constructed") in events and ("RESUME", LUID_B, "live") in events
+    assert ("POSTSUSPEND", LUID_A, "suspended") in events
+    flushes = [p for p in recs if p["kind"] == "FLUSH" and p["luid"] == LUID_A]
+    assert flushes and all(p["generation"] > 0 and p["op_list"] == [] for p in flushes)
+    # --records N: the last N; --state-dir works as the positional argument does.
+    last = ulog_dump("journal", "--state-dir", str(store_after), "--records", "3", "--json").json
+    assert last["records_shown"] == 3 and last["records"] == recs[-3:]
+    text = ulog_dump("journal", str(store_after), "--boot-id", BOOT1, "--records", "400").out
+    assert f"journal {doc['journal_id']}: 1 segment(s)" in text and "journal.0000000000000000" in text
+    assert f"= uuid '{UUID_H}'" in text and "RESUME -> live, resumed" in text and "mark 5" in text
+    assert ulog_dump("journal", str(store_after / "nope")).rc == 2
+    r = ulog_dump("journal", str(store_after), "--records", "-1")
+    assert r.rc == 2 and "--records" in r.err and "Traceback" not in r.err
+
+
+def test_journal_of_a_state_dir_without_one(tmp_path: Path) -> None:
+    r = ulog_dump("journal", str(tmp_path), "--json")
+    assert r.rc == 0 and (r.json["exists"], r.json["journal_id"], r.json["records"]) == (False, None, [])
+    assert "none in the state directory" in ulog_dump("journal", str(tmp_path)).out

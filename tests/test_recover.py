@@ -51,6 +51,7 @@ from ulog_disk import store_format as sf
 from ulog_disk.backends.lmdb_store import LmdbBackend
 from ulog_disk.engine import Engine
 from ulog_disk.kernelmodel import UserspaceLog
+from ulog_disk.tools.common import bit_ranges
 from ulog_disk.wire import Request, RequestType
 
 LUID_C = 0xFFFF888000004000
@@ -589,10 +590,10 @@ def test_resync_folds_the_journal_and_refuses_live_without_force(tmp_path: Path)
     assert folded >= 2 and a["journal"]["records"] >= 2 and a["journal"]["replayed"]
     assert (a["dirty_ranges"], a["out_of_sync_ranges"]) == ("9", "12")
     a2 = instances(dump_json(state, BOOT2), UUID_H)[hexluid(LUID_A)]
-    # Another boot: past the durable point (the FLUSH's sync) a mark counts only if a FLUSH
-    # followed it, an out-of-sync op always.
-    assert (a2["dirty_ranges"], a2["out_of_sync_ranges"]) == ("", "12")
-    assert a2["journal"]["dropped"] >= 1
+    # Another boot: every record found is replayed too (a host crash keeps a prefix of the
+    # journal, at least every answered FLUSH); the engine then turns dirty regions out of sync.
+    assert (a2["dirty_ranges"], a2["out_of_sync_ranges"]) == ("9", "12")
+    assert (a2["journal"]["same_boot"], a2["journal"]["ops"], a2["journal"]["dropped"]) == (False, folded, 0)
     base = ["--state-dir", str(state), "--boot-id", BOOT1, "--yes"]
     r = ulog_recover("resync", UUID_H, "--regions", "20", *base)
     assert r.rc == 1 and "live in this boot" in r.err
@@ -794,3 +795,74 @@ def test_console_script_is_installed() -> None:
     exe = Path(sys.executable).parent / "ulog-recover"
     p = subprocess.run([str(exe), "list", "--help"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and "orphaned" in p.stdout
+
+
+# --- the journal: the tools say what the daemon's restore does ---------------------------------
+
+
+def _restored_bitmaps(state: Path) -> dict[int, tuple[str, str]]:
+    """What the daemon's restore makes of LVM-v's instances: luid → (dirty, out of sync) ranges."""
+    engine = Engine(LmdbBackend(state), boot_id=BOOT1)
+    try:
+        engine.restore()
+        out = {}
+        for (uuid, luid), inst in engine.table.items():
+            if uuid == "LVM-v":
+                n = inst.log.region_count
+                out[luid] = (bit_ranges(inst.log.clean[:n], 0), bit_ranges(inst.log.sync[:n], 0))
+        return out
+    finally:
+        engine.backend.close()
+
+
+def test_journal_damage_after_a_checkpoint_is_what_the_restore_sees(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    _engine_store(state)
+    bad = _damage_journal_after_the_stores(state)
+    doc = dump_json(state)
+    assert [(d["start"] == bad, "durable" in d["reason"]) for d in doc["journal"]["damage"]] == [(True, True)]
+    v = instances(doc, "LVM-v")
+    for luid in (0x10, 0x20):
+        inst = v[hexluid(luid)]
+        assert "the journal is damaged at positions" in inst["journal"]["damaged"]
+        # All dirty and out of sync, as the daemon's restore takes it.
+        assert (inst["in_sync"], inst["dirty"]) == (0, 100)
+        assert any(f["level"] == "warning" and "full resync" in f["message"] for f in inst["findings"])
+    j = ulog_dump("journal", str(state), "--boot-id", BOOT1, "--json").json
+    assert {i["luid"]: bool(i["damaged"]) for i in j["instances"]} == {0x10: True, 0x20: True}
+    assert "DAMAGE" in ulog_dump("journal", str(state), "--boot-id", BOOT1).out
+    assert ulog_recover("verify", "--state-dir", str(state), "--boot-id", BOOT1).rc == 1
+    restored = _restored_bitmaps(state)
+    assert restored == {luid: (v[hexluid(luid)]["dirty_ranges"], v[hexluid(luid)]["out_of_sync_ranges"])
+                        for luid in (0x10, 0x20)} == {0x10: ("0-99", "0-99"), 0x20: ("0-99", "0-99")}
+
+
+def test_tools_replay_what_the_restore_replays(tmp_path: Path) -> None:
+    """Records after the checkpoint (this boot): the tools show them replayed, as the daemon does."""
+    state = tmp_path / "state"
+    _engine_store(state)
+    found = jn.scan(state)
+    j = jn.Journal(state)
+    j.open(found, base=found.base)
+    try:
+        for ops in ([(1, 1), (1, 51)], [(2, 1)], [(4, 60)]):
+            body, count = jn.ops_body(ops)
+            j.append(jn.Kind.OPS, b"LVM-v", 0x10, body, count)
+        j.sync()
+    finally:
+        j.close()
+    a = instances(dump_json(state), "LVM-v")[hexluid(0x10)]
+    assert (a["journal"]["records"], a["journal"]["ops"], a["journal"]["damaged"]) == (3, 4, None)
+    # Region 1 (the one in sync) marked then cleared: clean again; 51 (out of sync) stays dirty.
+    assert (a["dirty_ranges"], a["out_of_sync_ranges"]) == ("51", "0,2-99")
+    assert _restored_bitmaps(state)[0x10] == (a["dirty_ranges"], a["out_of_sync_ranges"])
+
+
+def test_a_checkpoint_past_the_journal_end_is_fine(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    _engine_store(state)
+    end = jn.scan(state).end
+    _edit(state, "LVM-v", lambda env, txn: _set_checkpoint(env, txn, 0x10, position=end + (1 << 20)))
+    found, rc = _findings(state)
+    assert rc == 0, found
+    assert any(lv == "note" and "past the journal's end" in msg for lv, msg in found)

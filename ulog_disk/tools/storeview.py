@@ -122,7 +122,8 @@ class JournalView:
     #: all dirty and out of sync.
     damaged: str | None = None
     same_boot: bool = True
-    #: Ops of those records not replayed (another boot, past the journal's durable point).
+    #: Ops of those records the restore's rule does not replay (kept for the day it does: the
+    #: rule lives in ``plan_replay`` alone).
     dropped: int = 0
     # --- layouts 1-2
     path: Path | None = None
@@ -143,8 +144,7 @@ class JournalView:
             text = (f"checkpoint at position {c.position} of journal {c.journal_id.hex()[:12]}, "
                     f"{self.records} record(s) after it, {len(self.ops)} op(s) replayed")
             if self.dropped:
-                text += (f", {self.dropped} op(s) past the journal's durable point not replayed "
-                         "(another boot: only flushed marks and out-of-sync ops are kept)")
+                text += f", {self.dropped} op(s) of them not replayed (the restore's rule)"
         if self.damaged:
             text += f"; DAMAGED: {self.damaged}: every region comes back dirty and out of sync"
         if self.problem:
