@@ -866,3 +866,40 @@ def test_a_checkpoint_past_the_journal_end_is_fine(tmp_path: Path) -> None:
     found, rc = _findings(state)
     assert rc == 0, found
     assert any(lv == "note" and "past the journal's end" in msg for lv, msg in found)
+
+
+def test_a_layout_2_store_shows_what_its_migration_folds_in(tmp_path: Path) -> None:
+    """A layout-2 store with its instance's own journal file (same boot, following the meta's
+    commit): the tools show the file's ops folded in and the migration noted; the daemon's
+    migration restores exactly that, and removes the file."""
+    state = tmp_path / "state"
+    _engine_store(state)
+    seqs = []
+
+    def as_layout_2(env, txn):
+        for name, _ in list(txn.cursor()):
+            if name.startswith(b"meta."):
+                txn.delete(sf.CHECKPOINT_KEY, db=env.open_db(name, txn=txn, create=False))
+        fmt = sf.read_format_value(txn.get(sf.FORMAT_KEY))
+        record = sf.FormatRecordV2.build(dict(chunk_bytes=fmt.chunk_bytes, uuid=fmt.uuid,
+                                              created_at=fmt.created_at))
+        txn.put(sf.FORMAT_KEY, sf.seal(sf.MAIN_DB, sf.FORMAT_KEY, record))
+        seqs.append(_meta(env, txn, 0x10)[1].commit_seq)
+
+    _edit(state, "LVM-v", as_layout_2)
+    old = state / sf.encode_dir_name("LVM-v") / sf.journal_file_name(0x10)
+    ops = sf.encode_journal_ops([(1, 1), (4, 1), (1, 70)])
+    old.write_bytes(sf.JournalHeader(0x10, seqs[0]).encode() + ops)
+    os.chmod(old, 0o600)
+    found, rc = _findings(state)
+    assert rc == 0 and any(lv == "note" and msg.startswith("layout 2: the daemon migrates it to layout 3")
+                           for lv, msg in found), found
+    a = instances(dump_json(state), "LVM-v")[hexluid(0x10)]
+    j = a["journal"]
+    assert (j["layout"], j["exists"], j["follows_meta"], j["replayed"], j["ops"]) == (2, True, True, True, 3)
+    assert (a["dirty_ranges"], a["out_of_sync_ranges"]) == ("1,70", "0-99")
+    assert _restored_bitmaps(state)[0x10] == (a["dirty_ranges"], a["out_of_sync_ranges"])
+    assert not old.exists()
+    after = instances(dump_json(state), "LVM-v")[hexluid(0x10)]
+    assert after["journal"]["layout"] == 3 and after["journal"]["damaged"] is None
+    assert (after["dirty_ranges"], after["out_of_sync_ranges"]) == ("1,70", "0-99")

@@ -7,6 +7,14 @@ for it (LMDB writers do not block on readers; they only keep the pages the snaps
 snapshot is a committed transaction: the tools see the store exactly as a restart would.
 Records are decoded with :mod:`ulog_disk.store_format` only.
 
+The daemon-wide journal (``formats/journal.md``) is scanned once per read, before any store
+(:func:`read_store` says why), and every instance of a layout-3 store is given to
+:func:`~ulog_disk.backends.lmdb_store.plan_replay`, the function the daemon's restore uses: the
+bitmaps shown are the stored ones with the same ops replayed, and an instance the restore would
+distrust (no checkpoint, a checkpoint naming a journal that is not there, journal damage after
+its checkpoint) is shown all dirty and out of sync, with a warning. A layout-1/2 store is read as
+it is, its per-instance journal files folded in by the rule of its migration to layout 3.
+
 py-lmdb refuses to open one environment twice in one process, so an environment is opened,
 read whole into Python objects and closed again before anything else (the write paths of
 ``ulog-recover``, which go through :class:`~ulog_disk.backends.lmdb_store.LmdbBackend`) opens it.
