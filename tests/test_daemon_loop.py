@@ -238,3 +238,19 @@ def test_changes_older_than_the_checkpoint_age_are_stored_while_busy(tmp_path: P
     daemon.wait_idle()
     assert backend.calls == ["commit A"]
     close(daemon)
+
+
+def test_replies_to_the_kernel_over_netlink_whose_address_is_none_are_sent(tmp_path: Path) -> None:
+    """The netlink transport gives the kernel's frames the address None: a reply that waits for a
+    store write (CTR, RESUME) must still be sent (background work has its own NOBODY address)."""
+    backend = JournalBackend(tmp_path)
+    transport = CollectingTransport()
+    daemon = Daemon(Engine(backend, boot_id="b"), transport)  # type: ignore[arg-type]
+    for rtype, data in ((RequestType.CTR, b"65536 clustered-core 1024"), (RequestType.RESUME, b""),
+                        (RequestType.FLUSH, wire.build_u64(3))):
+        daemon.on_frame(frame("N", rtype, data), None)  # the kernel sends one at a time
+        daemon.group.start(inline=True)
+        daemon.wait_idle()
+        assert [(r.request_type, r.error) for r in transport.sent][-1:] == [(rtype, 0)]
+    assert len(transport.sent) == 3
+    close(daemon)

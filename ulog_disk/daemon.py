@@ -71,9 +71,22 @@ CHECKPOINT_AGE = 10.0
 CHECKPOINT_SPAN = 2 * 1024 * 1024
 #: ... or when the daemon has had nothing to do for this long (seconds).
 IDLE_AFTER = 0.5
+#: Journal maintenance (cutting what the stores hold) runs at least this often while busy.
+MAINTENANCE_INTERVAL = 1.0
 
 #: (job, reply address, its exception, whether the worker already sent the reply)
 Done = tuple[Pending, object, BaseException | None, bool]
+
+
+class _Nobody:
+    """The reply address of work nobody waits for (background work, the commits at stop).
+    Not None: the netlink transport's address of the kernel is None."""
+
+    def __repr__(self) -> str:
+        return "NOBODY"
+
+
+NOBODY = _Nobody()
 
 
 class StartupError(RuntimeError):
@@ -156,7 +169,7 @@ class StoreWorker:
             except BaseException as e:  # noqa: BLE001 - reported to the engine via complete()
                 exc = e
             sent = False
-            if exc is None and pending.reply_on_success is not None and address is not None:
+            if exc is None and pending.reply_on_success is not None and address is not NOBODY:
                 self.send(pending.reply_on_success, address)
                 sent = True
             self.done.append((pending, address, exc, sent))
@@ -315,8 +328,11 @@ _NOBODY = wire.Request(luid=0, uuid="", version=3, seq=0, request_type=wire.Requ
 
 class Daemon:
     def __init__(self, engine: Engine, transport: NetlinkTransport | UnixTransport,
-                 capture: CaptureWriter | None = None):
+                 capture: CaptureWriter | None = None, checkpoint_age: float = CHECKPOINT_AGE,
+                 checkpoint_span: int = CHECKPOINT_SPAN):
         self.engine = engine
+        self.checkpoint_age = checkpoint_age
+        self.checkpoint_span = checkpoint_span
         self.transport = transport
         self.capture = capture
         # Replies go out from the loop, the store worker and the group-commit thread.
@@ -329,8 +345,9 @@ class Daemon:
         self.selector = selectors.DefaultSelector()
         self.stopping = False
         self.dropped_frames = 0
-        #: The journal position up to which maintenance last cut.
+        #: The journal position up to which maintenance last cut, and when (monotonic).
         self.cut_at = -1
+        self.maintained_at = 0.0
         self.last_frame = time.monotonic()
         self.sig_r, self.sig_w = os.pipe()
         os.set_blocking(self.sig_r, False)
@@ -395,7 +412,7 @@ class Daemon:
             except Exception:  # noqa: BLE001
                 log.exception("internal error completing a request")
                 continue
-            if address is None:
+            if address is NOBODY:
                 failures += reply.error != 0
             elif not sent:
                 self.send(reply, address)
@@ -408,19 +425,30 @@ class Daemon:
         if self.worker.busy():
             return
         engine = self.engine
-        key = engine.checkpoint_due(time.monotonic(), CHECKPOINT_AGE, CHECKPOINT_SPAN, idle)
+        now = time.monotonic()
+        # Maintenance first when it is due, so that a steady stream of checkpoints never keeps
+        # the journal from being cut or the next segment from being prepared.
+        if engine.backend.maintenance_due() or now - self.maintained_at >= MAINTENANCE_INTERVAL:
+            needed = engine.needed()
+            if needed > self.cut_at or engine.backend.maintenance_due():
+                self.cut_at, self.maintained_at = needed, now
+                self.worker.submit(_maintenance(engine.backend, needed), NOBODY, background=True)
+                return
+        key = engine.checkpoint_due(now, self.checkpoint_age, self.checkpoint_span, idle)
         if key is not None:
             pending = engine.checkpoint(key)
             if pending is not None:
-                self.worker.submit(pending, None, background=True)
+                self.worker.submit(pending, NOBODY, background=True)
                 return
-        needed = engine.needed()
-        if needed > self.cut_at or engine.backend.maintenance_due():
-            self.cut_at = needed
-            self.worker.submit(_maintenance(engine.backend, needed), None, background=True)
+        if idle:
+            needed = engine.needed()
+            if needed > self.cut_at:
+                self.cut_at, self.maintained_at = needed, now
+                self.worker.submit(_maintenance(engine.backend, needed), NOBODY, background=True)
 
     def has_background_work(self) -> bool:
-        return bool(self.engine.unstored) or self.engine.needed() > self.cut_at
+        return bool(self.engine.unstored) or self.engine.needed() > self.cut_at or \
+            self.engine.backend.maintenance_due()
 
     # --- loop ----------------------------------------------------------------------------
 
@@ -508,11 +536,11 @@ class Daemon:
         log.info("stopping: answered %d queued request(s), writing %d log(s) to their stores", answered,
                  len(self.engine.table))
         for pending in self.engine.commit_all():
-            self.worker.submit(pending, None)
+            self.worker.submit(pending, NOBODY)
         failures = self.wait_idle()
         if not failures:
             # Everything is in the stores: the journal keeps only its last segment.
-            self.worker.submit(_maintenance(self.engine.backend, self.engine.needed()), None)
+            self.worker.submit(_maintenance(self.engine.backend, self.engine.needed()), NOBODY)
             self.wait_idle()
         self.answer_queued()
         self.group.close()
@@ -560,6 +588,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default=DEFAULT_BACKEND,
                    help=f"log store plugin from the ulog_disk.backends entry points (installed: {backends}; "
                         f"default {DEFAULT_BACKEND})")
+    p.add_argument("--checkpoint-age", type=float, default=CHECKPOINT_AGE, metavar="SECONDS",
+                   help="write a log's changes from the journal to its store at the latest this long after "
+                        f"the first of them (default {CHECKPOINT_AGE:g}; also when the journal since them "
+                        f"passes {CHECKPOINT_SPAN >> 20} MiB, and whenever the daemon is idle). Shorter: a "
+                        "shorter journal to replay at start-up, more store writes")
+    p.add_argument("--journal-segment-size", type=int, metavar="BYTES",
+                   help="size of each journal segment file (lmdb backend; default 4 MiB, at least 64 KiB)")
     p.add_argument("--capture", metavar="FILE",
                    help="append every frame received and sent to FILE (read it with ulog-dump wire)")
     p.add_argument("--ready-file", metavar="FILE", type=Path,
@@ -596,7 +631,15 @@ def main(argv: list[str] | None = None) -> int:
         backend_cls = load_backend(args.backend)
         prepare_state_dir(args.state_dir)
         lock = StateDirLock(args.state_dir)
-        backend = backend_cls(args.state_dir)
+        if args.journal_segment_size is not None:
+            if args.journal_segment_size < 65536:
+                raise StartupError("--journal-segment-size must be at least 65536 bytes")
+            try:
+                backend = backend_cls(args.state_dir, segment_bytes=args.journal_segment_size)  # type: ignore[call-arg]
+            except TypeError:
+                raise StartupError(f"backend {args.backend!r} takes no --journal-segment-size") from None
+        else:
+            backend = backend_cls(args.state_dir)
         engine = Engine(backend, boot_id=args.boot_id)
         engine.restore()
         transport = make_transport(args.listen)
@@ -606,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
             backend.close()
         return 2
     capture = CaptureWriter(args.capture, transport.name) if args.capture else None
-    daemon = Daemon(engine, transport, capture)
+    daemon = Daemon(engine, transport, capture, checkpoint_age=args.checkpoint_age)
     signal.signal(signal.SIGTERM, daemon.request_stop)
     signal.signal(signal.SIGINT, daemon.request_stop)
 

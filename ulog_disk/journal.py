@@ -30,6 +30,7 @@ durable and are now wrong: that is damage, reported as a range, and reading goes
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import secrets
@@ -52,6 +53,7 @@ CAPACITY = SEGMENT_BYTES - HEADER_BYTES
 ALIGN = 8
 JOURNAL_VERSION = 1
 FILE_MODE = 0o600
+log = logging.getLogger("ulog_disk.journal")
 _SEGMENT_NAME = re.compile(r"journal\.([0-9a-f]{16})")
 
 
@@ -580,14 +582,14 @@ class Journal:
     # --- opening -----------------------------------------------------------------------------
 
     def open(self, found: Scan, base: int, floor: int = 0, journal_id: bytes | None = None) -> None:
-        """Continue the journal ``found`` (or start one, named ``journal_id``) at its end, or at
-        ``floor`` if that is further (a store already follows the journal up to there).
+        """Continue the journal ``found`` (or start one, named ``journal_id``) in a new segment.
 
-        The rest of the segment holding the end is zeroed and synced first: a torn tail or
-        records never made durable must not be read as a continuation once new records reach
-        them, and once that sync returns every record before the end is durable too. When the
-        journal cannot go on in its newest segment, a new segment follows and a SWITCH record at
-        the end leads a reader there."""
+        Every start makes a new segment, after every existing one and at or past ``floor`` (a
+        store may already follow the journal up to there), whose header records ``base``: what
+        this start's restore still needs. A SWITCH record at the old end leads a reader there;
+        whatever follows the old end in its segment (a torn tail, records never synced) is never
+        read. The old segments are synced first, so every record before the end is durable, and
+        they are removed by :meth:`cut` once the stores hold their records."""
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.journal_id = found.journal_id or journal_id or secrets.token_bytes(16)
         self.base = base
@@ -598,21 +600,30 @@ class Journal:
             header = found.segments[start]
             old.append(_Segment(start, path, fd, header.capacity, header.base))
         self.segments = old
-        end = found.end
         self._dirty = []
         self._unsynced.clear()
+        end = found.end
+        new_start = _padded(max([s.end for s in old] + [floor, 0]))
         last = next((s for s in old if s.start <= end < s.end), None)
-        if last is not None and last is old[-1] and floor <= end and end + SWITCH_BYTES <= last.end:
+        self._sync_segments(old)
+        self.base = min(base, new_start)
+        # The new segment first, then the SWITCH to it: a SWITCH never names a missing segment.
+        try:
+            segment = self._create(new_start, self.base)
+        except OSError as exc:
+            if last is None or last is not old[-1] or end + SWITCH_BYTES > last.end:
+                raise
+            # No room for a new segment (a full disk): go on in the newest one, after zeroing
+            # its tail (its blocks are allocated: that needs no new space).
+            log.warning("journal: no new segment (%s); going on in %s", exc, last.path.name)
             self._zero(last, end)
             self.position = self.durable = self._unsynced_start = end
             return
-        new_start = _padded(max([s.end for s in old] + [floor]))
         if last is not None and end + SWITCH_BYTES <= last.end:
-            self._zero(last, end)
             self.position = self.durable = self._unsynced_start = end
             self._write_record(last, Kind.SWITCH, b"", 0, _SWITCH.pack(new_start))
             self._sync_segments([last])
-        self.segments.append(self._create(new_start, min(base, new_start)))
+        self.segments.append(segment)
         self.position = self.durable = self._unsynced_start = new_start
         self._unsynced.clear()
         self._dirty = []

@@ -18,8 +18,15 @@ After each crash point:
   equals the number of regions in sync (``RegionLog.check()`` on what it reports), and the
   interrupted request is sent again, as the kernel would;
 * **the host rebooted** (every few points: new boot id, new luids): each mirror's new instance
-  takes over the uuid's state: its bits are those of one of the commits the store may hold, taken
-  over; every region dirty or out of sync in the last acknowledged commit is out of sync.
+  takes over the uuid's state: its bits are those of one of the states the store and the journal
+  may hold (the last acknowledged commit, or a state after later acknowledged requests: a
+  background checkpoint or the journal's records may carry them), taken over; every region dirty
+  or out of sync in the last acknowledged commit and not made good by an acknowledged request
+  since is out of sync.
+
+Every other daemon run checkpoints almost at once (``--checkpoint-age 0.02``) with 64 KiB journal
+segments, so kills also land during checkpoints, segment switches and journal cuts; the test
+checks that the journal was cut during the run.
 
 A violation is any of these failing: a region marked under an acknowledged FLUSH and not cleared
 that is reported clean or in sync, or any other difference. Default ~30 crash points
@@ -53,6 +60,11 @@ SEED = int(os.environ.get("ULOG_REL_SEED", "11"))
 REBOOT_EVERY = int(scale("ULOG_REL_REBOOT_EVERY", 5, 8))
 STARTUP_KILL_EVERY = 13
 COMMITS = (T.FLUSH, T.RESUME, T.POSTSUSPEND)
+#: Requests that change an instance's bits without being a commit point.
+CHANGES = (T.MARK_REGION, T.CLEAR_REGION, T.SET_REGION_SYNC)
+#: Every other daemon run checkpoints almost at once and uses small journal segments, so that
+#: kills land during checkpoints, segment switches and journal cuts too (not only between them).
+BUSY_STORE = ["--checkpoint-age", "0.02", "--journal-segment-size", "65536"]
 
 SPECS = [
     # uuid, regions, log type, integrated flush
@@ -226,8 +238,13 @@ class Driver:
             self.first_resume(client, step)
             return
         apply(log, step.rtype, step.data)
-        if step.rtype in COMMITS and step.luid == self.cur:
-            self.candidates = [log.copy()]
+        if step.luid == self.cur:
+            # The store may hold any state since the last acknowledged commit: a background
+            # checkpoint may store later requests, and the journal keeps a prefix of them.
+            if step.rtype in COMMITS:
+                self.candidates = [log.copy()]
+            elif step.rtype in CHANGES:
+                self.candidates.append(log.copy())
 
     def first_resume(self, client: Client, step: Step) -> None:
         self.resumed.add(step.luid)
@@ -278,7 +295,7 @@ class Driver:
         """The states the store may hold as the uuid's newest commit."""
         out = list(self.candidates)
         step = self.in_flight
-        if step is not None and step.luid == self.cur and step.rtype in COMMITS:
+        if step is not None and step.luid == self.cur and (step.rtype in COMMITS or step.rtype in CHANGES):
             maybe = self.oracles[step.luid].copy()
             apply(maybe, step.rtype, step.data)
             out.append(maybe)
@@ -389,14 +406,16 @@ def test_kill9_at_random_points_over_a_mixed_workload(tmp_path: Path) -> None:
                for i, (uuid, regions, log_type, iflush) in enumerate(SPECS)]
     for drv in drivers:
         drv.start(adopt=None)
-    daemon = launch(tmp_path, state_dir=state, boot_id=f"boot-{boot}", name="d0")
+    daemon = launch(tmp_path, state_dir=state, boot_id=f"boot-{boot}", name="d0", extra_args=BUSY_STORE)
     violations: list[str] = []
+    segments_seen: set[str] = set()
     verify_runs = verify_failures = reboots = restarts = startup_kills = survivors_checked = 0
     t0 = time.monotonic()
     in_flight: Counter = Counter()
     for point in range(1, POINTS + 1):
         errors = run_drivers(daemon, drivers, rng.uniform(0.02, 0.3))
         assert not errors, errors
+        segments_seen.update(p.name for p in state.glob("journal.*"))
         in_flight.update(drv.in_flight.rtype.name if drv.in_flight else "none" for drv in drivers)
         committed = {drv.uuid: drv.maybe_committed() for drv in drivers}
         verify = run_verify(state, f"boot-{boot}")
@@ -419,7 +438,8 @@ def test_kill9_at_random_points_over_a_mixed_workload(tmp_path: Path) -> None:
                            wait_ready=False)
             time.sleep(rng.uniform(0.0, 0.25))
             early.kill9()
-        daemon = launch(tmp_path, state_dir=state, boot_id=f"boot-{boot}", name=f"d{point}")
+        daemon = launch(tmp_path, state_dir=state, boot_id=f"boot-{boot}", name=f"d{point}",
+                        extra_args=BUSY_STORE if point % 2 == 0 else ())
         client = Client(daemon.socket_path)  # type: ignore[arg-type]
         if reboot:
             reboots += 1
@@ -448,7 +468,10 @@ def test_kill9_at_random_points_over_a_mixed_workload(tmp_path: Path) -> None:
     for drv in drivers:
         acked.update(drv.acked)
         actions.update(drv.actions)
+    segments_left = {p.name for p in state.glob("journal.*")}
     figures("crash.kill9_mixed", crash_points=point, restarts_same_boot=restarts, host_reboots=reboots,
+            journal_segments_made=len(segments_seen | segments_left),
+            journal_segments_cut=len(segments_seen - segments_left),
             kills_during_startup=startup_kills, mirrors=len(drivers), instances_checked=survivors_checked,
             requests_acknowledged=sum(acked.values()), actions=dict(actions),
             in_flight_at_crash=dict(in_flight.most_common()),
@@ -458,6 +481,7 @@ def test_kill9_at_random_points_over_a_mixed_workload(tmp_path: Path) -> None:
         print("conservative:", line)
     assert not violations, "\n".join(violations[:10])
     assert restarts >= POINTS // 2 and reboots >= POINTS // (REBOOT_EVERY + 1)
+    assert segments_seen - segments_left, "the journal was never cut: no kill could land around a cut"
 
 
 def test_many_host_reboots_keep_the_state(tmp_path: Path) -> None:

@@ -176,7 +176,9 @@ class LmdbBackend(Backend):
         self._journal_open = False
         #: Which journal, and up to where, a store write of a tool (no restore) follows.
         self._journal_ref: tuple[bytes, int] | None = None
-        self.boot_id = ""
+        #: The boot this process runs in (restore() sets the daemon's): a store of layout 1-2
+        #: migrated when a tool opens it folds the journal files of this boot's instances.
+        self.boot_id = _read_boot_id()
 
     # --- environments ----------------------------------------------------------------------
 
@@ -729,10 +731,11 @@ class LmdbBackend(Backend):
                 # Reading every chunk faulted the whole map in; closing drops those pages from the
                 # daemon's RSS (the engine holds the bitmaps now) and frees the descriptors.
                 self._forget_env(uuid)
-        needed = [s.replayed_from for s in restored.instances
-                  if s.replayed_from is not None and s.record.boot_id == boot_id]
+        # The new segment's base: every record before it that a store needs is at or after it
+        # (nothing needed: all of the old segments may go).
+        needed = [s.replayed_from for s in restored.instances if s.replayed_from is not None]
         try:
-            self.journal.open(found, base=min(needed, default=floor), floor=floor, journal_id=journal_id)
+            self.journal.open(found, base=min(needed, default=1 << 62), floor=floor, journal_id=journal_id)
         except OSError as exc:
             raise _backend_error(f"journal in {self.state_dir}", exc) from exc
         self._journal_open = True
@@ -958,6 +961,14 @@ def plan_replay(meta: MetaRecord, ckpt: CheckpointRecord | None, records: Sequen
     if damaged is not None:
         first = start if first is None else min(first, start)
     return Replay(rec, ops, damaged, first, count)
+
+
+def _read_boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
 
 
 @functools.lru_cache(maxsize=4096)
