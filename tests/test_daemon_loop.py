@@ -213,7 +213,7 @@ def test_background_work_waits_for_an_idle_worker_and_a_lifecycle_write_waits_fo
     daemon.background(idle=False)
     assert not daemon.worker.busy()  # nothing due yet: young changes, short journal
     daemon.background(idle=True)
-    assert daemon.worker.busy() and daemon.worker.background == 1
+    assert daemon.worker.busy() and daemon.worker.inflight == 1
     daemon.background(idle=True)  # the worker is busy: no second background job queued
     assert daemon.worker.inflight == 1
     daemon.on_frame(frame("B", RequestType.PRESUSPEND), "k")

@@ -145,8 +145,6 @@ class StoreWorker:
         self.wake = wake
         self.jobs: queue.SimpleQueue[tuple[Pending, object] | None] = queue.SimpleQueue()
         self.inflight = 0
-        #: Of them, background work (checkpoints, maintenance).
-        self.background = 0
         self.done: collections.deque[Done] = collections.deque()
         self.thread = threading.Thread(target=self._run, daemon=True, name="store")
         self.thread.start()
@@ -154,9 +152,8 @@ class StoreWorker:
     def busy(self) -> bool:
         return self.inflight > 0
 
-    def submit(self, pending: Pending, address: object, background: bool = False) -> None:
+    def submit(self, pending: Pending, address: object) -> None:
         self.inflight += 1
-        self.background += background
         self.jobs.put((pending, address))
 
     def _run(self) -> None:
@@ -432,19 +429,19 @@ class Daemon:
             needed = engine.needed()
             if needed > self.cut_at or engine.backend.maintenance_due():
                 self.cut_at, self.maintained_at = needed, now
-                self.worker.submit(_maintenance(engine.backend, needed), NOBODY, background=True)
+                self.worker.submit(_maintenance(engine.backend, needed), NOBODY)
                 return
         key = engine.checkpoint_due(now, self.checkpoint_age, self.checkpoint_span, idle)
         if key is not None:
             pending = engine.checkpoint(key)
             if pending is not None:
-                self.worker.submit(pending, NOBODY, background=True)
+                self.worker.submit(pending, NOBODY)
                 return
         if idle:
             needed = engine.needed()
             if needed > self.cut_at:
                 self.cut_at, self.maintained_at = needed, now
-                self.worker.submit(_maintenance(engine.backend, needed), NOBODY, background=True)
+                self.worker.submit(_maintenance(engine.backend, needed), NOBODY)
 
     def has_background_work(self) -> bool:
         return bool(self.engine.unstored) or self.engine.needed() > self.cut_at or \

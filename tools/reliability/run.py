@@ -40,11 +40,13 @@ KEYS = {
     "fuzz.transport": ["frames", "examples", "unanswerable", "answered_error", "answered_ok", "max_reply_ms",
                        "seconds"],
     "crash.kill9_mixed": ["crash_points", "restarts_same_boot", "host_reboots", "kills_during_startup",
-                          "requests_acknowledged", "verify_runs", "verify_failures", "seconds"],
+                          "journal_segments_made", "journal_segments_cut", "requests_acknowledged",
+                          "verify_runs", "verify_failures", "seconds"],
     "load.64_mirrors": ["seconds", "requests", "flushes", "flush_p50_ms", "flush_p99_ms", "flush_max_ms",
                         "slowest_reply_ms", "replies_over_15s", "rss_first_quarter_mib",
                         "rss_last_quarter_mib"],
     "disk.random_damage": ["trials", "outcomes"],
+    "disk.random_journal_damage": ["trials", "outcomes"],
 }
 
 
