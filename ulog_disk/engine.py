@@ -48,6 +48,7 @@ from .backends.base import (
     StoredInstance,
     StoredState,
 )
+from .bootid import read_boot_id
 from .ctrargs import CtrArgs, CtrError, parse_ctr
 from .journal import Event
 from .lifecycle import HANDS_OVER, State, gives_resync_work, next_state
@@ -57,14 +58,6 @@ from .wire import Reply, Request, RequestType
 log = logging.getLogger("ulog_disk.engine")
 
 Key = tuple[str, int]
-
-
-def read_boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return "unknown"
 
 
 def describe(uuid: str, luid: int) -> str:

@@ -327,7 +327,8 @@ def parse_segment_name(name: str) -> int | None:
     return int(m.group(1), 16) if m else None
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory entry change (create, rename) durable: a host crash must not lose it."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -654,7 +655,7 @@ class Journal:
                 offset += n
             os.fsync(fd)
             os.rename(tmp, path)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)

@@ -50,6 +50,7 @@ import lmdb
 
 from .. import journal as jn
 from .. import regionlog
+from ..bootid import read_boot_id
 from ..store_format import (
     CHECKPOINT_KEY,
     CHECKSUM_SIZE,
@@ -147,15 +148,6 @@ def _backend_error(what: str, exc: BaseException) -> BackendError:
     return err
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a directory entry change (mkdir, rename) durable: a host crash must not lose it."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class LmdbBackend(Backend):
     name = "lmdb"
     durable = True
@@ -178,7 +170,7 @@ class LmdbBackend(Backend):
         self._journal_ref: tuple[bytes, int] | None = None
         #: The boot this process runs in (restore() sets the daemon's): a store of layout 1-2
         #: migrated when a tool opens it folds the journal files of this boot's instances.
-        self.boot_id = _read_boot_id()
+        self.boot_id = read_boot_id()
 
     # --- environments ----------------------------------------------------------------------
 
@@ -260,8 +252,8 @@ class LmdbBackend(Backend):
             if self._check_format(e) or created:
                 # The environment's directory entry and files must outlive a host crash as
                 # much as its first commit does.
-                _fsync_dir(path)
-                _fsync_dir(self.state_dir)
+                jn.fsync_dir(path)
+                jn.fsync_dir(self.state_dir)
         except BaseException:
             env.close()
             raise
@@ -854,7 +846,7 @@ class LmdbBackend(Backend):
                 continue
             try:
                 os.rename(path, target)
-                _fsync_dir(self.state_dir)
+                jn.fsync_dir(self.state_dir)
             except OSError as exc:
                 log.error("could not move the damaged store %s aside: %s", path, exc)
                 return None
@@ -961,14 +953,6 @@ def plan_replay(meta: MetaRecord, ckpt: CheckpointRecord | None, records: Sequen
     if damaged is not None:
         first = start if first is None else min(first, start)
     return Replay(rec, ops, damaged, first, count)
-
-
-def _read_boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return "unknown"
 
 
 @functools.lru_cache(maxsize=4096)

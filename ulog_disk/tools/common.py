@@ -16,8 +16,8 @@ from typing import Any, TextIO
 
 from bitarray import bitarray
 
+from ..bootid import read_boot_id
 from ..daemon import DEFAULT_STATE_DIR
-from ..engine import read_boot_id
 from ..regionlog import format_ranges
 
 #: Version of every ``--json`` document (``formats/tools-json.md``); bumped on an incompatible
