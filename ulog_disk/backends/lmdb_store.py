@@ -107,8 +107,8 @@ DIR_MODE = 0o700
 #: Enough for LMDB's lock table at its default 126 readers (about 8 KiB).
 LOCK_FILE_BYTES = 16384
 FILE_MODE = 0o600
-#: Environments kept open between store calls (2 descriptors and two maps each): enough for the
-#: uuids a checkpoint round touches in turn, bounded whatever the number of mirrors.
+#: Environments kept open between store calls (3 descriptors each: lock.mdb, and data.mdb twice,
+#: once O_DSYNC for its meta page; and two maps): bounded whatever the number of mirrors.
 MAX_OPEN_ENVS = 8
 
 
