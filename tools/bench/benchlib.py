@@ -349,16 +349,18 @@ class SyncWriter:
 
 class LmdbFloor:
     """The least a durable LMDB commit of the store's shape costs: one meta record and one bitmap
-    chunk, py-lmdb with the store's options (sync, metasync, no writemap), nothing else."""
+    chunk, py-lmdb with the store's options (sync, metasync, no writemap), nothing else.
+    ``options`` override those (tools/bench/journal_alternatives.py measures the others)."""
 
-    def __init__(self, path: Path, chunks: int):
+    def __init__(self, path: Path, chunks: int, **options: bool):
         import lmdb  # noqa: PLC0415
 
         from ulog_disk.regionlog import CHUNK_BYTES  # noqa: PLC0415
 
         path.mkdir(parents=True, exist_ok=True)
-        self.env = lmdb.open(str(path), map_size=64 << 20, max_dbs=4, sync=True, metasync=True,
-                             writemap=False, map_async=False)
+        durable = {"sync": True, "metasync": True, "writemap": False, "map_async": False}
+        self.path = path
+        self.env = lmdb.open(str(path), map_size=64 << 20, max_dbs=4, **{**durable, **options})
         self.meta = self.env.open_db(b"meta")
         self.clean = self.env.open_db(b"clean")
         self.chunks = chunks

@@ -58,7 +58,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib  # noqa: E402
-from benchlib import PAGE, SyncWriter, pct  # noqa: E402
+from benchlib import PAGE, LmdbFloor, SyncWriter, pct  # noqa: E402
 
 from ulog_disk import journal  # noqa: E402
 from ulog_disk.backends.lmdb_store import INITIAL_MAP_SIZE  # noqa: E402
@@ -459,35 +459,11 @@ def metric1(report: Report, work: Path, cfg: Config) -> None:
 # --- metric 2: LMDB as the durable point ---------------------------------------------------------
 
 
-class LmdbCommit:
+class LmdbCommit(LmdbFloor):
     """A commit of the store's shape (meta record + one bitmap chunk) with given LMDB options."""
 
     def __init__(self, path: Path, chunks: int = 32, **options: bool) -> None:
-        import lmdb  # noqa: PLC0415
-
-        path.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self.env = lmdb.open(str(path), map_size=INITIAL_MAP_SIZE, max_dbs=16, **options)
-        self.meta = self.env.open_db(b"meta")
-        self.clean = self.env.open_db(b"clean")
-        self.chunks = chunks
-        self.values = [bytes([v]) * CHUNK_BYTES for v in (0x55, 0xAA)]
-        with self.env.begin(write=True) as txn:
-            for i in range(chunks):
-                txn.put(i.to_bytes(4, "big"), self.values[0], db=self.clean)
-        self.i = 0
-
-    def sample(self) -> float:
-        self.i += 1
-        meta = self.i.to_bytes(8, "little") * 15
-        t0 = time.perf_counter()
-        with self.env.begin(write=True) as txn:
-            txn.put(b"record", meta, db=self.meta)
-            txn.put((self.i * 7 % self.chunks).to_bytes(4, "big"), self.values[self.i & 1], db=self.clean)
-        return time.perf_counter() - t0
-
-    def close(self) -> None:
-        self.env.close()
+        super().__init__(path, chunks, **options)
 
 
 LMDB_VARIANTS: dict[str, tuple[str, dict[str, bool], str]] = {
