@@ -59,10 +59,9 @@ DEFAULT_BACKEND = "lmdb"
 INLINE_SYNC_LIMIT = 0.002
 #: Weight of the newest sync in the moving average of sync time.
 _SYNC_TIME_WEIGHT = 0.25
-#: A FLUSH of another mirror within this long (seconds) of the last one means several mirrors
-#: are flushing: for the next :data:`CONCURRENT_HOLD` seconds syncs run on the group-commit
-#: thread, so the loop reads the others' requests while the disk works.
-CONCURRENT_WINDOW = 0.005
+#: A FLUSH that arrives while another waits or a sync runs means several mirrors are flushing:
+#: for the next this many seconds syncs run on the group-commit thread, so the loop reads the
+#: others' requests while the disk works.
 CONCURRENT_HOLD = 0.1
 #: An instance's changes are written to its store at the latest this long after the first of
 #: them (seconds), ...
@@ -197,8 +196,9 @@ class GroupCommit:
     ``add`` and ``start`` run on the request loop; a sync runs there (``start`` with ``inline``:
     a FLUSH alone pays no thread hand-off) or on this class's thread, which keeps syncing while
     FLUSHes keep arriving. The thread is used when syncs have been slow (the loop must not wait
-    for the disk) or when several mirrors are flushing (the loop goes on reading their requests
-    while the disk works: their FLUSHes share the next sync).
+    for the disk) or when several mirrors are flushing at once, i.e. a FLUSH arrived while another
+    was waiting or a sync ran (the loop goes on reading their requests while the disk works: their
+    FLUSHes share the next sync).
     """
 
     def __init__(self, backend: Backend, send: Callable[[Reply, object], None],
@@ -219,19 +219,16 @@ class GroupCommit:
         self.flushes = 0
         #: Several mirrors have been flushing until then (monotonic time).
         self.concurrent_until = 0.0
-        self._last_uuid = ""
-        self._last_at = 0.0
         self.done: collections.deque[Done] = collections.deque()
         self.thread = threading.Thread(target=self._run, daemon=True, name="group-commit")
         self.thread.start()
 
     def add(self, pending: Pending, address: object) -> None:
         assert pending.durable_at is not None
-        now = time.monotonic()
-        if pending.uuid != self._last_uuid and now - self._last_at < CONCURRENT_WINDOW:
-            self.concurrent_until = now + CONCURRENT_HOLD
-        self._last_uuid, self._last_at = pending.uuid, now
         with self.lock:
+            if self.waiting or self.running:
+                # Another FLUSH is waiting, or a sync is running: several mirrors are flushing.
+                self.concurrent_until = time.monotonic() + CONCURRENT_HOLD
             self.waiting.append(_Waiting(pending.durable_at, pending, address))
 
     def fast(self) -> bool:
@@ -425,10 +422,11 @@ class Daemon:
         now = time.monotonic()
         # Maintenance first when it is due, so that a steady stream of checkpoints never keeps
         # the journal from being cut or the next segment from being prepared.
-        if engine.backend.maintenance_due() or now - self.maintained_at >= MAINTENANCE_INTERVAL:
+        if now - self.maintained_at >= MAINTENANCE_INTERVAL or engine.backend.maintenance_due():
+            self.maintained_at = now
             needed = engine.needed()
             if needed > self.cut_at or engine.backend.maintenance_due():
-                self.cut_at, self.maintained_at = needed, now
+                self.cut_at = needed
                 self.worker.submit(_maintenance(engine.backend, needed), NOBODY)
                 return
         key = engine.checkpoint_due(now, self.checkpoint_age, self.checkpoint_span, idle)
@@ -437,15 +435,11 @@ class Daemon:
             if pending is not None:
                 self.worker.submit(pending, NOBODY)
                 return
-        if idle:
+        if idle and not engine.unstored:
             needed = engine.needed()
             if needed > self.cut_at:
                 self.cut_at, self.maintained_at = needed, now
                 self.worker.submit(_maintenance(engine.backend, needed), NOBODY)
-
-    def has_background_work(self) -> bool:
-        return bool(self.engine.unstored) or self.engine.needed() > self.cut_at or \
-            self.engine.backend.maintenance_due()
 
     # --- loop ----------------------------------------------------------------------------
 
@@ -470,11 +464,12 @@ class Daemon:
             sel.register(self.transport.fileno(), selectors.EVENT_READ, "netlink")
         if ready:
             ready()
+        engine, group, worker = self.engine, self.group, self.worker
         while not self.stopping:
-            timeout = IDLE_AFTER if self.has_background_work() else None
-            events = sel.select(timeout)
+            # Idle, the loop wakes up only to hand out background work (checkpoints, cutting).
+            events = sel.select(IDLE_AFTER if engine.unstored else MAINTENANCE_INTERVAL)
             now = time.monotonic()
-            if self.group.done or self.worker.done:
+            if group.done or worker.done:
                 self.on_completions()
             got = 0
             for key, _ in events:
@@ -489,11 +484,15 @@ class Daemon:
                         self.on_frame(frame, address)
             if got:
                 self.last_frame = now
-                # One sync for every FLUSH of the batch (and of earlier batches still waiting).
-                self.group.start(inline=True)
-                if self.group.done:
-                    self.on_completions()
-            self.background(idle=now - self.last_frame >= IDLE_AFTER)
+                if group.waiting:
+                    # One sync for every FLUSH of the batch (and of earlier batches waiting).
+                    group.start(inline=True)
+                    if group.done:
+                        self.on_completions()
+            # Cheap tests first: most turns of a busy loop have no background work to hand out.
+            if not worker.inflight and (engine.unstored or now - self.maintained_at >= MAINTENANCE_INTERVAL
+                                        or not got):
+                self.background(idle=now - self.last_frame >= IDLE_AFTER)
         return self.shutdown()
 
     def answer_queued(self) -> int:
