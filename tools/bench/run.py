@@ -768,7 +768,7 @@ def bench_mirrors(s: Suite) -> None:
     results: dict[str, dict[str, list[float]]] = {}
     kinds = ("lean", "kmodel", "lmdb", "fdatasync")
     for kind in kinds:
-        run(kind, n)  # warm-up: connections, environments, files, every lane once
+        run(kind, n)  # warm-up: connections, environments, files
     for _ in range(cfg.mirror_rounds):
         for kind in kinds:
             r = results.setdefault(kind, {"one": [], "many": []})
