@@ -590,7 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"passes {CHECKPOINT_SPAN >> 20} MiB, and whenever the daemon is idle). Shorter: a "
                         "shorter journal to replay at start-up, more store writes")
     p.add_argument("--journal-segment-size", type=int, metavar="BYTES",
-                   help="size of each journal segment file (lmdb backend; default 4 MiB, at least 64 KiB)")
+                   help="size of each journal segment file (lmdb backend; default 4 MiB; a multiple of "
+                        "4096, at least 64 KiB)")
     p.add_argument("--capture", metavar="FILE",
                    help="append every frame received and sent to FILE (read it with ulog-dump wire)")
     p.add_argument("--ready-file", metavar="FILE", type=Path,
@@ -627,9 +628,11 @@ def main(argv: list[str] | None = None) -> int:
         backend_cls = load_backend(args.backend)
         prepare_state_dir(args.state_dir)
         lock = StateDirLock(args.state_dir)
+        if args.checkpoint_age < 0:
+            raise StartupError("--checkpoint-age must not be negative")
         if args.journal_segment_size is not None:
-            if args.journal_segment_size < 65536:
-                raise StartupError("--journal-segment-size must be at least 65536 bytes")
+            if args.journal_segment_size < 65536 or args.journal_segment_size % 4096:
+                raise StartupError("--journal-segment-size must be a multiple of 4096, at least 65536 bytes")
             try:
                 backend = backend_cls(args.state_dir, segment_bytes=args.journal_segment_size)  # type: ignore[call-arg]
             except TypeError:
