@@ -626,13 +626,15 @@ def main(argv: list[str] | None = None) -> int:
     backend: Backend | None = None
     try:
         backend_cls = load_backend(args.backend)
-        prepare_state_dir(args.state_dir)
-        lock = StateDirLock(args.state_dir)
+        # The arguments first: nothing is created for a command line that is refused.
         if args.checkpoint_age < 0:
             raise StartupError("--checkpoint-age must not be negative")
+        if args.journal_segment_size is not None and (
+                args.journal_segment_size < 65536 or args.journal_segment_size % 4096):
+            raise StartupError("--journal-segment-size must be a multiple of 4096, at least 65536 bytes")
+        prepare_state_dir(args.state_dir)
+        lock = StateDirLock(args.state_dir)
         if args.journal_segment_size is not None:
-            if args.journal_segment_size < 65536 or args.journal_segment_size % 4096:
-                raise StartupError("--journal-segment-size must be a multiple of 4096, at least 65536 bytes")
             try:
                 backend = backend_cls(args.state_dir, segment_bytes=args.journal_segment_size)  # type: ignore[call-arg]
             except TypeError:
