@@ -267,3 +267,24 @@ def test_every_request_gets_exactly_one_reply_whichever_thread_sends_it(tmp_path
     seqs = [(r.direction, wire.decode_frame(r.frame).seq if r.direction == TO_DAEMON
              else wire.decode_reply(r.frame).seq) for r in records]
     assert seqs == [(direction, s) for s in range(1, seq + 1) for direction in (TO_DAEMON, FROM_DAEMON)]
+
+
+def test_an_empty_message_is_an_unanswerable_frame_not_the_end_of_the_connection(
+        daemon: DaemonProcess) -> None:
+    """A zero-length SOCK_SEQPACKET message reads as b"" like a hang-up; the daemon must tell them
+    apart (issue #12: a fuzzer's empty probe closed its connection, and its next send got EPIPE)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.connect(str(daemon.socket_path))
+    sock.settimeout(10)
+    for seq in (1, 2):
+        sock.send(b"")
+        request = wire.Request(luid=1, uuid="LVM-nobody", version=3, seq=seq,
+                               request_type=RequestType.GET_REGION_SIZE, data=b"")
+        sock.send(wire.encode_request(request))
+        reply = wire.decode_reply(sock.recv(65536))
+        assert (reply.seq, reply.error) == (seq, -errno.EINVAL)  # answered: the connection lives
+    sock.close()
+    assert daemon.stop() == 0
+    text = daemon.log_text()
+    assert text.count("dropped an unanswerable frame (0 bytes)") == 2
+    assert "2 unanswerable frames dropped" in text

@@ -165,10 +165,10 @@ def requests(draw) -> Request:
 
 
 def damage(frame: bytes, how: int, value: int) -> bytes:
-    """The engine fuzz's damage, with two changes for a socket: a cut frame keeps at least one byte
-    (an empty packet reads as the peer closing), and padding is longer and never empty."""
+    """The engine fuzz's damage, with one change for a socket: padding is longer and never empty.
+    A cut frame may be cut to nothing: an empty packet is a frame like any other, not a hang-up."""
     if how == 1:
-        return frame[: max(1, value % (len(frame) + 1))]
+        return frame[: value % (len(frame) + 1)]
     if how == 2:
         return frame + bytes([value & 0xFF]) * (1 + value % 300)
     return damage_fields(frame, how, value)

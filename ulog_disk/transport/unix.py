@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import socket
 import struct
 from dataclasses import dataclass
@@ -89,8 +90,13 @@ class UnixTransport:
             except BlockingIOError:
                 return frames, True
             except OSError:
-                data = b""
-            if not data:
+                data, hung_up = b"", True
+            else:
+                # A zero-length SOCK_SEQPACKET message reads as b"" like the end of the
+                # connection: only a hang-up the socket reports ends it. An empty message is a
+                # frame like any other (the daemon counts and logs it as unanswerable).
+                hung_up = not data and _hung_up(conn)
+            if hung_up:
                 self.connections.pop(conn.fileno(), None)
                 conn.close()
                 return frames, False
@@ -115,3 +121,9 @@ class UnixTransport:
             self.listener.close()
         with contextlib.suppress(OSError):
             self.path.unlink()
+
+
+def _hung_up(conn: socket.socket) -> bool:
+    poller = select.poll()
+    poller.register(conn, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+    return any(ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR) for _, ev in poller.poll(0))
