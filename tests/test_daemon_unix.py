@@ -288,3 +288,25 @@ def test_an_empty_message_is_an_unanswerable_frame_not_the_end_of_the_connection
     text = daemon.log_text()
     assert text.count("dropped an unanswerable frame (0 bytes)") == 2
     assert "2 unanswerable frames dropped" in text
+
+
+def test_a_flood_of_junk_frames_logs_a_few_lines_and_counts_them_all(daemon: DaemonProcess) -> None:
+    """Issue #12: 3000 junk frames gave ~1600 log lines. Now the first few of each kind per
+    interval, one summary, and the exact counts in the stop line."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.connect(str(daemon.socket_path))
+    sock.settimeout(10)
+    for i in range(3000):
+        sock.send(bytes([i & 0xFF]) * (1 + i % 17))  # shorter than cn_msg: unanswerable
+    request = wire.Request(luid=1, uuid="LVM-nobody", version=3, seq=1, request_type=RequestType.IN_SYNC,
+                           data=wire.build_u64(0))
+    sock.send(wire.encode_request(request))
+    assert wire.decode_reply(sock.recv(65536)).seq == 1  # every junk frame read, the daemon serving
+    sock.close()
+    assert daemon.stop() == 0
+    text = daemon.log_text()
+    lines = text.count("dropped an unanswerable frame")
+    assert 1 <= lines <= 10, lines
+    assert "3000 unanswerable frames dropped" in text
+    assert "more unanswerable frame line(s) not logged" in text
+    assert len(text.splitlines()) < 60

@@ -631,7 +631,9 @@ def test_region_arguments_are_bounds_checked_and_nothing_applied(k, bad, caplog)
         assert k.err(T.MARK_REGION, wire.build_regions([1, bad])) == -errno.EINVAL
         assert k.err(T.FLUSH, wire.build_regions([2, bad])) == -errno.EINVAL
         assert k.err(T.CLEAR_REGION, wire.build_regions([0, bad])) == -errno.EINVAL
-    assert len([r for r in caplog.records if "rejected" in r.getMessage()]) == 7
+    # Each one logged, until the rate limit of its kind; the rest counted.
+    logged = len([r for r in caplog.records if "rejected" in r.getMessage()])
+    assert logged == 5 and logged + k.engine.noisy.suppressed["rejected request"] == 7
     assert k.is_clean(1) == 1 and k.is_clean(2) == 1  # nothing of the rejected groups applied
     k.mark([0])
     assert k.err(T.CLEAR_REGION, wire.build_regions([0, bad])) == -errno.EINVAL

@@ -46,6 +46,7 @@ from . import __version__, wire
 from .backends.base import Backend, available_backends, load_backend
 from .capture import FROM_DAEMON, TO_DAEMON, CaptureWriter
 from .engine import Engine, Pending
+from .ratelog import RateLimitedLog
 from .transport.netlink import GroupTaken, NetlinkTransport
 from .transport.unix import UnixTransport
 from .wire import Reply
@@ -339,6 +340,8 @@ class Daemon:
         self.selector = selectors.DefaultSelector()
         self.stopping = False
         self.dropped_frames = 0
+        #: Lines about frames a sender controls: rate-limited by kind (the counts stay exact).
+        self.noisy = RateLimitedLog(log)
         #: The journal position up to which maintenance last cut, and when (monotonic).
         self.cut_at = -1
         self.maintained_at = 0.0
@@ -364,9 +367,11 @@ class Daemon:
         except wire.FrameError as exc:
             if exc.request is None:
                 self.dropped_frames += 1
-                log.warning("dropped an unanswerable frame (%d bytes): %s", len(frame), exc.reason)
+                self.noisy.log("unanswerable frame", logging.WARNING,
+                               "dropped an unanswerable frame (%d bytes): %s", len(frame), exc.reason)
                 return
-            log.error("malformed request seq=%d: %s: answering -EINVAL", exc.request.seq, exc.reason)
+            self.noisy.log("malformed request", logging.ERROR,
+                           "malformed request seq=%d: %s: answering -EINVAL", exc.request.seq, exc.reason)
             self.engine.stats.errors += 1
             self.send(Reply(exc.request, -errno.EINVAL), address)
             return
@@ -424,6 +429,8 @@ class Daemon:
         # the journal from being cut or the next segment from being prepared.
         if now - self.maintained_at >= MAINTENANCE_INTERVAL or engine.backend.maintenance_due():
             self.maintained_at = now
+            self.noisy.flush()
+            engine.noisy.flush()
             needed = engine.needed()
             if needed > self.cut_at or engine.backend.maintenance_due():
                 self.cut_at = needed
@@ -546,11 +553,16 @@ class Daemon:
         if self.capture:
             self.capture.close()
         stats = self.engine.stats
+        self.noisy.flush_all()
+        self.engine.noisy.flush_all()
+        quiet = self.noisy.suppressed + self.engine.noisy.suppressed
         counters = ", ".join(f"{k} {v}" for k, v in vars(self.transport.counters).items())
         log.info("stopped (%d requests, %d errors, %d commits, %d journal syncs for %d FLUSHes, %d "
-                 "checkpoints, %d failed store writes at stop; %s: %s; %d unanswerable frames dropped)",
+                 "checkpoints, %d failed store writes at stop; %s: %s; %d unanswerable frames dropped; "
+                 "%d log lines not logged by the rate limit%s)",
                  stats.requests, stats.errors, stats.commits, self.group.syncs, self.group.flushes,
-                 stats.checkpoints, failures, self.transport.name, counters, self.dropped_frames)
+                 stats.checkpoints, failures, self.transport.name, counters, self.dropped_frames,
+                 sum(quiet.values()), "".join(f", {n} {k}" for k, n in sorted(quiet.items())))
         return 1 if failures else 0
 
 

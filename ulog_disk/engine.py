@@ -52,6 +52,7 @@ from .bootid import read_boot_id
 from .ctrargs import CtrArgs, CtrError, parse_ctr
 from .journal import Event
 from .lifecycle import HANDS_OVER, State, gives_resync_work, next_state
+from .ratelog import RateLimitedLog
 from .regionlog import RegionLog, chunk_count
 from .wire import Reply, Request, RequestType
 
@@ -165,6 +166,8 @@ class Engine:
         #: luids of instances of earlier boots still in the store, per uuid.
         self.earlier_boot: dict[str, set[int]] = {}
         self.stats = Stats()
+        #: Lines about requests a sender controls (rejected, unknown): rate-limited by kind.
+        self.noisy = RateLimitedLog(log)
         #: Per instance with changes not in its store: the journal position of the first of
         #: them, and when (monotonic) it was made; oldest first.
         self.unstored: dict[Key, tuple[int, float]] = {}
@@ -248,11 +251,13 @@ class Engine:
             # A zero type means the request was garbled on the way (cmirrord's reading): ask the
             # kernel to send it again.
             self.stats.errors += 1
-            log.warning("request seq=%d has type 0: asking the kernel to resend", req.seq)
+            self.noisy.log("type-0 request", logging.WARNING,
+                           "request seq=%d has type 0: asking the kernel to resend", req.seq)
             return Reply(req, -errno.EAGAIN, ack=True)
         if kind is None:
             self.stats.errors += 1
-            log.error("unknown request type %d (seq=%d, %s)", req.request_type, req.seq,
+            self.noisy.log("unknown request type", logging.ERROR, "unknown request type %d (seq=%d, %s)",
+                           req.request_type, req.seq,
                       describe(req.uuid, req.luid))
             return _err(req, errno.EINVAL)
         self.stats.by_type[kind] += 1
@@ -262,17 +267,20 @@ class Engine:
         if inst is None:
             self.stats.errors += 1
             if kind in wire.LOOP_REQUESTS:
-                log.warning("%s for unknown %s: answering -ESRCH so the kernel re-registers it",
+                self.noisy.log("request for an unknown log", logging.WARNING,
+                               "%s for unknown %s: answering -ESRCH so the kernel re-registers it",
                             kind.name, describe(req.uuid, req.luid))
                 return _err(req, errno.ESRCH)
-            log.error("%s for unknown %s", kind.name, describe(req.uuid, req.luid))
+            self.noisy.log("request for an unknown log", logging.ERROR, "%s for unknown %s", kind.name,
+                           describe(req.uuid, req.luid))
             return _err(req, errno.EINVAL)
         inst.heard = True
         try:
             return self._HANDLERS[kind](self, inst, req)
         except (ValueError, IndexError) as exc:
             self.stats.errors += 1
-            log.error("%s %s seq=%d rejected: %s", kind.name, describe(inst.uuid, inst.luid), req.seq, exc)
+            self.noisy.log("rejected request", logging.ERROR, "%s %s seq=%d rejected: %s", kind.name,
+                           describe(inst.uuid, inst.luid), req.seq, exc)
             return _err(req, errno.EINVAL)
 
     def handle_now(self, req: Request) -> Reply:
@@ -297,10 +305,12 @@ class Engine:
             ctr = parse_ctr(req.data)
         except CtrError as exc:
             self.stats.errors += 1
-            log.error("CTR %s rejected: %s", describe(req.uuid, req.luid), exc)
+            self.noisy.log("rejected request", logging.ERROR, "CTR %s rejected: %s",
+                           describe(req.uuid, req.luid), exc)
             return _err(req, errno.EINVAL)
         if not req.uuid:
-            log.error("CTR with an empty uuid rejected (luid=%#x)", req.luid)
+            self.noisy.log("rejected request", logging.ERROR, "CTR with an empty uuid rejected (luid=%#x)",
+                           req.luid)
             return _err(req, errno.EINVAL)
         # The reconnect CTR offers no reply buffer; the initial one takes the device name.
         reply_data = b"" if reconnect else ctr.device_reply()
