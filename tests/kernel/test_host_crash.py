@@ -11,8 +11,8 @@ again with the same table and uuid.
   than 512), every region the crash left different among them, legs identical.
 * ``memory`` (the control, like cmirrord): the daemon remembers nothing, so all 512 regions resync.
 
-Both runs take about 70-100 s each on a 2-core machine. Results in ``results/pytest-host-crash-lmdb/``
-and ``results/pytest-host-crash-memory/``; the numbers side by side in
+Both runs take about 70-100 s each on a 2-core machine. Results in ``results/pytest-host-crash-lmdb/<run>/``
+and ``results/pytest-host-crash-memory/<run>/`` (a failed run is kept); the numbers side by side in
 ``results/pytest-host-crash-summary.txt``. ``ULOG_SKIP_KERNEL=1`` skips.
 """
 
@@ -29,9 +29,11 @@ from test_real_kernel import (
     ULOGVM,
     ScenarioRun,
     assert_values,
+    finished,
     parse_results,
     require_daemon,
     require_harness,
+    run_dir,
 )
 
 pytestmark = pytest.mark.kernel
@@ -41,10 +43,11 @@ S = "host-crash"
 
 
 def run_host_crash(backend: str, timeout: int = 600) -> ScenarioRun:
-    out = ROOT / "results" / f"pytest-{S}-{backend}"
+    out = run_dir(f"{S}-{backend}")
     cmd = [sys.executable, str(ULOGVM), "run", S, "--out", str(out), "--timeout", str(timeout),
            "--env", f"BACKEND={backend}"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 90)
+    finished(out, p.returncode)
     if p.returncode == 2 and "setup" in p.stderr:
         pytest.fail(f"{p.stderr.strip()}\n{SETUP_HINT}", pytrace=False)
     return ScenarioRun(f"{S} ({backend})", p.returncode, out, parse_results(out / "result.txt"), p.stderr)

@@ -2,7 +2,8 @@
 
 Each test boots a guest (software emulation, ~20 s per boot plus the scenario) and asserts on the
 ``key=value`` lines the scenario wrote to ``result.txt``. Results are kept in
-``<checkout>/results/pytest-<scenario>/`` (console log, dmesg, daemon logs, captures).
+``<checkout>/results/pytest-<scenario>/<time>-<pid>/`` (console log, dmesg, daemon logs, captures;
+``latest`` links the newest run; a run that failed is kept, one that passed goes at the next run).
 
 Prerequisite: ``python3 tools/vm/ulogvm.py setup`` (host packages, kernel package, initramfs).
 Set ``ULOG_SKIP_KERNEL=1`` to skip these tests; otherwise a missing harness is a failure.
@@ -11,10 +12,13 @@ Set ``ULOG_SKIP_KERNEL=1`` to skip these tests; otherwise a missing harness is a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,13 +81,42 @@ def require_daemon() -> None:
                     "guest; the daemon scenarios need it", pytrace=False)
 
 
+def run_dir(name: str) -> Path:
+    """A results directory of its own for this run: ``results/pytest-<name>/<UTC time>-<pid>``.
+
+    Earlier runs of the scenario that passed (exit code 0, no failed check) are removed; a run
+    that failed keeps its evidence (console, dmesg, daemon logs, captures) until removed by hand,
+    whatever runs after it (issue #12: a failure whose directory the next run emptied)."""
+    base = ROOT / "results" / f"pytest-{name}"
+    if base.is_dir():
+        for old in base.iterdir():
+            rc = old / "rc.txt"
+            if old.is_dir() and rc.is_file() and rc.read_text().strip() == "0" and not any(
+                    k.endswith(".failed") for k in parse_results(old / "result.txt")):
+                shutil.rmtree(old, ignore_errors=True)
+    out = base / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{os.getpid()}"
+    latest = base / "latest"
+    base.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        latest.unlink()
+    latest.symlink_to(out.name)
+    return out
+
+
+def finished(out: Path, rc: int) -> None:
+    """Record the run's exit code (what run_dir reads to tell a passed run from a failed one)."""
+    with contextlib.suppress(OSError):
+        (out / "rc.txt").write_text(f"{rc}\n")
+
+
 def run_scenario(name: str, timeout: int = 600, env: tuple[str, ...] = ()) -> ScenarioRun:
-    out = ROOT / "results" / f"pytest-{name}"
+    out = run_dir(name)
     cmd = [sys.executable, str(ULOGVM), "run", name, "--out", str(out), "--timeout", str(timeout)]
     backend = os.environ.get("ULOG_KERNEL_BACKEND")
     for item in (*env, *([f"BACKEND={backend}"] if backend else [])):
         cmd += ["--env", item]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 90)
+    finished(out, p.returncode)
     if p.returncode == 2 and "setup" in p.stderr:
         pytest.fail(f"{p.stderr.strip()}\n{SETUP_HINT}", pytrace=False)
     return ScenarioRun(name, p.returncode, out, parse_results(out / "result.txt"), p.stderr)
@@ -303,9 +336,10 @@ def test_no_unexpected_error_replies(suite: str, suite_core: ScenarioRun, suite_
 def test_readme_demo(harness: None) -> None:
     """The README's main command: kill -9 under a live mirror costs no resync, data identical."""
     require_daemon()
-    out = ROOT / "results" / "pytest-demo"
+    out = run_dir("demo")
     p = subprocess.run([sys.executable, str(ULOGVM), "demo", "--out", str(out), "--timeout", "600"],
                        capture_output=True, text=True, timeout=700)
+    finished(out, p.returncode)
     run = ScenarioRun("demo", p.returncode, out, parse_results(out / "result.txt"), p.stderr)
     assert run.rc == 0, run.explain()
     assert "dm-ulogd demo on a real kernel (passed)" in p.stdout
