@@ -205,7 +205,8 @@ start_listener() {
     DAEMON_STARTS=$((DAEMON_STARTS + 1))
     echo "=== start $DAEMON_STARTS at uptime $(now): $*" >>"$logf"
     t0=$(now)
-    (cd "$ULOG_CHECKOUT" && exec "$@") 2>>"$logf" >>"$logf" </dev/null &
+    # DAEMON_DIR: another checkout whose ulog_disk to run (the upgrade scenario's previous release).
+    (cd "${DAEMON_DIR:-$ULOG_CHECKOUT}" && exec "$@") 2>>"$logf" >>"$logf" </dev/null &
     DAEMON_PID=$!
     for ((i = 0; i < 300; i++)); do
         [ -e "$ready" ] && break

@@ -1,0 +1,53 @@
+"""Upgrade under a live mirror, on a real kernel (issue #12 item 2).
+
+Scenario ``tools/vm/scenarios/upgrade.sh``: the previous release of dm-ulogd (the last commit before
+store layout 3 and the daemon-wide journal, its ``ulog_disk/`` taken with ``git archive``) serves a
+mirror with a writer running, is stopped with SIGTERM, and this release starts on the same state
+directory: the store is migrated to layout 3, the writer never fails, nothing resyncs, the legs end
+identical. Then the previous release on the migrated store: it refuses the layout with a clear
+message, never misreads it (its log comes back all out of sync and resyncs whole). About 65 s.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+import tarfile
+
+import pytest
+from test_real_kernel import ROOT, assert_values, require_daemon, require_harness, run_scenario
+
+pytestmark = pytest.mark.kernel
+
+#: The previous release: the last commit with store layout 2 and per-instance journals.
+PREVIOUS_RELEASE = "a368f59d657b172d854f17a5ae2ed908587e1fcf"
+
+
+def previous_release() -> str:
+    """A copy of the previous release's ulog_disk/ inside the checkout (the guest sees it there)."""
+    out = ROOT / "results" / f"previous-release-{PREVIOUS_RELEASE[:12]}"
+    if not (out / "ulog_disk" / "__main__.py").is_file():
+        p = subprocess.run(["git", "-C", str(ROOT), "archive", PREVIOUS_RELEASE, "ulog_disk"],
+                           capture_output=True, timeout=60)
+        if p.returncode != 0:
+            pytest.fail(f"cannot take the previous release {PREVIOUS_RELEASE} from git: "
+                        f"{p.stderr.decode(errors='replace').strip()}", pytrace=False)
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        with tarfile.open(fileobj=io.BytesIO(p.stdout)) as tar:
+            tar.extractall(out, filter="data")
+    return str(out)
+
+
+def test_upgrade_under_a_live_mirror_and_the_reverse() -> None:
+    require_harness()
+    require_daemon()
+    run = run_scenario("upgrade", timeout=420, env=(f"OLD_CHECKOUT={previous_release()}",))
+    assert run.rc == 0, run.explain()
+    assert_values(run, "upgrade", {
+        "layout_before": "2", "layout_after": "3", "migrated_logged": "1", "writer_ok": "0",
+        "sync_after_upgrade": "32/32", "resync_after_upgrade": "0", "legs_after_upgrade": "equal",
+        "old_refuses_layout_3": "yes", "old_reads_all_out_of_sync": "0/32",
+        "resync_by_previous_release": "32", "legs_after_reverse": "equal",
+    })
