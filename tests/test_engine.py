@@ -915,3 +915,17 @@ def test_late_flush_of_the_old_instance_does_not_override_the_successor(k):
     k.suspend(luid=B)
     k.ok(T.RESUME, luid=B)
     assert k.in_sync(5, luid=B) == 0
+
+
+@pytest.mark.parametrize("text", [CORE, b"32768 clustered-core 1024 nosync"])
+def test_a_reconnect_of_a_log_without_state_comes_back_all_dirty_and_out_of_sync(k, text, caplog):
+    """The kernel reconnects (CTR + NUL) a log this daemon has no state for: its state directory was
+    lost or replaced (issue #12). Nothing may read as clean or in sync, 'nosync' or not; logged once."""
+    with caplog.at_level(logging.WARNING, logger="ulog_disk.engine"):
+        k.ctr(text, reconnect=True)
+        k.ok(T.RESUME)
+        k.ctr(text, reconnect=True)  # a repeat finds the log known: nothing more
+    assert k.sync_count() == 0
+    assert all(k.is_clean(r) == 0 for r in range(32))
+    assert len([r for r in caplog.records if "has no state for" in r.getMessage()]) == 1
+    assert k.engine.table[(U, A)].log.check() == []

@@ -340,6 +340,15 @@ class Engine:
                  ctr.log_type, ctr.region_count, ctr.region_size,
                  f" sync_mode={ctr.sync_mode}" if ctr.sync_mode != "default" else "",
                  " (kernel reconnect)" if reconnect else "")
+        if reconnect and existing is None:
+            # The kernel has served this log before (a reconnect), and this daemon knows nothing of
+            # it: its state was lost (a state directory wiped or replaced, a damaged store moved
+            # aside, the memory backend). Which regions were being written is unknown, so none
+            # may read as clean or in sync, whatever the table says ('nosync' included).
+            inst.log.distrust_all()
+            log.warning("CTR %s: the kernel reconnects a log this daemon has no state for: every "
+                        "region dirty and out of sync (a full resync at its next resume)",
+                        describe(req.uuid, req.luid))
         rec = inst.record()
         self._log_event(inst, rec, Event.CTR)
         self.unstored.pop(inst.key, None)  # the record below is the instance's whole state

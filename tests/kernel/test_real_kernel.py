@@ -352,3 +352,16 @@ def test_readme_demo(harness: None) -> None:
         "legs_final": "equal",
         "status_final": rf"^0 32768 mirror 2 {LEGS} 32/32 1 AA 1 clustered-core",
     })
+
+
+def test_state_directory_lost_under_a_live_mirror_gives_a_full_resync_never_clean(harness: None) -> None:
+    """Issue #12 item 3: the daemon killed, its state directory wiped, started again with nothing
+    while a writer runs: the kernel re-registers the log, which comes back all out of sync (logged
+    once), is resynced whole, and the legs end identical."""
+    require_daemon()
+    run = run_scenario("state-lost", timeout=300)
+    assert run.rc == 0, run.explain()
+    assert_values(run, "state-lost", {
+        "no_state_logged": "1", "sync_after_reconnect": "0/32", "writer_ok": "0",
+        "resync_after_state_lost": "32", "legs_final": "equal",
+    })

@@ -1,0 +1,33 @@
+#!/bin/bash
+# The state directory lost while a mirror is live (issue #12): the daemon is killed, its state
+# directory wiped, and it starts again with nothing while a writer runs. The kernel re-registers its
+# log (CTR + NUL, RESUME); the log must come back with every region out of sync (a full resync,
+# logged as such, once), never clean; the writer goes on, the legs end identical.
+# shellcheck source=lib.sh
+source "$(dirname "$0")/lib.sh"
+
+scenario_state_lost() {
+    local name=ulog-state-lost uuid=ulogvm-state-lost before
+    setup_mirror "$name" "$uuid" clustered-core
+    background_writer "$name" 15
+    sleep 3
+    kill9_daemon
+    rm -rf "$STATE"
+    log "state directory $STATE wiped"
+    before=$(resync_count)
+    start_daemon
+    sleep 3                                     # the kernel notices and reconnects
+    check "no_state_logged" "$(grep -c 'has no state for' "$SOUT/daemon.log")" 1
+    check "sync_after_reconnect" "$(sync_field "$name")" "0/$MIRROR_REGIONS"
+    wait_writer
+    check "writer_ok" "$(grep -c 'write failed' "$SOUT/writer.log")" 0
+    timeout 60 dmsetup suspend "$name"; check "suspend_rc" "$?" 0
+    timeout 60 dmsetup resume "$name"; check "resume_rc" "$?" 0
+    wait_sync "$name" 120
+    check "resync_after_state_lost" "$(($(resync_count) - before))" "$MIRROR_REGIONS"
+    check "legs_final" "$(cmp_legs)" equal
+    remove_mirror "$name"
+    stop_daemon
+}
+
+main_scenario state-lost
