@@ -254,3 +254,20 @@ def test_replies_to_the_kernel_over_netlink_whose_address_is_none_are_sent(tmp_p
         assert [(r.request_type, r.error) for r in transport.sent][-1:] == [(rtype, 0)]
     assert len(transport.sent) == 3
     close(daemon)
+
+
+def test_closing_the_group_commit_while_a_sync_runs_waits_for_it_and_returns(tmp_path: Path) -> None:
+    daemon, backend, transport = make_daemon(tmp_path)
+    daemon.group.sync_seconds = INLINE_SYNC_LIMIT * 5
+    backend.hold = threading.Event()
+    daemon.on_frame(frame("A", RequestType.FLUSH), "k")
+    daemon.group.start(inline=True)
+    assert backend.syncing.wait(10)
+    releaser = threading.Timer(0.2, backend.hold.set)
+    releaser.start()
+    closer = threading.Thread(target=daemon.group.close)
+    closer.start()
+    closer.join(10)
+    assert not closer.is_alive(), "close() hung on a group-commit thread that was syncing"
+    assert flushes(transport) == [0]  # the sync under way finished and was answered
+    daemon.worker.close()

@@ -261,6 +261,8 @@ class GroupCommit:
                 with self.lock:
                     if not self.waiting or self.stopping:
                         self.running = False
+                        if self.stopping:  # close() saw it running and will not signal again
+                            return
                         break
 
     def _round(self, inline: bool) -> None:
