@@ -7,7 +7,7 @@
 source "$(dirname "$0")/lib.sh"
 
 scenario_state_lost() {
-    local name=ulog-state-lost uuid=ulogvm-state-lost before
+    local name=ulog-state-lost uuid=ulogvm-state-lost before i
     setup_mirror "$name" "$uuid" clustered-core
     background_writer "$name" 15
     sleep 3
@@ -16,7 +16,12 @@ scenario_state_lost() {
     log "state directory $STATE wiped"
     before=$(resync_count)
     start_daemon
-    sleep 3                                     # the kernel notices and reconnects
+    # The kernel notices at its next request of the log (the writer's, a status) and reconnects.
+    for ((i = 0; i < 600; i++)); do
+        grep -q 'has no state for' "$SOUT/daemon.log" && break
+        sleep 0.1
+    done
+    record "reconnect_seconds" "$((i / 10))"
     check "no_state_logged" "$(grep -c 'has no state for' "$SOUT/daemon.log")" 1
     check "sync_after_reconnect" "$(sync_field "$name")" "0/$MIRROR_REGIONS"
     wait_writer

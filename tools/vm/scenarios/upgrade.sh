@@ -20,7 +20,7 @@ PYEOF
 }
 
 scenario_upgrade() {
-    local name=ulog-upgrade uuid=ulogvm-upgrade old=${OLD_CHECKOUT:-} before
+    local name=ulog-upgrade uuid=ulogvm-upgrade old=${OLD_CHECKOUT:-} before i reconnects
     [ -n "$old" ] && [ -d "$old/ulog_disk" ] || die "OLD_CHECKOUT must name a copy of the previous release"
     log "previous release from $old"
     DAEMON_DIR=$old setup_mirror "$name" "$uuid" clustered-core
@@ -44,8 +44,14 @@ scenario_upgrade() {
     # The reverse: the previous release on a layout-3 store.
     stop_daemon
     before=$(resync_count)
+    reconnects=$(grep -c 'kernel reconnect' "$SOUT/daemon.log")
     DAEMON_DIR=$old start_daemon
-    sleep 3                                     # the kernel notices and reconnects (CTR + RESUME)
+    # The kernel notices at its next request of the log and reconnects (CTR + NUL, RESUME).
+    for ((i = 0; i < 600; i++)); do
+        [ "$(grep -c 'kernel reconnect' "$SOUT/daemon.log")" -gt "$reconnects" ] && break
+        sleep 0.1
+    done
+    record "reverse_reconnect_seconds" "$((i / 10))"
     check "old_refuses_layout_3" "$(grep -c 'reads only version 1 and 2' "$SOUT/daemon.log" | \
         awk '{ print ($1 > 0) ? "yes" : "no" }')" yes
     check "old_reads_all_out_of_sync" "$(sync_field "$name")" "0/$MIRROR_REGIONS"
