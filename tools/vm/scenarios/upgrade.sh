@@ -46,9 +46,10 @@ scenario_upgrade() {
     before=$(resync_count)
     reconnects=$(grep -c 'kernel reconnect' "$SOUT/daemon.log")
     DAEMON_DIR=$old start_daemon
-    # The kernel notices at its next request of the log and reconnects (CTR + NUL, RESUME).
+    # The kernel notices at its next request of the log (a status asks it) and reconnects.
     for ((i = 0; i < 600; i++)); do
         [ "$(grep -c 'kernel reconnect' "$SOUT/daemon.log")" -gt "$reconnects" ] && break
+        ((i % 10 == 0)) && dm_status "$name" >/dev/null
         sleep 0.1
     done
     record "reverse_reconnect_seconds" "$((i / 10))"
