@@ -727,7 +727,7 @@ class Journal:
                     pending_start = self._unsynced_start
             try:
                 if rewrite:
-                    self._rewrite_from(pending, pending_start)
+                    dirty += [seg for seg in self._rewrite_from(pending, pending_start) if seg not in dirty]
                 self._sync_segments(dirty)
             except OSError:
                 with self._lock:
@@ -745,15 +745,17 @@ class Journal:
                 self.durable = max(self.durable, target)
                 return self.durable
 
-    def _rewrite_from(self, data: bytes, start: int) -> None:
-        for segment in self.segments:
+    def _rewrite_from(self, data: bytes, start: int) -> list[_Segment]:
+        """Write ``data`` again at journal position ``start``; the segments it touched."""
+        touched = []
+        for segment in list(self.segments):
             lo, hi = max(start, segment.start), min(start + len(data), segment.end)
             if lo < hi:
                 piece = data[lo - start : hi - start]
                 if os.pwrite(segment.fd, piece, HEADER_BYTES + lo - segment.start) != len(piece):
                     raise OSError(errno.EIO, "short journal rewrite")
-                if segment not in self._dirty:
-                    self._dirty.append(segment)
+                touched.append(segment)
+        return touched
 
     @staticmethod
     def _sync_segments(segments: list[_Segment]) -> None:
