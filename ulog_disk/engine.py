@@ -640,16 +640,15 @@ class Engine:
     def _journaled(self, inst: Instance, append: Callable[[], int], what: str) -> bool:
         """Run one journal append for the instance; False (health D, journal gap) if it failed."""
         before = self.backend.position()
+        # Appended or not, the instance has changes its store does not hold from here on.
+        self._unstored_since(inst.key, before)
         try:
             append()
         except BackendError as exc:
             inst.health = "D"
             inst.journal_gap = True
             log.error("%s %s: journal write failed (%s)", what, describe(inst.uuid, inst.luid), exc)
-            self._unstored_since(inst.key, before)
             return False
-        if inst.key not in self.unstored:
-            self.unstored[inst.key] = (before, time.monotonic())
         return True
 
     def _log_event(self, inst: Instance, rec: InstanceRecord, event: Event) -> None:
