@@ -10,6 +10,8 @@ import errno
 import logging
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ulog_disk import wire
 from ulog_disk.backends.base import OP_MARK, BackendError, Commit
@@ -929,3 +931,49 @@ def test_a_reconnect_of_a_log_without_state_comes_back_all_dirty_and_out_of_sync
     assert all(k.is_clean(r) == 0 for r in range(32))
     assert len([r for r in caplog.records if "has no state for" in r.getMessage()]) == 1
     assert k.engine.table[(U, A)].log.check() == []
+
+
+# --- the kernel's resend after a timeout --------------------------------------------------------------
+# dm_consult_userspace() waits 15 s for a reply, then sends the same request again (same log, type and
+# payload) with a new seq and ignores any later reply to the old one. When the daemon was held up (a
+# stalled state disk, issue #12) it reads the original and the resend one after the other: together
+# they must do exactly what one of them does.
+
+REGION = st.integers(0, 31)
+REGION_LISTS = st.lists(REGION, min_size=1, max_size=4)
+KERNEL_REQUESTS = st.one_of(
+    REGION_LISTS.map(lambda rs: (T.MARK_REGION, wire.build_regions(rs))),
+    REGION_LISTS.map(lambda rs: (T.CLEAR_REGION, wire.build_regions(rs))),
+    st.lists(REGION, max_size=3).map(lambda rs: (T.FLUSH, wire.build_regions(rs))),
+    st.just((T.GET_RESYNC_WORK, b"")),
+    st.tuples(REGION, st.integers(0, 1)).map(lambda p: (T.SET_REGION_SYNC, wire.build_set_region_sync(*p))),
+    REGION.map(lambda r: (T.IN_SYNC, wire.build_u64(r))),
+    REGION.map(lambda r: (T.IS_CLEAN, wire.build_u64(r))),
+    REGION.map(lambda r: (T.IS_REMOTE_RECOVERING, wire.build_u64(r))),
+    st.sampled_from([(T.GET_SYNC_COUNT, b""), (T.STATUS_INFO, b""), (T.GET_REGION_SIZE, b""),
+                     (T.PRESUSPEND, b""), (T.POSTSUSPEND, b""), (T.RESUME, b""), (T.CTR, CORE)]),
+)
+
+
+def observe(k: Kernel) -> tuple:
+    """Everything the kernel can read of the log."""
+    return (tuple(k.send(T.IN_SYNC, wire.build_u64(r)).data for r in range(32)),
+            tuple(k.send(T.IS_CLEAN, wire.build_u64(r)).data for r in range(32)),
+            k.send(T.GET_SYNC_COUNT).data, k.send(T.GET_RESYNC_WORK).data)
+
+
+@given(script=st.lists(st.tuples(KERNEL_REQUESTS, st.booleans()), max_size=40))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_a_resent_request_does_what_the_original_alone_does(tmp_path, script):
+    once, twice = Kernel(Engine(Backend(tmp_path / "once"), boot_id="x")), \
+        Kernel(Engine(Backend(tmp_path / "twice"), boot_id="x"))
+    for kernel in (once, twice):
+        kernel.up()
+    for (type_, data), resent in script:
+        expected = once.send(type_, data)
+        original = twice.send(type_, data)
+        assert (original.error, original.data) == (expected.error, expected.data), T(type_).name
+        if resent:
+            again = twice.send(type_, data)
+            assert (again.error, again.data) == (original.error, original.data), T(type_).name
+    assert observe(twice) == observe(once)
