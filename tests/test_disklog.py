@@ -185,7 +185,7 @@ def test_dump_verdicts(tmp_path: Path, name: str, verdict: str, valid: bool, wor
 
 def test_dump_lvm_fresh_with_regions_and_bad_magic_bytes(tmp_path: Path) -> None:
     p = _file(tmp_path, "lvm-fresh")
-    text = ulog_dump("disklog", str(p), "--regions", "100").out
+    text = ulog_dump("disklog", str(p), "--region-count", "100").out
     assert "nr_regions  18446744073709551615  (2^64-1: LVM's fresh-log marker)" in text
     assert "not clean   100/100  0-99" in text
     junk = tmp_path / "junk"

@@ -258,7 +258,8 @@ def test_store_before_resume_b_other_boot(store_before: Path) -> None:
 
 def test_store_filters_regions_and_one_directory(store_after: Path) -> None:
     env_dir = store_after / sf.encode_dir_name(UUID_H)
-    r = ulog_dump("store", str(env_dir), "--boot-id", BOOT1, "--luid", f"{LUID_A:x}", "--regions", "--json")
+    r = ulog_dump("store", str(env_dir), "--boot-id", BOOT1, "--luid", f"{LUID_A:x}", "--per-region",
+                  "--json")
     assert r.rc == 0, r.err
     doc = r.json
     assert len(doc["stores"]) == 1
@@ -269,7 +270,7 @@ def test_store_filters_regions_and_one_directory(store_after: Path) -> None:
     assert regions[5] == {"region": 5, "clean": False, "in_sync": True}
     assert regions[50] == {"region": 50, "clean": True, "in_sync": False}
     assert regions[0] == {"region": 0, "clean": True, "in_sync": True}
-    text = ulog_dump("store", str(store_after), "--uuid", UUID_H, "--luid", hex(LUID_A), "--regions").out
+    text = ulog_dump("store", str(store_after), "--uuid", UUID_H, "--luid", hex(LUID_A), "--per-region").out
     assert " 0  .....dd. ........ ........ ........ ........ oooooooo oooooooo oooooooo" in text
     assert UUID_GONE not in text
     assert ulog_dump("store", str(store_after), "--uuid", "LVM-nope").rc == 2
@@ -544,6 +545,7 @@ def test_journal_of_the_handover(store_after: Path) -> None:
 
 
 def test_journal_of_a_state_dir_without_one(tmp_path: Path) -> None:
+    (tmp_path / "lock").touch()  # a daemon of a release before the journal ran here
     r = ulog_dump("journal", str(tmp_path), "--json")
     assert r.rc == 0 and (r.json["exists"], r.json["journal_id"], r.json["records"]) == (False, None, [])
     assert "none in the state directory" in ulog_dump("journal", str(tmp_path)).out

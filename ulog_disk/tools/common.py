@@ -12,7 +12,7 @@ import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from bitarray import bitarray
 
@@ -150,14 +150,68 @@ def json_doc(tool: str, command: str, **body: Any) -> dict[str, Any]:
 # --- the state directory and the daemon's lock --------------------------------------------------
 
 
+def add_state_dir_option(p: argparse.ArgumentParser, positional: str | None = None,
+                         positional_help: str = "the state directory, as with --state-dir") -> None:
+    """``--state-dir DIR``, the one spelling every command that reads a state directory takes.
+    ``positional`` names an older positional spelling kept as an alias (``ulog-dump store DIR``);
+    :func:`state_dir_of` reconciles the two."""
+    p.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
+                   help=f"the daemon's state directory (default {DEFAULT_STATE_DIR})")
+    if positional is not None:
+        p.add_argument("path", nargs="?", type=Path, default=None, metavar=positional,
+                       help=positional_help)
+
+
 def add_store_options(p: argparse.ArgumentParser, state_dir: bool = True) -> None:
     if state_dir:
-        p.add_argument("--state-dir", type=Path, default=Path(DEFAULT_STATE_DIR), metavar="DIR",
-                       help=f"the daemon's state directory (default {DEFAULT_STATE_DIR})")
+        add_state_dir_option(p)
     p.add_argument("--boot-id", metavar="ID",
                    help="boot id taken as the current one when judging instances (default: "
                         "/proc/sys/kernel/random/boot_id); instances recorded under another boot id "
                         "are orphaned")
+
+
+def state_dir_of(args: argparse.Namespace) -> Path:
+    """The state directory given with --state-dir or the positional alias (the same one if both),
+    else the default."""
+    given = getattr(args, "state_dir", None)
+    pos = getattr(args, "path", None)
+    if given is not None and pos is not None and given != pos:
+        raise ToolError(f"two state directories given ({pos} and --state-dir {given}): give one")
+    return given or pos or Path(DEFAULT_STATE_DIR)
+
+
+def state_dir_problem(path: Path, fresh_ok: bool = False) -> str | None:
+    """Why ``path`` is not a state directory a tool can work on, or None.
+
+    A state directory holds the daemon's lock file, a journal segment or a store directory (a
+    daemon that ever started there left its lock; a backup has the journal and the stores). An
+    empty or unrelated directory is refused: a typo in --state-dir must not read as a healthy
+    empty store. ``fresh_ok`` (import, which may start a state directory) also accepts a missing
+    or empty directory.
+    """
+    from .storeview import is_state_entry  # storeview imports this module
+
+    try:
+        names = os.listdir(path)
+    except FileNotFoundError:
+        return None if fresh_ok else f"{path}: no such state directory"
+    except NotADirectoryError:
+        return f"{path}: not a directory"
+    except OSError as exc:
+        return f"{path}: {exc.strerror}"
+    if fresh_ok and not names:
+        return None
+    if any(is_state_entry(name) for name in names):
+        return None
+    return (f"{path}: not a ulog-disk state directory (no lock file, journal or store in it)"
+            + ("" if names else "; it is empty"))
+
+
+def check_state_dir(path: Path, fresh_ok: bool = False) -> None:
+    problem = state_dir_problem(path, fresh_ok)
+    if problem is not None:
+        raise ToolError(problem)
 
 
 def current_boot_id(given: str | None) -> str:
@@ -275,6 +329,21 @@ def confirm(question: str, yes: bool, stream: TextIO | None = None) -> None:
         raise Refused("not confirmed: nothing changed")
 
 
+class ToolParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, ``PROGRAM: what is wrong``, on stderr (exit 2),
+    pointing at the --help of the (sub)command that refused, instead of a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        tool = self.prog.split()[0]
+        self.exit(EXIT_ERROR, f"{tool}: {message} (see '{self.prog} --help')\n")
+
+
+def os_error_text(exc: OSError) -> str:
+    """``PATH: No such file or directory`` rather than ``[Errno 2] No such file ...: 'PATH'``."""
+    what = exc.strerror or str(exc)
+    return f"{exc.filename}: {what}" if exc.filename is not None else what
+
+
 def run_tool(tool: str, parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     """Parse, run the subcommand, and turn failures into one line on stderr and an exit status."""
     args = parser.parse_args(argv)
@@ -286,5 +355,5 @@ def run_tool(tool: str, parser: argparse.ArgumentParser, argv: list[str] | None)
     except BrokenPipeError:  # | head
         return EXIT_OK
     except OSError as exc:
-        print(f"{tool}: {exc}", file=sys.stderr)
+        print(f"{tool}: {os_error_text(exc)}", file=sys.stderr)
         return EXIT_ERROR

@@ -5,27 +5,30 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 from .. import __version__, capture, disklog
 from .. import journal as jn
-from ..daemon import DEFAULT_STATE_DIR
 from . import storeview as sv
 from . import wiredump as wd
 from .common import (
     EXIT_OK,
     ToolError,
+    ToolParser,
+    add_state_dir_option,
     add_store_options,
     bit_ranges,
+    check_state_dir,
     current_boot_id,
     emit_json,
     fill,
     iso,
     json_doc,
     luid_hex,
+    os_error_text,
     parse_luid,
     run_tool,
+    state_dir_of,
     table,
     when,
 )
@@ -145,14 +148,14 @@ def env_lines(ev: sv.EnvView, boot_id: str, regions: bool, luid: int | None) -> 
 
 
 def cmd_store(args: argparse.Namespace) -> int:
-    boot_id = current_boot_id(args.boot_id)
-    path: Path = args.path
+    path = state_dir_of(args)
     only = None
     state_dir = path
     if sv.env_dir_argument(path):
         only, state_dir = path, path.parent
-    elif not path.is_dir():
-        raise ToolError(f"{path}: no such state directory or store directory")
+    else:
+        check_state_dir(path)
+    boot_id = current_boot_id(args.boot_id)
     view = sv.read_store(state_dir, boot_id, uuids=args.uuid or None, only=only)
     if args.uuid:
         missing = set(args.uuid) - {e.uuid for e in view.envs}
@@ -166,7 +169,7 @@ def cmd_store(args: argparse.Namespace) -> int:
         emit_json(json_doc(TOOL, "store", state_dir=str(state_dir), boot_id=boot_id,
                            daemon=view.daemon.as_json(),
                            journal=view.journal.as_json() if view.journal else None,
-                           stores=[env_json(e, args.regions, args.luid) for e in view.envs],
+                           stores=[env_json(e, args.per_region, args.luid) for e in view.envs],
                            ignored=view.ignored))
         return EXIT_OK
     lines = [f"state dir {state_dir}: {view.daemon.describe()}; this boot {boot_id}; "
@@ -176,7 +179,7 @@ def cmd_store(args: argparse.Namespace) -> int:
         lines.extend(f"  {f.level}: {f.where}: {f.message}" for f in view.journal.findings)
     for e in view.envs:
         lines.append("")
-        lines.extend(env_lines(e, boot_id, args.regions, args.luid))
+        lines.extend(env_lines(e, boot_id, args.per_region, args.luid))
     if view.ignored:
         lines.append("")
         lines.append(f"ignored (not stores): {', '.join(view.ignored)}")
@@ -267,11 +270,10 @@ def _instances_of(view: sv.StoreView) -> list[dict[str, Any]]:
 
 
 def cmd_journal(args: argparse.Namespace) -> int:
-    state_dir: Path = args.path if args.path is not None else args.state_dir
     if args.records < 0:
         raise ToolError("--records must be 0 or more")
-    if not state_dir.is_dir():
-        raise ToolError(f"{state_dir}: no such state directory")
+    state_dir = state_dir_of(args)
+    check_state_dir(state_dir)
     boot_id = current_boot_id(args.boot_id)
     js = sv.read_journal_state(state_dir)
     if js.error:
@@ -344,7 +346,7 @@ def cmd_wire(args: argparse.Namespace) -> int:
     try:
         data, is_hex = wd.read_source(args.file)
     except OSError as exc:
-        raise ToolError(f"{args.file}: {exc.strerror}") from None
+        raise ToolError(os_error_text(exc) if exc.filename else f"{args.file}: {exc.strerror}") from None
     try:
         if is_hex:
             decoded = wd.from_hex(data.decode("ascii", errors="replace"), "-")
@@ -433,9 +435,13 @@ def disklog_json(info: disklog.DiskLogInfo, target: disklog.Target) -> dict[str,
 
 
 def cmd_disklog(args: argparse.Namespace) -> int:
+    if args.region_count is not None and args.region_count < 1:
+        raise ToolError("--region-count must be at least 1")
     try:
-        info, target = disklog.read(args.path, args.regions)
-    except (OSError, disklog.DiskLogError) as exc:
+        info, target = disklog.read(args.path, args.region_count)
+    except OSError as exc:
+        raise ToolError(f"{args.path}: {exc.strerror or exc}") from None
+    except disklog.DiskLogError as exc:
         raise ToolError(f"{args.path}: {exc}") from None
     if args.json:
         emit_json(json_doc(TOOL, "disklog", **disklog_json(info, target)))
@@ -471,25 +477,23 @@ def cmd_disklog(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    p = argparse.ArgumentParser(
+    p = ToolParser(
         prog=TOOL, formatter_class=fmt,
         description=fill("Decode what ulog-disk and the kernel keep, without changing anything: the daemon's "
-                    "LMDB store, a capture of the frames it exchanged with the kernel, and the kernel's own "
-                    "'disk' dirty log. Reading a store never blocks or disturbs a running dm-ulogd (LMDB "
-                    "read-only transactions)."),
-        epilog="commands:\n"
-               "  store    every uuid, instance, verdict, generation, geometry, counts and region ranges\n"
-               "  journal  the daemon-wide journal: segments, end, durable point, damage, records\n"
-               "  wire     one line per request and reply of a capture (dm-ulogd --capture) or hex frames\n"
-               "  disklog  header and clean bits of an in-kernel 'disk' log (file or device)\n\n"
-               "Run 'ulog-dump COMMAND --help' for each. Every command takes --json (keys documented in\n"
-               "formats/tools-json.md and formats/disklog.md). Exit status: 0 decoded, 2 could not read.\n",
+                    "LMDB store and journal, a capture of the frames it exchanged with the kernel, and the "
+                    "kernel's own 'disk' dirty log. Reading a store never blocks or disturbs a running "
+                    "dm-ulogd (LMDB read-only transactions)."),
+        epilog="Run 'ulog-dump COMMAND --help' for each. Every command takes --json (keys documented in\n"
+               "formats/tools-json.md and formats/disklog.md).\n\n"
+               "exit status: 0 decoded; 2 could not read (bad arguments, not a ulog-disk state directory,\n"
+               "no such file, I/O error), with one line 'ulog-dump: what is wrong' on stderr.\n",
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
 
     s = sub.add_parser(
-        "store", formatter_class=fmt, help="dump the LMDB store",
+        "store", formatter_class=fmt,
+        help="every uuid, instance, verdict, generation, geometry, counts and region ranges",
         description=fill("Show every uuid's store: each instance (luid) with its lifecycle state, verdict "
                     "(live, presuspended, suspended, constructed, orphaned, superseded, damaged), "
                     "generation, constructor and geometry, counts (regions, in sync, dirty), the "
@@ -500,23 +504,27 @@ def build_parser() -> argparse.ArgumentParser:
                     "(<dir>.damaged-<time>) are shown too."),
         epilog="examples:\n"
                "  ulog-dump store                                  # /var/lib/ulog-disk\n"
-               "  ulog-dump store /srv/state --uuid LVM-abc --regions\n"
+               "  ulog-dump store --state-dir /srv/state --uuid LVM-abc --per-region\n"
                "  ulog-dump store /var/lib/ulog-disk/u.LVM-abc     # one store directory\n"
                "  ulog-dump store --luid 0xffff88812a4bc000 --json\n\n"
-               "--regions draws every region: " + GRID_LEGEND + ".\n",
+               "--per-region draws every region: " + GRID_LEGEND + ".\n",
     )
-    s.add_argument("path", nargs="?", type=Path, default=Path(DEFAULT_STATE_DIR),
-                   metavar="STATE_DIR|UUID_DIR",
-                   help=f"state directory (default {DEFAULT_STATE_DIR}) or one store directory in it")
+    add_state_dir_option(s, positional="STATE_DIR|UUID_DIR",
+                         positional_help="the state directory, as with --state-dir, or one store directory "
+                                         "in it (u.UUID)")
     s.add_argument("--uuid", action="append", metavar="UUID", help="only this uuid (repeatable)")
     s.add_argument("--luid", type=parse_luid, metavar="LUID", help="only the instance with this luid (hex)")
-    s.add_argument("--regions", action="store_true", help="per-region detail (a grid; in JSON a list)")
+    s.add_argument("--per-region", action="store_true",
+                   help="every region's state (a grid; in JSON a list)")
+    # The earlier spelling, kept for scripts but hidden: --regions is a list of regions (resync).
+    s.add_argument("--regions", dest="per_region", action="store_true", help=argparse.SUPPRESS)
     add_store_options(s, state_dir=False)
     s.add_argument("--json", action="store_true", help="JSON instead of text")
     s.set_defaults(func=cmd_store)
 
     j = sub.add_parser(
-        "journal", formatter_class=fmt, help="decode the daemon-wide journal",
+        "journal", formatter_class=fmt,
+        help="the daemon-wide journal: segments, end, durable point, damage, records",
         description=fill(
                     "Decode the journal of a state directory (formats/journal.md), read-only: its segments "
                     "(file, start, base, capacity, created), the journal id, where it ends, the position it "
@@ -532,17 +540,17 @@ def build_parser() -> argparse.ArgumentParser:
                "  ulog-dump journal /srv/state --all\n"
                "  ulog-dump journal --state-dir /srv/state --records 5 --json\n",
     )
-    j.add_argument("path", nargs="?", type=Path, default=None, metavar="STATE_DIR",
-                   help="state directory (same as --state-dir)")
+    add_state_dir_option(j, positional="STATE_DIR")
     j.add_argument("--records", type=int, default=50, metavar="N",
                    help="show the last N records (default 50; 0 for none)")
     j.add_argument("--all", action="store_true", help="show every record")
-    add_store_options(j)
+    add_store_options(j, state_dir=False)
     j.add_argument("--json", action="store_true", help="JSON instead of text")
     j.set_defaults(func=cmd_journal)
 
     w = sub.add_parser(
-        "wire", formatter_class=fmt, help="decode captured kernel frames",
+        "wire", formatter_class=fmt,
+        help="one line per request and reply of a capture (dm-ulogd --capture) or hex frames",
         description=fill(
                     "Decode a capture file written by 'dm-ulogd --capture FILE' (formats/capture.md): one "
                     "line per request (>) and reply (<) with the time since the first record, seq, "
@@ -567,22 +575,25 @@ def build_parser() -> argparse.ArgumentParser:
     w.set_defaults(func=cmd_wire)
 
     d = sub.add_parser(
-        "disklog", formatter_class=fmt, help="decode an in-kernel disk log",
+        "disklog", formatter_class=fmt,
+        help="header and clean bits of an in-kernel 'disk' log (file or device)",
         description=fill(
                     "Decode the kernel's 'disk' dirty log (dm-log.c; the log device of a 'mirror ... disk' "
                     "table or an LVM mirror log): magic, version, nr_regions, the clean bits as ranges, "
                     "and a verdict: valid, or invalid and why (bad magic, unknown version, file too small "
                     "for nr_regions), with what the kernel does with it at the next resume. LVM's fresh-log "
-                    "marker (nr_regions = 2^64-1) is explained; give --regions to see its bits. Layout: "
+                    "marker (nr_regions = 2^64-1) is explained; give --region-count to see its bits. Layout: "
                     "formats/disklog.md."),
         epilog="examples:\n"
                "  ulog-dump disklog /dev/vg/lv_mlog\n"
                "  ulog-dump disklog exported.log --json\n"
-               "  ulog-dump disklog /dev/mapper/vg-lv_mlog --regions 2048\n",
+               "  ulog-dump disklog /dev/mapper/vg-lv_mlog --region-count 2048\n",
     )
     d.add_argument("path", metavar="DEVICE|FILE", help="log device or file")
-    d.add_argument("--regions", type=int, metavar="N",
+    d.add_argument("--region-count", type=int, metavar="N",
                    help="read the bits for N regions instead of the header's nr_regions")
+    # The earlier spelling, kept for scripts but hidden: --regions is a list of regions (resync).
+    d.add_argument("--regions", dest="region_count", type=int, help=argparse.SUPPRESS)
     d.add_argument("--json", action="store_true", help="JSON instead of text")
     d.set_defaults(func=cmd_disklog)
     return p

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -29,8 +31,10 @@ from .common import (
     Refused,
     StateLock,
     ToolError,
+    ToolParser,
     add_store_options,
     bit_ranges,
+    check_state_dir,
     confirm,
     current_boot_id,
     daemon_status,
@@ -42,6 +46,7 @@ from .common import (
     parse_ranges,
     ranges,
     run_tool,
+    state_dir_of,
     table,
     when,
 )
@@ -51,7 +56,15 @@ TOOL = "ulog-recover"
 IMPORTED_LUID = 0
 
 
+def _state_dir(args: argparse.Namespace, fresh_ok: bool = False) -> Path:
+    """The state directory of the command line, checked to be one (exit 2 if not)."""
+    args.state_dir = state_dir_of(args)
+    check_state_dir(args.state_dir, fresh_ok)
+    return args.state_dir
+
+
 def _read(args: argparse.Namespace, uuids: list[str] | None = None) -> sv.StoreView:
+    _state_dir(args)
     boot_id = current_boot_id(args.boot_id)
     view = sv.read_store(args.state_dir, boot_id, uuids=uuids)
     if not view.exists:
@@ -142,9 +155,8 @@ def _verify_json(ev: sv.EnvView, errors: list[sv.Finding], warnings: list[sv.Fin
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    _state_dir(args)
     boot_id = current_boot_id(args.boot_id)
-    if not args.state_dir.is_dir():
-        raise ToolError(f"{args.state_dir}: no such state directory")
     view = sv.read_store(args.state_dir, boot_id, uuids=[args.uuid] if args.uuid else None)
     if args.uuid and view.env(args.uuid) is None and not view.envs:
         raise ToolError(f"no store for uuid {args.uuid!r} in {args.state_dir}")
@@ -226,12 +238,9 @@ class Change:
 def _run_destructive(args: argparse.Namespace, command: str,
                      plan: Callable[[sv.StoreView], list[Change]], create_state_dir: bool = False,
                      uuids: list[str] | None = None) -> int:
-    state_dir: Path = args.state_dir
-    if not state_dir.is_dir():
-        if not create_state_dir:
-            raise ToolError(f"{state_dir}: no such state directory")
-        if not args.dry_run:
-            prepare_state_dir(state_dir)
+    state_dir = _state_dir(args, fresh_ok=create_state_dir)
+    if not state_dir.is_dir() and not args.dry_run:
+        prepare_state_dir(state_dir)
     lock = StateLock(state_dir)
     notes: list[str] = []
     locked = False
@@ -387,7 +396,7 @@ def _resync_plan(args: argparse.Namespace, view: sv.StoreView) -> list[Change]:
     for s in _pick_newest(ev, args.force, "resync"):
         assert s.clean is not None and s.sync is not None
         try:
-            regions = parse_ranges(args.regions, s.region_count) if args.regions else \
+            regions = parse_ranges(args.regions, s.region_count) if args.regions is not None else \
                 list(range(s.region_count))
         except ValueError as exc:
             raise ToolError(f"--regions: {exc}") from None
@@ -435,6 +444,13 @@ def _resync_plan(args: argparse.Namespace, view: sv.StoreView) -> list[Change]:
 
 
 def cmd_resync(args: argparse.Namespace) -> int:
+    if args.regions is not None:
+        # The syntax now, before the store is read or locked; the range is checked against the
+        # state's region count in the plan.
+        try:
+            parse_ranges(args.regions)
+        except ValueError as exc:
+            raise ToolError(f"--regions: {exc}") from None
     return _run_destructive(args, "resync", lambda view: _resync_plan(args, view), uuids=[args.uuid])
 
 
@@ -483,10 +499,8 @@ def copy_journal(state_dir: Path, dest: Path, attempts: int = 5) -> dict[str, An
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
+    state_dir = _state_dir(args)
     boot_id = current_boot_id(args.boot_id)
-    state_dir: Path = args.state_dir
-    if not state_dir.is_dir():
-        raise ToolError(f"{state_dir}: no such state directory")
     dest: Path = args.dir
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise ToolError(f"{dest} exists and is not an empty directory")
@@ -568,10 +582,12 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def _geometry(args: argparse.Namespace) -> int | None:
-    if getattr(args, "regions", None) is not None:
-        if args.regions < 1:
-            raise ToolError("--regions must be at least 1")
-        return args.regions
+    if getattr(args, "region_count", None) is not None:
+        if args.sectors is not None or args.region_size is not None:
+            raise ToolError("--region-count or --sectors/--region-size, not both")
+        if args.region_count < 1:
+            raise ToolError("--region-count must be at least 1")
+        return args.region_count
     if args.sectors is None and args.region_size is None:
         return None
     if args.sectors is None or args.region_size is None:
@@ -591,6 +607,14 @@ def _region_size_hint(ev: sv.EnvView, s: sv.StateView) -> tuple[int | None, str]
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    want = _geometry(args)
+    if not args.overwrite:
+        # Refused by disklog.write too; checked here, before the store is read.
+        with contextlib.suppress(OSError):
+            st = os.stat(args.disklog)
+            if stat.S_ISREG(st.st_mode) and st.st_size:
+                raise Refused(f"{args.disklog} exists and is not empty: refusing to overwrite it "
+                              "(--overwrite to replace it)")
     boot_id = current_boot_id(args.boot_id)
     view = _read(args, [args.uuid])
     ev = _env_or_fail(view, args.uuid)
@@ -598,7 +622,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     top = _pick_newest(ev, args.force, "export")
     s = max(top, key=lambda o: o.committed_at)
     assert s.clean is not None and s.sync is not None
-    want = _geometry(args)
     if want is not None and want != s.region_count:
         raise Refused(f"the state has {s.region_count} regions, the geometry given makes {want}: not the "
                       "same mirror (or a resize); nothing written")
@@ -608,7 +631,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     except disklog.DiskLogError as exc:
         raise Refused(str(exc)) from None
     except OSError as exc:
-        raise ToolError(f"{args.disklog}: {exc}") from None
+        raise ToolError(f"{args.disklog}: {exc.strerror or exc}") from None
     region_size, source = _region_size_hint(ev, s)
     warnings = []
     if len(top) > 1:
@@ -672,9 +695,12 @@ def _import_plan(args: argparse.Namespace, view: sv.StoreView, info: disklog.Dis
 
 def cmd_import(args: argparse.Namespace) -> int:
     count = _geometry(args)
+    _state_dir(args, fresh_ok=True)
     try:
         info, _target = disklog.read(args.disklog, count)
-    except (OSError, disklog.DiskLogError) as exc:
+    except OSError as exc:
+        raise ToolError(f"{args.disklog}: {exc.strerror or exc}") from None
+    except disklog.DiskLogError as exc:
         raise ToolError(f"{args.disklog}: {exc}") from None
     if info.kind in (disklog.BAD_MAGIC, disklog.BAD_VERSION, disklog.EMPTY, disklog.TOO_SHORT,
                      disklog.TOO_SMALL, disklog.TOO_MANY):
@@ -683,7 +709,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     if count is None:
         if info.kind != disklog.VALID:
             raise Refused(f"{args.disklog}: {info.reason}; give the mirror's geometry "
-                          "(--sectors N --region-size N, or --regions N)")
+                          "(--sectors N --region-size N, or --region-count N)")
         count = info.nr_regions
     assert count is not None
     if info.clean is None:
@@ -699,7 +725,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 # --- the command line ----------------------------------------------------------------------------
 
 EXIT_TEXT = fill("exit status: 0 done (verify: healthy); 1 problems found (verify), or refused / not "
-             "confirmed (nothing changed); 2 could not run (bad arguments, no such store, I/O error).")
+             "confirmed (nothing changed); 2 could not run (bad arguments, not a ulog-disk state directory, "
+             "no such store or file, I/O error), with one line 'ulog-recover: what is wrong' on stderr.")
 
 SAFETY_TEXT = fill(
     "safety: this command changes the store. It takes the state directory's lock for its whole run "
@@ -719,30 +746,22 @@ def _destructive_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    common = argparse.ArgumentParser(add_help=False)
+    common = ToolParser(add_help=False)
     add_store_options(common)
     common.add_argument("--json", action="store_true",
                         help="JSON instead of text (keys: formats/tools-json.md)")
-    p = argparse.ArgumentParser(
+    p = ToolParser(
         prog=TOOL, formatter_class=fmt,
         description=fill(
                     "Inspect and repair the dirty-log store of dm-ulogd after something went wrong: which "
                     "instances are live, suspended, orphaned by a reboot, superseded or damaged; check the "
                     "store; remove what nobody needs; force a resync of regions; back the store up while the "
                     "daemon runs; move a mirror's log between dm-ulogd and the kernel's own 'disk' log."),
-        epilog="commands:\n"
-               "  list     every instance with its verdict and why\n"
-               "  verify   LMDB-level check and the store's invariants (exit 1 on problems)\n"
-               "  purge    remove orphaned and superseded instances (keeps the newest state)\n"
-               "  resync   mark regions out of sync in a uuid's newest state\n"
-               "  backup   consistent copy of every store while the daemon runs\n"
-               "  export   write a uuid's newest state as a kernel 'disk' log\n"
-               "  import   read a kernel 'disk' log into the store as a uuid's retained state\n\n"
-               "Run 'ulog-recover COMMAND --help' for each. Read-only commands (list, verify, backup,\n"
+        epilog="Run 'ulog-recover COMMAND --help' for each. Read-only commands (list, verify, backup,\n"
                "export) never block or disturb a running daemon.\n\n" + EXIT_TEXT + "\n",
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
 
     verdicts = (
         "verdicts:\n"
@@ -757,18 +776,20 @@ def build_parser() -> argparse.ArgumentParser:
         "  damaged             fails verification: the daemon moves the uuid's store aside at its next\n"
         "                      start (a full resync); stores already moved aside are listed too\n"
     )
-    s = sub.add_parser("list", parents=[common], formatter_class=fmt, help="instances and their verdicts",
+    s = sub.add_parser("list", parents=[common], formatter_class=fmt,
+                       help="every instance with its verdict and why",
                        description=fill(
                                    "List every instance (and retained state) of every uuid in the store with "
                                    "a verdict and the reason for it. Reads only."),
                        epilog=verdicts + "\nexamples:\n  ulog-recover list\n"
-                              "  ulog-recover list --uuid LVM-abc --json\n\n" + EXIT_TEXT)
+                              "  ulog-recover list --uuid LVM-abc --json\n")
     s.add_argument("--uuid", action="append", metavar="UUID", help="only this uuid (repeatable)")
     s.add_argument("--luid", type=parse_luid, metavar="LUID", help="only this instance (hex luid)")
     s.set_defaults(func=cmd_list)
 
     s = sub.add_parser(
-        "verify", parents=[common], formatter_class=fmt, help="check the store",
+        "verify", parents=[common], formatter_class=fmt,
+        help="LMDB-level check and the store's invariants (exit 1 on problems)",
         description=fill(
                     "Check every store (or one uuid's). LMDB level: the environment opens read-only, every "
                     "sub-database is opened and read whole, every record is decoded. Invariants: the format "
@@ -791,12 +812,14 @@ def build_parser() -> argparse.ArgumentParser:
                "inconsistent, or journal damage the daemon meets with a full resync of the instances it\n"
                "touches; note = worth knowing, not a problem. Errors and warnings make the exit status 1.\n"
                "\nexamples:\n  ulog-recover verify\n"
-               "  ulog-recover verify LVM-abc --json\n\n" + EXIT_TEXT)
-    s.add_argument("uuid", nargs="?", metavar="UUID", help="only this uuid")
+               "  ulog-recover verify LVM-abc --json\n")
+    s.add_argument("uuid", nargs="?", metavar="UUID",
+                   help="only the store of this uuid (default: every store)")
     s.set_defaults(func=cmd_verify)
 
     s = sub.add_parser(
-        "purge", parents=[common], formatter_class=fmt, help="remove orphaned and superseded instances",
+        "purge", parents=[common], formatter_class=fmt,
+        help="remove orphaned and superseded instances (keeps the newest state)",
         description=fill(
                     "Remove the instances whose verdict is orphaned or superseded (see 'list'): their three "
                     "sub-databases, one transaction each (its journal records are then never read). "
@@ -806,14 +829,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "instance), so purge never costs a resync. Live, suspended, constructed and retained "
                     "states are never touched."),
         epilog=SAFETY_TEXT + "\n\nexamples:\n  ulog-recover purge --dry-run\n  ulog-recover purge --uuid "
-               "LVM-abc --yes\n\n" + EXIT_TEXT)
+               "LVM-abc --yes\n")
     s.add_argument("--uuid", action="append", metavar="UUID", help="only this uuid (repeatable)")
     s.add_argument("--luid", type=parse_luid, metavar="LUID", help="only this instance (hex luid)")
     _destructive_options(s)
     s.set_defaults(func=cmd_purge)
 
     s = sub.add_parser(
-        "resync", parents=[common], formatter_class=fmt, help="mark regions out of sync",
+        "resync", parents=[common], formatter_class=fmt,
+        help="mark regions out of sync in a uuid's newest state",
         description=fill(
                     "Mark regions of a uuid's newest state out of sync (and dirty), so the next RESUME of "
                     "the mirror hands them to the kernel for recovery: the legs are copied again for those "
@@ -826,14 +850,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "unless --force; the change then takes effect at the instance's next resume "
                     "(dmsetup suspend + resume) after dm-ulogd restarts."),
         epilog=SAFETY_TEXT + "\n\nexamples:\n  ulog-recover resync LVM-abc                  # every region\n"
-               "  ulog-recover resync LVM-abc --regions 0-17,42,100-199 --yes\n\n" + EXIT_TEXT)
-    s.add_argument("uuid", metavar="UUID")
-    s.add_argument("--regions", metavar="R", help="regions as ranges, e.g. 0-17,42 (default: all)")
+               "  ulog-recover resync LVM-abc --regions 0-17,42,100-199 --yes\n")
+    s.add_argument("uuid", metavar="UUID", help="the mirror's uuid (the one in its table, e.g. LVM-...)")
+    s.add_argument("--regions", metavar="RANGES", help="regions as ranges, e.g. 0-17,42 (default: all)")
     _destructive_options(s)
     s.set_defaults(func=cmd_resync)
 
     s = sub.add_parser(
-        "backup", parents=[common], formatter_class=fmt, help="copy every store, while the daemon runs",
+        "backup", parents=[common], formatter_class=fmt,
+        help="consistent copy of every store while the daemon runs",
         description=fill(
                     "Copy the journal and every store into DIR (created; must be new or empty) while "
                     "dm-ulogd "
@@ -853,13 +878,15 @@ def build_parser() -> argparse.ArgumentParser:
                "Instances then continue from the backup's commits; anything committed after\n"
                "the backup is lost (regions the mirror dirtied since are covered only if the kernel\n"
                "still holds them; a 'resync' of the affected uuids is the safe choice).\n\n"
-               "examples:\n  ulog-recover backup /root/ulog-backup-$(date +%F)\n\n" + EXIT_TEXT)
-    s.add_argument("dir", type=Path, metavar="DIR")
+               "examples:\n  ulog-recover backup /root/ulog-backup-$(date +%F)\n")
+    s.add_argument("dir", type=Path, metavar="DIR",
+                   help="where the copy goes (created; must be new or empty)")
     s.add_argument("--uuid", action="append", metavar="UUID", help="only this uuid (repeatable)")
     s.set_defaults(func=cmd_backup)
 
     s = sub.add_parser(
-        "export", parents=[common], formatter_class=fmt, help="write a uuid's state as a kernel disk log",
+        "export", parents=[common], formatter_class=fmt,
+        help="write a uuid's newest state as a kernel 'disk' log",
         description=fill(
                     "Write a uuid's newest state (the retained state, or a suspended or orphaned instance: "
                     "the highest generation) as the kernel's 'disk' dirty log (header magic 0x4D695272, "
@@ -873,9 +900,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  dmsetup create NAME --table '0 SECTORS mirror disk 2 LOGDEV REGION_SIZE 2 LEG0 0 LEG1 0'\n"
                "(default sync mode: with 'sync' or 'nosync' the kernel ignores the stored bits).\n\n"
                "examples:\n  ulog-recover export LVM-abc --disklog /dev/vg/lv_mlog\n"
-               "  ulog-recover export LVM-abc --disklog /tmp/abc.log --sectors 2097152 --region-size 1024\n\n"
-               + EXIT_TEXT)
-    s.add_argument("uuid", metavar="UUID")
+               "  ulog-recover export LVM-abc --disklog /tmp/abc.log --sectors 2097152 --region-size 1024\n")
+    s.add_argument("uuid", metavar="UUID", help="the mirror's uuid whose state is exported")
     s.add_argument("--disklog", required=True, metavar="FILE|DEVICE", help="where to write the disk log")
     s.add_argument("--sectors", type=int, metavar="N", help="mirror length in sectors (with --region-size: "
                    "checked against the state's region count)")
@@ -886,24 +912,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser(
-        "import", parents=[common], formatter_class=fmt, help="read a kernel disk log into the store",
+        "import", parents=[common], formatter_class=fmt,
+        help="read a kernel 'disk' log into the store as a uuid's retained state",
         description=fill("Read a kernel 'disk' dirty log (file or device) and store its state as the uuid's "
                     "retained state, with a generation above every other state of the uuid, so the next "
                     "CTR + RESUME of the uuid (a 'mirror userspace' table served by dm-ulogd) adopts it "
                     "and resyncs only the regions that were not clean. The bits are taken as the kernel "
                     "would at resume: regions at and past the header's nr_regions are dirty. The region "
-                    "count comes from nr_regions, or from --sectors/--region-size or --regions (needed for "
-                    "LVM's fresh-log marker). A log with a bad magic or version is refused. Refuses when an "
-                    "instance of the uuid is live in this boot, unless --force."),
+                    "count comes from nr_regions, or from --sectors/--region-size or --region-count "
+                    "(needed for LVM's fresh-log marker). A log with a bad magic or version is refused. "
+                    "Refuses when an instance of the uuid is live in this boot, unless --force."),
         epilog=SAFETY_TEXT + "\n\nexamples:\n  ulog-recover import LVM-abc --disklog /dev/vg/lv_mlog\n"
                "  ulog-recover import LVM-abc --disklog /tmp/abc.log --sectors 2097152 --region-size 1024 "
-               "--yes\n\n" + EXIT_TEXT)
-    s.add_argument("uuid", metavar="UUID")
+               "--yes\n")
+    s.add_argument("uuid", metavar="UUID", help="the mirror's uuid the state is stored for")
     s.add_argument("--disklog", required=True, metavar="FILE|DEVICE", help="the disk log to read")
     s.add_argument("--sectors", type=int, metavar="N", help="mirror length in sectors (with --region-size)")
     s.add_argument("--region-size", type=int, metavar="N", help="region size in sectors")
-    s.add_argument("--regions", type=int, metavar="N",
+    s.add_argument("--region-count", type=int, metavar="N",
                    help="region count (instead of --sectors/--region-size)")
+    # The earlier spelling, kept for scripts but hidden: --regions is a list of regions (resync).
+    s.add_argument("--regions", dest="region_count", type=int, help=argparse.SUPPRESS)
     _destructive_options(s)
     s.set_defaults(func=cmd_import)
     return p

@@ -943,6 +943,13 @@ def env_dir_argument(path: Path) -> bool:
         decode_dir_name(path.name) is not None or _moved_aside(path.name) is not None)
 
 
+def is_state_entry(name: str) -> bool:
+    """True for a name only the daemon puts in a state directory: its lock file, a journal
+    segment, a store directory or one moved aside."""
+    return (name == "lock" or _is_journal_file(name) or decode_dir_name(name) is not None
+            or _moved_aside(name) is not None)
+
+
 def describe_op(op: int) -> str:
     return _OP_NAMES.get(op, f"op {op}")
 
