@@ -18,15 +18,12 @@ and ``results/pytest-host-crash-memory/<run>/`` (a failed run is kept); the numb
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import pytest
 from test_real_kernel import (
     ROOT,
     SETUP_HINT,
-    ULOGVM,
     ScenarioRun,
     assert_values,
     finished,
@@ -34,6 +31,7 @@ from test_real_kernel import (
     require_daemon,
     require_harness,
     run_dir,
+    run_ulogvm,
 )
 
 pytestmark = pytest.mark.kernel
@@ -44,9 +42,8 @@ S = "host-crash"
 
 def run_host_crash(backend: str, timeout: int = 600) -> ScenarioRun:
     out = run_dir(f"{S}-{backend}")
-    cmd = [sys.executable, str(ULOGVM), "run", S, "--out", str(out), "--timeout", str(timeout),
-           "--env", f"BACKEND={backend}"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 90)
+    p = run_ulogvm(["run", S, "--out", str(out), "--timeout", str(timeout), "--env", f"BACKEND={backend}"],
+                   timeout=timeout + 90)
     finished(out, p.returncode)
     if p.returncode == 2 and "setup" in p.stderr:
         pytest.fail(f"{p.stderr.strip()}\n{SETUP_HINT}", pytrace=False)

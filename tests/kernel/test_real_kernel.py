@@ -8,6 +8,10 @@ Each test boots a guest (software emulation, ~20 s per boot plus the scenario) a
 Prerequisite: ``python3 tools/vm/ulogvm.py setup`` (host packages, kernel package, initramfs).
 Set ``ULOG_SKIP_KERNEL=1`` to skip these tests; otherwise a missing harness is a failure.
 ``ULOG_KERNEL_BACKEND=memory`` runs the daemon scenarios with another backend (default: lmdb).
+
+A test shows its scenario's steps on the terminal as they happen (``ulogvm.py`` streams them on its
+stderr, ``run_ulogvm`` passes them on past pytest's capture; ``-q`` silences them): a boot takes
+minutes under emulation and must not look like a hang.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -67,6 +72,67 @@ def parse_results(path: Path) -> dict[str, str]:
     return results
 
 
+class _Live:
+    """Where ``show`` writes: the running pytest's config (set by tests/kernel/conftest.py)."""
+
+    config: pytest.Config | None = None
+
+
+LIVE = _Live()
+
+
+def show(line: str) -> None:
+    """Put ``line`` on the terminal now, past pytest's output capture (a real-kernel test runs for a
+    minute or more; its progress is no use in a report at the end)."""
+    config = LIVE.config
+    if config is None or config.get_verbosity() < 0:
+        return
+    capman = config.pluginmanager.getplugin("capturemanager")
+    reporter = config.pluginmanager.getplugin("terminalreporter")
+    if capman is None or reporter is None:  # -p no:capture or no terminal: nothing is in the way
+        print(line, file=sys.stderr, flush=True)
+        return
+    with capman.global_and_fixture_disabled():
+        reporter.write_line(line)
+
+
+def run_ulogvm(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """``tools/vm/ulogvm.py ARGS``, its stderr (a line per scenario step, see ``ulogvm.Progress``)
+    shown as it comes and returned with its stdout. Raises subprocess.TimeoutExpired after
+    ``timeout`` seconds (qemu dies with ulogvm: PR_SET_PDEATHSIG)."""
+    cmd = [sys.executable, str(ULOGVM), *args]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, errors="replace")
+    out_pipe, err_pipe = proc.stdout, proc.stderr
+    assert out_pipe is not None and err_pipe is not None
+    stdout: list[str] = []
+    reader = threading.Thread(target=lambda: stdout.append(out_pipe.read()), daemon=True)
+    reader.start()
+    killed = threading.Event()
+
+    def kill() -> None:
+        killed.set()
+        proc.kill()
+
+    timer = threading.Timer(timeout, kill)
+    timer.start()
+    stderr: list[str] = []
+    try:
+        for line in err_pipe:
+            stderr.append(line)
+            show("    " + line.rstrip("\n"))
+        rc = proc.wait()
+    finally:
+        timer.cancel()
+        if proc.poll() is None:  # an exception here (Ctrl-C): never leave ulogvm (and qemu) behind
+            proc.kill()
+            proc.wait()
+    reader.join()
+    if killed.is_set():
+        raise subprocess.TimeoutExpired(cmd, timeout, "".join(stdout), "".join(stderr))
+    return subprocess.CompletedProcess(cmd, rc, "".join(stdout), "".join(stderr))
+
+
 def require_harness() -> None:
     if os.environ.get("ULOG_SKIP_KERNEL") == "1":
         pytest.skip("ULOG_SKIP_KERNEL=1: real-kernel (qemu) tests skipped")
@@ -111,11 +177,11 @@ def finished(out: Path, rc: int) -> None:
 
 def run_scenario(name: str, timeout: int = 600, env: tuple[str, ...] = ()) -> ScenarioRun:
     out = run_dir(name)
-    cmd = [sys.executable, str(ULOGVM), "run", name, "--out", str(out), "--timeout", str(timeout)]
+    args = ["run", name, "--out", str(out), "--timeout", str(timeout)]
     backend = os.environ.get("ULOG_KERNEL_BACKEND")
     for item in (*env, *([f"BACKEND={backend}"] if backend else [])):
-        cmd += ["--env", item]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 90)
+        args += ["--env", item]
+    p = run_ulogvm(args, timeout=timeout + 90)
     finished(out, p.returncode)
     if p.returncode == 2 and "setup" in p.stderr:
         pytest.fail(f"{p.stderr.strip()}\n{SETUP_HINT}", pytrace=False)
@@ -337,8 +403,7 @@ def test_readme_demo(harness: None) -> None:
     """The README's main command: kill -9 under a live mirror costs no resync, data identical."""
     require_daemon()
     out = run_dir("demo")
-    p = subprocess.run([sys.executable, str(ULOGVM), "demo", "--out", str(out), "--timeout", "600"],
-                       capture_output=True, text=True, timeout=700)
+    p = run_ulogvm(["demo", "--out", str(out), "--timeout", "600"], timeout=700)
     finished(out, p.returncode)
     run = ScenarioRun("demo", p.returncode, out, parse_results(out / "result.txt"), p.stderr)
     assert run.rc == 0, run.explain()
@@ -351,7 +416,22 @@ def test_readme_demo(harness: None) -> None:
         "regions_resynced_after_reactivation": "0",
         "legs_final": "equal",
         "status_final": rf"^0 32768 mirror 2 {LEGS} 32/32 1 AA 1 clustered-core",
+        "dirty_region_count_at_crash": r"^[0-9]+$",
+        "kill_uptime": r"^[0-9]+\.[0-9]+$",
+        "restart_uptime": r"^[0-9]+\.[0-9]+$",
+        "outage_seconds": r"^[0-9]+\.[0-9]$",
+        "kernel_send_failures": r"^[0-9]+$",
     })
+    # The count and the region numbers agree ("none" exactly when 0).
+    count, regions = run.get("demo.dirty_region_count_at_crash"), run.get("demo.dirty_regions_at_crash")
+    assert (count == "0") == (regions == "none"), run.explain()
+    # The outage is measured on the guest clock: the scenario keeps the daemon down 5 s after the kill.
+    killed, back = float(run.get("demo.kill_uptime") or 0), float(run.get("demo.restart_uptime") or 0)
+    assert float(run.get("demo.outage_seconds") or 0) == pytest.approx(back - killed, abs=0.06)
+    assert back - killed >= 5
+    # Live output (ulogvm's stderr, streamed by run_ulogvm) and a summary that says why.
+    assert "demo: daemon killed with SIGKILL" in p.stderr and "[guest " in p.stderr
+    assert "a daemon-only crash needs none" in p.stdout
 
 
 def test_state_directory_lost_under_a_live_mirror_gives_a_full_resync_never_clean(harness: None) -> None:

@@ -39,10 +39,12 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Empty, Queue
 from types import FrameType
 
 HERE = Path(__file__).resolve().parent
@@ -629,22 +631,111 @@ def declared_options(script: Path) -> argparse.Namespace:
         raise HarnessError(f"{script}: bad '# ulogvm-run:' line ({e})") from None
 
 
-def run_qemu(cmd: list[str], console: io.BufferedWriter, verbose: bool, limit: float) -> tuple[int, bytes]:
-    """Run one boot; the console goes to ``console`` (and stderr if verbose). Returns qemu's exit code
-    (124/137 from ``timeout``) and this boot's console output."""
+#: A scenario's own step line on the console (lib.sh ``log``: "[<guest uptime>] <scenario>: <text>").
+SCENARIO_STEP = re.compile(r"\[(\d+\.\d{1,3})\] (\S+: .*)")
+#: A kernel message on the console ("[<uptime, 6 decimals>] <text>"). The console shows only errors
+#: and worse (loglevel=4); of those, only what concerns the mirror or a crash is worth a line.
+KERNEL_MESSAGE = re.compile(r"\[\s*(\d+\.\d{6})\] (.*)")
+KERNEL_SHOWN = re.compile(r"device-mapper|Kernel panic|sysrq|Oops|BUG:|blocked for more than")
+#: Without a line for this long the host says the guest still runs, so that a silent stretch (boot,
+#: a long step) never looks like a hang. Under 10 s on purpose: the demo promises a line at least
+#: every 10 s.
+HEARTBEAT_S = 8.0
+
+
+def console_step(line: str) -> tuple[float | None, str] | None:
+    """What one guest console line shows while the guest runs: (guest uptime or None, text), or None
+    for a line left to console.log (boot chatter, other kernel messages, blank lines)."""
+    line = line.strip()
+    if line.startswith("ulogvm: "):  # the guest's init: modules loaded, scenario started, exit code
+        return None, line.removeprefix("ulogvm: ")
+    m = SCENARIO_STEP.fullmatch(line)
+    if m:
+        return float(m.group(1)), m.group(2)
+    m = KERNEL_MESSAGE.fullmatch(line)
+    if m and KERNEL_SHOWN.search(m.group(2)):
+        return float(m.group(1)), f"kernel: {m.group(2)}"
+    return None
+
+
+class Progress:
+    """Streams a running guest to stderr: one line per scenario step with its guest time, the kernel's
+    messages about the mirror, and a heartbeat when nothing came for HEARTBEAT_S seconds. The demo and
+    the real-kernel tests (which pass ulogvm's stderr on to the terminal) see the same lines."""
+
+    def __init__(self, boot: int, boots: int, steps: bool, write: Callable[[str], None] = log) -> None:
+        self.where = f"boot {boot}/{boots} " if boots > 1 else ""
+        self.steps = steps  # False with -v: the whole console is echoed already
+        self.write = write
+        self.t0 = self.last = time.monotonic()
+        self.guest: float | None = None  # last guest uptime seen
+        self.running = False  # the scenario has started (after boot)
+
+    def line(self, raw: str) -> None:
+        step = console_step(raw)
+        if step is None:
+            return
+        uptime, text = step
+        if text.startswith("running scenario"):
+            self.running = True
+        if uptime is not None:
+            self.guest = uptime
+        if self.steps:
+            stamp = f"{uptime:7.2f}s" if uptime is not None else " " * 8
+            self.emit(f"[{self.where}guest {stamp}] {text}")
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now - self.last < HEARTBEAT_S:
+            return
+        wall = now - self.t0
+        if not self.running:
+            self.emit(f"[{self.where}wall {wall:5.0f}s] guest kernel booting (software emulation)")
+        else:
+            since = f", last step at guest {self.guest:.2f}s" if self.guest is not None else ""
+            self.emit(f"[{self.where}wall {wall:5.0f}s] scenario running{since}")
+
+    def emit(self, text: str) -> None:
+        self.last = time.monotonic()
+        self.write(text)
+
+
+def run_qemu(cmd: list[str], console: io.BufferedWriter, verbose: bool, limit: float,
+             progress: Progress) -> tuple[int, bytes]:
+    """Run one boot; the console goes to ``console`` (and stderr if verbose), its steps to
+    ``progress``. Returns qemu's exit code (124/137 from ``timeout``) and this boot's console output."""
     text = io.BytesIO()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
     previous = {sig: signal.signal(sig, stop_child(proc)) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
+    # A thread reads the console so that the heartbeat can speak while no line comes.
+    lines: Queue[bytes | None] = Queue()
+
+    def read() -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    reader = threading.Thread(target=read, name="qemu-console", daemon=True)
+    reader.start()
+    try:
+        while True:
+            try:
+                line = lines.get(timeout=1.0)
+            except Empty:
+                progress.tick()
+                continue
+            if line is None:
+                break
             console.write(line)
             console.flush()
             text.write(line)
             if verbose:
                 sys.stderr.buffer.write(line)
                 sys.stderr.flush()
+            progress.line(line.decode(errors="replace"))
+            progress.tick()
         qrc = proc.wait(timeout=limit + 15)
     except subprocess.TimeoutExpired:
         proc.kill()
@@ -733,7 +824,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 log(f"booting {a.kernel.release} for {what} (timeout {int(limit)}s, results in {out})")
                 if boots > 1:
                     console.write(f"==== ulogvm: boot {boot} of {boots} ====\n".encode())
-                qrc, raw = run_qemu(cmd, console, args.verbose, limit)
+                qrc, raw = run_qemu(cmd, console, args.verbose, limit,
+                                     Progress(boot, boots, steps=not args.verbose))
                 console_text = raw.decode(errors="replace")
                 outcome = boot_outcome(share, console_text, qrc, limit)
                 if boots > 1:
@@ -780,17 +872,54 @@ def compile_checkout(python: Path) -> None:
                    check=False, stdout=subprocess.DEVNULL)
 
 
-DEMO_KEYS = [
-    ("status_after_create", "mirror created, full resync done"),
-    ("dirty_regions_at_crash", "regions dirty in the store when dm-ulogd was killed (-9)"),
-    ("regions_resynced_after_restart", "regions resynced after the restart"),
-    ("kernel_timeouts", "kernel requests that timed out (15 s) during the outage"),
-    ("writes_failed", "writes that failed"),
-    ("legs_after_restart", "mirror legs after the writer finished"),
-    ("regions_resynced_after_reactivation", "regions resynced after dmsetup remove + create"),
-    ("legs_final", "mirror legs at the end"),
-    ("status_final", "final status"),
-]
+def demo_summary(v: dict[str, str]) -> list[str]:
+    """The demo's result in words: each line a label, a number and why it is that number. ``v``: the
+    ``demo.*`` keys of result.txt without the prefix; lines whose keys are missing (a run that failed
+    early) are left out."""
+    rows: list[tuple[str, str]] = []
+
+    def row(label: str, keys: tuple[str, ...], text: str) -> None:
+        if all(k in v for k in keys):
+            rows.append((label, text))
+
+    total = v.get("sync_initial", "").partition("/")[2] or "?"
+    row("set-up", ("resync_initial",),
+        f"{v.get('resync_initial')} of {total} regions resynced at creation: new legs differ, as for any new "
+        "mirror")
+    row("dm-ulogd killed (kill -9)", ("kill_uptime",),
+        f"at guest time {v.get('kill_uptime')} s, while two writers were writing through the mirror")
+    count, regions = v.get("dirty_region_count_at_crash"), v.get("dirty_regions_at_crash")
+    if count == "0":
+        row("regions marked dirty at the kill", ("dirty_region_count_at_crash",),
+            "0: no write was in flight at that instant")
+    else:
+        row("regions marked dirty at the kill", ("dirty_region_count_at_crash", "dirty_regions_at_crash"),
+            f"{count} (region numbers {regions}): writes in flight, their marks safe in the store")
+    row("daemon down for", ("outage_seconds", "kill_uptime", "restart_uptime"),
+        f"{v.get('outage_seconds')} s (measured: killed at {v.get('kill_uptime')} s, serving again at "
+        f"{v.get('restart_uptime')} s)")
+    row("kernel messages while it was down", ("kernel_send_failures", "kernel_timeouts", "kernel_reconnects"),
+        f"{v.get('kernel_send_failures')} 'Unable to send log request ... -3' (no server listening), "
+        f"{v.get('kernel_timeouts')} 'Request timed out' (15 s without a reply, retried), "
+        f"{v.get('kernel_reconnects')} 'Reconnected': expected, the kernel holds writes until the daemon "
+        "is back")
+    writes = re.search(r"(\d+) writes of (\d+ KiB)", v.get("writer", ""))
+    row("writes that failed", ("writes_failed",),
+        v.get("writes_failed", "") + (f" of {writes[1]} ({writes[2]} each, O_DIRECT)" if writes else ""))
+    resynced = v.get("regions_resynced_after_restart")
+    row("regions resynced after the restart", ("regions_resynced_after_restart",),
+        "0: a daemon-only crash needs none: the kernel lived on and finished every write on both legs, and "
+        "the store kept every mark" if resynced == "0" else f"{resynced} (expected 0)")
+    row("legs after the writers", ("legs_after_restart",),
+        f"{v.get('legs_after_restart')} (compared byte for byte)")
+    again = v.get("regions_resynced_after_reactivation")
+    row("regions resynced after remove + create", ("regions_resynced_after_reactivation",),
+        f"0: the new activation took the uuid's state from the store (a log without one resyncs all {total})"
+        if again == "0" else f"{again} (expected 0)")
+    row("legs at the end", ("legs_final",), f"{v.get('legs_final')} (compared byte for byte)")
+    row("final status", ("status_final",), v.get("status_final", ""))
+    width = max((len(label) for label, _ in rows), default=0)
+    return [f"  {label:<{width}}  {text}" for label, text in rows]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -805,9 +934,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             key, _, value = line.partition("=")
             values[key.removeprefix("demo.")] = value
     print("\n== dm-ulogd demo on a real kernel (" + ("passed" if rc == 0 else f"FAILED, exit {rc}") + ")")
-    for key, label in DEMO_KEYS:
-        if key in values:
-            print(f"  {label:<58} {values[key]}")
+    print("   a 2-leg mirror whose dirty log is served by dm-ulogd with its LMDB store; times are the "
+          "guest's clock")
+    print("\n".join(demo_summary(values)))
     if "failed" in values:
         print(f"  check failed: {values['failed']}")
     print(f"  (details: {out}/scenario.log, daemon log: {out}/demo/daemon.log)")

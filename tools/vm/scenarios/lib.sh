@@ -64,6 +64,10 @@ check_re() {
 # elapsed START: seconds since START (a value of $(now)), one decimal.
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
+# Waits that can last long (sync, writer, daemon start) log a line every PROGRESS_EVERY seconds of
+# bash's SECONDS clock: the host streams the console, and a silent wait looks like a hang.
+PROGRESS_EVERY=3
+
 # run_scenario NAME: run scenario_NAME in a subshell; returns its status.
 run_scenario() {
     local name=$1 fn=scenario_${1//-/_} t0 rc
@@ -199,7 +203,7 @@ crash_guest() {
 
 # start_listener READY_FILE LOG_FILE CMD...: start CMD in the background, wait for READY_FILE.
 start_listener() {
-    local ready=$1 logf=$2 t0 i
+    local ready=$1 logf=$2 t0 i next=$((SECONDS + PROGRESS_EVERY))
     shift 2
     rm -f "$ready"
     DAEMON_STARTS=$((DAEMON_STARTS + 1))
@@ -211,6 +215,10 @@ start_listener() {
     for ((i = 0; i < 300; i++)); do
         [ -e "$ready" ] && break
         kill -0 "$DAEMON_PID" 2>/dev/null || { tail -20 "$logf"; die "listener exited before ready"; }
+        if ((SECONDS >= next)); then
+            log "waiting for the daemon to be ready ($(elapsed "$t0") s; python starts slowly under emulation)"
+            next=$((SECONDS + PROGRESS_EVERY))
+        fi
         sleep 0.1
     done
     [ -e "$ready" ] || { tail -20 "$logf"; die "listener not ready after 30 s"; }
@@ -309,7 +317,7 @@ sync_field() { dm_status "$1" | awk '{ print $(5 + $4) }'; }
 
 # wait_sync NAME TIMEOUT: poll until in-sync == regions; records sync and sync_seconds.
 wait_sync() {
-    local name=$1 limit=$2 t0 s=""
+    local name=$1 limit=$2 t0 s="" next=$((SECONDS + PROGRESS_EVERY))
     t0=$(now)
     while :; do
         s=$(sync_field "$name")
@@ -317,6 +325,10 @@ wait_sync() {
         if awk -v e="$(elapsed "$t0")" -v l="$limit" 'BEGIN { exit !(e > l) }'; then
             fail "$name not in sync after ${limit}s (status: $s)"
             break
+        fi
+        if ((SECONDS >= next)); then
+            log "waiting for $name to sync: ${s:-?} regions in sync after $(elapsed "$t0") s"
+            next=$((SECONDS + PROGRESS_EVERY))
         fi
         sleep 0.5
     done
@@ -432,7 +444,16 @@ capture_luids() {
 
 # wait_writer: wait for WRITER_PID; records writer_rc and the writer's summary line.
 wait_writer() {
-    wait "$WRITER_PID"
+    local t0 next=$((SECONDS + PROGRESS_EVERY))
+    t0=$(now)
+    while kill -0 "$WRITER_PID" 2>/dev/null; do
+        if ((SECONDS >= next)); then
+            log "waiting for the writer to finish ($(elapsed "$t0") s)"
+            next=$((SECONDS + PROGRESS_EVERY))
+        fi
+        sleep 0.5
+    done
+    wait "$WRITER_PID"  # bash keeps an exited child's status until it is waited for
     record "writer_rc" "$?"
     record "writer" "$(tail -1 "$SOUT/writer.log")"
 }
