@@ -26,9 +26,9 @@ setup() {
         echo "== creating $venv"
         python3 -m venv "$venv"
     fi
-    echo "== installing ulog-disk and its test dependencies into $venv"
-    "$venv/bin/pip" install -q --disable-pip-version-check -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
-    "$venv/bin/python" -c "import ulog_disk, lmdb, construct, pyroute2, bitarray" 
+    echo "== installing ulog-disk and its test and benchmark dependencies into $venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check -e ".[test,bench]" 2>&1 | grep -v "^WARNING: Location" || true
+    "$venv/bin/python" -c "import ulog_disk, lmdb, construct, bitarray, pyroute2, matplotlib"
     if [ -f tools/vm/ulogvm.py ]; then
         echo "== preparing the qemu guest (Debian kernel image, initramfs)"
         "$venv/bin/python" tools/vm/ulogvm.py setup
