@@ -38,6 +38,14 @@ def median(values: list[float]) -> float:
     return pct(values, 50)
 
 
+def human_count(n: float) -> str:
+    """32768 -> "32K", 33554432 -> "32M" (binary multiples: region counts are powers of two)."""
+    for unit, size in (("M", 1 << 20), ("K", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{int(n // size)}{unit}"
+    return f"{n:g}"
+
+
 # --- the daemon -----------------------------------------------------------------------------------
 
 

@@ -46,8 +46,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib  # noqa: E402
-from benchlib import STRIDE, DaemonProc, LmdbFloor, RawClient, SyncWriter, ctr_string, median, pct  # noqa: E402
-from pngplot import human_count, loglog_plot  # noqa: E402
+from benchlib import (  # noqa: E402
+    STRIDE,
+    DaemonProc,
+    LmdbFloor,
+    RawClient,
+    SyncWriter,
+    ctr_string,
+    human_count,
+    median,
+    pct,
+)
 
 from ulog_disk import wire  # noqa: E402
 from ulog_disk.backends.lmdb_store import LmdbBackend  # noqa: E402
@@ -55,6 +64,12 @@ from ulog_disk.engine import Engine  # noqa: E402
 from ulog_disk.kernelmodel import KernelConnection, UserspaceLog  # noqa: E402
 from ulog_disk.regionlog import chunk_count  # noqa: E402
 from ulog_disk.wire import RequestType  # noqa: E402
+
+try:
+    import plot
+except ModuleNotFoundError as exc:  # now, not after minutes of measuring
+    sys.exit(f"run.py: {exc.name} is missing (the plot needs the bench extra): "
+             ".venv/bin/pip install -e '.[bench]'")
 
 K = 1 << 10
 M = 1 << 20
@@ -372,37 +387,8 @@ def bench_scale(s: Suite, out: Path, suffix: str) -> None:
         "floor_4k_p50_ms": f4, "bare_lmdb_p50_ms": pb, "lean_mark_flush_p50_ms": lp, "lean_flush_p50_ms": lf,
         "lean_integrated_p50_ms": lpi,
     }
-    plot = out / f"flush-vs-regions{suffix}.png"
-    plot_scale(plot, s.extra["scale"])  # type: ignore[arg-type]
-    s.extra["plot"] = str(plot)
-    print(f"[2] plot written to {plot}", flush=True)
-
-
-def plot_scale(path: Path, scale: dict[str, object]) -> None:
-    """The PNG of metric 2 from its results (``detail.scale`` of a results file works too)."""
-
-    def series(key: str) -> dict[int, float]:
-        return {int(k): float(v) for k, v in scale[key].items()}  # type: ignore[attr-defined]
-
-    sizes = sorted(int(x) for x in scale["sizes"])  # type: ignore[attr-defined]
-    big = sizes[-1]
-    p, pi, pw = series("mark_flush_p50_ms"), series("integrated_p50_ms"), series("bitmap_rewrite_p50_ms")
-    pb = series("bare_lmdb_p50_ms")
-    f4 = float(scale["floor_4k_p50_ms"])  # type: ignore[arg-type]
-    loglog_plot(
-        path, "dm-ulogd FLUSH latency vs region count (p50)", "regions", "ms",
-        [
-            ("FLUSH p50 after MARK_REGION, kernel model", [(x, p[x]) for x in sizes], False),
-            ("FLUSH p50 with marks, kernel model", [(x, pi[x]) for x in sizes], False),
-            *([("FLUSH p50 after MARK_REGION, lean client", sorted(series("lean_flush_p50_ms").items()),
-                False)] if "lean_flush_p50_ms" in scale else []),
-            ("whole-bitmap rewrite + fdatasync p50 (disk log, cmirrord)", [(x, pw[x]) for x in sizes], True),
-            ("bare py-lmdb commit p50, meta + 1 chunk (no daemon)", [(x, pb[x]) for x in sizes], True),
-            ("4 KiB pwrite + fdatasync p50 (floor)", [(x, f4) for x in sizes], True),
-            (f"0.25 x whole-bitmap rewrite at {human_count(big)} (the target at 32M)",
-             [(big, 0.25 * pw[big])], True),
-        ],
-    )
+    # Drawn by main() once the run's date, machine and config are in the results (the title says them).
+    s.extra["plot"] = str(out / f"flush-vs-regions{suffix}.png")
 
 
 # --- 3. non-durable request rate --------------------------------------------------------------------
@@ -1130,6 +1116,10 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / f"results{suffix}.json"
     path.write_text(json.dumps(results, indent=1, default=str) + "\n")
     print(f"results written to {path}")
+    if "plot" in suite.extra:
+        # After the results are on disk: a plot that fails loses no figure (plot.py redraws it).
+        plot.write_scale_plot(Path(str(suite.extra["plot"])), results)
+        print(f"plot of metric 2 written to {suite.extra['plot']}")
     return 0
 
 
