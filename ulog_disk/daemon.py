@@ -46,6 +46,8 @@ from . import __version__, wire
 from .backends.base import Backend, available_backends, load_backend
 from .capture import FROM_DAEMON, TO_DAEMON, CaptureWriter
 from .engine import Engine, Pending
+from .metrics import DEFAULT_INTERVAL as METRICS_INTERVAL
+from .metrics import Metrics, Snapshot, check_metrics_path
 from .ratelog import RateLimitedLog
 from .transport.netlink import GroupTaken, NetlinkTransport
 from .transport.unix import UnixTransport
@@ -73,6 +75,8 @@ CHECKPOINT_SPAN = 2 * 1024 * 1024
 IDLE_AFTER = 0.5
 #: Journal maintenance (cutting what the stores hold) runs at least this often while busy.
 MAINTENANCE_INTERVAL = 1.0
+
+_FLUSH = int(wire.RequestType.FLUSH)
 
 #: (job, reply address, its exception, whether the worker already sent the reply)
 Done = tuple[Pending, object, BaseException | None, bool]
@@ -217,6 +221,7 @@ class GroupCommit:
         #: Moving average of sync time (seconds); None until the first sync.
         self.sync_seconds: float | None = None
         self.syncs = 0
+        self.sync_failures = 0
         self.flushes = 0
         #: Several mirrors have been flushing until then (monotonic time).
         self.concurrent_until = 0.0
@@ -277,6 +282,7 @@ class GroupCommit:
                              else self.sync_seconds + _SYNC_TIME_WEIGHT * (seconds - self.sync_seconds))
         with self.lock:
             self.syncs += 1
+            self.sync_failures += exc is not None
             if exc is None:
                 ready = [w for w in self.waiting if w.position <= durable]
                 self.waiting = [w for w in self.waiting if w.position > durable]
@@ -326,8 +332,10 @@ _NOBODY = wire.Request(luid=0, uuid="", version=3, seq=0, request_type=wire.Requ
 class Daemon:
     def __init__(self, engine: Engine, transport: NetlinkTransport | UnixTransport,
                  capture: CaptureWriter | None = None, checkpoint_age: float = CHECKPOINT_AGE,
-                 checkpoint_span: int = CHECKPOINT_SPAN):
+                 checkpoint_span: int = CHECKPOINT_SPAN, metrics: Metrics | None = None):
         self.engine = engine
+        self.metrics = metrics
+        self.flush_latency = metrics.flush if metrics is not None else None
         self.checkpoint_age = checkpoint_age
         self.checkpoint_span = checkpoint_span
         self.transport = transport
@@ -374,14 +382,19 @@ class Daemon:
                 return
             self.noisy.log("malformed request", logging.ERROR,
                            "malformed request seq=%d: %s: answering -EINVAL", exc.request.seq, exc.reason)
-            self.engine.stats.errors += 1
+            # Counted as a garbled request (type 0): its type field is not to be trusted.
+            self.engine.stats.requests += 1
+            self.engine.stats.errors_by_type[0] += 1
             self.send(Reply(exc.request, -errno.EINVAL), address)
             return
+        if self.flush_latency is not None and request.request_type == _FLUSH:
+            self.flush_latency.received(request)
         try:
             result = self.engine.handle(request)
         except Exception:  # noqa: BLE001 - one bad request must not stop the others
             log.exception("internal error on request seq=%d type=%d: answering -EIO",
                           request.seq, request.request_type)
+            self.engine.stats.errors_by_type[request.request_type] += 1
             self.send(Reply(request, -errno.EIO), address)
             return
         if isinstance(result, Reply):
@@ -400,6 +413,8 @@ class Daemon:
             if self.capture:
                 self.capture.write(FROM_DAEMON, payload)
             self.transport.send(payload, address)
+            if self.flush_latency is not None and reply.request.request_type == _FLUSH:
+                self.flush_latency.answered(reply.request)
 
     def on_completions(self) -> int:
         """Let the engine hear of finished work; answer what was not answered yet. Returns how
@@ -427,6 +442,14 @@ class Daemon:
             return
         engine = self.engine
         now = time.monotonic()
+        metrics = self.metrics
+        if metrics is not None and now >= metrics.due:
+            # On the worker, not here: formatting thousands of mirrors would hold up requests.
+            # Before maintenance and checkpoints, so that neither can keep the file from
+            # following its interval; it is one short job every few seconds.
+            metrics.due = now + metrics.interval
+            self.worker.submit(metrics.job(self.metrics_snapshot()), NOBODY)
+            return
         # Maintenance first when it is due, so that a steady stream of checkpoints never keeps
         # the journal from being cut or the next segment from being prepared.
         if now - self.maintained_at >= MAINTENANCE_INTERVAL or engine.backend.maintenance_due():
@@ -449,6 +472,10 @@ class Daemon:
             if needed > self.cut_at:
                 self.cut_at, self.maintained_at = needed, now
                 self.worker.submit(_maintenance(engine.backend, needed), NOBODY)
+
+    def metrics_snapshot(self) -> Snapshot:
+        assert self.metrics is not None
+        return self.metrics.snapshot(self.engine, self.group, self.dropped_frames, self.send_lock)
 
     # --- loop ----------------------------------------------------------------------------
 
@@ -550,10 +577,13 @@ class Daemon:
         self.answer_queued()
         self.group.close()
         self.worker.close()
+        final = self.metrics_snapshot() if self.metrics is not None else None
         self.engine.backend.close()
         self.transport.close()
         if self.capture:
             self.capture.close()
+        if self.metrics is not None and final is not None:
+            self.metrics.write_now(final)
         stats = self.engine.stats
         self.noisy.flush_all()
         self.engine.noisy.flush_all()
@@ -608,6 +638,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "4096, at least 64 KiB)")
     p.add_argument("--capture", metavar="FILE",
                    help="append every frame received and sent to FILE (read it with ulog-dump wire)")
+    p.add_argument("--metrics-file", metavar="FILE", type=Path,
+                   help="write counters, FLUSH latency and per-mirror region counts to FILE in the "
+                        "node_exporter textfile format, every --metrics-interval seconds and at stop "
+                        "(its directory must exist; docs/metrics.md)")
+    p.add_argument("--metrics-interval", type=float, default=METRICS_INTERVAL, metavar="SECONDS",
+                   help=f"seconds between two writes of --metrics-file (default {METRICS_INTERVAL:g})")
     p.add_argument("--ready-file", metavar="FILE", type=Path,
                    help="create FILE once listening (for scripts; systemd gets READY=1 via NOTIFY_SOCKET)")
     p.add_argument("--boot-id", metavar="ID",
@@ -646,6 +682,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.journal_segment_size is not None and (
                 args.journal_segment_size < 65536 or args.journal_segment_size % 4096):
             raise StartupError("--journal-segment-size must be a multiple of 4096, at least 65536 bytes")
+        if not args.metrics_interval > 0:
+            raise StartupError("--metrics-interval must be positive")
+        if args.metrics_file is not None:
+            try:
+                check_metrics_path(args.metrics_file)
+            except ValueError as exc:
+                raise StartupError(str(exc)) from None
         prepare_state_dir(args.state_dir)
         lock = StateDirLock(args.state_dir)
         if args.journal_segment_size is not None:
@@ -664,7 +707,8 @@ def main(argv: list[str] | None = None) -> int:
             backend.close()
         return 2
     capture = CaptureWriter(args.capture, transport.name) if args.capture else None
-    daemon = Daemon(engine, transport, capture, checkpoint_age=args.checkpoint_age)
+    metrics = Metrics(args.metrics_file, args.metrics_interval, args.state_dir) if args.metrics_file else None
+    daemon = Daemon(engine, transport, capture, checkpoint_age=args.checkpoint_age, metrics=metrics)
     signal.signal(signal.SIGTERM, daemon.request_stop)
     signal.signal(signal.SIGINT, daemon.request_stop)
 

@@ -52,6 +52,7 @@ from .bootid import read_boot_id
 from .ctrargs import CtrArgs, CtrError, parse_ctr
 from .journal import Event
 from .lifecycle import HANDS_OVER, State, gives_resync_work, next_state
+from .limits import MemoryBudget
 from .ratelog import RateLimitedLog
 from .regionlog import RegionLog, chunk_count
 from .wire import Reply, Request, RequestType
@@ -133,13 +134,23 @@ class Pending:
 
 @dataclass
 class Stats:
+    """The daemon's counters (the stop line, ``--metrics-file``): plain integers, touched only
+    on the engine's thread."""
+
     requests: int = 0
-    errors: int = 0
     commits: int = 0
     commit_failures: int = 0
     checkpoints: int = 0
     checkpoint_failures: int = 0
+    #: Requests of a known type, by type (type 0, unknown types and malformed frames are only
+    #: in ``requests``).
     by_type: collections.Counter[RequestType] = field(default_factory=collections.Counter)
+    #: Requests answered with an error, by the request type number they carried.
+    errors_by_type: collections.Counter[int] = field(default_factory=collections.Counter)
+
+    @property
+    def errors(self) -> int:
+        return sum(self.errors_by_type.values())
 
 
 #: The request a background store write answers (nobody: its reply is never sent).
@@ -155,8 +166,11 @@ def _err(req: Request, code: int) -> Reply:
 
 
 class Engine:
-    def __init__(self, backend: Backend, boot_id: str | None = None):
+    def __init__(self, backend: Backend, boot_id: str | None = None,
+                 memory_budget: MemoryBudget | None = None):
         self.backend = backend
+        #: Refuses a new log that would not fit under the daemon's memory limit (None: no check).
+        self.memory_budget = memory_budget
         self.boot_id = boot_id or read_boot_id()
         self.table: dict[Key, Instance] = {}
         self.generations: dict[str, int] = {}
@@ -250,12 +264,12 @@ class Engine:
         if req.request_type == 0:
             # A zero type means the request was garbled on the way (cmirrord's reading): ask the
             # kernel to send it again.
-            self.stats.errors += 1
+            self.stats.errors_by_type[req.request_type] += 1
             self.noisy.log("type-0 request", logging.WARNING,
                            "request seq=%d has type 0: asking the kernel to resend", req.seq)
             return Reply(req, -errno.EAGAIN, ack=True)
         if kind is None:
-            self.stats.errors += 1
+            self.stats.errors_by_type[req.request_type] += 1
             self.noisy.log("unknown request type", logging.ERROR, "unknown request type %d (seq=%d, %s)",
                            req.request_type, req.seq,
                       describe(req.uuid, req.luid))
@@ -265,7 +279,7 @@ class Engine:
             return self._ctr(req)
         inst = self.table.get(req.key)
         if inst is None:
-            self.stats.errors += 1
+            self.stats.errors_by_type[req.request_type] += 1
             if kind in wire.LOOP_REQUESTS:
                 self.noisy.log("request for an unknown log", logging.WARNING,
                                "%s for unknown %s: answering -ESRCH so the kernel re-registers it",
@@ -278,7 +292,7 @@ class Engine:
         try:
             return self._HANDLERS[kind](self, inst, req)
         except (ValueError, IndexError) as exc:
-            self.stats.errors += 1
+            self.stats.errors_by_type[req.request_type] += 1
             self.noisy.log("rejected request", logging.ERROR, "%s %s seq=%d rejected: %s", kind.name,
                            describe(inst.uuid, inst.luid), req.seq, exc)
             return _err(req, errno.EINVAL)
@@ -304,11 +318,12 @@ class Engine:
         try:
             ctr = parse_ctr(req.data)
         except CtrError as exc:
-            self.stats.errors += 1
+            self.stats.errors_by_type[req.request_type] += 1
             self.noisy.log("rejected request", logging.ERROR, "CTR %s rejected: %s",
                            describe(req.uuid, req.luid), exc)
             return _err(req, errno.EINVAL)
         if not req.uuid:
+            self.stats.errors_by_type[req.request_type] += 1
             self.noisy.log("rejected request", logging.ERROR, "CTR with an empty uuid rejected (luid=%#x)",
                            req.luid)
             return _err(req, errno.EINVAL)
@@ -325,6 +340,11 @@ class Engine:
             log.info("CTR %s: already known (%s), accepted%s", describe(req.uuid, req.luid),
                      existing.state, " (kernel reconnect)" if reconnect else "")
             return _ok(req, reply_data)
+        if self.memory_budget is not None and (refusal := self.memory_budget.refusal(ctr.region_count)):
+            self.stats.errors_by_type[req.request_type] += 1
+            self.noisy.log("memory limit", logging.ERROR, "CTR %s refused: %s: answering -ENOMEM",
+                           describe(req.uuid, req.luid), refusal)
+            return _err(req, errno.ENOMEM)
         if existing is not None:
             # A never-resumed instance whose luid the kernel reuses with another constructor: its
             # kernel context died after CTR without a DTR (protocol ref §3.2).
@@ -521,9 +541,10 @@ class Engine:
         return gen
 
     def _commit(self, inst: Instance, req: Request, why: str, force_generation: bool = False,
-                event: Event | None = None) -> Pending:
+                event: Event | None = None, answered: bool = True) -> Pending:
         """Write the instance to its store before answering (lifecycle points, stop, and a FLUSH
-        of an instance whose journal records are incomplete)."""
+        of an instance whose journal records are incomplete). ``answered``: False for the
+        commits at stop, which answer no request (a failure is no request's error)."""
         modified = inst.log.take_modified()
         if (modified or force_generation) and inst.resumed and not inst.superseded:
             inst.generation = self._next_generation(inst.uuid)
@@ -544,6 +565,8 @@ class Engine:
                     inst.health = "A"
                 return _ok(req)
             self.stats.commit_failures += 1
+            if answered:
+                self.stats.errors_by_type[req.request_type] += 1
             inst.log.modified = inst.log.modified or modified
             inst.health = "F"
             log.error("%s %s: commit failed (%s): answering -EIO", why, describe(inst.uuid, inst.luid), exc)
@@ -632,7 +655,7 @@ class Engine:
         for inst in list(self.table.values()):
             stop = Request(luid=inst.luid, uuid=inst.uuid, version=3, seq=0,
                            request_type=RequestType.FLUSH, data=b"")
-            pending.append(self._commit(inst, stop, "stop"))
+            pending.append(self._commit(inst, stop, "stop", answered=False))
         return pending
 
     # --- the journal -------------------------------------------------------------------------
@@ -696,6 +719,7 @@ class Engine:
                     inst.health = "A"
                 return _ok(req)
             self.stats.commit_failures += 1
+            self.stats.errors_by_type[req.request_type] += 1
             inst.health = "F"
             log.error("FLUSH %s: journal sync failed (%s): answering -EIO",
                       describe(inst.uuid, inst.luid), exc)
