@@ -49,7 +49,7 @@ from typing import TypeVar
 import lmdb
 
 from .. import journal as jn
-from .. import regionlog
+from .. import limits, regionlog
 from ..bootid import read_boot_id
 from ..store_format import (
     CHECKPOINT_KEY,
@@ -110,6 +110,7 @@ FILE_MODE = 0o600
 #: Environments kept open between store calls (3 descriptors each: lock.mdb, and data.mdb twice,
 #: once O_DSYNC for its meta page; and two maps): bounded whatever the number of mirrors.
 MAX_OPEN_ENVS = 8
+FDS_PER_ENV = 3
 
 
 @dataclass(eq=False)
@@ -158,7 +159,16 @@ class LmdbBackend(Backend):
         super().__init__(state_dir)
         self.initial_map_size = map_size
         self.max_dbs = max_dbs
-        self.max_open_envs = max_open_envs
+        # Sized to the descriptor limit, so that opening a store never fails with EMFILE however
+        # many mirrors there are (a limit too small for even one is refused here, at start).
+        fit = limits.spare_descriptors() // FDS_PER_ENV
+        if fit < 1:
+            raise BackendError(
+                errno.EMFILE,
+                f"the descriptor limit (RLIMIT_NOFILE {limits.nofile_soft_limit()}) leaves no room for a "
+                f"store: {limits.descriptors_in_use()} open, {limits.DESCRIPTOR_RESERVE} kept for the "
+                f"sockets and the journal, {FDS_PER_ENV} per store; raise it (LimitNOFILE=, ulimit -n)")
+        self.max_open_envs = min(max_open_envs, fit)
         #: Guards the environment cache (store calls come one at a time; tools and tests may not).
         self._lock = threading.RLock()
         self._envs: collections.OrderedDict[str, _Env] = collections.OrderedDict()

@@ -1,0 +1,145 @@
+"""Descriptor and memory limits (issue #12 item 4): a mirror that cannot be served fails its CTR
+with a clear error and one log line naming the limit; every other mirror keeps working."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ulog_disk import limits, wire
+from ulog_disk.backends.memory import MemoryBackend
+from ulog_disk.engine import Engine
+from ulog_disk.limits import MemoryBudget, MemoryLimit, cgroup_memory_limit, log_memory_bytes
+from ulog_disk.wire import Request, RequestType
+
+T = RequestType
+MiB = 1024 * 1024
+
+
+def make_cgroup(root: Path, path: str, limits_by_level: dict[str, str]) -> Path:
+    proc = root / "proc-self-cgroup"
+    proc.write_text(f"0::{path}\n")
+    for level, value in limits_by_level.items():
+        d = root / "cg" / level.strip("/")
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "memory.max").write_text(value + "\n")
+    return proc
+
+
+def test_the_tightest_memory_max_of_the_cgroup_and_its_ancestors(tmp_path):
+    proc = make_cgroup(tmp_path, "/system.slice/dm-ulogd.service",
+                       {"system.slice": str(64 * MiB), "system.slice/dm-ulogd.service": "max"})
+    found = cgroup_memory_limit(proc, tmp_path / "cg")
+    assert found is not None and found.limit == 64 * MiB
+    assert "system.slice/memory.max" in found.source
+
+
+@pytest.mark.parametrize("content", ["max", "garbage"])
+def test_no_memory_limit_when_every_level_is_max(tmp_path, content):
+    proc = make_cgroup(tmp_path, "/a/b", {"a": "max", "a/b": content})
+    assert cgroup_memory_limit(proc, tmp_path / "cg") is None
+
+
+def test_no_cgroup_v2_means_no_memory_limit(tmp_path):
+    proc = tmp_path / "proc-self-cgroup"
+    proc.write_text("1:memory:/foo\n")
+    assert cgroup_memory_limit(proc, tmp_path / "cg") is None
+    assert cgroup_memory_limit(tmp_path / "missing", tmp_path / "cg") is None
+
+
+def test_a_log_costs_four_times_its_bitmaps():
+    assert log_memory_bytes(2**26) == 4 * 2**23 + limits.LOG_OVERHEAD_BYTES
+
+
+def budget(limit: int, used: int) -> MemoryBudget:
+    return MemoryBudget(lambda: MemoryLimit(limit, "cgroup memory.max /test"), lambda: used)
+
+
+def test_a_log_that_fits_is_admitted_one_that_does_not_is_refused_with_the_limit_named():
+    b = budget(256 * MiB, 40 * MiB)
+    assert b.refusal(2**20) is None  # 0.5 MiB
+    why = b.refusal(2**30)  # 512 MiB
+    assert why is not None
+    assert "256.0 MiB" in why and "cgroup memory.max /test" in why and "40.0 MiB in use" in why
+
+
+def test_no_limit_admits_anything():
+    assert MemoryBudget(lambda: None, lambda: 10**12).refusal(2**34) is None
+
+
+def request(engine: Engine, seq: int, type_: RequestType, uuid: str, data: bytes = b"") -> wire.Reply:
+    return engine.handle_now(Request(luid=1, uuid=uuid, version=3, seq=seq, request_type=type_, data=data))
+
+
+def test_a_ctr_over_the_memory_limit_fails_with_enomem_and_one_line_others_keep_working(tmp_path, caplog):
+    engine = Engine(MemoryBackend(tmp_path), boot_id="x", memory_budget=budget(128 * MiB, 30 * MiB))
+    assert request(engine, 1, T.CTR, "small", b"32768 clustered-core 1024").error == 0
+    assert request(engine, 2, T.RESUME, "small").error == 0
+    with caplog.at_level(logging.ERROR, logger="ulog_disk.engine"):
+        reply = request(engine, 3, T.CTR, "huge", f"{2**31} clustered-core 8".encode())
+    assert reply.error == -errno.ENOMEM
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "huge" in lines[0] and "memory limit" in lines[0] and "-ENOMEM" in lines[0]
+    assert ("huge", 1) not in engine.table
+    assert request(engine, 4, T.FLUSH, "small", wire.build_regions([3])).error == 0
+    assert wire.parse_s64(request(engine, 5, T.IS_CLEAN, "small", wire.build_u64(3)).data) == 0
+    # A CTR of a log already known costs nothing new: accepted whatever the budget.
+    engine.memory_budget = budget(128 * MiB, 10**12)
+    assert request(engine, 6, T.CTR, "small", b"32768 clustered-core 1024").error == 0
+
+
+# --- the real daemon under a descriptor limit ---------------------------------------------------------
+
+
+def start_limited(tmp: Path, nofile: int) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+    sock, ready, log_path = tmp / "d.sock", tmp / "ready", tmp / "d.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ulog_disk", "--listen", f"unix:{sock}", "--state-dir", str(tmp / "state"),
+             "--ready-file", str(ready)],
+            stdout=log_file, stderr=log_file, preexec_fn=limit)
+    deadline = time.monotonic() + 30
+    while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return proc, sock, log_path
+
+
+def test_a_hundred_mirrors_under_ulimit_n_64(tmp_path):
+    """The stores kept open are sized to the limit: no mirror fails for want of a descriptor."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "bench"))
+    from benchlib import RawClient, fd_count
+
+    proc, sock, log_path = start_limited(tmp_path, 64)
+    try:
+        assert proc.poll() is None, log_path.read_text()
+        client = RawClient(sock)
+        for i in range(100):
+            client.ok(f"m{i}", 1, T.CTR, b"32768 clustered-core 1024")
+            client.ok(f"m{i}", 1, T.RESUME)
+            client.ok(f"m{i}", 1, T.FLUSH, wire.build_regions([i % 32]))
+        assert fd_count(proc.pid) <= 64
+        for i in range(100):  # every log still answers with its own state
+            assert wire.parse_s64(client.ok(f"m{i}", 1, T.IS_CLEAN, wire.build_u64(i % 32))) == 0
+        client.close()
+    finally:
+        proc.terminate()
+    assert proc.wait(30) == 0, log_path.read_text()
+    assert "Too many open files" not in log_path.read_text()
+
+
+def test_a_descriptor_limit_too_small_for_one_store_is_refused_at_start(tmp_path):
+    proc, _sock, log_path = start_limited(tmp_path, 20)
+    assert proc.wait(30) == 2
+    lines = log_path.read_text().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("dm-ulogd: ") and "RLIMIT_NOFILE 20" in lines[0]
