@@ -15,19 +15,30 @@ command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
 command -v dmsetup >/dev/null || need_apt+=(dmsetup)
 command -v losetup >/dev/null || need_apt+=(util-linux)
 
+# ticker WHAT: say every 5 s that WHAT still runs, until killed (or this script ends): pip -q and
+# apt-get -qq are silent for a minute on a fresh machine, which looks like a hang.
+ticker() {
+    local t0=$SECONDS
+    while sleep 5 && kill -0 $$ 2>/dev/null; do echo "   ... $1 ($((SECONDS - t0)) s)"; done
+}
+
 setup() {
     if [ ${#need_apt[@]} -gt 0 ]; then
         echo "== installing Debian packages: ${need_apt[*]}"
         export DEBIAN_FRONTEND=noninteractive
+        ticker "installing Debian packages" & tick=$!
         apt-get update -qq
         apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+        kill "$tick"
     fi
     if [ ! -x "$venv/bin/python" ]; then
         echo "== creating $venv"
         python3 -m venv "$venv"
     fi
     echo "== installing ulog-disk and its test and benchmark dependencies into $venv"
+    ticker "pip install" & tick=$!
     "$venv/bin/pip" install -q --disable-pip-version-check -e ".[test,bench]" 2>&1 | grep -v "^WARNING: Location" || true
+    kill "$tick"
     "$venv/bin/python" -c "import ulog_disk, lmdb, construct, bitarray, pyroute2, matplotlib"
     if [ -f tools/vm/ulogvm.py ]; then
         echo "== preparing the qemu guest (Debian kernel image, initramfs)"
