@@ -14,6 +14,7 @@ command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
 [ -x /bin/busybox ] || [ -x /usr/bin/busybox ] || need_apt+=(busybox-static)
 command -v dmsetup >/dev/null || need_apt+=(dmsetup)
 command -v losetup >/dev/null || need_apt+=(util-linux)
+command -v man >/dev/null || need_apt+=(man-db)
 
 # ticker WHAT: say every 5 s that WHAT still runs, until killed (or this script ends): pip -q and
 # apt-get -qq are silent for a minute on a fresh machine, which looks like a hang.
@@ -40,6 +41,8 @@ setup() {
     "$venv/bin/pip" install -q --disable-pip-version-check -e ".[test,bench]" 2>&1 | grep -v "^WARNING: Location" || true
     kill "$tick"
     "$venv/bin/python" -c "import ulog_disk, lmdb, construct, bitarray, pyroute2, matplotlib"
+    echo "== building the manual pages into build/man (dm-ulogd.8, ulog-recover.8, ulog-dump.8)"
+    "$venv/bin/python" tools/make_man.py --out "$here/build/man" >/dev/null
     if [ -f tools/vm/ulogvm.py ]; then
         echo "== preparing the qemu guest (Debian kernel image, initramfs)"
         "$venv/bin/python" tools/vm/ulogvm.py setup

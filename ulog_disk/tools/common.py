@@ -8,11 +8,10 @@ import fcntl
 import json
 import os
 import sys
-import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import Any, TextIO
 
 from bitarray import bitarray
 
@@ -115,12 +114,6 @@ def parse_luid(text: str) -> int:
         return int(text, 16) if not text.lower().startswith("0x") else int(text, 0)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a luid (hex, e.g. 0xffff88812a4bc000)") from None
-
-
-def fill(text: str) -> str:
-    """A paragraph of --help text, wrapped for an 80-100 column terminal (the help formatter used
-    keeps line breaks as written, so the examples stay as they are)."""
-    return textwrap.fill(" ".join(text.split()), width=96, break_on_hyphens=False)
 
 
 def table(rows: Sequence[Sequence[str]], header: Sequence[str], right: set[int] | None = None,
@@ -327,15 +320,6 @@ def confirm(question: str, yes: bool, stream: TextIO | None = None) -> None:
     answer = sys.stdin.readline().strip().lower()
     if answer not in ("y", "yes"):
         raise Refused("not confirmed: nothing changed")
-
-
-class ToolParser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line, ``PROGRAM: what is wrong``, on stderr (exit 2),
-    pointing at the --help of the (sub)command that refused, instead of a usage dump."""
-
-    def error(self, message: str) -> NoReturn:
-        tool = self.prog.split()[0]
-        self.exit(EXIT_ERROR, f"{tool}: {message} (see '{self.prog} --help')\n")
 
 
 def os_error_text(exc: OSError) -> str:

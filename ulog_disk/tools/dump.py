@@ -9,19 +9,18 @@ from typing import Any
 
 from .. import __version__, capture, disklog
 from .. import journal as jn
+from ..cli import ToolParser, fill
 from . import storeview as sv
 from . import wiredump as wd
 from .common import (
     EXIT_OK,
     ToolError,
-    ToolParser,
     add_state_dir_option,
     add_store_options,
     bit_ranges,
     check_state_dir,
     current_boot_id,
     emit_json,
-    fill,
     iso,
     json_doc,
     luid_hex,

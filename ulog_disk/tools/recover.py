@@ -22,6 +22,7 @@ from .. import __version__, disklog, regionlog
 from .. import journal as jn
 from ..backends.base import Commit, StoredState
 from ..backends.lmdb_store import DIR_MODE, FILE_MODE, MAX_DBS, LmdbBackend
+from ..cli import ToolParser, fill
 from ..daemon import prepare_state_dir
 from ..store_format import split_chunks
 from . import storeview as sv
@@ -31,7 +32,6 @@ from .common import (
     Refused,
     StateLock,
     ToolError,
-    ToolParser,
     add_store_options,
     bit_ranges,
     check_state_dir,
@@ -39,7 +39,6 @@ from .common import (
     current_boot_id,
     daemon_status,
     emit_json,
-    fill,
     json_doc,
     luid_hex,
     parse_luid,
