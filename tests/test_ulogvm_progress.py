@@ -144,7 +144,7 @@ def test_demo_summary_tells_counts_from_region_numbers_and_says_why() -> None:
             in summary_line(lines, "daemon down for"))
     kernel = summary_line(lines, "kernel messages while it was down")
     assert "1 'Unable to send log request ... -3'" in kernel and "1 'Request timed out'" in kernel
-    assert "0 of 192 (64 KiB each" in summary_line(lines, "writes that failed")
+    assert "0 of the random writer's 192 (64 KiB each" in summary_line(lines, "writes that failed")
     assert "0: a daemon-only crash needs none" in summary_line(lines, "regions resynced after the restart")
     assert "resyncs all 32" in summary_line(lines, "regions resynced after remove + create")
     # the values start in one column
@@ -157,6 +157,6 @@ def test_demo_summary_says_what_was_expected_and_leaves_out_what_is_missing() ->
     del values["outage_seconds"]
     lines = ulogvm.demo_summary(values)
     assert summary_line(lines, "regions resynced after the restart").endswith("5 (expected 0)")
-    assert "0: no write was in flight" in summary_line(lines, "regions marked dirty at the kill")
+    assert "0: no region was marked" in summary_line(lines, "regions marked dirty at the kill")
     assert not any("daemon down for" in line for line in lines)
     assert ulogvm.demo_summary({}) == []

@@ -891,7 +891,7 @@ def demo_summary(v: dict[str, str]) -> list[str]:
     count, regions = v.get("dirty_region_count_at_crash"), v.get("dirty_regions_at_crash")
     if count == "0":
         row("regions marked dirty at the kill", ("dirty_region_count_at_crash",),
-            "0: no write was in flight at that instant")
+            "0: no region was marked at that instant (a mark is cleared once its write is on both legs)")
     else:
         row("regions marked dirty at the kill", ("dirty_region_count_at_crash", "dirty_regions_at_crash"),
             f"{count} (region numbers {regions}): writes in flight, their marks safe in the store")
@@ -899,13 +899,14 @@ def demo_summary(v: dict[str, str]) -> list[str]:
         f"{v.get('outage_seconds')} s (measured: killed at {v.get('kill_uptime')} s, serving again at "
         f"{v.get('restart_uptime')} s)")
     row("kernel messages while it was down", ("kernel_send_failures", "kernel_timeouts", "kernel_reconnects"),
-        f"{v.get('kernel_send_failures')} 'Unable to send log request ... -3' (no server listening), "
-        f"{v.get('kernel_timeouts')} 'Request timed out' (15 s without a reply, retried), "
-        f"{v.get('kernel_reconnects')} 'Reconnected': expected, the kernel holds writes until the daemon "
-        "is back")
+        f"{v.get('kernel_send_failures')} 'Unable to send log request ... -3' (no daemon listening; the "
+        f"kernel tries to reconnect every 2 s), {v.get('kernel_timeouts')} 'Request timed out' (sent "
+        f"before the kill, never answered, retried after 15 s), {v.get('kernel_reconnects')} "
+        "'Reconnected': all expected, the kernel holds the writes until the daemon is back")
     writes = re.search(r"(\d+) writes of (\d+ KiB)", v.get("writer", ""))
     row("writes that failed", ("writes_failed",),
-        v.get("writes_failed", "") + (f" of {writes[1]} ({writes[2]} each, O_DIRECT)" if writes else ""))
+        v.get("writes_failed", "") + (f" of the random writer's {writes[1]} ({writes[2]} each, O_DIRECT)"
+                                      if writes else ""))
     resynced = v.get("regions_resynced_after_restart")
     row("regions resynced after the restart", ("regions_resynced_after_restart",),
         "0: a daemon-only crash needs none: the kernel lived on and finished every write on both legs, and "
