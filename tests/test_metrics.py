@@ -121,6 +121,8 @@ def test_metrics_file_counts_a_known_workload(tmp_path: Path) -> None:
     assert mirror_value(samples, "dm_ulogd_mirror_out_of_sync_regions", *a) == 64 - 3
     assert mirror_value(samples, "dm_ulogd_mirror_out_of_sync_regions", *b) == 128
     assert mirror_value(samples, "dm_ulogd_mirror_healthy", *a) == 1
+    assert samples["dm_ulogd_mirror_info"][(("health", "A"), ("luid", "0x20"), ("state", "live"),
+                                            ("uuid", b[0]))] == 1
     assert samples["dm_ulogd_mirrors"][()] == 2
     assert samples["dm_ulogd_commit_failures_total"][()] == 0
     assert 1 <= samples["dm_ulogd_journal_syncs_total"][()] <= flushes
@@ -148,7 +150,8 @@ def test_written_while_running_and_a_lost_directory_does_not_stop_serving(tmp_pa
     ok(conn, *m, RequestType.CTR, b"8192 clustered-core 1024", 128)
 
     def ctr_counted() -> bool:
-        return prom.exists() and by_label(parse(prom.read_text()), "dm_ulogd_requests_total", "type") == {"CTR": 1}
+        return (prom.exists()
+                and by_label(parse(prom.read_text()), "dm_ulogd_requests_total", "type") == {"CTR": 1})
 
     wait_for("the CTR in the metrics file", ctr_counted, daemon)
 
