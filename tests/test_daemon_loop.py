@@ -12,10 +12,11 @@ import threading
 import time
 from pathlib import Path
 
+from ulog_disk import daemon as daemon_module
 from ulog_disk import wire
 from ulog_disk.backends.base import BackendError, Commit
 from ulog_disk.backends.memory import MemoryBackend
-from ulog_disk.daemon import INLINE_SYNC_LIMIT, Daemon
+from ulog_disk.daemon import Daemon
 from ulog_disk.engine import Engine
 from ulog_disk.wire import RequestType
 
@@ -115,21 +116,11 @@ def close(daemon: Daemon) -> None:
     daemon.worker.close()
 
 
-def test_a_flush_alone_on_an_idle_daemon_is_synced_by_the_loop_itself(tmp_path: Path) -> None:
+def test_the_loop_never_syncs_the_group_commit_thread_does_and_the_loop_goes_on(tmp_path: Path) -> None:
     daemon, backend, transport = make_daemon(tmp_path)
-    daemon.on_frame(frame("A", RequestType.FLUSH, wire.build_u64(3)), "k")
-    daemon.group.start(inline=True)  # what the loop does after each batch
-    assert backend.sync_threads == [threading.get_ident()]  # no thread hand-off
-    assert flushes(transport) == [0]
-    close(daemon)
-
-
-def test_after_slow_syncs_the_group_commit_thread_syncs_and_the_loop_goes_on(tmp_path: Path) -> None:
-    daemon, backend, transport = make_daemon(tmp_path)
-    daemon.group.sync_seconds = INLINE_SYNC_LIMIT * 5  # a slow or stalling disk
     backend.hold = threading.Event()
     daemon.on_frame(frame("A", RequestType.FLUSH), "k")
-    daemon.group.start(inline=True)
+    daemon.group.start()  # what the loop does after each batch
     assert backend.syncing.wait(10)
     assert backend.sync_threads[0] != threading.get_ident()
     # The loop is free meanwhile: a request that needs no disk is answered now.
@@ -146,7 +137,7 @@ def test_flushes_of_one_batch_share_one_sync(tmp_path: Path) -> None:
     for uuid in ("A", "B", "C"):
         daemon.on_frame(frame(uuid, RequestType.FLUSH, wire.build_u64(7)), "k")
     assert flushes(transport) == []  # nothing is answered before its sync
-    daemon.group.start(inline=True)
+    daemon.group.start()
     daemon.wait_idle()
     assert len(backend.sync_threads) == 1 and flushes(transport) == [0, 0, 0]
     assert daemon.group.syncs == 1 and daemon.group.flushes == 3
@@ -158,14 +149,13 @@ def test_flushes_of_one_batch_share_one_sync(tmp_path: Path) -> None:
 
 def test_flushes_arriving_during_a_sync_ride_on_the_next_one_together(tmp_path: Path) -> None:
     daemon, backend, transport = make_daemon(tmp_path, ("A", "B", "C", "D"))
-    daemon.group.sync_seconds = INLINE_SYNC_LIMIT * 5
     backend.hold = threading.Event()
     daemon.on_frame(frame("A", RequestType.FLUSH), "k")
-    daemon.group.start(inline=True)
+    daemon.group.start()
     assert backend.syncing.wait(10)
     for uuid in ("B", "C", "D"):
         daemon.on_frame(frame(uuid, RequestType.FLUSH), "k")
-        daemon.group.start(inline=True)  # a sync is running: nothing more starts
+        daemon.group.start()  # a sync is running: nothing more starts
     assert len(backend.sync_threads) == 1
     backend.hold.set()
     daemon.wait_idle()
@@ -179,13 +169,13 @@ def test_a_failed_sync_answers_eio_to_every_flush_it_covered_then_the_next_succe
     backend.fail_sync = True
     daemon.on_frame(frame("A", RequestType.FLUSH), "k")
     daemon.on_frame(frame("B", RequestType.FLUSH), "k")
-    daemon.group.start(inline=True)
+    daemon.group.start()
     daemon.wait_idle()
     assert flushes(transport) == [-errno.EIO, -errno.EIO]
     assert daemon.engine.table[("A", 1)].health == "F"
     backend.fail_sync = False
     daemon.on_frame(frame("A", RequestType.FLUSH), "k")
-    daemon.group.start(inline=True)
+    daemon.group.start()
     daemon.wait_idle()
     assert flushes(transport)[-1] == 0
     assert daemon.engine.table[("A", 1)].health == "A"
@@ -195,7 +185,8 @@ def test_a_failed_sync_answers_eio_to_every_flush_it_covered_then_the_next_succe
 def test_a_flush_already_durable_is_answered_at_once(tmp_path: Path) -> None:
     daemon, backend, transport = make_daemon(tmp_path)
     daemon.on_frame(frame("A", RequestType.FLUSH), "k")
-    daemon.group.start(inline=True)
+    daemon.group.start()
+    daemon.wait_idle()
     backend.durable = backend.appended + 10  # another sync already covered what comes next
     syncs = len(backend.sync_threads)
     daemon.on_frame(frame("A", RequestType.FLUSH), "k")
@@ -249,7 +240,7 @@ def test_replies_to_the_kernel_over_netlink_whose_address_is_none_are_sent(tmp_p
     for rtype, data in ((RequestType.CTR, b"65536 clustered-core 1024"), (RequestType.RESUME, b""),
                         (RequestType.FLUSH, wire.build_u64(3))):
         daemon.on_frame(frame("N", rtype, data), None)  # the kernel sends one at a time
-        daemon.group.start(inline=True)
+        daemon.group.start()
         daemon.wait_idle()
         assert [(r.request_type, r.error) for r in transport.sent][-1:] == [(rtype, 0)]
     assert len(transport.sent) == 3
@@ -258,10 +249,9 @@ def test_replies_to_the_kernel_over_netlink_whose_address_is_none_are_sent(tmp_p
 
 def test_closing_the_group_commit_while_a_sync_runs_waits_for_it_and_returns(tmp_path: Path) -> None:
     daemon, backend, transport = make_daemon(tmp_path)
-    daemon.group.sync_seconds = INLINE_SYNC_LIMIT * 5
     backend.hold = threading.Event()
     daemon.on_frame(frame("A", RequestType.FLUSH), "k")
-    daemon.group.start(inline=True)
+    daemon.group.start()
     assert backend.syncing.wait(10)
     releaser = threading.Timer(0.2, backend.hold.set)
     releaser.start()
@@ -271,3 +261,36 @@ def test_closing_the_group_commit_while_a_sync_runs_waits_for_it_and_returns(tmp
     assert not closer.is_alive(), "close() hung on a group-commit thread that was syncing"
     assert flushes(transport) == [0]  # the sync under way finished and was answered
     daemon.worker.close()
+
+
+def test_while_a_sync_stalls_requests_that_write_wait_and_the_others_are_answered(
+        tmp_path: Path, monkeypatch) -> None:
+    """A stalled state disk (issue #12): once a sync has run longer than STALL_AFTER, a request
+    that would write the journal is held (its write could block the loop); IN_SYNC, STATUS… are
+    answered meanwhile; when the sync completes the held ones are served once each, in order."""
+    monkeypatch.setattr(daemon_module, "STALL_AFTER", 0.0)
+    daemon, backend, transport = make_daemon(tmp_path, ("A", "B"))
+    backend.hold = threading.Event()
+    daemon.on_frame(frame("A", RequestType.FLUSH), "k")
+    daemon.group.start()
+    assert backend.syncing.wait(10)
+    appended = backend.appended
+    daemon.on_frame(frame("B", RequestType.MARK_REGION, wire.build_u64(5)), "k")
+    daemon.on_frame(frame("B", RequestType.FLUSH), "k")
+    daemon.on_frame(frame("B", RequestType.IN_SYNC, wire.build_u64(5)), "k")
+    daemon.on_frame(frame("B", RequestType.IS_CLEAN, wire.build_u64(5)), "k")
+    daemon.on_frame(frame("A", RequestType.STATUS_INFO), "k")
+    daemon.on_frame(frame("B", RequestType.FLUSH), "k")  # the kernel's resend after its timeout
+    assert backend.appended == appended  # nothing written while the sync stalls
+    assert [r.request_type for r in transport.sent] == [RequestType.IN_SYNC, RequestType.IS_CLEAN,
+                                                        RequestType.STATUS_INFO]
+    assert daemon.engine.stats.by_type[RequestType.MARK_REGION] == 0  # not applied yet
+    assert len(daemon.held) == 3
+    backend.hold.set()
+    daemon.wait_idle()
+    assert daemon.held == [] and daemon.held_total == 3
+    answered = [(r.request_type, r.error) for r in transport.sent[3:]]
+    assert sorted(answered) == sorted([(RequestType.FLUSH, 0), (RequestType.MARK_REGION, 0),
+                                       (RequestType.FLUSH, 0), (RequestType.FLUSH, 0)])
+    assert daemon.engine.stats.by_type[RequestType.MARK_REGION] == 1
+    close(daemon)

@@ -5,11 +5,11 @@ The request loop reads every queued frame and lets the engine answer it. Three k
 * at once (most requests; MARK, CLEAR and SET_REGION_SYNC after their journal record is
   written, which never waits for the disk);
 * a FLUSH, once the journal is durable up to its record. After each batch of frames the loop
-  starts one sync for every FLUSH waiting (**group commit**): on a healthy disk it runs the sync
-  itself (a FLUSH that came alone pays one ``fdatasync`` and no thread hand-off); when syncs have
-  been slow, or one is already running, the group-commit thread runs it, and every FLUSH that
-  arrives meanwhile rides on the next one. Replies of a successful sync are sent by whichever
-  thread ran it;
+  has the **group-commit** thread start one sync for every FLUSH waiting, and every FLUSH that
+  arrives while it runs rides on the next one; that thread sends the replies. The loop itself
+  never waits for the disk: while a sync takes longer than :data:`STALL_AFTER` (a slow or stalled
+  state disk), requests that would write the journal wait in a queue and everything else (IN_SYNC,
+  STATUS, GET_SYNC_COUNT…: the mirrors' reads, ``dmsetup status``) is still answered;
 * a lifecycle request (CTR, RESUME, POSTSUSPEND, DTR), once its store write has run on the
   **store worker**, the one thread that touches the LMDB stores, in order.
 
@@ -47,6 +47,7 @@ from .backends.base import Backend, available_backends, load_backend
 from .capture import FROM_DAEMON, TO_DAEMON, CaptureWriter
 from .cli import ToolParser, fill
 from .engine import Engine, Pending
+from .limits import MemoryBudget
 from .metrics import DEFAULT_INTERVAL as METRICS_INTERVAL
 from .metrics import Metrics, Snapshot, check_metrics_path
 from .ratelog import RateLimitedLog
@@ -58,15 +59,10 @@ log = logging.getLogger("ulog_disk.daemon")
 
 DEFAULT_STATE_DIR = "/var/lib/ulog-disk"
 DEFAULT_BACKEND = "lmdb"
-#: Journal syncs that took less than this lately (moving average) are run by the request loop
-#: itself: at worst another mirror's request waits about this long.
-INLINE_SYNC_LIMIT = 0.002
-#: Weight of the newest sync in the moving average of sync time.
-_SYNC_TIME_WEIGHT = 0.25
-#: A FLUSH that arrives while another waits or a sync runs means several mirrors are flushing:
-#: for the next this many seconds syncs run on the group-commit thread, so the loop reads the
-#: others' requests while the disk works.
-CONCURRENT_HOLD = 0.1
+#: A journal sync running longer than this (seconds) means the state disk is slow or stalled:
+#: requests that would write the journal wait until it completes (a write to a file of a stalled
+#: filesystem can block too), the others are answered meanwhile.
+STALL_AFTER = 1.0
 #: An instance's changes are written to its store at the latest this long after the first of
 #: them (seconds), ...
 CHECKPOINT_AGE = 10.0
@@ -197,14 +193,13 @@ class _Waiting:
 
 
 class GroupCommit:
-    """The journal's syncs, one at a time: every FLUSH waiting when a sync starts rides on it.
+    """The journal's syncs, one at a time on this class's thread: every FLUSH waiting when a sync
+    starts rides on it, and every FLUSH that arrives while it runs rides on the next one.
 
-    ``add`` and ``start`` run on the request loop; a sync runs there (``start`` with ``inline``:
-    a FLUSH alone pays no thread hand-off) or on this class's thread, which keeps syncing while
-    FLUSHes keep arriving. The thread is used when syncs have been slow (the loop must not wait
-    for the disk) or when several mirrors are flushing at once, i.e. a FLUSH arrived while another
-    was waiting or a sync ran (the loop goes on reading their requests while the disk works: their
-    FLUSHes share the next sync).
+    ``add`` and ``start`` run on the request loop, which therefore never waits for the disk. A
+    sync on the loop itself would save a thread hand-off per FLUSH (~40 µs here, docs/journal.md),
+    but a state disk that stalls during it would stop every mirror's reads and ``dmsetup status``
+    for as long as the stall lasts (issue #12).
     """
 
     def __init__(self, backend: Backend, send: Callable[[Reply, object], None],
@@ -219,13 +214,11 @@ class GroupCommit:
         self.waiting: list[_Waiting] = []
         self.running = False
         self.stopping = False
-        #: Moving average of sync time (seconds); None until the first sync.
-        self.sync_seconds: float | None = None
+        #: When the sync under way started (monotonic); None when none runs.
+        self.sync_started: float | None = None
         self.syncs = 0
         self.sync_failures = 0
         self.flushes = 0
-        #: Several mirrors have been flushing until then (monotonic time).
-        self.concurrent_until = 0.0
         self.done: collections.deque[Done] = collections.deque()
         self.thread = threading.Thread(target=self._run, daemon=True, name="group-commit")
         self.thread.start()
@@ -233,29 +226,24 @@ class GroupCommit:
     def add(self, pending: Pending, address: object) -> None:
         assert pending.durable_at is not None
         with self.lock:
-            if self.waiting or self.running:
-                # Another FLUSH is waiting, or a sync is running: several mirrors are flushing.
-                self.concurrent_until = time.monotonic() + CONCURRENT_HOLD
             self.waiting.append(_Waiting(pending.durable_at, pending, address))
-
-    def fast(self) -> bool:
-        return self.sync_seconds is None or self.sync_seconds < INLINE_SYNC_LIMIT
 
     def idle(self) -> bool:
         with self.lock:
             return not self.running and not self.waiting
 
-    def start(self, inline: bool) -> None:
-        """Start a sync for the FLUSHes waiting, if none is running: here when ``inline`` and
-        that delays nobody, else on the thread."""
+    def stalled_for(self, now: float) -> float:
+        """How long the sync under way has been running (0 if none is)."""
+        started = self.sync_started
+        return 0.0 if started is None else max(0.0, now - started)
+
+    def start(self) -> None:
+        """Start a sync for the FLUSHes waiting, if none is running."""
         with self.lock:
             if self.running or not self.waiting:
                 return
-            if not (inline and self.fast() and time.monotonic() >= self.concurrent_until):
-                self.running = True
-                self.signal.release()
-                return
-        self._round(inline=True)
+            self.running = True
+        self.signal.release()
 
     def _run(self) -> None:
         while True:
@@ -263,7 +251,7 @@ class GroupCommit:
             if self.stopping:
                 return
             while True:
-                self._round(inline=False)
+                self._round()
                 with self.lock:
                     if not self.waiting or self.stopping:
                         self.running = False
@@ -271,16 +259,15 @@ class GroupCommit:
                             return
                         break
 
-    def _round(self, inline: bool) -> None:
-        started = time.monotonic()
+    def _round(self) -> None:
         exc: BaseException | None = None
+        self.sync_started = started = time.monotonic()
         try:
             durable = self.backend.sync()
         except BaseException as e:  # noqa: BLE001 - every FLUSH waiting gets -EIO via complete()
             exc, durable = e, -1
-        seconds = time.monotonic() - started
-        self.sync_seconds = (seconds if self.sync_seconds is None
-                             else self.sync_seconds + _SYNC_TIME_WEIGHT * (seconds - self.sync_seconds))
+        self.sync_started = None
+        slow = time.monotonic() - started >= STALL_AFTER
         with self.lock:
             self.syncs += 1
             self.sync_failures += exc is not None
@@ -290,7 +277,7 @@ class GroupCommit:
             else:
                 ready, self.waiting = self.waiting, []
             self.flushes += len(ready)
-        needs_loop = False
+        needs_loop = slow
         for w in ready:
             sent = False
             if exc is None and w.pending.reply_on_success is not None:
@@ -300,7 +287,9 @@ class GroupCommit:
                 needs_loop = True
             self.done.append((w.pending, w.address, exc, sent))
         # Answered successes only keep the engine's books: the loop drains them at its next turn.
-        if needs_loop and not inline:
+        # It must come now to answer the others, and after a slow sync to serve the requests it
+        # held back meanwhile.
+        if needs_loop:
             self.wake()
 
     def drain(self) -> list[Done]:
@@ -351,6 +340,9 @@ class Daemon:
         self.selector = selectors.DefaultSelector()
         self.stopping = False
         self.dropped_frames = 0
+        #: Requests held back while a journal sync is stalled (issue #12), in arrival order.
+        self.held: list[tuple[wire.Request, object]] = []
+        self.held_total = 0
         #: Lines about frames a sender controls: rate-limited by kind (the counts stay exact).
         self.noisy = RateLimitedLog(log)
         #: The journal position up to which maintenance last cut, and when (monotonic).
@@ -390,6 +382,12 @@ class Daemon:
             return
         if self.flush_latency is not None and request.request_type == _FLUSH:
             self.flush_latency.received(request)
+        if request.request_type not in Engine.WRITES_NOTHING and (self.held or self.disk_stalled()):
+            self.hold(request, address)
+            return
+        self.serve(request, address)
+
+    def serve(self, request: wire.Request, address: object) -> None:
         try:
             result = self.engine.handle(request)
         except Exception:  # noqa: BLE001 - one bad request must not stop the others
@@ -407,6 +405,31 @@ class Daemon:
                 self.group.add(result, address)
         else:
             self.worker.submit(result, address)
+
+    # --- a stalled state disk ----------------------------------------------------------------
+
+    def disk_stalled(self) -> bool:
+        return self.group.sync_started is not None and self.group.stalled_for(time.monotonic()) >= STALL_AFTER
+
+    def hold(self, request: wire.Request, address: object) -> None:
+        """Keep a request that would write the journal until the slow sync completes: its write
+        could block the loop, and with it the requests that need no disk."""
+        if not self.held:
+            log.warning("a journal sync has run for %.1f s (the state disk is slow or stalled): "
+                        "requests that write the journal wait for it, the others are answered",
+                        self.group.stalled_for(time.monotonic()))
+        self.held.append((request, address))
+        self.held_total += 1
+
+    def serve_held(self) -> None:
+        """Serve the requests held back, in the order they came, once the slow sync is done."""
+        held, self.held = self.held, []
+        log.warning("the journal sync is done: serving %d request(s) held back meanwhile", len(held))
+        for request, address in held:
+            if self.held or self.disk_stalled():  # stalled again: the rest waits again
+                self.held.append((request, address))
+            else:
+                self.serve(request, address)
 
     def send(self, reply: Reply, address: object) -> None:
         payload = wire.encode_reply(reply)
@@ -508,6 +531,8 @@ class Daemon:
             now = time.monotonic()
             if group.done or worker.done:
                 self.on_completions()
+            if self.held and not self.disk_stalled():
+                self.serve_held()
             got = 0
             for key, _ in events:
                 tag = key.data
@@ -523,9 +548,7 @@ class Daemon:
                 self.last_frame = now
                 if group.waiting:
                     # One sync for every FLUSH of the batch (and of earlier batches waiting).
-                    group.start(inline=True)
-                    if group.done:
-                        self.on_completions()
+                    group.start()
             # Cheap tests first: most turns of a busy loop have no background work to hand out.
             if not worker.inflight and (engine.unstored or now - self.maintained_at >= MAINTENANCE_INTERVAL
                                         or not got):
@@ -547,17 +570,18 @@ class Daemon:
             frames = self.transport.receive()
         for frame, address in frames:
             self.on_frame(frame, address)
-        self.group.start(inline=True)
         self.wait_idle()
         return len(frames)
 
     def wait_idle(self) -> int:
         """Wait for every sync and store write under way; returns how many failed."""
         failures = 0
-        while self.worker.busy() or not self.group.idle():
-            self.group.start(inline=False)
+        while self.worker.busy() or not self.group.idle() or self.held:
+            self.group.start()
             self.selector.select(timeout=0.01 if not self.group.idle() else 1.0)
             failures += self.on_completions()
+            if self.held and not self.disk_stalled():
+                self.serve_held()
         return failures + self.on_completions()
 
     def shutdown(self) -> int:
@@ -771,7 +795,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise StartupError(f"backend {args.backend!r} takes no --journal-segment-size") from None
         else:
             backend = backend_cls(args.state_dir)
-        engine = Engine(backend, boot_id=args.boot_id)
+        engine = Engine(backend, boot_id=args.boot_id, memory_budget=MemoryBudget())
         engine.restore()
         transport = make_transport(args.listen)
     except (StartupError, LookupError, GroupTaken, OSError) as exc:

@@ -781,6 +781,14 @@ class Engine:
         inst.log.check_region(region)
         return _ok(req, wire.build_remote_recovering(False, inst.log.first_unsynced()))
 
+    #: Requests whose handling writes nothing (no journal record, no store write): the daemon
+    #: answers them while the state disk is stalled (everything else waits for it).
+    WRITES_NOTHING = frozenset({
+        RequestType.GET_REGION_SIZE, RequestType.IS_CLEAN, RequestType.IN_SYNC, RequestType.GET_RESYNC_WORK,
+        RequestType.GET_SYNC_COUNT, RequestType.STATUS_INFO, RequestType.STATUS_TABLE,
+        RequestType.IS_REMOTE_RECOVERING, RequestType.PRESUSPEND,
+    })
+
     _HANDLERS: dict[RequestType, Callable[[Engine, Instance, Request], Reply | Pending]] = {
         RequestType.DTR: _dtr,
         RequestType.PRESUSPEND: _presuspend,

@@ -34,6 +34,8 @@ GROUPS = {
     "disk": "tests/reliability/test_disk_faults.py",
     "crash": "tests/reliability/test_crash_points.py",
     "load": "tests/reliability/test_load.py",
+    # Real kernel under qemu (long mode only): a stalled state disk, descriptor and memory limits.
+    "faults": "tests/kernel/test_faults.py",
 }
 #: Figures worth a column, per test (the rest are in the JSON).
 KEYS = {
@@ -103,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, ULOG_REL_FIGURES=str(figures_path))
     if args.long:
         env["ULOG_REL_LONG"] = "1"
+        env["ULOG_KERNEL_LONG"] = "1"
     paths = [GROUPS[g] for g in groups]
     if args.soak:
         paths.append("tests/kernel/test_soak.py")

@@ -12,8 +12,8 @@
 # own disk log shows A while its device is slow, and a D or F would make dmeventd "repair" the log);
 # after the disk returns the writer goes on, the legs end identical and nothing resyncs.
 #
-# Result keys (state-stall.*): stall_seconds, status_during_stall_max_seconds (slowest `dmsetup
-# status` while the disk was stalled), status_during_stall_failed, health_during_stall, timed_out
+# Result keys (state-stall.*): stall_seconds, status_during_stall (how many `dmsetup status`
+# started while the disk was stalled), status_during_stall_max_seconds (the slowest), health_during_stall, timed_out
 # (the kernel's timeouts), resends_answered, max_reply_seconds (slowest reply, daemon's view: read ->
 # sent) and max_reply_type, resync_after_stall.
 #
@@ -38,17 +38,33 @@ stall_state_disk() {
     log "state directory $STATE on /dev/mapper/$STALL_DEV over $disk"
 }
 
-# status_probe NAME: "SECONDS HEALTH" of one `dmsetup status` (health: the log's, last field).
-status_probe() {
+# status_prober NAME: until $SOUT/probe-stop exists, one `dmsetup status NAME` after another, 1 s
+# apart, each as a line "START_UPTIME SECONDS HEALTH" (HEALTH: the log's, the status line's last
+# field; "none" if the status failed) in $SOUT/probes.txt. Runs in the background: a status the
+# daemon does not answer waits in the kernel (uninterruptible, resent every 15 s), and the stall
+# must end on time whatever it does.
+status_prober() {
     local t0 line
-    t0=$(now)
-    line=$(timeout 40 dmsetup status "$1")
-    echo "$(elapsed "$t0") ${line##* }"
+    while [ ! -e "$SOUT/probe-stop" ]; do
+        t0=$(now)
+        line=$(dmsetup status "$1" 2>/dev/null)
+        line=${line##* }
+        echo "$t0 $(elapsed "$t0") ${line:-none}" >>"$SOUT/probes.txt"
+        sleep 1
+    done
+}
+
+# daemon_stacks FILE: every daemon thread's name, state and kernel stack (where it waits).
+daemon_stacks() {
+    local task
+    for task in /proc/"$DAEMON_PID"/task/*; do
+        echo "== $(cat "$task/comm") state=$(awk '/^State/ { print $2 }' "$task/status") wchan=$(cat "$task/wchan")"
+        cat "$task/stack" 2>/dev/null
+    done >"$1"
 }
 
 scenario_state_stall() {
-    local name=ulog-stall uuid=ulogvm-state-stall stall=${STALL_SECONDS:-25} before t0 probe
-    local worst=0 failed=0 healths="" sec health timed_out
+    local name=ulog-stall uuid=ulogvm-state-stall stall=${STALL_SECONDS:-25} before t0 t1 timed_out prober
     stall_state_disk
     setup_mirror "$name" "$uuid" clustered-disk
     before=$(resync_count)
@@ -57,22 +73,24 @@ scenario_state_stall() {
     t0=$(now)
     timeout 60 dmsetup suspend --nolockfs "$STALL_DEV" || die "cannot suspend $STALL_DEV"
     log "state disk stalled (every I/O to it held) for ${stall}s"
-    while awk -v e="$(elapsed "$t0")" -v l="$stall" 'BEGIN { exit !(e < l - 2) }'; do
-        probe=$(status_probe "$name")
-        read -r sec health <<<"$probe"
-        log "dmsetup status during the stall: ${sec}s, health ${health:-none}"
-        [ -n "$health" ] || failed=$((failed + 1))
-        healths="$healths ${health:-none}"
-        worst=$(awk -v a="$worst" -v b="$sec" 'BEGIN { print (b > a ? b : a) }')
-        sleep 2
-    done
+    status_prober "$name" &
+    prober=$!
+    sleep $((stall / 2))
+    daemon_stacks "$SOUT/stacks-mid-stall.txt"
+    log "daemon threads mid-stall: $(grep '^==' "$SOUT/stacks-mid-stall.txt" | tr '\n' ' ')"
     sleep "$(awk -v e="$(elapsed "$t0")" -v l="$stall" 'BEGIN { d = l - e; print (d > 0 ? d : 0) }')"
+    t1=$(now)
     timeout 60 dmsetup resume "$STALL_DEV" || die "cannot resume $STALL_DEV"
     record "stall_seconds" "$(elapsed "$t0")"
     log "state disk back"
-    record "status_during_stall_max_seconds" "$worst"
-    check "status_during_stall_failed" "$failed" 0
-    check "health_during_stall" "$(echo "$healths" | tr ' ' '\n' | sort -u | tr '\n' ' ' | xargs)" A
+    touch "$SOUT/probe-stop"
+    wait "$prober"
+    # The probes that started during the stall: how long the slowest waited, what health they saw.
+    record "status_during_stall" "$(awk -v a="$t0" -v b="$t1" '$1 >= a && $1 < b' "$SOUT/probes.txt" | wc -l)"
+    record "status_during_stall_max_seconds" \
+        "$(awk -v a="$t0" -v b="$t1" '$1 >= a && $1 < b && $2 > m { m = $2 } END { print m + 0 }' "$SOUT/probes.txt")"
+    check "health_during_stall" \
+        "$(awk -v a="$t0" -v b="$t1" '$1 >= a && $1 < b { print $3 }' "$SOUT/probes.txt" | sort -u | xargs)" A
     wait_writer
     check "writer_ok" "$(grep -c 'write failed' "$SOUT/writer.log")" 0
     dmesg >"$SOUT/dmesg-stall.txt"
