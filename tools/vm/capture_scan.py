@@ -46,31 +46,12 @@ def requests(files: list[str], uuid: str) -> Iterator[wire.Request]:
             yield req
 
 
-def errors(files: list[str]) -> Iterator[str]:
-    """Error replies, paired with their request (by seq) for the type and log."""
-    for name in files:
-        pending: dict[int, wire.Request] = {}
-        for rec in records([name]):
-            if rec.direction == TO_DAEMON:
-                try:
-                    req = wire.decode_frame(rec.frame)
-                except wire.FrameError:
-                    continue
-                pending[req.seq] = req
-            elif rec.direction == FROM_DAEMON:
-                reply = wire.decode_reply(rec.frame)
-                req = pending.pop(reply.seq, None)
-                if reply.error:
-                    kind = wire.RequestType(req.request_type).name if req and req.kind else "?"
-                    where = f"{req.luid:#x} {req.uuid}" if req else "? ?"
-                    yield f"{kind} {-reply.error} {where}"
-
-
 @dataclass
 class Exchange:
     request: wire.Request
     received_ns: int
     replied_ns: int | None = None
+    reply_error: int = 0
 
 
 def exchanges(files: list[str]) -> list[Exchange]:
@@ -90,12 +71,21 @@ def exchanges(files: list[str]) -> list[Exchange]:
                 out.append(ex)
             elif rec.direction == FROM_DAEMON:
                 try:
-                    seq = wire.decode_reply(rec.frame).seq
+                    reply = wire.decode_reply(rec.frame)
                 except wire.FrameError:
                     continue
-                if (ex := waiting.pop(seq, None)) is not None:
-                    ex.replied_ns = rec.time_ns
+                if (ex := waiting.pop(reply.seq, None)) is not None:
+                    ex.replied_ns, ex.reply_error = rec.time_ns, reply.error
     return out
+
+
+def errors(files: list[str]) -> Iterator[str]:
+    """Error replies, with their request's type and log."""
+    for ex in exchanges(files):
+        if ex.reply_error:
+            req = ex.request
+            kind = type_name(req.request_type) if req.kind else "?"
+            yield f"{kind} {-ex.reply_error} {req.luid:#x} {req.uuid}"
 
 
 def type_name(request_type: int) -> str:
