@@ -301,7 +301,7 @@ def test_man_pages_render_without_warnings(tmp_path: Path) -> None:
         for section in ("EXIT STATUS", "FILES", "SEE ALSO"):
             assert section in text, (page.name, section)
         if page.name == "dm-ulogd.8":
-            for section in ("PROTOCOL", "SIGNALS", "CAP_SYS_ADMIN", "--metrics-file", "--listen"):
+            for section in ("PROTOCOL", "SIGNALS", "CAP_SYS_ADMIN", "--listen", "--checkpoint-age"):
                 assert section in text.replace("\u2010", "-"), section
         if page.name == "ulog-recover.8":
             assert "COMMAND 'ulog-recover resync'" in text and "examples:" in text
