@@ -17,7 +17,8 @@ from ulog_disk import wire
 from ulog_disk.backends.base import OP_MARK, BackendError, Commit
 from ulog_disk.backends.memory import MemoryBackend
 from ulog_disk.engine import Engine
-from ulog_disk.wire import Request, RequestType
+from ulog_disk.testing.kernel import Kernel
+from ulog_disk.wire import RequestType
 
 T = RequestType
 U = "LVM-enginetest"
@@ -72,84 +73,9 @@ class Backend(MemoryBackend):
         return self.synced
 
 
-class Kernel:
-    """Sends requests the way dm-log-userspace does (one global seq) and reads the replies."""
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.seq = 1000
-
-    def send(self, type_: int, data: bytes = b"", luid: int = A, uuid: str = U) -> wire.DecodedReply:
-        self.seq += 1
-        req = Request(luid=luid, uuid=uuid, version=3, seq=self.seq, request_type=type_, data=data,
-                      cn_seq=self.seq)
-        out = wire.encode_reply(self.engine.handle_now(wire.decode_frame(wire.encode_request(req))))
-        rep = wire.decode_reply(out)
-        assert rep.seq == self.seq
-        if not rep.ack_form:
-            assert (rep.luid, rep.uuid, rep.request_type) == (luid, uuid, type_ & 0xFF)
-            assert rep.error <= 0
-            if rep.error:
-                assert rep.data == b""
-        return rep
-
-    def ok(self, type_: int, data: bytes = b"", luid: int = A, uuid: str = U) -> bytes:
-        rep = self.send(type_, data, luid, uuid)
-        assert rep.error == 0, (T(type_).name, rep)
-        return rep.data
-
-    def err(self, type_: int, data: bytes = b"", luid: int = A, uuid: str = U) -> int:
-        return self.send(type_, data, luid, uuid).error
-
-    # conveniences
-    def ctr(self, text: bytes = CORE, luid: int = A, uuid: str = U, reconnect: bool = False) -> bytes:
-        return self.ok(T.CTR, text + (b"\0" if reconnect else b""), luid, uuid)
-
-    def up(self, text: bytes = CORE, luid: int = A, uuid: str = U) -> None:
-        self.ctr(text, luid, uuid)
-        assert wire.parse_u64(self.ok(T.GET_REGION_SIZE, luid=luid, uuid=uuid)) > 0
-        self.ok(T.RESUME, luid=luid, uuid=uuid)
-
-    def suspend(self, luid: int = A, uuid: str = U) -> None:
-        self.ok(T.PRESUSPEND, luid=luid, uuid=uuid)
-        self.ok(T.POSTSUSPEND, luid=luid, uuid=uuid)
-
-    def in_sync(self, r: int, luid: int = A, uuid: str = U) -> int:
-        return wire.parse_s64(self.ok(T.IN_SYNC, wire.build_u64(r), luid, uuid))
-
-    def is_clean(self, r: int, luid: int = A, uuid: str = U) -> int:
-        return wire.parse_s64(self.ok(T.IS_CLEAN, wire.build_u64(r), luid, uuid))
-
-    def sync_count(self, luid: int = A, uuid: str = U) -> int:
-        return wire.parse_u64(self.ok(T.GET_SYNC_COUNT, luid=luid, uuid=uuid))
-
-    def work(self, luid: int = A, uuid: str = U) -> tuple[int, int]:
-        return wire.parse_resync_work(self.ok(T.GET_RESYNC_WORK, luid=luid, uuid=uuid))
-
-    def set_sync(self, r: int, value: int = 1, luid: int = A, uuid: str = U) -> None:
-        self.ok(T.SET_REGION_SYNC, wire.build_set_region_sync(r, value), luid, uuid)
-
-    def mark(self, regions: list[int], luid: int = A, uuid: str = U) -> None:
-        self.ok(T.MARK_REGION, wire.build_regions(regions), luid, uuid)
-
-    def clear(self, regions: list[int], luid: int = A, uuid: str = U) -> None:
-        self.ok(T.CLEAR_REGION, wire.build_regions(regions), luid, uuid)
-
-    def flush(self, regions: list[int] | None = None, luid: int = A, uuid: str = U) -> None:
-        self.ok(T.FLUSH, wire.build_regions(regions or []), luid, uuid)
-
-    def remote(self, r: int, luid: int = A, uuid: str = U) -> tuple[int, int]:
-        return wire.parse_remote_recovering(self.ok(T.IS_REMOTE_RECOVERING, wire.build_u64(r), luid, uuid))
-
-    def status(self, luid: int = A, uuid: str = U) -> bytes:
-        return self.ok(T.STATUS_INFO, luid=luid, uuid=uuid)
-
-    def resync_all(self, luid: int = A, uuid: str = U) -> None:
-        while True:
-            have, r = self.work(luid, uuid)
-            if not have:
-                return
-            self.set_sync(r, 1, luid, uuid)
+def drive(engine: Engine) -> Kernel:
+    """The in-process kernel on this file's log (uuid U, luid A, 32 regions)."""
+    return Kernel(engine, uuid=U, luid=A, ctr=CORE)
 
 
 @pytest.fixture
@@ -164,7 +90,7 @@ def engine(backend):
 
 @pytest.fixture
 def k(engine):
-    return Kernel(engine)
+    return drive(engine)
 
 
 # --- reply sizes --------------------------------------------------------------------------------------
@@ -747,7 +673,7 @@ def test_flush_syncs_the_journal_before_the_reply(k, backend):
 
 def test_flush_of_a_backend_without_a_journal_commits_before_the_reply(tmp_path):
     backend = MemoryCommits(tmp_path)
-    kern = Kernel(Engine(backend, boot_id="b"))
+    kern = drive(Engine(backend, boot_id="b"))
     kern.up()
     before = len(backend.commits)
     kern.flush([3])
@@ -965,8 +891,8 @@ def observe(k: Kernel) -> tuple:
 @given(script=st.lists(st.tuples(KERNEL_REQUESTS, st.booleans()), max_size=40))
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_a_resent_request_does_what_the_original_alone_does(tmp_path, script):
-    once, twice = Kernel(Engine(Backend(tmp_path / "once"), boot_id="x")), \
-        Kernel(Engine(Backend(tmp_path / "twice"), boot_id="x"))
+    once, twice = drive(Engine(Backend(tmp_path / "once"), boot_id="x")), \
+        drive(Engine(Backend(tmp_path / "twice"), boot_id="x"))
     for kernel in (once, twice):
         kernel.up()
     for (type_, data), resent in script:

@@ -18,7 +18,8 @@ from ulog_disk import store_format as sf
 from ulog_disk.backends.base import OP_CLEAR
 from ulog_disk.backends.lmdb_store import LmdbBackend
 from ulog_disk.engine import Engine
-from ulog_disk.wire import Reply, Request, RequestType
+from ulog_disk.testing.kernel import Kernel
+from ulog_disk.wire import RequestType
 
 UUID = "LVM-mirror0123456789"
 #: Three chunks per bitmap, so chunk-level effects (tail deletion, partial writes) show.
@@ -30,70 +31,10 @@ def ctr_text(regions: int = REGIONS, mode: str = "", log_type: str = "core") -> 
     return f"{regions * 8} {log_type}{dev} 8" + (f" {mode}" if mode else "")
 
 
-class Kernel:
-    """Builds requests the way dm-log-userspace sends them and checks the replies."""
-
-    def __init__(self, engine: Engine, uuid: str = UUID):
-        self.engine = engine
-        self.uuid = uuid
-        self.seq = 0
-
-    def send(self, kind: RequestType, luid: int, data: bytes = b"") -> Reply:
-        self.seq += 1
-        return self.engine.handle_now(Request(luid=luid, uuid=self.uuid, version=3, seq=self.seq,
-                                              request_type=kind, data=data))
-
-    def ok(self, kind: RequestType, luid: int, data: bytes = b"") -> bytes:
-        reply = self.send(kind, luid, data)
-        assert reply.error == 0, f"{kind.name} luid={luid}: error {reply.error}"
-        return reply.data
-
-    def ctr(self, luid: int, text: str, reconnect: bool = False) -> None:
-        self.ok(RequestType.CTR, luid, text.encode() + (b"\0" if reconnect else b""))
-
-    def resume(self, luid: int) -> None:
-        self.ok(RequestType.RESUME, luid)
-
-    def suspend(self, luid: int) -> None:
-        self.ok(RequestType.PRESUSPEND, luid)
-        self.ok(RequestType.POSTSUSPEND, luid)
-
-    def dtr(self, luid: int) -> None:
-        self.ok(RequestType.DTR, luid)
-
-    def mark(self, luid: int, *regions: int) -> None:
-        self.ok(RequestType.MARK_REGION, luid, wire.build_regions(list(regions)))
-
-    def clear(self, luid: int, *regions: int) -> None:
-        self.ok(RequestType.CLEAR_REGION, luid, wire.build_regions(list(regions)))
-
-    def flush(self, luid: int, *marks: int) -> None:
-        self.ok(RequestType.FLUSH, luid, wire.build_regions(list(marks)) if marks else b"")
-
-    def set_sync(self, luid: int, region: int, in_sync: bool) -> None:
-        self.ok(RequestType.SET_REGION_SYNC, luid, wire.build_set_region_sync(region, int(in_sync)))
-
-    def is_clean(self, luid: int, region: int) -> bool:
-        return bool(wire.parse_s64(self.ok(RequestType.IS_CLEAN, luid, wire.build_u64(region))))
-
-    def in_sync(self, luid: int, region: int) -> bool:
-        return bool(wire.parse_s64(self.ok(RequestType.IN_SYNC, luid, wire.build_u64(region))))
-
-    def sync_count(self, luid: int) -> int:
-        return wire.parse_u64(self.ok(RequestType.GET_SYNC_COUNT, luid))
-
-    def resync_work(self, luid: int) -> int | None:
-        have, region = wire.parse_resync_work(self.ok(RequestType.GET_RESYNC_WORK, luid))
-        return region if have else None
-
-    def status_health(self, luid: int) -> str:
-        return self.ok(RequestType.STATUS_INFO, luid).rstrip(b"\0").decode().split()[-1]
-
-
 def start(state_dir, boot_id: str = "b1") -> tuple[Engine, Kernel]:
     engine = Engine(LmdbBackend(state_dir), boot_id=boot_id)
     engine.restore()
-    return engine, Kernel(engine)
+    return engine, Kernel(engine, uuid=UUID, ctr=ctr_text())
 
 
 def stop(engine: Engine) -> None:
@@ -158,13 +99,13 @@ def dirty(engine: Engine, luid: int, uuid: str = UUID) -> list[int]:
 def live_instance_with_traffic(k: Kernel, luid: int = 1, mode: str = "nosync") -> None:
     """A live instance, in sync, with: 10 marked and cleared, 40000 and 60000 marked and flushed,
     50000 marked (journal only) — the kernel's usual mix."""
-    k.ctr(luid, ctr_text(mode=mode))
+    k.ctr(ctr_text(mode=mode), luid)
     k.resume(luid)
-    k.mark(luid, 10, 40000)
-    k.flush(luid)
-    k.clear(luid, 10)
-    k.flush(luid, 60000)
-    k.mark(luid, 50000)
+    k.mark([10, 40000], luid)
+    k.flush(luid=luid)
+    k.clear([10], luid)
+    k.flush([60000], luid)
+    k.mark([50000], luid)
 
 
 # --- item 4: the four sequences -------------------------------------------------------------------
@@ -173,16 +114,16 @@ def live_instance_with_traffic(k: Kernel, luid: int = 1, mode: str = "nosync") -
 def test_load_b_while_a_live_then_switch(tmp_path):
     engine, k = start(tmp_path)
     live_instance_with_traffic(k, 1)
-    k.ctr(2, ctr_text(mode="nosync"))
+    k.ctr(ctr_text(mode="nosync"), 2)
     assert store_dbs(engine) == luid_dbs(1) | luid_dbs(2)
     # The inactive table's traffic: B answers from its own (fresh) state, A's is untouched.
-    assert k.is_clean(2, 40000) and k.in_sync(2, 40000)
-    assert not k.is_clean(1, 40000)
-    k.mark(1, 70)
-    k.flush(1)
-    k.ok(RequestType.PRESUSPEND, 1)
-    k.clear(1, 70)  # a late clear after PRESUSPEND
-    k.ok(RequestType.POSTSUSPEND, 1)
+    assert k.is_clean(40000, 2) and k.in_sync(40000, 2)
+    assert not k.is_clean(40000, 1)
+    k.mark([70], 1)
+    k.flush(luid=1)
+    k.ok(RequestType.PRESUSPEND, luid=1)
+    k.clear([70], 1)  # a late clear after PRESUSPEND
+    k.ok(RequestType.POSTSUSPEND, luid=1)
     a_final = memory_bitmaps(engine, 1)
     assert stored_bitmaps(engine, 1) == a_final  # POSTSUSPEND committed A's last state
     k.resume(2)
@@ -191,8 +132,8 @@ def test_load_b_while_a_live_then_switch(tmp_path):
     assert dirty(engine, 2) == [40000, 50000, 60000]
     assert unsynced(engine, 2) == [40000, 50000, 60000]
     assert k.sync_count(2) == REGIONS - 3
-    assert k.resync_work(2) == 40000
-    assert k.is_clean(2, 10) and k.in_sync(2, 70)
+    assert k.work(2) == (1, 40000)
+    assert k.is_clean(10, 2) and k.in_sync(70, 2)
     # A's sub-databases are gone; B's hold exactly B's state; nothing retained (B lives on).
     assert store_dbs(engine) == luid_dbs(2)
     assert stored_bitmaps(engine, 2) == memory_bitmaps(engine, 2)
@@ -202,31 +143,31 @@ def test_load_b_while_a_live_then_switch(tmp_path):
 def test_load_b_then_clear_the_inactive_table(tmp_path):
     engine, k = start(tmp_path)
     live_instance_with_traffic(k, 1)
-    k.flush(1)
+    k.flush(luid=1)
     before_memory = memory_bitmaps(engine, 1)
     before_meta = engine.backend.contents(UUID)[sf.instance_db_name("meta", 1)]
-    k.ctr(2, ctr_text(mode="nosync"))
-    assert k.is_clean(2, 5) and k.sync_count(2) == REGIONS
+    k.ctr(ctr_text(mode="nosync"), 2)
+    assert k.is_clean(5, 2) and k.sync_count(2) == REGIONS
     k.dtr(2)
     assert store_dbs(engine) == luid_dbs(1)
     assert engine.backend.contents(UUID)[sf.instance_db_name("meta", 1)] == before_meta
     assert memory_bitmaps(engine, 1) == before_memory == stored_bitmaps(engine, 1)
     # A serves on.
-    k.mark(1, 7)
-    k.flush(1)
-    assert not k.is_clean(1, 7) and k.sync_count(1) == REGIONS
+    k.mark([7], 1)
+    k.flush(luid=1)
+    assert not k.is_clean(7, 1) and k.sync_count(1) == REGIONS
     stop(engine)
 
 
 def test_reconnect_resume_of_b_while_a_live_does_not_steal(tmp_path):
     engine, k = start(tmp_path)
     live_instance_with_traffic(k, 1)
-    k.ctr(2, ctr_text())  # B without nosync: a fresh B is all out of sync, unlike A
+    k.ctr(ctr_text(), 2)  # B without nosync: a fresh B is all out of sync, unlike A
     k.resume(2)  # the kernel's reconnect path resumes B while A is live
     assert k.sync_count(2) == 0 and dirty(engine, 2) == []
     # A keeps serving with its own state.
-    k.mark(1, 80)
-    k.flush(1)
+    k.mark([80], 1)
+    k.flush(luid=1)
     assert dirty(engine, 1) == [80, 40000, 50000, 60000]
     assert k.sync_count(1) == REGIONS
     assert stored_bitmaps(engine, 1) == memory_bitmaps(engine, 1)
@@ -246,8 +187,8 @@ def test_reconnect_resume_of_b_while_a_live_does_not_steal(tmp_path):
 def test_remove_and_create_again_adopts_the_retained_state(tmp_path, restart):
     engine, k = start(tmp_path)
     live_instance_with_traffic(k, 1)
-    k.ok(RequestType.PRESUSPEND, 1)
-    k.ok(RequestType.POSTSUSPEND, 1)
+    k.ok(RequestType.PRESUSPEND, luid=1)
+    k.ok(RequestType.POSTSUSPEND, luid=1)
     k.dtr(1)
     assert store_dbs(engine) == RETAINED
     assert stored_bitmaps(engine, None)[1:] == (
@@ -256,7 +197,7 @@ def test_remove_and_create_again_adopts_the_retained_state(tmp_path, restart):
         stop(engine)
         engine, k = start(tmp_path)
         assert engine.table == {} and engine.gone[UUID][0].source_luid == 1
-    k.ctr(3, ctr_text())
+    k.ctr(ctr_text(), 3)
     k.resume(3)
     # Dirty at the removal: out of sync. Nothing else is (no full resync, although no nosync).
     assert unsynced(engine, 3) == [40000, 50000, 60000]
@@ -271,30 +212,30 @@ def test_remove_and_create_again_adopts_the_retained_state(tmp_path, restart):
 
 def test_restart_same_boot_continues_the_state_exactly(tmp_path):
     engine, k = start(tmp_path)
-    k.ctr(1, ctr_text(mode="nosync"))
+    k.ctr(ctr_text(mode="nosync"), 1)
     k.resume(1)
-    k.mark(1, 5, 6)
-    k.flush(1)
-    k.clear(1, 5)          # journal only
-    k.mark(1, 9)           # journal only: answered, not flushed
-    k.set_sync(1, 7, False)  # journal only
+    k.mark([5, 6], 1)
+    k.flush(luid=1)
+    k.clear([5], 1)          # journal only
+    k.mark([9], 1)           # journal only: answered, not flushed
+    k.set_sync(7, 0, 1)  # journal only
     expected = memory_bitmaps(engine, 1)
     stop(engine)  # kill -9
 
     engine, k = start(tmp_path)
     # Answered at once, without a CTR: the table was rebuilt from the store and the journal.
     assert memory_bitmaps(engine, 1) == expected
-    assert k.is_clean(1, 5) and not k.is_clean(1, 6) and not k.is_clean(1, 9)
-    assert k.in_sync(1, 6) and k.in_sync(1, 9) and not k.in_sync(1, 7)
+    assert k.is_clean(5, 1) and not k.is_clean(6, 1) and not k.is_clean(9, 1)
+    assert k.in_sync(6, 1) and k.in_sync(9, 1) and not k.in_sync(7, 1)
     assert k.sync_count(1) == REGIONS - 1
     # The kernel's reconnect (CTR with its NUL, RESUME) resumes the stored state as it is:
     # marked regions stay dirty and in sync until the kernel clears them.
-    k.ctr(1, ctr_text(mode="nosync"), reconnect=True)
+    k.ctr(ctr_text(mode="nosync"), 1, reconnect=True)
     k.resume(1)
     assert memory_bitmaps(engine, 1) == expected
-    assert k.resync_work(1) == 7
-    k.clear(1, 6, 9)
-    k.flush(1)
+    assert k.work(1) == (1, 7)
+    k.clear([6, 9], 1)
+    k.flush(luid=1)
     assert dirty(engine, 1) == []
     assert stored_bitmaps(engine, 1) == memory_bitmaps(engine, 1)
     stop(engine)
@@ -302,12 +243,12 @@ def test_restart_same_boot_continues_the_state_exactly(tmp_path):
 
 def test_restart_after_a_reboot_resyncs_the_marked_regions_only(tmp_path):
     engine, k = start(tmp_path, boot_id="b1")
-    k.ctr(1, ctr_text(mode="nosync"))
+    k.ctr(ctr_text(mode="nosync"), 1)
     k.resume(1)
-    k.mark(1, 5, 6, 7)
-    k.flush(1)         # 5, 6 and 7: marks covered by an acknowledged FLUSH
-    k.mark(1, 8)       # answered, never flushed
-    k.clear(1, 6)      # answered (its writes are done), never flushed: in the journal, not synced
+    k.mark([5, 6, 7], 1)
+    k.flush(luid=1)         # 5, 6 and 7: marks covered by an acknowledged FLUSH
+    k.mark([8], 1)       # answered, never flushed
+    k.clear([6], 1)      # answered (its writes are done), never flushed: in the journal, not synced
     stop(engine)
     # What a host crash may leave of the records after the last sync: here the clear was not
     # written back. The journal ends after the mark of 8.
@@ -321,13 +262,13 @@ def test_restart_after_a_reboot_resyncs_the_marked_regions_only(tmp_path):
 
     engine, k = start(tmp_path, boot_id="b2")
     # The old luid belongs to a kernel that is gone.
-    assert k.send(RequestType.IS_CLEAN, 1, wire.build_u64(5)).error == -errno.ESRCH
-    k.ctr(0xFFFF0001, ctr_text())
+    assert k.send(RequestType.IS_CLEAN, wire.build_u64(5), 1).error == -errno.ESRCH
+    k.ctr(ctr_text(), 0xFFFF0001)
     k.resume(0xFFFF0001)
     # The state the journal kept, taken over: marked regions are out of sync. The clear of 6 did
     # not survive, so 6 is resynced too (the safe direction); so is 8, whose mark did.
     assert unsynced(engine, 0xFFFF0001) == [5, 6, 7, 8]
-    assert k.resync_work(0xFFFF0001) == 5
+    assert k.work(0xFFFF0001) == (1, 5)
     assert k.sync_count(0xFFFF0001) == REGIONS - 4
     # The earlier boot's instance gave its state to the new one: like an old table at its DTR, it
     # loses its sub-databases (logged). Instances nobody adopts stay for the recovery tool.
@@ -337,15 +278,15 @@ def test_restart_after_a_reboot_resyncs_the_marked_regions_only(tmp_path):
 
 def test_after_a_reboot_every_answered_request_the_journal_kept_counts(tmp_path):
     engine, k = start(tmp_path, boot_id="b1")
-    k.ctr(1, ctr_text(mode="nosync"))
+    k.ctr(ctr_text(mode="nosync"), 1)
     k.resume(1)
-    k.mark(1, 5, 6)
-    k.flush(1)
-    k.clear(1, 6)      # answered: both legs hold region 6's writes; it reached the journal
-    k.mark(1, 8)       # answered, never flushed: resynced (the journal cannot tell it was not)
+    k.mark([5, 6], 1)
+    k.flush(luid=1)
+    k.clear([6], 1)      # answered: both legs hold region 6's writes; it reached the journal
+    k.mark([8], 1)       # answered, never flushed: resynced (the journal cannot tell it was not)
     stop(engine)
     engine, k = start(tmp_path, boot_id="b2")
-    k.ctr(0xFFFF0001, ctr_text())
+    k.ctr(ctr_text(), 0xFFFF0001)
     k.resume(0xFFFF0001)
     assert unsynced(engine, 0xFFFF0001) == [5, 8]
     stop(engine)
@@ -353,16 +294,37 @@ def test_after_a_reboot_every_answered_request_the_journal_kept_counts(tmp_path)
 
 def test_an_earlier_boot_instance_nobody_adopts_is_kept(tmp_path):
     engine, k = start(tmp_path, boot_id="b1")
-    k.ctr(1, ctr_text(mode="nosync"))
+    k.ctr(ctr_text(mode="nosync"), 1)
     k.resume(1)
     stop(engine)
     engine, k = start(tmp_path, boot_id="b2")
-    k.ctr(2, ctr_text(), reconnect=True)  # a reconnect RESUME: nothing is adopted
+    k.ctr(ctr_text(), 2, reconnect=True)  # a reconnect RESUME: nothing is adopted
     assert store_dbs(engine) >= luid_dbs(1)
     engine2_other_uuid = Kernel(engine, uuid="LVM-other")
-    engine2_other_uuid.ctr(3, ctr_text())
+    engine2_other_uuid.ctr(ctr_text(), 3)
     engine2_other_uuid.resume(3)
     assert luid_dbs(1) <= store_dbs(engine)
+    stop(engine)
+
+
+def test_a_ctr_reusing_an_earlier_boot_luid_keeps_its_state_through_a_crash(tmp_path):
+    """The new boot's kernel reuses luid 1: the CTR's write keeps the old instance's state as the
+    retained state, so a crash before the RESUME still hands it over (a resync of the marked
+    regions only, not of the whole mirror)."""
+    engine, k = start(tmp_path, boot_id="b1")
+    k.ctr(ctr_text(mode="nosync"), 1)
+    k.resume(1)
+    k.mark([5, 6], 1)
+    k.flush(luid=1)
+    stop(engine)
+    engine, k = start(tmp_path, boot_id="b2")
+    k.ctr(ctr_text(), 1)
+    assert store_dbs(engine) >= RETAINED
+    stop(engine)  # killed before the RESUME
+    engine, k = start(tmp_path, boot_id="b2")
+    k.ctr(ctr_text(), 1, reconnect=True)
+    k.resume(1)
+    assert unsynced(engine, 1) == [5, 6]
     stop(engine)
 
 
@@ -376,12 +338,12 @@ def test_an_earlier_boot_instance_nobody_adopts_is_kept(tmp_path):
 ], ids=["grow", "grow-nosync", "shrink"])
 def test_resize_at_hand_over(tmp_path, new_regions, mode, expected_unsynced):
     engine, k = start(tmp_path)
-    k.ctr(1, ctr_text(mode="nosync"))
+    k.ctr(ctr_text(mode="nosync"), 1)
     k.resume(1)
-    k.mark(1, 100, REGIONS - 1)
-    k.flush(1)
-    k.clear(1, REGIONS - 1)
-    k.ctr(2, ctr_text(new_regions, mode))
+    k.mark([100, REGIONS - 1], 1)
+    k.flush(luid=1)
+    k.clear([REGIONS - 1], 1)
+    k.ctr(ctr_text(new_regions, mode), 2)
     k.suspend(1)
     k.resume(2)
     k.dtr(1)
@@ -402,11 +364,11 @@ def test_resize_at_hand_over(tmp_path, new_regions, mode, expected_unsynced):
 def test_sync_in_the_ctr_forces_a_full_resync(tmp_path):
     engine, k = start(tmp_path)
     live_instance_with_traffic(k, 1)
-    k.ctr(2, ctr_text(mode="sync"))
+    k.ctr(ctr_text(mode="sync"), 2)
     k.suspend(1)
     k.resume(2)
     k.dtr(1)
-    assert k.sync_count(2) == 0 and k.resync_work(2) == 0
+    assert k.sync_count(2) == 0 and k.work(2) == (1, 0)
     _, clean, sync = stored_bitmaps(engine, 2)
     assert sync == bytes(len(sync))
     assert store_dbs(engine) & (luid_dbs(1) | luid_dbs(2)) == luid_dbs(2)
@@ -416,7 +378,7 @@ def test_sync_in_the_ctr_forces_a_full_resync(tmp_path):
 def test_a_forced_resync_is_not_undone_by_a_later_resume(tmp_path):
     engine, k = start(tmp_path)
     live_instance_with_traffic(k, 1)
-    k.ctr(2, ctr_text(mode="sync"))
+    k.ctr(ctr_text(mode="sync"), 2)
     k.suspend(1)
     k.resume(2)
     k.dtr(1)
@@ -467,9 +429,9 @@ class _FailingCommits:
 
 def test_failed_journal_sync_answers_eio_marks_f_and_keeps_the_changes(tmp_path, monkeypatch):
     engine, k = start(tmp_path)
-    k.ctr(1, ctr_text(mode="nosync", log_type="disk"))
+    k.ctr(ctr_text(mode="nosync", log_type="disk"), 1)
     k.resume(1)
-    assert k.status_health(1) == "A"
+    assert k.health(1) == "A"
     real = os.fdatasync
     failing = {"on": True}
 
@@ -479,17 +441,17 @@ def test_failed_journal_sync_answers_eio_marks_f_and_keeps_the_changes(tmp_path,
         real(fd)
 
     monkeypatch.setattr(os, "fdatasync", fdatasync)
-    reply = k.send(RequestType.FLUSH, 1, wire.build_regions([33, 40000]))
+    reply = k.send(RequestType.FLUSH, wire.build_regions([33, 40000]), 1)
     assert reply.error == -errno.EIO
-    assert k.status_health(1) == "F"
+    assert k.health(1) == "F"
     failing["on"] = False
     # Other logs are served meanwhile.
     k2 = Kernel(engine, "LVM-other")
-    k2.ctr(1, ctr_text())
+    k2.ctr(ctr_text(), 1)
     k2.resume(1)
-    k2.flush(1, 3)
-    k.flush(1)  # the journal's unsynced bytes are written again, then synced
-    assert k.status_health(1) == "A"
+    k2.flush([3], 1)
+    k.flush(luid=1)  # the journal's unsynced bytes are written again, then synced
+    assert k.health(1) == "A"
     assert stored_bitmaps(engine, 1) == memory_bitmaps(engine, 1)
     assert dirty(engine, 1) == [33, 40000]
     stop(engine)
@@ -500,17 +462,17 @@ def test_failed_journal_sync_answers_eio_marks_f_and_keeps_the_changes(tmp_path,
 
 def test_failed_store_write_at_postsuspend_answers_eio_and_keeps_the_changes(tmp_path):
     engine, k = start(tmp_path)
-    k.ctr(1, ctr_text(mode="nosync", log_type="disk"))
+    k.ctr(ctr_text(mode="nosync", log_type="disk"), 1)
     k.resume(1)
-    k.flush(1, 33, 40000)
+    k.flush([33, 40000], 1)
     e = engine.backend._envs[UUID]
     e.env = _FailingCommits(e.env)
-    assert k.send(RequestType.PRESUSPEND, 1).error == 0
-    assert k.send(RequestType.POSTSUSPEND, 1).error == -errno.EIO
-    assert k.status_health(1) == "F"
+    assert k.send(RequestType.PRESUSPEND, luid=1).error == 0
+    assert k.send(RequestType.POSTSUSPEND, luid=1).error == -errno.EIO
+    assert k.health(1) == "F"
     e.env.armed = False
     k.resume(1)
-    assert k.status_health(1) == "A"
+    assert k.health(1) == "A"
     assert stored_bitmaps(engine, 1) == memory_bitmaps(engine, 1)
     assert dirty(engine, 1) == [33, 40000]
     stop(engine)
@@ -520,7 +482,7 @@ def test_damaged_store_of_one_uuid_falls_back_to_a_full_resync(tmp_path):
     engine, k = start(tmp_path)
     live_instance_with_traffic(k, 1)
     k2 = Kernel(engine, "LVM-other")
-    k2.ctr(1, ctr_text(mode="nosync"))
+    k2.ctr(ctr_text(mode="nosync"), 1)
     k2.resume(1)
     stop(engine)
     data = tmp_path / sf.encode_dir_name(UUID) / "data.mdb"
@@ -529,7 +491,7 @@ def test_damaged_store_of_one_uuid_falls_back_to_a_full_resync(tmp_path):
     data.write_bytes(bytes(raw))
     engine, k = start(tmp_path)
     assert (UUID, 1) not in engine.table and ("LVM-other", 1) in engine.table
-    k.ctr(1, ctr_text())
+    k.ctr(ctr_text(), 1)
     k.resume(1)
     assert k.sync_count(1) == 0  # a full resync, never the bad data
     assert any(p.name.startswith(sf.encode_dir_name(UUID) + ".damaged-") for p in tmp_path.iterdir())

@@ -1,0 +1,19 @@
+"""Everything that drives dm-ulogd from outside, in one place: tests, the reliability suite, the
+benchmarks and a backend plugin's own tests use it.
+
+* :mod:`.launcher`: the daemon as a process (start on a unix socket or netlink, wait for ready,
+  stop, kill -9, its log).
+* :mod:`.client`: a raw SOCK_SEQPACKET client (one request at a time, or pipelined with
+  :meth:`~.client.Client.many`) and the lean frame-template client of the benchmarks.
+* :mod:`.kernel`: an in-process kernel driver: requests through the wire both ways into an
+  :class:`~ulog_disk.engine.Engine`, no daemon, no socket.
+* :mod:`.stats`: the one percentile definition of every figure (reliability and benchmarks).
+* :mod:`.conformance`: what every backend must show, as a pytest class a plugin subclasses
+  (see ``docs/backends.md``).
+
+Why it is inside the installed package and not under ``tests/``: a backend plugin is written
+against an installed ``ulog-disk``, without this repository's ``tests/``, and runs the
+conformance suite against its own class; the tools under ``tools/`` run without pytest. Only
+:mod:`.conformance` needs pytest (the ``testing`` extra); nothing else here imports it, and
+nothing in the daemon imports this package.
+"""
