@@ -738,36 +738,32 @@ def test_the_environment_cache_is_bounded(tmp_path):
 # --- luid reuse --------------------------------------------------------------------------------------
 
 
-def test_record_reusing_the_luid_of_an_earlier_boot_keeps_its_state(backend):
-    """The kernel of a new boot may reuse a luid: the old instance's state (a hand-over candidate)
-    stays in the store as the retained state until the new instance commits its own."""
+def test_record_with_retain_keeps_that_state_as_retained_in_the_same_write(backend):
+    """The kernel of a new boot may reuse a luid: the engine decides that the old instance's state
+    (a hand-over candidate) is kept, and the backend keeps it as the retained state in the CTR's
+    write, so it stays in the store until the new instance commits its own."""
+    old = make_rec(boot_id="b0", generation=6)
+    backend.record(old)
+    full_commit(backend, old, pattern(old, 1), pattern(old, 2))
+    keep = StoredState(uuid=UUID, generation=6, region_count=old.region_count, clean=pattern(old, 3),
+                       sync=pattern(old, 4), source_luid=1, committed_at=5.0)
+    new = make_rec(boot_id="b1", resumed=False, state="constructed", generation=0)
+    backend.record(new, None, keep)
+    backend = reopen(backend)
+    restored = restore(backend)
+    assert [i.record for i in restored.instances] == [new]
+    assert restored.retained[UUID] == keep
+    backend.close()
+
+
+def test_record_without_retain_keeps_nothing_of_the_instance_it_replaces(backend):
+    """Whether a replaced instance's state is kept is the engine's decision, never the backend's."""
     old = make_rec(boot_id="b0", generation=6)
     backend.record(old)
     full_commit(backend, old, pattern(old, 1), pattern(old, 2))
     new = make_rec(boot_id="b1", resumed=False, state="constructed", generation=0)
     backend.record(new)
-    backend = reopen(backend)
-    restored = restore(backend)
-    assert [i.record for i in restored.instances] == [new]
-    kept = restored.retained[UUID]
-    assert (kept.generation, kept.source_luid) == (6, 1)
-    assert (kept.clean, kept.sync) == (pattern(old, 1), pattern(old, 2))
-    backend.close()
-
-
-def test_a_damaged_earlier_boot_state_is_not_kept_but_the_ctr_succeeds(backend):
-    old = make_rec(boot_id="b0", generation=6)
-    backend.record(old)
-    full_commit(backend, old, pattern(old, 1), pattern(old, 2))
-    name, key = b"sync.0000000000000001", sf.encode_chunk_key(1)
-    value = bytearray(backend.contents(UUID)[name][key])
-    value[0] ^= 1
-    _poke(backend, UUID, name, key, bytes(value))
-    backend = fresh(backend.state_dir)  # no restore(): it would find the damage first
-    new = make_rec(boot_id="b1", resumed=False, state="constructed", generation=0)
-    backend.record(new)  # not refused: damage in the state it replaces must not block a CTR
-    contents = backend.contents(UUID)
-    assert sf.RETAINED_META not in contents and sf.RETAINED_SYNC not in contents
+    assert sf.RETAINED_META not in backend.contents(UUID)
     backend = reopen(backend)
     restored = restore(backend)
     assert [i.record for i in restored.instances] == [new] and UUID not in restored.retained

@@ -14,9 +14,9 @@ background. The oldest such position is how far the journal may be cut.
 
 Protocol rules owned here (protocol ref §1.7, §3, §5; issue #2, #3):
 
-* The table is keyed by (uuid, luid). Two instances with one uuid never share state; a resuming
-  instance may *copy* the newest state of its uuid (hand-over) when that state belongs to an
-  instance that is suspended or gone, never to one that is live — generation numbers decide.
+* The table is keyed by (uuid, luid). The per-instance and per-uuid rules (states, hand-over,
+  retention, generations, adoption after another boot) are :mod:`ulog_disk.lifecycle`'s; this
+  module applies them and tells the backend what to store.
 * A loop-type request for an unknown (uuid, luid) gets -ESRCH, which makes the kernel send CTR
   (+NUL) and RESUME again for that log; other requests for unknown logs get -EINVAL.
 * Replies carry exactly the value size the kernel reads, ``data_size = 0`` where it offers no
@@ -51,7 +51,18 @@ from .backends.base import (
 from .bootid import read_boot_id
 from .ctrargs import CtrArgs, CtrError, parse_ctr
 from .journal import Event
-from .lifecycle import HANDS_OVER, State, gives_resync_work, next_state
+from .lifecycle import (
+    State,
+    drops_adopted,
+    gives_resync_work,
+    hands_over,
+    is_silent,
+    kept_at_ctr,
+    newest_state,
+    next_state,
+    retains_at_dtr,
+    takes_generation,
+)
 from .limits import MemoryBudget
 from .ratelog import RateLimitedLog
 from .regionlog import RegionLog, chunk_count
@@ -177,8 +188,11 @@ class Engine:
         #: States left behind by instances that are gone: DTR'd last instances (retained) and
         #: instances of earlier boots found in the store (the kernel that owned them is gone).
         self.gone: dict[str, list[StoredState]] = {}
-        #: luids of instances of earlier boots still in the store, per uuid.
-        self.earlier_boot: dict[str, set[int]] = {}
+        #: Instances of earlier boots still in the store, per uuid and luid: their state and
+        #: whether they had resumed.
+        self.earlier_boot: dict[str, dict[int, tuple[StoredState, bool]]] = {}
+        #: The generation of each uuid's retained state in the store (absent: none).
+        self.retained_generation: dict[str, int] = {}
         self.stats = Stats()
         #: Lines about requests a sender controls (rejected, unknown): rate-limited by kind.
         self.noisy = RateLimitedLog(log)
@@ -199,6 +213,7 @@ class Engine:
             log.error("store of uuid=%r is damaged (%s): its logs start from a full resync", uuid, reason)
         for uuid, state in restored.retained.items():
             self.gone.setdefault(uuid, []).append(state)
+            self.retained_generation[uuid] = state.generation
             self._see_generation(uuid, state.generation)
         for stored in restored.instances:
             self._restore_instance(stored)
@@ -213,12 +228,13 @@ class Engine:
             state.replay(stored.journal)
             if stored.journal_damaged:
                 state.distrust_all()
-            self.gone.setdefault(rec.uuid, []).append(StoredState(
+            gone = StoredState(
                 uuid=rec.uuid, generation=rec.generation, region_count=rec.region_count,
                 clean=state.clean.tobytes(), sync=state.sync.tobytes(), source_luid=rec.luid,
                 committed_at=rec.committed_at,
-            ))
-            self.earlier_boot.setdefault(rec.uuid, set()).add(rec.luid)
+            )
+            self.gone.setdefault(rec.uuid, []).append(gone)
+            self.earlier_boot.setdefault(rec.uuid, {})[rec.luid] = (gone, rec.resumed)
             log.info("found %s from an earlier boot (generation %d): kept for hand-over",
                      describe(rec.uuid, rec.luid), rec.generation)
             return
@@ -369,6 +385,7 @@ class Engine:
             log.warning("CTR %s: the kernel reconnects a log this daemon has no state for: every "
                         "region dirty and out of sync (a full resync at its next resume)",
                         describe(req.uuid, req.luid))
+        keep = None if existing is not None else self._kept_at_ctr(inst)
         rec = inst.record()
         self._log_event(inst, rec, Event.CTR)
         self.unstored.pop(inst.key, None)  # the record below is the instance's whole state
@@ -382,7 +399,19 @@ class Engine:
                 self._unstored_since(inst.key, position)
             return _ok(req, reply_data)
 
-        return Pending(inst.uuid, lambda: self.backend.record(rec, position), complete)
+        return Pending(inst.uuid, lambda: self.backend.record(rec, position, keep), complete)
+
+    def _kept_at_ctr(self, inst: Instance) -> StoredState | None:
+        """The state of the earlier boot's instance whose luid the CTR reuses, if it becomes the
+        uuid's retained state in the CTR's store write."""
+        found = self.earlier_boot.get(inst.uuid, {}).get(inst.luid)
+        if found is None or not kept_at_ctr(found[1], found[0].generation,
+                                            self.retained_generation.get(inst.uuid)):
+            return None
+        self.retained_generation[inst.uuid] = found[0].generation
+        log.info("CTR %s reuses the luid of an earlier boot: its state (generation %d) is kept as "
+                 "the uuid's retained state", describe(inst.uuid, inst.luid), found[0].generation)
+        return found[0]
 
     def _dtr(self, inst: Instance, req: Request) -> Reply | Pending:
         self.table.pop(inst.key, None)
@@ -393,10 +422,11 @@ class Engine:
             default=0,
         )
         retain = None
-        if inst.resumed and not inst.superseded and inst.generation >= newest_elsewhere:
+        if retains_at_dtr(inst.resumed, inst.superseded, inst.generation, newest_elsewhere):
             inst.generation = self._next_generation(inst.uuid)
             retain = inst.stored_state()
             self.gone[inst.uuid] = [retain]
+            self.retained_generation[inst.uuid] = retain.generation
         log.info("DTR %s (%d instance(s) of the uuid left)%s", describe(inst.uuid, inst.luid), len(others),
                  f": its state is kept as the uuid's retained state, generation {retain.generation}"
                  if retain else "")
@@ -465,11 +495,11 @@ class Engine:
         """An instance of an earlier boot whose state was just adopted has nothing left to give:
         remove it once the adopter's state is committed, or every reboot would leave one more
         (the retained state and live instances are never removed here)."""
-        stale = self.earlier_boot.get(inst.uuid, set())
+        stale = self.earlier_boot.get(inst.uuid, {})
         luid = source.source_luid
-        if luid not in stale or luid == inst.luid or (inst.uuid, luid) in self.table:
+        if not drops_adopted(luid in stale, luid == inst.luid, (inst.uuid, luid) in self.table):
             return
-        stale.discard(luid)
+        del stale[luid]
         self.gone[inst.uuid] = [s for s in self.gone.get(inst.uuid, []) if s is not source]
         commit_job = pending.job
         assert commit_job is not None
@@ -489,30 +519,16 @@ class Engine:
         pending.job = job
 
     def _handover_source(self, inst: Instance, reconnect: bool) -> StoredState | None:
-        """The uuid's newest state, if it is newer than ours and its owner is suspended or gone.
-
-        When the newest state belongs to a live (or suspending) instance nothing is adopted,
-        not even an older state: the live one's state will be the one to take over later.
-        One exception: a live instance restored from the store that the kernel has not spoken
-        for since, met by a real (not reconnect) RESUME of another luid. A table swap suspends
-        the old table first, and this daemon would have seen it; so that instance's kernel side
-        is gone (removed while the daemon was down, its DTR lost) and its state is adopted.
-        """
-        best_generation = inst.generation
-        best: Instance | StoredState | None = None
-        for other in self.table.values():
-            if (other.uuid == inst.uuid and other.luid != inst.luid and other.resumed
-                    and other.generation > best_generation):
-                best_generation, best = other.generation, other
-        for state in self.gone.get(inst.uuid, []):
-            if state.generation > best_generation:
-                best_generation, best = state.generation, state
+        """The state the resuming instance adopts, by the hand-over rule (:mod:`.lifecycle`);
+        an adopted instance is flagged superseded."""
+        others = [o for o in self.table.values() if o.uuid == inst.uuid]
+        best = newest_state(inst.luid, inst.generation, others, self.gone.get(inst.uuid, []))
         if isinstance(best, Instance):
-            if best.state not in HANDS_OVER and not best.heard and not reconnect:
+            if is_silent(best, reconnect):
                 log.info("RESUME %s: live luid=%#x was restored from the store and has not been heard "
                          "from since: its kernel instance is gone, its state is adopted",
                          describe(inst.uuid, inst.luid), best.luid)
-            elif best.state not in HANDS_OVER:
+            elif not hands_over(best, reconnect):
                 log.info("RESUME %s: the newest state of the uuid belongs to live luid=%#x: not adopted",
                          describe(inst.uuid, inst.luid), best.luid)
                 return None
@@ -546,7 +562,7 @@ class Engine:
         of an instance whose journal records are incomplete). ``answered``: False for the
         commits at stop, which answer no request (a failure is no request's error)."""
         modified = inst.log.take_modified()
-        if (modified or force_generation) and inst.resumed and not inst.superseded:
+        if takes_generation(modified or force_generation, inst.resumed, inst.superseded):
             inst.generation = self._next_generation(inst.uuid)
         inst.committed_at = time.time()
         if event is not None:
@@ -703,7 +719,7 @@ class Engine:
             # Some changes never reached the journal (or there is none): only the store can
             # hold them all.
             return self._commit(inst, req, "FLUSH")
-        if inst.log.take_modified() and inst.resumed and not inst.superseded:
+        if takes_generation(inst.log.take_modified(), inst.resumed, inst.superseded):
             inst.generation = self._next_generation(inst.uuid)
         inst.committed_at = time.time()
         rec = inst.record()

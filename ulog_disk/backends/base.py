@@ -27,7 +27,10 @@ the instance before it is in that state):
 ``restore(boot_id)``       at start-up: every instance this backend still holds (any boot), its
                            bitmaps and the journal ops to replay after them; each uuid's
                            retained state; uuids whose store is damaged.
-``record(rec, position)``  after CTR: the instance's identity, constructor and geometry.
+``record(rec, pos, retain)`` after CTR: the instance's identity, constructor and geometry; with
+                           ``retain`` (the state of an earlier boot's instance whose luid the
+                           CTR reuses), first keep it as the uuid's retained state (one
+                           transaction).
 ``commit(c)``              durable write of one instance's changed chunks and meta (a checkpoint;
                            RESUME, POSTSUSPEND and stop wait for theirs before answering).
 ``drop(key, retain, pos)`` DTR: remove the instance; with ``retain``, first keep its state as the
@@ -183,7 +186,8 @@ class Backend(abc.ABC):
     def restore(self, boot_id: str) -> Restored: ...
 
     @abc.abstractmethod
-    def record(self, rec: InstanceRecord, position: int | None = None) -> None: ...
+    def record(self, rec: InstanceRecord, position: int | None = None,
+               retain: StoredState | None = None) -> None: ...
 
     @abc.abstractmethod
     def commit(self, commit: Commit) -> None: ...

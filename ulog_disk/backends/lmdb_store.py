@@ -149,6 +149,10 @@ def _backend_error(what: str, exc: BaseException) -> BackendError:
     return err
 
 
+#: A retained state's meta record and its chunks per bitmap name, ready to put.
+_Retained = tuple[bytes, list[tuple[bytes, dict[int, bytes]]]]
+
+
 class LmdbBackend(Backend):
     name = "lmdb"
     durable = True
@@ -516,14 +520,17 @@ class LmdbBackend(Backend):
         txn.put(CHECKPOINT_KEY, checkpoint_value(meta_name, CheckpointRecord(journal_id, at)), db=meta_db)
         return at
 
-    def record(self, rec: InstanceRecord, position: int | None = None) -> None:
+    def record(self, rec: InstanceRecord, position: int | None = None,
+               retain: StoredState | None = None) -> None:
         e = self._env(rec.uuid, create=True)
         assert e is not None
         meta_name = instance_db_name("meta", rec.luid)
         clean_name = instance_db_name("clean", rec.luid)
         sync_name = instance_db_name("sync", rec.luid)
+        retained = self._retained_puts(retain)
 
         def body(txn: lmdb.Transaction) -> None:
+            self._put_retained(e, txn, retained)
             meta_db = self._db(e, txn, meta_name, create=True)
             clean_db = self._db(e, txn, clean_name, create=True)
             sync_db = self._db(e, txn, sync_name, create=True)
@@ -531,16 +538,13 @@ class LmdbBackend(Backend):
             if raw is not None:
                 # A CTR that replaces an instance with this luid (the engine only does that for
                 # one that never resumed, or one of an earlier boot whose luid the kernel
-                # happens to reuse). Verified here (not by _get_record) so that an undecodable
-                # meta is replaced.
+                # happens to reuse: whether its state is kept, the engine decided in ``retain``).
+                # Verified here (not by _get_record) so that an undecodable meta is replaced.
                 try:
-                    old = MetaRecord.decode(record_bytes(meta_name, raw))
+                    MetaRecord.decode(record_bytes(meta_name, raw))
                 except StoreFormatError as exc:
                     log.warning("CTR uuid=%r luid=%#x replaces an undecodable meta record (%s)",
                                 rec.uuid, rec.luid, exc)
-                else:
-                    if old.resumed and old.boot_id != rec.boot_id:
-                        self._keep_as_retained(e, txn, old, clean_db, sync_db)
                 txn.drop(clean_db, delete=False)
                 txn.drop(sync_db, delete=False)
             at = self._checkpoint_put(e, txn, meta_db, meta_name, position)
@@ -552,44 +556,32 @@ class LmdbBackend(Backend):
         except (lmdb.Error, OSError, StoreFormatError) as exc:
             raise _backend_error(f"record uuid={rec.uuid!r} luid={rec.luid:#x}", exc) from exc
 
-    def _keep_as_retained(self, e: _Env, txn: lmdb.Transaction, old: MetaRecord,
-                          clean_db: lmdb._Database, sync_db: lmdb._Database) -> None:
-        """Before a CTR overwrites an instance of an earlier boot (the kernel reused its luid),
-        keep its state as the uuid's retained state if it is newer than what is retained.
+    @staticmethod
+    def _retained_puts(retain: StoredState | None) -> _Retained | None:
+        """The records of a retained state, prepared before the write transaction."""
+        if retain is None:
+            return None
+        cb = regionlog.CHUNK_BYTES
+        meta = record_value(RETAINED_META, RetainedRecord(
+            uuid=retain.uuid, generation=retain.generation, region_count=retain.region_count,
+            source_luid=retain.source_luid, committed_at=retain.committed_at,
+        ).encode())
+        return meta, [(RETAINED_CLEAN, split_chunks(retain.clean, retain.region_count, cb)),
+                      (RETAINED_SYNC, split_chunks(retain.sync, retain.region_count, cb))]
 
-        The engine holds that state in memory as a hand-over candidate; this keeps it in the
-        store too, so a crash before the new instance's RESUME commit does not lose it.
-        """
-        raw = self._get_record(e, txn, RETAINED_META, missing_ok=True)
-        if raw is not None:
-            try:
-                if RetainedRecord.decode(raw).generation >= old.generation:
-                    return
-            except StoreFormatError:
-                pass
-        # Verified before anything is written: a damaged chunk must not be sealed again under
-        # the retained name as if it were good. The state is then not kept (the engine still
-        # offers it from memory, where it was verified at restore).
-        copies: list[tuple[bytes, list[tuple[bytes, bytes]]]] = []
-        try:
-            for src, src_name, name in ((clean_db, instance_db_name("clean", old.luid), RETAINED_CLEAN),
-                                        (sync_db, instance_db_name("sync", old.luid), RETAINED_SYNC)):
-                copies.append((name, [(key, unseal_chunk(src_name, key, value))
-                                      for key, value in txn.cursor(db=src)]))
-        except StoreFormatError as exc:
-            log.error("CTR uuid=%r reuses luid=%#x of boot %s: its stored state is damaged (%s); "
-                      "not kept as the retained state", e.uuid, old.luid, old.boot_id, exc)
+    def _put_retained(self, e: _Env, txn: lmdb.Transaction,
+                      retained: _Retained | None) -> None:
+        """Replace the uuid's retained state (inside the caller's transaction)."""
+        if retained is None:
             return
-        retained = RetainedRecord(uuid=e.uuid, generation=old.generation, region_count=old.region_count,
-                                  source_luid=old.luid, committed_at=old.committed_at)
-        self._put_record(e, txn, RETAINED_META, retained.encode())
-        for name, chunks in copies:
-            dst = self._db(e, txn, name, create=True)
-            txn.drop(dst, delete=False)
-            for key, bits in chunks:
-                txn.put(key, seal_chunk(name, key, bits), db=dst)
-        log.info("CTR uuid=%r reuses luid=%#x of boot %s: its state (generation %d) kept as the "
-                 "retained state", e.uuid, old.luid, old.boot_id, old.generation)
+        meta, bitmaps = retained
+        txn.put(RECORD_KEY, meta, db=self._db(e, txn, RETAINED_META, create=True))
+        for name, chunks in bitmaps:
+            db = self._db(e, txn, name, create=True)
+            txn.drop(db, delete=False)
+            for index, bits in chunks.items():
+                key = encode_chunk_key(index)
+                txn.put(key, seal_chunk(name, key, bits), db=db)
 
     def commit(self, commit: Commit) -> None:
         rec = commit.record
@@ -648,28 +640,10 @@ class LmdbBackend(Backend):
         e = self._env(uuid, create=retain is not None)
         if e is None:
             return
-        cb = regionlog.CHUNK_BYTES
-        retained_puts: list[tuple[bytes, dict[int, bytes]]] = []
-        retained_raw = b""
-        if retain is not None:
-            retained_raw = record_value(RETAINED_META, RetainedRecord(
-                uuid=uuid, generation=retain.generation, region_count=retain.region_count,
-                source_luid=retain.source_luid, committed_at=retain.committed_at,
-            ).encode())
-            retained_puts = [
-                (RETAINED_CLEAN, split_chunks(retain.clean, retain.region_count, cb)),
-                (RETAINED_SYNC, split_chunks(retain.sync, retain.region_count, cb)),
-            ]
+        retained = self._retained_puts(retain)
 
         def body(txn: lmdb.Transaction) -> None:
-            if retain is not None:
-                txn.put(RECORD_KEY, retained_raw, db=self._db(e, txn, RETAINED_META, create=True))
-                for name, chunks in retained_puts:
-                    db = self._db(e, txn, name, create=True)
-                    txn.drop(db, delete=False)
-                    for index, bits in chunks.items():
-                        key = encode_chunk_key(index)
-                        txn.put(key, seal_chunk(name, key, bits), db=db)
+            self._put_retained(e, txn, retained)
             for kind in ("meta", "clean", "sync"):
                 db = self._db(e, txn, instance_db_name(kind, luid), create=False)
                 if db is not None:

@@ -17,7 +17,8 @@ class MemoryBackend(Backend):
     def restore(self, boot_id: str) -> Restored:
         return Restored()
 
-    def record(self, rec: InstanceRecord, position: int | None = None) -> None:
+    def record(self, rec: InstanceRecord, position: int | None = None,
+               retain: StoredState | None = None) -> None:
         pass
 
     def commit(self, commit: Commit) -> None:
