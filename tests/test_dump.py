@@ -13,7 +13,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -25,11 +24,11 @@ from typing import Any
 
 import lmdb
 import pytest
-from conftest import DaemonProcess, start_daemon
 
 from ulog_disk import capture, wire
 from ulog_disk import store_format as sf
 from ulog_disk.kernelmodel import KernelConnection, Mirror, UserspaceLog
+from ulog_disk.testing.launcher import Daemon, launch
 from ulog_disk.tools import dump, recover
 from ulog_disk.wire import Reply, Request, RequestType
 
@@ -87,17 +86,12 @@ def ulog_recover(*argv: str, stdin: str = "") -> Result:
 # --- stores made by a real daemon ------------------------------------------------------------
 
 
-def lmdb_daemon(tmp: Path, state: Path, boot: str = BOOT1, name: str = "d") -> DaemonProcess:
-    return start_daemon(tmp, backend="lmdb", state_dir=state, name=name, extra_args=["--boot-id", boot])
+def lmdb_daemon(tmp: Path, state: Path, boot: str = BOOT1, name: str = "d") -> Daemon:
+    return launch(tmp, capture=True, backend="lmdb", state_dir=state, name=name, boot_id=boot)
 
 
-def connect(d: DaemonProcess) -> KernelConnection:
+def connect(d: Daemon) -> KernelConnection:
     return KernelConnection(str(d.socket_path), timeout=10)
-
-
-def kill9(d: DaemonProcess) -> None:
-    d.proc.send_signal(signal.SIGKILL)
-    d.proc.wait()
 
 
 def build_store(tmp: Path, resume_b: bool) -> tuple[Path, Path]:
@@ -129,7 +123,7 @@ def build_store(tmp: Path, resume_b: bool) -> tuple[Path, Path]:
     a.postsuspend()
     if resume_b:
         assert b.resume() == 0
-    kill9(d)
+    d.kill9()
     conn.close()
     return state, d.capture_path
 
@@ -387,14 +381,14 @@ def test_wire_capture_of_the_handover(stores: Stores) -> None:
             assert (req["seq"], req["type"], req["reply_index"]) == (rec["seq"], rec["type"], rec["index"])
             assert rec["latency_ms"] >= 0 and rec["t"] >= req["t"]
     ctrs = [rec for rec in recs if rec["type"] == "CTR" and rec["direction"] == "request"]
-    assert ctrs[0]["payload"] == {"ctr": "256 clustered-core 8", "reconnect": False}
+    assert ctrs[0]["payload"] == {"ctr": "256 clustered-core 8", "nul_counted": False}
     assert {c["luid"] for c in ctrs} == {LUID_GONE, LUID_A, LUID_B}
     sizes = [rec for rec in recs if rec["type"] == "GET_REGION_SIZE" and rec["direction"] == "reply"]
-    assert sizes[0]["payload"] == {"region_size": 8}
+    assert sizes[0]["payload"] == {"u64": 8}
     marks = [rec for rec in recs if rec["type"] == "MARK_REGION" and rec["direction"] == "request"]
     assert any(m["payload"]["ranges"] == "5-6" for m in marks)
     work = [rec for rec in recs if rec["type"] == "GET_RESYNC_WORK" and rec["direction"] == "reply"]
-    assert work[0]["payload"] == {"have_work": True, "region": 0}
+    assert work[0]["payload"] == {"have_work": 1, "region": 0}
     last = recs[-1]
     assert (last["direction"], last["type"], last["luid"], last["error"]) == ("reply", "RESUME", LUID_B, 0)
 
@@ -446,8 +440,8 @@ def test_wire_hex_on_stdin() -> None:
     assert [x["direction"] for x in recs] == ["request", "reply"] * 3 + ["request"]
     assert recs[0]["payload"] == {"regions": [9, 7, 8], "count": 3, "ranges": "7-9"}
     assert recs[1]["request_index"] == 0 and recs[1]["type"] == "MARK_REGION"
-    assert recs[3]["payload"] == {"sync_count": 17}
-    assert recs[4]["payload"] == {"ctr": "8 core 8", "reconnect": True} and recs[4]["seq"] == 43
+    assert recs[3]["payload"] == {"u64": 17}
+    assert recs[4]["payload"] == {"ctr": "8 core 8", "nul_counted": True} and recs[4]["seq"] == 43
     assert recs[5]["ack_form"] and recs[5]["errno"] == "EAGAIN" and recs[5]["request_index"] == 4
     assert recs[5]["type"] == "CTR"  # from the request it answers
     assert recs[6]["problem"].startswith("not hex")

@@ -332,6 +332,90 @@ def test_reply_value_parsers_reject_wrong_sizes(parser, size):
         parser(b"\0" * size)
 
 
+# --- the request table -------------------------------------------------------------------------------
+
+_FIXED = sorted({id(p): p for e in wire.PAYLOADS.values() for p in (e.request, e.reply)
+                 if p is not None and p.packed is not None}.values(), key=lambda p: p.what)
+
+
+@pytest.mark.parametrize("payload", _FIXED, ids=[p.what for p in _FIXED])
+def test_generated_struct_agrees_with_the_construct_definition(payload):
+    """The fast path (the struct generated from each definition) parses and builds what
+    construct itself does with the same definition, for any bytes of the right size."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    @given(st.binary(min_size=payload.packed.size, max_size=payload.packed.size))
+    def check(data):
+        fields = payload.parse(data)
+        parsed = payload.definition.parse(data)
+        assert fields == {name: parsed[name] for name in payload.names}
+        assert payload.build(fields) == payload.definition.build(fields) == data
+
+    check()
+
+
+def test_region_list_agrees_with_the_construct_definition():
+    regions = [2**64 - 1, 0, 31, 5]
+    data = wire.build_regions(regions)
+    assert wire.RegionList.parse(data).regions == regions
+    assert wire.RegionList.build({"regions": regions}) == data
+    assert wire.parse_request_payload(RequestType.MARK_REGION, data) == {"regions": regions}
+
+
+def test_every_type_has_a_table_entry():
+    assert set(wire.PAYLOADS) == set(RequestType)
+    carries = {k for k, e in wire.PAYLOADS.items() if e.request is not None}
+    T = RequestType
+    assert carries == {T.CTR, T.IS_CLEAN, T.IN_SYNC, T.FLUSH, T.MARK_REGION, T.CLEAR_REGION,
+                       T.SET_REGION_SYNC, T.IS_REMOTE_RECOVERING}
+
+
+@pytest.mark.parametrize("data,expected", [
+    (b"8 core 8", ("8 core 8", False)),
+    (b"8 core 8\0", ("8 core 8", True)),
+    (b"", ("", False)),
+])
+def test_ctr_string_is_read_once(data, expected):
+    assert wire.parse_ctr_string(data) == expected
+    fields = {"ctr": expected[0], "nul_counted": expected[1]}
+    assert wire.parse_request_payload(RequestType.CTR, data) == fields
+    assert wire.build_request_payload(RequestType.CTR, fields) == data
+
+
+@pytest.mark.parametrize("data,why", [
+    (b"8 core\0 8", "contains a NUL byte"), (b"8 core 8\0\0", "contains a NUL byte"),
+    ("8 c\u00f6re 8".encode("latin-1"), "not ASCII"),
+])
+def test_ctr_string_refusals_are_the_engines(data, why):
+    from ulog_disk.ctrargs import CtrError, parse_ctr
+
+    with pytest.raises(ValueError, match=why):
+        wire.parse_request_payload(RequestType.CTR, data)
+    with pytest.raises(CtrError, match=why):
+        parse_ctr(data)
+
+
+@pytest.mark.parametrize("kind,data", [
+    (RequestType.DTR, b"x"), (RequestType.GET_RESYNC_WORK, b"\0" * 8), (18, b"\0"),
+    (RequestType.IN_SYNC, b"\0" * 7), (RequestType.MARK_REGION, b"\0" * 9),
+])
+def test_request_payload_of_the_wrong_shape_is_refused(kind, data):
+    with pytest.raises(ValueError):
+        wire.parse_request_payload(kind, data)
+
+
+def test_reply_payloads_by_name():
+    T = RequestType
+    assert wire.parse_reply_payload(T.GET_REGION_SIZE, wire.build_u64(1024)) == {"u64": 1024}
+    assert wire.parse_reply_payload(T.STATUS_INFO, b"1 core\0") == {"text": "1 core", "nul_counted": True}
+    assert wire.build_reply_payload(T.CTR, {"device": "7:3", "nul_counted": True}) == b"7:3\0"
+    assert wire.parse_reply_payload(T.FLUSH, b"") == {}
+    for kind, data in ((T.FLUSH, b"\0"), (T.STATUS_INFO, b"no nul"), (T.CTR, b"a\0b\0")):
+        with pytest.raises(ValueError):
+            wire.parse_reply_payload(kind, data)
+
+
 # --- capture files (formats/capture.md): containers of wire frames ------------------------------------
 
 

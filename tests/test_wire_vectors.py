@@ -6,6 +6,9 @@ Each vector is checked both ways with the package's own definitions (``ulog_disk
 * encode: the committed ``fields`` encode to the committed ``hex``, with payloads rebuilt from their
   decoded form (``payload``), not from the raw data bytes.
 
+Payloads go both ways through the request table (``wire.PAYLOADS``), the one the engine's fast
+path and ``ulog-dump wire`` are generated from.
+
 Then the fixed conversation (request vectors with ``engine_step``) is replayed through the engine
 and every reply vector (``in_reply_to``) is compared byte for byte with what the engine answers.
 """
@@ -58,32 +61,6 @@ def type_name(raw: int) -> str | None:
     return T(kind).name if kind in T._value2member_map_ else None
 
 
-def reply_payload(kind: int, data: bytes) -> dict:
-    if not data:
-        return {}
-    if kind in (T.GET_REGION_SIZE, T.GET_SYNC_COUNT):
-        assert len(data) == 8
-        return {"u64": wire.parse_u64(data)}
-    if kind in (T.IS_CLEAN, T.IN_SYNC):
-        assert len(data) == 8
-        return {"s64": wire.parse_s64(data)}
-    if kind == T.GET_RESYNC_WORK:
-        assert len(data) == wire.ResyncWork.sizeof()
-        have, region = wire.parse_resync_work(data)
-        return {"have_work": have, "region": region}
-    if kind == T.IS_REMOTE_RECOVERING:
-        assert len(data) == wire.RemoteRecovering.sizeof()
-        rec, hint = wire.parse_remote_recovering(data)
-        return {"is_recovering": rec, "in_sync_hint": hint}
-    if kind in (T.STATUS_INFO, T.STATUS_TABLE):
-        assert data.endswith(b"\0") and b"\0" not in data[:-1]
-        return {"text": data[:-1].decode("ascii"), "nul_counted": True}
-    if kind == T.CTR:
-        assert data.endswith(b"\0") and b"\0" not in data[:-1]
-        return {"device": data[:-1].decode("ascii"), "nul_counted": True}
-    raise AssertionError(f"no reply payload expected for type {kind}")
-
-
 def decode_request_fields(frame: bytes) -> dict:
     req = wire.decode_frame(frame)
     return {
@@ -94,7 +71,7 @@ def decode_request_fields(frame: bytes) -> dict:
             "type_name": type_name(req.raw_type), "data_size": len(req.data),
         },
         "data": req.data.hex(),
-        "payload": wire.request_fields(req.request_type, req.data),
+        "payload": wire.parse_request_payload(req.request_type, req.data),
     }
 
 
@@ -114,45 +91,16 @@ def decode_reply_fields(frame: bytes) -> dict:
             "type_name": type_name(hdr.request_type), "data_size": hdr.data_size,
         },
         "data": rep.data.hex(),
-        "payload": reply_payload(rep.request_type, rep.data),
+        "payload": wire.parse_reply_payload(rep.request_type, rep.data),
     }
 
 
 # --- encoding from fields -------------------------------------------------------------------------
 
 
-def build_request_data(kind: int, payload: dict) -> bytes:
-    if kind == T.CTR:
-        return payload["ctr"].encode("ascii") + (b"\0" if payload["nul_counted"] else b"")
-    if "regions" in payload:
-        return wire.build_regions(payload["regions"])
-    if kind == T.SET_REGION_SYNC:
-        return wire.build_set_region_sync(payload["region"], payload["in_sync"])
-    if "region" in payload:
-        return wire.build_u64(payload["region"])
-    return b""
-
-
-def build_reply_data(payload: dict) -> bytes:
-    if "u64" in payload:
-        return wire.build_u64(payload["u64"])
-    if "s64" in payload:
-        return wire.build_s64(payload["s64"])
-    if "have_work" in payload:
-        return wire.build_resync_work(bool(payload["have_work"]), payload["region"])
-    if "is_recovering" in payload:
-        return wire.build_remote_recovering(bool(payload["is_recovering"]), payload["in_sync_hint"])
-    if "text" in payload:
-        return payload["text"].encode("ascii") + b"\0"
-    if "device" in payload:
-        return payload["device"].encode("ascii") + b"\0"
-    assert payload == {}
-    return b""
-
-
 def request_from_fields(fields: dict) -> Request:
     hdr = fields["header"]
-    data = build_request_data(hdr["type"], fields["payload"])
+    data = wire.build_request_payload(hdr["type"], fields["payload"])
     assert data.hex() == fields["data"], "payload fields do not rebuild the data bytes"
     return Request(
         luid=hdr["luid"], uuid=hdr["uuid"], version=hdr["version"], seq=hdr["seq"],
@@ -167,7 +115,7 @@ def reply_from_fields(fields: dict) -> Reply:
                           request_type=0, data=b"")
         return Reply(request, fields["error"], b"", ack=True)
     hdr = fields["header"]
-    data = build_reply_data(fields["payload"])
+    data = wire.build_reply_payload(hdr["type"], fields["payload"])
     assert data.hex() == fields["data"], "payload fields do not rebuild the data bytes"
     request = Request(luid=hdr["luid"], uuid=hdr["uuid"], version=hdr["version"], seq=hdr["seq"],
                       request_type=hdr["type"], raw_type=hdr["request_type"], data=b"")

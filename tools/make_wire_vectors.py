@@ -5,8 +5,9 @@ Usage::
 
     .venv/bin/python tools/make_wire_vectors.py [--out DIR] [--capture FILE]
 
-Every frame is built with :mod:`ulog_disk.wire`'s encoders from the hand-written specs below;
-the ``fields`` of each vector are written from the same specs (not by decoding the bytes), so
+Every frame is built with :mod:`ulog_disk.wire`'s encoders from the hand-written specs below,
+its data from the spec's payload fields through the request table (``wire.PAYLOADS``); the
+``fields`` of each vector are written from the same specs (not by decoding the bytes), so
 ``tests/test_wire_vectors.py`` checks two independent things: that decoding the committed hex
 gives the committed fields, and that encoding the committed fields gives the committed hex.
 
@@ -89,29 +90,28 @@ class RepSpec:
     ack: bool = False
 
 
-def region(r: int) -> tuple[bytes, dict]:
-    return wire.build_u64(r), {"region": r}
+def region(r: int) -> dict:
+    return {"region": r}
 
 
-def regions(rs: list[int]) -> tuple[bytes, dict]:
-    return wire.build_regions(rs), {"regions": rs}
+def regions(rs: list[int]) -> dict:
+    return {"regions": rs}
 
 
-def ctr(text: bytes, reconnect: bool = False) -> tuple[bytes, dict]:
-    data = text + b"\0" if reconnect else text
-    return data, {"ctr": text.decode("ascii"), "nul_counted": reconnect}
+def ctr(text: bytes, reconnect: bool = False) -> dict:
+    return {"ctr": text.decode("ascii"), "nul_counted": reconnect}
 
 
-def u64(v: int) -> tuple[bytes, dict]:
-    return wire.build_u64(v), {"u64": v}
+def u64(v: int) -> dict:
+    return {"u64": v}
 
 
-def s64(v: int) -> tuple[bytes, dict]:
-    return wire.build_s64(v), {"s64": v}
+def s64(v: int) -> dict:
+    return {"s64": v}
 
 
-def text(s: str) -> tuple[bytes, dict]:
-    return s.encode("ascii") + b"\0", {"text": s, "nul_counted": True}
+def text(s: str) -> dict:
+    return {"text": s, "nul_counted": True}
 
 
 # --- the conversation ---------------------------------------------------------------------------
@@ -120,21 +120,25 @@ _steps: list[ReqSpec] = []
 _replies: list[RepSpec] = []
 
 
-def req(name: str, note: str, type_: int, *, data: tuple[bytes, dict] = (b"", {}), engine: bool = True,
-        **kw) -> str:
+def req(name: str, note: str, type_: int, *, data: dict | None = None, engine: bool = True, **kw) -> str:
     seq = kw.pop("seq", None)
     if seq is None:
         seq = len([s for s in _steps if s.step is not None]) if engine else 0
-    spec = ReqSpec(name=name, note=note, type=type_, seq=seq, data=data[0], payload=data[1], **kw)
+    payload = data or {}
+    spec = ReqSpec(name=name, note=note, type=type_, seq=seq, data=wire.build_request_payload(type_, payload),
+                   payload=payload, **kw)
     if engine:
         spec.step = len([s for s in _steps if s.step is not None])
     _steps.append(spec)
     return name
 
 
-def rep(name: str, note: str, to: str, *, error: int = 0, data: tuple[bytes, dict] = (b"", {}),
+def rep(name: str, note: str, to: str, *, error: int = 0, data: dict | None = None,
         ack: bool = False) -> None:
-    _replies.append(RepSpec(name=name, note=note, to=to, error=error, data=data[0], payload=data[1], ack=ack))
+    payload = data or {}
+    type_ = next(s.type for s in _steps if s.name == to)
+    _replies.append(RepSpec(name=name, note=note, to=to, error=error,
+                            data=wire.build_reply_payload(type_, payload), payload=payload, ack=ack))
 
 
 def build_conversation() -> None:
@@ -158,15 +162,15 @@ def build_conversation() -> None:
     rep("reply-empty-success", "Success with no payload: error 0, data_size 0, cn_msg.len 160.", r)
     r = req("get-resync-work", "First GET_RESYNC_WORK after RESUME. No payload.", T.GET_RESYNC_WORK)
     rep("reply-get-resync-work-0", "{s64 have_work = 1; u64 region = 0}: 16 bytes.", r,
-        data=(wire.build_resync_work(True, 0), {"have_work": 1, "region": 0}))
+        data={"have_work": 1, "region": 0})
     r = req("in-sync", "IN_SYNC(0): one u64 region.", T.IN_SYNC, data=region(0))
     rep("reply-in-sync-0", "s64 0: region 0 not in sync (8 bytes).", r, data=s64(0))
     r = req("get-resync-work-repeat", "GET_RESYNC_WORK again before SET_REGION_SYNC (e.g. a resend after "
             "a 15 s timeout).", T.GET_RESYNC_WORK)
     rep("reply-get-resync-work-repeat", "The same region is handed out again until SET_REGION_SYNC.", r,
-        data=(wire.build_resync_work(True, 0), {"have_work": 1, "region": 0}))
+        data={"have_work": 1, "region": 0})
     r = req("set-region-sync", "SET_REGION_SYNC {u64 region 0; s64 in_sync 1}: 16 bytes.", T.SET_REGION_SYNC,
-            data=(wire.build_set_region_sync(0, 1), {"region": 0, "in_sync": 1}))
+            data={"region": 0, "in_sync": 1})
     rep("reply-set-region-sync", "Success; data_size 0 (the kernel offers no reply buffer).", r)
     r = req("clear-region", "CLEAR_REGION group of one region.", T.CLEAR_REGION, data=regions([0]))
     rep("reply-clear-region", "Success; data_size 0, not the request's 8.", r)
@@ -188,7 +192,7 @@ def build_conversation() -> None:
             data=region(1))
     rep("reply-is-remote-recovering", "{s64 is_recovering 0; u64 in_sync_hint 1}: region 1 is the first "
         "region not in sync.", r,
-        data=(wire.build_remote_recovering(False, 1), {"is_recovering": 0, "in_sync_hint": 1}))
+        data={"is_recovering": 0, "in_sync_hint": 1})
     r = req("get-sync-count", "GET_SYNC_COUNT during recovery.", T.GET_SYNC_COUNT)
     rep("reply-get-sync-count-1", "u64 1 (region 0 only).", r, data=u64(1))
     r = req("status-table", "STATUS_TABLE: never sent by current kernels, still answered.", T.STATUS_TABLE)
@@ -232,7 +236,7 @@ def build_conversation() -> None:
             data=ctr(CTR_DISK))
     rep("reply-ctr-disk-device", "The initial CTR of a disk type returns the log device + NUL (data_size 4 "
         "<= the kernel's 128); the kernel registers it with dm_get_device.", r,
-        data=(b"7:3\0", {"device": "7:3", "nul_counted": True}))
+        data={"device": "7:3", "nul_counted": True})
     r = req("ctr-reconnect-disk", "Reconnect CTR of the disk log: NUL counted.", T.CTR, luid=LUID_DISK,
             uuid=UUID_DISK, data=ctr(CTR_DISK, reconnect=True))
     rep("reply-ctr-reconnect-disk", "data_size 0: the reconnect CTR offers no buffer; the device here "
@@ -252,12 +256,12 @@ def build_conversation() -> None:
     r = req("get-resync-work-nosync", "GET_RESYNC_WORK on a log fully in sync.", T.GET_RESYNC_WORK,
             luid=LUID_NOSYNC, uuid=UUID_NOSYNC)
     rep("reply-get-resync-work-none", "{s64 have_work 0; u64 region 0}: still the full 16 bytes.", r,
-        data=(wire.build_resync_work(False, 0), {"have_work": 0, "region": 0}))
+        data={"have_work": 0, "region": 0})
     r = req("is-remote-recovering-all-in-sync", "IS_REMOTE_RECOVERING(31) on a log fully in sync.",
             T.IS_REMOTE_RECOVERING, luid=LUID_NOSYNC, uuid=UUID_NOSYNC, data=region(31))
     rep("reply-is-remote-recovering-in-sync", "{0; in_sync_hint = region_count 32}: only when every region "
         "is in sync.", r,
-        data=(wire.build_remote_recovering(False, 32), {"is_recovering": 0, "in_sync_hint": 32}))
+        data={"is_recovering": 0, "in_sync_hint": 32})
 
     # A log whose backend cannot commit.
     r = req("ctr-fail", "CTR of a disk log served (in the vector test) by a backend whose commit fails.",
@@ -356,7 +360,7 @@ _VmCapRecord = c.Struct("time" / c.Float64l, "direction" / c.Int8ul, "length" / 
 
 def payload_fields(kind: int, data: bytes) -> dict:
     try:
-        return wire.request_fields(kind, data)
+        return wire.parse_request_payload(kind, data)
     except ValueError:  # a hostile vector's payload: described by its hex alone
         return {}
 

@@ -11,6 +11,8 @@ import os
 import stat
 from dataclasses import dataclass
 
+from . import wire
+
 LOG_TYPES = ("core", "disk", "clustered-core", "clustered-disk")
 DISK_TYPES = ("disk", "clustered-disk")
 #: DM_NAME_LEN: the CTR reply buffer the kernel offers, NUL included.
@@ -75,15 +77,15 @@ def _positive_int(word: str, what: str) -> int:
     return value
 
 
-def parse_ctr(payload: bytes) -> CtrArgs:
-    """Parse a CTR payload. The reconnect CTR counts a trailing NUL: strip it first."""
-    raw = payload[:-1] if payload.endswith(b"\0") else payload
-    if b"\0" in raw:
-        raise CtrError("constructor string contains a NUL byte")
-    try:
-        text = raw.decode("ascii")
-    except UnicodeDecodeError as exc:
-        raise CtrError("constructor string is not ASCII") from exc
+def parse_ctr(payload: bytes | str) -> CtrArgs:
+    """Parse a constructor string, or a CTR payload (read by :func:`wire.parse_ctr_string`)."""
+    if isinstance(payload, str):
+        text = payload
+    else:
+        try:
+            text, _nul_counted = wire.parse_ctr_string(payload)
+        except ValueError as exc:
+            raise CtrError(str(exc)) from exc
     words = text.split()
     if len(words) < 3:
         raise CtrError(f"constructor string {text!r} has fewer than 3 words")

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import construct as c
 
@@ -100,17 +102,6 @@ UlogHeader = c.Struct(
     "data_size" / c.Int32un,
 )
 
-#: IS_CLEAN, IN_SYNC, IS_REMOTE_RECOVERING request payload; GET_REGION_SIZE and
-#: GET_SYNC_COUNT reply payload.
-U64 = c.Int64un
-#: IS_CLEAN / IN_SYNC reply: 1 or 0.
-S64 = c.Int64sn
-#: MARK_REGION, CLEAR_REGION and integrated FLUSH payload.
-RegionList = c.GreedyRange(c.Int64un)
-ResyncWork = c.Struct("have_work" / c.Int64sn, "region" / c.Int64un)
-SetRegionSync = c.Struct("region" / c.Int64un, "in_sync" / c.Int64sn)
-RemoteRecovering = c.Struct("is_recovering" / c.Int64sn, "in_sync_hint" / c.Int64un)
-
 assert CnMsg.sizeof() == CN_MSG_SIZE
 assert UlogHeader.sizeof() == HEADER_SIZE
 assert NlMsgHdr.sizeof() == NLMSGHDR_SIZE
@@ -141,12 +132,6 @@ def flat_struct(definition: c.Construct) -> struct.Struct:
 _CN = flat_struct(CnMsg)
 _HDR = flat_struct(UlogHeader)
 _NLH = flat_struct(NlMsgHdr)
-_U64 = flat_struct(U64)
-_S64 = flat_struct(S64)
-_RESYNC_WORK = flat_struct(ResyncWork)
-_SET_REGION_SYNC = flat_struct(SetRegionSync)
-_REMOTE_RECOVERING = flat_struct(RemoteRecovering)
-_REGION_ITEM = flat_struct(RegionList.subcon)
 _KINDS: dict[int, RequestType] = {int(k): k for k in RequestType}
 
 
@@ -349,38 +334,60 @@ def add_nlmsghdr(payload: bytes, seq: int = 0, pid: int = 0) -> bytes:
     return hdr + payload + b"\0" * pad
 
 
-# --- payloads --------------------------------------------------------------------------------
+# --- payloads: one table ---------------------------------------------------------------------
+#
+# Every request type's request and reply payload is defined once, below, as a construct
+# definition whose field names are the names the golden vectors and ``ulog-dump wire`` show
+# (``formats/wire.md`` §4 and §10). The engine reads and writes payloads through the ``struct``
+# fast path generated from the same definitions (``parse_region``, ``build_s64``, ...; a test
+# checks both agree on random bytes); the tools go through :func:`parse_request_payload` and
+# its three siblings, which read the table.
 
 
-def parse_region(data: bytes) -> int:
-    if len(data) != 8:
-        raise ValueError(f"expected one u64 region (8 bytes), got {len(data)} bytes")
-    return _U64.unpack(data)[0]
+class _CtrString(c.Adapter):
+    """The constructor string (``formats/wire.md`` §5): ASCII, no NUL inside; the reconnect
+    CTR counts a trailing NUL in ``data_size``, the initial one does not. Decided here only:
+    the engine (through :func:`parse_ctr_string`) and the tools read it the same way."""
+
+    def _decode(self, obj: bytes, context: object, path: object) -> c.Container:
+        text, nul_counted = parse_ctr_string(obj)
+        return c.Container(ctr=text, nul_counted=nul_counted)
+
+    def _encode(self, obj: Mapping[str, Any], context: object, path: object) -> bytes:
+        return obj["ctr"].encode("ascii") + (b"\0" if obj["nul_counted"] else b"")
 
 
-def parse_regions(data: bytes) -> list[int]:
-    if len(data) % 8:
-        raise ValueError(f"region list of {len(data)} bytes is not a multiple of 8")
-    return [r for (r,) in _REGION_ITEM.iter_unpack(data)]
+class _CString(c.Adapter):
+    """ASCII text the kernel reads as a C string, its NUL counted in ``data_size`` (STATUS_*
+    text, the initial CTR's device name)."""
+
+    def __init__(self, name: str):
+        super().__init__(c.GreedyBytes)
+        self.key = name
+
+    def _decode(self, obj: bytes, context: object, path: object) -> c.Container:
+        if not obj.endswith(b"\0") or b"\0" in obj[:-1]:
+            raise ValueError(f"{self.key} of {len(obj)} bytes is not one NUL-terminated string")
+        return c.Container({self.key: obj[:-1].decode("ascii"), "nul_counted": True})
+
+    def _encode(self, obj: Mapping[str, Any], context: object, path: object) -> bytes:
+        return obj[self.key].encode("ascii") + b"\0"
 
 
-def build_regions(regions: list[int]) -> bytes:
-    return b"".join(map(_REGION_ITEM.pack, regions))
-
-
-def parse_set_region_sync(data: bytes) -> tuple[int, int]:
-    if len(data) != SetRegionSync.sizeof():
-        raise ValueError(f"SET_REGION_SYNC payload must be 16 bytes, got {len(data)}")
-    region, in_sync = _SET_REGION_SYNC.unpack(data)
-    return region, in_sync
-
-
-def build_set_region_sync(region: int, in_sync: int) -> bytes:
-    return _SET_REGION_SYNC.pack(region, in_sync)
-
-
-def build_u64(value: int) -> bytes:
-    return _U64.pack(value)
+#: IS_CLEAN, IN_SYNC, IS_REMOTE_RECOVERING request.
+Region = c.Struct("region" / c.Int64un)
+#: MARK_REGION, CLEAR_REGION and integrated FLUSH request: u64[1..32] in reverse queueing order.
+RegionList = c.Struct("regions" / c.GreedyRange(c.Int64un))
+SetRegionSync = c.Struct("region" / c.Int64un, "in_sync" / c.Int64sn)
+#: GET_REGION_SIZE (sectors) and GET_SYNC_COUNT reply; named by type, as the kernel's header does.
+U64 = c.Struct("u64" / c.Int64un)
+#: IS_CLEAN / IN_SYNC reply: 1 or 0.
+S64 = c.Struct("s64" / c.Int64sn)
+ResyncWork = c.Struct("have_work" / c.Int64sn, "region" / c.Int64un)
+RemoteRecovering = c.Struct("is_recovering" / c.Int64sn, "in_sync_hint" / c.Int64un)
+CtrString = _CtrString(c.GreedyBytes)
+StatusText = _CString("text")
+DeviceName = _CString("device")
 
 
 def _check_size(data: bytes, size: int, what: str) -> None:
@@ -388,56 +395,221 @@ def _check_size(data: bytes, size: int, what: str) -> None:
         raise ValueError(f"{what} must be {size} bytes, got {len(data)}")
 
 
+class Payload:
+    """One payload definition and the parse/build generated from it.
+
+    A fixed-size Struct of numbers goes through :func:`flat_struct`, a region list through the
+    struct of its item; anything else (the strings) through construct itself. Errors are
+    ``ValueError`` (the engine answers them -EINVAL).
+    """
+
+    def __init__(self, what: str, definition: c.Construct):
+        self.what = what
+        self.definition = definition
+        self.names: tuple[str, ...] = ()
+        self.packed: struct.Struct | None = None
+        self.item: struct.Struct | None = None
+        if isinstance(definition, c.Struct):
+            self.names = tuple(sub.name for sub in definition.subcons)
+            fields = [sub.subcon for sub in definition.subcons]
+            if len(fields) == 1 and isinstance(fields[0], c.GreedyRange):
+                self.item = flat_struct(fields[0].subcon)
+            else:
+                self.packed = flat_struct(definition)
+
+    def parse(self, data: bytes) -> dict[str, object]:
+        if self.packed is not None:
+            _check_size(data, self.packed.size, self.what)
+            return dict(zip(self.names, self.packed.unpack(data), strict=True))
+        if self.item is not None:
+            return {self.names[0]: self.items(data)}
+        try:
+            return {k: v for k, v in self.definition.parse(data).items() if not k.startswith("_")}
+        except c.ConstructError as exc:  # pragma: no cover - the adapters raise ValueError
+            raise ValueError(f"undecodable {self.what}: {exc}") from exc
+
+    def build(self, fields: Mapping[str, Any]) -> bytes:
+        if self.packed is not None:
+            return self.packed.pack(*(fields[name] for name in self.names))
+        if self.item is not None:
+            return b"".join(map(self.item.pack, fields[self.names[0]]))
+        return self.definition.build(fields)
+
+    def items(self, data: bytes) -> list[int]:
+        if self.item is None:
+            raise TypeError(f"{self.what} is not a list")
+        if len(data) % self.item.size:
+            raise ValueError(f"{self.what} of {len(data)} bytes is not a multiple of {self.item.size}")
+        return [r for (r,) in self.item.iter_unpack(data)]
+
+
+@dataclass(frozen=True, slots=True)
+class Payloads:
+    """What a request type carries each way (None: nothing, ``data_size`` 0)."""
+
+    request: Payload | None = None
+    reply: Payload | None = None
+    #: The request may also come without data (FLUSH without ``integrated_flush``).
+    request_optional: bool = False
+
+
+_REGION = Payload("u64 region", Region)
+_REGIONS = Payload("region list", RegionList)
+_SET_REGION_SYNC = Payload("SET_REGION_SYNC payload", SetRegionSync)
+_U64 = Payload("u64 value", U64)
+_S64 = Payload("s64 value", S64)
+_RESYNC_WORK = Payload("GET_RESYNC_WORK reply", ResyncWork)
+_REMOTE_RECOVERING = Payload("IS_REMOTE_RECOVERING reply", RemoteRecovering)
+
+#: The request table (``formats/wire.md`` §4): every type, what its request and its successful
+#: reply carry. An error reply carries nothing, and neither does the reconnect CTR's reply.
+PAYLOADS: dict[RequestType, Payloads] = {
+    RequestType.CTR: Payloads(Payload("CTR request", CtrString), Payload("CTR reply", DeviceName)),
+    RequestType.DTR: Payloads(),
+    RequestType.PRESUSPEND: Payloads(),
+    RequestType.POSTSUSPEND: Payloads(),
+    RequestType.RESUME: Payloads(),
+    RequestType.GET_REGION_SIZE: Payloads(reply=_U64),
+    RequestType.IS_CLEAN: Payloads(_REGION, _S64),
+    RequestType.IN_SYNC: Payloads(_REGION, _S64),
+    RequestType.FLUSH: Payloads(_REGIONS, request_optional=True),
+    RequestType.MARK_REGION: Payloads(_REGIONS),
+    RequestType.CLEAR_REGION: Payloads(_REGIONS),
+    RequestType.GET_RESYNC_WORK: Payloads(reply=_RESYNC_WORK),
+    RequestType.SET_REGION_SYNC: Payloads(_SET_REGION_SYNC),
+    RequestType.GET_SYNC_COUNT: Payloads(reply=_U64),
+    RequestType.STATUS_INFO: Payloads(reply=Payload("STATUS_INFO reply", StatusText)),
+    RequestType.STATUS_TABLE: Payloads(reply=Payload("STATUS_TABLE reply", StatusText)),
+    RequestType.IS_REMOTE_RECOVERING: Payloads(_REGION, _REMOTE_RECOVERING),
+}
+assert set(PAYLOADS) == set(RequestType)
+_NO_PAYLOAD = Payloads()
+
+
+def _payloads(request_type: int) -> tuple[str, Payloads]:
+    kind = _KINDS.get(request_type & DM_ULOG_REQUEST_MASK)
+    if kind is None:
+        return f"request type {request_type & DM_ULOG_REQUEST_MASK}", _NO_PAYLOAD
+    return kind.name, PAYLOADS[kind]
+
+
+def parse_request_payload(request_type: int, data: bytes) -> dict[str, object]:
+    """A request's data as named fields (``{}`` when it carries none). Raises ValueError."""
+    name, entry = _payloads(request_type)
+    if entry.request is None or (entry.request_optional and not data):
+        if data:
+            raise ValueError(f"{name} request carries no payload, got {len(data)} bytes")
+        return {}
+    return entry.request.parse(data)
+
+
+def build_request_payload(request_type: int, fields: Mapping[str, Any]) -> bytes:
+    name, entry = _payloads(request_type)
+    if not fields:
+        return b""
+    if entry.request is None:
+        raise ValueError(f"{name} request carries no payload")
+    return entry.request.build(fields)
+
+
+def parse_reply_payload(request_type: int, data: bytes) -> dict[str, object]:
+    """A reply's data as named fields (``{}`` when it carries none). Raises ValueError."""
+    name, entry = _payloads(request_type)
+    if not data:
+        return {}
+    if entry.reply is None:
+        raise ValueError(f"{name} reply carries no payload, got {len(data)} bytes")
+    return entry.reply.parse(data)
+
+
+def build_reply_payload(request_type: int, fields: Mapping[str, Any]) -> bytes:
+    name, entry = _payloads(request_type)
+    if not fields:
+        return b""
+    if entry.reply is None:
+        raise ValueError(f"{name} reply carries no payload")
+    return entry.reply.build(fields)
+
+
+def parse_ctr_string(data: bytes) -> tuple[str, bool]:
+    """A CTR request's data → (constructor string, whether a trailing NUL was counted: the
+    reconnect form). Raises ValueError."""
+    nul_counted = data.endswith(b"\0")
+    raw = data[:-1] if nul_counted else data
+    if b"\0" in raw:
+        raise ValueError("constructor string contains a NUL byte")
+    try:
+        return raw.decode("ascii"), nul_counted
+    except UnicodeDecodeError as exc:
+        raise ValueError("constructor string is not ASCII") from exc
+
+
+# The engine's fast path: structs generated from the same definitions, no dict per request.
+_REGION_S = flat_struct(Region)
+_REGION_ITEM = flat_struct(RegionList.subcons[0].subcon.subcon)
+_SET_REGION_SYNC_S = flat_struct(SetRegionSync)
+_U64_S = flat_struct(U64)
+_S64_S = flat_struct(S64)
+_RESYNC_WORK_S = flat_struct(ResyncWork)
+_REMOTE_RECOVERING_S = flat_struct(RemoteRecovering)
+
+
+def parse_region(data: bytes) -> int:
+    _check_size(data, 8, _REGION.what)
+    return _REGION_S.unpack(data)[0]
+
+
+def parse_regions(data: bytes) -> list[int]:
+    return _REGIONS.items(data)
+
+
+def build_regions(regions: list[int]) -> bytes:
+    return b"".join(map(_REGION_ITEM.pack, regions))
+
+
+def parse_set_region_sync(data: bytes) -> tuple[int, int]:
+    _check_size(data, 16, _SET_REGION_SYNC.what)
+    region, in_sync = _SET_REGION_SYNC_S.unpack(data)
+    return region, in_sync
+
+
+def build_set_region_sync(region: int, in_sync: int) -> bytes:
+    return _SET_REGION_SYNC_S.pack(region, in_sync)
+
+
+def build_u64(value: int) -> bytes:
+    return _U64_S.pack(value)
+
+
 def parse_u64(data: bytes) -> int:
-    _check_size(data, 8, "u64 value")
-    return _U64.unpack(data)[0]
+    _check_size(data, 8, _U64.what)
+    return _U64_S.unpack(data)[0]
 
 
 def build_s64(value: int) -> bytes:
-    return _S64.pack(value)
+    return _S64_S.pack(value)
 
 
 def parse_s64(data: bytes) -> int:
-    _check_size(data, 8, "s64 value")
-    return _S64.unpack(data)[0]
+    _check_size(data, 8, _S64.what)
+    return _S64_S.unpack(data)[0]
 
 
 def build_resync_work(have_work: bool, region: int) -> bytes:
-    return _RESYNC_WORK.pack(int(have_work), region)
+    return _RESYNC_WORK_S.pack(int(have_work), region)
 
 
 def parse_resync_work(data: bytes) -> tuple[int, int]:
-    _check_size(data, 16, "GET_RESYNC_WORK reply")
-    have_work, region = _RESYNC_WORK.unpack(data)
+    _check_size(data, 16, _RESYNC_WORK.what)
+    have_work, region = _RESYNC_WORK_S.unpack(data)
     return have_work, region
 
 
 def build_remote_recovering(is_recovering: bool, in_sync_hint: int) -> bytes:
-    return _REMOTE_RECOVERING.pack(int(is_recovering), in_sync_hint)
+    return _REMOTE_RECOVERING_S.pack(int(is_recovering), in_sync_hint)
 
 
 def parse_remote_recovering(data: bytes) -> tuple[int, int]:
-    _check_size(data, 16, "IS_REMOTE_RECOVERING reply")
-    is_recovering, hint = _REMOTE_RECOVERING.unpack(data)
+    _check_size(data, 16, _REMOTE_RECOVERING.what)
+    is_recovering, hint = _REMOTE_RECOVERING_S.unpack(data)
     return is_recovering, hint
-
-
-def request_fields(request_type: int, data: bytes) -> dict[str, object]:
-    """A request payload as named fields (golden vectors, ``ulog-dump wire``).
-
-    Raises ValueError for a payload of the wrong shape.
-    """
-    kind = request_type & DM_ULOG_REQUEST_MASK
-    if kind == RequestType.CTR:
-        nul = data.endswith(b"\0")
-        return {"ctr": (data[:-1] if nul else data).decode("ascii"), "nul_counted": nul}
-    if kind in (RequestType.IS_CLEAN, RequestType.IN_SYNC, RequestType.IS_REMOTE_RECOVERING):
-        return {"region": parse_region(data)}
-    if kind in (RequestType.MARK_REGION, RequestType.CLEAR_REGION) or (kind == RequestType.FLUSH and data):
-        return {"regions": parse_regions(data)}
-    if kind == RequestType.SET_REGION_SYNC:
-        region, in_sync = parse_set_region_sync(data)
-        return {"region": region, "in_sync": in_sync}
-    if data:
-        raise ValueError(f"request type {kind} carries no payload, got {len(data)} bytes")
-    return {}

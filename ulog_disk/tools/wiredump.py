@@ -21,11 +21,6 @@ from .common import ranges
 
 TRANSPORT_NAMES = {v: k for k, v in capture.TRANSPORTS.items()}
 
-#: Replies whose data is a value of the request type (what the kernel reads).
-_REGION_REQUESTS = (RequestType.IS_CLEAN, RequestType.IN_SYNC, RequestType.IS_REMOTE_RECOVERING)
-_LIST_REQUESTS = (RequestType.MARK_REGION, RequestType.CLEAR_REGION, RequestType.FLUSH)
-
-
 @dataclass
 class Frame:
     """One request or reply, decoded."""
@@ -60,11 +55,16 @@ class Frame:
             return f"TYPE_{self.type_code}"
 
 
-def _payload_summary(p: dict[str, Any]) -> str:
+#: How a reply value of these types reads (the table names it by its type only: ``u64``, ``s64``).
+_VALUE_WORDS = {RequestType.GET_REGION_SIZE: "region size", RequestType.GET_SYNC_COUNT: "sync count"}
+_YES_NO = {RequestType.IS_CLEAN: "clean", RequestType.IN_SYNC: "in sync"}
+
+
+def _payload_summary(kind: RequestType | None, p: dict[str, Any]) -> str:
     if "problem" in p:
         return f"undecodable payload ({p['problem']}): {p.get('hex', '')}"
     if "ctr" in p:
-        reconnect = " (reconnect: NUL-terminated, no reply buffer)" if p.get("reconnect") else ""
+        reconnect = " (reconnect: NUL-terminated, no reply buffer)" if p["nul_counted"] else ""
         return f"ctr {p['ctr']!r}{reconnect}"
     if "device" in p:
         return f"device {p['device']!r}"
@@ -72,19 +72,17 @@ def _payload_summary(p: dict[str, Any]) -> str:
         return f"{p['count']} region(s): {p['ranges']}" if p["count"] else "no regions"
     if "have_work" in p:
         return f"work: region {p['region']}" if p["have_work"] else "no work"
-    if "in_sync" in p and "region" in p:
+    if "in_sync" in p:
         return f"region {p['region']} {'in sync' if p['in_sync'] else 'out of sync'}"
     if "is_recovering" in p:
         return f"recovering={int(p['is_recovering'])} in_sync_hint={p['in_sync_hint']}"
     if "region" in p:
         return f"region {p['region']}"
-    for key, label in (("clean", "clean"), ("in_sync", "in sync")):
-        if key in p:
-            return label if p[key] else f"not {label}"
-    if "region_size" in p:
-        return f"region size {p['region_size']}"
-    if "sync_count" in p:
-        return f"sync count {p['sync_count']}"
+    if "s64" in p:
+        label = _YES_NO.get(kind, "s64") if kind is not None else "s64"
+        return label if p["s64"] == 1 else f"not {label}"
+    if "u64" in p:
+        return f"{_VALUE_WORDS.get(kind, 'u64') if kind is not None else 'u64'} {p['u64']}"
     if "text" in p:
         return repr(p["text"])
     if "hex" in p:
@@ -93,59 +91,31 @@ def _payload_summary(p: dict[str, Any]) -> str:
 
 
 def describe_payload(frame: Frame) -> str:
-    text = _payload_summary(frame.payload)
+    text = _payload_summary(_kind(frame.type_code), frame.payload)
     if frame.problem:
         text = (f"{text}; " if text else "") + f"malformed: {frame.problem}"
     return text
 
 
-def _u64_list(data: bytes) -> dict[str, Any]:
-    regions = wire.parse_regions(data)
-    return {"regions": regions, "count": len(regions), "ranges": ranges(set(regions))}
-
-
-def request_payload(kind: RequestType | None, data: bytes) -> dict[str, Any]:
+def request_payload(request_type: int, data: bytes) -> dict[str, Any]:
+    """A request's data as the request table (:data:`wire.PAYLOADS`) names it; a region list
+    also as a count and ranges."""
     try:
-        if kind is RequestType.CTR:
-            reconnect = data.endswith(b"\0")
-            return {"ctr": data.rstrip(b"\0").decode("latin-1"), "reconnect": reconnect}
-        if kind in _LIST_REQUESTS:
-            return _u64_list(data)
-        if kind in _REGION_REQUESTS:
-            return {"region": wire.parse_region(data)}
-        if kind is RequestType.SET_REGION_SYNC:
-            region, in_sync = wire.parse_set_region_sync(data)
-            return {"region": region, "in_sync": bool(in_sync)}
+        p = wire.parse_request_payload(request_type, data)
     except ValueError as exc:
         return {"problem": str(exc), "hex": data.hex()}
-    return {"hex": data.hex()} if data else {}
+    if "regions" in p:
+        p.update(count=len(p["regions"]), ranges=ranges(set(p["regions"])))
+    return p
 
 
-def reply_payload(kind: RequestType | None, data: bytes) -> dict[str, Any]:
+def reply_payload(request_type: int | None, data: bytes) -> dict[str, Any]:
+    if request_type is None:  # an unpaired reply: its own header's type is all there is
+        return {"hex": data.hex()} if data else {}
     try:
-        if not data:
-            return {}
-        if kind is RequestType.CTR:
-            return {"device": data.rstrip(b"\0").decode("latin-1")}
-        if kind is RequestType.GET_REGION_SIZE:
-            return {"region_size": wire.parse_u64(data)}
-        if kind is RequestType.GET_SYNC_COUNT:
-            return {"sync_count": wire.parse_u64(data)}
-        if kind is RequestType.IS_CLEAN:
-            return {"clean": wire.parse_s64(data) == 1}
-        if kind is RequestType.IN_SYNC:
-            return {"in_sync": wire.parse_s64(data) == 1}
-        if kind is RequestType.GET_RESYNC_WORK:
-            have, region = wire.parse_resync_work(data)
-            return {"have_work": bool(have), "region": region}
-        if kind is RequestType.IS_REMOTE_RECOVERING:
-            rec, hint = wire.parse_remote_recovering(data)
-            return {"is_recovering": bool(rec), "in_sync_hint": hint}
-        if kind in (RequestType.STATUS_INFO, RequestType.STATUS_TABLE):
-            return {"text": data.rstrip(b"\0").decode("latin-1")}
+        return wire.parse_reply_payload(request_type, data)
     except ValueError as exc:
         return {"problem": str(exc), "hex": data.hex()}
-    return {"hex": data.hex()}
 
 
 def _kind(code: int | None) -> RequestType | None:
@@ -166,7 +136,7 @@ def decode_request(index: int, raw: bytes) -> Frame:
             return f
     f.seq, f.cn_seq, f.type_code = req.seq, req.cn_seq, req.request_type
     f.uuid, f.luid = req.uuid, req.luid
-    f.payload = request_payload(_kind(req.request_type), req.data)
+    f.payload = request_payload(req.request_type, req.data)
     return f
 
 
@@ -208,8 +178,7 @@ def pair(frames: list[Frame]) -> None:
                 f.latency_ns = f.time_ns - req.time_ns
         data = f.raw_data
         if data is not None:
-            kind = _kind(req.type_code if req is not None else f.type_code)
-            f.payload = reply_payload(kind, data)
+            f.payload = reply_payload(req.type_code if req is not None else f.type_code, data)
 
 
 @dataclass
