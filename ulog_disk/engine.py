@@ -330,10 +330,10 @@ class Engine:
     # --- lifecycle requests --------------------------------------------------------------
 
     def _ctr(self, req: Request) -> Reply | Pending:
-        reconnect = req.data.endswith(b"\0")
         try:
-            ctr = parse_ctr(req.data)
-        except CtrError as exc:
+            text, reconnect = wire.parse_ctr_string(req.data)
+            ctr = parse_ctr(text)
+        except ValueError as exc:  # CtrError is one
             self.stats.errors_by_type[req.request_type] += 1
             self.noisy.log("rejected request", logging.ERROR, "CTR %s rejected: %s",
                            describe(req.uuid, req.luid), exc)
