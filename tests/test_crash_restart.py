@@ -23,62 +23,18 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
 import threading
 from pathlib import Path
 
-from conftest import DaemonProcess, start_daemon
-
 from ulog_disk import wire
 from ulog_disk.regionlog import RegionLog
-from ulog_disk.wire import Request, RequestType
+from ulog_disk.testing.client import Client, DaemonGone
+from ulog_disk.testing.launcher import Daemon, launch
+from ulog_disk.wire import RequestType
 
 UUID = "LVM-crashtest"
 REGIONS = 48
 CTR = f"{REGIONS * 8} clustered-core 8"
-
-
-class DaemonGone(Exception):
-    pass
-
-
-class Client:
-    """One request at a time, like one kernel thread; EOF means the daemon died."""
-
-    def __init__(self, path: Path):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.sock.connect(str(path))
-        self.sock.settimeout(20)
-        self.seq = 0
-
-    def request(self, luid: int, rtype: RequestType, data: bytes = b"") -> tuple[int, bytes]:
-        self.seq += 1
-        frame = wire.encode_request(Request(luid=luid, uuid=UUID, version=3, seq=self.seq,
-                                            request_type=rtype, data=data))
-        try:
-            self.sock.send(frame)
-            reply = self.sock.recv(65536)
-        except OSError as exc:
-            raise DaemonGone from exc
-        if not reply:
-            raise DaemonGone
-        decoded = wire.decode_reply(reply)
-        assert decoded.seq == self.seq
-        return decoded.error, decoded.data
-
-    def ok(self, luid: int, rtype: RequestType, data: bytes = b"") -> bytes:
-        error, out = self.request(luid, rtype, data)
-        assert error == 0, (rtype.name, error)
-        return out
-
-    def bits(self, luid: int) -> tuple[list[int], list[int]]:
-        def ask(rtype: RequestType) -> list[int]:
-            return [wire.parse_s64(self.ok(luid, rtype, wire.build_u64(r))) for r in range(REGIONS)]
-
-        return ask(RequestType.IS_CLEAN), ask(RequestType.IN_SYNC)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def bits_of(log: RegionLog) -> tuple[list[int], list[int]]:
@@ -121,8 +77,8 @@ def test_kill9_at_random_points(tmp_path: Path) -> None:
     luid = 0x1000
     daemon = _start(tmp_path, state, boot, 0)
     client = Client(daemon.socket_path)
-    client.ok(luid, RequestType.CTR, CTR.encode())
-    client.ok(luid, RequestType.RESUME)
+    client.ok(UUID, luid, RequestType.CTR, CTR.encode())
+    client.ok(UUID, luid, RequestType.RESUME)
     oracle = RegionLog.fresh(REGIONS, False)
     # The states since the last acknowledged commit, oldest first: the store (a checkpoint, the
     # journal's synced part) holds one of them, or one of them with later clears lost.
@@ -135,7 +91,7 @@ def test_kill9_at_random_points(tmp_path: Path) -> None:
         try:
             while True:
                 in_flight = random_request(rng)
-                error, _ = client.request(luid, *in_flight)
+                error, _ = client.request(UUID, luid, *in_flight)
                 assert error == 0, (in_flight[0].name, error)
                 apply(oracle, *in_flight)
                 if in_flight[0] in COMMITS:
@@ -159,7 +115,7 @@ def test_kill9_at_random_points(tmp_path: Path) -> None:
             # The daemon died, the kernel did not: same boot, same luid, no CTR.
             daemon = _start(tmp_path, state, boot, point)
             client = Client(daemon.socket_path)
-            seen = client.bits(luid)
+            seen = client.bits(UUID, luid, REGIONS)
             assert seen in (bits_of(oracle), bits_of(maybe)), f"crash point {point}: state changed"
             if seen != bits_of(oracle):
                 oracle = maybe
@@ -171,9 +127,9 @@ def test_kill9_at_random_points(tmp_path: Path) -> None:
             daemon = _start(tmp_path, state, boot, point)
             client = Client(daemon.socket_path)
             luid += 1
-            client.ok(luid, RequestType.CTR, CTR.encode())
-            client.ok(luid, RequestType.RESUME)
-            clean, sync = client.bits(luid)
+            client.ok(UUID, luid, RequestType.CTR, CTR.encode())
+            client.ok(UUID, luid, RequestType.RESUME)
+            clean, sync = client.bits(UUID, luid, REGIONS)
             bad = {r for r in range(REGIONS) if not sync[r]}
             bad_in = [{r for r in range(REGIONS) if not s.sync[r] or not s.clean[r]} for s in states]
             must = set.intersection(*bad_in)
@@ -199,6 +155,6 @@ def _bitmap(bits: list[int]) -> bytes:
     return bytes(out)
 
 
-def _start(tmp: Path, state: Path, boot: int, point: int) -> DaemonProcess:
-    return start_daemon(tmp, backend="lmdb", state_dir=state, name=f"d{point}",
-                        extra_args=["--boot-id", f"boot-{boot}"])
+def _start(tmp: Path, state: Path, boot: int, point: int) -> Daemon:
+    return launch(tmp, capture=True, backend="lmdb", state_dir=state, name=f"d{point}",
+                  boot_id=f"boot-{boot}")

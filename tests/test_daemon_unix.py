@@ -11,11 +11,10 @@ import sys
 import textwrap
 from pathlib import Path
 
-from conftest import DaemonProcess, start_daemon
-
 from ulog_disk import wire
 from ulog_disk.capture import FROM_DAEMON, TO_DAEMON, read_capture
 from ulog_disk.kernelmodel import KernelConnection, Mirror, UserspaceLog
+from ulog_disk.testing.launcher import Daemon, launch
 from ulog_disk.wire import RequestType
 
 
@@ -25,7 +24,7 @@ def make_mirror(conn: KernelConnection, uuid: str, luid: int, ctr: str, integrat
     return mirror
 
 
-def test_three_mirrors_full_lifecycle(daemon: DaemonProcess) -> None:
+def test_three_mirrors_full_lifecycle(daemon: Daemon) -> None:
     """The acceptance sequence of issue #2: create, write, recover, suspend, reload, remove."""
     conn = KernelConnection(str(daemon.socket_path), timeout=10)
     core = make_mirror(conn, "LVM-core", 0x1000, "65536 clustered-core 1024")
@@ -78,13 +77,13 @@ def test_three_mirrors_full_lifecycle(daemon: DaemonProcess) -> None:
     assert "uuid='LVM-core' luid=0x1001 adopts the state of luid=0x1000" in text
 
 
-def test_unknown_log_gets_esrch_and_reconnect_recreates_it(daemon: DaemonProcess, tmp_path: Path) -> None:
+def test_unknown_log_gets_esrch_and_reconnect_recreates_it(daemon: Daemon, tmp_path: Path) -> None:
     conn = KernelConnection(str(daemon.socket_path), timeout=10)
     m = make_mirror(conn, "LVM-x", 0x77, "8192 clustered-core 1024")
     m.resume()
     m.recover_all()
     daemon.stop(signal.SIGKILL)
-    fresh = start_daemon(tmp_path, name="second")
+    fresh = launch(tmp_path, capture=True, name="second", listen=f"unix:{daemon.socket_path}")
     conn.reconnect()
     # The restarted (memory) daemon does not know the log: the first request gets -ESRCH,
     # the model runs the reconnect loop (CTR + NUL, RESUME) and the request then succeeds.
@@ -103,7 +102,7 @@ def test_unknown_log_gets_esrch_and_reconnect_recreates_it(daemon: DaemonProcess
     assert replies[1].error == 0 and replies[1].data == b""  # reconnect CTR: no reply data
 
 
-def test_malformed_frames_do_not_disturb_other_logs(daemon: DaemonProcess) -> None:
+def test_malformed_frames_do_not_disturb_other_logs(daemon: Daemon) -> None:
     conn = KernelConnection(str(daemon.socket_path), timeout=10)
     m = make_mirror(conn, "LVM-ok", 1, "8192 clustered-core 1024")
     m.resume()
@@ -129,7 +128,7 @@ def test_malformed_frames_do_not_disturb_other_logs(daemon: DaemonProcess) -> No
     assert daemon.proc.poll() is None
 
 
-def test_second_daemon_on_same_state_dir_refused(daemon: DaemonProcess, tmp_path: Path) -> None:
+def test_second_daemon_on_same_state_dir_refused(daemon: Daemon, tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "ulog_disk", "--listen", f"unix:{tmp_path}/other.sock",
          "--backend", "memory", "--state-dir", str(daemon.state_dir)],
@@ -140,7 +139,7 @@ def test_second_daemon_on_same_state_dir_refused(daemon: DaemonProcess, tmp_path
     assert str(daemon.proc.pid) in proc.stderr
 
 
-def test_state_dir_and_socket_modes(daemon: DaemonProcess) -> None:
+def test_state_dir_and_socket_modes(daemon: Daemon) -> None:
     assert daemon.state_dir.stat().st_mode & 0o777 == 0o700
     assert daemon.socket_path.stat().st_mode & 0o777 == 0o600
 
@@ -161,7 +160,7 @@ def test_sigterm_exits_zero_and_notifies(tmp_path: Path) -> None:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(str(notify))
     listener.settimeout(10)
-    d = start_daemon(tmp_path, extra_env={"NOTIFY_SOCKET": str(notify)})
+    d = launch(tmp_path, capture=True, env={"NOTIFY_SOCKET": str(notify)})
     assert listener.recv(100) == b"READY=1"
     assert d.stop(signal.SIGTERM) == 0
     assert listener.recv(100) == b"STOPPING=1"
@@ -188,7 +187,7 @@ def test_third_party_backend_plugin_via_entry_point(tmp_path: Path) -> None:
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-ulog\nVersion: 1.0\n")
     (dist / "entry_points.txt").write_text("[ulog_disk.backends]\nacme = acme_ulog:CountingBackend\n")
     env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
-    d = start_daemon(tmp_path, backend="acme", extra_env=env)
+    d = launch(tmp_path, capture=True, backend="acme", env=env)
     conn = KernelConnection(str(d.socket_path), timeout=10)
     m = make_mirror(conn, "LVM-acme", 5, "4096 clustered-core 1024 nosync")
     m.resume()
@@ -200,7 +199,7 @@ def test_third_party_backend_plugin_via_entry_point(tmp_path: Path) -> None:
     assert len(lines) >= 3  # RESUME, FLUSH, and the commit at stop
 
 
-def test_kernel_resend_after_timeout_is_harmless(daemon: DaemonProcess) -> None:
+def test_kernel_resend_after_timeout_is_harmless(daemon: Daemon) -> None:
     """A stalled daemon: the kernel times out and resends with a new seq; the late reply to the old
     seq is dropped, and the repeated GET_RESYNC_WORK hands out the same region again."""
     import threading
@@ -232,7 +231,7 @@ def test_every_request_gets_exactly_one_reply_whichever_thread_sends_it(tmp_path
     """A successful FLUSH is answered by its uuid's worker, everything else by the loop: each
     request still gets one reply, in the order the kernel's one-at-a-time caller sees them,
     and the capture records each reply once, after its request."""
-    d = start_daemon(tmp_path, backend="lmdb")
+    d = launch(tmp_path, capture=True, backend="lmdb")
     raw = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     raw.connect(str(d.socket_path))
     raw.settimeout(10)
@@ -270,7 +269,7 @@ def test_every_request_gets_exactly_one_reply_whichever_thread_sends_it(tmp_path
 
 
 def test_an_empty_message_is_an_unanswerable_frame_not_the_end_of_the_connection(
-        daemon: DaemonProcess) -> None:
+        daemon: Daemon) -> None:
     """A zero-length SOCK_SEQPACKET message reads as b"" like a hang-up; the daemon must tell them
     apart (issue #12: a fuzzer's empty probe closed its connection, and its next send got EPIPE)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -290,7 +289,7 @@ def test_an_empty_message_is_an_unanswerable_frame_not_the_end_of_the_connection
     assert "2 unanswerable frames dropped" in text
 
 
-def test_a_flood_of_junk_frames_logs_a_few_lines_and_counts_them_all(daemon: DaemonProcess) -> None:
+def test_a_flood_of_junk_frames_logs_a_few_lines_and_counts_them_all(daemon: Daemon) -> None:
     """Issue #12: 3000 junk frames gave ~1600 log lines. Now the first few of each kind per
     interval, one summary, and the exact counts in the stop line."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)

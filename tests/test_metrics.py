@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import DaemonProcess, start_daemon
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
@@ -23,6 +22,7 @@ from ulog_disk import wire
 from ulog_disk.engine import Stats
 from ulog_disk.kernelmodel import KernelConnection
 from ulog_disk.metrics import FLUSH_BUCKETS, Metrics, Snapshot, requests_by_type
+from ulog_disk.testing.launcher import Daemon, launch
 from ulog_disk.wire import RequestType
 
 #: Seconds to wait for something the daemon does within about a second (a slow CI machine).
@@ -54,7 +54,7 @@ def ok(conn: KernelConnection, uuid: str, luid: int, rtype: RequestType, data: b
     assert error == 0, (rtype.name, error)
 
 
-def wait_for(what: str, check: object, daemon: DaemonProcess) -> None:
+def wait_for(what: str, check: object, daemon: Daemon) -> None:
     deadline = time.monotonic() + PATIENCE
     while not check():  # type: ignore[operator]
         assert daemon.proc.poll() is None, daemon.log_text()[-3000:]
@@ -65,7 +65,7 @@ def wait_for(what: str, check: object, daemon: DaemonProcess) -> None:
 def test_metrics_file_counts_a_known_workload(tmp_path: Path) -> None:
     prom = tmp_path / "textfile" / "ulog.prom"
     prom.parent.mkdir()
-    daemon = start_daemon(tmp_path, backend="lmdb", extra_args=["--metrics-file", str(prom)])
+    daemon = launch(tmp_path, capture=True, backend="lmdb", extra_args=["--metrics-file", str(prom)])
     conn = KernelConnection(str(daemon.socket_path), timeout=10)
     a, b = ("LVM-metrics-a", 0x10), ("LVM-metrics-b", 0x20)
     ok(conn, *a, RequestType.CTR, b"65536 clustered-core 1024", 128)   # 64 regions
@@ -144,7 +144,8 @@ def test_written_while_running_and_a_lost_directory_does_not_stop_serving(tmp_pa
     textfile = tmp_path / "textfile"
     textfile.mkdir()
     prom = textfile / "ulog.prom"
-    daemon = start_daemon(tmp_path, extra_args=["--metrics-file", str(prom), "--metrics-interval", "0.1"])
+    daemon = launch(tmp_path, capture=True,
+                    extra_args=["--metrics-file", str(prom), "--metrics-interval", "0.1"])
     conn = KernelConnection(str(daemon.socket_path), timeout=10)
     m = ("LVM-running", 7)
     ok(conn, *m, RequestType.CTR, b"8192 clustered-core 1024", 128)

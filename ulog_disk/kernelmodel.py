@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import os
 import socket
 import threading
 import time
@@ -38,6 +39,22 @@ DEVICE_NAME_BUFFER = 128
 
 class KernelError(OSError):
     pass
+
+
+def connect(path: str | os.PathLike[str], timeout: float, pause: float = 0.05) -> socket.socket:
+    """A SOCK_SEQPACKET connection to the daemon's unix socket, trying again for ``timeout``
+    seconds (a daemon that is starting or restarting has no listener yet)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.connect(os.fspath(path))
+            return sock
+        except OSError:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(pause)
 
 
 @dataclass
@@ -66,17 +83,7 @@ class KernelConnection:
         self._connect(connect_timeout)
 
     def _connect(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            try:
-                sock.connect(self.path)
-                break
-            except OSError:
-                sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        sock = connect(self.path, timeout)
         self._sock = sock
         self._reader = threading.Thread(target=self._read_loop, args=(sock,), daemon=True)
         self._reader.start()
