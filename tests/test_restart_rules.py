@@ -22,7 +22,7 @@ def restarted_with_live_a(tmp_path):
 
 def test_silent_restored_live_instance_is_adopted_by_a_real_resume(tmp_path):
     engine, k = restarted_with_live_a(tmp_path)
-    k.ctr(2, ctr_text(mode="nosync"))
+    k.ctr(ctr_text(mode="nosync"), 2)
     k.resume(2)
     # The kernel-gone path: what A had marked is out of sync, nothing else; no full resync.
     assert unsynced(engine, 2) == [40000, 50000, 60000]
@@ -32,8 +32,8 @@ def test_silent_restored_live_instance_is_adopted_by_a_real_resume(tmp_path):
 
 def test_restored_live_instance_that_speaks_is_not_taken_over(tmp_path):
     engine, k = restarted_with_live_a(tmp_path)
-    assert k.in_sync(1, 5)  # the kernel still drives A
-    k.ctr(2, ctr_text())
+    assert k.in_sync(5, 1)  # the kernel still drives A
+    k.ctr(ctr_text(), 2)
     k.resume(2)
     assert k.sync_count(2) == 0  # nothing adopted from a live instance
     assert dirty(engine, 1) == [40000, 50000, 60000]
@@ -42,12 +42,12 @@ def test_restored_live_instance_that_speaks_is_not_taken_over(tmp_path):
 
 def test_reconnect_resume_never_takes_a_silent_live_instance(tmp_path):
     engine, k = restarted_with_live_a(tmp_path)
-    k.ctr(2, ctr_text(), reconnect=True)  # the kernel's -ESRCH loop for an inactive table
+    k.ctr(ctr_text(), 2, reconnect=True)  # the kernel's -ESRCH loop for an inactive table
     k.resume(2)
     assert k.sync_count(2) == 0
     # Later, the real swap: A is suspended through the daemon, then B really resumes.
-    k.ok(RequestType.PRESUSPEND, 1)
-    k.ok(RequestType.POSTSUSPEND, 1)
+    k.ok(RequestType.PRESUSPEND, luid=1)
+    k.ok(RequestType.POSTSUSPEND, luid=1)
     k.resume(2)
     assert unsynced(engine, 2) == [40000, 50000, 60000]
     stop(engine)

@@ -189,8 +189,13 @@ def kept_at_ctr(resumed: bool, generation: int, retained_generation: int | None)
     return resumed and (retained_generation is None or generation > retained_generation)
 
 
+def outranked(generation: int, others: Iterable[int]) -> bool:
+    """Whether another state of the uuid (``others``: their generations) is newer."""
+    return any(g > generation for g in others)
+
+
 def never_handed_over(flagged: bool, resumed: bool, in_use: bool, generation: int,
                       others: Iterable[int]) -> bool:
     """A stored state no RESUME will adopt again: flagged superseded, or not in use in this boot
-    while another state of the uuid (``others``: their generations) is newer."""
-    return flagged or (resumed and not in_use and any(g > generation for g in others))
+    while another state of the uuid is newer."""
+    return flagged or (resumed and not in_use and outranked(generation, others))

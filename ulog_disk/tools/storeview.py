@@ -19,7 +19,8 @@ py-lmdb refuses to open one environment twice in one process, so an environment 
 read whole into Python objects and closed again before anything else (the write paths of
 ``ulog-recover``, which go through :class:`~ulog_disk.backends.lmdb_store.LmdbBackend`) opens it.
 
-Verdicts (``ulog-recover list``), first match wins:
+Verdicts (``ulog-recover list``), first match wins; whether a state is ever handed over again is
+decided by :mod:`ulog_disk.lifecycle`, the rules the daemon applies:
 
 ``damaged``      the instance's records fail verification (the daemon would move the whole store
                  of its uuid aside at its next start), or the store cannot be opened at all.
@@ -51,6 +52,7 @@ from bitarray.util import zeros
 from .. import journal as jn
 from ..backends.base import OP_CLEAR, OP_MARK, OP_SET_NOSYNC, OP_SET_SYNC
 from ..backends.lmdb_store import DIR_MODE, FILE_MODE, MAX_DBS, journal_records_by_instance, plan_replay
+from ..lifecycle import IN_USE, never_handed_over, outranked
 from ..regionlog import CHUNK_BYTES, RegionLog
 from ..store_format import (
     CHECKPOINT_KEY,
@@ -85,7 +87,6 @@ from ..store_format import (
 from .common import DaemonStatus, bit_ranges, daemon_status, iso, luid_hex, ranges, when
 
 ERROR, WARNING, NOTE = "error", "warning", "note"
-LIVE_STATES = ("live", "presuspended")
 _JOURNAL_NAME = re.compile(r"journal\.([0-9a-f]{16})")
 _OP_NAMES = {OP_MARK: "mark", OP_CLEAR: "clear", OP_SET_SYNC: "set in sync", OP_SET_NOSYNC: "set out of sync"}
 
@@ -783,12 +784,12 @@ def _judge(ev: EnvView, boot_id: str, daemon_running: bool = True) -> None:
     good = [s for s in ev.states if not s.damaged and (s.meta or s.retained)]
     for s in ev.states:
         s.verdict, s.reason = _verdict(s, good, boot_id, ev)
-        if s.verdict in LIVE_STATES and not daemon_running:
+        if s.verdict in IN_USE and not daemon_running:
             s.reason += " (dm-ulogd is not running: the kernel retries its requests until it is back)"
 
 
 def is_live_now(s: StateView, boot_id: str) -> bool:
-    return s.meta is not None and s.meta.boot_id == boot_id and s.meta.state in LIVE_STATES
+    return s.meta is not None and s.meta.boot_id == boot_id and s.meta.state in IN_USE
 
 
 def _verdict(s: StateView, good: list[StateView], boot_id: str, ev: EnvView) -> tuple[str, str]:
@@ -798,14 +799,15 @@ def _verdict(s: StateView, good: list[StateView], boot_id: str, ev: EnvView) -> 
         errors = [f"{f.where}: {f.message}" for f in s.findings if f.level == ERROR]
         return "damaged", (errors[0] if errors else "unreadable") + \
             " (the daemon moves this uuid's store aside at its next start: a full resync)"
-    if s.meta is not None and s.meta.superseded:
-        return "superseded", ("another instance adopted its state (superseded flag); it is never handed "
-                              "over again")
-    if s.resumed and not is_live_now(s, boot_id):
-        newer = [o for o in good if o is not s and o.generation > s.generation]
-        if newer:
-            top = max(newer, key=lambda o: o.generation)
-            return "superseded", f"a newer state exists: {top.label()}"
+    flagged = s.meta is not None and s.meta.superseded
+    others = [o for o in good if o is not s]
+    if never_handed_over(flagged, s.resumed, is_live_now(s, boot_id), s.generation,
+                         [o.generation for o in others]):
+        if flagged:
+            return "superseded", ("another instance adopted its state (superseded flag); it is never "
+                                  "handed over again")
+        top = max(others, key=lambda o: o.generation)
+        return "superseded", f"a newer state exists: {top.label()}"
     if s.kind == "retained":
         src = s.retained.source_luid if s.retained else None
         origin = "imported from a disk log" if src == 0 else f"the state of luid {luid_hex(src)}"
@@ -861,7 +863,7 @@ def check_generations(ev: EnvView, boot_id: str) -> None:
     good = [s for s in ev.states if not s.damaged and s.clean is not None]
     for s in good:
         if s.meta and s.meta.superseded and s.generation and \
-                not any(o.generation > s.generation for o in good if o is not s):
+                not outranked(s.generation, [o.generation for o in good if o is not s]):
             ev.findings.append(Finding(WARNING, "generations", f"{s.label()} is flagged superseded, yet no "
                                        "newer state of the uuid exists: the state that adopted it was lost"))
     live = [s for s in ev.instances if is_live_now(s, boot_id)]
