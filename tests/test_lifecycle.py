@@ -1,0 +1,192 @@
+"""The lifecycle tables and the per-uuid rules (ulog_disk.lifecycle), by themselves and as the
+engine applies them."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ulog_disk.backends.base import InstanceRecord
+from ulog_disk.backends.memory import MemoryBackend
+from ulog_disk.engine import Engine
+from ulog_disk.lifecycle import (
+    EXISTING,
+    HANDS_OVER,
+    IN_USE,
+    TRANSITIONS,
+    LifecycleError,
+    State,
+    drops_adopted,
+    gives_resync_work,
+    hands_over,
+    is_silent,
+    kept_at_ctr,
+    never_handed_over,
+    newest_state,
+    next_state,
+    retains_at_dtr,
+    takes_generation,
+)
+from ulog_disk.testing.kernel import Kernel
+from ulog_disk.wire import RequestType
+
+T = RequestType
+
+
+def expected(state: State, request: RequestType) -> State:
+    """The per-instance rules of the module docstring, written out again independently."""
+    if request is T.RESUME:
+        return State.LIVE
+    if request is T.DTR:
+        return State.DESTROYED
+    if request is T.PRESUSPEND and state is State.LIVE:
+        return State.PRESUSPENDED
+    if request is T.POSTSUSPEND and state in (State.LIVE, State.PRESUSPENDED):
+        return State.SUSPENDED
+    return state
+
+
+@pytest.mark.parametrize(("state", "request_type"), list(itertools.product(EXISTING, RequestType)))
+def test_every_request_is_listed_between_ctr_and_dtr(state: State, request_type: RequestType) -> None:
+    assert next_state(state, request_type) is expected(state, request_type)
+
+
+@pytest.mark.parametrize("request_type", list(RequestType))
+def test_nothing_is_accepted_after_dtr(request_type: RequestType) -> None:
+    with pytest.raises(LifecycleError, match="not accepted in state destroyed"):
+        next_state(State.DESTROYED, request_type)
+    # The engine answers a ValueError with -EINVAL instead of dying.
+    assert issubclass(LifecycleError, ValueError)
+
+
+def test_the_table_lists_exactly_the_states_between_ctr_and_dtr() -> None:
+    assert set(TRANSITIONS) == set(itertools.product(EXISTING, RequestType))
+    assert set(EXISTING) == HANDS_OVER | IN_USE and not HANDS_OVER & IN_USE
+    assert [s for s in State if gives_resync_work(s)] == [State.LIVE]
+
+
+# --- the engine follows the table -----------------------------------------------------------------
+
+
+class EventLog(MemoryBackend):
+    """Keeps the state every lifecycle journal record carries."""
+
+    def __init__(self) -> None:
+        super().__init__(Path("/nonexistent"))  # the memory backend writes nothing
+        self.events: list[tuple[int, str]] = []
+
+    def log_event(self, rec: InstanceRecord, event: int) -> int:
+        self.events.append((event, rec.state))
+        return 0
+
+
+REQUESTS = [T.RESUME, T.PRESUSPEND, T.POSTSUSPEND, T.GET_SYNC_COUNT, T.STATUS_INFO, T.FLUSH,
+            T.GET_RESYNC_WORK, T.CTR]
+
+
+@given(st.lists(st.sampled_from(REQUESTS), max_size=12))
+def test_the_engine_moves_an_instance_by_the_table(requests: list[RequestType]) -> None:
+    backend = EventLog()
+    engine = Engine(backend, boot_id="b")
+    k = Kernel(engine, uuid="LVM-lifecycle", luid=7, ctr="4096 core 8")
+    k.ctr()
+    state = State.CONSTRUCTED
+    for request in requests:
+        if request is T.CTR:
+            k.ctr()
+        else:
+            k.ok(request)
+        state = next_state(state, request)
+        assert engine.table[("LVM-lifecycle", 7)].state is state
+    k.dtr()
+    assert ("LVM-lifecycle", 7) not in engine.table
+    # DESTROYED is seen: the DTR's journal record carries it.
+    assert backend.events[-1][1] == State.DESTROYED
+
+
+# --- one uuid ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Holder:
+    luid: int
+    state: State
+    generation: int
+    resumed: bool = True
+    heard: bool = True
+
+
+@dataclass
+class Gone:
+    generation: int
+
+
+holders = st.builds(Holder, luid=st.integers(1, 4), state=st.sampled_from(EXISTING),
+                    generation=st.integers(0, 6), resumed=st.booleans(), heard=st.booleans())
+gone_states = st.builds(Gone, generation=st.integers(0, 6))
+
+
+@given(luid=st.integers(1, 4), generation=st.integers(0, 6), instances=st.lists(holders, max_size=5),
+       gone=st.lists(gone_states, max_size=3))
+def test_the_newest_state_is_the_highest_generation_above_ours(luid, generation, instances, gone) -> None:
+    candidates = [h for h in instances if h.luid != luid and h.resumed] + gone
+    top = max((c.generation for c in candidates), default=-1)
+    best = newest_state(luid, generation, instances, gone)
+    if top <= generation:
+        assert best is None
+    else:
+        # The first candidate at the top generation: instances before gone states.
+        assert best is next(c for c in candidates if c.generation == top)
+
+
+@pytest.mark.parametrize(("state", "heard", "reconnect"),
+                         list(itertools.product(EXISTING, (True, False), (True, False))))
+def test_who_hands_over(state: State, heard: bool, reconnect: bool) -> None:
+    holder = Holder(luid=1, state=state, generation=3, heard=heard)
+    silent = state in (State.LIVE, State.PRESUSPENDED) and not heard and not reconnect
+    assert is_silent(holder, reconnect) is silent
+    assert hands_over(holder, reconnect) is (state in (State.SUSPENDED, State.CONSTRUCTED) or silent)
+
+
+@given(st.booleans(), st.booleans(), st.booleans())
+def test_only_the_uuids_state_takes_a_generation(changed: bool, resumed: bool, superseded: bool) -> None:
+    assert takes_generation(changed, resumed, superseded) is (changed and resumed and not superseded)
+
+
+@given(resumed=st.booleans(), superseded=st.booleans(), generation=st.integers(0, 9),
+       others=st.lists(st.integers(0, 9), max_size=4))
+def test_a_retained_state_is_never_passed_over(resumed, superseded, generation, others) -> None:
+    """What DTR retains takes the next generation; no RESUME then prefers anything else."""
+    newest_elsewhere = max(others, default=0)
+    retains = retains_at_dtr(resumed, superseded, generation, newest_elsewhere)
+    assert retains is (resumed and not superseded and generation >= newest_elsewhere)
+    if retains:
+        retained = max([generation, *others]) + 1
+        assert not never_handed_over(False, True, False, retained, others)
+        assert newest_state(0, 0, [], [Gone(g) for g in [*others, retained]]).generation == retained
+
+
+@given(resumed=st.booleans(), generation=st.integers(0, 9), retained=st.none() | st.integers(0, 9))
+def test_a_reused_luid_keeps_only_a_newer_state(resumed, generation, retained) -> None:
+    kept = kept_at_ctr(resumed, generation, retained)
+    assert kept is (resumed and (retained is None or generation > retained))
+
+
+@pytest.mark.parametrize(("earlier", "reuses", "in_table"),
+                         list(itertools.product((True, False), repeat=3)))
+def test_only_an_adopted_earlier_boot_instance_is_dropped(earlier, reuses, in_table) -> None:
+    assert drops_adopted(earlier, reuses, in_table) is (earlier and not reuses and not in_table)
+
+
+@given(flagged=st.booleans(), resumed=st.booleans(), in_use=st.booleans(), generation=st.integers(0, 9),
+       others=st.lists(st.integers(0, 9), max_size=4))
+def test_a_stored_state_is_passed_over_when_flagged_or_older_and_unused(
+        flagged, resumed, in_use, generation, others) -> None:
+    newer = any(g > generation for g in others)
+    assert never_handed_over(flagged, resumed, in_use, generation, others) is (
+        flagged or (resumed and not in_use and newer))
