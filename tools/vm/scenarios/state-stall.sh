@@ -107,7 +107,7 @@ scenario_state_stall() {
     local -A scan
     while IFS='=' read -r key value; do
         scan[$key]=$value
-        record "$key" "$value"
+        [ "$key" = unanswered ] || record "$key" "$value"
     done < <("$PY" "$ULOG_CHECKOUT/tools/vm/capture_scan.py" latency "$SOUT"/capture*.bin
              "$PY" "$ULOG_CHECKOUT/tools/vm/capture_scan.py" resends "$SOUT/dmesg-stall.txt" "$SOUT"/capture*.bin)
     check "unanswered" "${scan[unanswered]:-?}" 0
