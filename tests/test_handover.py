@@ -361,13 +361,19 @@ def test_resize_at_hand_over(tmp_path, new_regions, mode, expected_unsynced):
     stop(engine)
 
 
-def test_sync_in_the_ctr_forces_a_full_resync(tmp_path):
+def switched_to_a_sync_table(tmp_path) -> tuple[Engine, Kernel]:
+    """A live with traffic, then a table swap to B, whose constructor says 'sync'."""
     engine, k = start(tmp_path)
     live_instance_with_traffic(k, 1)
     k.ctr(ctr_text(mode="sync"), 2)
     k.suspend(1)
     k.resume(2)
     k.dtr(1)
+    return engine, k
+
+
+def test_sync_in_the_ctr_forces_a_full_resync(tmp_path):
+    engine, k = switched_to_a_sync_table(tmp_path)
     assert k.sync_count(2) == 0 and k.work(2) == (1, 0)
     _, clean, sync = stored_bitmaps(engine, 2)
     assert sync == bytes(len(sync))
@@ -376,12 +382,7 @@ def test_sync_in_the_ctr_forces_a_full_resync(tmp_path):
 
 
 def test_a_forced_resync_is_not_undone_by_a_later_resume(tmp_path):
-    engine, k = start(tmp_path)
-    live_instance_with_traffic(k, 1)
-    k.ctr(ctr_text(mode="sync"), 2)
-    k.suspend(1)
-    k.resume(2)
-    k.dtr(1)
+    engine, k = switched_to_a_sync_table(tmp_path)
     k.suspend(2)
     k.resume(2)
     try:

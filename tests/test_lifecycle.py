@@ -11,27 +11,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ulog_disk import lifecycle as lc
 from ulog_disk.backends.base import InstanceRecord
 from ulog_disk.backends.memory import MemoryBackend
 from ulog_disk.engine import Engine
-from ulog_disk.lifecycle import (
-    EXISTING,
-    HANDS_OVER,
-    IN_USE,
-    TRANSITIONS,
-    LifecycleError,
-    State,
-    drops_adopted,
-    gives_resync_work,
-    hands_over,
-    is_silent,
-    kept_at_ctr,
-    never_handed_over,
-    newest_state,
-    next_state,
-    retains_at_dtr,
-    takes_generation,
-)
+from ulog_disk.lifecycle import EXISTING, LifecycleError, State
 from ulog_disk.testing.kernel import Kernel
 from ulog_disk.wire import RequestType
 
@@ -53,21 +37,21 @@ def expected(state: State, request: RequestType) -> State:
 
 @pytest.mark.parametrize(("state", "request_type"), list(itertools.product(EXISTING, RequestType)))
 def test_every_request_is_listed_between_ctr_and_dtr(state: State, request_type: RequestType) -> None:
-    assert next_state(state, request_type) is expected(state, request_type)
+    assert lc.next_state(state, request_type) is expected(state, request_type)
 
 
 @pytest.mark.parametrize("request_type", list(RequestType))
 def test_nothing_is_accepted_after_dtr(request_type: RequestType) -> None:
     with pytest.raises(LifecycleError, match="not accepted in state destroyed"):
-        next_state(State.DESTROYED, request_type)
+        lc.next_state(State.DESTROYED, request_type)
     # The engine answers a ValueError with -EINVAL instead of dying.
     assert issubclass(LifecycleError, ValueError)
 
 
 def test_the_table_lists_exactly_the_states_between_ctr_and_dtr() -> None:
-    assert set(TRANSITIONS) == set(itertools.product(EXISTING, RequestType))
-    assert set(EXISTING) == HANDS_OVER | IN_USE and not HANDS_OVER & IN_USE
-    assert [s for s in State if gives_resync_work(s)] == [State.LIVE]
+    assert set(lc.TRANSITIONS) == set(itertools.product(EXISTING, RequestType))
+    assert set(EXISTING) == lc.HANDS_OVER | lc.IN_USE and not lc.HANDS_OVER & lc.IN_USE
+    assert [s for s in State if lc.gives_resync_work(s)] == [State.LIVE]
 
 
 # --- the engine follows the table -----------------------------------------------------------------
@@ -101,7 +85,7 @@ def test_the_engine_moves_an_instance_by_the_table(requests: list[RequestType]) 
             k.ctr()
         else:
             k.ok(request)
-        state = next_state(state, request)
+        state = lc.next_state(state, request)
         assert engine.table[("LVM-lifecycle", 7)].state is state
     k.dtr()
     assert ("LVM-lifecycle", 7) not in engine.table
@@ -136,7 +120,7 @@ gone_states = st.builds(Gone, generation=st.integers(0, 6))
 def test_the_newest_state_is_the_highest_generation_above_ours(luid, generation, instances, gone) -> None:
     candidates = [h for h in instances if h.luid != luid and h.resumed] + gone
     top = max((c.generation for c in candidates), default=-1)
-    best = newest_state(luid, generation, instances, gone)
+    best = lc.newest_state(luid, generation, instances, gone)
     if top <= generation:
         assert best is None
     else:
@@ -149,13 +133,13 @@ def test_the_newest_state_is_the_highest_generation_above_ours(luid, generation,
 def test_who_hands_over(state: State, heard: bool, reconnect: bool) -> None:
     holder = Holder(luid=1, state=state, generation=3, heard=heard)
     silent = state in (State.LIVE, State.PRESUSPENDED) and not heard and not reconnect
-    assert is_silent(holder, reconnect) is silent
-    assert hands_over(holder, reconnect) is (state in (State.SUSPENDED, State.CONSTRUCTED) or silent)
+    assert lc.is_silent(holder, reconnect) is silent
+    assert lc.hands_over(holder, reconnect) is (state in (State.SUSPENDED, State.CONSTRUCTED) or silent)
 
 
 @given(st.booleans(), st.booleans(), st.booleans())
 def test_only_the_uuids_state_takes_a_generation(changed: bool, resumed: bool, superseded: bool) -> None:
-    assert takes_generation(changed, resumed, superseded) is (changed and resumed and not superseded)
+    assert lc.takes_generation(changed, resumed, superseded) is (changed and resumed and not superseded)
 
 
 @given(resumed=st.booleans(), superseded=st.booleans(), generation=st.integers(0, 9),
@@ -163,24 +147,24 @@ def test_only_the_uuids_state_takes_a_generation(changed: bool, resumed: bool, s
 def test_a_retained_state_is_never_passed_over(resumed, superseded, generation, others) -> None:
     """What DTR retains takes the next generation; no RESUME then prefers anything else."""
     newest_elsewhere = max(others, default=0)
-    retains = retains_at_dtr(resumed, superseded, generation, newest_elsewhere)
+    retains = lc.retains_at_dtr(resumed, superseded, generation, newest_elsewhere)
     assert retains is (resumed and not superseded and generation >= newest_elsewhere)
     if retains:
         retained = max([generation, *others]) + 1
-        assert not never_handed_over(False, True, False, retained, others)
-        assert newest_state(0, 0, [], [Gone(g) for g in [*others, retained]]).generation == retained
+        assert not lc.never_handed_over(False, True, False, retained, others)
+        assert lc.newest_state(0, 0, [], [Gone(g) for g in [*others, retained]]).generation == retained
 
 
 @given(resumed=st.booleans(), generation=st.integers(0, 9), retained=st.none() | st.integers(0, 9))
 def test_a_reused_luid_keeps_only_a_newer_state(resumed, generation, retained) -> None:
-    kept = kept_at_ctr(resumed, generation, retained)
+    kept = lc.kept_at_ctr(resumed, generation, retained)
     assert kept is (resumed and (retained is None or generation > retained))
 
 
 @pytest.mark.parametrize(("earlier", "reuses", "in_table"),
                          list(itertools.product((True, False), repeat=3)))
 def test_only_an_adopted_earlier_boot_instance_is_dropped(earlier, reuses, in_table) -> None:
-    assert drops_adopted(earlier, reuses, in_table) is (earlier and not reuses and not in_table)
+    assert lc.drops_adopted(earlier, reuses, in_table) is (earlier and not reuses and not in_table)
 
 
 @given(flagged=st.booleans(), resumed=st.booleans(), in_use=st.booleans(), generation=st.integers(0, 9),
@@ -188,5 +172,5 @@ def test_only_an_adopted_earlier_boot_instance_is_dropped(earlier, reuses, in_ta
 def test_a_stored_state_is_passed_over_when_flagged_or_older_and_unused(
         flagged, resumed, in_use, generation, others) -> None:
     newer = any(g > generation for g in others)
-    assert never_handed_over(flagged, resumed, in_use, generation, others) is (
+    assert lc.never_handed_over(flagged, resumed, in_use, generation, others) is (
         flagged or (resumed and not in_use and newer))
