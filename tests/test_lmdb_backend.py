@@ -219,9 +219,9 @@ def test_commit_writes_only_the_chunks_it_carries(daemon):
     contents = backend.contents(UUID)
     clean_name, sync_name = b"clean.0000000000000001", b"sync.0000000000000001"
     k0, k1, k2 = (sf.encode_chunk_key(i) for i in range(3))
-    assert contents[clean_name] == {k0: sf.seal_chunk(clean_name, k0, b),
-                                    k2: sf.seal_chunk(clean_name, k2, a)}
-    assert contents[sync_name] == {k1: sf.seal_chunk(sync_name, k1, a)}
+    assert contents[clean_name] == {k0: sf.seal(clean_name, k0, b),
+                                    k2: sf.seal(clean_name, k2, a)}
+    assert contents[sync_name] == {k1: sf.seal(sync_name, k1, a)}
     # Sealed: the bitmap bytes, then a CRC-32 of the sub-database name, the key and the bytes.
     assert contents[sync_name][k1] == a + zlib.crc32(sync_name + k1 + a).to_bytes(4, "little")
     # The checkpoint (and the meta's commit_seq) is the position the commit carries.
@@ -851,16 +851,16 @@ def _assert_moved_aside(state_dir: Path, uuid: str, restored, fragment: str) -> 
     (b"meta.0000000000000001", sf.RECORD_KEY, b"garbage",
      "record of meta.0000000000000001 fails its checksum"),
     (b"clean.0000000000000001", sf.encode_chunk_key(99),
-     sf.seal_chunk(b"clean.0000000000000001", sf.encode_chunk_key(99), b"\0"), "past"),
+     sf.seal(b"clean.0000000000000001", sf.encode_chunk_key(99), b"\0"), "past"),
     (b"sync.0000000000000001", sf.encode_chunk_key(0),
-     sf.seal_chunk(b"sync.0000000000000001", sf.encode_chunk_key(0), b"\0" * 5), "bytes"),
+     sf.seal(b"sync.0000000000000001", sf.encode_chunk_key(0), b"\0" * 5), "bytes"),
     # Whole, but sealed for another place: the other bitmap's, another luid's, another index's.
     (b"sync.0000000000000001", sf.encode_chunk_key(0),
-     sf.seal_chunk(b"clean.0000000000000001", sf.encode_chunk_key(0), b"\0" * CB), "fails its checksum"),
+     sf.seal(b"clean.0000000000000001", sf.encode_chunk_key(0), b"\0" * CB), "fails its checksum"),
     (b"sync.0000000000000001", sf.encode_chunk_key(0),
-     sf.seal_chunk(b"sync.0000000000000002", sf.encode_chunk_key(0), b"\0" * CB), "fails its checksum"),
+     sf.seal(b"sync.0000000000000002", sf.encode_chunk_key(0), b"\0" * CB), "fails its checksum"),
     (b"sync.0000000000000001", sf.encode_chunk_key(0),
-     sf.seal_chunk(b"sync.0000000000000001", sf.encode_chunk_key(1), b"\0" * CB), "fails its checksum"),
+     sf.seal(b"sync.0000000000000001", sf.encode_chunk_key(1), b"\0" * CB), "fails its checksum"),
     (b"clean.0000000000000001", sf.encode_chunk_key(0), b"\0" * 3, "no room for its checksum"),
     (b"clean.0000000000000001", b"\0\0", b"\0", "chunk key"),
     (None, sf.FORMAT_KEY, sf.format_value(sf.FormatRecord(chunk_bytes=CB, uuid="LVM-other")), "belongs to"),

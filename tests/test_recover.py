@@ -349,7 +349,7 @@ def test_verify_finds_each_broken_invariant(tmp_path: Path) -> None:
     def put_chunk(env, txn, kind: str, index: int, bits: bytes) -> None:
         """Sealed, so that the invariant behind the checksum is what verify finds."""
         name, key = sf.instance_db_name(kind, 0x10), sf.encode_chunk_key(index)
-        txn.put(key, sf.seal_chunk(name, key, bits), db=env.open_db(name, txn=txn, create=False))
+        txn.put(key, sf.seal(name, key, bits), db=env.open_db(name, txn=txn, create=False))
 
     def padding(env, txn):
         name, key = sf.instance_db_name("sync", 0x10), sf.encode_chunk_key(0)

@@ -130,7 +130,7 @@ def test_sealed_format_and_record_values_read_back():
        st.integers(0, 10**6))
 def test_any_single_bit_flip_of_a_sealed_chunk_is_caught(name, index, bits, where):
     key = sf.encode_chunk_key(index)
-    value = bytearray(sf.seal_chunk(name, key, bits))
+    value = bytearray(sf.seal(name, key, bits))
     bit = where % (len(value) * 8)
     value[bit // 8] ^= 1 << (bit % 8)
     with pytest.raises(sf.StoreFormatError):
@@ -312,7 +312,7 @@ _META_FIELDS = dict(uuid="u", luid=1, ctr="8 core 8", log_type="core", region_si
 @given(uuid=st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=255), min_size=1, max_size=128),
        luid=st.integers(0, 2**64 - 1), region_count=st.integers(1, sf.MAX_REGION_COUNT),
        generation=st.integers(0, 2**64 - 1), commit_seq=st.integers(0, 2**64 - 1),
-       committed_at=st.floats(allow_nan=False), state=st.sampled_from(sorted(sf._STATES)),
+       committed_at=st.floats(allow_nan=False), state=st.sampled_from(sorted(sf.STATES)),
        ctr=st.text(max_size=400), boot_id=st.text(max_size=40), resumed=st.booleans(),
        superseded=st.booleans())
 def test_meta_fast_encoding_is_the_construct_definitions(**fields):

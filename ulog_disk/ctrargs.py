@@ -21,8 +21,8 @@ MAX_DEVICE_REPLY = 128
 MAX_REGION_SIZE = 0xFFFFFFFF
 #: ti->len is a sector_t (u64).
 MAX_TARGET_SECTORS = 2**64 - 1
-#: Two bitmaps of 2^31 regions take 512 MiB; more is refused rather than half-allocated.
-#: (16 TiB at 512 KiB regions is 2^25 regions.)
+#: The product's one maximum region count (``formats/store.md`` §3 says why): a CTR of more is
+#: refused, and the store, journal and disk-log readers take a larger count for damage.
 MAX_REGION_COUNT = 2**31
 
 

@@ -34,6 +34,8 @@ import construct as c
 from bitarray import bitarray
 from bitarray.util import zeros
 
+from .ctrargs import MAX_REGION_COUNT
+
 #: ``MIRROR_MAGIC`` of dm-log.c.
 MIRROR_MAGIC = 0x4D695272
 #: ``MIRROR_DISK_VERSION``: what the kernel writes and what this module writes.
@@ -47,8 +49,6 @@ SECTOR_SIZE = 512
 #: (LVM2 ``_write_log_header``): a count no table can reach, so the kernel treats no region as
 #: new and keeps the stored (zero) bits: every region is resynced at the first activation.
 LVM_FRESH_NR_REGIONS = 2**64 - 1
-#: Largest region count this module reads bits for (the store's own limit, 2 GiB of bits).
-MAX_REGIONS = 2**34
 
 #: ``struct log_header_disk``: packed, little-endian on every host (``cpu_to_le32/le64``).
 DiskLogHeader = c.Struct(
@@ -102,8 +102,8 @@ def encode(region_count: int, clean: bytes | bitarray, block_size: int = SECTOR_
     result is ``log_bytes(region_count, block_size)`` long: header, zeroed unused area, bits,
     zero padding.
     """
-    if not 1 <= region_count <= MAX_REGIONS:
-        raise DiskLogError(f"region count {region_count} out of range (1..{MAX_REGIONS})")
+    if not 1 <= region_count <= MAX_REGION_COUNT:
+        raise DiskLogError(f"region count {region_count} out of range (1..{MAX_REGION_COUNT})")
     bits = clean.copy() if isinstance(clean, bitarray) else _bits(clean, region_count)
     if len(bits) < region_count:
         raise DiskLogError(f"{len(bits)} clean bits for {region_count} regions")
@@ -206,9 +206,9 @@ def inspect(data: bytes, size: int | None = None, region_count: int | None = Non
         info.kind = NO_REGIONS
         info.reason = ("valid header with nr_regions 0: the kernel treats every region as new "
                        "(dirty, resynced; clean only with 'nosync')")
-    elif header.nr_regions > MAX_REGIONS:
+    elif header.nr_regions > MAX_REGION_COUNT:
         info.kind = TOO_MANY
-        info.reason = (f"nr_regions {header.nr_regions} is beyond any real mirror ({MAX_REGIONS} "
+        info.reason = (f"nr_regions {header.nr_regions} is beyond any real mirror ({MAX_REGION_COUNT} "
                        "regions max here): a damaged header")
         return info
     else:
@@ -228,7 +228,7 @@ def inspect(data: bytes, size: int | None = None, region_count: int | None = Non
                               f"{log_bytes(header.nr_regions)} (1024 + the bitset rounded up to 32 "
                               "bits, in whole 512-byte sectors)")
     if count is not None:
-        if not 0 < count <= MAX_REGIONS:
+        if not 0 < count <= MAX_REGION_COUNT:
             raise DiskLogError(f"region count {count} out of range")
         need_bits = -(-count // 8)
         if size < LOG_OFFSET + need_bits or len(data) < LOG_OFFSET + need_bits:
@@ -298,9 +298,9 @@ def read(path: str, region_count: int | None = None) -> tuple[DiskLogInfo, Targe
         count = region_count
         if count is None and len(head) >= HEADER_SIZE:
             hdr = DiskLogHeader.parse(head[:HEADER_SIZE])
-            if hdr.magic == MIRROR_MAGIC and 0 < hdr.nr_regions <= MAX_REGIONS:
+            if hdr.magic == MIRROR_MAGIC and 0 < hdr.nr_regions <= MAX_REGION_COUNT:
                 count = hdr.nr_regions
-        want = LOG_OFFSET + (bitset_bytes(count) if count and count <= MAX_REGIONS else 0)
+        want = LOG_OFFSET + (bitset_bytes(count) if count and count <= MAX_REGION_COUNT else 0)
         data = head
         while len(data) < min(size, want):
             chunk = os.pread(fd, min(size, want) - len(data), len(data))

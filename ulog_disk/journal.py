@@ -45,6 +45,10 @@ from pathlib import Path
 
 import construct as c
 
+from .backends.base import OP_CLEAR, OP_MARK, OP_SET_NOSYNC, OP_SET_SYNC
+from .fastpath import const, flat_struct
+from .store_format import FLAG_RESUMED, FLAG_SUPERSEDED, STATES
+
 #: Bytes of a segment file, header included.
 SEGMENT_BYTES = 4 * 1024 * 1024
 #: The segment header's place at the start of each segment file (one page).
@@ -79,16 +83,14 @@ class Event(IntEnum):
 #: Region ops of an OPS record (the same codes as the engine's ``OP_*``).
 _EVENTS = frozenset(int(e) for e in Event)
 
-OP_NAMES = {1: "mark", 2: "clear", 3: "in-sync", 4: "out-of-sync"}
+OP_NAMES = {OP_MARK: "mark", OP_CLEAR: "clear", OP_SET_SYNC: "in-sync", OP_SET_NOSYNC: "out-of-sync"}
 OPS = frozenset(OP_NAMES)
-#: An op is packed as ``op << 56 | region``: regions are below 2**34 (store_format.MAX_REGION_COUNT).
+#: An op is packed as ``op << 56 | region``: regions are below ``ctrargs.MAX_REGION_COUNT`` (2**31).
 _OP_SHIFT = 56
 _REGION_MASK = (1 << _OP_SHIFT) - 1
 
-STATES = {"constructed": 1, "live": 2, "presuspended": 3, "suspended": 4, "destroyed": 5}
+#: The store's lifecycle state codes and flags (``store_format.STATES``), in EVENT records too.
 STATE_NAMES = {v: k for k, v in STATES.items()}
-FLAG_RESUMED = 0x0001
-FLAG_SUPERSEDED = 0x0002
 
 # --- the one definition --------------------------------------------------------------------------
 
@@ -159,16 +161,17 @@ RecordV1 = c.Struct(
     "padding" / c.Padding(lambda this: -this.length % ALIGN),
 )
 
-# --- the struct forms of the hot paths (same bytes; checked in tests/test_journal.py) -----------
+# --- the struct forms of the hot paths, generated from the definitions above ---------------------
 
-_SEGMENT_HEADER = struct.Struct("<4sHH16sQQQdI")
-_HEADER = struct.Struct("<IIQQBBHIQ")
-_FLUSH = struct.Struct("<QQd")
-_EVENT = struct.Struct("<BBHIQQ")
-_SWITCH = struct.Struct("<Q")
-_U64 = struct.Struct("<Q")
-assert _SEGMENT_HEADER.size == SEGMENT_HEADER_SIZE and _HEADER.size == RECORD_HEADER_SIZE == 40
-assert _FLUSH.size == 24 and _EVENT.size == EventBodyV1.sizeof()
+_SEGMENT_HEADER = flat_struct(SegmentHeaderV1)
+_SEGMENT_MAGIC = const(SegmentHeaderV1, "magic")
+_HEADER = flat_struct(RecordHeaderV1)
+_FLUSH = flat_struct(FlushBodyV1, prefix=True)
+_EVENT = flat_struct(EventBodyV1)
+_SWITCH = flat_struct(SwitchBodyV1)
+_CRC = flat_struct(RecordHeaderV1.crc.subcon)
+_LSN = flat_struct(RecordHeaderV1.lsn.subcon)
+assert _HEADER.size == RECORD_HEADER_SIZE == 40 and _FLUSH.size == 24
 #: The largest record a SWITCH must still find room for at the end of a segment.
 SWITCH_BYTES = RECORD_HEADER_SIZE + _SWITCH.size
 
@@ -188,7 +191,7 @@ def encode_record(kind: int, lsn: int, durable: int, uuid: bytes, luid: int, bod
     head = _HEADER.pack(0, length, lsn, durable, kind, len(uuid), count, 0, luid)
     raw = head + uuid + body + bytes(-length % ALIGN)
     crc = zlib.crc32(memoryview(raw)[4:length])
-    return struct.pack("<I", crc) + raw[4:]
+    return _CRC.pack(crc) + raw[4:]
 
 
 def ops_body(ops: Iterable[tuple[int, int]]) -> tuple[bytes, int]:
@@ -211,10 +214,10 @@ def event_body(event: int, state: str, resumed: bool, superseded: bool, generati
 
 def encode_segment_header(journal_id: bytes, start: int, base: int, created_at: float,
                           capacity: int = CAPACITY) -> bytes:
-    head = _SEGMENT_HEADER.pack(b"ULGW", JOURNAL_VERSION, 0, journal_id, start, base, capacity,
+    head = _SEGMENT_HEADER.pack(_SEGMENT_MAGIC, JOURNAL_VERSION, 0, journal_id, start, base, capacity,
                                 created_at, 0)
     crc = zlib.crc32(head[:-4])
-    return head[:-4] + struct.pack("<I", crc)
+    return head[:-4] + _CRC.pack(crc)
 
 
 @dataclass(slots=True, frozen=True)
@@ -230,8 +233,8 @@ def decode_segment_header(data: bytes) -> SegmentHeader:
     if len(data) < SEGMENT_HEADER_SIZE:
         raise JournalError(f"segment header of {len(data)} bytes is too short")
     magic, version, reserved, jid, start, base, capacity, created_at, crc = _SEGMENT_HEADER.unpack_from(data)
-    if magic != b"ULGW":
-        raise JournalError(f"segment header has magic {magic!r}, expected b'ULGW'")
+    if magic != _SEGMENT_MAGIC:
+        raise JournalError(f"segment header has magic {magic!r}, expected {_SEGMENT_MAGIC!r}")
     if version != JOURNAL_VERSION:
         raise JournalError(f"journal segment of version {version}; this ulog-disk reads only version "
                            f"{JOURNAL_VERSION}: refusing to read it")
@@ -498,7 +501,7 @@ def _durable_evidence(result: Scan, order: list[int], index: int, pos: int,
                 break
             offset = nz - nz % ALIGN
             lsn = seg.start + offset
-            (at,) = _U64.unpack_from(mv, offset + 8) if offset + 16 <= len(data) else (None,)
+            (at,) = _LSN.unpack_from(mv, offset + 8) if offset + 16 <= len(data) else (None,)
             if at == lsn:
                 try:
                     rec = decode_record(data, offset, lsn)

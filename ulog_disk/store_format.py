@@ -34,11 +34,13 @@ import re
 import struct
 import zlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import construct as c
 
-from .backends.base import InstanceRecord
+from .backends.base import OP_CLEAR, OP_MARK, OP_SET_NOSYNC, OP_SET_SYNC, InstanceRecord
+from .ctrargs import MAX_REGION_COUNT
+from .fastpath import const, flat_struct
 
 #: The store layout this code writes: the format record's version. It says how everything in
 #: the environment is laid out; layout 2 seals every value with a checksum.
@@ -50,10 +52,6 @@ RECORD_VERSION = 1
 
 #: Longest uuid the kernel sends (DM_UUID_LEN - 1).
 MAX_UUID_BYTES = 128
-#: Largest region count a record may claim: a corrupt count must not make the reader allocate
-#: an absurd bitmap (2**34 regions = 2 GiB per bitmap; 32 M regions, the largest measured
-#: case, is 2**25).
-MAX_REGION_COUNT = 2**34
 
 
 class StoreFormatError(ValueError):
@@ -181,8 +179,10 @@ FormatRecordV2 = _format_record(2)
 #: files are gone (the daemon-wide journal of :mod:`ulog_disk.journal` replaced them).
 FormatRecordV3 = _format_record(3)
 _FORMAT_RECORDS = {1: FormatRecordV1, 2: FormatRecordV2, 3: FormatRecordV3}
+_FORMAT_MAGIC = const(FormatRecordV3, "magic")
 
-_STATES = {"constructed": 1, "live": 2, "presuspended": 3, "suspended": 4, "destroyed": 5}
+#: Lifecycle state codes, of the meta record here and of the journal's EVENT records.
+STATES = {"constructed": 1, "live": 2, "presuspended": 3, "suspended": 4, "destroyed": 5}
 FLAG_RESUMED = 0x0001
 #: Another instance adopted this one's state: it must never become the uuid's newest again.
 FLAG_SUPERSEDED = 0x0002
@@ -200,7 +200,7 @@ MetaRecordV1 = c.Struct(
     "cursor" / c.Int64ul,                # 40: recovery cursor
     "commit_seq" / c.Int64ul,            # 48: bumped by every write of this record (journal rule)
     "committed_at" / c.Float64l,         # 56: unix time of the last commit, 0.0 before
-    "state" / c.Enum(c.Int8ul, **_STATES),  # 64
+    "state" / c.Enum(c.Int8ul, **STATES),  # 64
     "reserved" / c.Const(bytes(7)),      # 65
     "uuid" / c.PascalString(c.Int8ul, "latin-1"),   # 72
     "log_type" / c.PascalString(c.Int8ul, "utf-8"),
@@ -244,8 +244,7 @@ CheckpointRecordV1 = c.Struct(
     c.Terminated,
 )
 CHECKPOINT_KEY = b"checkpoint"
-_CHECKPOINT = struct.Struct("<4sHH16sQ")
-assert _CHECKPOINT.size == 32
+_CHECKPOINT = flat_struct(CheckpointRecordV1)
 
 #: Layout 2 only (read to be migrated): first bytes of ``journal.<luid>``: the commit it follows.
 JournalHeaderV1 = c.Struct(
@@ -264,16 +263,12 @@ JournalRecordV1 = c.Struct(
     "region" / c.Int64ul,                # 8
 )
 JOURNAL_RECORD_SIZE = JournalRecordV1.sizeof()
-JOURNAL_OPS = frozenset({1, 2, 3, 4})
+JOURNAL_OPS = frozenset({OP_MARK, OP_CLEAR, OP_SET_SYNC, OP_SET_NOSYNC})
 
 assert JOURNAL_HEADER_SIZE == 24 and JOURNAL_RECORD_SIZE == 16
 
-# The journal is written on the per-request path (up to 32 regions per MARK/CLEAR): records are
-# packed with ``struct``, the same layout as JournalRecordV1 (checked here at import and by the
-# golden vectors), at a fraction of construct's per-record cost.
-_JOURNAL_RECORD = struct.Struct("<B7xQ")
-assert _JOURNAL_RECORD.size == JOURNAL_RECORD_SIZE
-assert _JOURNAL_RECORD.pack(4, 2**63 + 5) == JournalRecordV1.build(dict(op=4, region=2**63 + 5))
+_JOURNAL_RECORD = flat_struct(JournalRecordV1)
+_NO_RESERVED = bytes(7)
 _JournalHeaderC = JournalHeaderV1.compile()
 # Compiled forms of the records (same definitions, generated code) for encoding: a commit
 # encodes a meta record, and that should cost microseconds, not a tenth of a millisecond.
@@ -297,9 +292,9 @@ def _check_prefix(data: bytes, magic: bytes, what: str, known: tuple[int, ...]) 
     return int(prefix.version)
 
 
-def _parse(layout: c.Construct, data: bytes, magic: bytes, what: str,
+def _parse(layout: c.Struct, data: bytes, what: str,
            known: tuple[int, ...] = (RECORD_VERSION,)) -> c.Container:
-    _check_prefix(data, magic, what, known)
+    _check_prefix(data, const(layout, "magic"), what, known)
     try:
         return layout.parse(data)
     except (c.ConstructError, ValueError, struct.error) as exc:  # ValueError: bad UTF-8/latin-1
@@ -334,62 +329,41 @@ class FormatRecord:
 
     @classmethod
     def decode(cls, data: bytes) -> FormatRecord:
-        version = _check_prefix(data, b"ULGS", "format record", LAYOUT_VERSIONS_READ)
-        p = _parse(_FORMAT_RECORDS[version], data, b"ULGS", "format record", LAYOUT_VERSIONS_READ)
+        version = _check_prefix(data, _FORMAT_MAGIC, "format record", LAYOUT_VERSIONS_READ)
+        p = _parse(_FORMAT_RECORDS[version], data, "format record", LAYOUT_VERSIONS_READ)
         if p.chunk_bytes <= 0:
             raise StoreFormatError(f"format record has chunk size {p.chunk_bytes}")
         return cls(chunk_bytes=p.chunk_bytes, uuid=p.uuid, created_at=p.created_at, version=p.version)
 
 
+_INSTANCE_FIELDS = fields(InstanceRecord)
+
+
 @dataclass(slots=True)
-class MetaRecord:
+class MetaRecord(InstanceRecord):
     """An :class:`InstanceRecord` as stored, plus the commit sequence of the journal rule."""
 
-    uuid: str
-    luid: int
-    ctr: str
-    log_type: str
-    region_size: int
-    region_count: int
-    state: str
-    generation: int
-    cursor: int
-    boot_id: str
-    resumed: bool
-    committed_at: float
-    commit_seq: int
-    superseded: bool = False
+    commit_seq: int = 0
     version: int = RECORD_VERSION
 
     @classmethod
     def from_instance(cls, rec: InstanceRecord, commit_seq: int) -> MetaRecord:
-        return cls(
-            uuid=rec.uuid, luid=rec.luid, ctr=rec.ctr, log_type=rec.log_type,
-            region_size=rec.region_size, region_count=rec.region_count, state=rec.state,
-            generation=rec.generation, cursor=rec.cursor, boot_id=rec.boot_id, resumed=rec.resumed,
-            committed_at=rec.committed_at, commit_seq=commit_seq,
-            superseded=rec.superseded,
-        )
+        return cls(**{f.name: getattr(rec, f.name) for f in _INSTANCE_FIELDS}, commit_seq=commit_seq)
 
     def instance(self) -> InstanceRecord:
-        return InstanceRecord(
-            uuid=self.uuid, luid=self.luid, ctr=self.ctr, log_type=self.log_type,
-            region_size=self.region_size, region_count=self.region_count, state=self.state,
-            generation=self.generation, cursor=self.cursor, boot_id=self.boot_id,
-            resumed=self.resumed, committed_at=self.committed_at, superseded=self.superseded,
-        )
+        return InstanceRecord(**{f.name: getattr(self, f.name) for f in _INSTANCE_FIELDS})
 
     def encode(self) -> bytes:
-        if self.state not in _STATES:
+        if self.state not in STATES:
             raise StoreFormatError(f"unknown lifecycle state {self.state!r}")
         if not 0 < self.region_count <= MAX_REGION_COUNT:
             raise StoreFormatError(f"region count {self.region_count} out of range")
         try:
             return _META_FIXED.pack(
-                b"ULGM", RECORD_VERSION,
+                _META_MAGIC, RECORD_VERSION,
                 (FLAG_RESUMED if self.resumed else 0) | (FLAG_SUPERSEDED if self.superseded else 0),
                 self.luid, self.region_size, self.region_count, self.generation, self.cursor,
-                self.commit_seq, self.committed_at, _STATES[self.state],
+                self.commit_seq, self.committed_at, STATES[self.state], _META_RESERVED,
             ) + _meta_strings(self.uuid, self.log_type, self.boot_id, self.ctr)
         except (struct.error, ValueError, OverflowError):
             pass  # the construct definition says what is wrong, below
@@ -404,10 +378,10 @@ class MetaRecord:
 
     @classmethod
     def decode(cls, data: bytes) -> MetaRecord:
-        p = _parse(MetaRecordV1, data, b"ULGM", "meta record")
+        p = _parse(MetaRecordV1, data, "meta record")
         if p.flags & ~_KNOWN_FLAGS:
             raise StoreFormatError(f"meta record has unknown flags {p.flags:#x}")
-        if not isinstance(p.state, str) or p.state not in _STATES:
+        if not isinstance(p.state, str) or p.state not in STATES:
             raise StoreFormatError(f"meta record has unknown lifecycle state {int(p.state)}")
         if not 0 < p.region_count <= MAX_REGION_COUNT:
             raise StoreFormatError(f"meta record has region count {p.region_count}")
@@ -420,19 +394,28 @@ class MetaRecord:
         )
 
 
-# Every commit writes a meta record: its fixed part is packed with ``struct`` and its strings
-# (which do not change between commits) are encoded once, both the same bytes as
-# MetaRecordV1's (tests/test_store_format.py checks that for any record, and the golden vectors).
-_META_FIXED = struct.Struct("<4sHHQQQQQQdB7x")
+# Every commit writes a meta record: its fixed part is packed with the struct generated from
+# MetaRecordV1 and its strings (which do not change between commits) are encoded once, by the
+# length prefixes and encodings MetaRecordV1 gives them (tests/test_store_format.py checks the
+# bytes against construct for any record, and the golden vectors).
+_META_FIXED = flat_struct(MetaRecordV1, prefix=True)
+_META_MAGIC = const(MetaRecordV1, "magic")
+_META_RESERVED = const(MetaRecordV1, "reserved")
+#: (length prefix bytes, byte order, encoding) of the strings after the fixed part, in order.
+_META_STRINGS = tuple(
+    (sub.subcon.subcon.lengthfield.sizeof(), "little" if sub.subcon.subcon.lengthfield.fmtstr[0] == "<"
+     else "big", sub.subcon.encoding)
+    for sub in MetaRecordV1.subcons if isinstance(getattr(sub, "subcon", None), c.StringEncoded)
+)
+assert len(_META_STRINGS) == 4
 
 
 @functools.lru_cache(maxsize=1024)
 def _meta_strings(uuid: str, log_type: str, boot_id: str, ctr: str) -> bytes:
     parts = []
-    for text, encoding, prefix in ((uuid, "latin-1", 1), (log_type, "utf-8", 1), (boot_id, "utf-8", 1),
-                                   (ctr, "utf-8", 2)):
+    for text, (prefix, order, encoding) in zip((uuid, log_type, boot_id, ctr), _META_STRINGS, strict=True):
         raw = text.encode(encoding)
-        parts.append(len(raw).to_bytes(prefix, "little") + raw)  # OverflowError: too long
+        parts.append(len(raw).to_bytes(prefix, order) + raw)  # OverflowError: too long
     return b"".join(parts)
 
 
@@ -456,7 +439,7 @@ class RetainedRecord:
 
     @classmethod
     def decode(cls, data: bytes) -> RetainedRecord:
-        p = _parse(RetainedRecordV1, data, b"ULGR", "retained record")
+        p = _parse(RetainedRecordV1, data, "retained record")
         if not 0 < p.region_count <= MAX_REGION_COUNT:
             raise StoreFormatError(f"retained record has region count {p.region_count}")
         return cls(uuid=p.uuid, generation=p.generation, region_count=p.region_count,
@@ -472,11 +455,12 @@ class CheckpointRecord:
     def encode(self) -> bytes:
         if len(self.journal_id) != 16:
             raise StoreFormatError(f"journal id of {len(self.journal_id)} bytes (must be 16)")
-        return _CHECKPOINT.pack(b"ULGC", RECORD_VERSION, 0, self.journal_id, self.position)
+        return _CHECKPOINT.pack(const(CheckpointRecordV1, "magic"), RECORD_VERSION, 0, self.journal_id,
+                                self.position)
 
     @classmethod
     def decode(cls, data: bytes) -> CheckpointRecord:
-        p = _parse(CheckpointRecordV1, data, b"ULGC", "checkpoint record")
+        p = _parse(CheckpointRecordV1, data, "checkpoint record")
         return cls(journal_id=p.journal_id, position=p.position, version=p.version)
 
 
@@ -502,7 +486,7 @@ class JournalHeader:
     def decode(cls, data: bytes) -> JournalHeader:
         if len(data) < JOURNAL_HEADER_SIZE:
             raise StoreFormatError(f"journal header of {len(data)} bytes is too short")
-        p = _parse(JournalHeaderV1, data[:JOURNAL_HEADER_SIZE], b"ULGJ", "journal header")
+        p = _parse(JournalHeaderV1, data[:JOURNAL_HEADER_SIZE], "journal header")
         return cls(luid=p.luid, commit_seq=p.commit_seq, version=p.version)
 
 
@@ -510,8 +494,7 @@ def encode_chunk_key(index: int) -> bytes:
     return ChunkKey.build(index)
 
 
-_CHECKSUM = struct.Struct("<I")
-assert _CHECKSUM.size == CHECKSUM_SIZE and _CHECKSUM.pack(0x01020304) == ValueChecksum.build(0x01020304)
+_CHECKSUM = flat_struct(ValueChecksum)
 #: The main database's name in a checksum.
 MAIN_DB = b""
 
@@ -545,11 +528,6 @@ def unseal(db_name: bytes, key: bytes, value: bytes, sealed: bool = True, what: 
     return data
 
 
-def seal_chunk(db_name: bytes, key: bytes, bits: bytes) -> bytes:
-    """A chunk's stored value (layout 2): its bitmap bytes, then their checksum."""
-    return seal(db_name, key, bits)
-
-
 def unseal_chunk(db_name: bytes, key: bytes, value: bytes, sealed: bool = True) -> bytes:
     """The bitmap bytes of a stored chunk value; :class:`StoreFormatError` if its checksum fails."""
     index = ChunkKey.parse(key) if len(key) == ChunkKey.sizeof() else key.hex()
@@ -564,7 +542,7 @@ def format_value(rec: FormatRecord) -> bytes:
 def read_format_value(value: bytes) -> FormatRecord:
     """The format record of a stored ``format`` value: its own version says whether it is
     sealed (layout 2) or not (layout 1), and so whether the rest of the environment is."""
-    version = _check_prefix(value, b"ULGS", "format record", LAYOUT_VERSIONS_READ)
+    version = _check_prefix(value, _FORMAT_MAGIC, "format record", LAYOUT_VERSIONS_READ)
     return FormatRecord.decode(unseal(MAIN_DB, FORMAT_KEY, value, version >= 2, what="format record"))
 
 
@@ -586,7 +564,7 @@ def decode_chunk_key(key: bytes) -> int:
 
 def encode_journal_ops(ops: Iterable[tuple[int, int]]) -> bytes:
     pack = _JOURNAL_RECORD.pack
-    return b"".join([pack(op, region) for op, region in ops])
+    return b"".join([pack(op, _NO_RESERVED, region) for op, region in ops])
 
 
 def decode_journal_ops(data: bytes) -> tuple[list[tuple[int, int]], int, str | None]:
@@ -599,11 +577,10 @@ def decode_journal_ops(data: bytes) -> tuple[list[tuple[int, int]], int, str | N
     ops: list[tuple[int, int]] = []
     size = JOURNAL_RECORD_SIZE
     whole = len(data) - len(data) % size
-    zero = bytes(7)
     for offset in range(0, whole, size):
-        if data[offset + 1 : offset + 8] != zero:
+        op, reserved, region = _JOURNAL_RECORD.unpack_from(data, offset)
+        if reserved != _NO_RESERVED:
             return ops, offset, f"invalid journal record at body offset {offset}"
-        op, region = _JOURNAL_RECORD.unpack_from(data, offset)
         if op not in JOURNAL_OPS:
             return ops, offset, f"unknown journal op {op} at body offset {offset}"
         ops.append((op, region))

@@ -25,6 +25,8 @@ from typing import Any
 
 import construct as c
 
+from .fastpath import flat_struct
+
 CN_IDX_DM = 7
 CN_VAL_DM_USERSPACE_LOG = 1
 NETLINK_CONNECTOR = 11
@@ -105,28 +107,6 @@ UlogHeader = c.Struct(
 assert CnMsg.sizeof() == CN_MSG_SIZE
 assert UlogHeader.sizeof() == HEADER_SIZE
 assert NlMsgHdr.sizeof() == NLMSGHDR_SIZE
-
-
-def flat_struct(definition: c.Construct) -> struct.Struct:
-    """A ``struct.Struct`` generated from a flat construct Struct of fixed-size fields.
-
-    The per-request hot path unpacks headers with this (about 10x faster than construct's
-    compiled parser, which builds a Container per parse); the layout still comes from the one
-    construct definition above, and the golden-vector tests check both agree.
-    """
-    fmt = "="
-    subcons = definition.subcons if isinstance(definition, c.Struct) else [c.Renamed(definition, "value")]
-    for sub in subcons:
-        field = sub.subcon
-        if isinstance(field, c.FormatField):
-            fmt += field.fmtstr.lstrip("=<>!")
-        elif isinstance(field, c.Bytes) and isinstance(field.length, int):
-            fmt += f"{field.length}s"
-        else:  # pragma: no cover - a definition change that this generator must learn
-            raise TypeError(f"field {sub.name!r} is not a fixed-size field")
-    packed = struct.Struct(fmt)
-    assert packed.size == definition.sizeof(), definition
-    return packed
 
 
 _CN = flat_struct(CnMsg)
@@ -340,8 +320,8 @@ def add_nlmsghdr(payload: bytes, seq: int = 0, pid: int = 0) -> bytes:
 # definition whose field names are the names the golden vectors and ``ulog-dump wire`` show
 # (``formats/wire.md`` §4 and §10). The engine reads and writes payloads through the ``struct``
 # fast path generated from the same definitions (``parse_region``, ``build_s64``, ...; a test
-# checks both agree on random bytes); the tools go through :func:`parse_request_payload` and
-# its three siblings, which read the table.
+# checks both agree on random bytes); the tools go through :func:`parse_payload` and
+# :func:`build_payload`, which read the table.
 
 
 class _CtrString(c.Adapter):
@@ -445,12 +425,12 @@ class Payload:
 
 @dataclass(frozen=True, slots=True)
 class Payloads:
-    """What a request type carries each way (None: nothing, ``data_size`` 0)."""
+    """What a request type carries each way (None: nothing, ``data_size`` 0). Any payload may
+    also be absent: an error reply, the reconnect CTR's reply, a FLUSH without
+    ``integrated_flush`` carry none (the engine decides which absences are errors)."""
 
     request: Payload | None = None
     reply: Payload | None = None
-    #: The request may also come without data (FLUSH without ``integrated_flush``).
-    request_optional: bool = False
 
 
 _REGION = Payload("u64 region", Region)
@@ -472,7 +452,7 @@ PAYLOADS: dict[RequestType, Payloads] = {
     RequestType.GET_REGION_SIZE: Payloads(reply=_U64),
     RequestType.IS_CLEAN: Payloads(_REGION, _S64),
     RequestType.IN_SYNC: Payloads(_REGION, _S64),
-    RequestType.FLUSH: Payloads(_REGIONS, request_optional=True),
+    RequestType.FLUSH: Payloads(_REGIONS),
     RequestType.MARK_REGION: Payloads(_REGIONS),
     RequestType.CLEAR_REGION: Payloads(_REGIONS),
     RequestType.GET_RESYNC_WORK: Payloads(reply=_RESYNC_WORK),
@@ -483,52 +463,36 @@ PAYLOADS: dict[RequestType, Payloads] = {
     RequestType.IS_REMOTE_RECOVERING: Payloads(_REGION, _REMOTE_RECOVERING),
 }
 assert set(PAYLOADS) == set(RequestType)
-_NO_PAYLOAD = Payloads()
 
 
-def _payloads(request_type: int) -> tuple[str, Payloads]:
+def _payload(request_type: int, reply: bool) -> tuple[str, Payload | None]:
     kind = _KINDS.get(request_type & DM_ULOG_REQUEST_MASK)
+    name = kind.name if kind is not None else f"request type {request_type & DM_ULOG_REQUEST_MASK}"
+    what = f"{name} {'reply' if reply else 'request'}"
     if kind is None:
-        return f"request type {request_type & DM_ULOG_REQUEST_MASK}", _NO_PAYLOAD
-    return kind.name, PAYLOADS[kind]
+        return what, None
+    return what, PAYLOADS[kind].reply if reply else PAYLOADS[kind].request
 
 
-def parse_request_payload(request_type: int, data: bytes) -> dict[str, object]:
-    """A request's data as named fields (``{}`` when it carries none). Raises ValueError."""
-    name, entry = _payloads(request_type)
-    if entry.request is None or (entry.request_optional and not data):
-        if data:
-            raise ValueError(f"{name} request carries no payload, got {len(data)} bytes")
-        return {}
-    return entry.request.parse(data)
-
-
-def build_request_payload(request_type: int, fields: Mapping[str, Any]) -> bytes:
-    name, entry = _payloads(request_type)
-    if not fields:
-        return b""
-    if entry.request is None:
-        raise ValueError(f"{name} request carries no payload")
-    return entry.request.build(fields)
-
-
-def parse_reply_payload(request_type: int, data: bytes) -> dict[str, object]:
-    """A reply's data as named fields (``{}`` when it carries none). Raises ValueError."""
-    name, entry = _payloads(request_type)
+def parse_payload(request_type: int, data: bytes, *, reply: bool = False) -> dict[str, Any]:
+    """A request's (or a reply's) data as the table names its fields; no data is ``{}``.
+    Raises ValueError for data that does not fit the type's definition."""
+    what, payload = _payload(request_type, reply)
     if not data:
         return {}
-    if entry.reply is None:
-        raise ValueError(f"{name} reply carries no payload, got {len(data)} bytes")
-    return entry.reply.parse(data)
+    if payload is None:
+        raise ValueError(f"{what} carries no payload, got {len(data)} bytes")
+    return payload.parse(data)
 
 
-def build_reply_payload(request_type: int, fields: Mapping[str, Any]) -> bytes:
-    name, entry = _payloads(request_type)
+def build_payload(request_type: int, fields: Mapping[str, Any], *, reply: bool = False) -> bytes:
+    """The data of a request (or a reply) from its named fields; ``{}`` is no data."""
+    what, payload = _payload(request_type, reply)
     if not fields:
         return b""
-    if entry.reply is None:
-        raise ValueError(f"{name} reply carries no payload")
-    return entry.reply.build(fields)
+    if payload is None:
+        raise ValueError(f"{what} carries no payload")
+    return payload.build(fields)
 
 
 def parse_ctr_string(data: bytes) -> tuple[str, bool]:

@@ -84,7 +84,7 @@ from ..store_format import (
     read_format_value,
     record_bytes,
     record_value,
-    seal_chunk,
+    seal,
     split_chunks,
     unseal_chunk,
 )
@@ -339,7 +339,7 @@ class LmdbBackend(Backend):
                     txn.drop(db, delete=False)
                     for index, bits in split_chunks(bitmap, region_count, new).items():
                         key = encode_chunk_key(index)
-                        txn.put(key, seal_chunk(name, key, bits), db=db)
+                        txn.put(key, seal(name, key, bits), db=db)
                 if meta is not None and old_layout < 3:
                     meta_name = instance_db_name("meta", meta.luid)
                     ckpt = checkpoint_value(meta_name, CheckpointRecord(journal_id, position))
@@ -581,7 +581,7 @@ class LmdbBackend(Backend):
             txn.drop(db, delete=False)
             for index, bits in chunks.items():
                 key = encode_chunk_key(index)
-                txn.put(key, seal_chunk(name, key, bits), db=db)
+                txn.put(key, seal(name, key, bits), db=db)
 
     def commit(self, commit: Commit) -> None:
         rec = commit.record
@@ -601,7 +601,7 @@ class LmdbBackend(Backend):
                     raise BackendError(errno.EINVAL, f"{what}: chunk {index} of {len(bits)} bytes does "
                                        f"not fit {rec.region_count} regions")
                 key = encode_chunk_key(index)
-                items.append((key, seal_chunk(name, key, bits)))
+                items.append((key, seal(name, key, bits)))
             puts.append((name, items))
         meta_name = instance_db_name("meta", rec.luid)
         tail_key = encode_chunk_key(count)
