@@ -360,7 +360,7 @@ def test_region_list_agrees_with_the_construct_definition():
     data = wire.build_regions(regions)
     assert wire.RegionList.parse(data).regions == regions
     assert wire.RegionList.build({"regions": regions}) == data
-    assert wire.parse_request_payload(RequestType.MARK_REGION, data) == {"regions": regions}
+    assert wire.parse_payload(RequestType.MARK_REGION, data) == {"regions": regions}
 
 
 def test_every_type_has_a_table_entry():
@@ -371,16 +371,22 @@ def test_every_type_has_a_table_entry():
                        T.SET_REGION_SYNC, T.IS_REMOTE_RECOVERING}
 
 
+def test_no_data_is_no_payload_both_ways():
+    for kind in [*RequestType, 0, 18]:
+        for reply in (False, True):
+            assert wire.parse_payload(kind, b"", reply=reply) == {}
+            assert wire.build_payload(kind, {}, reply=reply) == b""
+
+
 @pytest.mark.parametrize("data,expected", [
     (b"8 core 8", ("8 core 8", False)),
     (b"8 core 8\0", ("8 core 8", True)),
-    (b"", ("", False)),
 ])
 def test_ctr_string_is_read_once(data, expected):
     assert wire.parse_ctr_string(data) == expected
     fields = {"ctr": expected[0], "nul_counted": expected[1]}
-    assert wire.parse_request_payload(RequestType.CTR, data) == fields
-    assert wire.build_request_payload(RequestType.CTR, fields) == data
+    assert wire.parse_payload(RequestType.CTR, data) == fields
+    assert wire.build_payload(RequestType.CTR, fields) == data
 
 
 @pytest.mark.parametrize("data,why", [
@@ -391,7 +397,7 @@ def test_ctr_string_refusals_are_the_engines(data, why):
     from ulog_disk.ctrargs import CtrError, parse_ctr
 
     with pytest.raises(ValueError, match=why):
-        wire.parse_request_payload(RequestType.CTR, data)
+        wire.parse_payload(RequestType.CTR, data)
     with pytest.raises(CtrError, match=why):
         parse_ctr(data)
 
@@ -402,18 +408,18 @@ def test_ctr_string_refusals_are_the_engines(data, why):
 ])
 def test_request_payload_of_the_wrong_shape_is_refused(kind, data):
     with pytest.raises(ValueError):
-        wire.parse_request_payload(kind, data)
+        wire.parse_payload(kind, data)
 
 
 def test_reply_payloads_by_name():
     T = RequestType
-    assert wire.parse_reply_payload(T.GET_REGION_SIZE, wire.build_u64(1024)) == {"u64": 1024}
-    assert wire.parse_reply_payload(T.STATUS_INFO, b"1 core\0") == {"text": "1 core", "nul_counted": True}
-    assert wire.build_reply_payload(T.CTR, {"device": "7:3", "nul_counted": True}) == b"7:3\0"
-    assert wire.parse_reply_payload(T.FLUSH, b"") == {}
+    assert wire.parse_payload(T.GET_REGION_SIZE, wire.build_u64(1024), reply=True) == {"u64": 1024}
+    status = {"text": "1 core", "nul_counted": True}
+    assert wire.parse_payload(T.STATUS_INFO, b"1 core\0", reply=True) == status
+    assert wire.build_payload(T.CTR, {"device": "7:3", "nul_counted": True}, reply=True) == b"7:3\0"
     for kind, data in ((T.FLUSH, b"\0"), (T.STATUS_INFO, b"no nul"), (T.CTR, b"a\0b\0")):
         with pytest.raises(ValueError):
-            wire.parse_reply_payload(kind, data)
+            wire.parse_payload(kind, data, reply=True)
 
 
 # --- capture files (formats/capture.md): containers of wire frames ------------------------------------

@@ -71,7 +71,7 @@ def decode_request_fields(frame: bytes) -> dict:
             "type_name": type_name(req.raw_type), "data_size": len(req.data),
         },
         "data": req.data.hex(),
-        "payload": wire.parse_request_payload(req.request_type, req.data),
+        "payload": wire.parse_payload(req.request_type, req.data),
     }
 
 
@@ -91,7 +91,7 @@ def decode_reply_fields(frame: bytes) -> dict:
             "type_name": type_name(hdr.request_type), "data_size": hdr.data_size,
         },
         "data": rep.data.hex(),
-        "payload": wire.parse_reply_payload(rep.request_type, rep.data),
+        "payload": wire.parse_payload(rep.request_type, rep.data, reply=True),
     }
 
 
@@ -100,7 +100,7 @@ def decode_reply_fields(frame: bytes) -> dict:
 
 def request_from_fields(fields: dict) -> Request:
     hdr = fields["header"]
-    data = wire.build_request_payload(hdr["type"], fields["payload"])
+    data = wire.build_payload(hdr["type"], fields["payload"])
     assert data.hex() == fields["data"], "payload fields do not rebuild the data bytes"
     return Request(
         luid=hdr["luid"], uuid=hdr["uuid"], version=hdr["version"], seq=hdr["seq"],
@@ -115,7 +115,7 @@ def reply_from_fields(fields: dict) -> Reply:
                           request_type=0, data=b"")
         return Reply(request, fields["error"], b"", ack=True)
     hdr = fields["header"]
-    data = wire.build_reply_payload(hdr["type"], fields["payload"])
+    data = wire.build_payload(hdr["type"], fields["payload"], reply=True)
     assert data.hex() == fields["data"], "payload fields do not rebuild the data bytes"
     request = Request(luid=hdr["luid"], uuid=hdr["uuid"], version=hdr["version"], seq=hdr["seq"],
                       request_type=hdr["type"], raw_type=hdr["request_type"], data=b"")
@@ -193,24 +193,19 @@ def test_integrated_flush_and_groups_are_covered():
     assert max(groups) == wire.MAX_REGIONS_PER_GROUP
 
 
-@pytest.mark.parametrize("vec", REQUESTS, ids=ids(REQUESTS))
-def test_request_vector_decodes_to_its_fields(vec):
-    assert decode_request_fields(bytes.fromhex(vec["hex"])) == vec["fields"]
+@pytest.mark.parametrize("vec", VECTORS, ids=ids(VECTORS))
+def test_vector_decodes_to_its_fields(vec):
+    decode = decode_request_fields if vec["direction"] == "request" else decode_reply_fields
+    assert decode(bytes.fromhex(vec["hex"])) == vec["fields"]
 
 
-@pytest.mark.parametrize("vec", REQUESTS, ids=ids(REQUESTS))
-def test_request_vector_encodes_from_its_fields(vec):
-    assert wire.encode_request(request_from_fields(vec["fields"])).hex() == vec["hex"]
-
-
-@pytest.mark.parametrize("vec", REPLIES, ids=ids(REPLIES))
-def test_reply_vector_decodes_to_its_fields(vec):
-    assert decode_reply_fields(bytes.fromhex(vec["hex"])) == vec["fields"]
-
-
-@pytest.mark.parametrize("vec", REPLIES, ids=ids(REPLIES))
-def test_reply_vector_encodes_from_its_fields(vec):
-    assert wire.encode_reply(reply_from_fields(vec["fields"])).hex() == vec["hex"]
+@pytest.mark.parametrize("vec", VECTORS, ids=ids(VECTORS))
+def test_vector_encodes_from_its_fields(vec):
+    if vec["direction"] == "request":
+        frame = wire.encode_request(request_from_fields(vec["fields"]))
+    else:
+        frame = wire.encode_reply(reply_from_fields(vec["fields"]))
+    assert frame.hex() == vec["hex"]
 
 
 @pytest.mark.parametrize("vec", REPLIES, ids=ids(REPLIES))

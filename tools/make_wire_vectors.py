@@ -125,7 +125,7 @@ def req(name: str, note: str, type_: int, *, data: dict | None = None, engine: b
     if seq is None:
         seq = len([s for s in _steps if s.step is not None]) if engine else 0
     payload = data or {}
-    spec = ReqSpec(name=name, note=note, type=type_, seq=seq, data=wire.build_request_payload(type_, payload),
+    spec = ReqSpec(name=name, note=note, type=type_, seq=seq, data=wire.build_payload(type_, payload),
                    payload=payload, **kw)
     if engine:
         spec.step = len([s for s in _steps if s.step is not None])
@@ -138,7 +138,7 @@ def rep(name: str, note: str, to: str, *, error: int = 0, data: dict | None = No
     payload = data or {}
     type_ = next(s.type for s in _steps if s.name == to)
     _replies.append(RepSpec(name=name, note=note, to=to, error=error,
-                            data=wire.build_reply_payload(type_, payload), payload=payload, ack=ack))
+                            data=wire.build_payload(type_, payload, reply=True), payload=payload, ack=ack))
 
 
 def build_conversation() -> None:
@@ -360,7 +360,7 @@ _VmCapRecord = c.Struct("time" / c.Float64l, "direction" / c.Int8ul, "length" / 
 
 def payload_fields(kind: int, data: bytes) -> dict:
     try:
-        return wire.parse_request_payload(kind, data)
+        return wire.parse_payload(kind, data)
     except ValueError:  # a hostile vector's payload: described by its hex alone
         return {}
 

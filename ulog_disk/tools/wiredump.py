@@ -101,7 +101,7 @@ def request_payload(request_type: int, data: bytes) -> dict[str, Any]:
     """A request's data as the request table (:data:`wire.PAYLOADS`) names it; a region list
     also as a count and ranges."""
     try:
-        p = wire.parse_request_payload(request_type, data)
+        p = wire.parse_payload(request_type, data)
     except ValueError as exc:
         return {"problem": str(exc), "hex": data.hex()}
     if "regions" in p:
@@ -113,7 +113,7 @@ def reply_payload(request_type: int | None, data: bytes) -> dict[str, Any]:
     if request_type is None:  # an unpaired reply: its own header's type is all there is
         return {"hex": data.hex()} if data else {}
     try:
-        return wire.parse_reply_payload(request_type, data)
+        return wire.parse_payload(request_type, data, reply=True)
     except ValueError as exc:
         return {"problem": str(exc), "hex": data.hex()}
 
@@ -125,28 +125,13 @@ def _kind(code: int | None) -> RequestType | None:
         return None
 
 
-def decode_request(index: int, raw: bytes) -> Frame:
-    f = Frame(index=index, direction="request", size=len(raw))
-    try:
-        req = wire.decode_frame(raw)
-    except wire.FrameError as exc:
-        f.problem = exc.reason
-        req = exc.request
-        if req is None:
-            return f
+def _fill_request(f: Frame, req: wire.Request) -> None:
     f.seq, f.cn_seq, f.type_code = req.seq, req.cn_seq, req.request_type
     f.uuid, f.luid = req.uuid, req.luid
     f.payload = request_payload(req.request_type, req.data)
-    return f
 
 
-def decode_reply(index: int, raw: bytes) -> Frame:
-    f = Frame(index=index, direction="reply", size=len(raw))
-    try:
-        rep = wire.decode_reply(raw)
-    except wire.FrameError as exc:
-        f.problem = exc.reason
-        return f
+def _fill_reply(f: Frame, rep: wire.DecodedReply) -> None:
     f.seq, f.error, f.ack_form = rep.seq, rep.error, rep.ack_form
     if rep.ack_form:
         f.cn_seq = rep.seq
@@ -154,6 +139,21 @@ def decode_reply(index: int, raw: bytes) -> Frame:
         f.type_code, f.uuid, f.luid = rep.request_type, rep.uuid, rep.luid
         f.payload = {"hex": rep.data.hex()} if rep.data else {}
         f.raw_data = rep.data
+
+
+def decode(index: int, raw: bytes, direction: str) -> Frame:
+    """One frame as a ``"request"`` or a ``"reply"``; a malformed one keeps its problem and
+    whatever of it could be read (a request's header, when complete)."""
+    f = Frame(index=index, direction=direction, size=len(raw))
+    try:
+        if direction == "request":
+            _fill_request(f, wire.decode_frame(raw))
+        else:
+            _fill_reply(f, wire.decode_reply(raw))
+    except wire.FrameError as exc:
+        f.problem = exc.reason
+        if exc.request is not None:
+            _fill_request(f, exc.request)
     return f
 
 
@@ -198,8 +198,7 @@ def from_capture(data: bytes, source: str = "") -> Decoded:
     truncated = None
     try:
         for i, rec in enumerate(capture.read_capture(data)):
-            decode = decode_request if rec.direction == capture.TO_DAEMON else decode_reply
-            f = decode(i, rec.frame)
+            f = decode(i, rec.frame, "request" if rec.direction == capture.TO_DAEMON else "reply")
             f.time_ns, f.transport = rec.time_ns, TRANSPORT_NAMES.get(rec.transport, str(rec.transport))
             frames.append(f)
     except capture.CaptureFormatError as exc:
@@ -245,7 +244,7 @@ def from_hex(text: str, source: str = "-") -> Decoded:
         if direction is None:
             ack = len(raw) >= wire.CN_MSG_SIZE and wire.CnMsg.parse(raw[: wire.CN_MSG_SIZE]).len == 0
             direction = "rep" if ack else "req"
-        frames.append(decode_reply(i, raw) if direction.startswith("rep") else decode_request(i, raw))
+        frames.append(decode(i, raw, "reply" if direction.startswith("rep") else "request"))
     pair(frames)
     return Decoded(frames, None, source)
 
