@@ -6,9 +6,6 @@ from __future__ import annotations
 import errno
 import logging
 import resource
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +14,8 @@ from ulog_disk import limits, wire
 from ulog_disk.backends.memory import MemoryBackend
 from ulog_disk.engine import Engine
 from ulog_disk.limits import MemoryBudget, MemoryLimit, cgroup_memory_limit, log_memory_bytes
+from ulog_disk.testing.client import Client
+from ulog_disk.testing.launcher import Daemon, fd_count, launch
 from ulog_disk.wire import Request, RequestType
 
 T = RequestType
@@ -98,48 +97,36 @@ def test_a_ctr_over_the_memory_limit_fails_with_enomem_and_one_line_others_keep_
 # --- the real daemon under a descriptor limit ---------------------------------------------------------
 
 
-def start_limited(tmp: Path, nofile: int) -> tuple[subprocess.Popen[bytes], Path, Path]:
+def start_limited(tmp: Path, nofile: int, wait_ready: bool = True) -> Daemon:
+    """dm-ulogd (LMDB) with a soft and hard RLIMIT_NOFILE of ``nofile``."""
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
-    sock, ready, log_path = tmp / "d.sock", tmp / "ready", tmp / "d.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ulog_disk", "--listen", f"unix:{sock}", "--state-dir", str(tmp / "state"),
-             "--ready-file", str(ready)],
-            stdout=log_file, stderr=log_file, preexec_fn=limit)
-    deadline = time.monotonic() + 30
-    while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return proc, sock, log_path
+    return launch(tmp, backend="lmdb", preexec=limit, wait_ready=wait_ready)
 
 
 def test_a_hundred_mirrors_under_ulimit_n_64(tmp_path):
     """The stores kept open are sized to the limit: no mirror fails for want of a descriptor."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "bench"))
-    from benchlib import RawClient, fd_count
-
-    proc, sock, log_path = start_limited(tmp_path, 64)
+    d = start_limited(tmp_path, 64)
     try:
-        assert proc.poll() is None, log_path.read_text()
-        client = RawClient(sock)
+        client = Client(d.socket_path)
         for i in range(100):
             client.ok(f"m{i}", 1, T.CTR, b"32768 clustered-core 1024")
             client.ok(f"m{i}", 1, T.RESUME)
             client.ok(f"m{i}", 1, T.FLUSH, wire.build_regions([i % 32]))
-        assert fd_count(proc.pid) <= 64
+        assert fd_count(d.pid) <= 64
         for i in range(100):  # every log still answers with its own state
             assert wire.parse_s64(client.ok(f"m{i}", 1, T.IS_CLEAN, wire.build_u64(i % 32))) == 0
         client.close()
     finally:
-        proc.terminate()
-    assert proc.wait(30) == 0, log_path.read_text()
-    assert "Too many open files" not in log_path.read_text()
+        d.proc.terminate()
+    assert d.proc.wait(30) == 0, d.log_text()
+    assert "Too many open files" not in d.log_text()
 
 
 def test_a_descriptor_limit_too_small_for_one_store_is_refused_at_start(tmp_path):
-    proc, _sock, log_path = start_limited(tmp_path, 20)
-    assert proc.wait(30) == 2
-    lines = log_path.read_text().strip().splitlines()
+    d = start_limited(tmp_path, 20, wait_ready=False)
+    assert d.proc.wait(30) == 2
+    lines = d.log_text().strip().splitlines()
     assert len(lines) == 1, lines
     assert lines[0].startswith("dm-ulogd: ") and "RLIMIT_NOFILE 20" in lines[0]

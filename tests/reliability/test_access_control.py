@@ -30,9 +30,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from rel_lib import Client, ctr_text, figures, launch
+from rel_lib import figures, launch
 
 from ulog_disk import wire
+from ulog_disk.testing.client import Client, ctr_text
 from ulog_disk.wire import Request, RequestType
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, setuid)")

@@ -44,12 +44,14 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rel_lib import Client, Daemon, DaemonGone, ctr_text, figures, launch, run_verify, scale
+from rel_lib import figures, launch, run_verify, scale
 
 from ulog_disk import wire
 from ulog_disk.backends.lmdb_store import LmdbBackend
 from ulog_disk.engine import Engine
 from ulog_disk.regionlog import RegionLog
+from ulog_disk.testing.client import Client, DaemonGone, ctr_text
+from ulog_disk.testing.launcher import Daemon
 from ulog_disk.wire import RequestType as T
 
 POINTS = int(scale("ULOG_REL_CRASH_POINTS", 30, 1000))

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import lmdb
 import pytest
-from rel_lib import Client, DaemonGone, ctr_text, figures, launch, scale
+from rel_lib import figures, launch, scale
 
 from ulog_disk import journal as jn
 from ulog_disk import wire
@@ -52,6 +52,7 @@ from ulog_disk.store_format import (
     instance_db_name,
     read_checkpoint_value,
 )
+from ulog_disk.testing.client import Client, DaemonGone, ctr_text
 from ulog_disk.wire import RequestType as T
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount, losetup)")

@@ -27,9 +27,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from rel_lib import Client, ctr_text, figures, launch, percentile, scale
+from rel_lib import figures, launch, scale
 
 from ulog_disk.kernelmodel import KERNEL_TIMEOUT, KernelConnection, Mirror, UserspaceLog
+from ulog_disk.testing.client import Client, ctr_text
+from ulog_disk.testing.stats import percentile
 from ulog_disk.wire import RequestType as T
 
 SECONDS = float(scale("ULOG_REL_LOAD_SECONDS", 60.0, 600.0))

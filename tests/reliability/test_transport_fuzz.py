@@ -40,7 +40,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from rel_lib import Client, Daemon, NoReply, figures, launch, scale
+from rel_lib import figures, launch, scale
 from test_engine_fuzz import damage as damage_fields
 
 from ulog_disk import wire
@@ -48,6 +48,8 @@ from ulog_disk.backends.memory import MemoryBackend
 from ulog_disk.engine import Engine
 from ulog_disk.journal import parse_segment_name
 from ulog_disk.store_format import decode_dir_name
+from ulog_disk.testing.client import Client, NoReply
+from ulog_disk.testing.launcher import Daemon
 from ulog_disk.wire import FrameError, Reply, Request, RequestType
 
 T = RequestType

@@ -1,41 +1,28 @@
-"""Shared pieces of the benchmark suite: the daemon as a process, clients, floors, statistics.
+"""Shared pieces of the benchmark suite: floors, load generators, CPU and machine accounting.
 
-Nothing here knows a target; ``run.py`` decides what is measured against what.
+Nothing here knows a target; ``run.py`` decides what is measured against what. The daemon as a
+process, the clients and the percentiles are :mod:`ulog_disk.testing`'s, shared with the tests.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import resource
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ulog_disk import wire
-from ulog_disk.wire import Request, RequestType
+from ulog_disk.testing.client import Client, FrameTemplate, ctr_text
+from ulog_disk.testing.launcher import fd_count, thread_count
+from ulog_disk.wire import RequestType
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE = 4096
 
 
-# --- statistics ---------------------------------------------------------------------------------
-
-
-def pct(samples: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
-    xs = sorted(samples)
-    k = max(0, min(len(xs) - 1, int(round(q / 100.0 * len(xs) + 0.5)) - 1))
-    return xs[k]
-
-
-def median(values: list[float]) -> float:
-    return pct(values, 50)
+# --- formatting -----------------------------------------------------------------------------------
 
 
 def human_count(n: float) -> str:
@@ -46,99 +33,7 @@ def human_count(n: float) -> str:
     return f"{n:g}"
 
 
-# --- the daemon -----------------------------------------------------------------------------------
-
-
-@dataclass
-class DaemonProc:
-    """``dm-ulogd --listen unix:PATH`` as a subprocess (no capture: it is not on a real path)."""
-
-    proc: subprocess.Popen[bytes]
-    socket_path: Path
-    state_dir: Path
-    log_path: Path
-    #: Seconds from ``Popen`` to the ready file: interpreter start, imports, store restore.
-    start_seconds: float = 0.0
-
-    @classmethod
-    def start(cls, workdir: Path, name: str, backend: str, state_dir: Path,
-              boot_id: str | None = None, timeout: float = 120.0, nofile: int | None = None) -> DaemonProc:
-        """``nofile``: start the daemon with that soft RLIMIT_NOFILE (the hard limit unchanged;
-        the daemon may raise its soft limit itself)."""
-        workdir.mkdir(parents=True, exist_ok=True)
-        sock = workdir / f"{name}.sock"
-        ready = workdir / f"{name}.ready"
-        ready.unlink(missing_ok=True)
-        log_path = workdir / f"{name}.log"
-        args = [sys.executable, "-m", "ulog_disk", "--listen", f"unix:{sock}", "--backend", backend,
-                "--state-dir", str(state_dir), "--ready-file", str(ready)]
-        if boot_id:
-            args += ["--boot-id", boot_id]
-        with open(log_path, "ab") as log_file:
-            t0 = time.perf_counter()
-            proc = subprocess.Popen(args, stdout=log_file, stderr=log_file, cwd=ROOT,
-                                    preexec_fn=None if nofile is None else lambda: soft_nofile_limit(nofile))
-        deadline = t0 + timeout
-        while not ready.exists():
-            if proc.poll() is not None:
-                raise RuntimeError(f"dm-ulogd exited with {proc.returncode}:\n{log_path.read_text()}")
-            if time.perf_counter() > deadline:
-                proc.kill()
-                raise RuntimeError(f"dm-ulogd not ready after {timeout}s:\n{log_path.read_text()}")
-            time.sleep(0.0005)
-        started = time.perf_counter() - t0
-        return cls(proc, sock, state_dir, log_path, started)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def memory(self) -> dict[str, int]:
-        """VmRSS, VmHWM, RssAnon, RssFile, RssShmem of the daemon, in bytes."""
-        out: dict[str, int] = {}
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
-                    out[key] = int(rest.split()[0]) * 1024
-        return out
-
-    def threads(self) -> int:
-        return thread_count(self.pid)
-
-    def fds(self) -> int:
-        return fd_count(self.pid)
-
-    def kill9(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
-
-
-def soft_nofile_limit(soft: int) -> None:
-    """Set this process's soft RLIMIT_NOFILE to ``soft`` (at most the hard limit); for preexec_fn."""
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    soft = soft if hard == resource.RLIM_INFINITY else min(soft, hard)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-
-def thread_count(pid: int) -> int:
-    """Threads of a process (entries of /proc/PID/task)."""
-    return len(os.listdir(f"/proc/{pid}/task"))
-
-
-def fd_count(pid: int) -> int:
-    """Open descriptors of a process (entries of /proc/PID/fd)."""
-    return len(os.listdir(f"/proc/{pid}/fd"))
+# --- the daemon's process (launcher: ulog_disk.testing.launcher) ----------------------------------
 
 
 def nofile_of(pid: int) -> tuple[str, str]:
@@ -186,135 +81,13 @@ class PeakSampler:
         self._thread.join()
 
 
-# --- a client without the kernel model's threads ---------------------------------------------------
-
-
-class RawClient:
-    """One request at a time on one SOCK_SEQPACKET connection, in the caller's thread."""
-
-    def __init__(self, path: Path | str, timeout: float = 30.0):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.sock.settimeout(timeout)
-        self.sock.connect(str(path))
-        self.seq = 0
-
-    def frame(self, uuid: str, luid: int, rtype: RequestType, data: bytes = b"") -> bytes:
-        self.seq += 1
-        return wire.encode_request(Request(luid=luid, uuid=uuid, version=wire.DM_ULOG_REQUEST_VERSION,
-                                           seq=self.seq, request_type=rtype, data=data,
-                                           cn_seq=self.seq))
-
-    def request(self, uuid: str, luid: int, rtype: RequestType, data: bytes = b"") -> tuple[int, bytes]:
-        self.sock.send(self.frame(uuid, luid, rtype, data))
-        reply = wire.decode_reply(self.sock.recv(65536))
-        if reply.seq != self.seq:
-            raise RuntimeError(f"reply seq {reply.seq} != {self.seq}")
-        return reply.error, reply.data
-
-    def ok(self, uuid: str, luid: int, rtype: RequestType, data: bytes = b"") -> bytes:
-        error, out = self.request(uuid, luid, rtype, data)
-        if error:
-            raise RuntimeError(f"{rtype.name} for {uuid} answered {error}")
-        return out
-
-    def many(self, requests: list[tuple[str, int, RequestType, bytes]], window: int = 32) -> list[int | None]:
-        """Send ``requests`` (uuid, luid, type, data) keeping at most ``window`` unanswered, as
-        the kernel does with requests of many mirrors; return each one's error (0: answered
-        successfully), or None for those left unanswered when the connection closed or a reply
-        took longer than the socket's timeout (the connection is then unusable: open another).
-
-        The window stays well under what the daemon can send before our receive queue is full
-        (its replies would be dropped, not delayed)."""
-        results: list[int | None] = [None] * len(requests)
-        waiting: dict[int, int] = {}
-        i = 0
-        try:
-            while i < len(requests) or waiting:
-                while i < len(requests) and len(waiting) < window:
-                    frame = self.frame(*requests[i])
-                    waiting[self.seq] = i
-                    self.sock.send(frame)
-                    i += 1
-                data = self.sock.recv(65536)
-                if not data:
-                    break
-                reply = wire.decode_reply(data)
-                index = waiting.pop(reply.seq, None)
-                if index is not None:
-                    results[index] = reply.error
-        except OSError:  # timeout, reset, or the daemon gone
-            pass
-        return results
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
-
-
-class FrameTemplate:
-    """One request frame built once with ``wire.encode_request``; each use patches only the two
-    sequence numbers and the payload, so a load generator spends almost nothing per request (the
-    real kernel's cost per request is a few microseconds in C)."""
-
-    def __init__(self, uuid: str, luid: int, rtype: RequestType, data_len: int = 0):
-        frame = wire.encode_request(Request(luid=luid, uuid=uuid, version=wire.DM_ULOG_REQUEST_VERSION,
-                                            seq=0x01020304, request_type=rtype, data=bytes(data_len),
-                                            cn_seq=0x01020304))
-        marker = (0x01020304).to_bytes(4, sys.byteorder)
-        self.cn_seq_at = frame.index(marker)
-        self.seq_at = frame.index(marker, self.cn_seq_at + 4)
-        self.data_at = len(frame) - data_len
-        self.buf = bytearray(frame)
-        # The error field of a reply's header sits 8 bytes before its seq (wire.UlogHeader).
-        self.error_at = self.seq_at - 4
-        check = wire.decode_frame(self.build(7, bytes(range(data_len))))
-        assert check.seq == 7 and check.cn_seq == 7 and check.data == bytes(range(data_len)), check
-
-    def build(self, seq: int, data: bytes = b"") -> bytes:
-        buf = self.buf
-        buf[self.cn_seq_at : self.cn_seq_at + 4] = seq.to_bytes(4, sys.byteorder)
-        buf[self.seq_at : self.seq_at + 4] = seq.to_bytes(4, sys.byteorder)
-        if data:
-            buf[self.data_at :] = data
-        return bytes(buf)
-
-    def reply_ok(self, reply: bytes) -> bool:
-        """A full-form reply with error 0 (the ACK form and errors are not ok)."""
-        return len(reply) >= self.data_at and reply[self.error_at : self.error_at + 4] == b"\0\0\0\0"
-
-
-class LeanClient:
-    """Requests for one log from frame templates, one at a time, in the caller's thread: what is
-    left of the client's cost is a send and a recv (no kernel-model threads, no construct)."""
-
-    def __init__(self, path: Path | str, uuid: str, luid: int):
-        self.sock = RawClient(path).sock
-        self.seq = 0
-        self.t = {
-            "mark": FrameTemplate(uuid, luid, RequestType.MARK_REGION, 8),
-            "flush": FrameTemplate(uuid, luid, RequestType.FLUSH, 0),
-            "flush1": FrameTemplate(uuid, luid, RequestType.FLUSH, 8),
-            "in_sync": FrameTemplate(uuid, luid, RequestType.IN_SYNC, 8),
-        }
-
-    def call(self, kind: str, region: int | None = None) -> None:
-        self.seq += 1
-        t = self.t[kind]
-        self.sock.send(t.build(self.seq, b"" if region is None else region.to_bytes(8, sys.byteorder)))
-        if not t.reply_ok(self.sock.recv(65536)):
-            raise RuntimeError(f"{kind} failed")
-
-    def mark_flush(self, region: int) -> None:
-        self.call("mark", region)
-        self.call("flush")
-
-    def close(self) -> None:
-        self.sock.close()
+# --- clients (ulog_disk.testing.client) ------------------------------------------------------------
 
 
 def ctr_string(regions: int, region_size: int = 1024, extra: str = "nosync") -> str:
-    """A core-log constructor string for ``regions`` regions (target sectors / region size)."""
-    return f"{regions * region_size} clustered-core {region_size}{' ' + extra if extra else ''}"
+    """The benchmarks' constructor string: a core log of ``regions`` regions of ``region_size``
+    sectors, ``nosync`` unless told otherwise."""
+    return ctr_text(regions, region_size, extra=extra)
 
 
 # --- physical floors --------------------------------------------------------------------------------
@@ -419,7 +192,7 @@ def load_worker(index: int, path: str, regions: int, workdir: str, pipe: object)
         count = 0
         if kind == "lean":
             if "sock" not in state:
-                state["sock"] = RawClient(path).sock
+                state["sock"] = Client(path).sock
                 state["mark"] = FrameTemplate(uuid, luid, RequestType.MARK_REGION, 8)
                 state["flush"] = FrameTemplate(uuid, luid, RequestType.FLUSH, 0)
             sock = state["sock"]

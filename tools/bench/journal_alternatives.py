@@ -58,11 +58,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib  # noqa: E402
-from benchlib import PAGE, LmdbFloor, SyncWriter, pct  # noqa: E402
+from benchlib import PAGE, LmdbFloor, SyncWriter  # noqa: E402
 
 from ulog_disk import journal  # noqa: E402
 from ulog_disk.backends.lmdb_store import INITIAL_MAP_SIZE  # noqa: E402
 from ulog_disk.regionlog import CHUNK_BYTES  # noqa: E402
+from ulog_disk.testing.stats import percentile  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 MS = 1e3
@@ -133,11 +134,11 @@ class Dist:
 
     @property
     def p50(self) -> float:
-        return pct(self.samples, 50)
+        return percentile(self.samples, 50)
 
     @property
     def p99(self) -> float:
-        return pct(self.samples, 99)
+        return percentile(self.samples, 99)
 
     @property
     def mean(self) -> float:

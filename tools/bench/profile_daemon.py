@@ -31,10 +31,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import DaemonProc, LeanClient, RawClient, ctr_string  # noqa: E402
+from benchlib import ROOT, ctr_string  # noqa: E402
 
 from ulog_disk import wire  # noqa: E402
 from ulog_disk.kernelmodel import KernelConnection, UserspaceLog  # noqa: E402
+from ulog_disk.testing.client import Client, LeanClient  # noqa: E402
+from ulog_disk.testing.launcher import launch  # noqa: E402
 from ulog_disk.wire import RequestType  # noqa: E402
 
 STRIDE = 104729
@@ -43,7 +45,7 @@ SPACES = re.compile(r"\s+")
 
 
 def rate_load(path: Path, seconds: float, stop: threading.Event, out: list[float]) -> None:
-    c = RawClient(path)
+    c = Client(path)
     c.ok("prof", 1, RequestType.CTR, ctr_string(REGIONS).encode())
     c.ok("prof", 1, RequestType.RESUME)
     frame = c.frame("prof", 1, RequestType.IN_SYNC, wire.build_u64(7))
@@ -135,7 +137,7 @@ def main() -> int:
     args = p.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     work = Path(tempfile.mkdtemp(prefix="ulog-prof-", dir=args.dir))
-    d = DaemonProc.start(work, "prof", "lmdb", work / "state")
+    d = launch(work, name="prof", backend="lmdb", state_dir=work / "state", cwd=ROOT, ready_timeout=120.0)
     raw = args.out or work / "stacks.txt"
     cmd = [spy, "record", "-p", str(d.pid), "-d", str(int(args.seconds)), "-r", str(args.rate), "-f", "raw",
            "-o", str(raw), "-t"]

@@ -46,23 +46,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib  # noqa: E402
-from benchlib import (  # noqa: E402
-    STRIDE,
-    DaemonProc,
-    LmdbFloor,
-    RawClient,
-    SyncWriter,
-    ctr_string,
-    human_count,
-    median,
-    pct,
-)
+from benchlib import STRIDE, LmdbFloor, SyncWriter, ctr_string, human_count  # noqa: E402
 
 from ulog_disk import wire  # noqa: E402
 from ulog_disk.backends.lmdb_store import LmdbBackend  # noqa: E402
 from ulog_disk.engine import Engine  # noqa: E402
 from ulog_disk.kernelmodel import KernelConnection, UserspaceLog  # noqa: E402
 from ulog_disk.regionlog import chunk_count  # noqa: E402
+from ulog_disk.testing.client import Client, LeanClient  # noqa: E402
+from ulog_disk.testing.launcher import Daemon, launch  # noqa: E402
+from ulog_disk.testing.stats import median, percentile  # noqa: E402
 from ulog_disk.wire import RequestType  # noqa: E402
 
 try:
@@ -141,7 +134,7 @@ class Suite:
         self.quick = quick
         self.rows: list[Row] = []
         self.extra: dict[str, object] = {}
-        self.daemons: list[DaemonProc] = []
+        self.daemons: list[Daemon] = []
 
     def add(self, row: Row) -> None:
         self.rows.append(row)
@@ -166,8 +159,9 @@ class Suite:
         return row
 
     def daemon(self, name: str, backend: str, state_dir: Path, boot_id: str | None = None,
-               nofile: int | None = None) -> DaemonProc:
-        d = DaemonProc.start(self.work, name, backend, state_dir, boot_id, nofile=nofile)
+               nofile: int | None = None) -> Daemon:
+        d = launch(self.work, name=name, backend=backend, state_dir=state_dir, boot_id=boot_id,
+                   nofile=nofile, cwd=benchlib.ROOT, ready_timeout=120.0, poll=0.0005)
         self.daemons.append(d)
         return d
 
@@ -206,8 +200,8 @@ def bench_flush(s: Suite) -> None:
     itg = open_log(conn, "bench-flush-integrated", 0x101, regions, integrated=True)
     for uuid, luid in (("bench-flush-lean-mark", 0x102), ("bench-flush-lean-integrated", 0x103)):
         open_log(conn, uuid, luid, regions, integrated=False)
-    lean_mf = benchlib.LeanClient(d.socket_path, "bench-flush-lean-mark", 0x102)
-    lean_itg = benchlib.LeanClient(d.socket_path, "bench-flush-lean-integrated", 0x103)
+    lean_mf = LeanClient(d.socket_path, "bench-flush-lean-mark", 0x102)
+    lean_itg = LeanClient(d.socket_path, "bench-flush-lean-integrated", 0x103)
     floor = SyncWriter(s.work / "floor-4k.dat", 4096)
     two = benchlib.TwoSyncFloor(s.work / "floor-two-syncs.dat")
     store = LmdbFloor(s.work / "lmdb-floor", chunk_count(regions))
@@ -249,9 +243,9 @@ def bench_flush(s: Suite) -> None:
     d.stop()
 
     def p50(key: str) -> float:
-        return pct(samples[key], 50) * MS
+        return percentile(samples[key], 50) * MS
 
-    f50, f99 = p50("floor"), pct(samples["floor"], 99) * MS
+    f50, f99 = p50("floor"), percentile(samples["floor"], 99) * MS
     floor_name = "4 KiB pwrite+fdatasync p50"
     floor99 = "4 KiB pwrite+fdatasync p99"
     # The target is the daemon's: one FLUSH request's round trip from a client that costs what
@@ -263,13 +257,13 @@ def bench_flush(s: Suite) -> None:
                                ("lean_flush", "after its MARK_REGION was answered", None)):
         s.ratio_row(1, f"FLUSH p50, {label}, lean client, 1 M regions", p50(key), "ms", f50, floor_name,
                     target)
-        s.ratio_row(1, f"FLUSH p99, {label}, lean client, 1 M regions", pct(samples[key], 99) * MS, "ms",
-                    f99, floor99, None)
+        s.ratio_row(1, f"FLUSH p99, {label}, lean client, 1 M regions", percentile(samples[key], 99) * MS,
+                    "ms", f99, floor99, None)
     s.ratio_row(1, "MARK_REGION + FLUSH p50 (both round trips of a flush without integrated_flush), "
                 "lean client, 1 M regions", p50("lean_mf"), "ms", f50, floor_name, 2.0)
     for key, label in (("itg", "FLUSH with marks (integrated_flush)"), ("mf", "MARK_REGION + FLUSH")):
         s.ratio_row(1, f"{label} p50, kernel model, 1 M regions", p50(key), "ms", f50, floor_name, None)
-        s.ratio_row(1, f"{label} p99, kernel model, 1 M regions", pct(samples[key], 99) * MS, "ms",
+        s.ratio_row(1, f"{label} p99, kernel model, 1 M regions", percentile(samples[key], 99) * MS, "ms",
                     f99, floor99, None)
     # Where the time goes: the commit without the daemon, the physical cost of LMDB's two
     # syncs, and requests without a disk.
@@ -280,7 +274,7 @@ def bench_flush(s: Suite) -> None:
     s.ratio_row(1, "IN_SYNC round trip p50, kernel model (no disk)", p50("rtt"), "ms", f50, floor_name, None)
     s.ratio_row(1, "IN_SYNC round trip p50, lean client (no disk)", p50("lean_rtt"), "ms", f50, floor_name,
                 None)
-    s.extra["flush"] = {k: {"p50_ms": pct(v, 50) * MS, "p99_ms": pct(v, 99) * MS, "n": len(v)}
+    s.extra["flush"] = {k: {"p50_ms": percentile(v, 50) * MS, "p99_ms": percentile(v, 99) * MS, "n": len(v)}
                         for k, v in samples.items()}
 
 
@@ -299,7 +293,7 @@ def bench_scale(s: Suite, out: Path, suffix: str) -> None:
                       open_log(conn, f"bench-scale-{size}-integrated", 0x201 + 4 * n, size, integrated=True))
         for k, kind in ((2, "lean-mark"), (3, "lean-integrated")):
             open_log(conn, f"bench-scale-{size}-{kind}", 0x200 + 4 * n + k, size, integrated=False)
-        lean[size] = tuple(benchlib.LeanClient(d.socket_path, f"bench-scale-{size}-{kind}", 0x200 + 4 * n + k)
+        lean[size] = tuple(LeanClient(d.socket_path, f"bench-scale-{size}-{kind}", 0x200 + 4 * n + k)
                            for k, kind in ((2, "lean-mark"), (3, "lean-integrated")))
     floors = {size: SyncWriter(s.work / f"floor-bitmap-{size}.dat", size // 8) for size in sizes}
     floor4k = SyncWriter(s.work / "floor-4k-scale.dat", 4096)
@@ -343,18 +337,18 @@ def bench_scale(s: Suite, out: Path, suffix: str) -> None:
     d.stop()
     for w in (*floors.values(), *stores.values(), floor4k):
         w.close()
-    p = {size: pct(mf[size], 50) * MS for size in sizes}
-    pi = {size: pct(itg[size], 50) * MS for size in sizes}
-    pw = {size: pct(whole[size], 50) * MS for size in sizes}
-    pb = {size: pct(bare[size], 50) * MS for size in sizes}
+    p = {size: percentile(mf[size], 50) * MS for size in sizes}
+    pi = {size: percentile(itg[size], 50) * MS for size in sizes}
+    pw = {size: percentile(whole[size], 50) * MS for size in sizes}
+    pb = {size: percentile(bare[size], 50) * MS for size in sizes}
     small, big = sizes[0], sizes[-1]
     note = "" if big == 32 * M else f"--quick: {human_count(big)} stands in for 32M"
     # The rewrite target is set at 32 M regions; --quick reports its largest size without one.
     # It is judged with the lean client, like target 1 (the kernel's requester costs microseconds;
     # the kernel model's reader thread adds a hand-off per reply): the kernel-model rows are info.
     rewrite_limit = 0.25 if big == 32 * M else None
-    lf = {size: pct(lean_flush[size], 50) * MS for size in sizes}
-    lpi0 = {size: pct(lean_itg[size], 50) * MS for size in sizes}
+    lf = {size: percentile(lean_flush[size], 50) * MS for size in sizes}
+    lpi0 = {size: percentile(lean_itg[size], 50) * MS for size in sizes}
     for size in sizes:
         for label, values in (("MARK+FLUSH", p), ("integrated", pi)):
             s.ratio_row(2, f"FLUSH p50 ({label}) at {human_count(size)} regions, kernel model", values[size],
@@ -370,11 +364,11 @@ def bench_scale(s: Suite, out: Path, suffix: str) -> None:
     for label, values in (("MARK+FLUSH", p), ("integrated", pi)):
         s.ratio_row(2, f"FLUSH p50 ({label}) {human_count(big)} vs {human_count(small)} regions", values[big],
                     "ms", values[small], f"FLUSH p50 at {human_count(small)}", 1.2, note)
-    f4 = pct(f4k, 50) * MS
+    f4 = percentile(f4k, 50) * MS
     # The journal's targets at the smallest and the largest size, lean client (issue #11): the
     # FLUSH's cost does not depend on the bitmap's size.
-    lp = {size: pct(lean_mf[size], 50) * MS for size in sizes}
-    lpi = {size: pct(lean_itg[size], 50) * MS for size in sizes}
+    lp = {size: percentile(lean_mf[size], 50) * MS for size in sizes}
+    lpi = {size: percentile(lean_itg[size], 50) * MS for size in sizes}
     for size in (small, big):
         s.ratio_row(2, f"FLUSH carrying its marks p50, lean client, {human_count(size)} regions", lpi[size],
                     "ms", f4, "4 KiB pwrite+fdatasync p50", 1.5, note if size == big else "")
@@ -382,8 +376,8 @@ def bench_scale(s: Suite, out: Path, suffix: str) -> None:
                     lp[size], "ms", f4, "4 KiB pwrite+fdatasync p50", 2.0, note if size == big else "")
     s.extra["scale"] = {
         "sizes": list(sizes), "mark_flush_p50_ms": p, "integrated_p50_ms": pi, "bitmap_rewrite_p50_ms": pw,
-        "mark_flush_p99_ms": {size: pct(mf[size], 99) * MS for size in sizes},
-        "integrated_p99_ms": {size: pct(itg[size], 99) * MS for size in sizes},
+        "mark_flush_p99_ms": {size: percentile(mf[size], 99) * MS for size in sizes},
+        "integrated_p99_ms": {size: percentile(itg[size], 99) * MS for size in sizes},
         "floor_4k_p50_ms": f4, "bare_lmdb_p50_ms": pb, "lean_mark_flush_p50_ms": lp, "lean_flush_p50_ms": lf,
         "lean_integrated_p50_ms": lpi,
     }
@@ -396,7 +390,7 @@ def bench_scale(s: Suite, out: Path, suffix: str) -> None:
 
 def request_rate(path: Path, frame: bytes, n: int, pid: int) -> tuple[float, float]:
     """Requests/s with one in flight, and the server's CPU seconds per request."""
-    sock = RawClient(path).sock
+    sock = Client(path).sock
     send, recv = sock.send, sock.recv
     for _ in range(50):
         send(frame)
@@ -416,7 +410,7 @@ def bench_rate(s: Suite) -> None:
     cfg = s.cfg
     regions = M
     d = s.daemon("rate", "lmdb", s.work / "rate-state")
-    c = RawClient(d.socket_path)
+    c = Client(d.socket_path)
     uuid, luid = "bench-rate", 0x300
     c.ok(uuid, luid, RequestType.CTR, ctr_string(regions).encode())
     c.ok(uuid, luid, RequestType.RESUME)
@@ -474,7 +468,7 @@ def bench_rate(s: Suite) -> None:
 # --- 4. restart cost ---------------------------------------------------------------------------------
 
 
-def _send_regions(c: RawClient, uuid: str, luid: int, rtype: RequestType, regions: list[int]) -> None:
+def _send_regions(c: Client, uuid: str, luid: int, rtype: RequestType, regions: list[int]) -> None:
     for i in range(0, len(regions), wire.MAX_REGIONS_PER_GROUP):
         c.ok(uuid, luid, rtype, wire.build_regions(regions[i : i + wire.MAX_REGIONS_PER_GROUP]))
 
@@ -492,7 +486,7 @@ def restart_scenario(s: Suite, backend: str) -> dict[str, object]:
     completed = every[cfg.restart_dirty : cfg.restart_dirty + cfg.restart_completed]
     inflight = every[cfg.restart_dirty + cfg.restart_completed :][: cfg.inflight]
     d = s.daemon(f"restart-{backend}-1", backend, state, boot_id="bench-boot-1")
-    c = RawClient(d.socket_path)
+    c = Client(d.socket_path)
     c.ok(uuid, luid, RequestType.CTR, ctr_string(regions, extra="nosync").encode())
     c.ok(uuid, luid, RequestType.RESUME)
     # Writes that completed: mark + flush, then their clears go out with the next flush.
@@ -511,7 +505,7 @@ def restart_scenario(s: Suite, backend: str) -> dict[str, object]:
     result: dict[str, object] = {}
     # The daemon died, the kernel did not (same boot id, same luid): nothing to resync.
     d = s.daemon(f"restart-{backend}-2", backend, state, boot_id="bench-boot-1")
-    c = RawClient(d.socket_path)
+    c = Client(d.socket_path)
     err, out = c.request(uuid, luid, RequestType.GET_SYNC_COUNT)
     result["survived_unsynced"] = regions - wire.parse_u64(out) if err == 0 else None
     result["survived_error"] = err
@@ -519,7 +513,7 @@ def restart_scenario(s: Suite, backend: str) -> dict[str, object]:
     c.close()
     # The host rebooted: new boot id, new luid, the constructor without nosync.
     d = s.daemon(f"restart-{backend}-3", backend, state, boot_id="bench-boot-2")
-    c = RawClient(d.socket_path)
+    c = Client(d.socket_path)
     new_luid = 0x401
     c.ok(uuid, new_luid, RequestType.CTR, ctr_string(regions, extra="").encode())
     c.ok(uuid, new_luid, RequestType.RESUME)
@@ -584,7 +578,7 @@ def bench_resume(s: Suite) -> None:
     ctr = ctr_string(regions).encode()
     state = s.work / "resume-state"
     d = s.daemon("resume-build", "lmdb", state, boot_id=boot)
-    c = RawClient(d.socket_path, timeout=300)
+    c = Client(d.socket_path, timeout=300)
     t0 = time.perf_counter()
     c.ok(uuid, luid, RequestType.CTR, ctr)
     t1 = time.perf_counter()
@@ -606,13 +600,13 @@ def bench_resume(s: Suite) -> None:
     for i in range(cfg.resume_reps):
         e = s.daemon(f"resume-empty-{i}", "lmdb", s.work / f"resume-empty-state-{i}", boot_id=boot)
         empty_start.append(e.start_seconds)
-        c = RawClient(e.socket_path)
+        c = Client(e.socket_path)
         c.request("bench-nothing", 1, RequestType.GET_SYNC_COUNT)  # answered: -EINVAL, unknown log
         base_rss.append(e.memory())
         c.close()
         e.kill9()
         d = s.daemon(f"resume-restart-{i}", "lmdb", state, boot_id=boot)
-        c = RawClient(d.socket_path, timeout=300)
+        c = Client(d.socket_path, timeout=300)
         t0 = time.perf_counter()
         c.ok(uuid, luid, RequestType.CTR, ctr + b"\0")  # the kernel's reconnect: CTR + NUL, no reply buffer
         t1 = time.perf_counter()
@@ -641,7 +635,7 @@ def bench_resume(s: Suite) -> None:
         backend.close()
     # The hand-over path: after a reboot a new luid adopts the state and rewrites both bitmaps.
     d = s.daemon("resume-handover", "lmdb", state, boot_id=boot + "-2")
-    c = RawClient(d.socket_path, timeout=300)
+    c = Client(d.socket_path, timeout=300)
     c.ok(uuid, luid + 1, RequestType.CTR, ctr)
     t = time.perf_counter()
     c.ok(uuid, luid + 1, RequestType.RESUME)
@@ -856,10 +850,10 @@ class LiveMirrors:
     """Metric 7's requests to one daemon, many mirrors at a time on one connection; a mirror whose
     request fails or goes unanswered is recorded and asked nothing more."""
 
-    def __init__(self, d: DaemonProc, timeout: float):
+    def __init__(self, d: Daemon, timeout: float):
         self.d = d
         self.timeout = timeout
-        self.client: RawClient | None = None
+        self.client: Client | None = None
         self.failed: dict[int, str] = {}
         self.connect()
 
@@ -869,7 +863,7 @@ class LiveMirrors:
         self.client = None
         if self.d.proc.poll() is None:
             with contextlib.suppress(OSError):
-                self.client = RawClient(self.d.socket_path, timeout=self.timeout)
+                self.client = Client(self.d.socket_path, timeout=self.timeout, connect_timeout=0)
 
     def phase(self, indices: range | list[int], rtype: RequestType,
               data: Callable[[int], bytes] = lambda _i: b"") -> list[int]:
