@@ -508,7 +508,8 @@ def parse_ctr_string(data: bytes) -> tuple[str, bool]:
         raise ValueError("constructor string is not ASCII") from exc
 
 
-# The engine's fast path: structs generated from the same definitions, no dict per request.
+# The engine's fast path: structs generated from the same definitions, no dict per request
+# (and the size tested inline: a function call is a third of parse_region's cost).
 _REGION_S = flat_struct(Region)
 _REGION_ITEM = flat_struct(RegionList.subcons[0].subcon.subcon)
 _SET_REGION_SYNC_S = flat_struct(SetRegionSync)
@@ -519,7 +520,8 @@ _REMOTE_RECOVERING_S = flat_struct(RemoteRecovering)
 
 
 def parse_region(data: bytes) -> int:
-    _check_size(data, 8, _REGION.what)
+    if len(data) != 8:
+        _check_size(data, 8, _REGION.what)
     return _REGION_S.unpack(data)[0]
 
 
@@ -532,7 +534,8 @@ def build_regions(regions: list[int]) -> bytes:
 
 
 def parse_set_region_sync(data: bytes) -> tuple[int, int]:
-    _check_size(data, 16, _SET_REGION_SYNC.what)
+    if len(data) != 16:
+        _check_size(data, 16, _SET_REGION_SYNC.what)
     region, in_sync = _SET_REGION_SYNC_S.unpack(data)
     return region, in_sync
 
@@ -546,7 +549,8 @@ def build_u64(value: int) -> bytes:
 
 
 def parse_u64(data: bytes) -> int:
-    _check_size(data, 8, _U64.what)
+    if len(data) != 8:
+        _check_size(data, 8, _U64.what)
     return _U64_S.unpack(data)[0]
 
 
@@ -555,7 +559,8 @@ def build_s64(value: int) -> bytes:
 
 
 def parse_s64(data: bytes) -> int:
-    _check_size(data, 8, _S64.what)
+    if len(data) != 8:
+        _check_size(data, 8, _S64.what)
     return _S64_S.unpack(data)[0]
 
 
@@ -564,7 +569,8 @@ def build_resync_work(have_work: bool, region: int) -> bytes:
 
 
 def parse_resync_work(data: bytes) -> tuple[int, int]:
-    _check_size(data, 16, _RESYNC_WORK.what)
+    if len(data) != 16:
+        _check_size(data, 16, _RESYNC_WORK.what)
     have_work, region = _RESYNC_WORK_S.unpack(data)
     return have_work, region
 
@@ -574,6 +580,7 @@ def build_remote_recovering(is_recovering: bool, in_sync_hint: int) -> bytes:
 
 
 def parse_remote_recovering(data: bytes) -> tuple[int, int]:
-    _check_size(data, 16, _REMOTE_RECOVERING.what)
+    if len(data) != 16:
+        _check_size(data, 16, _REMOTE_RECOVERING.what)
     is_recovering, hint = _REMOTE_RECOVERING_S.unpack(data)
     return is_recovering, hint
