@@ -245,6 +245,7 @@ CheckpointRecordV1 = c.Struct(
 )
 CHECKPOINT_KEY = b"checkpoint"
 _CHECKPOINT = flat_struct(CheckpointRecordV1)
+_CHECKPOINT_MAGIC = const(CheckpointRecordV1, "magic")
 
 #: Layout 2 only (read to be migrated): first bytes of ``journal.<luid>``: the commit it follows.
 JournalHeaderV1 = c.Struct(
@@ -455,8 +456,7 @@ class CheckpointRecord:
     def encode(self) -> bytes:
         if len(self.journal_id) != 16:
             raise StoreFormatError(f"journal id of {len(self.journal_id)} bytes (must be 16)")
-        return _CHECKPOINT.pack(const(CheckpointRecordV1, "magic"), RECORD_VERSION, 0, self.journal_id,
-                                self.position)
+        return _CHECKPOINT.pack(_CHECKPOINT_MAGIC, RECORD_VERSION, 0, self.journal_id, self.position)
 
     @classmethod
     def decode(cls, data: bytes) -> CheckpointRecord:
