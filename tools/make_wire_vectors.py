@@ -292,24 +292,30 @@ def type_name(t: int) -> str | None:
         return None
 
 
+def frame_fields(*, cn_seq: int, luid: int, uuid: str, seq: int, raw_type: int, data: bytes,
+                 payload: dict, error: int = 0, padding: str = "000000",
+                 version: int = wire.DM_ULOG_REQUEST_VERSION) -> dict:
+    """The ``fields`` of a full-form frame (formats/wire.md §10), written from what built it."""
+    return {
+        "cn_msg": {"idx": wire.CN_IDX_DM, "val": wire.CN_VAL_DM_USERSPACE_LOG, "seq": cn_seq, "ack": 0,
+                   "len": wire.HEADER_SIZE + len(data), "flags": 0},
+        "header": {"luid": luid, "uuid": uuid, "padding": padding, "version": version, "error": error,
+                   "seq": seq, "request_type": raw_type, "type": raw_type & wire.DM_ULOG_REQUEST_MASK,
+                   "type_name": type_name(raw_type), "data_size": len(data)},
+        "data": data.hex(),
+        "payload": payload,
+    }
+
+
 def request_vector(spec: ReqSpec) -> dict:
     frame = wire.encode_request(request_of(spec))
-    raw = spec.raw_type or spec.type
     vec = {
         "name": spec.name,
         "direction": "request",
         "hex": frame.hex(),
-        "fields": {
-            "cn_msg": {"idx": wire.CN_IDX_DM, "val": wire.CN_VAL_DM_USERSPACE_LOG,
-                       "seq": spec.seq if spec.cn_seq is None else spec.cn_seq, "ack": 0,
-                       "len": wire.HEADER_SIZE + len(spec.data), "flags": 0},
-            "header": {"luid": spec.luid, "uuid": spec.uuid, "padding": "000000",
-                       "version": wire.DM_ULOG_REQUEST_VERSION, "error": 0, "seq": spec.seq,
-                       "request_type": raw, "type": raw & wire.DM_ULOG_REQUEST_MASK,
-                       "type_name": type_name(raw), "data_size": len(spec.data)},
-            "data": spec.data.hex(),
-            "payload": spec.payload,
-        },
+        "fields": frame_fields(cn_seq=spec.seq if spec.cn_seq is None else spec.cn_seq, luid=spec.luid,
+                               uuid=spec.uuid, seq=spec.seq, raw_type=spec.raw_type or spec.type,
+                               data=spec.data, payload=spec.payload),
         "note": spec.note,
     }
     if spec.step is not None:
@@ -328,18 +334,9 @@ def reply_vector(spec: RepSpec, to: ReqSpec) -> dict:
             "error": spec.error,
         }
     else:
-        raw = to.raw_type or to.type
-        fields = {
-            "ack_form": False,
-            "cn_msg": {"idx": wire.CN_IDX_DM, "val": wire.CN_VAL_DM_USERSPACE_LOG, "seq": to.seq, "ack": 0,
-                       "len": wire.HEADER_SIZE + len(spec.data), "flags": 0},
-            "header": {"luid": to.luid, "uuid": to.uuid, "padding": "000000",
-                       "version": wire.DM_ULOG_REQUEST_VERSION, "error": spec.error, "seq": to.seq,
-                       "request_type": raw, "type": raw & wire.DM_ULOG_REQUEST_MASK,
-                       "type_name": type_name(raw), "data_size": len(spec.data)},
-            "data": spec.data.hex(),
-            "payload": spec.payload,
-        }
+        fields = {"ack_form": False, **frame_fields(
+            cn_seq=to.seq, luid=to.luid, uuid=to.uuid, seq=to.seq, raw_type=to.raw_type or to.type,
+            data=spec.data, payload=spec.payload, error=spec.error)}
     return {
         "name": spec.name,
         "direction": "reply",
@@ -390,15 +387,9 @@ def real_vectors(capture: Path) -> list[dict]:
             "name": name,
             "direction": "request",
             "hex": payload.hex(),
-            "fields": {
-                "cn_msg": {"idx": wire.CN_IDX_DM, "val": wire.CN_VAL_DM_USERSPACE_LOG, "seq": r.cn_seq,
-                           "ack": 0, "len": wire.HEADER_SIZE + len(r.data), "flags": 0},
-                "header": {"luid": r.luid, "uuid": r.uuid, "padding": r.padding.hex(), "version": r.version,
-                           "error": r.error, "seq": r.seq, "request_type": r.raw_type, "type": r.request_type,
-                           "type_name": RequestType(kind).name, "data_size": len(r.data)},
-                "data": r.data.hex(),
-                "payload": payload_fields(kind, r.data),
-            },
+            "fields": frame_fields(cn_seq=r.cn_seq, luid=r.luid, uuid=r.uuid, seq=r.seq, raw_type=r.raw_type,
+                                   data=r.data, payload=payload_fields(kind, r.data), error=r.error,
+                                   padding=r.padding.hex(), version=r.version),
             "note": "Recorded from a real Debian 6.1 kernel (dm-log-userspace 1.3.0) under qemu by "
                     "tools/vm/smoke_listener.py: the first request of this type in the smoke run.",
             "netlink": {
