@@ -38,7 +38,6 @@ from test_dump import (
     connect,
     hexluid,
     instances,
-    kill9,
     lmdb_daemon,
     private_copy,
     ulog_dump,
@@ -171,7 +170,7 @@ def test_kill9_at_random_points_around_resume_b(tmp_path: Path) -> None:
         t.start()
         if delay:
             time.sleep(rng.uniform(delay / 2, delay))
-        kill9(d)
+        d.kill9()
         t.join()
         conn.close()
         v = verdicts(state, BOOT1)
@@ -581,7 +580,7 @@ def test_resync_folds_the_journal_and_refuses_live_without_force(tmp_path: Path)
     assert conn.send_request(UUID_H, LUID_A, RequestType.FLUSH)[0] == 0
     assert conn.send_request(UUID_H, LUID_A, RequestType.MARK_REGION, (9).to_bytes(8, "little"))[0] == 0
     log.set_region_sync(12, False)
-    kill9(d)
+    d.kill9()
     conn.close()
     a = instances(dump_json(state, BOOT1), UUID_H)[hexluid(LUID_A)]
     # How many records the background checkpoints had taken in is timing; MARK 9 and the
