@@ -115,18 +115,13 @@ def ranges_of(text: str) -> list[int]:
 
 
 def test_list_verdicts_after_kill9_mid_handover(store_after: Path, store_before: Path) -> None:
-    assert verdicts(store_after, BOOT1) == {
-        (UUID_H, hexluid(LUID_A)): "superseded", (UUID_H, hexluid(LUID_B)): "live",
-        (UUID_GONE, "retained"): "retained"}
-    assert verdicts(store_after, BOOT2) == {
-        (UUID_H, hexluid(LUID_A)): "superseded", (UUID_H, hexluid(LUID_B)): "orphaned",
-        (UUID_GONE, "retained"): "retained"}
-    assert verdicts(store_before, BOOT1) == {
-        (UUID_H, hexluid(LUID_A)): "suspended", (UUID_H, hexluid(LUID_B)): "constructed",
-        (UUID_GONE, "retained"): "retained"}
-    assert verdicts(store_before, BOOT2) == {
-        (UUID_H, hexluid(LUID_A)): "orphaned", (UUID_H, hexluid(LUID_B)): "orphaned",
-        (UUID_GONE, "retained"): "retained"}
+    # (store, boot id it is read under) -> verdicts of A and B; the gone uuid's state is retained.
+    for state, boot, a, b in [(store_after, BOOT1, "superseded", "live"),
+                              (store_after, BOOT2, "superseded", "orphaned"),
+                              (store_before, BOOT1, "suspended", "constructed"),
+                              (store_before, BOOT2, "orphaned", "orphaned")]:
+        assert verdicts(state, boot) == {(UUID_H, hexluid(LUID_A)): a, (UUID_H, hexluid(LUID_B)): b,
+                                         (UUID_GONE, "retained"): "retained"}, (state.name, boot)
     r = ulog_recover("list", "--state-dir", str(store_after), "--boot-id", BOOT1)
     lines = r.out.splitlines()
     assert lines[0].startswith(f"state dir {store_after}: dm-ulogd not running")
