@@ -157,7 +157,7 @@ def test_a_retained_state_is_never_passed_over(resumed, superseded, generation, 
 
 @given(resumed=st.booleans(), generation=st.integers(0, 9), retained=st.none() | st.integers(0, 9))
 def test_a_reused_luid_keeps_only_a_newer_state(resumed, generation, retained) -> None:
-    kept = lc.kept_at_ctr(resumed, generation, retained)
+    kept = lc.replaces_retained(resumed, generation, retained)
     assert kept is (resumed and (retained is None or generation > retained))
 
 

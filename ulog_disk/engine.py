@@ -57,9 +57,9 @@ from .lifecycle import (
     gives_resync_work,
     hands_over,
     is_silent,
-    kept_at_ctr,
     newest_state,
     next_state,
+    replaces_retained,
     retains_at_dtr,
     takes_generation,
 )
@@ -405,13 +405,15 @@ class Engine:
         """The state of the earlier boot's instance whose luid the CTR reuses, if it becomes the
         uuid's retained state in the CTR's store write."""
         found = self.earlier_boot.get(inst.uuid, {}).get(inst.luid)
-        if found is None or not kept_at_ctr(found[1], found[0].generation,
-                                            self.retained_generation.get(inst.uuid)):
+        if found is None:
             return None
-        self.retained_generation[inst.uuid] = found[0].generation
+        state, resumed = found
+        if not replaces_retained(resumed, state.generation, self.retained_generation.get(inst.uuid)):
+            return None
+        self.retained_generation[inst.uuid] = state.generation
         log.info("CTR %s reuses the luid of an earlier boot: its state (generation %d) is kept as "
-                 "the uuid's retained state", describe(inst.uuid, inst.luid), found[0].generation)
-        return found[0]
+                 "the uuid's retained state", describe(inst.uuid, inst.luid), state.generation)
+        return state
 
     def _dtr(self, inst: Instance, req: Request) -> Reply | Pending:
         self.table.pop(inst.key, None)

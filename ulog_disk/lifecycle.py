@@ -49,7 +49,8 @@ resuming one may *copy* the uuid's newest state (hand-over). Generations say whi
   more), unless the adopter reuses its luid or the luid is live again. When the kernel reuses such
   an instance's luid at CTR, its state — if it was resumed and is newer than the retained
   state — becomes the retained state in the same write, so a crash before the new instance's
-  RESUME does not lose it.
+  RESUME does not lose it; ``ulog-recover purge`` keeps the state of an instance it removes by
+  the same rule (when it is the uuid's newest).
 * **Verdicts on a store** (``ulog-recover list``): a state is never handed over again once it is
   flagged superseded, or once it is not in use in this boot and another state of the uuid is
   newer.
@@ -183,9 +184,10 @@ def drops_adopted(of_earlier_boot: bool, adopter_reuses_luid: bool, luid_in_tabl
     return of_earlier_boot and not adopter_reuses_luid and not luid_in_table
 
 
-def kept_at_ctr(resumed: bool, generation: int, retained_generation: int | None) -> bool:
-    """Whether the state of an earlier boot's instance whose luid a CTR reuses becomes the
-    uuid's retained state (``retained_generation``: None when the uuid has none)."""
+def replaces_retained(resumed: bool, generation: int, retained_generation: int | None) -> bool:
+    """Whether the state of an instance removed without its DTR (an earlier boot's whose luid a
+    CTR reuses, or one ``ulog-recover purge`` removes) becomes the uuid's retained state
+    (``retained_generation``: None when the uuid has none, or none that can be read)."""
     return resumed and (retained_generation is None or generation > retained_generation)
 
 

@@ -24,6 +24,7 @@ from ..backends.base import Commit, StoredState
 from ..backends.lmdb_store import DIR_MODE, FILE_MODE, MAX_DBS, LmdbBackend
 from ..cli import ToolParser, fill
 from ..daemon import prepare_state_dir
+from ..lifecycle import replaces_retained
 from ..store_format import split_chunks
 from . import storeview as sv
 from .common import (
@@ -337,8 +338,8 @@ def _purge_plan(args: argparse.Namespace, view: sv.StoreView) -> list[Change]:
         retained = ev.retained
         for s in targets:
             assert s.luid is not None and s.meta is not None
-            keep = s is keeper and (retained is None or retained.damaged
-                                    or s.generation > retained.generation)
+            readable = None if retained is None or retained.damaged else retained.generation
+            keep = s is keeper and replaces_retained(s.resumed, s.generation, readable)
             text = (f"purge uuid={s.uuid!r} luid={luid_hex(s.luid)} ({s.verdict}, {s.state}, generation "
                     f"{s.generation}, boot {s.boot_id}): sub-databases meta/clean/sync.{s.luid:016x} dropped"
                     f"{', its layout-2 journal file removed' if s.journal and s.journal.exists else ''}")
