@@ -137,6 +137,12 @@ def test_who_hands_over(state: State, heard: bool, reconnect: bool) -> None:
     assert lc.hands_over(holder, reconnect) is (state in (State.SUSPENDED, State.CONSTRUCTED) or silent)
 
 
+@pytest.mark.parametrize("mode", ["default", "sync", "nosync"])
+def test_only_the_first_resume_of_a_sync_log_starts_over(mode: str) -> None:
+    assert lc.forces_resync(True, mode) is (mode == "sync")
+    assert not lc.forces_resync(False, mode)
+
+
 @given(st.booleans(), st.booleans(), st.booleans())
 def test_only_the_uuids_state_takes_a_generation(changed: bool, resumed: bool, superseded: bool) -> None:
     assert lc.takes_generation(changed, resumed, superseded) is (changed and resumed and not superseded)

@@ -54,6 +54,7 @@ from .journal import Event
 from .lifecycle import (
     State,
     drops_adopted,
+    forces_resync,
     gives_resync_work,
     hands_over,
     is_silent,
@@ -468,7 +469,7 @@ class Engine:
         reconnect, inst.reconnecting = inst.reconnecting, False
         inst.superseded = False
         inst.log.restart_recovery()
-        forced = first and inst.ctr.sync_mode == "sync"
+        forced = forces_resync(first, inst.ctr.sync_mode)
         source = None if forced else self._handover_source(inst, reconnect)
         if source is not None:
             before = inst.log.sync_count

@@ -38,8 +38,9 @@ resuming one may *copy* the uuid's newest state (hand-over). Generations say whi
   store that the kernel has not spoken for since, met by a real (not reconnect) RESUME. A table
   swap suspends the old table first, and this daemon would have seen it; so that holder's kernel
   side is gone (removed while the daemon was down, its DTR lost). An adopted holder is flagged
-  *superseded*: whatever it still receives never makes its state the uuid's newest again. The
-  first RESUME of a 'sync' log adopts nothing.
+  *superseded*: whatever it still receives never makes its state the uuid's newest again, until
+  it resumes itself. The first RESUME of a 'sync' log adopts nothing: it starts from a full
+  resync.
 * **Retention at DTR.** A DTR'd instance whose state is the uuid's (resumed, not superseded) and
   at least as new as every other state of the uuid leaves it behind as the uuid's *retained*
   state, at the next generation: a ``dmsetup remove`` + ``create`` resyncs nothing.
@@ -142,6 +143,11 @@ class Gone(Protocol):
 
 H = TypeVar("H", bound=Holder)
 G = TypeVar("G", bound=Gone)
+
+
+def forces_resync(first_resume: bool, sync_mode: str) -> bool:
+    """Whether a RESUME throws the state away instead of adopting one ('sync' in the CTR)."""
+    return first_resume and sync_mode == "sync"
 
 
 def takes_generation(changed: bool, resumed: bool, superseded: bool) -> bool:
