@@ -6,7 +6,9 @@ neither re-derives them, and a backend only stores what the engine decided.
 **One instance** (keyed by uuid and luid; protocol ref §5):
 
 * CTR creates an instance in CONSTRUCTED; a CTR for an instance that exists changes nothing and
-  succeeds (the kernel's reconnect loop may send several, one per kernel thread).
+  succeeds (the kernel's reconnect loop may send several, one per kernel thread) — unless it
+  never resumed and the CTR carries another constructor: the kernel reused the luid of a context
+  that died without a DTR, and a new instance replaces it.
 * RESUME makes an instance LIVE from any state, including LIVE: the kernel's reconnect path sends
   RESUME without a suspend, and a resent RESUME must be harmless.
 * PRESUSPEND stops recovery (LIVE → PRESUSPENDED); POSTSUSPEND ends it (→ SUSPENDED).
