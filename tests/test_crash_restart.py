@@ -29,27 +29,13 @@ from pathlib import Path
 from ulog_disk import wire
 from ulog_disk.regionlog import RegionLog
 from ulog_disk.testing.client import Client, DaemonGone
+from ulog_disk.testing.kernel import acknowledged, bits_of
 from ulog_disk.testing.launcher import Daemon, launch
 from ulog_disk.wire import RequestType
 
 UUID = "LVM-crashtest"
 REGIONS = 48
 CTR = f"{REGIONS * 8} clustered-core 8"
-
-
-def bits_of(log: RegionLog) -> tuple[list[int], list[int]]:
-    return ([int(log.clean[r]) for r in range(REGIONS)], [int(log.sync[r]) for r in range(REGIONS)])
-
-
-def apply(log: RegionLog, rtype: RequestType, data: bytes) -> None:
-    """What an acknowledged request did (the engine's documented semantics)."""
-    if rtype in (RequestType.MARK_REGION, RequestType.FLUSH) and data:
-        log.mark(wire.parse_regions(data))
-    elif rtype is RequestType.CLEAR_REGION:
-        log.clear(wire.parse_regions(data))
-    elif rtype is RequestType.SET_REGION_SYNC:
-        region, in_sync = wire.parse_set_region_sync(data)
-        log.set_region_sync(region, bool(in_sync))
 
 
 COMMITS = (RequestType.FLUSH, RequestType.RESUME, RequestType.POSTSUSPEND)
@@ -93,7 +79,7 @@ def test_kill9_at_random_points(tmp_path: Path) -> None:
                 in_flight = random_request(rng)
                 error, _ = client.request(UUID, luid, *in_flight)
                 assert error == 0, (in_flight[0].name, error)
-                apply(oracle, *in_flight)
+                acknowledged(oracle, *in_flight)
                 if in_flight[0] in COMMITS:
                     history = [oracle.copy()]
                 else:
@@ -108,7 +94,7 @@ def test_kill9_at_random_points(tmp_path: Path) -> None:
         # What the unacknowledged request could have done, if it got as far as the store.
         maybe = oracle.copy()
         if in_flight is not None:
-            apply(maybe, *in_flight)
+            acknowledged(maybe, *in_flight)
         states = [*history, maybe]
 
         if point % 6:

@@ -51,6 +51,7 @@ from ulog_disk.backends.lmdb_store import LmdbBackend
 from ulog_disk.engine import Engine
 from ulog_disk.regionlog import RegionLog
 from ulog_disk.testing.client import Client, DaemonGone, ctr_text
+from ulog_disk.testing.kernel import acknowledged, bits_of
 from ulog_disk.testing.launcher import Daemon
 from ulog_disk.wire import RequestType as T
 
@@ -75,22 +76,6 @@ SPECS = [
     ("LVM-crash-iflush", 48, "clustered-core", True),
     ("LVM-crash-small", 20, "core", False),
 ]
-
-
-def bits_of(log: RegionLog) -> tuple[list[int], list[int]]:
-    n = log.region_count
-    return [int(log.clean[r]) for r in range(n)], [int(log.sync[r]) for r in range(n)]
-
-
-def apply(log: RegionLog, rtype: T, data: bytes) -> None:
-    """What an acknowledged request does to the bits (the engine's documented semantics)."""
-    if rtype in (T.MARK_REGION, T.FLUSH) and data:
-        log.mark(wire.parse_regions(data))
-    elif rtype is T.CLEAR_REGION:
-        log.clear(wire.parse_regions(data))
-    elif rtype is T.SET_REGION_SYNC:
-        region, in_sync = wire.parse_set_region_sync(data)
-        log.set_region_sync(region, bool(in_sync))
 
 
 @dataclass
@@ -239,7 +224,7 @@ class Driver:
         if step.rtype is T.RESUME and step.luid not in self.resumed:
             self.first_resume(client, step)
             return
-        apply(log, step.rtype, step.data)
+        acknowledged(log, step.rtype, step.data)
         if step.luid == self.cur:
             # The store may hold any state since the last acknowledged commit: a background
             # checkpoint may store later requests, and the journal keeps a prefix of them.
@@ -299,7 +284,7 @@ class Driver:
         step = self.in_flight
         if step is not None and step.luid == self.cur and (step.rtype in COMMITS or step.rtype in CHANGES):
             maybe = self.oracles[step.luid].copy()
-            apply(maybe, step.rtype, step.data)
+            acknowledged(maybe, step.rtype, step.data)
             out.append(maybe)
         if step is not None and step.rtype is T.RESUME and step.adopt:
             out += [c.adopted(self.regions, False) for c in step.adopt]
@@ -337,7 +322,7 @@ class Driver:
                 options = [log]
                 if step is not None and step.luid == luid:
                     maybe = log.copy()
-                    apply(maybe, step.rtype, step.data)
+                    acknowledged(maybe, step.rtype, step.data)
                     options.append(maybe)
             self.settle(luid, options, clean, sync,
                         f"after the crash (in flight: {step and step.rtype.name})")

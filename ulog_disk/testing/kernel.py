@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .. import wire
 from ..engine import Engine
+from ..regionlog import RegionLog
 from ..wire import Request, RequestType
 
 T = RequestType
@@ -130,3 +131,25 @@ class Kernel:
         """(IS_CLEAN, IN_SYNC) of the first ``regions`` regions."""
         return ([self.is_clean(r, luid, uuid) for r in range(regions)],
                 [self.in_sync(r, luid, uuid) for r in range(regions)])
+
+
+# --- the oracle of crash tests ------------------------------------------------------------------
+
+
+def acknowledged(log: RegionLog, rtype: int, data: bytes) -> None:
+    """Apply to ``log`` what an acknowledged request did to the bits, by the engine's documented
+    semantics: a crash test keeps such a log beside the daemon and checks the restarted daemon
+    against it (the requests that change nothing here change no bit)."""
+    if rtype in (T.MARK_REGION, T.FLUSH) and data:
+        log.mark(wire.parse_regions(data))
+    elif rtype == T.CLEAR_REGION:
+        log.clear(wire.parse_regions(data))
+    elif rtype == T.SET_REGION_SYNC:
+        region, in_sync = wire.parse_set_region_sync(data)
+        log.set_region_sync(region, bool(in_sync))
+
+
+def bits_of(log: RegionLog) -> tuple[list[int], list[int]]:
+    """(clean, in sync) of every region, as :meth:`Kernel.bits` and ``Client.bits`` read them."""
+    n = log.region_count
+    return [int(log.clean[r]) for r in range(n)], [int(log.sync[r]) for r in range(n)]
