@@ -9,7 +9,10 @@ back with ``ulog-recover import`` lets dm-ulogd serve the mirror again with noth
 
 from __future__ import annotations
 
+import pytest
 from test_real_kernel import assert_values, harness, require_daemon, run_scenario  # noqa: F401
+
+pytestmark = pytest.mark.kernel
 
 N = 32
 
