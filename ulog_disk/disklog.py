@@ -35,6 +35,7 @@ from bitarray import bitarray
 from bitarray.util import zeros
 
 from .ctrargs import MAX_REGION_COUNT
+from .regionlog import exact_bits
 
 #: ``MIRROR_MAGIC`` of dm-log.c.
 MIRROR_MAGIC = 0x4D695272
@@ -85,15 +86,6 @@ def log_bytes(region_count: int, block_size: int = SECTOR_SIZE) -> int:
     return -(-(LOG_OFFSET + bitset_bytes(region_count)) // block_size) * block_size
 
 
-def _bits(data: bytes, region_count: int) -> bitarray:
-    bits = bitarray(endian="little")
-    bits.frombytes(bytes(data))
-    if len(bits) < region_count:
-        bits.extend(zeros(region_count - len(bits), endian="little"))
-    del bits[region_count:]
-    return bits
-
-
 def encode(region_count: int, clean: bytes | bitarray, block_size: int = SECTOR_SIZE) -> bytes:
     """A whole disk log for ``region_count`` regions whose clean bits are ``clean``.
 
@@ -104,7 +96,7 @@ def encode(region_count: int, clean: bytes | bitarray, block_size: int = SECTOR_
     """
     if not 1 <= region_count <= MAX_REGION_COUNT:
         raise DiskLogError(f"region count {region_count} out of range (1..{MAX_REGION_COUNT})")
-    bits = clean.copy() if isinstance(clean, bitarray) else _bits(clean, region_count)
+    bits = clean.copy() if isinstance(clean, bitarray) else exact_bits(clean, region_count)
     if len(bits) < region_count:
         raise DiskLogError(f"{len(bits)} clean bits for {region_count} regions")
     del bits[region_count:]
@@ -237,10 +229,10 @@ def inspect(data: bytes, size: int | None = None, region_count: int | None = Non
         else:
             parsed = DiskLog.parse(data[: LOG_OFFSET + need_bits], bitset_bytes=need_bits)
             info.region_count = count
-            info.clean = _bits(parsed.clean_bits, count)
+            info.clean = exact_bits(parsed.clean_bits, count)
             if any(parsed.unused):
                 info.notes.append("bytes 16-1023 are not zero (the kernel keeps them as they are)")
-            padding = _bits(data[LOG_OFFSET : LOG_OFFSET + bitset_bytes(count)], bitset_bytes(count) * 8)
+            padding = exact_bits(data[LOG_OFFSET : LOG_OFFSET + bitset_bytes(count)], bitset_bytes(count) * 8)
             if padding[count:].any():
                 info.notes.append(f"bits past region {count - 1} are set in the bitset's padding "
                                   "(the kernel clears them at resume)")

@@ -54,9 +54,21 @@ def new_bitmap(region_count: int, value: bool) -> bitarray:
 
 
 def bitmap_from_bytes(data: bytes, region_count: int) -> bitarray:
+    """The engine's form: padded to whole bytes, padding bits 0."""
     bits = bitarray(endian="little")
     bits.frombytes(data)
     resize(bits, region_count)
+    return bits
+
+
+def exact_bits(data: bytes, count: int) -> bitarray:
+    """Exactly ``count`` bits of little-endian bitmap bytes, zeros past the data's end: the form
+    the tools and the disk-log codec read (no padding bits to mistake for regions)."""
+    bits = bitarray(endian="little")
+    bits.frombytes(bytes(data))
+    if len(bits) < count:
+        bits.extend(zeros(count - len(bits), endian="little"))
+    del bits[count:]
     return bits
 
 
@@ -73,8 +85,11 @@ def resize(bits: bitarray, region_count: int) -> None:
     bits[region_count:] = 0
 
 
-def chunk_count(region_count: int) -> int:
-    return max(1, -(-((region_count + 7) // 8) // CHUNK_BYTES))
+def chunk_count(region_count: int, chunk_bytes: int | None = None) -> int:
+    """How many chunks (keys of a store's bitmap) ``region_count`` regions take, at least one;
+    ``chunk_bytes`` defaults to :data:`CHUNK_BYTES` as it is at the call."""
+    size = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    return max(1, -(-((region_count + 7) // 8) // size))
 
 
 def format_ranges(regions: list[int]) -> str:

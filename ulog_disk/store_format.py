@@ -41,6 +41,7 @@ import construct as c
 from .backends.base import OP_CLEAR, OP_MARK, OP_SET_NOSYNC, OP_SET_SYNC, InstanceRecord
 from .ctrargs import MAX_REGION_COUNT
 from .fastpath import const, flat_struct
+from .regionlog import chunk_count
 
 #: The store layout this code writes: the format record's version. It says how everything in
 #: the environment is laid out; layout 2 seals every value with a checksum.
@@ -596,11 +597,6 @@ def bitmap_bytes(region_count: int) -> int:
     return (region_count + 7) // 8
 
 
-def chunks_for(region_count: int, chunk_bytes: int) -> int:
-    """How many chunk keys a bitmap of ``region_count`` regions has (at least one)."""
-    return max(1, -(-bitmap_bytes(region_count) // chunk_bytes))
-
-
 def chunk_length(index: int, region_count: int, chunk_bytes: int) -> int:
     """The exact value length of chunk ``index``: whole chunks, the last one the remainder."""
     total = bitmap_bytes(region_count)
@@ -612,7 +608,7 @@ def split_chunks(bitmap: bytes, region_count: int, chunk_bytes: int) -> dict[int
     total = bitmap_bytes(region_count)
     data = bytes(bitmap[:total]).ljust(total, b"\0")
     return {i: data[i * chunk_bytes : (i + 1) * chunk_bytes]
-            for i in range(chunks_for(region_count, chunk_bytes))}
+            for i in range(chunk_count(region_count, chunk_bytes))}
 
 
 def assemble_chunks(chunks: Mapping[int, bytes], region_count: int, chunk_bytes: int) -> bytes:
@@ -622,7 +618,7 @@ def assemble_chunks(chunks: Mapping[int, bytes], region_count: int, chunk_bytes:
     length: chunks that do not match the meta's region count are damage, not data.
     """
     total = bitmap_bytes(region_count)
-    count = chunks_for(region_count, chunk_bytes)
+    count = chunk_count(region_count, chunk_bytes)
     out = bytearray(total)
     for index, value in chunks.items():
         if index >= count:

@@ -47,13 +47,12 @@ from typing import Any
 
 import lmdb
 from bitarray import bitarray
-from bitarray.util import zeros
 
 from .. import journal as jn
 from ..backends.base import OP_CLEAR, OP_MARK, OP_SET_NOSYNC, OP_SET_SYNC
 from ..backends.lmdb_store import DIR_MODE, FILE_MODE, MAX_DBS, journal_records_by_instance, plan_replay
 from ..lifecycle import IN_USE, never_handed_over, outranked
-from ..regionlog import CHUNK_BYTES, RegionLog
+from ..regionlog import CHUNK_BYTES, RegionLog, chunk_count, exact_bits
 from ..store_format import (
     CHECKPOINT_KEY,
     DAMAGED_INFIX,
@@ -72,7 +71,6 @@ from ..store_format import (
     StoreFormatError,
     bitmap_bytes,
     chunk_length,
-    chunks_for,
     decode_chunk_key,
     decode_dir_name,
     decode_journal_ops,
@@ -452,7 +450,7 @@ def _bitmap(ev: EnvView, sv: StateView, what: str, chunks: dict[bytes, bytes] | 
     sealed = ev.format is None or ev.format.sealed
     count = sv.region_count
     total = bitmap_bytes(count)
-    n = chunks_for(count, chunk_bytes)
+    n = chunk_count(count, chunk_bytes)
     out = bytearray(total)
     seen: set[int] = set()
     for key, value in (chunks or {}).items():
@@ -487,13 +485,6 @@ def _bitmap(ev: EnvView, sv: StateView, what: str, chunks: dict[bytes, bytes] | 
     return bytes(out)
 
 
-def _as_bits(data: bytes, count: int) -> bitarray:
-    bits = bitarray(endian="little")
-    bits.frombytes(data)
-    if len(bits) < count:
-        bits.extend(zeros(count - len(bits), endian="little"))
-    del bits[count:]
-    return bits
 
 
 def _read_old_journal(ev: EnvView, sv: StateView, boot_id: str) -> None:
@@ -693,8 +684,8 @@ def _decode_env(ev: EnvView, plain: dict[bytes, bytes], subs: dict[bytes, dict[b
                 _read_old_journal(ev, sv, boot_id)
             _apply_journal(sv)
         else:
-            sv.clean = _as_bits(sv.committed_clean, sv.region_count)
-            sv.sync = _as_bits(sv.committed_sync, sv.region_count)
+            sv.clean = exact_bits(sv.committed_clean, sv.region_count)
+            sv.sync = exact_bits(sv.committed_sync, sv.region_count)
     raw = subs.get(RETAINED_META, {}).get(RECORD_KEY)
     if raw is not None or RETAINED_CLEAN in subs or RETAINED_SYNC in subs:
         sv = StateView(uuid=uuid or "?", kind="retained")
@@ -716,8 +707,8 @@ def _decode_env(ev: EnvView, plain: dict[bytes, bytes], subs: dict[bytes, dict[b
                                                  chunk_bytes, True)
                     sv.committed_sync = _bitmap(ev, sv, "retained.sync", subs.get(RETAINED_SYNC),
                                                 chunk_bytes, True)
-                    sv.clean = _as_bits(sv.committed_clean, sv.region_count)
-                    sv.sync = _as_bits(sv.committed_sync, sv.region_count)
+                    sv.clean = exact_bits(sv.committed_clean, sv.region_count)
+                    sv.sync = exact_bits(sv.committed_sync, sv.region_count)
     luids = {s.luid for s in ev.instances}
     old_layout = ev.format is not None and ev.format.version < 3
     for name in ev.journals:
