@@ -132,14 +132,22 @@ DEMO = {
 
 
 def summary_line(lines: list[str], label: str) -> str:
-    found = [line for line in lines if line.strip().startswith(label)]
-    assert len(found) == 1, (label, lines)
-    return found[0]
+    """The summary's entry for ``label``, its wrapped continuation lines joined."""
+    starts = [i for i, line in enumerate(lines) if line.strip().startswith(label)]
+    assert len(starts) == 1, (label, lines)
+    entry = [lines[starts[0]]]
+    for line in lines[starts[0] + 1:]:
+        if not line.startswith("    "):
+            break
+        entry.append(line.strip())
+    return " ".join(entry)
 
 
 def test_demo_summary_tells_counts_from_region_numbers_and_says_why() -> None:
     lines = ulogvm.demo_summary(DEMO)
-    assert "2 (region numbers 17,25)" in summary_line(lines, "regions marked dirty at the kill")
+    assert "2 (regions 17, 25): writes in flight" in summary_line(lines, "regions marked dirty at the kill")
+    one = ulogvm.demo_summary(dict(DEMO, dirty_region_count_at_crash="1", dirty_regions_at_crash="10"))
+    assert "1 (region 10): writes in flight" in summary_line(one, "regions marked dirty at the kill")
     assert ("16.5 s (measured: killed at 20.41 s, serving again at 36.94 s)"
             in summary_line(lines, "daemon down for"))
     kernel = summary_line(lines, "kernel messages while it was down")
@@ -147,8 +155,14 @@ def test_demo_summary_tells_counts_from_region_numbers_and_says_why() -> None:
     assert "0 of the random writer's 192 (64 KiB each" in summary_line(lines, "writes that failed")
     assert "0: a daemon-only crash needs none" in summary_line(lines, "regions resynced after the restart")
     assert "resyncs all 32" in summary_line(lines, "regions resynced after remove + create")
-    # the values start in one column
-    assert len({re.match(r"  \S+(?: \S+)* +", line).end() for line in lines}) == 1  # type: ignore[union-attr]
+    # the values start in one column, long ones wrap under it
+    column = {re.match(r"  \S+(?: \S+)* +", line).end() for line in lines if line[2] != " "}  # type: ignore[union-attr]
+    assert len(column) == 1
+    col = column.pop()
+    continued = [line for line in lines if line[2] == " "]
+    assert continued  # the kernel's line is long enough to wrap
+    assert all(line[:col].strip() == "" and line[col] != " " for line in continued)
+    assert all(len(line) <= ulogvm.SUMMARY_COLUMNS for line in lines)
 
 
 def test_demo_summary_says_what_was_expected_and_leaves_out_what_is_missing() -> None:

@@ -39,6 +39,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -872,6 +873,10 @@ def compile_checkout(python: Path) -> None:
                    check=False, stdout=subprocess.DEVNULL)
 
 
+#: Width of the demo's summary; the values wrap at it (the status lines never need to).
+SUMMARY_COLUMNS = 110
+
+
 def demo_summary(v: dict[str, str]) -> list[str]:
     """The demo's result in words: each line a label, a number and why it is that number. ``v``: the
     ``demo.*`` keys of result.txt without the prefix; lines whose keys are missing (a run that failed
@@ -894,7 +899,8 @@ def demo_summary(v: dict[str, str]) -> list[str]:
             "0: no region was marked at that instant (a mark is cleared once its write is on both legs)")
     else:
         row("regions marked dirty at the kill", ("dirty_region_count_at_crash", "dirty_regions_at_crash"),
-            f"{count} (region numbers {regions}): writes in flight, their marks safe in the store")
+            f"{count} ({'region' if count == '1' else 'regions'} {(regions or '').replace(',', ', ')}): "
+            "writes in flight, their marks safe in the store")
     row("daemon down for", ("outage_seconds", "kill_uptime", "restart_uptime"),
         f"{v.get('outage_seconds')} s (measured: killed at {v.get('kill_uptime')} s, serving again at "
         f"{v.get('restart_uptime')} s)")
@@ -920,7 +926,13 @@ def demo_summary(v: dict[str, str]) -> list[str]:
     row("legs at the end", ("legs_final",), f"{v.get('legs_final')} (compared byte for byte)")
     row("final status", ("status_final",), v.get("status_final", ""))
     width = max((len(label) for label, _ in rows), default=0)
-    return [f"  {label:<{width}}  {text}" for label, text in rows]
+    lines: list[str] = []
+    for label, text in rows:
+        # Long explanations wrap under the value column: a 300-column line is unreadable.
+        wrapped = textwrap.wrap(text, SUMMARY_COLUMNS - width - 4, break_on_hyphens=False) or [""]
+        lines.append(f"  {label:<{width}}  {wrapped[0]}")
+        lines.extend(" " * (width + 4) + more for more in wrapped[1:])
+    return lines
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
