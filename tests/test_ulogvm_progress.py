@@ -93,6 +93,29 @@ def test_progress_streams_steps_with_guest_time_and_speaks_up_when_silent(clock:
     assert "scenario running, last step at guest 48.37s" in out[-1]
 
 
+def test_a_kernel_message_storm_is_counted_not_streamed(clock: Clock) -> None:
+    out: list[str] = []
+    p = ulogvm.Progress(1, 1, steps=True, write=out.append)
+    unable = "device-mapper: dm-log-userspace: Unable to send log request [1] to userspace: -3"
+    p.line(f"[  516.000000] {unable}")
+    for i in range(1, 1000):  # a storm: the same message every 10 µs
+        p.line(f"[  516.{i * 10:06d}] {unable}")
+        p.tick()
+    assert out == [f"[guest  516.00s] kernel: {unable}"]
+    clock.t += ulogvm.REPEAT_REPORT_S
+    for i in range(1000, 1500):
+        p.line(f"[  516.{i * 10:06d}] {unable}")
+        p.tick()
+    assert out[1:] == ["[guest  516.01s] kernel: the same message 1000 more times (all in console.log)"]
+    p.line("[530.10] demo: ready_seconds_2=5.7")  # the storm's remainder is reported before the next step
+    assert out[2:] == ["[guest  516.01s] kernel: the same message 499 more times (all in console.log)",
+                       "[guest  530.10s] demo: ready_seconds_2=5.7"]
+    # the kernel's retries every 2 s are not a storm: each is shown
+    p.line(f"[  532.000000] {unable}")
+    p.line(f"[  534.000000] {unable}")
+    assert out[4:] == [f"[guest  532.00s] kernel: {unable}", f"[guest  534.00s] kernel: {unable}"]
+
+
 def test_progress_with_the_console_echoed_only_keeps_the_heartbeat(clock: Clock) -> None:
     out: list[str] = []
     p = ulogvm.Progress(2, 3, steps=False, write=out.append)

@@ -642,6 +642,11 @@ KERNEL_SHOWN = re.compile(r"device-mapper|Kernel panic|sysrq|Oops|BUG:|blocked f
 #: a long step) never looks like a hang. Under 10 s on purpose: the demo promises a line at least
 #: every 10 s.
 HEARTBEAT_S = 8.0
+#: The same kernel message again within this many seconds of guest time is counted, not shown: a
+#: reconnect storm prints it millions of times (seen: 4.2 million 'Unable to send' lines in one boot).
+KERNEL_REPEAT_S = 1.0
+#: Counted repeats are reported after this many seconds of wall time without a shown line.
+REPEAT_REPORT_S = 2.0
 
 
 def console_step(line: str) -> tuple[float | None, str] | None:
@@ -671,6 +676,9 @@ class Progress:
         self.t0 = self.last = time.monotonic()
         self.guest: float | None = None  # last guest uptime seen
         self.running = False  # the scenario has started (after boot)
+        self.kernel_last: tuple[float, str] | None = None  # the last kernel message shown
+        self.repeats = 0  # the same message since, not shown
+        self.repeat_at = 0.0  # guest uptime of the last of those
 
     def line(self, raw: str) -> None:
         step = console_step(raw)
@@ -681,12 +689,31 @@ class Progress:
             self.running = True
         if uptime is not None:
             self.guest = uptime
-        if self.steps:
-            stamp = f"{uptime:7.2f}s" if uptime is not None else " " * 8
-            self.emit(f"[{self.where}guest {stamp}] {text}")
+        if not self.steps:
+            return
+        if text.startswith("kernel: ") and uptime is not None:
+            if (self.kernel_last is not None and self.kernel_last[1] == text
+                    and uptime - self.kernel_last[0] < KERNEL_REPEAT_S):
+                self.repeats += 1
+                self.repeat_at = uptime
+                return
+            self.report_repeats()
+            self.kernel_last = (uptime, text)
+        else:
+            self.report_repeats()
+        stamp = f"{uptime:7.2f}s" if uptime is not None else " " * 8
+        self.emit(f"[{self.where}guest {stamp}] {text}")
+
+    def report_repeats(self) -> None:
+        if self.repeats:
+            n, self.repeats = self.repeats, 0
+            self.emit(f"[{self.where}guest {self.repeat_at:7.2f}s] kernel: the same message {n} more times "
+                      "(all in console.log)")
 
     def tick(self) -> None:
         now = time.monotonic()
+        if self.repeats and now - self.last >= REPEAT_REPORT_S:
+            self.report_repeats()
         if now - self.last < HEARTBEAT_S:
             return
         wall = now - self.t0
