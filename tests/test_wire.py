@@ -363,6 +363,15 @@ def test_region_list_agrees_with_the_construct_definition():
     assert wire.parse_payload(RequestType.MARK_REGION, data) == {"regions": regions}
 
 
+@pytest.mark.parametrize("kind", [RequestType.MARK_REGION, RequestType.CLEAR_REGION])
+def test_a_region_group_holds_at_least_one_region(kind):
+    assert wire.parse_region_group(kind, wire.build_regions([3, 1])) == [3, 1]
+    with pytest.raises(ValueError, match=f"{kind.name} without regions"):
+        wire.parse_region_group(kind, b"")
+    with pytest.raises(ValueError, match="multiple of 8"):
+        wire.parse_region_group(kind, b"\0" * 12)
+
+
 def test_every_type_has_a_table_entry():
     assert set(wire.PAYLOADS) == set(RequestType)
     carries = {k for k, e in wire.PAYLOADS.items() if e.request is not None}

@@ -750,16 +750,12 @@ class Engine:
                        reply_on_success=_ok(req) if inst.health == "A" else None)
 
     def _mark(self, inst: Instance, req: Request) -> Reply | Pending:
-        regions = wire.parse_regions(req.data)
-        if not regions:
-            raise ValueError("MARK_REGION without regions")
+        regions = wire.parse_region_group(req.request_type, req.data)
         inst.log.mark(regions)
         return self._journal(inst, req, [(OP_MARK, r) for r in regions])
 
     def _clear(self, inst: Instance, req: Request) -> Reply | Pending:
-        regions = wire.parse_regions(req.data)
-        if not regions:
-            raise ValueError("CLEAR_REGION without regions")
+        regions = wire.parse_region_group(req.request_type, req.data)
         inst.log.clear(regions)
         return self._journal(inst, req, [(OP_CLEAR, r) for r in regions])
 

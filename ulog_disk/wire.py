@@ -547,6 +547,15 @@ def parse_regions(data: bytes) -> list[int]:
     return _REGIONS.items(data)
 
 
+def parse_region_group(request_type: int, data: bytes) -> list[int]:
+    """The regions of a MARK_REGION or CLEAR_REGION request: at least one (the kernel sends
+    groups of 1..32; an integrated FLUSH may carry none)."""
+    regions = _REGIONS.items(data)
+    if not regions:
+        raise ValueError(f"{RequestType(request_type).name} without regions")
+    return regions
+
+
 def build_regions(regions: list[int]) -> bytes:
     return b"".join(map(_REGION_ITEM.pack, regions))
 
