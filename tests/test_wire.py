@@ -363,6 +363,23 @@ def test_region_list_agrees_with_the_construct_definition():
     assert wire.parse_payload(RequestType.MARK_REGION, data) == {"regions": regions}
 
 
+def test_flat_struct_follows_the_definition_or_refuses():
+    import construct as c
+
+    from ulog_disk.fastpath import const, flat_struct
+
+    record = c.Struct("magic" / c.Const(b"ABCD"), "state" / c.Enum(c.Int8ul, on=1), "n" / c.Int32ul,
+                      "name" / c.PascalString(c.Int8ul, "ascii"), c.Terminated)
+    head = flat_struct(record, prefix=True)
+    assert head.format == "<4sBL" and const(record, "magic") == b"ABCD"
+    built = record.build(dict(state="on", n=7, name="x"))
+    assert head.pack(b"ABCD", 1, 7) == built[: head.size]
+    with pytest.raises(TypeError, match="not a fixed-size field"):
+        flat_struct(record)
+    with pytest.raises(TypeError, match="byte order"):
+        flat_struct(c.Struct("a" / c.Int32ul, "b" / c.Int32ub))
+
+
 @pytest.mark.parametrize("kind", [RequestType.MARK_REGION, RequestType.CLEAR_REGION])
 def test_a_region_group_holds_at_least_one_region(kind):
     assert wire.parse_region_group(kind, wire.build_regions([3, 1])) == [3, 1]
