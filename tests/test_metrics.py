@@ -242,3 +242,9 @@ def test_requests_and_errors_by_type_name(by_type: dict[RequestType, int], inval
     assert named_errors.get("invalid", 0) == sum(n for t, n in errors.items() if t not in known)
     for t in RequestType:
         assert named_errors.get(t.name, 0) == errors.get(int(t), 0)
+
+
+def test_requests_held_during_a_stalled_sync_are_counted(tmp_path: Path) -> None:
+    metrics = Metrics(tmp_path / "m.prom")
+    metrics.write(empty_snapshot(held_requests=3))
+    assert parse(metrics.path.read_text())["dm_ulogd_requests_held_total"][()] == 3

@@ -499,7 +499,8 @@ class Daemon:
 
     def metrics_snapshot(self) -> Snapshot:
         assert self.metrics is not None
-        return self.metrics.snapshot(self.engine, self.group, self.dropped_frames, self.send_lock)
+        return self.metrics.snapshot(self.engine, self.group, self.dropped_frames, self.send_lock,
+                                     self.held_total)
 
     # --- loop ----------------------------------------------------------------------------
 

@@ -125,6 +125,8 @@ class Snapshot:
     journal_backlog: int
     dropped_frames: int
     mirrors: list[MirrorSample] = field(default_factory=list)
+    #: Requests held back because a journal sync had stalled (the state disk), since start.
+    held_requests: int = 0
 
 
 def requests_by_type(stats: Stats) -> tuple[dict[str, int], dict[str, int]]:
@@ -203,6 +205,9 @@ class SnapshotCollector(Collector):
                                   "every FLUSH waiting: group commit).", value=s.journal_syncs)
         yield CounterMetricFamily("dm_ulogd_journal_sync_failures", "Journal syncs that failed.",
                                   value=s.journal_sync_failures)
+        yield CounterMetricFamily("dm_ulogd_requests_held", "Requests that would write the journal, held "
+                                  "back while a journal sync had run over 1 s (a slow or stalled state "
+                                  "disk); the others were answered meanwhile.", value=s.held_requests)
         yield CounterMetricFamily("dm_ulogd_checkpoints", "Store writes of a log's changes (background "
                                   "checkpoints, lifecycle writes).", value=st.checkpoints)
         yield CounterMetricFamily("dm_ulogd_checkpoint_failures", "Store writes that failed (retried "
@@ -255,7 +260,7 @@ class Metrics:
         self.noisy = RateLimitedLog(log, burst=1, interval=FAILURE_LOG_INTERVAL)
 
     def snapshot(self, engine: Engine, group: GroupCommit, dropped_frames: int,
-                 send_lock: threading.Lock) -> Snapshot:
+                 send_lock: threading.Lock, held_requests: int = 0) -> Snapshot:
         """Copy the numbers (loop thread only: the engine's state is read nowhere else)."""
         stats = engine.stats
         requests, errors = requests_by_type(stats)
@@ -275,7 +280,7 @@ class Metrics:
                         checkpoints=stats.checkpoints, checkpoint_failures=stats.checkpoint_failures),
             journal_syncs=group.syncs, journal_sync_failures=group.sync_failures,
             journal_backlog=max(0, engine.backend.position() - engine.needed()),
-            dropped_frames=dropped_frames, mirrors=mirrors,
+            dropped_frames=dropped_frames, mirrors=mirrors, held_requests=held_requests,
         )
 
     def write(self, snap: Snapshot) -> None:
