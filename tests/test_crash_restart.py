@@ -29,7 +29,7 @@ from pathlib import Path
 from ulog_disk import wire
 from ulog_disk.regionlog import RegionLog
 from ulog_disk.testing.client import Client, DaemonGone
-from ulog_disk.testing.kernel import acknowledged, bits_of
+from ulog_disk.testing.kernel import acknowledged, bits_of, log_of
 from ulog_disk.testing.launcher import Daemon, launch
 from ulog_disk.wire import RequestType
 
@@ -125,20 +125,12 @@ def test_kill9_at_random_points(tmp_path: Path) -> None:
                                  f"the last acknowledged commit are reported in sync")
             assert bad <= may, (f"crash point {point}: regions {sorted(bad - may)} are resynced although "
                                 f"good in every state since the last acknowledged commit")
-            oracle = RegionLog.from_bitmaps(REGIONS, _bitmap(clean), _bitmap(sync))
+            oracle = log_of(clean, sync)
             history = [oracle.copy()]
             gone_checks += 1
             assert "adopts the state of luid" in daemon.log_text()
     assert daemon.stop() == 0
     assert survived_checks >= points // 2 and gone_checks >= points // 8
-
-
-def _bitmap(bits: list[int]) -> bytes:
-    out = bytearray((len(bits) + 7) // 8)
-    for r, b in enumerate(bits):
-        if b:
-            out[r // 8] |= 1 << (r % 8)
-    return bytes(out)
 
 
 def _start(tmp: Path, state: Path, boot: int, point: int) -> Daemon:

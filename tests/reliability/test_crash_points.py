@@ -51,7 +51,7 @@ from ulog_disk.backends.lmdb_store import LmdbBackend
 from ulog_disk.engine import Engine
 from ulog_disk.regionlog import RegionLog
 from ulog_disk.testing.client import Client, DaemonGone, ctr_text
-from ulog_disk.testing.kernel import acknowledged, bits_of
+from ulog_disk.testing.kernel import acknowledged, bits_of, log_of
 from ulog_disk.testing.launcher import Daemon
 from ulog_disk.wire import RequestType as T
 
@@ -255,7 +255,7 @@ class Driver:
             if (clean, sync) == bits_of(option):
                 self.oracles[luid] = option
                 return
-        reported = RegionLog.from_bitmaps(self.regions, bitmap(clean), bitmap(sync))
+        reported = log_of(clean, sync)
         unsafe = []
         for option in options:
             lost = [r for r in range(self.regions) if clean[r] and not option.clean[r]]
@@ -307,7 +307,7 @@ class Driver:
             count = client.sync_count(self.uuid, luid)
             checked += 1
             # RegionLog.check() on what the daemon reports: its sync count against its bits
-            reported = RegionLog.from_bitmaps(self.regions, bitmap(clean), bitmap(sync))
+            reported = log_of(clean, sync)
             reported.sync_count = count
             for problem in reported.check():
                 self.fail(f"luid={luid:#x}: reported state breaks an invariant: {problem}")
@@ -341,14 +341,6 @@ class Driver:
         self.in_flight = None
         self.unverified.clear()
         self.start(adopt=committed or None)
-
-
-def bitmap(bits: list[int]) -> bytes:
-    out = bytearray((len(bits) + 7) // 8)
-    for r, b in enumerate(bits):
-        if b:
-            out[r // 8] |= 1 << (r % 8)
-    return bytes(out)
 
 
 def tool_broken(p) -> bool:

@@ -153,3 +153,16 @@ def bits_of(log: RegionLog) -> tuple[list[int], list[int]]:
     """(clean, in sync) of every region, as :meth:`Kernel.bits` and ``Client.bits`` read them."""
     n = log.region_count
     return [int(log.clean[r]) for r in range(n)], [int(log.sync[r]) for r in range(n)]
+
+
+def log_of(clean: list[int], in_sync: list[int]) -> RegionLog:
+    """The log whose :func:`bits_of` are these (one bit a region, as read from a daemon)."""
+    return RegionLog.from_bitmaps(len(clean), _bitmap(clean), _bitmap(in_sync))
+
+
+def _bitmap(bits: list[int]) -> bytes:
+    out = bytearray((len(bits) + 7) // 8)
+    for r, b in enumerate(bits):
+        if b:
+            out[r // 8] |= 1 << (r % 8)
+    return bytes(out)
