@@ -20,8 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_dump import ulog_dump, ulog_recover
 
-from ulog_disk import daemon
 from ulog_disk import journal as jn
+from ulog_disk import service
 from ulog_disk import store_format as sf
 from ulog_disk.testing.launcher import launch
 from ulog_disk.tools import dump, recover
@@ -108,7 +108,7 @@ def test_help_says_things_once() -> None:
 
 
 def test_daemon_help_states_privileges_files_and_exit_codes() -> None:
-    text = daemon.build_parser().format_help()
+    text = service.build_parser().format_help()
     for needle in ("CAP_SYS_ADMIN", "CAP_NET_ADMIN", "initial network namespace", "lock", "journal.",
                    "u.<uuid>", "SIGTERM", "exit status:", "\n  0 ", "\n  1 ", "\n  2 "):
         assert needle in text, needle

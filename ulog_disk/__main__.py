@@ -1,3 +1,3 @@
-from .daemon import main
+from .service import main
 
 raise SystemExit(main())

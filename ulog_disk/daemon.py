@@ -23,42 +23,29 @@ of mirrors.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import errno
-import fcntl
 import logging
 import os
 import queue
-import resource
 import selectors
-import signal
-import socket
-import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-from . import __version__, wire
-from .backends.base import Backend, available_backends, load_backend
+from . import wire
+from .backends.base import Backend
 from .capture import FROM_DAEMON, TO_DAEMON, CaptureWriter
-from .cli import ToolParser, fill
 from .engine import Engine, Pending
-from .limits import MemoryBudget
-from .metrics import DEFAULT_INTERVAL as METRICS_INTERVAL
-from .metrics import Metrics, Snapshot, check_metrics_path
+from .metrics import Metrics, Snapshot
 from .ratelog import RateLimitedLog
-from .transport.netlink import GroupTaken, NetlinkTransport
-from .transport.unix import UnixTransport
+from .transport import Transport
 from .wire import Reply
 
 log = logging.getLogger("ulog_disk.daemon")
 
-DEFAULT_STATE_DIR = "/var/lib/ulog-disk"
-DEFAULT_BACKEND = "lmdb"
 #: A journal sync running longer than this (seconds) means the state disk is slow or stalled:
 #: requests that would write the journal wait until it completes (a write to a file of a stalled
 #: filesystem can block too), the others are answered meanwhile.
@@ -90,50 +77,6 @@ class _Nobody:
 NOBODY = _Nobody()
 
 
-class StartupError(RuntimeError):
-    pass
-
-
-class StateDirLock:
-    """An exclusive ``flock`` on ``<state dir>/lock``; the file holds the owner's pid."""
-
-    def __init__(self, state_dir: Path):
-        self.path = state_dir / "lock"
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise StartupError(
-                f"state directory {state_dir} is in use by another dm-ulogd (pid {owner}); "
-                f"refusing to start a second one on it"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd = fd
-
-    def release(self) -> None:
-        os.close(self.fd)
-
-
-def prepare_state_dir(path: Path) -> None:
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
-
-
-def sd_notify(message: str) -> None:
-    target = os.environ.get("NOTIFY_SOCKET")
-    if not target:
-        return
-    address = "\0" + target[1:] if target.startswith("@") else target
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        try:
-            s.sendto(message.encode(), address)
-        except OSError as exc:
-            log.warning("sd_notify to %s failed: %s", target, exc)
-
-
 class StoreWorker:
     """The one thread that runs store writes, in the order they were submitted.
 
@@ -160,12 +103,7 @@ class StoreWorker:
     def _run(self) -> None:
         while (item := self.jobs.get()) is not None:
             pending, address = item
-            exc: BaseException | None = None
-            try:
-                assert pending.job is not None
-                pending.job()
-            except BaseException as e:  # noqa: BLE001 - reported to the engine via complete()
-                exc = e
+            exc = pending.run()
             sent = False
             if exc is None and pending.reply_on_success is not None and address is not NOBODY:
                 self.send(pending.reply_on_success, address)
@@ -320,7 +258,7 @@ _NOBODY = wire.Request(luid=0, uuid="", version=3, seq=0, request_type=wire.Requ
 
 
 class Daemon:
-    def __init__(self, engine: Engine, transport: NetlinkTransport | UnixTransport,
+    def __init__(self, engine: Engine, transport: Transport,
                  capture: CaptureWriter | None = None, checkpoint_age: float = CHECKPOINT_AGE,
                  checkpoint_span: int = CHECKPOINT_SPAN, metrics: Metrics | None = None):
         self.engine = engine
@@ -400,7 +338,7 @@ class Daemon:
             self.send(result, address)
         elif result.durable_at is not None:
             if result.durable_at <= self.engine.backend.durable_position():
-                self.send(result.complete(None), address)
+                self.finish(result, address, None, sent=False)
             else:
                 self.group.add(result, address)
         else:
@@ -447,16 +385,20 @@ class Daemon:
         with contextlib.suppress(BlockingIOError):
             os.read(self.wake_r, 65536)
         for pending, address, exc, sent in self.group.drain() + self.worker.drain():
-            try:
-                reply = pending.complete(exc)
-            except Exception:  # noqa: BLE001
-                log.exception("internal error completing a request")
-                continue
-            if address is NOBODY:
-                failures += reply.error != 0
-            elif not sent:
-                self.send(reply, address)
+            failures += not self.finish(pending, address, exc, sent)
         return failures
+
+    def finish(self, pending: Pending, address: object, exc: BaseException | None, sent: bool) -> bool:
+        """Let the engine hear how a waiting request's work ended (this thread only) and answer it
+        unless the thread that ran the work already did; False if the work failed."""
+        try:
+            reply = pending.complete(exc)
+        except Exception:  # noqa: BLE001 - one request's bookkeeping must not stop the loop
+            log.exception("internal error completing a request")
+            return False
+        if address is not NOBODY and not sent:
+            self.send(reply, address)
+        return reply.error == 0
 
     # --- background work -----------------------------------------------------------------
 
@@ -509,20 +451,12 @@ class Daemon:
         with contextlib.suppress(BlockingIOError):
             os.write(self.sig_w, b"s")
 
-    def _frames_from(self, key: selectors.SelectorKey) -> list[tuple[bytes, object]]:
-        if key.data == "netlink":
-            return self.transport.receive()  # type: ignore[union-attr]
-        frames, still_open = self.transport.receive_from(key.data)  # type: ignore[union-attr]
-        if not still_open:
-            self.selector.unregister(key.fd)
-        return frames
-
-    def run(self, ready: Callable[[], None] | None = None) -> int:
-        sel = self.selector
-        if isinstance(self.transport, UnixTransport):
-            sel.register(self.transport.fileno(), selectors.EVENT_READ, "accept")
-        else:
-            sel.register(self.transport.fileno(), selectors.EVENT_READ, "netlink")
+    def run(self, ready: Callable[[], None] | None = None,
+            stopping: Callable[[], None] | None = None) -> int:
+        """Serve until SIGTERM/SIGINT (``request_stop``); ``ready`` is called once listening,
+        ``stopping`` when the stop begins (the service tells systemd)."""
+        sel, transport = self.selector, self.transport
+        transport.attach(sel)
         if ready:
             ready()
         engine, group, worker = self.engine, self.group, self.worker
@@ -536,13 +470,8 @@ class Daemon:
                 self.serve_held()
             got = 0
             for key, _ in events:
-                tag = key.data
-                if tag == "accept":
-                    conn = self.transport.accept()  # type: ignore[union-attr]
-                    if conn is not None:
-                        sel.register(conn.fileno(), selectors.EVENT_READ, conn)
-                elif tag not in ("wake", "signal"):
-                    for frame, address in self._frames_from(key):
+                if key.data is transport:
+                    for frame, address in transport.readable(key, sel):
                         got += 1
                         self.on_frame(frame, address)
             if got:
@@ -554,6 +483,8 @@ class Daemon:
             if not worker.inflight and (engine.unstored or now - self.maintained_at >= MAINTENANCE_INTERVAL
                                         or not got):
                 self.background(idle=now - self.last_frame >= IDLE_AFTER)
+        if stopping:
+            stopping()
         return self.shutdown()
 
     def answer_queued(self) -> int:
@@ -562,13 +493,7 @@ class Daemon:
         At stop, a request left unread would cost its kernel caller the 15 s timeout; answered,
         the caller goes on, and its next request finds no listener and reconnects within 2 s.
         """
-        frames: list[tuple[bytes, object]] = []
-        if isinstance(self.transport, UnixTransport):
-            for conn in list(self.transport.connections.values()):
-                got, _ = self.transport.receive_from(conn)
-                frames.extend(got)
-        else:
-            frames = self.transport.receive()
+        frames = self.transport.queued()
         for frame, address in frames:
             self.on_frame(frame, address)
         self.wait_idle()
@@ -586,10 +511,7 @@ class Daemon:
         return failures + self.on_completions()
 
     def shutdown(self) -> int:
-        sd_notify("STOPPING=1")
-        with contextlib.suppress(KeyError, ValueError):
-            self.selector.unregister(self.transport.fileno())
-        self.transport.stop_receiving()
+        self.transport.stop_receiving(self.selector)
         answered = self.answer_queued()
         log.info("stopping: answered %d queued request(s), writing %d log(s) to their stores", answered,
                  len(self.engine.table))
@@ -624,209 +546,3 @@ class Daemon:
         return 1 if failures else 0
 
 
-def raise_descriptor_limit() -> tuple[int, int]:
-    """Raise the soft RLIMIT_NOFILE to the hard limit (the daemon's own use is bounded; this is
-    headroom for the kernel's and the tools' sockets): returns (soft before, soft now)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            return soft, target
-        except (ValueError, OSError):
-            pass
-    return soft, soft
-
-
-#: The end of ``dm-ulogd --help``: what an operator needs before the first start (the man page
-#: dm-ulogd(8) says more: docs/man/dm-ulogd.8.include).
-DAEMON_EPILOG = f"""\
-privileges:
-  With --listen netlink it needs CAP_SYS_ADMIN (the kernel ignores replies from anyone else) and
-  CAP_NET_ADMIN (to join connector group 7), and must run in the initial network namespace (the
-  connector exists there only). It refuses to start when another listener (cmirrord, another
-  dm-ulogd) has the group. --listen unix:PATH needs no privilege (tests, the kernel model).
-
-files (under --state-dir, default {DEFAULT_STATE_DIR}, created 0700 at the first start):
-  lock              flock held while the daemon runs; holds its pid (a second daemon refuses)
-  journal.<start>   the write-ahead journal's segments, shared by every mirror (formats/journal.md)
-  u.<uuid>/         one LMDB store per mirror uuid (x.<base32>/ for a uuid with other characters;
-                    formats/store.md); <dir>.damaged-<time>: a store that failed verification,
-                    moved aside (that uuid is resynced in full)
-
-signals:
-  SIGTERM, SIGINT   answer what is queued, write every log to its store, exit 0; the kernel
-                    reconnects to the next instance without a resync
-
-exit status:
-  0  stopped by SIGTERM/SIGINT, every log written to its store
-  1  stopped, but some log could not be written to its store at stop (the journal still has it)
-  2  could not start: bad arguments, the state directory in use or unusable, the connector group
-     taken; one line 'dm-ulogd: what is wrong' on stderr
-
-See dm-ulogd(8), ulog-recover(8), ulog-dump(8).
-"""
-
-
-def listen_address(text: str) -> str:
-    """``--listen``: 'netlink' or 'unix:PATH' in an existing directory, checked while parsing,
-    so a command line that is refused creates nothing (no state directory, no lock)."""
-    if text == "netlink":
-        return text
-    if text.startswith("unix:") and len(text) > 5:
-        parent = Path(text[5:]).parent
-        if not parent.is_dir():
-            raise argparse.ArgumentTypeError(f"{text!r}: no such directory {str(parent)!r}")
-        return text
-    raise argparse.ArgumentTypeError(f"must be 'netlink' or 'unix:PATH', not {text!r}")
-
-
-def output_file(text: str) -> Path:
-    """A file the daemon writes (--capture, --ready-file): its directory must exist (checked while
-    parsing, before the state directory is created)."""
-    path = Path(text)
-    if not path.parent.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r}: no such directory {str(path.parent)!r}")
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} is a directory")
-    return path
-
-
-class _LogFormatter(logging.Formatter):
-    """Log lines with time, pid and level; a record with ``plain`` set (a start-up error) as the
-    one line ``dm-ulogd: what is wrong`` that the other programs print, so it reads the same at a
-    terminal and in the journal and is not said twice."""
-
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s dm-ulogd[%(process)d] %(levelname)s %(name)s: %(message)s")
-
-    def format(self, record: logging.LogRecord) -> str:
-        if getattr(record, "plain", False):
-            return f"dm-ulogd: {record.getMessage()}"
-        return super().format(record)
-
-
-#: ``extra=`` of a log call whose message is shown as a plain error line.
-PLAIN = {"plain": True}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    backends = ", ".join(sorted(available_backends())) or "none"
-    p = ToolParser(
-        prog="dm-ulogd", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=fill("Userspace dirty-log server for device-mapper mirrors (dm-log-userspace, protocol "
-                         "version 3, over the netlink connector), with a durable log store: a daemon-wide "
-                         "write-ahead journal and one LMDB store per mirror. Runs in the foreground "
-                         "(systemd: Type=notify); logs to stderr."),
-        epilog=DAEMON_EPILOG,
-    )
-    p.add_argument("--listen", default="netlink", metavar="netlink|unix:PATH", type=listen_address,
-                   help="where requests come from: the kernel's netlink connector (default), or a "
-                        "unix SOCK_SEQPACKET socket carrying the same frames (tests, kernel model)")
-    p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, type=Path, metavar="DIR",
-                   help=f"where the store and the lock live (default {DEFAULT_STATE_DIR}, created 0700)")
-    p.add_argument("--backend", default=DEFAULT_BACKEND,
-                   help=f"log store plugin from the ulog_disk.backends entry points (installed: {backends}; "
-                        f"default {DEFAULT_BACKEND})")
-    p.add_argument("--checkpoint-age", type=float, default=CHECKPOINT_AGE, metavar="SECONDS",
-                   help="write a log's changes from the journal to its store at the latest this long after "
-                        f"the first of them (default {CHECKPOINT_AGE:g}; also when the journal since them "
-                        f"passes {CHECKPOINT_SPAN >> 20} MiB, and whenever the daemon is idle). Shorter: a "
-                        "shorter journal to replay at start-up, more store writes")
-    p.add_argument("--journal-segment-size", type=int, metavar="BYTES",
-                   help="size of each journal segment file (lmdb backend; default 4 MiB; a multiple of "
-                        "4096, at least 64 KiB)")
-    p.add_argument("--capture", metavar="FILE", type=output_file,
-                   help="append every frame received and sent to FILE (read it with ulog-dump wire)")
-    p.add_argument("--metrics-file", metavar="FILE", type=Path,
-                   help="write counters, FLUSH latency and per-mirror region counts to FILE in the "
-                        "node_exporter textfile format, every --metrics-interval seconds and at stop "
-                        "(its directory must exist; docs/metrics.md)")
-    p.add_argument("--metrics-interval", type=float, default=METRICS_INTERVAL, metavar="SECONDS",
-                   help=f"seconds between two writes of --metrics-file (default {METRICS_INTERVAL:g})")
-    p.add_argument("--ready-file", metavar="FILE", type=output_file,
-                   help="create FILE once listening (for scripts; systemd gets READY=1 via NOTIFY_SOCKET)")
-    p.add_argument("--boot-id", metavar="ID",
-                   help="boot id to record with each instance (default: /proc/sys/kernel/random/boot_id); "
-                        "tests use it to play a host reboot")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    return p
-
-
-def make_transport(listen: str) -> NetlinkTransport | UnixTransport:
-    if listen == "netlink":
-        return NetlinkTransport()
-    if listen.startswith("unix:") and len(listen) > 5:
-        return UnixTransport(listen[5:])
-    raise StartupError(f"--listen must be 'netlink' or 'unix:PATH', not {listen!r}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_LogFormatter())
-    logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO, handlers=[handler])
-    before, now = raise_descriptor_limit()
-    if now != before:
-        log.debug("descriptor limit raised from %d to %d", before, now)
-    lock = None
-    backend: Backend | None = None
-    try:
-        backend_cls = load_backend(args.backend)
-        # The arguments first: nothing is created for a command line that is refused.
-        if args.checkpoint_age < 0:
-            raise StartupError("--checkpoint-age must not be negative")
-        if args.journal_segment_size is not None and (
-                args.journal_segment_size < 65536 or args.journal_segment_size % 4096):
-            raise StartupError("--journal-segment-size must be a multiple of 4096, at least 65536 bytes")
-        if not args.metrics_interval > 0:
-            raise StartupError("--metrics-interval must be positive")
-        if args.metrics_file is not None:
-            try:
-                check_metrics_path(args.metrics_file)
-            except ValueError as exc:
-                raise StartupError(str(exc)) from None
-        prepare_state_dir(args.state_dir)
-        lock = StateDirLock(args.state_dir)
-        if args.journal_segment_size is not None:
-            try:
-                backend = backend_cls(args.state_dir, segment_bytes=args.journal_segment_size)  # type: ignore[call-arg]
-            except TypeError:
-                raise StartupError(f"backend {args.backend!r} takes no --journal-segment-size") from None
-        else:
-            backend = backend_cls(args.state_dir)
-        engine = Engine(backend, boot_id=args.boot_id, memory_budget=MemoryBudget())
-        engine.restore()
-        transport = make_transport(args.listen)
-    except (StartupError, LookupError, GroupTaken, OSError) as exc:
-        log.error("cannot start: %s", exc, extra=PLAIN)
-        if backend is not None:
-            backend.close()
-        return 2
-    try:
-        capture = CaptureWriter(str(args.capture), transport.name) if args.capture else None
-    except OSError as exc:
-        log.error("cannot start: --capture %s: %s", args.capture, exc.strerror, extra=PLAIN)
-        transport.close()
-        engine.backend.close()
-        if lock:
-            lock.release()
-        return 2
-    metrics = Metrics(args.metrics_file, args.metrics_interval, args.state_dir) if args.metrics_file else None
-    daemon = Daemon(engine, transport, capture, checkpoint_age=args.checkpoint_age, metrics=metrics)
-    signal.signal(signal.SIGTERM, daemon.request_stop)
-    signal.signal(signal.SIGINT, daemon.request_stop)
-
-    def ready() -> None:
-        log.info("dm-ulogd %s ready: backend %s, state dir %s, %d log(s) restored, boot id %s",
-                 __version__, args.backend, args.state_dir, len(engine.table), engine.boot_id)
-        sd_notify("READY=1")
-        if args.ready_file:
-            args.ready_file.write_text(f"{os.getpid()}\n")
-
-    try:
-        return daemon.run(ready)
-    finally:
-        if lock:
-            lock.release()

@@ -143,6 +143,19 @@ class Pending:
     #: the engine's state right.
     reply_on_success: Reply | None = None
 
+    def run(self, sync: Callable[[], object] | None = None) -> BaseException | None:
+        """Do what the reply waits for — the job, or else ``sync`` (the journal's) — on whichever
+        thread runs it; its exception, if any, goes to :attr:`complete` on the engine's thread."""
+        try:
+            if self.job is not None:
+                self.job()
+            else:
+                assert sync is not None, "a reply waiting for nothing"
+                sync()
+        except BaseException as exc:  # noqa: BLE001 - complete() decides what it means
+            return exc
+        return None
+
 
 @dataclass
 class Stats:
@@ -319,14 +332,7 @@ class Engine:
         result = self.handle(req)
         if isinstance(result, Reply):
             return result
-        try:
-            if result.job is not None:
-                result.job()
-            else:
-                self.backend.sync()
-        except BaseException as exc:  # noqa: BLE001 - handed to complete(), which decides
-            return result.complete(exc)
-        return result.complete(None)
+        return result.complete(result.run(self.backend.sync))
 
     # --- lifecycle requests --------------------------------------------------------------
 
@@ -572,6 +578,7 @@ class Engine:
             self._log_event(inst, inst.record(), event)
         pending = self._store(inst, why)
         store_complete = pending.complete
+        ok = _ok(req)
 
         def complete(exc: BaseException | None) -> Reply:
             store_complete(exc)
@@ -582,7 +589,7 @@ class Engine:
                     log.info("%s %s: commit succeeded again, health %s back to A", why,
                              describe(inst.uuid, inst.luid), inst.health)
                     inst.health = "A"
-                return _ok(req)
+                return ok
             self.stats.commit_failures += 1
             if answered:
                 self.stats.errors_by_type[req.request_type] += 1
@@ -592,7 +599,7 @@ class Engine:
             return _err(req, errno.EIO)
 
         pending.complete = complete
-        pending.reply_on_success = _ok(req)
+        pending.reply_on_success = ok
         return pending
 
     def _store(self, inst: Instance, why: str) -> Pending:
@@ -729,6 +736,8 @@ class Engine:
         if not self._journaled(inst, lambda: self.backend.log_flush(rec, ops), "FLUSH"):
             return self._commit(inst, req, "FLUSH")
 
+        ok = _ok(req)
+
         def complete(exc: BaseException | None) -> Reply:
             if exc is None:
                 self.stats.commits += 1
@@ -736,7 +745,7 @@ class Engine:
                     log.info("FLUSH %s: durable again, health %s back to A", describe(inst.uuid, inst.luid),
                              inst.health)
                     inst.health = "A"
-                return _ok(req)
+                return ok
             self.stats.commit_failures += 1
             self.stats.errors_by_type[req.request_type] += 1
             inst.health = "F"
@@ -747,7 +756,7 @@ class Engine:
         # A FLUSH of an instance whose health is not A is answered after complete() put it
         # right, so that no STATUS_INFO after the reply still shows the old health.
         return Pending(inst.uuid, None, complete, durable_at=self.backend.position(),
-                       reply_on_success=_ok(req) if inst.health == "A" else None)
+                       reply_on_success=ok if inst.health == "A" else None)
 
     def _mark(self, inst: Instance, req: Request) -> Reply | Pending:
         regions = wire.parse_region_group(req.request_type, req.data)

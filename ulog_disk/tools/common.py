@@ -16,8 +16,8 @@ from typing import Any, TextIO
 from bitarray import bitarray
 
 from ..bootid import read_boot_id
-from ..daemon import DEFAULT_STATE_DIR
 from ..regionlog import format_ranges
+from ..statedir import DEFAULT_STATE_DIR, lock_holder
 
 #: Version of every ``--json`` document (``formats/tools-json.md``); bumped on an incompatible
 #: change of the keys.
@@ -229,14 +229,6 @@ class DaemonStatus:
         return {"running": self.running, "pid": self.pid}
 
 
-def _lock_pid(path: Path) -> int | None:
-    try:
-        text = path.read_text(errors="replace").strip()
-        return int(text.split()[0]) if text else None
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def daemon_status(state_dir: Path) -> DaemonStatus:
     """Find out whether the daemon holds the lock, without taking it: an flock shows in
     /proc/locks as ``FLOCK ... WRITE <pid> <maj>:<min>:<inode>``. Reading /proc/locks never
@@ -258,7 +250,7 @@ def daemon_status(state_dir: Path) -> DaemonStatus:
             if len(parts) < 6 or parts[1] == "->":  # a waiter, not a holder
                 continue
             if parts[1] == "FLOCK" and parts[5] == key:
-                return DaemonStatus(True, _lock_pid(path), "/proc/locks")
+                return DaemonStatus(True, lock_holder(path), "/proc/locks")
         return DaemonStatus(False, None, "/proc/locks")
     # No /proc/locks: probe with a shared lock, released at once.
     try:
@@ -268,39 +260,10 @@ def daemon_status(state_dir: Path) -> DaemonStatus:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        return DaemonStatus(True, _lock_pid(path), "probe")
+        return DaemonStatus(True, lock_holder(path), "probe")
     finally:
         os.close(fd)
     return DaemonStatus(False, None, "probe")
-
-
-class StateLock:
-    """The state directory's lock, taken by a destructive command for its whole run, so no
-    dm-ulogd starts while the store is being changed (one that tries says the directory is in
-    use, naming this process)."""
-
-    def __init__(self, state_dir: Path):
-        self.fd: int | None = None
-        self.path = state_dir / "lock"
-
-    def acquire(self) -> bool:
-        """True if taken; False if the daemon (or another tool) holds it."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd = fd
-        return True
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.ftruncate(self.fd, 0)
-            os.close(self.fd)
-            self.fd = None
 
 
 def confirm(question: str, yes: bool, stream: TextIO | None = None) -> None:

@@ -23,15 +23,15 @@ from .. import journal as jn
 from ..backends.base import Commit, StoredState
 from ..backends.lmdb_store import DIR_MODE, FILE_MODE, MAX_DBS, LmdbBackend
 from ..cli import ToolParser, fill
-from ..daemon import prepare_state_dir
 from ..lifecycle import replaces_retained
+from ..statedir import StateDirLock
+from ..statedir import prepare as prepare_state_dir
 from ..store_format import split_chunks
 from . import storeview as sv
 from .common import (
     EXIT_OK,
     EXIT_PROBLEMS,
     Refused,
-    StateLock,
     ToolError,
     add_store_options,
     bit_ranges,
@@ -241,7 +241,7 @@ def _run_destructive(args: argparse.Namespace, command: str,
     state_dir = _state_dir(args, fresh_ok=create_state_dir)
     if not state_dir.is_dir() and not args.dry_run:
         prepare_state_dir(state_dir)
-    lock = StateLock(state_dir)
+    lock = StateDirLock(state_dir)
     notes: list[str] = []
     locked = False
     if not args.dry_run and state_dir.is_dir():

@@ -8,13 +8,16 @@ measurements behind not using pyroute2's socket classes here.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
+import selectors
 import socket
 from dataclasses import dataclass
 
 from .. import wire
+from . import Frame
 
 log = logging.getLogger("ulog_disk.transport.netlink")
 
@@ -92,21 +95,29 @@ class NetlinkTransport:
         log.info("listening on netlink connector group %d (id %d,%d)", wire.CN_IDX_DM,
                  wire.CN_IDX_DM, wire.CN_VAL_DM_USERSPACE_LOG)
 
-    def fileno(self) -> int:
-        return self.sock.fileno()
+    def attach(self, selector: selectors.BaseSelector) -> None:
+        selector.register(self.sock, selectors.EVENT_READ, self)
 
-    def stop_receiving(self) -> None:
+    def readable(self, key: selectors.SelectorKey, selector: selectors.BaseSelector) -> list[Frame]:
+        return self.receive()
+
+    def queued(self) -> list[Frame]:
+        return self.receive()
+
+    def stop_receiving(self, selector: selectors.BaseSelector) -> None:
         """Leave group 7: from now on the kernel's sends fail at once with -ESRCH (and its
         reconnect loop waits for the next daemon) instead of queueing requests nobody will
         answer. What is already queued can still be read and answered."""
+        with contextlib.suppress(KeyError, ValueError):
+            selector.unregister(self.sock)
         try:
             self.sock.setsockopt(SOL_NETLINK, NETLINK_DROP_MEMBERSHIP, wire.CN_IDX_DM)
         except OSError as exc:
             log.warning("could not leave netlink group %d: %s", wire.CN_IDX_DM, exc)
 
-    def receive(self) -> list[tuple[bytes, object]]:
+    def receive(self) -> list[Frame]:
         """Drain what is queued: [(connector payload, reply address)]."""
-        frames: list[tuple[bytes, object]] = []
+        frames: list[Frame] = []
         while True:
             try:
                 data, (portid, _groups) = self.sock.recvfrom(65536)

@@ -12,10 +12,13 @@ import contextlib
 import logging
 import os
 import select
+import selectors
 import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+
+from . import Frame
 
 log = logging.getLogger("ulog_disk.transport.unix")
 
@@ -58,11 +61,31 @@ class UnixTransport:
         self.allowed_uids = {0, os.geteuid()}
         log.info("listening on unix:%s", self.path)
 
-    def fileno(self) -> int:
-        return self.listener.fileno()
+    def attach(self, selector: selectors.BaseSelector) -> None:
+        selector.register(self.listener, selectors.EVENT_READ, self)
 
-    def stop_receiving(self) -> None:
+    def readable(self, key: selectors.SelectorKey, selector: selectors.BaseSelector) -> list[Frame]:
+        if key.fileobj is self.listener:
+            conn = self.accept()
+            if conn is not None:
+                selector.register(conn, selectors.EVENT_READ, self)
+            return []
+        assert isinstance(key.fileobj, socket.socket)
+        frames, still_open = self.receive_from(key.fileobj)
+        if not still_open:
+            selector.unregister(key.fd)  # the socket is closed: by its number
+        return frames
+
+    def queued(self) -> list[Frame]:
+        frames: list[Frame] = []
+        for conn in list(self.connections.values()):
+            frames += self.receive_from(conn)[0]
+        return frames
+
+    def stop_receiving(self, selector: selectors.BaseSelector) -> None:
         """Accept no new peers; connected ones are drained and answered by the daemon."""
+        with contextlib.suppress(KeyError, ValueError):
+            selector.unregister(self.listener)
         self.listener.close()
 
     def accept(self) -> socket.socket | None:
@@ -81,9 +104,9 @@ class UnixTransport:
         self.connections[conn.fileno()] = conn
         return conn
 
-    def receive_from(self, conn: socket.socket) -> tuple[list[tuple[bytes, object]], bool]:
+    def receive_from(self, conn: socket.socket) -> tuple[list[Frame], bool]:
         """Drain one connection: ([(frame, reply address)], still open)."""
-        frames: list[tuple[bytes, object]] = []
+        frames: list[Frame] = []
         while True:
             try:
                 data = conn.recv(MAX_FRAME)
