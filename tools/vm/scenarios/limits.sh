@@ -2,7 +2,7 @@
 # The daemon under a descriptor limit and a memory limit (issue #12 item 4): started with
 # `ulimit -n 64` and in a cgroup whose memory.max is MEMORY_MAX (default 96M), it serves
 # LIMIT_MIRRORS mirrors (default 24; a daemon that kept 4 descriptors per mirror would stop at
-# 16), then a mirror whose bitmaps cannot fit under the memory limit (2^28 regions over dm-zero
+# 16), then a mirror whose bitmaps cannot fit under the memory limit (2^28 regions over dm `error`
 # legs: about 128 MiB of bitmaps and copies). That one must fail its CTR (dmsetup create fails,
 # ENOMEM) with one daemon log line naming the limit; every other mirror keeps working (writes,
 # status); the daemon is never OOM-killed; nothing is lost (a kill -9 and a restart under the
@@ -70,9 +70,10 @@ scenario_limits() {
     dmsetup mknodes
     for ((i = 0; i < n; i++)); do wait_sync_quiet "ulog-lim-$i" 120; done
     record "resync_initial" "$(resync_count)"
-    # The mirror that does not fit: 2^28 regions of 8 sectors over dm-zero legs (1 TiB).
-    timeout 60 dmsetup --noudevsync create ulog-lim-zero0 --table "0 $((1 << 31)) zero" &&
-        timeout 60 dmsetup --noudevsync create ulog-lim-zero1 --table "0 $((1 << 31)) zero" || die "no zero legs"
+    # The mirror that does not fit: 2^28 regions of 8 sectors over dm `error` legs (1 TiB; dm-mirror
+    # asks the log first, so the legs are never read).
+    timeout 60 dmsetup --noudevsync create ulog-lim-zero0 --table "0 $((1 << 31)) error" &&
+        timeout 60 dmsetup --noudevsync create ulog-lim-zero1 --table "0 $((1 << 31)) error" || die "no legs for the mirror that does not fit"
     dmsetup mknodes
     timeout 120 dmsetup --noudevsync create ulog-lim-huge --table \
         "0 $((1 << 31)) mirror userspace 3 ulogvm-limits-huge clustered-core 8 2 /dev/mapper/ulog-lim-zero0 0 /dev/mapper/ulog-lim-zero1 0" \
