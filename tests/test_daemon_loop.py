@@ -294,3 +294,23 @@ def test_while_a_sync_stalls_requests_that_write_wait_and_the_others_are_answere
                                        (RequestType.FLUSH, 0), (RequestType.FLUSH, 0)])
     assert daemon.engine.stats.by_type[RequestType.MARK_REGION] == 1
     close(daemon)
+
+
+def test_a_commit_of_an_unhealthy_log_is_answered_after_its_health_is_put_right(tmp_path: Path) -> None:
+    """The thread that ran a store write answers a success at once only for a log whose health is
+    A; otherwise the loop answers after complete() has set A again, or a STATUS_INFO right after
+    the reply could still read F (seen once in test_full_filesystem)."""
+    daemon, backend, transport = make_daemon(tmp_path)
+    backend.fail_sync = True
+    daemon.on_frame(frame("A", RequestType.FLUSH), "k")
+    daemon.group.start()
+    daemon.wait_idle()
+    assert daemon.engine.table[("A", 1)].health == "F"
+    backend.fail_sync = False
+    commit = daemon.engine.handle(wire.decode_frame(frame("A", RequestType.POSTSUSPEND)))
+    assert not isinstance(commit, wire.Reply) and commit.reply_on_success is None
+    daemon.worker.submit(commit, "k")
+    daemon.wait_idle()
+    assert daemon.engine.table[("A", 1)].health == "A"
+    assert [(r.request_type, r.error) for r in transport.sent][-1] == (RequestType.POSTSUSPEND, 0)
+    close(daemon)

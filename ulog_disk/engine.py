@@ -599,7 +599,9 @@ class Engine:
             return _err(req, errno.EIO)
 
         pending.complete = complete
-        pending.reply_on_success = ok
+        # As for a FLUSH: a commit of an instance whose health is not A is answered only after
+        # complete() put it right, or a STATUS_INFO right after the reply could still show F.
+        pending.reply_on_success = ok if inst.health == "A" else None
         return pending
 
     def _store(self, inst: Instance, why: str) -> Pending:

@@ -4,10 +4,20 @@ frames (tests, benchmarks, the kernel model). The daemon's loop sees only :class
 from __future__ import annotations
 
 import selectors
+from dataclasses import dataclass
 from typing import Protocol
 
 #: (connector payload, where its reply goes): what a transport hands the daemon for each frame.
 Frame = tuple[bytes, object]
+
+
+@dataclass
+class Counters:
+    """What every transport counts (the stop line prints them; a transport adds its own)."""
+
+    received: int = 0
+    sent: int = 0
+    send_errors: int = 0
 
 
 class Transport(Protocol):
@@ -20,8 +30,7 @@ class Transport(Protocol):
     """
 
     name: str
-    #: Plain integer counters (received, sent, errors...), printed in the stop line.
-    counters: object
+    counters: Counters
 
     def attach(self, selector: selectors.BaseSelector) -> None: ...
 

@@ -17,7 +17,7 @@ import socket
 from dataclasses import dataclass
 
 from .. import wire
-from . import Frame
+from . import Counters, Frame
 
 log = logging.getLogger("ulog_disk.transport.netlink")
 
@@ -30,13 +30,10 @@ RCVBUF_BYTES = 8 * 1024 * 1024
 
 
 @dataclass
-class NetlinkCounters:
-    received: int = 0
-    sent: int = 0
+class NetlinkCounters(Counters):
     dropped_foreign_sender: int = 0
     dropped_not_connector: int = 0
     overruns: int = 0
-    send_errors: int = 0
 
 
 class GroupTaken(RuntimeError):

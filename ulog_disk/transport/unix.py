@@ -18,7 +18,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import Frame
+from . import Counters, Frame
 
 log = logging.getLogger("ulog_disk.transport.unix")
 
@@ -26,11 +26,8 @@ MAX_FRAME = 65536
 
 
 @dataclass
-class UnixCounters:
-    received: int = 0
-    sent: int = 0
+class UnixCounters(Counters):
     rejected_peers: int = 0
-    send_errors: int = 0
 
 
 def peer_uid(conn: socket.socket) -> int:
