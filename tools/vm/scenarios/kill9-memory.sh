@@ -18,10 +18,7 @@ scenario_kill9_memory() {
     after=$(resync_count)
     record "sync_after_writer" "$(sync_field "$name")"
     record "legs_after_writer" "$(cmp_legs)"
-    timeout 60 dmsetup suspend "$name"; check "suspend_rc" "$?" 0
-    timeout 60 dmsetup resume "$name"; check "resume_rc" "$?" 0
-    wait_sync "$name" 120
-    check "resync_after_resume" "$(($(resync_count) - after))" "$MIRROR_REGIONS"
+    resume_and_resync "$name" "$after" resync_after_resume "$MIRROR_REGIONS"
     check "legs_final" "$(cmp_legs)" equal
     remove_mirror "$name"
     stop_daemon

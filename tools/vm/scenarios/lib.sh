@@ -499,6 +499,18 @@ restart_scenario() {
     stop_daemon
 }
 
+# resume_and_resync NAME SINCE KEY EXPECTED [SUFFIX]: suspend + resume NAME (a real resume resets
+# the kernel's in-sync hint, so whatever the log holds out of sync is recovered now), wait until it
+# is in sync, and check KEY: the regions resynced since SINCE (a resync_count) must be EXPECTED.
+# SUFFIX tells the suspend_rc/resume_rc keys of a second round apart.
+resume_and_resync() {
+    local name=$1 since=$2 key=$3 want=$4 sfx=${5:-}
+    timeout 60 dmsetup suspend "$name"; check "suspend_rc$sfx" "$?" 0
+    timeout 60 dmsetup resume "$name"; check "resume_rc$sfx" "$?" 0
+    wait_sync "$name" 120
+    check "$key" "$(($(resync_count) - since))" "$want"
+}
+
 # ---------------------------------------------------------------------------------------------
 # Clean-up (runs at the end of every scenario subshell)
 

@@ -10,6 +10,14 @@
 # shellcheck source=lib.sh
 source "$(dirname "$0")/lib.sh"
 
+# note_resyncs R0 LABEL: the regions resynced since R0 (a resync_count) go into resync_events as
+# LABEL<count>; max_delta keeps the largest.
+note_resyncs() {
+    delta=$(($(resync_count) - $1))
+    resync_events="$resync_events $2$delta"
+    [ "$delta" -gt "$max_delta" ] && max_delta=$delta
+}
+
 # full_resyncs: RESUMEs in the daemon log that left the log with nothing in sync (a full resync).
 full_resyncs() {
     grep -cE "RESUME uuid='$1' .*: 0/$MIRROR_REGIONS in sync" "$SOUT/daemon.log" 2>/dev/null || true
@@ -18,7 +26,7 @@ full_resyncs() {
 scenario_soak() {
     local name=ulog-soak uuid=ulogvm-soak secs=${SOAK_SECONDS:-120} down=${DOWN_SECONDS:-3}
     local t0 now elapsed kills=0 events=0 suspends=0 reloads=0 failed=0 r0 delta max_delta=0 base
-    local resync_events="" initial_full
+    local resync_events="" initial_full label
     setup_mirror "$name" "$uuid" clustered-core
     initial_full=$(full_resyncs "$uuid")
     base=$(resync_count)
@@ -36,9 +44,7 @@ scenario_soak() {
             start_daemon
             kills=$((kills + 1))
             sleep 4
-            delta=$(($(resync_count) - r0))
-            resync_events="$resync_events kill:$delta"
-            [ "$delta" -gt "$max_delta" ] && max_delta=$delta
+            note_resyncs "$r0" kill:
             continue
         fi
         r0=$(resync_count)
@@ -48,7 +54,7 @@ scenario_soak() {
             sleep 0.5
             timeout 60 dmsetup resume "$name" || { failed=$((failed + 1)); log "resume failed"; }
             suspends=$((suspends + 1))
-            resync_events="$resync_events s:"
+            label=s:
         else
             # reload with the same table and uuid: the inactive table's log is a new luid until the swap
             timeout 60 dmsetup reload "$name" --table "$MIRROR_TABLE" || { failed=$((failed + 1)); log "reload failed"; }
@@ -56,13 +62,11 @@ scenario_soak() {
             timeout 60 dmsetup suspend "$name" || { failed=$((failed + 1)); log "suspend failed"; }
             timeout 60 dmsetup resume "$name" || { failed=$((failed + 1)); log "resume failed"; }
             reloads=$((reloads + 1))
-            resync_events="$resync_events r:"
+            label=r:
         fi
         events=$((events + 1))
         sleep 3
-        delta=$(($(resync_count) - r0))
-        resync_events="$resync_events$delta"
-        [ "$delta" -gt "$max_delta" ] && max_delta=$delta
+        note_resyncs "$r0" "$label"
     done
     wait_writer
     check "writer_ok" "$(grep -c 'write failed' "$SOUT/writer.log")" 0

@@ -26,10 +26,7 @@ scenario_state_lost() {
     check "sync_after_reconnect" "$(sync_field "$name")" "0/$MIRROR_REGIONS"
     wait_writer
     check "writer_ok" "$(grep -c 'write failed' "$SOUT/writer.log")" 0
-    timeout 60 dmsetup suspend "$name"; check "suspend_rc" "$?" 0
-    timeout 60 dmsetup resume "$name"; check "resume_rc" "$?" 0
-    wait_sync "$name" 120
-    check "resync_after_state_lost" "$(($(resync_count) - before))" "$MIRROR_REGIONS"
+    resume_and_resync "$name" "$before" resync_after_state_lost "$MIRROR_REGIONS"
     check "legs_final" "$(cmp_legs)" equal
     remove_mirror "$name"
     stop_daemon

@@ -56,10 +56,7 @@ scenario_upgrade() {
     check "old_refuses_layout_3" "$(grep -c 'reads only version 1 and 2' "$SOUT/daemon.log" | \
         awk '{ print ($1 > 0) ? "yes" : "no" }')" yes
     check "old_reads_all_out_of_sync" "$(sync_field "$name")" "0/$MIRROR_REGIONS"
-    timeout 60 dmsetup suspend "$name"; check "suspend_rc_2" "$?" 0
-    timeout 60 dmsetup resume "$name"; check "resume_rc_2" "$?" 0
-    wait_sync "$name" 120
-    check "resync_by_previous_release" "$(($(resync_count) - before))" "$MIRROR_REGIONS"
+    resume_and_resync "$name" "$before" resync_by_previous_release "$MIRROR_REGIONS" _2
     check "legs_after_reverse" "$(cmp_legs)" equal
     remove_mirror "$name"
     DAEMON_DIR=$old stop_daemon
