@@ -22,6 +22,7 @@ from ulog_disk import wire
 from ulog_disk.backends.memory import MemoryBackend
 from ulog_disk.engine import Engine
 from ulog_disk.regionlog import RegionLog
+from ulog_disk.testing.kernel import check_success
 from ulog_disk.wire import FrameError, Reply, Request, RequestType
 
 T = RequestType
@@ -208,27 +209,8 @@ class Harness:
         if rep.error:
             assert rep.data == b""
         else:
-            self.check_success(req, rep)
+            check_success(req, rep)
 
-    @staticmethod
-    def check_success(req: Request, rep: wire.DecodedReply) -> None:
-        """Successful replies have the size the kernel expects (protocol ref §3.1)."""
-        kind = req.kind
-        sizes = {T.GET_REGION_SIZE: 8, T.IS_CLEAN: 8, T.IN_SYNC: 8, T.GET_SYNC_COUNT: 8,
-                 T.GET_RESYNC_WORK: 16, T.IS_REMOTE_RECOVERING: 16}
-        if kind in sizes:
-            assert len(rep.data) == sizes[kind]
-        elif kind is T.CTR:
-            if req.data.endswith(b"\0"):
-                assert rep.data == b""
-            else:
-                assert len(rep.data) <= 128 and (rep.data == b"" or rep.data.endswith(b"\0"))
-        elif kind in (T.STATUS_INFO, T.STATUS_TABLE):
-            assert rep.data.endswith(b"\0") and len(rep.data) > 1
-        else:
-            assert rep.data == b""
-        if kind in (T.IS_CLEAN, T.IN_SYNC):
-            assert wire.parse_s64(rep.data) in (0, 1)
 
 
 @SETTINGS

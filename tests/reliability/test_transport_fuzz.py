@@ -49,6 +49,7 @@ from ulog_disk.engine import Engine
 from ulog_disk.journal import parse_segment_name
 from ulog_disk.store_format import decode_dir_name
 from ulog_disk.testing.client import Client, NoReply
+from ulog_disk.testing.kernel import check_success
 from ulog_disk.testing.launcher import Daemon
 from ulog_disk.wire import FrameError, Reply, Request, RequestType
 
@@ -345,27 +346,6 @@ class Pair:
         assert (r.error, wire.parse_s64(r.data)) == (0, 0)
 
 
-SIZES = {T.GET_REGION_SIZE: 8, T.IS_CLEAN: 8, T.IN_SYNC: 8, T.GET_SYNC_COUNT: 8, T.GET_RESYNC_WORK: 16,
-         T.IS_REMOTE_RECOVERING: 16}
-
-
-def check_success(request: Request, reply: wire.DecodedReply) -> None:
-    """A successful reply has the size the kernel reads (protocol ref §3.1)."""
-    kind = request.kind
-    assert kind is not None, "a request of an unknown type succeeded"
-    if kind in SIZES:
-        assert len(reply.data) == SIZES[kind]
-    elif kind is T.CTR:
-        if request.data.endswith(b"\0"):
-            assert reply.data == b""
-        else:
-            assert len(reply.data) <= 128 and (reply.data == b"" or reply.data.endswith(b"\0"))
-    elif kind in (T.STATUS_INFO, T.STATUS_TABLE):
-        assert reply.data.endswith(b"\0") and len(reply.data) > 1
-    else:
-        assert reply.data == b""
-    if kind in (T.IS_CLEAN, T.IN_SYNC):
-        assert wire.parse_s64(reply.data) in (0, 1)
 
 
 @pytest.fixture(scope="module")

@@ -166,3 +166,29 @@ def _bitmap(bits: list[int]) -> bytes:
         if b:
             out[r // 8] |= 1 << (r % 8)
     return bytes(out)
+
+
+#: Reply payload sizes the kernel reads for the requests that return a fixed-size value.
+VALUE_REPLY_SIZES = {
+    RequestType.GET_REGION_SIZE: 8, RequestType.IS_CLEAN: 8, RequestType.IN_SYNC: 8,
+    RequestType.GET_SYNC_COUNT: 8, RequestType.GET_RESYNC_WORK: 16, RequestType.IS_REMOTE_RECOVERING: 16,
+}
+
+
+def check_success(request: Request, reply: wire.DecodedReply) -> None:
+    """A successful reply has the size and form the kernel reads (protocol ref §3.1)."""
+    kind = request.kind
+    assert kind is not None, "a request of an unknown type succeeded"
+    if kind in VALUE_REPLY_SIZES:
+        assert len(reply.data) == VALUE_REPLY_SIZES[kind]
+    elif kind is RequestType.CTR:
+        if request.data.endswith(b"\0"):
+            assert reply.data == b""
+        else:
+            assert len(reply.data) <= 128 and (reply.data == b"" or reply.data.endswith(b"\0"))
+    elif kind in (RequestType.STATUS_INFO, RequestType.STATUS_TABLE):
+        assert reply.data.endswith(b"\0") and len(reply.data) > 1
+    else:
+        assert reply.data == b""
+    if kind in (RequestType.IS_CLEAN, RequestType.IN_SYNC):
+        assert wire.parse_s64(reply.data) in (0, 1)
