@@ -367,3 +367,32 @@ def machine(state_parent: Path) -> dict[str, str]:
         "state_dir_fs": filesystem_of(state_parent),
         "state_parent": str(state_parent),
     }
+
+
+@dataclass
+class Row:
+    """One figure of a benchmark: value, floor, ratio, and a target where there is one."""
+
+    metric: int | str
+    name: str
+    value: float
+    unit: str
+    floor: float | None
+    floor_name: str
+    ratio: float | None
+    target: str = ""
+    #: True met, False missed, None: informational (no target on this row).
+    met: bool | None = None
+    note: str = ""
+
+    def line(self) -> str:
+        def fmt(v: float) -> str:
+            return f"{v:.4g}"
+
+        verdict = "INFO" if self.met is None else ("MET" if self.met else "MISSED")
+        floor = f"{fmt(self.floor)} {self.unit} ({self.floor_name})" if self.floor is not None else "-"
+        ratio = f"{self.ratio:.3g}x" if self.ratio is not None else "-"
+        target = f" target {self.target}" if self.target else ""
+        note = f"  [{self.note}]" if self.note else ""
+        return (f"[{self.metric}] {self.name}: {fmt(self.value)} {self.unit} | floor {floor} | "
+                f"ratio {ratio} |{target} {verdict}{note}")

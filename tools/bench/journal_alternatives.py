@@ -58,7 +58,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib  # noqa: E402
-from benchlib import PAGE, LmdbFloor, SyncWriter  # noqa: E402
+from benchlib import PAGE, LmdbFloor, Row, SyncWriter  # noqa: E402
 
 from ulog_disk import journal  # noqa: E402
 from ulog_disk.backends.lmdb_store import INITIAL_MAP_SIZE  # noqa: E402
@@ -87,28 +87,6 @@ class Config:
 
 FULL = Config(samples=2000, warmup=50, block=100, seconds=1.5, rounds=2, floor_block=200)
 QUICK = Config(samples=200, warmup=10, block=50, seconds=0.3, rounds=1, floor_block=50)
-
-
-@dataclass
-class Row:
-    metric: str
-    name: str
-    value: float
-    unit: str
-    floor: float | None
-    floor_name: str
-    ratio: float | None
-    note: str = ""
-
-    def line(self) -> str:
-        def fmt(v: float) -> str:
-            return f"{v:.4g}"
-
-        floor = f"{fmt(self.floor)} {self.unit} ({self.floor_name})" if self.floor is not None else "-"
-        ratio = f"{self.ratio:.3g}x" if self.ratio is not None else "-"
-        note = f"  [{self.note}]" if self.note else ""
-        return (f"[{self.metric}] {self.name}: {fmt(self.value)} {self.unit} | floor {floor} | "
-                f"ratio {ratio} | INFO{note}")
 
 
 class Report:

@@ -46,7 +46,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib  # noqa: E402
-from benchlib import STRIDE, LmdbFloor, SyncWriter, ctr_string, human_count  # noqa: E402
+from benchlib import STRIDE, LmdbFloor, Row, SyncWriter, ctr_string, human_count  # noqa: E402
 
 from ulog_disk import wire  # noqa: E402
 from ulog_disk.backends.lmdb_store import LmdbBackend  # noqa: E402
@@ -98,33 +98,6 @@ QUICK = Config(flush_samples=150, warmup=20, scale_sizes=(32 * K, M, 4 * M), sca
                rate_requests=5000, rate_blocks=3, restart_regions=M, restart_dirty=64,
                restart_completed=64, inflight=32, resume_regions=4 * M, resume_reps=2, mirrors=8,
                mirror_seconds=0.8, mirror_rounds=1, live_mirrors=200)
-
-
-@dataclass
-class Row:
-    metric: int
-    name: str
-    value: float
-    unit: str
-    floor: float | None
-    floor_name: str
-    ratio: float | None
-    target: str = ""
-    #: True met, False missed, None: informational (no target on this row).
-    met: bool | None = None
-    note: str = ""
-
-    def line(self) -> str:
-        def fmt(v: float) -> str:
-            return f"{v:.4g}"
-
-        verdict = "INFO" if self.met is None else ("MET" if self.met else "MISSED")
-        floor = f"{fmt(self.floor)} {self.unit} ({self.floor_name})" if self.floor is not None else "-"
-        ratio = f"{self.ratio:.3g}x" if self.ratio is not None else "-"
-        target = f" target {self.target}" if self.target else ""
-        note = f"  [{self.note}]" if self.note else ""
-        return (f"[{self.metric}] {self.name}: {fmt(self.value)} {self.unit} | floor {floor} | "
-                f"ratio {ratio} |{target} {verdict}{note}")
 
 
 class Suite:
