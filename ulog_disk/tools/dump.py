@@ -9,7 +9,7 @@ from typing import Any
 
 from .. import __version__, capture, disklog
 from .. import journal as jn
-from ..cli import ToolParser, fill
+from ..cli import tool_parser
 from . import storeview as sv
 from . import wiredump as wd
 from .common import (
@@ -475,10 +475,9 @@ def cmd_disklog(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.RawDescriptionHelpFormatter
-    p = ToolParser(
-        prog=TOOL, formatter_class=fmt,
-        description=fill("Decode what ulog-disk and the kernel keep, without changing anything: the daemon's "
+    p, commands = tool_parser(
+        TOOL, __version__,
+        description=("Decode what ulog-disk and the kernel keep, without changing anything: the daemon's "
                     "LMDB store and journal, a capture of the frames it exchanged with the kernel, and the "
                     "kernel's own 'disk' dirty log. Reading a store never blocks or disturbs a running "
                     "dm-ulogd (LMDB read-only transactions)."),
@@ -487,13 +486,11 @@ def build_parser() -> argparse.ArgumentParser:
                "exit status: 0 decoded; 2 could not read (bad arguments, not a ulog-disk state directory,\n"
                "no such file, I/O error), with one line 'ulog-dump: what is wrong' on stderr.\n",
     )
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
 
-    s = sub.add_parser(
-        "store", formatter_class=fmt,
+    s = commands.add(
+        "store", cmd_store,
         help="every uuid, instance, verdict, generation, geometry, counts and region ranges",
-        description=fill("Show every uuid's store: each instance (luid) with its lifecycle state, verdict "
+        description=("Show every uuid's store: each instance (luid) with its lifecycle state, verdict "
                     "(live, presuspended, suspended, constructed, orphaned, superseded, damaged), "
                     "generation, constructor and geometry, counts (regions, in sync, dirty), the "
                     "out-of-sync and dirty regions as ranges (0-17,42,100-199), boot id, last commit "
@@ -519,12 +516,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--regions", dest="per_region", action="store_true", help=argparse.SUPPRESS)
     add_store_options(s, state_dir=False)
     s.add_argument("--json", action="store_true", help="JSON instead of text")
-    s.set_defaults(func=cmd_store)
 
-    j = sub.add_parser(
-        "journal", formatter_class=fmt,
+    j = commands.add(
+        "journal", cmd_journal,
         help="the daemon-wide journal: segments, end, durable point, damage, records",
-        description=fill(
+        description=(
                     "Decode the journal of a state directory (formats/journal.md), read-only: its segments "
                     "(file, start, base, capacity, created), the journal id, where it ends, the position it "
                     "was durable up to at least (the highest durable claim of a record), damaged ranges "
@@ -545,12 +541,11 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--all", action="store_true", help="show every record")
     add_store_options(j, state_dir=False)
     j.add_argument("--json", action="store_true", help="JSON instead of text")
-    j.set_defaults(func=cmd_journal)
 
-    w = sub.add_parser(
-        "wire", formatter_class=fmt,
+    w = commands.add(
+        "wire", cmd_wire,
         help="one line per request and reply of a capture (dm-ulogd --capture) or hex frames",
-        description=fill(
+        description=(
                     "Decode a capture file written by 'dm-ulogd --capture FILE' (formats/capture.md): one "
                     "line per request (>) and reply (<) with the time since the first record, seq, "
                     "request type, luid, uuid, the reply's result (ok or -ERRNO), the index of the other "
@@ -571,12 +566,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--uuid", metavar="UUID", help="only frames of this uuid")
     w.add_argument("--luid", type=parse_luid, metavar="LUID", help="only frames of this luid (hex)")
     w.add_argument("--json", action="store_true", help="JSON instead of text")
-    w.set_defaults(func=cmd_wire)
 
-    d = sub.add_parser(
-        "disklog", formatter_class=fmt,
+    d = commands.add(
+        "disklog", cmd_disklog,
         help="header and clean bits of an in-kernel 'disk' log (file or device)",
-        description=fill(
+        description=(
                     "Decode the kernel's 'disk' dirty log (dm-log.c; the log device of a 'mirror ... disk' "
                     "table or an LVM mirror log): magic, version, nr_regions, the clean bits as ranges, "
                     "and a verdict: valid, or invalid and why (bad magic, unknown version, file too small "
@@ -594,7 +588,6 @@ def build_parser() -> argparse.ArgumentParser:
     # The earlier spelling, kept for scripts but hidden: --regions is a list of regions (resync).
     d.add_argument("--regions", dest="region_count", type=int, help=argparse.SUPPRESS)
     d.add_argument("--json", action="store_true", help="JSON instead of text")
-    d.set_defaults(func=cmd_disklog)
     return p
 
 

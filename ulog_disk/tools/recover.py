@@ -22,7 +22,7 @@ from .. import __version__, disklog, regionlog
 from .. import journal as jn
 from ..backends.base import Commit, StoredState
 from ..backends.lmdb_store import DIR_MODE, FILE_MODE, MAX_DBS, LmdbBackend
-from ..cli import ToolParser, fill
+from ..cli import ToolParser, fill, tool_parser
 from ..lifecycle import replaces_retained
 from ..statedir import StateDirLock
 from ..statedir import prepare as prepare_state_dir
@@ -745,14 +745,13 @@ def _destructive_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.RawDescriptionHelpFormatter
     common = ToolParser(add_help=False)
     add_store_options(common)
     common.add_argument("--json", action="store_true",
                         help="JSON instead of text (keys: formats/tools-json.md)")
-    p = ToolParser(
-        prog=TOOL, formatter_class=fmt,
-        description=fill(
+    p, commands = tool_parser(
+        TOOL, __version__, common=common,
+        description=(
                     "Inspect and repair the dirty-log store of dm-ulogd after something went wrong: which "
                     "instances are live, suspended, orphaned by a reboot, superseded or damaged; check the "
                     "store; remove what nobody needs; force a resync of regions; back the store up while the "
@@ -760,8 +759,6 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'ulog-recover COMMAND --help' for each. Read-only commands (list, verify, backup,\n"
                "export) never block or disturb a running daemon.\n\n" + EXIT_TEXT + "\n",
     )
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
 
     verdicts = (
         "verdicts:\n"
@@ -776,21 +773,20 @@ def build_parser() -> argparse.ArgumentParser:
         "  damaged             fails verification: the daemon moves the uuid's store aside at its next\n"
         "                      start (a full resync); stores already moved aside are listed too\n"
     )
-    s = sub.add_parser("list", parents=[common], formatter_class=fmt,
+    s = commands.add("list", cmd_list,
                        help="every instance with its verdict and why",
-                       description=fill(
+                       description=(
                                    "List every instance (and retained state) of every uuid in the store with "
                                    "a verdict and the reason for it. Reads only."),
                        epilog=verdicts + "\nexamples:\n  ulog-recover list\n"
                               "  ulog-recover list --uuid LVM-abc --json\n")
     s.add_argument("--uuid", action="append", metavar="UUID", help="only this uuid (repeatable)")
     s.add_argument("--luid", type=parse_luid, metavar="LUID", help="only this instance (hex luid)")
-    s.set_defaults(func=cmd_list)
 
-    s = sub.add_parser(
-        "verify", parents=[common], formatter_class=fmt,
+    s = commands.add(
+        "verify", cmd_verify,
         help="LMDB-level check and the store's invariants (exit 1 on problems)",
-        description=fill(
+        description=(
                     "Check every store (or one uuid's). LMDB level: the environment opens read-only, every "
                     "sub-database is opened and read whole, every record is decoded. Invariants: the format "
                     "record names the directory's uuid; each meta names its luid and uuid; bitmap geometry "
@@ -815,12 +811,11 @@ def build_parser() -> argparse.ArgumentParser:
                "  ulog-recover verify LVM-abc --json\n")
     s.add_argument("uuid", nargs="?", metavar="UUID",
                    help="only the store of this uuid (default: every store)")
-    s.set_defaults(func=cmd_verify)
 
-    s = sub.add_parser(
-        "purge", parents=[common], formatter_class=fmt,
+    s = commands.add(
+        "purge", cmd_purge,
         help="remove orphaned and superseded instances (keeps the newest state)",
-        description=fill(
+        description=(
                     "Remove the instances whose verdict is orphaned or superseded (see 'list'): their three "
                     "sub-databases, one transaction each (its journal records are then never read). "
                     "An orphaned instance that holds "
@@ -833,12 +828,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--uuid", action="append", metavar="UUID", help="only this uuid (repeatable)")
     s.add_argument("--luid", type=parse_luid, metavar="LUID", help="only this instance (hex luid)")
     _destructive_options(s)
-    s.set_defaults(func=cmd_purge)
 
-    s = sub.add_parser(
-        "resync", parents=[common], formatter_class=fmt,
+    s = commands.add(
+        "resync", cmd_resync,
         help="mark regions out of sync in a uuid's newest state",
-        description=fill(
+        description=(
                     "Mark regions of a uuid's newest state out of sync (and dirty), so the next RESUME of "
                     "the mirror hands them to the kernel for recovery: the legs are copied again for those "
                     "regions. The newest state is the one the next RESUME adopts: the retained state, or a "
@@ -854,12 +848,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("uuid", metavar="UUID", help="the mirror's uuid (the one in its table, e.g. LVM-...)")
     s.add_argument("--regions", metavar="RANGES", help="regions as ranges, e.g. 0-17,42 (default: all)")
     _destructive_options(s)
-    s.set_defaults(func=cmd_resync)
 
-    s = sub.add_parser(
-        "backup", parents=[common], formatter_class=fmt,
+    s = commands.add(
+        "backup", cmd_backup,
         help="consistent copy of every store while the daemon runs",
-        description=fill(
+        description=(
                     "Copy the journal and every store into DIR (created; must be new or empty) while "
                     "dm-ulogd "
                     "runs. The journal segments first, newest first (a round is redone if a segment appears "
@@ -882,12 +875,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dir", type=Path, metavar="DIR",
                    help="where the copy goes (created; must be new or empty)")
     s.add_argument("--uuid", action="append", metavar="UUID", help="only this uuid (repeatable)")
-    s.set_defaults(func=cmd_backup)
 
-    s = sub.add_parser(
-        "export", parents=[common], formatter_class=fmt,
+    s = commands.add(
+        "export", cmd_export,
         help="write a uuid's newest state as a kernel 'disk' log",
-        description=fill(
+        description=(
                     "Write a uuid's newest state (the retained state, or a suspended or orphaned instance: "
                     "the highest generation) as the kernel's 'disk' dirty log (header magic 0x4D695272, "
                     "version 2, nr_regions, clean bits at byte 1024; formats/disklog.md), so the mirror can "
@@ -909,12 +901,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="export the last commit of a state that is live in "
                    "this boot (it may be behind the running mirror)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing non-empty file")
-    s.set_defaults(func=cmd_export)
 
-    s = sub.add_parser(
-        "import", parents=[common], formatter_class=fmt,
+    s = commands.add(
+        "import", cmd_import,
         help="read a kernel 'disk' log into the store as a uuid's retained state",
-        description=fill("Read a kernel 'disk' dirty log (file or device) and store its state as the uuid's "
+        description=("Read a kernel 'disk' dirty log (file or device) and store its state as the uuid's "
                     "retained state, with a generation above every other state of the uuid, so the next "
                     "CTR + RESUME of the uuid (a 'mirror userspace' table served by dm-ulogd) adopts it "
                     "and resyncs only the regions that were not clean. The bits are taken as the kernel "
@@ -934,7 +925,6 @@ def build_parser() -> argparse.ArgumentParser:
     # The earlier spelling, kept for scripts but hidden: --regions is a list of regions (resync).
     s.add_argument("--regions", dest="region_count", type=int, help=argparse.SUPPRESS)
     _destructive_options(s)
-    s.set_defaults(func=cmd_import)
     return p
 
 
