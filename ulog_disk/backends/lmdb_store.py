@@ -404,6 +404,20 @@ class LmdbBackend(Backend):
     def _put_record(self, e: _Env, txn: lmdb.Transaction, db_name: bytes, record: bytes) -> None:
         txn.put(RECORD_KEY, record_value(db_name, record), db=self._db(e, txn, db_name, create=True))
 
+    def _read_bitmaps(self, e: _Env, txn: lmdb.Transaction, names: tuple[bytes, bytes], region_count: int,
+                      chunk_bytes: int) -> list[bytes]:
+        """The two bitmaps (clean, in sync) kept as chunks in the named sub-databases; a missing
+        sub-database is a bitmap of zeros (StoreFormatError naming the sub-database if one is bad)."""
+        bitmaps = []
+        for name in names:
+            db = self._db(e, txn, name, create=False)
+            chunks = {} if db is None else self._read_chunks(txn, db, name)
+            try:
+                bitmaps.append(assemble_chunks(chunks, region_count, chunk_bytes))
+            except StoreFormatError as exc:
+                raise StoreFormatError(f"{name.decode()}: {exc}") from exc
+        return bitmaps
+
     @staticmethod
     def _read_chunks(txn: lmdb.Transaction, db: lmdb._Database, name: bytes,
                      sealed: bool = True) -> dict[int, bytes]:
@@ -789,29 +803,15 @@ class LmdbBackend(Backend):
                 meta_db = self._db(e, txn, name, create=False)
                 raw = txn.get(CHECKPOINT_KEY, db=meta_db)
                 ckpt = None if raw is None else read_checkpoint_value(name, raw)
-                bitmaps = []
-                for bitmap_kind in ("clean", "sync"):
-                    db_name = instance_db_name(bitmap_kind, luid)
-                    db = self._db(e, txn, db_name, create=False)
-                    chunks = {} if db is None else self._read_chunks(txn, db, db_name)
-                    try:
-                        bitmaps.append(assemble_chunks(chunks, meta.region_count, cb))
-                    except StoreFormatError as exc:
-                        raise StoreFormatError(f"{bitmap_kind}.{luid:016x}: {exc}") from exc
+                bitmaps = self._read_bitmaps(e, txn, (instance_db_name("clean", luid),
+                                                      instance_db_name("sync", luid)), meta.region_count, cb)
                 found.append(_Found(meta, bitmaps[0], bitmaps[1], ckpt))
             raw = self._get_record(e, txn, RETAINED_META, missing_ok=True)
             if raw is not None:
                 rr = RetainedRecord.decode(raw)
                 if rr.uuid != e.uuid:
                     raise StoreFormatError(f"retained state names uuid {rr.uuid!r}")
-                bitmaps = []
-                for name in (RETAINED_CLEAN, RETAINED_SYNC):
-                    db = self._db(e, txn, name, create=False)
-                    chunks = {} if db is None else self._read_chunks(txn, db, name)
-                    try:
-                        bitmaps.append(assemble_chunks(chunks, rr.region_count, cb))
-                    except StoreFormatError as exc:
-                        raise StoreFormatError(f"{name.decode()}: {exc}") from exc
+                bitmaps = self._read_bitmaps(e, txn, (RETAINED_CLEAN, RETAINED_SYNC), rr.region_count, cb)
                 retained = StoredState(
                     uuid=e.uuid, generation=rr.generation, region_count=rr.region_count,
                     clean=bitmaps[0], sync=bitmaps[1], source_luid=rr.source_luid,
