@@ -1307,6 +1307,15 @@ def test_an_old_instance_journal_of_an_earlier_boot_is_not_folded_in(backend):
 # --- threads ----------------------------------------------------------------------------------------------
 
 
+def in_threads(worker, count: int) -> None:
+    """worker(0) .. worker(count - 1), each on its own thread, all joined."""
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def test_uuids_commit_in_parallel_threads(backend):
     """Store calls come from the store worker one at a time, but tools and tests may call from
     several threads: without a restore each write follows the journal on disk, and the first
@@ -1325,11 +1334,7 @@ def test_uuids_commit_in_parallel_threads(backend):
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(worker, 6)
     assert errors == []
     assert len(segment_files(backend.state_dir)) == 1
     jid = journal_id_on_disk(backend.state_dir)
@@ -1359,11 +1364,7 @@ def test_instances_log_and_commit_from_parallel_threads(daemon):
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(worker, 6)
     assert errors == []
     backend.sync()
     backend, restored = restart(backend)
