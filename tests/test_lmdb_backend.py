@@ -885,12 +885,17 @@ def test_damaged_store_is_reported_and_moved_aside(backend, db_name, key, value,
     backend.close()
 
 
-def test_store_of_an_unknown_version_is_refused(backend):
+def store_of_version(backend, version: int):
+    """The store of UUID as a later release of layout ``version`` would leave it; reopened."""
     backend.record(make_rec())
     newer = bytearray(sf.format_value(sf.FormatRecord(chunk_bytes=CB, uuid=UUID)))
-    newer[4:6] = (4).to_bytes(2, "little")
+    newer[4:6] = version.to_bytes(2, "little")
     _poke(backend, UUID, None, sf.FORMAT_KEY, bytes(newer))
-    backend = fresh(backend.state_dir)
+    return fresh(backend.state_dir)
+
+
+def test_store_of_an_unknown_version_is_refused(backend):
+    backend = store_of_version(backend, 4)
     restored = restore(backend)
     _assert_moved_aside(backend.state_dir, UUID, restored, "version 4")
     backend.close()
@@ -922,11 +927,7 @@ def test_a_flipped_bit_in_any_stored_chunk_is_found_and_the_store_moved_aside(ba
 
 
 def test_unknown_version_found_outside_restore_is_a_backend_error(backend):
-    backend.record(make_rec())
-    newer = bytearray(sf.format_value(sf.FormatRecord(chunk_bytes=CB, uuid=UUID)))
-    newer[4:6] = (7).to_bytes(2, "little")
-    _poke(backend, UUID, None, sf.FORMAT_KEY, bytes(newer))
-    backend = fresh(backend.state_dir)
+    backend = store_of_version(backend, 7)
     with pytest.raises(BackendError, match="version 7"):
         backend.commit(Commit(make_rec(), {}, {}))
     backend.close()
