@@ -164,6 +164,13 @@ def add_store_options(p: argparse.ArgumentParser, state_dir: bool = True) -> Non
                         "are orphaned")
 
 
+def add_region_count_option(p: argparse.ArgumentParser, help: str) -> None:
+    """``--region-count N``, and its earlier spelling ``--regions N`` kept for scripts but hidden
+    (--regions is now a list of regions: ``ulog-recover resync``)."""
+    p.add_argument("--region-count", type=int, metavar="N", help=help)
+    p.add_argument("--regions", dest="region_count", type=int, help=argparse.SUPPRESS)
+
+
 def state_dir_of(args: argparse.Namespace) -> Path:
     """The state directory given with --state-dir or the positional alias (the same one if both),
     else the default."""

@@ -15,6 +15,7 @@ from . import wiredump as wd
 from .common import (
     EXIT_OK,
     ToolError,
+    add_region_count_option,
     add_state_dir_option,
     add_store_options,
     bit_ranges,
@@ -474,6 +475,11 @@ def cmd_disklog(args: argparse.Namespace) -> int:
 # --- the command line ----------------------------------------------------------------------------
 
 
+def _json_option(p: argparse.ArgumentParser) -> None:
+    """--json, which every command takes (last in its options)."""
+    p.add_argument("--json", action="store_true", help="JSON instead of text")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p, commands = tool_parser(
         TOOL, __version__,
@@ -515,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     # The earlier spelling, kept for scripts but hidden: --regions is a list of regions (resync).
     s.add_argument("--regions", dest="per_region", action="store_true", help=argparse.SUPPRESS)
     add_store_options(s, state_dir=False)
-    s.add_argument("--json", action="store_true", help="JSON instead of text")
+    _json_option(s)
 
     j = commands.add(
         "journal", cmd_journal,
@@ -540,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="show the last N records (default 50; 0 for none)")
     j.add_argument("--all", action="store_true", help="show every record")
     add_store_options(j, state_dir=False)
-    j.add_argument("--json", action="store_true", help="JSON instead of text")
+    _json_option(j)
 
     w = commands.add(
         "wire", cmd_wire,
@@ -565,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("file", metavar="FILE|-", help="capture file, or - for hex frames on stdin")
     w.add_argument("--uuid", metavar="UUID", help="only frames of this uuid")
     w.add_argument("--luid", type=parse_luid, metavar="LUID", help="only frames of this luid (hex)")
-    w.add_argument("--json", action="store_true", help="JSON instead of text")
+    _json_option(w)
 
     d = commands.add(
         "disklog", cmd_disklog,
@@ -583,11 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  ulog-dump disklog /dev/mapper/vg-lv_mlog --region-count 2048\n",
     )
     d.add_argument("path", metavar="DEVICE|FILE", help="log device or file")
-    d.add_argument("--region-count", type=int, metavar="N",
-                   help="read the bits for N regions instead of the header's nr_regions")
-    # The earlier spelling, kept for scripts but hidden: --regions is a list of regions (resync).
-    d.add_argument("--regions", dest="region_count", type=int, help=argparse.SUPPRESS)
-    d.add_argument("--json", action="store_true", help="JSON instead of text")
+    add_region_count_option(d, help="read the bits for N regions instead of the header's nr_regions")
+    _json_option(d)
     return p
 
 

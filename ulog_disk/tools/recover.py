@@ -33,6 +33,7 @@ from .common import (
     EXIT_PROBLEMS,
     Refused,
     ToolError,
+    add_region_count_option,
     add_store_options,
     bit_ranges,
     check_state_dir,
@@ -736,6 +737,13 @@ SAFETY_TEXT = fill(
     "unless --yes is given. --dry-run shows the plan only. Every change made is printed.")
 
 
+def _selection_options(p: argparse.ArgumentParser, luid: bool = True) -> None:
+    """--uuid (repeatable) and --luid: which instances a command works on (default: all)."""
+    p.add_argument("--uuid", action="append", metavar="UUID", help="only this uuid (repeatable)")
+    if luid:
+        p.add_argument("--luid", type=parse_luid, metavar="LUID", help="only this instance (hex luid)")
+
+
 def _destructive_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="go ahead although dm-ulogd holds the state "
                    "directory (and, where the command says so, although the state is live)")
@@ -780,8 +788,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "a verdict and the reason for it. Reads only."),
                        epilog=verdicts + "\nexamples:\n  ulog-recover list\n"
                               "  ulog-recover list --uuid LVM-abc --json\n")
-    s.add_argument("--uuid", action="append", metavar="UUID", help="only this uuid (repeatable)")
-    s.add_argument("--luid", type=parse_luid, metavar="LUID", help="only this instance (hex luid)")
+    _selection_options(s)
 
     s = commands.add(
         "verify", cmd_verify,
@@ -825,8 +832,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "states are never touched."),
         epilog=SAFETY_TEXT + "\n\nexamples:\n  ulog-recover purge --dry-run\n  ulog-recover purge --uuid "
                "LVM-abc --yes\n")
-    s.add_argument("--uuid", action="append", metavar="UUID", help="only this uuid (repeatable)")
-    s.add_argument("--luid", type=parse_luid, metavar="LUID", help="only this instance (hex luid)")
+    _selection_options(s)
     _destructive_options(s)
 
     s = commands.add(
@@ -874,7 +880,7 @@ def build_parser() -> argparse.ArgumentParser:
                "examples:\n  ulog-recover backup /root/ulog-backup-$(date +%F)\n")
     s.add_argument("dir", type=Path, metavar="DIR",
                    help="where the copy goes (created; must be new or empty)")
-    s.add_argument("--uuid", action="append", metavar="UUID", help="only this uuid (repeatable)")
+    _selection_options(s, luid=False)
 
     s = commands.add(
         "export", cmd_export,
@@ -920,10 +926,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--disklog", required=True, metavar="FILE|DEVICE", help="the disk log to read")
     s.add_argument("--sectors", type=int, metavar="N", help="mirror length in sectors (with --region-size)")
     s.add_argument("--region-size", type=int, metavar="N", help="region size in sectors")
-    s.add_argument("--region-count", type=int, metavar="N",
-                   help="region count (instead of --sectors/--region-size)")
-    # The earlier spelling, kept for scripts but hidden: --regions is a list of regions (resync).
-    s.add_argument("--regions", dest="region_count", type=int, help=argparse.SUPPRESS)
+    add_region_count_option(s, help="region count (instead of --sectors/--region-size)")
     _destructive_options(s)
     return p
 
