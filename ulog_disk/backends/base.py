@@ -3,45 +3,11 @@
 The engine keeps every instance's state in memory and decides everything (hand-over, retention,
 lifecycle). A backend only stores what it is told and gives it back after a restart.
 
-Two kinds of calls. The **journal** calls run on the request loop and never wait for the disk;
-each returns the journal position after what it appended (a *ticket*):
-
-=========================  ======================================================================
-``log_ops(uuid, luid, ops)``  MARK/CLEAR/SET_REGION_SYNC just applied: kept so that a *daemon*
-                           crash loses nothing answered (a host crash may lose it, until a sync).
-``log_flush(rec, ops)``    a FLUSH of ``rec``'s instance (with its integrated marks ``ops``): the
-                           commit point; the FLUSH is answered once ``sync()`` has reached its
-                           ticket.
-``log_event(rec, event)``  a lifecycle request (for the record; its store write follows).
-``position()``             the ticket of everything appended so far.
-``sync()``                 (the group-commit thread, or the loop) make everything appended so
-                           far durable, one sync for every FLUSH waiting; returns the position
-                           now durable. Raises BackendError; the next call tries again.
-=========================  ======================================================================
-
-The **store** calls run on the store worker, one at a time, in the order the engine made them;
-``position`` in them is the journal position of the state they carry (every journal record of
-the instance before it is in that state):
-
-=========================  ======================================================================
-``restore(boot_id)``       at start-up: every instance this backend still holds (any boot), its
-                           bitmaps and the journal ops to replay after them; each uuid's
-                           retained state; uuids whose store is damaged.
-``record(rec, pos, retain)`` after CTR: the instance's identity, constructor and geometry; with
-                           ``retain`` (the state of an earlier boot's instance whose luid the
-                           CTR reuses), first keep it as the uuid's retained state (one
-                           transaction).
-``commit(c)``              durable write of one instance's changed chunks and meta (a checkpoint;
-                           RESUME, POSTSUSPEND and stop wait for theirs before answering).
-``drop(key, retain, pos)`` DTR: remove the instance; with ``retain``, first keep its state as the
-                           uuid's retained state (one transaction).
-``release(uuid)``          the uuid has no instance left in the daemon: resources held for it
-                           may go.
-``maintain(needed)``       housekeeping off the request path: every journal record below
-                           ``needed`` is in the stores (the journal may be cut there); prepare
-                           what the next appends need.
-``close()``                stop.
-=========================  ======================================================================
+Two kinds of calls: the **journal** calls run on the request loop and never wait for the disk
+(each returns the journal position after what it appended, a *ticket*), except ``sync``, which
+runs on the group-commit thread; the **store** calls run on the store worker, one at a time, in
+the order the engine made them. Each method says what it must guarantee; ``docs/backends.md``
+says it at length, with a minimal backend and the conformance suite every backend must pass.
 
 A backend raises :class:`BackendError` for any I/O failure; the engine answers -EIO, or marks
 the log's health, and keeps whatever was not stored for the next attempt. The ``memory`` backend
@@ -160,20 +126,29 @@ class Backend(abc.ABC):
     # --- journal calls (request loop; never wait for the disk) --------------------------------
 
     def log_ops(self, uuid: str, luid: int, ops: Sequence[tuple[int, int]]) -> int:
-        """Default: no journal (a daemon crash loses answered, uncommitted changes)."""
+        """MARK/CLEAR/SET_REGION_SYNC just applied: kept so that a *daemon* crash loses nothing
+        answered (a host crash may lose it, until a sync). Default: no journal (a daemon crash
+        loses answered, uncommitted changes)."""
         return 0
 
     def log_flush(self, rec: InstanceRecord, ops: Sequence[tuple[int, int]]) -> int:
+        """A FLUSH of ``rec``'s instance, with its integrated marks ``ops``: the commit point; the
+        FLUSH is answered once ``sync()`` has reached the ticket."""
         return 0
 
     def log_event(self, rec: InstanceRecord, event: int) -> int:
+        """A lifecycle request (CTR, RESUME, POSTSUSPEND, DTR…), for the record; its store write
+        follows."""
         return 0
 
     def position(self) -> int:
+        """The ticket of everything appended so far."""
         return 0
 
     def sync(self) -> int:
-        """Make every ticket handed out so far durable; returns the durable position."""
+        """Make every ticket handed out so far durable, one sync for every FLUSH waiting (the
+        group-commit thread); returns the position now durable. Raises BackendError; the next
+        call tries again."""
         return self.position()
 
     def durable_position(self) -> int:
@@ -183,23 +158,36 @@ class Backend(abc.ABC):
     # --- store calls (store worker) --------------------------------------------------------------
 
     @abc.abstractmethod
-    def restore(self, boot_id: str) -> Restored: ...
+    def restore(self, boot_id: str) -> Restored:
+        """At start-up: every instance still held (any boot), its bitmaps and the journal ops to
+        replay after them; each uuid's retained state; the uuids whose store is damaged."""
 
     @abc.abstractmethod
     def record(self, rec: InstanceRecord, position: int | None = None,
-               retain: StoredState | None = None) -> None: ...
+               retain: StoredState | None = None) -> None:
+        """After CTR: the instance's identity, constructor and geometry, as of journal
+        ``position``; with ``retain`` (the state of an earlier boot's instance whose luid the CTR
+        reuses, decided by the engine), first keep that as the uuid's retained state, in the same
+        transaction."""
 
     @abc.abstractmethod
-    def commit(self, commit: Commit) -> None: ...
+    def commit(self, commit: Commit) -> None:
+        """A durable write of one instance's changed chunks and meta (a checkpoint; RESUME,
+        POSTSUSPEND and stop wait for theirs before answering)."""
 
     @abc.abstractmethod
-    def drop(self, uuid: str, luid: int, retain: StoredState | None, position: int | None = None) -> None: ...
+    def drop(self, uuid: str, luid: int, retain: StoredState | None, position: int | None = None) -> None:
+        """DTR: remove the instance; with ``retain``, first keep that state as the uuid's
+        retained state (one transaction)."""
 
     def release(self, uuid: str) -> None:  # noqa: B027 - optional hook
-        """Default: nothing is held per uuid."""
+        """The uuid has no instance left in the daemon: what is held for it may go. Default:
+        nothing is held per uuid."""
 
     def maintain(self, needed: int) -> None:  # noqa: B027 - optional hook
-        """Default: nothing to tidy."""
+        """Housekeeping off the request path: every journal record below ``needed`` is in the
+        stores (the journal may be cut there); prepare what the next appends need. Default:
+        nothing to tidy."""
 
     def maintenance_due(self) -> bool:
         """Whether :meth:`maintain` has work beyond cutting (asked on the loop, cheap)."""

@@ -49,7 +49,6 @@ import lmdb
 from bitarray import bitarray
 
 from .. import journal as jn
-from ..backends.base import OP_CLEAR, OP_MARK, OP_SET_NOSYNC, OP_SET_SYNC
 from ..backends.lmdb_store import DIR_MODE, FILE_MODE, MAX_DBS, journal_records_by_instance, plan_replay
 from ..lifecycle import IN_USE, never_handed_over, outranked
 from ..regionlog import CHUNK_BYTES, RegionLog, chunk_count, exact_bits
@@ -86,7 +85,6 @@ from .common import DaemonStatus, bit_ranges, daemon_status, iso, luid_hex, rang
 
 ERROR, WARNING, NOTE = "error", "warning", "note"
 _JOURNAL_NAME = re.compile(r"journal\.([0-9a-f]{16})")
-_OP_NAMES = {OP_MARK: "mark", OP_CLEAR: "clear", OP_SET_SYNC: "set in sync", OP_SET_NOSYNC: "set out of sync"}
 
 
 @dataclass
@@ -941,10 +939,6 @@ def is_state_entry(name: str) -> bool:
     segment, a store directory or one moved aside."""
     return (name == "lock" or _is_journal_file(name) or decode_dir_name(name) is not None
             or _moved_aside(name) is not None)
-
-
-def describe_op(op: int) -> str:
-    return _OP_NAMES.get(op, f"op {op}")
 
 
 __all__ = ["EnvView", "Finding", "JournalState", "JournalView", "StateView", "StoreView", "instance_db_name",
