@@ -44,13 +44,13 @@ from .backends.base import (
     Backend,
     BackendError,
     Commit,
+    Event,
     InstanceRecord,
     StoredInstance,
     StoredState,
 )
 from .bootid import read_boot_id
 from .ctrargs import CtrArgs, CtrError, parse_ctr
-from .journal import Event
 from .lifecycle import (
     State,
     drops_adopted,

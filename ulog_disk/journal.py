@@ -45,7 +45,7 @@ from pathlib import Path
 
 import construct as c
 
-from .backends.base import OP_CLEAR, OP_MARK, OP_SET_NOSYNC, OP_SET_SYNC
+from .backends.base import OP_CLEAR, OP_MARK, OP_SET_NOSYNC, OP_SET_SYNC, Event
 from .fastpath import const, flat_struct
 from .store_format import FLAG_RESUMED, FLAG_SUPERSEDED, STATES
 
@@ -70,14 +70,6 @@ class Kind(IntEnum):
     FLUSH = 2    # a FLUSH of an instance: the instance's commit point, answered once durable
     EVENT = 3    # a lifecycle request (CTR, RESUME, ...), for the record
     SWITCH = 4   # the journal goes on in the segment starting at ``next_start``
-
-
-class Event(IntEnum):
-    CTR = 1
-    RESUME = 2
-    PRESUSPEND = 3
-    POSTSUSPEND = 4
-    DTR = 5
 
 
 #: Region ops of an OPS record (the same codes as the engine's ``OP_*``).
