@@ -87,7 +87,7 @@ scenario_limits() {
     # Every other mirror still works: a write reaches both legs, the status answers.
     for ((i = 0; i < n; i++)); do
         dd if=/dev/urandom of="/dev/mapper/ulog-lim-$i" bs=64K count=4 seek=$((i % 8)) oflag=direct \
-            conv=notrunc status=none 2>/dev/null && [ -n "$(dm_status "ulog-lim-$i")" ] && ok=$((ok + 1))
+            conv=notrunc status=none 2>>"$SOUT/writes.log" && [ -n "$(dm_status "ulog-lim-$i")" ] && ok=$((ok + 1))
     done
     check "mirrors_working" "$ok" "$n"
     record "daemon_fds" "$(ls "/proc/$DAEMON_PID/fd" | wc -l)"
@@ -98,8 +98,8 @@ scenario_limits() {
     start_limited_daemon
     ok=0
     for ((i = 0; i < n; i++)); do
-        dd if=/dev/urandom of="/dev/mapper/ulog-lim-$i" bs=64K count=4 seek=$((8 + i % 8)) oflag=direct \
-            conv=notrunc status=none 2>/dev/null && ok=$((ok + 1))
+        dd if=/dev/urandom of="/dev/mapper/ulog-lim-$i" bs=64K count=2 seek=$((8 + i % 7)) oflag=direct \
+            conv=notrunc status=none 2>>"$SOUT/writes.log" && ok=$((ok + 1))
     done
     check "mirrors_working_after_restart" "$ok" "$n"
     for ((i = 0; i < n; i++)); do wait_sync_quiet "ulog-lim-$i" 60; done
