@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from ulog_disk.testing import launcher
+from ulog_disk.testing.handover import Stores, build_stores, private_copy
 from ulog_disk.testing.launcher import Daemon
 
 
@@ -21,3 +22,20 @@ def _reap_daemons() -> Iterator[None]:
 @pytest.fixture
 def daemon(tmp_path: Path) -> Daemon:
     return launcher.launch(tmp_path, capture=True)
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory) -> Stores:
+    """The hand-over stores made by a real daemon (:mod:`ulog_disk.testing.handover`), once per
+    test module."""
+    return build_stores(tmp_path_factory.mktemp("stores"))
+
+
+@pytest.fixture
+def store_after(stores: Stores, tmp_path: Path) -> Path:
+    return private_copy(stores, "after", tmp_path)
+
+
+@pytest.fixture
+def store_before(stores: Stores, tmp_path: Path) -> Path:
+    return private_copy(stores, "before", tmp_path)

@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_dump import ulog_dump, ulog_recover
 
 from ulog_disk import journal as jn
 from ulog_disk import service
 from ulog_disk import store_format as sf
 from ulog_disk.testing.launcher import launch
+from ulog_disk.testing.tools import ulog_dump, ulog_recover
 from ulog_disk.tools import dump, recover
 from ulog_disk.tools.common import state_dir_problem
 

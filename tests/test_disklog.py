@@ -11,9 +11,9 @@ import pytest
 from bitarray import bitarray
 from hypothesis import given
 from hypothesis import strategies as st
-from test_dump import ulog_dump
 
 from ulog_disk import disklog
+from ulog_disk.testing.tools import ulog_dump
 from ulog_disk.tools.common import parse_ranges, ranges
 
 VECTORS = Path(__file__).resolve().parent.parent / "formats" / "vectors" / "disklog"

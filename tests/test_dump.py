@@ -1,178 +1,47 @@
 """ulog-dump against stores and captures made by a real dm-ulogd run (kernel model over unix).
 
-The stores come from :func:`build_store`: a real daemon (LMDB backend, a fixed ``--boot-id``)
-driven by the kernel model through a mirror's life and then a hand-over (CTR B while A is live,
-PRESUSPEND/POSTSUSPEND A) cut by ``kill -9`` before or after RESUME B, plus a second uuid that was
-removed (its state retained). The helpers here are shared with ``test_recover.py``.
+The stores come from :func:`ulog_disk.testing.handover.build_store`: a real daemon (LMDB backend,
+a fixed ``--boot-id``) driven by the kernel model through a mirror's life and then a hand-over
+(CTR B while A is live, PRESUSPEND/POSTSUSPEND A) cut by ``kill -9`` before or after RESUME B, plus
+a second uuid that was removed (its state retained); the fixtures ``stores``, ``store_after`` and
+``store_before`` are in conftest.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import os
 import shutil
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import lmdb
 import pytest
 
 from ulog_disk import capture, wire
 from ulog_disk import store_format as sf
-from ulog_disk.kernelmodel import KernelConnection, Mirror, UserspaceLog
-from ulog_disk.testing.launcher import Daemon, launch
-from ulog_disk.tools import dump, recover
+from ulog_disk.kernelmodel import Mirror, UserspaceLog
+from ulog_disk.testing.handover import (
+    A_DIRTY,
+    A_OUT_OF_SYNC,
+    B_OUT_OF_SYNC,
+    BOOT1,
+    BOOT2,
+    CTR,
+    LUID_A,
+    LUID_B,
+    LUID_GONE,
+    REGIONS,
+    UUID_GONE,
+    UUID_H,
+    Stores,
+    connect,
+    lmdb_daemon,
+)
+from ulog_disk.testing.tools import hexluid, instances, ulog_dump, ulog_recover
 from ulog_disk.wire import Reply, Request, RequestType
-
-BOOT1 = "boot-1-aaaaaaaa"
-BOOT2 = "boot-2-bbbbbbbb"
-UUID_H = "LVM-handover0123"
-UUID_GONE = "LVM-removed0456"
-LUID_A, LUID_B, LUID_GONE = 0xFFFF888000001000, 0xFFFF888000002000, 0xFFFF888000003000
-REGIONS = 64
-CTR = f"{REGIONS * 8} clustered-core 8"
-#: What the hand-over store holds for A (and B after adopting A): regions 0-39 recovered,
-#: 5 and 6 marked and flushed but never cleared.
-A_OUT_OF_SYNC = "40-63"
-A_DIRTY = "5-6"
-B_OUT_OF_SYNC = "5-6,40-63"  # adopted: sync &= clean
-
-
-# --- running the tools in-process -------------------------------------------------------------
-
-
-@dataclass
-class Result:
-    rc: int
-    out: str
-    err: str
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.out)
-
-
-def run_tool(main: Callable[[list[str]], int], *argv: str, stdin: str = "") -> Result:
-    out, err = io.StringIO(), io.StringIO()
-    old = sys.stdin
-    sys.stdin = io.StringIO(stdin)  # not a terminal
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                rc = main(list(argv))
-            except SystemExit as exc:  # argparse
-                rc = int(exc.code or 0)
-    finally:
-        sys.stdin = old
-    return Result(rc, out.getvalue(), err.getvalue())
-
-
-def ulog_dump(*argv: str, stdin: str = "") -> Result:
-    return run_tool(dump.main, *argv, stdin=stdin)
-
-
-def ulog_recover(*argv: str, stdin: str = "") -> Result:
-    return run_tool(recover.main, *argv, stdin=stdin)
-
-
-# --- stores made by a real daemon ------------------------------------------------------------
-
-
-def lmdb_daemon(tmp: Path, state: Path, boot: str = BOOT1, name: str = "d") -> Daemon:
-    return launch(tmp, capture=True, backend="lmdb", state_dir=state, name=name, boot_id=boot)
-
-
-def connect(d: Daemon) -> KernelConnection:
-    return KernelConnection(str(d.socket_path), timeout=10)
-
-
-def build_store(tmp: Path, resume_b: bool) -> tuple[Path, Path]:
-    """(state dir, capture file) of the hand-over cut by kill -9 (see the module doc)."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    state = tmp / "state"
-    d = lmdb_daemon(tmp, state)
-    conn = connect(d)
-    # A uuid whose mirror was removed: its state is retained.
-    gone = Mirror(UserspaceLog(conn, UUID_GONE, LUID_GONE, "256 clustered-core 8"))
-    assert gone.construct() == 0
-    gone.resume()
-    gone.recover_all(limit=20)
-    gone.suspend()
-    assert gone.log.dtr() == 0
-    # The hand-over.
-    a = Mirror(UserspaceLog(conn, UUID_H, LUID_A, CTR))
-    assert a.construct() == 0
-    a.resume()
-    assert a.recover_all(limit=40) == 40
-    a.write([1, 2, 3])
-    a.update_states()
-    a.log.mark_region(5)
-    a.log.mark_region(6)
-    assert a.log.flush() == 0  # marked under a FLUSH, writes still in flight: dirty
-    b = UserspaceLog(conn, UUID_H, LUID_B, CTR)
-    assert b.ctr() == 0  # CTR B while A is live
-    a.presuspend()
-    a.postsuspend()
-    if resume_b:
-        assert b.resume() == 0
-    d.kill9()
-    conn.close()
-    return state, d.capture_path
-
-
-Stores = dict[str, tuple[Path, Path]]
-
-
-def build_stores(factory: pytest.TempPathFactory) -> Stores:
-    """Both hand-over stores: ``"after"`` (killed after RESUME B) and ``"before"``."""
-    base = factory.mktemp("stores")
-    return {"after": build_store(base / "after", True), "before": build_store(base / "before", False)}
-
-
-def private_copy(stores: Stores, which: str, tmp_path: Path) -> Path:
-    """A copy of one store for a test to read or change."""
-    dest = tmp_path / f"state-{which}"
-    shutil.copytree(stores[which][0], dest)
-    return dest
-
-
-@pytest.fixture(scope="module")
-def stores(tmp_path_factory: pytest.TempPathFactory) -> Stores:
-    return build_stores(tmp_path_factory)
-
-
-@pytest.fixture
-def store_after(stores: Stores, tmp_path: Path) -> Path:
-    return private_copy(stores, "after", tmp_path)
-
-
-@pytest.fixture
-def store_before(stores: Stores, tmp_path: Path) -> Path:
-    return private_copy(stores, "before", tmp_path)
-
-
-def instances(doc: dict[str, Any], uuid: str) -> dict[str, dict[str, Any]]:
-    """luid hex (or 'retained') → state JSON of one uuid in a `ulog-dump store --json` document."""
-    for store in doc["stores"]:
-        if store["uuid"] == uuid:
-            out = {i["luid_hex"]: i for i in store["instances"]}
-            if store["retained"]:
-                out["retained"] = store["retained"]
-            return out
-    raise AssertionError(f"no store for {uuid}")
-
-
-def hexluid(luid: int) -> str:
-    return f"{luid:#018x}"
-
 
 # --- ulog-dump store ---------------------------------------------------------------------------
 

@@ -1,10 +1,10 @@
 """ulog-recover against stores made by a real dm-ulogd run, and against stores damaged on purpose.
 
-The hand-over stores (``build_store`` in test_dump.py) hold uuid UUID_H with A (suspended,
-regions 40-63 out of sync, 5-6 dirty) and B (constructed, or live after adopting A), cut by
-``kill -9`` before or after RESUME B, and uuid UUID_GONE whose state is retained. After a repair
-the daemon is started again on the store and driven by the kernel model, to check that what the
-tool said it changed is what the daemon then does.
+The hand-over stores (:mod:`ulog_disk.testing.handover`; fixtures in conftest.py) hold uuid UUID_H
+with A (suspended, regions 40-63 out of sync, 5-6 dirty) and B (constructed, or live after adopting
+A), cut by ``kill -9`` before or after RESUME B, and uuid UUID_GONE whose state is retained. After
+a repair the daemon is started again on the store and driven by the kernel model, to check that
+what the tool said it changed is what the daemon then does.
 """
 
 from __future__ import annotations
@@ -21,7 +21,14 @@ from pathlib import Path
 
 import lmdb
 import pytest
-from test_dump import (
+
+from ulog_disk import disklog
+from ulog_disk import journal as jn
+from ulog_disk import store_format as sf
+from ulog_disk.backends.lmdb_store import LmdbBackend
+from ulog_disk.engine import Engine
+from ulog_disk.kernelmodel import UserspaceLog
+from ulog_disk.testing.handover import (
     A_DIRTY,
     A_OUT_OF_SYNC,
     B_OUT_OF_SYNC,
@@ -33,42 +40,14 @@ from test_dump import (
     REGIONS,
     UUID_GONE,
     UUID_H,
-    Stores,
-    build_stores,
     connect,
-    hexluid,
-    instances,
     lmdb_daemon,
-    private_copy,
-    ulog_dump,
-    ulog_recover,
 )
-
-from ulog_disk import disklog
-from ulog_disk import journal as jn
-from ulog_disk import store_format as sf
-from ulog_disk.backends.lmdb_store import LmdbBackend
-from ulog_disk.engine import Engine
-from ulog_disk.kernelmodel import UserspaceLog
+from ulog_disk.testing.tools import hexluid, instances, ulog_dump, ulog_recover
 from ulog_disk.tools.common import bit_ranges
 from ulog_disk.wire import Request, RequestType
 
 LUID_C = 0xFFFF888000004000
-
-
-@pytest.fixture(scope="module")
-def stores(tmp_path_factory: pytest.TempPathFactory) -> Stores:
-    return build_stores(tmp_path_factory)
-
-
-@pytest.fixture
-def store_after(stores: Stores, tmp_path: Path) -> Path:
-    return private_copy(stores, "after", tmp_path)
-
-
-@pytest.fixture
-def store_before(stores: Stores, tmp_path: Path) -> Path:
-    return private_copy(stores, "before", tmp_path)
 
 
 def dump_json(state: Path, boot: str = BOOT1) -> dict:
