@@ -287,8 +287,16 @@ def test_while_a_sync_stalls_requests_that_write_wait_and_the_others_are_answere
     assert daemon.engine.stats.by_type[RequestType.MARK_REGION] == 0  # not applied yet
     assert len(daemon.held) == 3
     backend.hold.set()
-    daemon.wait_idle()
+    deadline = time.monotonic() + 10
+    while daemon.group.syncs < 1 or daemon.disk_stalled():  # the stalled sync is done
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    daemon.serve_held()  # what the loop does once the sync is done, with or without new frames
     assert daemon.held == [] and daemon.held_total == 3
+    while daemon.group.syncs < 2:  # the held FLUSHes' own sync started without another frame
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    daemon.wait_idle()
     answered = [(r.request_type, r.error) for r in transport.sent[3:]]
     assert sorted(answered) == sorted([(RequestType.FLUSH, 0), (RequestType.MARK_REGION, 0),
                                        (RequestType.FLUSH, 0), (RequestType.FLUSH, 0)])

@@ -368,6 +368,7 @@ class Daemon:
                 self.held.append((request, address))
             else:
                 self.serve(request, address)
+        self.group.start()  # the FLUSHes among them: their sync, now, not at the next frame
 
     def send(self, reply: Reply, address: object) -> None:
         payload = wire.encode_reply(reply)
