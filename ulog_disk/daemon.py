@@ -135,7 +135,7 @@ class GroupCommit:
     starts rides on it, and every FLUSH that arrives while it runs rides on the next one.
 
     ``add`` and ``start`` run on the request loop, which therefore never waits for the disk. A
-    sync on the loop itself would save a thread hand-off per FLUSH (~40 µs here, docs/journal.md),
+    sync on the loop itself would save a thread hand-off per FLUSH (docs/journal.md measures it),
     but a state disk that stalls during it would stop every mirror's reads and ``dmsetup status``
     for as long as the stall lasts (issue #12).
     """
