@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import resource
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,7 +116,8 @@ class MemoryBudget:
     """Tells whether one more log fits under the memory limit (read at each call: an operator
     may change it while the daemon runs, e.g. ``systemctl set-property dm-ulogd MemoryMax=``)."""
 
-    def __init__(self, read_limit=cgroup_memory_limit, read_usage=anonymous_memory) -> None:
+    def __init__(self, read_limit: Callable[[], MemoryLimit | None] = cgroup_memory_limit,
+                 read_usage: Callable[[], int] = anonymous_memory) -> None:
         self.read_limit = read_limit
         self.read_usage = read_usage
 
