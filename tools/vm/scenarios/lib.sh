@@ -315,8 +315,9 @@ dm_table() { timeout 30 dmsetup table "$1"; }
 # sync_field NAME: the "<in sync>/<regions>" field of the mirror status.
 sync_field() { dm_status "$1" | awk '{ print $(5 + $4) }'; }
 
-# wait_sync NAME TIMEOUT: poll until in-sync == regions; records sync and sync_seconds.
-wait_sync() {
+# await_sync NAME TIMEOUT: poll until in-sync == regions (a line every PROGRESS_EVERY s; a failed
+# check after TIMEOUT s); sets SYNC_STATUS (the last "<in sync>/<regions>") and SYNC_SECONDS.
+await_sync() {
     local name=$1 limit=$2 t0 s="" next=$((SECONDS + PROGRESS_EVERY))
     t0=$(now)
     while :; do
@@ -332,8 +333,15 @@ wait_sync() {
         fi
         sleep 0.5
     done
-    record "sync" "$s"
-    record "sync_seconds" "$(elapsed "$t0")"
+    SYNC_STATUS=$s
+    SYNC_SECONDS=$(elapsed "$t0")
+}
+
+# wait_sync NAME TIMEOUT: await_sync, then records sync and sync_seconds.
+wait_sync() {
+    await_sync "$1" "$2"
+    record "sync" "$SYNC_STATUS"
+    record "sync_seconds" "$SYNC_SECONDS"
 }
 
 # remove_mirror NAME: dmsetup remove with a timeout; records remove_rc.

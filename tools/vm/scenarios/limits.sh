@@ -68,7 +68,7 @@ scenario_limits() {
         MIRRORS+=("ulog-lim-$i")
     done
     dmsetup mknodes
-    for ((i = 0; i < n; i++)); do wait_sync_quiet "ulog-lim-$i" 120; done
+    for ((i = 0; i < n; i++)); do await_sync "ulog-lim-$i" 120; done
     record "resync_initial" "$(resync_count)"
     # The mirror that does not fit: 2^28 regions of 8 sectors over dm `error` legs (1 TiB; dm-mirror
     # asks the log first, so the legs are never read).
@@ -102,7 +102,7 @@ scenario_limits() {
             conv=notrunc status=none 2>>"$SOUT/writes.log" && ok=$((ok + 1))
     done
     check "mirrors_working_after_restart" "$ok" "$n"
-    for ((i = 0; i < n; i++)); do wait_sync_quiet "ulog-lim-$i" 60; done
+    for ((i = 0; i < n; i++)); do await_sync "ulog-lim-$i" 60; done
     check "resync_after_restart" "$(($(resync_count) - before))" 0
     ok=0
     for ((i = 0; i < n; i++)); do
@@ -116,21 +116,6 @@ scenario_limits() {
         timeout 30 dmsetup --noudevsync remove "ulog-lim-$i-0" "ulog-lim-$i-1" >/dev/null 2>&1
     done
     timeout 30 dmsetup --noudevsync remove ulog-lim-zero0 ulog-lim-zero1 >/dev/null 2>&1
-}
-
-# wait_sync_quiet NAME LIMIT: wait_sync without recording (many mirrors).
-wait_sync_quiet() {
-    local t0 s
-    t0=$(now)
-    while :; do
-        s=$(sync_field "$1")
-        [ -n "$s" ] && [ "${s%/*}" = "${s#*/}" ] && return 0
-        if awk -v e="$(elapsed "$t0")" -v l="$2" 'BEGIN { exit !(e > l) }'; then
-            fail "$1 not in sync after ${2}s (status: $s)"
-            return 1
-        fi
-        sleep 0.5
-    done
 }
 
 main_scenario limits
