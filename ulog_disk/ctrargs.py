@@ -12,6 +12,7 @@ import stat
 from dataclasses import dataclass
 
 from . import wire
+from .geometry import MAX_REGION_COUNT
 
 LOG_TYPES = ("core", "disk", "clustered-core", "clustered-disk")
 DISK_TYPES = ("disk", "clustered-disk")
@@ -21,9 +22,6 @@ MAX_DEVICE_REPLY = 128
 MAX_REGION_SIZE = 0xFFFFFFFF
 #: ti->len is a sector_t (u64).
 MAX_TARGET_SECTORS = 2**64 - 1
-#: The product's one maximum region count (``formats/store.md`` §3 says why): a CTR of more is
-#: refused, and the store, journal and disk-log readers take a larger count for damage.
-MAX_REGION_COUNT = 2**31
 
 
 class CtrError(ValueError):

@@ -1,23 +1,25 @@
 """The on-disk layout of the LMDB store, defined once (``formats/store.md`` says the same in prose).
 
 Everything that knows a byte offset of the store lives here, written as construct definitions:
-the backend (:mod:`ulog_disk.backends.lmdb_store`) and the dump/recovery tools read and write the
-store only through these functions, so one version number covers all of them.
+the backend (:mod:`ulog_disk.backends.lmdb_store`), its reader (:mod:`ulog_disk.backends.lmdb_reader`,
+which the dump/recovery tools use too) read and write the store only through these functions, so
+one version number covers all of them.
 
-Layout version 2 (the version of the format record):
+Layout version 3 (the version of the format record):
 
 * one LMDB environment per uuid, in a directory named by :func:`encode_dir_name`;
-* in its main database, the key ``format`` → :data:`FormatRecordV2`, and the named sub-databases
-  ``meta.<luid>`` (one key, ``record`` → :data:`MetaRecordV1`), ``clean.<luid>`` and
-  ``sync.<luid>`` (chunk index as a big-endian u32 → bitmap bytes), ``<luid>`` being 16
-  lowercase hex digits; the uuid's retained state in ``retained.meta`` (``record`` →
-  :data:`RetainedRecordV1`), ``retained.clean`` and ``retained.sync``;
-* beside the LMDB files, one journal file ``journal.<luid>`` per instance:
-  :data:`JournalHeaderV1` followed by :data:`JournalRecordV1` records.
+* in its main database, the key ``format`` → :data:`FormatRecordV3`, and the named sub-databases
+  ``meta.<luid>`` (``record`` → :data:`MetaRecordV1`, ``checkpoint`` → :data:`CheckpointRecordV1`),
+  ``clean.<luid>`` and ``sync.<luid>`` (chunk index as a big-endian u32 → bitmap bytes),
+  ``<luid>`` being 16 lowercase hex digits; the uuid's retained state in ``retained.meta``
+  (``record`` → :data:`RetainedRecordV1`), ``retained.clean`` and ``retained.sync``;
+* every value (records and chunks) sealed with :data:`ValueChecksum`;
+* the journal is the daemon's, beside the environments (:mod:`ulog_disk.journal`).
 
-Layout 2 seals every value (records and chunks) with :data:`ValueChecksum`. Layout 1 differs
-only in that: its values carry no checksum. It is read to be migrated (``sealed=False``), never
-written.
+Layouts 1 and 2 are read only to be migrated, never written. Layout 2 had no checkpoint record
+and, beside the LMDB files, one journal file ``journal.<luid>`` per instance
+(:data:`JournalHeaderV1` followed by :data:`JournalRecordV1` records); layout 1 differs from 2
+only in that its values carry no checksum (``sealed=False``).
 
 Records start with a 4-byte magic and a u16 version. A record whose version is not one this code
 knows raises :class:`UnknownVersionError`, never a guess: a newer daemon's store is refused rather
@@ -39,8 +41,9 @@ from dataclasses import dataclass, fields
 import construct as c
 
 from .backends.base import OP_CLEAR, OP_MARK, OP_SET_NOSYNC, OP_SET_SYNC, InstanceRecord
-from .ctrargs import MAX_REGION_COUNT
 from .fastpath import const, flat_struct
+from .geometry import MAX_REGION_COUNT
+from .lifecycle import State
 from .regionlog import chunk_count
 
 #: The store layout this code writes: the format record's version. It says how everything in
@@ -182,8 +185,12 @@ FormatRecordV3 = _format_record(3)
 _FORMAT_RECORDS = {1: FormatRecordV1, 2: FormatRecordV2, 3: FormatRecordV3}
 _FORMAT_MAGIC = const(FormatRecordV3, "magic")
 
-#: Lifecycle state codes, of the meta record here and of the journal's EVENT records.
-STATES = {"constructed": 1, "live": 2, "presuspended": 3, "suspended": 4, "destroyed": 5}
+#: The stored code of each lifecycle state (:class:`~ulog_disk.lifecycle.State` names them), in
+#: the meta record here and in the journal's EVENT records. Keyed by the state, which is its
+#: name as a string too: ``STATES["live"]`` works.
+STATES: dict[str, int] = {State.CONSTRUCTED: 1, State.LIVE: 2, State.PRESUSPENDED: 3, State.SUSPENDED: 4,
+                          State.DESTROYED: 5}
+assert set(STATES) == set(State), "every lifecycle state has a stored code"
 FLAG_RESUMED = 0x0001
 #: Another instance adopted this one's state: it must never become the uuid's newest again.
 FLAG_SUPERSEDED = 0x0002
@@ -201,7 +208,7 @@ MetaRecordV1 = c.Struct(
     "cursor" / c.Int64ul,                # 40: recovery cursor
     "commit_seq" / c.Int64ul,            # 48: bumped by every write of this record (journal rule)
     "committed_at" / c.Float64l,         # 56: unix time of the last commit, 0.0 before
-    "state" / c.Enum(c.Int8ul, **STATES),  # 64
+    "state" / c.Enum(c.Int8ul, **{str(name): code for name, code in STATES.items()}),  # 64
     "reserved" / c.Const(bytes(7)),      # 65
     "uuid" / c.PascalString(c.Int8ul, "latin-1"),   # 72
     "log_type" / c.PascalString(c.Int8ul, "utf-8"),
