@@ -21,9 +21,8 @@ Sending never sleeps. ``cpg_mcast_joined`` returns ``CS_ERR_TRY_AGAIN`` when cor
 raises :class:`WouldBlock` carrying ``retry_after``, an exponential backoff (0.5 ms doubling to
 10 ms, libcpg's own retry interval; reset by the next success). :meth:`CpgGroup.send` queues
 instead and :meth:`CpgGroup.pump` sends what the queue holds in order until corosync pushes back;
-the daemon's loop passes
-:meth:`CpgGroup.retry_in` as its selector timeout, so a blocked queue is retried after the backoff
-without a busy loop and without blocking the loop for anything else.
+the daemon's loop passes :meth:`CpgGroup.retry_in` as its selector timeout, so a blocked queue is
+retried after the backoff without a busy loop and without blocking the loop for anything else.
 
 No message above ``cpg_max_atomic_msgsize_get`` is handed to libcpg: above it libcpg splits the
 message itself and then blocks the caller in 10 ms sleeps on every ``TRY_AGAIN`` (up to a second,
