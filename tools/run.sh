@@ -15,6 +15,8 @@ command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
 command -v dmsetup >/dev/null || need_apt+=(dmsetup)
 command -v losetup >/dev/null || need_apt+=(util-linux)
 command -v man >/dev/null || need_apt+=(man-db)
+# corosync brings libcpg4 and libquorum5, which cluster mode and its rig tests load
+command -v corosync >/dev/null || need_apt+=(corosync)
 
 # ticker WHAT: say every 5 s that WHAT still runs, until killed (or this script ends): pip -q and
 # apt-get -qq are silent for a minute on a fresh machine, which looks like a hang.
