@@ -1,11 +1,14 @@
 """The journal's format (formats/journal.md): golden vectors both ways, the struct fast paths
 against the construct definitions, and what ``scan`` makes of torn tails, damage, SWITCHes,
-missing segments and segments of another journal."""
+missing segments and segments of another journal. Then the segment switch: appending never makes
+a segment, and a daemon whose appends outrun the store worker holds its writes instead."""
 
 from __future__ import annotations
 
+import errno
 import json
 import struct
+import threading
 import zlib
 from pathlib import Path
 
@@ -14,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ulog_disk import journal as jn
+from ulog_disk.wire import RequestType as RT
 
 VECTORS = Path(__file__).resolve().parent.parent / "formats" / "vectors" / "journal"
 _REGION_MASK = (1 << 56) - 1
@@ -212,7 +216,10 @@ def _journal(d: Path, segment_bytes: int = SMALL, floor: int = 0) -> jn.Journal:
 
 def _append_ops(j: jn.Journal, region: int, luid: int = 1) -> int:
     """Append one OPS record (mark ``region``); returns its position (``append`` returns the end,
-    and a record of a 5-byte uuid and one op is 53 bytes, 56 padded; a SWITCH may precede it)."""
+    and a record of a 5-byte uuid and one op is 53 bytes, 56 padded; a SWITCH may precede it).
+    The next segment is made first when it is due, as the daemon's store worker would."""
+    if j.wants_spare():
+        j.prepare()
     body, count = jn.ops_body([(1, region)])
     return j.append(jn.Kind.OPS, b"LVM-t", luid, body, count) - 56
 
@@ -296,3 +303,253 @@ def test_scan_ignores_a_segment_of_another_journal(tmp_path: Path):
     assert found.journal_id == ours and sorted(found.segments) == [1 << 20]
     assert any("belongs to another journal" in p for p in found.problems)
     assert [r.lsn for r in found.records] == [at] and found.damage == []
+
+
+# --- the segment switch: appending never makes a segment ----------------------------------------
+
+
+def _append_only(j: jn.Journal, region: int) -> int:
+    """Append one OPS record without making the next segment first (the store worker is late)."""
+    body, count = jn.ops_body([(1, region)])
+    return j.append(jn.Kind.OPS, b"LVM-t", 1, body, count)
+
+
+def _count_creates(monkeypatch) -> list[tuple[int, int]]:
+    """Every segment made from now on: (its start, the thread that made it)."""
+    made: list[tuple[int, int]] = []
+    real = jn.Journal._create
+
+    def create(self: jn.Journal, start: int, base: int):
+        made.append((start, threading.get_ident()))
+        return real(self, start, base)
+
+    monkeypatch.setattr(jn.Journal, "_create", create)
+    return made
+
+
+def test_appends_past_the_reserve_without_a_next_segment_fail_and_write_nothing(tmp_path: Path,
+                                                                                 monkeypatch):
+    j = _journal(tmp_path)
+    made = _count_creates(monkeypatch)
+    ends = []
+    while not j.short_of_room():
+        ends.append(_append_only(j, len(ends)))
+    segment = j.segments[-1]
+    assert segment.end - jn.SWITCH_BYTES - j.position < j.reserve == j.capacity // 4
+    # The daemon would hold its writes now. Whoever appends anyway fills the reserve, then the
+    # append that needs the next segment fails before writing anything: no segment is made.
+    with pytest.raises(BlockingIOError):
+        while True:
+            ends.append(_append_only(j, len(ends)))
+    failed_at = j.position
+    with pytest.raises(BlockingIOError):
+        _append_only(j, 0)
+    assert j.position == failed_at == ends[-1] and made == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == [segment.path.name]
+    j.sync()
+    found = jn.scan(tmp_path)
+    assert [r.end for r in found.records] == ends and found.damage == [] and found.end == failed_at
+    # Once the store worker has made it, the journal goes on there, behind a SWITCH.
+    j.prepare()
+    assert [start for start, _ in made] == [segment.end] and not j.short_of_room()
+    after = _append_only(j, 7)
+    j.sync()
+    j.close()
+    found = jn.scan(tmp_path)
+    assert [r.kind for r in found.records[-2:]] == [jn.Kind.SWITCH, jn.Kind.OPS]
+    assert found.records[-2].next_start == segment.end and found.end == after
+    assert found.damage == [] and found.problems == []
+
+
+def test_a_failure_to_make_the_next_segment_ends_the_hold_and_fails_the_append_with_its_error(
+        tmp_path: Path, monkeypatch):
+    """A full disk: holding the writes would wait for space that may never come. They go on in
+    the reserve, then the append that needs the next segment fails with the disk's error, as a
+    segment made on the loop used to fail; once a segment can be made again, appends go on."""
+    j = _journal(tmp_path)
+    real = jn.Journal._create
+
+    def full(self: jn.Journal, start: int, base: int):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(jn.Journal, "_create", full)
+    n = 0
+    while not j.short_of_room():
+        _append_only(j, n)
+        n += 1
+    assert j.wants_spare()
+    with pytest.raises(OSError) as failed:
+        j.prepare()
+    assert failed.value.errno == errno.ENOSPC and j.prepare_error is failed.value
+    assert not j.short_of_room()  # the hold ends
+    with pytest.raises(OSError) as exc:
+        while True:
+            _append_only(j, n)
+            n += 1
+    assert exc.value.errno == errno.ENOSPC and not isinstance(exc.value, BlockingIOError)
+    monkeypatch.setattr(jn.Journal, "_create", real)
+    j.prepare()
+    assert j.prepare_error is None
+    _append_only(j, n)
+    j.close()
+    assert jn.scan(tmp_path).damage == []
+
+
+def test_a_record_larger_than_a_segment_is_refused_not_written_where_no_reader_looks(tmp_path: Path):
+    j = _journal(tmp_path)
+    before = j.position
+    body, count = jn.ops_body([(1, r) for r in range(j.capacity // 8)])
+    with pytest.raises(OSError) as exc:
+        j.append(jn.Kind.OPS, b"LVM-t", 1, body, count)
+    assert exc.value.errno == errno.EMSGSIZE and j.position == before
+    j.close()
+
+
+class _Transport:
+    name = "test"
+
+    def __init__(self) -> None:
+        self.sent: list = []
+        self.lock = threading.Lock()
+
+    def send(self, payload: bytes, address: object) -> None:
+        from ulog_disk import wire
+
+        with self.lock:
+            self.sent.append(wire.decode_reply(payload))
+
+
+class _Burst:
+    """An in-process daemon on the LMDB backend with the smallest segments it accepts, serving
+    one mirror; the test's thread is its request loop (frames handed to ``on_frame``)."""
+
+    def __init__(self, state: Path) -> None:
+        from ulog_disk.applier import Applier
+        from ulog_disk.backends.lmdb_store import LmdbBackend
+        from ulog_disk.daemon import Daemon
+
+        self.backend = LmdbBackend(state, segment_bytes=65536)
+        applier = Applier.over(self.backend, boot_id="b")
+        applier.restore()
+        self.transport = _Transport()
+        self.daemon = Daemon(applier, self.transport)  # type: ignore[arg-type]
+        self.journal = self.backend.journal
+        self.seqs = iter(range(1, 1 << 30))
+        self.writes = 0
+        self.on_frame(self.frame(RT.CTR, b"65536 clustered-core 1024\0"))
+        self.on_frame(self.frame(RT.RESUME))
+        self.daemon.wait_idle()
+
+    def frame(self, rtype: int, data: bytes = b"") -> bytes:
+        from ulog_disk import wire
+
+        return wire.encode_request(wire.Request(luid=1, uuid="LVM-burst", version=3, seq=next(self.seqs),
+                                                request_type=rtype, data=data))
+
+    def on_frame(self, frame: bytes) -> None:
+        self.daemon.on_frame(frame, "k")
+
+    def write(self) -> None:
+        """One MARK or CLEAR (alternately, so that each changes the log: one journal record)."""
+        from ulog_disk import wire
+
+        rtype = RT.MARK_REGION if self.writes % 2 == 0 else RT.CLEAR_REGION
+        self.on_frame(self.frame(rtype, wire.build_regions([self.writes // 2 % 64])))
+        self.writes += 1
+
+    def turn(self) -> None:
+        """The rest of a turn of the request loop (``Daemon.run``) after its frames."""
+        d = self.daemon
+        if d.worker.done or d.group.done:
+            d.on_completions()
+        if d.held and not d.disk_stalled():
+            d.serve_held()
+        if not d.worker.inflight:
+            d.background(idle=False)
+
+    def replies_to_writes(self) -> list:
+        return [r for r in self.transport.sent if r.request_type in (RT.MARK_REGION, RT.CLEAR_REGION)]
+
+    def close(self) -> None:
+        self.daemon.group.close()
+        self.daemon.worker.close()
+        self.backend.close()
+
+
+def _slow_segments(monkeypatch, gate: threading.Event, making: threading.Event) -> list[tuple[int, int]]:
+    """Segments made off the calling thread wait for ``gate`` (a slow disk); returns the list
+    of every segment made: (start, thread), recorded when the making starts."""
+    real = jn.Journal._create
+    loop = threading.get_ident()
+
+    def slow(self: jn.Journal, start: int, base: int):
+        if threading.get_ident() != loop:
+            making.set()
+            assert gate.wait(30)
+        return real(self, start, base)
+
+    monkeypatch.setattr(jn.Journal, "_create", slow)
+    return _count_creates(monkeypatch)
+
+
+def test_a_daemon_whose_appends_outrun_the_store_worker_holds_its_writes_and_never_makes_a_segment(
+        tmp_path: Path, monkeypatch):
+    """A burst of MARK/CLEAR while the store worker is still making the next segment (held on an
+    event here, as a slow disk would hold it): the loop answers every request that needs no disk
+    and keeps the writes back until the segment is ready, then serves them in order. The loop's
+    thread never makes a segment; no timing is involved."""
+    b = _Burst(tmp_path / "state")
+    gate, making = threading.Event(), threading.Event()
+    try:
+        made = _slow_segments(monkeypatch, gate, making)
+        loop = threading.get_ident()
+        first = b.journal.segments[-1]
+        while len(b.daemon.held) < 400:  # more than the reserve takes: they go on in the next segment
+            assert b.writes < 5000, "the journal never ran short of room"
+            b.write()
+            b.turn()
+        for _ in range(3000):  # the worker gets to the segment once the loop hands it maintenance
+            if making.wait(0.01):
+                break
+            b.turn()
+        # The worker is making the segment; the loop has neither made one nor switched.
+        assert [start for start, _ in made] == [first.end] and made[0][1] != loop
+        assert b.journal.segments[-1] is first and b.journal.short_of_room()
+        # The mirror's reads are still answered meanwhile.
+        b.on_frame(b.frame(RT.GET_SYNC_COUNT))
+        assert b.transport.sent[-1].request_type == RT.GET_SYNC_COUNT
+        assert len(b.replies_to_writes()) == b.writes - len(b.daemon.held)
+        gate.set()
+        b.daemon.wait_idle()
+        replies = b.replies_to_writes()
+        assert [r.error for r in replies] == [0] * b.writes
+        assert [r.seq for r in replies] == sorted(r.seq for r in replies)  # in the order they came
+        assert b.daemon.held == [] and b.daemon.held_total >= 400
+        assert loop not in [thread for _, thread in made]
+        assert [s.start for s in b.journal.segments] == [first.start, first.end]
+    finally:
+        gate.set()
+        b.close()
+    found = jn.scan(tmp_path / "state")
+    assert found.damage == [] and found.problems == []
+    assert len([r for r in found.records if r.kind is jn.Kind.OPS]) == b.writes
+    assert [r.kind for r in found.records].count(jn.Kind.SWITCH) == 1
+
+
+def test_writes_held_for_the_next_segment_at_stop_are_served(tmp_path: Path, monkeypatch):
+    """At stop the loop no longer hands out background work, yet writes held for the next
+    segment must be served: ``wait_idle`` has the store worker make it."""
+    b = _Burst(tmp_path / "state")
+    gate, making = threading.Event(), threading.Event()
+    gate.set()  # a quick disk; the point is who makes the segment, and that it is made
+    try:
+        made = _slow_segments(monkeypatch, gate, making)
+        while len(b.daemon.held) < 10:  # no turns: nobody hands the worker maintenance
+            assert b.writes < 5000, "the journal never ran short of room"
+            b.write()
+        assert made == [] and not b.daemon.worker.busy()
+        b.daemon.wait_idle()
+        assert b.daemon.held == [] and [r.error for r in b.replies_to_writes()] == [0] * b.writes
+        assert len(made) == 1 and made[0][1] != threading.get_ident()
+    finally:
+        b.close()

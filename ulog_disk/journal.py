@@ -5,9 +5,10 @@ one definition, the ``struct`` forms are generated from them and checked by the 
 and a property test):
 
 * the journal is a sequence of **segment files** ``journal.<start:016x>`` in the state directory,
-  each :data:`SEGMENT_BYTES` long, preallocated with zeros (so a sync overwrites initialized
-  blocks of a file whose size never changes: ``fdatasync`` writes the data and flushes the
-  device, one synchronous write, no file-system metadata);
+  each :data:`SEGMENT_BYTES` long (unless the daemon is told another size), preallocated with
+  zeros (so a sync overwrites initialized blocks of a file whose size never changes:
+  ``fdatasync`` writes the data and flushes the device, one synchronous write, no file-system
+  metadata);
 * a segment starts with a :data:`SegmentHeaderV1` in its first :data:`HEADER_BYTES`; its records
   cover journal positions ``[start, start + capacity)``, the position of a byte being its
   offset in the journal as a whole (an LSN);
@@ -19,7 +20,10 @@ Writing: records are appended with ``pwrite`` (a daemon crash keeps them: the pa
 survives the process), and :meth:`Journal.sync` makes everything appended so far durable with
 one ``fdatasync`` per segment touched since the last sync. Bytes appended since the last
 successful sync are also kept in memory until a sync covers them: after a failed ``fdatasync``
-the kernel may have dropped those pages, so the next sync writes them again first.
+the kernel may have dropped those pages, so the next sync writes them again first. Appending
+never makes a segment (a 4 MiB write and three syncs): the store worker makes the next one
+ahead (:meth:`Journal.prepare`), and the daemon holds back the requests that write while
+:meth:`Journal.short_of_room` says the appends have caught up with it.
 
 Reading (:func:`scan`): from the newest segment's base (every record below it was already in the
 stores), record after record; the first record that fails is the end of the journal unless a
@@ -72,16 +76,18 @@ class Kind(IntEnum):
     SWITCH = 4   # the journal goes on in the segment starting at ``next_start``
 
 
-#: Region ops of an OPS record (the same codes as the engine's ``OP_*``).
+#: The lifecycle event codes an EVENT record may carry.
 _EVENTS = frozenset(int(e) for e in Event)
 
+#: Region ops of OPS and FLUSH records (the backend interface's ``OP_*`` codes).
 OP_NAMES = {OP_MARK: "mark", OP_CLEAR: "clear", OP_SET_SYNC: "in-sync", OP_SET_NOSYNC: "out-of-sync"}
 OPS = frozenset(OP_NAMES)
 #: An op is packed as ``op << 56 | region``: regions are below ``ctrargs.MAX_REGION_COUNT`` (2**31).
 _OP_SHIFT = 56
 _REGION_MASK = (1 << _OP_SHIFT) - 1
 
-#: The store's lifecycle state codes and flags (``store_format.STATES``), in EVENT records too.
+#: Lifecycle state code → name: the store's codes (``store_format.STATES``), which EVENT records
+#: carry too.
 STATE_NAMES = {v: k for k, v in STATES.items()}
 
 # --- the one definition --------------------------------------------------------------------------
@@ -108,7 +114,7 @@ RecordHeaderV1 = c.Struct(
     "durable" / c.Int64ul,       # 16: the journal was durable up to here when it was written
     "kind" / c.Int8ul,           # 24: Kind
     "uuid_length" / c.Int8ul,    # 25
-    "count" / c.Int16ul,         # 26: ops of an OPS record, else 0
+    "count" / c.Int16ul,         # 26: ops of an OPS or FLUSH record, else 0
     "reserved" / c.Const(0, c.Int32ul),  # 28
     "luid" / c.Int64ul,          # 32
 )
@@ -164,7 +170,7 @@ _SWITCH = flat_struct(SwitchBodyV1)
 _CRC = flat_struct(RecordHeaderV1.crc.subcon)
 _LSN = flat_struct(RecordHeaderV1.lsn.subcon)
 assert _HEADER.size == RECORD_HEADER_SIZE == 40 and _FLUSH.size == 24
-#: The largest record a SWITCH must still find room for at the end of a segment.
+#: Bytes of a SWITCH record: every segment keeps room for one after its last other record.
 SWITCH_BYTES = RECORD_HEADER_SIZE + _SWITCH.size
 
 
@@ -550,24 +556,41 @@ class _Segment:
 
 
 class Journal:
-    """The appending side. ``append`` runs on the request loop; ``sync`` on any one thread at a
-    time (the group-commit thread, or the loop itself); ``prepare``/``cut`` on the store worker."""
+    """The appending side, used by three threads of the daemon:
+
+    * the request loop **appends** (``append``: a ``pwrite`` into the page cache) and asks
+      :meth:`short_of_room` before serving a request that writes; it never waits for the disk,
+      so it never syncs and never makes a segment;
+    * the group-commit thread **syncs** (``sync``, one call at a time);
+    * the store worker makes the **next segment** ahead of need (``prepare``) and **cuts**.
+
+    ``open`` and ``close`` run before and after the others (``open`` syncs and makes a segment:
+    the daemon is not serving yet)."""
 
     def __init__(self, directory: Path, segment_bytes: int = SEGMENT_BYTES):
         self.directory = Path(directory)
         self.capacity = segment_bytes - HEADER_BYTES
+        #: Record bytes kept free at the end of a segment whose successor is not ready: while
+        #: less is left (and the store worker has not failed to make the successor),
+        #: :meth:`short_of_room` tells the daemon to hold back the requests that write. The
+        #: daemon asks before each request, and a request writes one record: from the kernel
+        #: at most 520 bytes (332 bytes of data: 41 regions), so a quarter of a segment (1 MiB;
+        #: 15 KiB for the smallest segments the daemon accepts) leaves it room to spare.
+        self.reserve = self.capacity // 4
         self.journal_id = b""
         #: Segments still on disk, oldest first; the last is the one appended to.
         self.segments: list[_Segment] = []
+        #: The next segment, made by :meth:`prepare`, which the next SWITCH names.
         self.spare: _Segment | None = None
+        #: Why the last :meth:`prepare` failed (None once one succeeds).
+        self.prepare_error: OSError | None = None
         self.position = 0
         self.durable = 0
         #: Bytes appended since ``durable`` (kept until a sync covers them), and where they start.
         self._unsynced = bytearray()
         self._unsynced_start = 0
         self._rewrite = False
-        #: Oldest segment index not yet synced up to its end (segments appended to since the
-        #: last sync).
+        #: Segments appended to since the last sync, oldest first: what the next sync syncs.
         self._dirty: list[_Segment] = []
         self._lock = threading.Lock()
         self._sync_lock = threading.Lock()
@@ -585,7 +608,8 @@ class Journal:
         this start's restore still needs. A SWITCH record at the old end leads a reader there;
         whatever follows the old end in its segment (a torn tail, records never synced) is never
         read. The old segments are synced first, so every record before the end is durable, and
-        they are removed by :meth:`cut` once the stores hold their records."""
+        they are removed by :meth:`cut` once the stores hold their records. On a full disk, where
+        no segment can be made, it goes on in the newest one instead, after zeroing its tail."""
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.journal_id = found.journal_id or journal_id or secrets.token_bytes(16)
         self.base = base
@@ -658,25 +682,41 @@ class Journal:
         return _Segment(start, path, fd, self.capacity, base)
 
     def prepare(self) -> None:
-        """Make the next segment ahead of need (store worker, off the request path)."""
+        """Make the next segment ahead of need (store worker, off the request path). A failure
+        (a full disk) is kept in :attr:`prepare_error` and raised; the next call tries again."""
         with self._lock:
             if self.spare is not None or self.closed or not self.segments:
                 return
             start, base = self.segments[-1].end, self.base
-        spare = self._create(start, base)
+        try:
+            spare = self._create(start, base)
+        except OSError as exc:
+            with self._lock:
+                self.prepare_error = exc
+            raise
         with self._lock:
+            # Only the loop's switch changes the newest segment, and only to a spare: while none
+            # is ready the newest segment is still the one this spare follows.
             if self.spare is None and not self.closed and self.segments[-1].end == start:
                 self.spare = spare
+                self.prepare_error = None
                 return
         os.close(spare.fd)
 
     # --- appending -----------------------------------------------------------------------------
 
     def append(self, kind: int, uuid: bytes, luid: int, body: bytes, count: int = 0) -> int:
-        """Append one record; returns the position after it (what a sync must reach)."""
+        """Append one record; returns the position after it (what a sync must reach).
+
+        Raises :class:`OSError` without writing anything when the record does not fit in the
+        segment and no next one is ready (see :meth:`_switch`)."""
         with self._lock:
             segment = self.segments[-1]
             need = _padded(RECORD_HEADER_SIZE + len(uuid) + len(body))
+            if need + SWITCH_BYTES > self.capacity:
+                # Written anyway it would run past the end of any segment, where no reader looks.
+                raise OSError(errno.EMSGSIZE, f"a journal record of {need} bytes does not fit in a "
+                                              f"segment of {self.capacity}")
             if self.position + need + SWITCH_BYTES > segment.end:
                 segment = self._switch(segment)
             self._write_record(segment, kind, uuid, luid, body, count)
@@ -695,10 +735,22 @@ class Journal:
         self.position += len(data)
 
     def _switch(self, segment: _Segment) -> _Segment:
+        """Go on in the segment :meth:`prepare` made: a SWITCH record naming it ends this one.
+
+        Never makes the segment itself: that is a 4 MiB write, an fsync, a rename and a
+        directory fsync, which the request loop must not wait for (a stalled disk would stop
+        every mirror's reads with it). Without a spare the append fails with nothing written:
+        ``BlockingIOError`` when nobody has failed to make one (the caller appended past
+        :meth:`short_of_room`, which the daemon never does), else the error that making it
+        failed with (a full disk: the log's write fails as any write on a full disk does)."""
         nxt = self.spare
-        self.spare = None
         if nxt is None:
-            nxt = self._create(segment.end, self.base)
+            if self.prepare_error is not None:
+                err = self.prepare_error
+                raise OSError(err.errno, f"no next journal segment: making it failed ({err})")
+            raise BlockingIOError(errno.EAGAIN, "no next journal segment is ready (the store worker "
+                                  "makes it: Journal.prepare)")
+        self.spare = None
         self._write_record(segment, Kind.SWITCH, b"", 0, _SWITCH.pack(nxt.start))
         self._unsynced += bytes(nxt.start - self.position)  # keep offsets: the skipped tail
         self.position = nxt.start
@@ -781,11 +833,23 @@ class Journal:
         return removed
 
     def wants_spare(self) -> bool:
-        """The segment appended to is half full and no next one is ready."""
+        """The segment appended to is half full and no next one is ready: time for
+        :meth:`prepare` (asked on the loop; the store worker runs it)."""
         with self._lock:
             seg = self.segments[-1] if self.segments else None
             return (seg is not None and self.spare is None and not self.closed
                     and self.position - seg.start > seg.capacity // 2)
+
+    def short_of_room(self) -> bool:
+        """Whether requests that write must wait for the next segment (asked on the loop before
+        each one; no I/O): less than :attr:`reserve` is left in the segment appended to, no next
+        one is ready, and the last attempt to make one did not fail. After a failure they go
+        on: the append that needs the next segment then fails with the error (see
+        :meth:`_switch`), rather than every write waiting for space that may never come."""
+        with self._lock:
+            seg = self.segments[-1] if self.segments else None
+            return (seg is not None and self.spare is None and self.prepare_error is None
+                    and not self.closed and seg.end - SWITCH_BYTES - self.position < self.reserve)
 
     def descriptors(self) -> int:
         return len(self.segments) + (1 if self.spare else 0)

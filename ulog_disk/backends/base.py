@@ -205,6 +205,12 @@ class Backend(abc.ABC):
         """Whether :meth:`maintain` has work beyond cutting (asked on the loop, cheap)."""
         return False
 
+    def writes_must_wait(self) -> bool:
+        """Whether a request that writes must wait until :meth:`maintain` has run: the journal
+        would otherwise need a segment made on the loop. Asked on the loop before each such
+        request (cheap, no I/O); the daemon holds them meanwhile. Default: never."""
+        return False
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release everything; called once at stop."""
 

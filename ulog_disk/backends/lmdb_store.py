@@ -524,6 +524,9 @@ class LmdbBackend(Backend):
     def maintenance_due(self) -> bool:
         return self._journal_open and self.journal.wants_spare()
 
+    def writes_must_wait(self) -> bool:
+        return self._journal_open and self.journal.short_of_room()
+
     # --- store calls -------------------------------------------------------------------------
 
     def _checkpoint_put(self, e: _Env, txn: lmdb.Transaction, meta_db: lmdb._Database, meta_name: bytes,
