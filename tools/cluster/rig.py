@@ -110,6 +110,7 @@ class Node:
     nodeid: int
     addr: str
     pid: int | None = None          # its corosync's pid while it runs
+    cut: bool = False               # its switch port is down (partition)
 
 
 @dataclass
@@ -286,10 +287,37 @@ class Rig:
     def partition(self, name: str) -> None:
         """Pull ``name``'s cable out of the switch (its port down): it and the rest each form a
         ring of their own."""
-        self.exec("sw", ["ip", "link", "set", f"p{self.node(name).nodeid}", "down"])
+        n = self.node(name)
+        self.exec("sw", ["ip", "link", "set", f"p{n.nodeid}", "down"])
+        n.cut = True
+        self.save()
 
     def heal(self, name: str) -> None:
-        self.exec("sw", ["ip", "link", "set", f"p{self.node(name).nodeid}", "up"])
+        n = self.node(name)
+        self.exec("sw", ["ip", "link", "set", f"p{n.nodeid}", "up"])
+        n.cut = False
+        self.save()
+
+    def reachable(self, name: str) -> set[int]:
+        """The node ids ``name``'s corosync should see once the ring settles: itself if it runs,
+        and, if its port is up, every node with a running corosync and its port up."""
+        me = self.node(name)
+        if not self.corosync_alive(name):
+            return set()
+        if me.cut:
+            return {me.nodeid}
+        return {n.nodeid for n in self.nodes if not n.cut and self.corosync_alive(n.name)}
+
+    def wait_settled(self, names: Sequence[str], timeout: float = FORM_TIMEOUT) -> float:
+        """Wait until each of ``names`` sees exactly :meth:`reachable` as members, quorate when
+        that is a majority; returns the seconds it took."""
+        t0 = time.monotonic()
+        for name in names:
+            want = self.reachable(name)
+            quorate = len(want) > len(self.nodes) // 2
+            self.wait_quorate([name], quorate, members=len(want),
+                              timeout=max(0.0, timeout - (time.monotonic() - t0)))
+        return time.monotonic() - t0
 
     # --- waiting on corosync's own view ---
 
@@ -394,8 +422,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                        ("heal", "bring the node's switch port up"),
                        ("kill-corosync", "SIGKILL the node's corosync, remove its /dev/shm files"),
                        ("start-corosync", "start the node's corosync again")):
-        p = sub.add_parser(name, help=text)
+        p = sub.add_parser(name, help=f"{text}, then wait until every node's corosync agrees")
         p.add_argument("node")
+        p.add_argument("--no-wait", action="store_true", help="return at once")
+        p.add_argument("--timeout", type=float, default=FORM_TIMEOUT, help="seconds (%(default)s)")
     args = ap.parse_args(argv)
     try:
         if args.action == "up":
@@ -427,6 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not cmd:
                 raise RigError("exec NODE CMD...: no command")
             return subprocess.call(rig.argv(args.node, cmd))
+        t0 = time.monotonic()
         if args.action == "partition":
             rig.partition(args.node)
         elif args.action == "heal":
@@ -434,7 +465,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.action == "kill-corosync":
             rig.kill_corosync(args.node)
         elif args.action == "start-corosync":
-            rig.start_corosync(args.node)
+            rig.start_corosync(args.node, wait=not args.no_wait, timeout=args.timeout)
+        if not args.no_wait:
+            rig.wait_settled([n.name for n in rig.nodes if rig.corosync_alive(n.name)],
+                             args.timeout)
+            print(f"{args.action} {args.node}: settled after {time.monotonic() - t0:.1f} s")
         return 0
     except (RigError, subprocess.TimeoutExpired) as e:
         print(f"rig.py: {e}", file=sys.stderr)
