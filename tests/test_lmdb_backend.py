@@ -975,7 +975,7 @@ def test_directories_0700_files_0600_whatever_the_umask(tmp_path):
         backend.record(rec, backend.position())
         for _ in range(10):
             backend.log_ops(UUID, 1, [(OP_MARK, 1)] * 2000)  # into further segments
-        backend.maintain(0)
+            backend.maintain(0)  # makes the next segment when due, as the store worker does
         env_dir = backend.env_path(UUID)
         assert stat.S_IMODE(env_dir.stat().st_mode) == 0o700
         assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700
