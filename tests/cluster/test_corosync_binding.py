@@ -173,9 +173,13 @@ def test_killed_corosync_is_seen_as_nodedown(healthy: Rig,
     assert "CS_ERR_LIBRARY" in lost["error"]
     seen = [left_event(workers[n], 3, None, "NODEDOWN", marks[n], 20)["t"] - t0
             for n in ("n1", "n2")]
+    totem = healthy.totem_timeouts("n1")
     FIGURES["kill -9 of a corosync"] = (f"NODEDOWN seen after {min(seen):.2f}-{max(seen):.2f} s "
-                                        f"(token {healthy.token_ms} ms); its own member lost the "
+                                        f"(runtime token {totem['token']} ms + consensus "
+                                        f"{totem['consensus']} ms); its own member lost the "
                                         f"connection after {(lost['t'] - t0) * 1e3:.0f} ms")
+    # The bound cluster mode's survivors are held to: the membership change, plus a second.
+    assert max(seen) < (totem["token"] + totem["consensus"]) / 1000 + 1.0
     for n in ("n1", "n2"):
         assert workers[n].call("quorum")["quorate"] is True
     # The node comes back: a fresh corosync, a fresh member, seen by the others.

@@ -339,6 +339,17 @@ class Rig:
                     members.add(int(m.group(1)))
         return proc.returncode == 0, members
 
+    def totem_timeouts(self, name: str) -> dict[str, int]:
+        """The totem timeouts ``name``'s corosync runs with, in ms (``runtime.config.totem.*``):
+        ``token`` is the configured token plus ``token_coefficient`` (650 ms) per node beyond two,
+        so a dead node is seen after about ``token + consensus`` (1650 + 1980 ms for 3 nodes and a
+        configured token of 1000 ms)."""
+        out = {}
+        for key in ("token", "consensus", "join", "merge", "fail_recv_const"):
+            proc = self.exec(name, ["corosync-cmapctl", "-g", f"runtime.config.totem.{key}"])
+            out[key] = int(proc.stdout.rsplit("=", 1)[1])
+        return out
+
     def wait_connectable(self, name: str, timeout: float = FORM_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
