@@ -14,10 +14,10 @@ from pathlib import Path
 
 from ulog_disk import daemon as daemon_module
 from ulog_disk import wire
+from ulog_disk.applier import Applier
 from ulog_disk.backends.base import BackendError, Commit
 from ulog_disk.backends.memory import MemoryBackend
 from ulog_disk.daemon import Daemon
-from ulog_disk.engine import Engine
 from ulog_disk.wire import RequestType
 
 
@@ -97,7 +97,7 @@ def make_daemon(tmp_path: Path, uuids: tuple[str, ...] = ("A",)) -> tuple[Daemon
                                                                           CollectingTransport]:
     backend = JournalBackend(tmp_path)
     transport = CollectingTransport()
-    daemon = Daemon(Engine(backend, boot_id="b"), transport)  # type: ignore[arg-type]
+    daemon = Daemon(Applier.over(backend, boot_id="b"), transport)  # type: ignore[arg-type]
     for uuid in uuids:
         daemon.on_frame(frame(uuid, RequestType.CTR, b"65536 clustered-core 1024\0"), "k")
         daemon.on_frame(frame(uuid, RequestType.RESUME), "k")
@@ -172,13 +172,13 @@ def test_a_failed_sync_answers_eio_to_every_flush_it_covered_then_the_next_succe
     daemon.group.start()
     daemon.wait_idle()
     assert flushes(transport) == [-errno.EIO, -errno.EIO]
-    assert daemon.engine.table[("A", 1)].health == "F"
+    assert daemon.applier.table[("A", 1)].health == "F"
     backend.fail_sync = False
     daemon.on_frame(frame("A", RequestType.FLUSH), "k")
     daemon.group.start()
     daemon.wait_idle()
     assert flushes(transport)[-1] == 0
-    assert daemon.engine.table[("A", 1)].health == "A"
+    assert daemon.applier.table[("A", 1)].health == "A"
     close(daemon)
 
 
@@ -197,10 +197,10 @@ def test_a_flush_already_durable_is_answered_at_once(tmp_path: Path) -> None:
 def test_background_work_waits_for_an_idle_worker_and_a_lifecycle_write_waits_for_at_most_one(
         tmp_path: Path) -> None:
     daemon, backend, transport = make_daemon(tmp_path, ("A", "B"))
-    daemon.cut_at = daemon.engine.needed()  # the journal is cut up to here already
+    daemon.cut_at = daemon.applier.needed()  # the journal is cut up to here already
     for uuid in ("A", "B"):
         daemon.on_frame(frame(uuid, RequestType.MARK_REGION, wire.build_u64(3)), "k")
-    assert set(daemon.engine.unstored) == {("A", 1), ("B", 1)}
+    assert set(daemon.applier.unstored) == {("A", 1), ("B", 1)}
     daemon.background(idle=False)
     assert not daemon.worker.busy()  # nothing due yet: young changes, short journal
     daemon.background(idle=True)
@@ -212,7 +212,7 @@ def test_background_work_waits_for_an_idle_worker_and_a_lifecycle_write_waits_fo
     daemon.wait_idle()
     assert backend.calls == ["commit A", "commit B"]  # the checkpoint of A, then B's POSTSUSPEND
     assert [r.error for r in transport.sent if r.request_type == RequestType.POSTSUSPEND] == [0]
-    assert set(daemon.engine.unstored) == set()
+    assert set(daemon.applier.unstored) == set()
     daemon.background(idle=True)  # nothing left to store: the journal can be cut
     daemon.wait_idle()
     assert backend.calls[-1] == f"maintain {backend.appended}"
@@ -221,10 +221,10 @@ def test_background_work_waits_for_an_idle_worker_and_a_lifecycle_write_waits_fo
 
 def test_changes_older_than_the_checkpoint_age_are_stored_while_busy(tmp_path: Path, monkeypatch) -> None:
     daemon, backend, _ = make_daemon(tmp_path)
-    daemon.cut_at = daemon.engine.needed()
+    daemon.cut_at = daemon.applier.needed()
     daemon.on_frame(frame("A", RequestType.MARK_REGION, wire.build_u64(3)), "k")
-    first, _since = daemon.engine.unstored[("A", 1)]
-    daemon.engine.unstored[("A", 1)] = (first, time.monotonic() - 3600)
+    first, _since = daemon.applier.unstored[("A", 1)]
+    daemon.applier.unstored[("A", 1)] = (first, time.monotonic() - 3600)
     daemon.background(idle=False)
     daemon.wait_idle()
     assert backend.calls == ["commit A"]
@@ -236,7 +236,7 @@ def test_replies_to_the_kernel_over_netlink_whose_address_is_none_are_sent(tmp_p
     store write (CTR, RESUME) must still be sent (background work has its own NOBODY address)."""
     backend = JournalBackend(tmp_path)
     transport = CollectingTransport()
-    daemon = Daemon(Engine(backend, boot_id="b"), transport)  # type: ignore[arg-type]
+    daemon = Daemon(Applier.over(backend, boot_id="b"), transport)  # type: ignore[arg-type]
     for rtype, data in ((RequestType.CTR, b"65536 clustered-core 1024"), (RequestType.RESUME, b""),
                         (RequestType.FLUSH, wire.build_u64(3))):
         daemon.on_frame(frame("N", rtype, data), None)  # the kernel sends one at a time
@@ -284,7 +284,7 @@ def test_while_a_sync_stalls_requests_that_write_wait_and_the_others_are_answere
     assert backend.appended == appended  # nothing written while the sync stalls
     assert [r.request_type for r in transport.sent] == [RequestType.IN_SYNC, RequestType.IS_CLEAN,
                                                         RequestType.STATUS_INFO]
-    assert daemon.engine.stats.by_type[RequestType.MARK_REGION] == 0  # not applied yet
+    assert daemon.applier.stats.by_type[RequestType.MARK_REGION] == 0  # not applied yet
     assert len(daemon.held) == 3
     backend.hold.set()
     deadline = time.monotonic() + 10
@@ -300,7 +300,7 @@ def test_while_a_sync_stalls_requests_that_write_wait_and_the_others_are_answere
     answered = [(r.request_type, r.error) for r in transport.sent[3:]]
     assert sorted(answered) == sorted([(RequestType.FLUSH, 0), (RequestType.MARK_REGION, 0),
                                        (RequestType.FLUSH, 0), (RequestType.FLUSH, 0)])
-    assert daemon.engine.stats.by_type[RequestType.MARK_REGION] == 1
+    assert daemon.applier.stats.by_type[RequestType.MARK_REGION] == 1
     close(daemon)
 
 
@@ -313,12 +313,12 @@ def test_a_commit_of_an_unhealthy_log_is_answered_after_its_health_is_put_right(
     daemon.on_frame(frame("A", RequestType.FLUSH), "k")
     daemon.group.start()
     daemon.wait_idle()
-    assert daemon.engine.table[("A", 1)].health == "F"
+    assert daemon.applier.table[("A", 1)].health == "F"
     backend.fail_sync = False
-    commit = daemon.engine.handle(wire.decode_frame(frame("A", RequestType.POSTSUSPEND)))
-    assert not isinstance(commit, wire.Reply) and commit.reply_on_success is None
-    daemon.worker.submit(commit, "k")
+    commit = daemon.applier.handle(wire.decode_frame(frame("A", RequestType.POSTSUSPEND)))
+    assert not isinstance(commit, wire.Reply) and commit.reply is None
+    daemon.worker.submit(daemon.job(commit, "k"))
     daemon.wait_idle()
-    assert daemon.engine.table[("A", 1)].health == "A"
+    assert daemon.applier.table[("A", 1)].health == "A"
     assert [(r.request_type, r.error) for r in transport.sent][-1] == (RequestType.POSTSUSPEND, 0)
     close(daemon)

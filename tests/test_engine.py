@@ -1,6 +1,6 @@
 """Engine semantics, one rule per test (issue #2 item 3; protocol ref §1.7, §3, §4, §5).
 
-Every request goes through the wire both ways (encode_request → decode_frame → Engine.handle_now →
+Every request goes through the wire both ways (encode_request → decode_frame → Applier.handle_now →
 encode_reply → decode_reply), so the checks are on what the kernel would read.
 """
 
@@ -13,10 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ulog_disk import wire
+from ulog_disk import requests, wire
+from ulog_disk.applier import Applier
 from ulog_disk.backends.base import OP_MARK, BackendError, Commit
 from ulog_disk.backends.memory import MemoryBackend
-from ulog_disk.engine import Engine
 from ulog_disk.testing.kernel import Kernel
 from ulog_disk.wire import RequestType
 
@@ -73,7 +73,7 @@ class Backend(MemoryBackend):
         return self.synced
 
 
-def drive(engine: Engine) -> Kernel:
+def drive(engine: Applier) -> Kernel:
     """The in-process kernel on this file's log (uuid U, luid A, 32 regions)."""
     return Kernel(engine, uuid=U, luid=A, ctr=CORE)
 
@@ -85,7 +85,7 @@ def backend(tmp_path):
 
 @pytest.fixture
 def engine(backend):
-    return Engine(backend, boot_id="x")
+    return Applier.over(backend, boot_id="x")
 
 
 @pytest.fixture
@@ -358,7 +358,7 @@ PAYLOAD = {
     T.MARK_REGION: wire.build_regions([0]), T.CLEAR_REGION: wire.build_regions([0]),
     T.SET_REGION_SYNC: wire.build_set_region_sync(0, 1),
 }
-LOOP = sorted(wire.LOOP_REQUESTS)
+LOOP = sorted(requests.REREGISTERS)
 DIRECT = [T.DTR, T.PRESUSPEND, T.POSTSUSPEND, T.RESUME, T.GET_REGION_SIZE, T.STATUS_TABLE]
 
 
@@ -561,7 +561,7 @@ def test_region_arguments_are_bounds_checked_and_nothing_applied(k, bad, caplog)
         assert k.err(T.CLEAR_REGION, wire.build_regions([0, bad])) == -errno.EINVAL
     # Each one logged, until the rate limit of its kind; the rest counted.
     logged = len([r for r in caplog.records if "rejected" in r.getMessage()])
-    assert logged == 5 and logged + k.engine.noisy.suppressed["rejected request"] == 7
+    assert logged == 5 and logged + k.engine.engine.noisy.suppressed["rejected request"] == 7
     assert k.is_clean(1) == 1 and k.is_clean(2) == 1  # nothing of the rejected groups applied
     k.mark([0])
     assert k.err(T.CLEAR_REGION, wire.build_regions([0, bad])) == -errno.EINVAL
@@ -673,7 +673,7 @@ def test_flush_syncs_the_journal_before_the_reply(k, backend):
 
 def test_flush_of_a_backend_without_a_journal_commits_before_the_reply(tmp_path):
     backend = MemoryCommits(tmp_path)
-    kern = drive(Engine(backend, boot_id="b"))
+    kern = drive(Applier.over(backend, boot_id="b"))
     kern.up()
     before = len(backend.commits)
     kern.flush([3])
@@ -891,8 +891,8 @@ def observe(k: Kernel) -> tuple:
 @given(script=st.lists(st.tuples(KERNEL_REQUESTS, st.booleans()), max_size=40))
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_a_resent_request_does_what_the_original_alone_does(tmp_path, script):
-    once, twice = drive(Engine(Backend(tmp_path / "once"), boot_id="x")), \
-        drive(Engine(Backend(tmp_path / "twice"), boot_id="x"))
+    once, twice = drive(Applier.over(Backend(tmp_path / "once"), boot_id="x")), \
+        drive(Applier.over(Backend(tmp_path / "twice"), boot_id="x"))
     for kernel in (once, twice):
         kernel.up()
     for (type_, data), resent in script:

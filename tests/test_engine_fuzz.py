@@ -1,7 +1,7 @@
 """Property tests: hostile frames against wire + engine, and RegionLog invariants (issue #2 item 7).
 
 * Random bytes and structurally valid but hostile frames go through ``wire.decode_frame`` and
-  ``Engine.handle_now`` (memory backend). The only exception allowed is ``FrameError``; every
+  ``Applier.handle_now`` (memory backend). The only exception allowed is ``FrameError``; every
   frame that can be answered gets a reply that encodes, with ``error <= 0`` (or the ACK form);
   and after every hostile frame a log set up beforehand (the sentinel) still answers correctly.
 * Random operation sequences on a RegionLog keep its invariants.
@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ulog_disk import wire
+from ulog_disk.applier import Applier
 from ulog_disk.backends.memory import MemoryBackend
-from ulog_disk.engine import Engine
 from ulog_disk.regionlog import RegionLog
 from ulog_disk.testing.kernel import check_success
 from ulog_disk.wire import FrameError, Reply, Request, RequestType
@@ -159,7 +159,7 @@ def hostile_frames(draw) -> bytes:
 
 class Harness:
     def __init__(self, tmp):
-        self.engine = Engine(MemoryBackend(tmp), boot_id="x")
+        self.engine = Applier.over(MemoryBackend(tmp), boot_id="x")
         self.seq = 0
         assert self.call(T.CTR, b"32768 clustered-core 1024").error == 0
         assert self.call(T.RESUME).error == 0

@@ -1,7 +1,7 @@
 """Hand-over, retention, restart and resize through the engine on the LMDB store (issue #3, items 4-6).
 
 Every sequence is driven with kernel requests in the kernel's order (protocol ref §5.4, §5.5,
-§5.7) through ``Engine.handle_now``, and checks both the replies and what sits in the store.
+§5.7) through ``Applier.handle_now``, and checks both the replies and what sits in the store.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import pytest
 from ulog_disk import journal as jn
 from ulog_disk import regionlog, wire
 from ulog_disk import store_format as sf
+from ulog_disk.applier import Applier
 from ulog_disk.backends.base import OP_CLEAR
 from ulog_disk.backends.lmdb_store import LmdbBackend
-from ulog_disk.engine import Engine
 from ulog_disk.testing.kernel import Kernel
 from ulog_disk.wire import RequestType
 
@@ -31,19 +31,19 @@ def ctr_text(regions: int = REGIONS, mode: str = "", log_type: str = "core") -> 
     return f"{regions * 8} {log_type}{dev} 8" + (f" {mode}" if mode else "")
 
 
-def start(state_dir, boot_id: str = "b1") -> tuple[Engine, Kernel]:
-    engine = Engine(LmdbBackend(state_dir), boot_id=boot_id)
+def start(state_dir, boot_id: str = "b1") -> tuple[Applier, Kernel]:
+    engine = Applier.over(LmdbBackend(state_dir), boot_id=boot_id)
     engine.restore()
     return engine, Kernel(engine, uuid=UUID, ctr=ctr_text())
 
 
-def stop(engine: Engine) -> None:
+def stop(engine: Applier) -> None:
     """Close the store without committing anything: as far as the store is concerned, the same
     as a kill -9 (the journal is written through to the page cache at every request)."""
     engine.backend.close()
 
 
-def store_dbs(engine: Engine, uuid: str = UUID) -> set[bytes]:
+def store_dbs(engine: Applier, uuid: str = UUID) -> set[bytes]:
     return {name for name in engine.backend.contents(uuid) if name}
 
 
@@ -54,17 +54,16 @@ def luid_dbs(luid: int) -> set[bytes]:
 RETAINED = {sf.RETAINED_META, sf.RETAINED_CLEAN, sf.RETAINED_SYNC}
 
 
-def checkpoint_all(engine: Engine) -> None:
+def checkpoint_all(engine: Applier) -> None:
     """Run every checkpoint the daemon would run in the background."""
     while engine.unstored:
         pending = engine.checkpoint(next(iter(engine.unstored)))
         if pending is not None:
             assert pending.job is not None
-            pending.job()
-            pending.complete(None)
+            engine.complete_now(pending)
 
 
-def stored_bitmaps(engine: Engine, luid: int | None, uuid: str = UUID) -> tuple[int, bytes, bytes]:
+def stored_bitmaps(engine: Applier, luid: int | None, uuid: str = UUID) -> tuple[int, bytes, bytes]:
     """(region count, clean, sync) as the store holds them once the background checkpoints have
     run (``luid=None``: the retained state)."""
     checkpoint_all(engine)
@@ -83,16 +82,16 @@ def stored_bitmaps(engine: Engine, luid: int | None, uuid: str = UUID) -> tuple[
     return count, maps[0], maps[1]
 
 
-def memory_bitmaps(engine: Engine, luid: int, uuid: str = UUID) -> tuple[int, bytes, bytes]:
+def memory_bitmaps(engine: Applier, luid: int, uuid: str = UUID) -> tuple[int, bytes, bytes]:
     log = engine.table[(uuid, luid)].log
     return log.region_count, log.clean.tobytes(), log.sync.tobytes()
 
 
-def unsynced(engine: Engine, luid: int, uuid: str = UUID) -> list[int]:
+def unsynced(engine: Applier, luid: int, uuid: str = UUID) -> list[int]:
     return engine.table[(uuid, luid)].log.unsynced_regions()
 
 
-def dirty(engine: Engine, luid: int, uuid: str = UUID) -> list[int]:
+def dirty(engine: Applier, luid: int, uuid: str = UUID) -> list[int]:
     return engine.table[(uuid, luid)].log.dirty_regions()
 
 
@@ -192,11 +191,11 @@ def test_remove_and_create_again_adopts_the_retained_state(tmp_path, restart):
     k.dtr(1)
     assert store_dbs(engine) == RETAINED
     assert stored_bitmaps(engine, None)[1:] == (
-        engine.gone[UUID][0].clean, engine.gone[UUID][0].sync)
+        engine.engine.gone[UUID][0].clean, engine.engine.gone[UUID][0].sync)
     if restart:
         stop(engine)
         engine, k = start(tmp_path)
-        assert engine.table == {} and engine.gone[UUID][0].source_luid == 1
+        assert engine.table == {} and engine.engine.gone[UUID][0].source_luid == 1
     k.ctr(ctr_text(), 3)
     k.resume(3)
     # Dirty at the removal: out of sync. Nothing else is (no full resync, although no nosync).
@@ -361,7 +360,7 @@ def test_resize_at_hand_over(tmp_path, new_regions, mode, expected_unsynced):
     stop(engine)
 
 
-def switched_to_a_sync_table(tmp_path) -> tuple[Engine, Kernel]:
+def switched_to_a_sync_table(tmp_path) -> tuple[Applier, Kernel]:
     """A live with traffic, then a table swap to B, whose constructor says 'sync'."""
     engine, k = start(tmp_path)
     live_instance_with_traffic(k, 1)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from ulog_disk import limits, wire
+from ulog_disk.applier import Applier
 from ulog_disk.backends.memory import MemoryBackend
-from ulog_disk.engine import Engine
 from ulog_disk.limits import MemoryBudget, MemoryLimit, cgroup_memory_limit, log_memory_bytes
 from ulog_disk.testing.client import Client
 from ulog_disk.testing.launcher import Daemon, fd_count, launch
@@ -73,12 +73,12 @@ def test_no_limit_admits_anything():
     assert MemoryBudget(lambda: None, lambda: 10**12).refusal(2**34) is None
 
 
-def request(engine: Engine, seq: int, type_: RequestType, uuid: str, data: bytes = b"") -> wire.Reply:
+def request(engine: Applier, seq: int, type_: RequestType, uuid: str, data: bytes = b"") -> wire.Reply:
     return engine.handle_now(Request(luid=1, uuid=uuid, version=3, seq=seq, request_type=type_, data=data))
 
 
 def test_a_ctr_over_the_memory_limit_fails_with_enomem_and_one_line_others_keep_working(tmp_path, caplog):
-    engine = Engine(MemoryBackend(tmp_path), boot_id="x", memory_budget=budget(128 * MiB, 30 * MiB))
+    engine = Applier.over(MemoryBackend(tmp_path), boot_id="x", admission=budget(128 * MiB, 30 * MiB))
     assert request(engine, 1, T.CTR, "small", b"32768 clustered-core 1024").error == 0
     assert request(engine, 2, T.RESUME, "small").error == 0
     with caplog.at_level(logging.ERROR, logger="ulog_disk.engine"):
@@ -90,7 +90,7 @@ def test_a_ctr_over_the_memory_limit_fails_with_enomem_and_one_line_others_keep_
     assert request(engine, 4, T.FLUSH, "small", wire.build_regions([3])).error == 0
     assert wire.parse_s64(request(engine, 5, T.IS_CLEAN, "small", wire.build_u64(3)).data) == 0
     # A CTR of a log already known costs nothing new: accepted whatever the budget.
-    engine.memory_budget = budget(128 * MiB, 10**12)
+    engine.engine.admission = budget(128 * MiB, 10**12)
     assert request(engine, 6, T.CTR, "small", b"32768 clustered-core 1024").error == 0
 
 

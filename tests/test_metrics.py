@@ -193,7 +193,7 @@ def test_write_failures_are_logged_once_until_a_write_succeeds(tmp_path: Path,
     metrics = Metrics(tmp_path / "m.prom", interval=5)
     caplog.set_level(logging.INFO, logger="ulog_disk.metrics")
     for _ in range(7):
-        assert metrics.written_or_not(OSError(errno.ENOSPC, "No space left on device")).error == 0
+        assert metrics.written_or_not(OSError(errno.ENOSPC, "No space left on device")) is True
     failures = [r for r in caplog.records if "cannot write" in r.getMessage()]
     assert len(failures) == 1 and "No space left" in failures[0].getMessage()
     metrics.written_or_not(None)

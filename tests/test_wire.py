@@ -10,7 +10,7 @@ import errno
 
 import pytest
 
-from ulog_disk import capture, wire
+from ulog_disk import capture, requests, wire
 from ulog_disk.wire import FrameError, Reply, Request, RequestType
 
 UUID = "LVM-wiretest"
@@ -187,7 +187,7 @@ def test_loop_requests_are_those_of_ref_1_7():
     T = RequestType
     expected = {T.IS_CLEAN, T.IN_SYNC, T.FLUSH, T.MARK_REGION, T.CLEAR_REGION, T.GET_RESYNC_WORK,
                 T.SET_REGION_SYNC, T.GET_SYNC_COUNT, T.STATUS_INFO, T.IS_REMOTE_RECOVERING}
-    assert set(wire.LOOP_REQUESTS) == expected
+    assert set(requests.REREGISTERS) == expected
 
 
 def test_sizes():
@@ -334,7 +334,7 @@ def test_reply_value_parsers_reject_wrong_sizes(parser, size):
 
 # --- the request table -------------------------------------------------------------------------------
 
-_FIXED = sorted({id(p): p for e in wire.PAYLOADS.values() for p in (e.request, e.reply)
+_FIXED = sorted({id(p): p for e in [f.payloads for f in requests.REQUESTS.values()] for p in (e.request, e.reply)
                  if p is not None and p.packed is not None}.values(), key=lambda p: p.what)
 
 
@@ -360,7 +360,7 @@ def test_region_list_agrees_with_the_construct_definition():
     data = wire.build_regions(regions)
     assert wire.RegionList.parse(data).regions == regions
     assert wire.RegionList.build({"regions": regions}) == data
-    assert wire.parse_payload(RequestType.MARK_REGION, data) == {"regions": regions}
+    assert requests.parse_payload(RequestType.MARK_REGION, data) == {"regions": regions}
 
 
 def test_flat_struct_follows_the_definition_or_refuses():
@@ -390,8 +390,8 @@ def test_a_region_group_holds_at_least_one_region(kind):
 
 
 def test_every_type_has_a_table_entry():
-    assert set(wire.PAYLOADS) == set(RequestType)
-    carries = {k for k, e in wire.PAYLOADS.items() if e.request is not None}
+    assert set(requests.REQUESTS) == set(RequestType)
+    carries = {k for k, f in requests.REQUESTS.items() if f.payloads.request is not None}
     T = RequestType
     assert carries == {T.CTR, T.IS_CLEAN, T.IN_SYNC, T.FLUSH, T.MARK_REGION, T.CLEAR_REGION,
                        T.SET_REGION_SYNC, T.IS_REMOTE_RECOVERING}
@@ -400,8 +400,8 @@ def test_every_type_has_a_table_entry():
 def test_no_data_is_no_payload_both_ways():
     for kind in [*RequestType, 0, 18]:
         for reply in (False, True):
-            assert wire.parse_payload(kind, b"", reply=reply) == {}
-            assert wire.build_payload(kind, {}, reply=reply) == b""
+            assert requests.parse_payload(kind, b"", reply=reply) == {}
+            assert requests.build_payload(kind, {}, reply=reply) == b""
 
 
 @pytest.mark.parametrize("data,expected", [
@@ -411,8 +411,8 @@ def test_no_data_is_no_payload_both_ways():
 def test_ctr_string_is_read_once(data, expected):
     assert wire.parse_ctr_string(data) == expected
     fields = {"ctr": expected[0], "nul_counted": expected[1]}
-    assert wire.parse_payload(RequestType.CTR, data) == fields
-    assert wire.build_payload(RequestType.CTR, fields) == data
+    assert requests.parse_payload(RequestType.CTR, data) == fields
+    assert requests.build_payload(RequestType.CTR, fields) == data
 
 
 @pytest.mark.parametrize("data,why", [
@@ -423,7 +423,7 @@ def test_ctr_string_refusals_are_the_engines(data, why):
     from ulog_disk.ctrargs import CtrError, parse_ctr
 
     with pytest.raises(ValueError, match=why):
-        wire.parse_payload(RequestType.CTR, data)
+        requests.parse_payload(RequestType.CTR, data)
     with pytest.raises(CtrError, match=why):
         parse_ctr(data)
 
@@ -434,18 +434,18 @@ def test_ctr_string_refusals_are_the_engines(data, why):
 ])
 def test_request_payload_of_the_wrong_shape_is_refused(kind, data):
     with pytest.raises(ValueError):
-        wire.parse_payload(kind, data)
+        requests.parse_payload(kind, data)
 
 
 def test_reply_payloads_by_name():
     T = RequestType
-    assert wire.parse_payload(T.GET_REGION_SIZE, wire.build_u64(1024), reply=True) == {"u64": 1024}
+    assert requests.parse_payload(T.GET_REGION_SIZE, wire.build_u64(1024), reply=True) == {"u64": 1024}
     status = {"text": "1 core", "nul_counted": True}
-    assert wire.parse_payload(T.STATUS_INFO, b"1 core\0", reply=True) == status
-    assert wire.build_payload(T.CTR, {"device": "7:3", "nul_counted": True}, reply=True) == b"7:3\0"
+    assert requests.parse_payload(T.STATUS_INFO, b"1 core\0", reply=True) == status
+    assert requests.build_payload(T.CTR, {"device": "7:3", "nul_counted": True}, reply=True) == b"7:3\0"
     for kind, data in ((T.FLUSH, b"\0"), (T.STATUS_INFO, b"no nul"), (T.CTR, b"a\0b\0")):
         with pytest.raises(ValueError):
-            wire.parse_payload(kind, data, reply=True)
+            requests.parse_payload(kind, data, reply=True)
 
 
 # --- capture files (formats/capture.md): containers of wire frames ------------------------------------

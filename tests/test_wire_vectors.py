@@ -6,7 +6,7 @@ Each vector is checked both ways with the package's own definitions (``ulog_disk
 * encode: the committed ``fields`` encode to the committed ``hex``, with payloads rebuilt from their
   decoded form (``payload``), not from the raw data bytes.
 
-Payloads go both ways through the request table (``wire.PAYLOADS``), the one the engine's fast
+Payloads go both ways through the request table (``requests.REQUESTS``), the one the engine's fast
 path and ``ulog-dump wire`` are generated from.
 
 Then the fixed conversation (request vectors with ``engine_step``) is replayed through the engine
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from ulog_disk import wire
+from ulog_disk import requests, wire
+from ulog_disk.applier import Applier
 from ulog_disk.backends.base import BackendError, Commit
 from ulog_disk.backends.memory import MemoryBackend
-from ulog_disk.engine import Engine
 from ulog_disk.wire import Reply, Request, RequestType
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,7 +71,7 @@ def decode_request_fields(frame: bytes) -> dict:
             "type_name": type_name(req.raw_type), "data_size": len(req.data),
         },
         "data": req.data.hex(),
-        "payload": wire.parse_payload(req.request_type, req.data),
+        "payload": requests.parse_payload(req.request_type, req.data),
     }
 
 
@@ -91,7 +91,7 @@ def decode_reply_fields(frame: bytes) -> dict:
             "type_name": type_name(hdr.request_type), "data_size": hdr.data_size,
         },
         "data": rep.data.hex(),
-        "payload": wire.parse_payload(rep.request_type, rep.data, reply=True),
+        "payload": requests.parse_payload(rep.request_type, rep.data, reply=True),
     }
 
 
@@ -100,7 +100,7 @@ def decode_reply_fields(frame: bytes) -> dict:
 
 def request_from_fields(fields: dict) -> Request:
     hdr = fields["header"]
-    data = wire.build_payload(hdr["type"], fields["payload"])
+    data = requests.build_payload(hdr["type"], fields["payload"])
     assert data.hex() == fields["data"], "payload fields do not rebuild the data bytes"
     return Request(
         luid=hdr["luid"], uuid=hdr["uuid"], version=hdr["version"], seq=hdr["seq"],
@@ -115,7 +115,7 @@ def reply_from_fields(fields: dict) -> Reply:
                           request_type=0, data=b"")
         return Reply(request, fields["error"], b"", ack=True)
     hdr = fields["header"]
-    data = wire.build_payload(hdr["type"], fields["payload"], reply=True)
+    data = requests.build_payload(hdr["type"], fields["payload"], reply=True)
     assert data.hex() == fields["data"], "payload fields do not rebuild the data bytes"
     request = Request(luid=hdr["luid"], uuid=hdr["uuid"], version=hdr["version"], seq=hdr["seq"],
                       request_type=hdr["type"], raw_type=hdr["request_type"], data=b"")
@@ -275,7 +275,7 @@ class FailingCommits(MemoryBackend):
 
 
 def test_engine_answers_the_conversation_byte_for_byte(tmp_path):
-    engine = Engine(FailingCommits(tmp_path), boot_id="x")
+    engine = Applier.over(FailingCommits(tmp_path), boot_id="x")
     steps = sorted((v for v in REQUESTS if "engine_step" in v), key=lambda v: v["engine_step"])
     assert [v["engine_step"] for v in steps] == list(range(len(steps)))
     expected = {v["in_reply_to"]: v for v in REPLIES}

@@ -6,7 +6,7 @@ Usage::
     .venv/bin/python tools/make_wire_vectors.py [--out DIR] [--capture FILE]
 
 Every frame is built with :mod:`ulog_disk.wire`'s encoders from the hand-written specs below,
-its data from the spec's payload fields through the request table (``wire.PAYLOADS``); the
+its data from the spec's payload fields through the request table (``requests.REQUESTS``); the
 ``fields`` of each vector are written from the same specs (not by decoding the bytes), so
 ``tests/test_wire_vectors.py`` checks two independent things: that decoding the committed hex
 gives the committed fields, and that encoding the committed fields gives the committed hex.
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import construct as c
 
-from ulog_disk import wire
+from ulog_disk import requests, wire
 from ulog_disk.wire import Reply, Request, RequestType
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,7 +125,7 @@ def req(name: str, note: str, type_: int, *, data: dict | None = None, engine: b
     if seq is None:
         seq = len([s for s in _steps if s.step is not None]) if engine else 0
     payload = data or {}
-    spec = ReqSpec(name=name, note=note, type=type_, seq=seq, data=wire.build_payload(type_, payload),
+    spec = ReqSpec(name=name, note=note, type=type_, seq=seq, data=requests.build_payload(type_, payload),
                    payload=payload, **kw)
     if engine:
         spec.step = len([s for s in _steps if s.step is not None])
@@ -138,7 +138,8 @@ def rep(name: str, note: str, to: str, *, error: int = 0, data: dict | None = No
     payload = data or {}
     type_ = next(s.type for s in _steps if s.name == to)
     _replies.append(RepSpec(name=name, note=note, to=to, error=error,
-                            data=wire.build_payload(type_, payload, reply=True), payload=payload, ack=ack))
+                            data=requests.build_payload(type_, payload, reply=True), payload=payload,
+                            ack=ack))
 
 
 def build_conversation() -> None:
@@ -357,7 +358,7 @@ _VmCapRecord = c.Struct("time" / c.Float64l, "direction" / c.Int8ul, "length" / 
 
 def payload_fields(kind: int, data: bytes) -> dict:
     try:
-        return wire.parse_payload(kind, data)
+        return requests.parse_payload(kind, data)
     except ValueError:  # a hostile vector's payload: described by its hex alone
         return {}
 

@@ -36,11 +36,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import wire
+from .applier import Applier, Waiting, answered_early
 from .backends.base import Backend
 from .capture import FROM_DAEMON, TO_DAEMON, CaptureWriter
-from .engine import Engine, Pending
 from .metrics import Metrics, Snapshot
 from .ratelog import RateLimitedLog
+from .requests import WRITES_NOTHING_NUMBERS
 from .transport import Transport
 from .wire import Reply
 
@@ -62,19 +63,25 @@ MAINTENANCE_INTERVAL = 1.0
 
 _FLUSH = int(wire.RequestType.FLUSH)
 
-#: (job, reply address, its exception, whether the worker already sent the reply)
-Done = tuple[Pending, object, BaseException | None, bool]
+
+@dataclass(slots=True)
+class Job:
+    """Work for the store worker: ``run`` there, then ``finish`` with its exception on the loop
+    (False: the work failed). On success the worker sends ``reply`` to ``address`` first, if
+    there is one (:func:`~ulog_disk.applier.answered_early`)."""
+
+    run: Callable[[], object]
+    finish: Callable[[BaseException | None], bool]
+    reply: Reply | None = None
+    address: object = None
 
 
-class _Nobody:
-    """The reply address of work nobody waits for (background work, the commits at stop).
-    Not None: the netlink transport's address of the kernel is None."""
-
-    def __repr__(self) -> str:
-        return "NOBODY"
+#: (a job, its exception)
+Done = tuple[Job, BaseException | None]
 
 
-NOBODY = _Nobody()
+def _nothing() -> None:
+    """The run of a job whose work is a journal sync (the group-commit thread's)."""
 
 
 class StoreWorker:
@@ -87,7 +94,7 @@ class StoreWorker:
     def __init__(self, send: Callable[[Reply, object], None], wake: Callable[[], None]) -> None:
         self.send = send
         self.wake = wake
-        self.jobs: queue.SimpleQueue[tuple[Pending, object] | None] = queue.SimpleQueue()
+        self.jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self.inflight = 0
         self.done: collections.deque[Done] = collections.deque()
         self.thread = threading.Thread(target=self._run, daemon=True, name="store")
@@ -96,26 +103,25 @@ class StoreWorker:
     def busy(self) -> bool:
         return self.inflight > 0
 
-    def submit(self, pending: Pending, address: object) -> None:
+    def submit(self, job: Job) -> None:
         self.inflight += 1
-        self.jobs.put((pending, address))
+        self.jobs.put(job)
 
     def _run(self) -> None:
-        while (item := self.jobs.get()) is not None:
-            pending, address = item
-            exc = pending.run()
-            sent = False
-            if exc is None and pending.reply_on_success is not None and address is not NOBODY:
-                self.send(pending.reply_on_success, address)
-                sent = True
-            self.done.append((pending, address, exc, sent))
+        while (job := self.jobs.get()) is not None:
+            exc: BaseException | None = None
+            try:
+                job.run()
+            except BaseException as e:  # noqa: BLE001 - finish() decides what it means
+                exc = e
+            if exc is None and job.reply is not None:
+                self.send(job.reply, job.address)
+            self.done.append((job, exc))
             self.wake()
 
     def drain(self) -> list[Done]:
-        items = []
-        while self.done:
-            items.append(self.done.popleft())
-            self.inflight -= 1
+        items = _drain(self.done)
+        self.inflight -= len(items)
         return items
 
     def close(self) -> None:
@@ -123,11 +129,17 @@ class StoreWorker:
         self.thread.join()
 
 
-@dataclass
-class _Waiting:
+def _drain(done: collections.deque[Done]) -> list[Done]:
+    items = []
+    while done:
+        items.append(done.popleft())
+    return items
+
+
+@dataclass(slots=True)
+class _Flush:
     position: int
-    pending: Pending
-    address: object
+    job: Job
 
 
 class GroupCommit:
@@ -149,7 +161,7 @@ class GroupCommit:
         #: Released to start the thread's next round (a plain lock: cheaper than a Condition).
         self.signal = threading.Lock()
         self.signal.acquire()
-        self.waiting: list[_Waiting] = []
+        self.waiting: list[_Flush] = []
         self.running = False
         self.stopping = False
         #: When the sync under way started (monotonic); None when none runs.
@@ -161,10 +173,11 @@ class GroupCommit:
         self.thread = threading.Thread(target=self._run, daemon=True, name="group-commit")
         self.thread.start()
 
-    def add(self, pending: Pending, address: object) -> None:
-        assert pending.durable_at is not None
+    def add(self, position: int, job: Job) -> None:
+        """A job (its ``run`` is not called: the sync is the work) done once the journal is
+        durable up to ``position``."""
         with self.lock:
-            self.waiting.append(_Waiting(pending.durable_at, pending, address))
+            self.waiting.append(_Flush(position, job))
 
     def idle(self) -> bool:
         with self.lock:
@@ -217,13 +230,11 @@ class GroupCommit:
             self.flushes += len(ready)
         needs_loop = slow
         for w in ready:
-            sent = False
-            if exc is None and w.pending.reply_on_success is not None:
-                self.send(w.pending.reply_on_success, w.address)
-                sent = True
+            if exc is None and w.job.reply is not None:
+                self.send(w.job.reply, w.job.address)
             else:
                 needs_loop = True
-            self.done.append((w.pending, w.address, exc, sent))
+            self.done.append((w.job, exc))
         # Answered successes only keep the engine's books: the loop drains them at its next turn.
         # It must come now to answer the others, and after a slow sync to serve the requests it
         # held back meanwhile.
@@ -231,10 +242,7 @@ class GroupCommit:
             self.wake()
 
     def drain(self) -> list[Done]:
-        items = []
-        while self.done:
-            items.append(self.done.popleft())
-        return items
+        return _drain(self.done)
 
     def close(self) -> None:
         with self.lock:
@@ -245,23 +253,21 @@ class GroupCommit:
         self.thread.join()
 
 
-def _maintenance(backend: Backend, needed: int) -> Pending:
-    def complete(exc: BaseException | None) -> Reply:
+def _maintenance(backend: Backend, needed: int) -> Job:
+    def finish(exc: BaseException | None) -> bool:
         if exc is not None:
             log.warning("journal maintenance failed (%s); retried later", exc)
-        return Reply(_NOBODY, 0 if exc is None else -errno.EIO)
+        return exc is None
 
-    return Pending("", lambda: backend.maintain(needed), complete)
-
-
-_NOBODY = wire.Request(luid=0, uuid="", version=3, seq=0, request_type=wire.RequestType.FLUSH, data=b"")
+    return Job(lambda: backend.maintain(needed), finish)
 
 
 class Daemon:
-    def __init__(self, engine: Engine, transport: Transport,
+    def __init__(self, applier: Applier, transport: Transport,
                  capture: CaptureWriter | None = None, checkpoint_age: float = CHECKPOINT_AGE,
                  checkpoint_span: int = CHECKPOINT_SPAN, metrics: Metrics | None = None):
-        self.engine = engine
+        self.applier = applier
+        self.backend = applier.backend
         self.metrics = metrics
         self.flush_latency = metrics.flush if metrics is not None else None
         self.checkpoint_age = checkpoint_age
@@ -274,7 +280,7 @@ class Daemon:
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
         self.worker = StoreWorker(self.send, self.wake)
-        self.group = GroupCommit(engine.backend, self.send, self.wake)
+        self.group = GroupCommit(applier.backend, self.send, self.wake)
         self.selector = selectors.DefaultSelector()
         self.stopping = False
         self.dropped_frames = 0
@@ -314,55 +320,70 @@ class Daemon:
             self.noisy.log("malformed request", logging.ERROR,
                            "malformed request seq=%d: %s: answering -EINVAL", exc.request.seq, exc.reason)
             # Counted as a garbled request (type 0): its type field is not to be trusted.
-            self.engine.stats.requests += 1
-            self.engine.stats.errors_by_type[0] += 1
+            self.applier.stats.requests += 1
+            self.applier.stats.errors_by_type[0] += 1
             self.send(Reply(exc.request, -errno.EINVAL), address)
             return
         if self.flush_latency is not None and request.request_type == _FLUSH:
             self.flush_latency.received(request)
-        if request.request_type not in Engine.WRITES_NOTHING and (self.held or self.disk_stalled()):
+        if request.request_type not in WRITES_NOTHING_NUMBERS and (self.held or self.disk_stalled()):
             self.hold(request, address)
             return
         self.serve(request, address)
 
     def serve(self, request: wire.Request, address: object) -> None:
         try:
-            result = self.engine.handle(request)
+            result = self.applier.handle(request)
         except Exception:  # noqa: BLE001 - one bad request must not stop the others
-            log.exception("internal error on request seq=%d type=%d: answering -EIO",
-                          request.seq, request.request_type)
-            self.engine.stats.errors_by_type[request.request_type] += 1
+            log.exception("internal error (a bug of dm-ulogd) on request seq=%d type=%d %s: "
+                          "answering -EIO", request.seq, request.request_type,
+                          f"uuid={request.uuid!r} luid={request.luid:#x}")
+            self.applier.stats.errors_by_type[request.request_type] += 1
             self.send(Reply(request, -errno.EIO), address)
             return
         if isinstance(result, Reply):
             self.send(result, address)
         elif result.durable_at is not None:
-            if result.durable_at <= self.engine.backend.durable_position():
-                self.finish(result, address, None, sent=False)
+            if result.durable_at <= self.backend.durable_position():
+                # Durable already (a backend whose positions always are): answered here.
+                reply = self.applier.completed(result, None)
+                self.send(result.reply if reply is None else reply, address)
             else:
-                self.group.add(result, address)
+                self.group.add(result.durable_at, self.job(result, address))
         else:
-            self.worker.submit(result, address)
+            self.worker.submit(self.job(result, address))
+
+    def job(self, waiting: Waiting, address: object) -> Job:
+        def finish(exc: BaseException | None) -> bool:
+            return self.finish(waiting, address, exc)
+
+        return Job(waiting.job or _nothing, finish, waiting.reply, address)
 
     # --- a stalled state disk ----------------------------------------------------------------
 
     def disk_stalled(self) -> bool:
-        return self.group.sync_started is not None and self.group.stalled_for(time.monotonic()) >= STALL_AFTER
+        """Requests that write the journal must wait: a sync has run longer than STALL_AFTER, or
+        the journal has no room for them until the store worker has made its next segment."""
+        group = self.group
+        return ((group.sync_started is not None and group.stalled_for(time.monotonic()) >= STALL_AFTER)
+                or self.backend.writes_must_wait())
 
     def hold(self, request: wire.Request, address: object) -> None:
-        """Keep a request that would write the journal until the slow sync completes: its write
-        could block the loop, and with it the requests that need no disk."""
+        """Keep a request that would write the journal until the slow sync completes (its write
+        could block the loop, and with it the requests that need no disk), or until the journal's
+        next segment is ready (the loop never makes one)."""
         if not self.held:
-            log.warning("a journal sync has run for %.1f s (the state disk is slow or stalled): "
-                        "requests that write the journal wait for it, the others are answered",
-                        self.group.stalled_for(time.monotonic()))
+            stalled = self.group.stalled_for(time.monotonic())
+            why = (f"a journal sync has run for {stalled:.1f} s (the state disk is slow or stalled)"
+                   if stalled >= STALL_AFTER else "the journal's next segment is not made yet")
+            log.warning("%s: requests that write the journal wait for it, the others are answered", why)
         self.held.append((request, address))
         self.held_total += 1
 
     def serve_held(self) -> None:
         """Serve the requests held back, in the order they came, once the slow sync is done."""
         held, self.held = self.held, []
-        log.warning("the journal sync is done: serving %d request(s) held back meanwhile", len(held))
+        log.warning("the journal can be written again: serving %d request(s) held back meanwhile", len(held))
         for request, address in held:
             if self.held or self.disk_stalled():  # stalled again: the rest waits again
                 self.held.append((request, address))
@@ -385,21 +406,22 @@ class Daemon:
         failures = 0
         with contextlib.suppress(BlockingIOError):
             os.read(self.wake_r, 65536)
-        for pending, address, exc, sent in self.group.drain() + self.worker.drain():
-            failures += not self.finish(pending, address, exc, sent)
+        for job, exc in self.group.drain() + self.worker.drain():
+            try:
+                failures += not job.finish(exc)
+            except Exception:  # noqa: BLE001 - one request's bookkeeping must not stop the loop
+                log.exception("internal error (a bug of dm-ulogd) completing a request")
+                failures += 1
         return failures
 
-    def finish(self, pending: Pending, address: object, exc: BaseException | None, sent: bool) -> bool:
-        """Let the engine hear how a waiting request's work ended (this thread only) and answer it
-        unless the thread that ran the work already did; False if the work failed."""
-        try:
-            reply = pending.complete(exc)
-        except Exception:  # noqa: BLE001 - one request's bookkeeping must not stop the loop
-            log.exception("internal error completing a request")
-            return False
-        if address is not NOBODY and not sent:
+    def finish(self, waiting: Waiting, address: object, exc: BaseException | None) -> bool:
+        """Let the engine hear how a waiting request's work ended (this thread only) and send
+        what is still to answer; False if the work failed."""
+        reply = self.applier.completed(waiting, exc)
+        if reply is not None:
+            assert not answered_early(waiting, exc), "a reply answered twice"
             self.send(reply, address)
-        return reply.error == 0
+        return exc is None
 
     # --- background work -----------------------------------------------------------------
 
@@ -407,7 +429,7 @@ class Daemon:
         """Hand the store worker its next background job, if it has nothing to do."""
         if self.worker.busy():
             return
-        engine = self.engine
+        applier = self.applier
         now = time.monotonic()
         metrics = self.metrics
         if metrics is not None and now >= metrics.due:
@@ -415,34 +437,36 @@ class Daemon:
             # Before maintenance and checkpoints, so that neither can keep the file from
             # following its interval; it is one short job every few seconds.
             metrics.due = now + metrics.interval
-            self.worker.submit(metrics.job(self.metrics_snapshot()), NOBODY)
+            snap = self.metrics_snapshot()
+            self.worker.submit(Job(lambda: metrics.write(snap), metrics.written_or_not))
             return
         # Maintenance first when it is due, so that a steady stream of checkpoints never keeps
         # the journal from being cut or the next segment from being prepared.
-        if now - self.maintained_at >= MAINTENANCE_INTERVAL or engine.backend.maintenance_due():
+        if now - self.maintained_at >= MAINTENANCE_INTERVAL or self.backend.maintenance_due():
             self.maintained_at = now
             self.noisy.flush()
-            engine.noisy.flush()
-            needed = engine.needed()
-            if needed > self.cut_at or engine.backend.maintenance_due():
+            applier.engine.noisy.flush()
+            needed = applier.needed()
+            if needed > self.cut_at or self.backend.maintenance_due():
                 self.cut_at = needed
-                self.worker.submit(_maintenance(engine.backend, needed), NOBODY)
+                self.worker.submit(_maintenance(self.backend, needed))
                 return
-        key = engine.checkpoint_due(now, self.checkpoint_age, self.checkpoint_span, idle)
+        key = applier.checkpoint_due(now, self.checkpoint_age, self.checkpoint_span, idle)
         if key is not None:
-            pending = engine.checkpoint(key)
-            if pending is not None:
-                self.worker.submit(pending, NOBODY)
+            waiting = applier.checkpoint(key)
+            if waiting is not None:
+                self.worker.submit(self.job(waiting, None))
                 return
-        if idle and not engine.unstored:
-            needed = engine.needed()
+        if idle and not applier.unstored:
+            needed = applier.needed()
             if needed > self.cut_at:
                 self.cut_at, self.maintained_at = needed, now
-                self.worker.submit(_maintenance(engine.backend, needed), NOBODY)
+                self.worker.submit(_maintenance(self.backend, needed))
 
     def metrics_snapshot(self) -> Snapshot:
         assert self.metrics is not None
-        return self.metrics.snapshot(self.engine, self.group, self.dropped_frames, self.send_lock,
+        return self.metrics.snapshot(self.applier, (self.group.syncs, self.group.sync_failures),
+                                     self.dropped_frames, self.send_lock,
                                      self.held_total)
 
     # --- loop ----------------------------------------------------------------------------
@@ -460,10 +484,10 @@ class Daemon:
         transport.attach(sel)
         if ready:
             ready()
-        engine, group, worker = self.engine, self.group, self.worker
+        applier, group, worker = self.applier, self.group, self.worker
         while not self.stopping:
             # Idle, the loop wakes up only to hand out background work (checkpoints, cutting).
-            events = sel.select(IDLE_AFTER if engine.unstored else MAINTENANCE_INTERVAL)
+            events = sel.select(IDLE_AFTER if applier.unstored else MAINTENANCE_INTERVAL)
             now = time.monotonic()
             if group.done or worker.done:
                 self.on_completions()
@@ -481,8 +505,8 @@ class Daemon:
                     # One sync for every FLUSH of the batch (and of earlier batches waiting).
                     group.start()
             # Cheap tests first: most turns of a busy loop have no background work to hand out.
-            if not worker.inflight and (engine.unstored or now - self.maintained_at >= MAINTENANCE_INTERVAL
-                                        or not got):
+            if not worker.inflight and (applier.unstored or now - self.maintained_at >= MAINTENANCE_INTERVAL
+                                        or not got or self.held):
                 self.background(idle=now - self.last_frame >= IDLE_AFTER)
         if stopping:
             stopping()
@@ -505,6 +529,9 @@ class Daemon:
         failures = 0
         while self.worker.busy() or not self.group.idle() or self.held:
             self.group.start()
+            if self.held and not self.worker.busy() and self.backend.maintenance_due():
+                # Held for the journal's next segment, which only maintenance makes.
+                self.worker.submit(_maintenance(self.backend, self.applier.needed()))
             self.selector.select(timeout=0.01 if not self.group.idle() else 1.0)
             failures += self.on_completions()
             if self.held and not self.disk_stalled():
@@ -515,28 +542,29 @@ class Daemon:
         self.transport.stop_receiving(self.selector)
         answered = self.answer_queued()
         log.info("stopping: answered %d queued request(s), writing %d log(s) to their stores", answered,
-                 len(self.engine.table))
-        for pending in self.engine.commit_all():
-            self.worker.submit(pending, NOBODY)
+                 len(self.applier.table))
+        for waiting in self.applier.commit_all():
+            self.worker.submit(self.job(waiting, None))
         failures = self.wait_idle()
         if not failures:
             # Everything is in the stores: the journal keeps only its last segment.
-            self.worker.submit(_maintenance(self.engine.backend, self.engine.needed()), NOBODY)
+            self.worker.submit(_maintenance(self.backend, self.applier.needed()))
             self.wait_idle()
         self.answer_queued()
         self.group.close()
         self.worker.close()
         final = self.metrics_snapshot() if self.metrics is not None else None
-        self.engine.backend.close()
+        self.backend.close()
         self.transport.close()
         if self.capture:
             self.capture.close()
         if self.metrics is not None and final is not None:
             self.metrics.write_now(final)
-        stats = self.engine.stats
+        stats = self.applier.stats
+        engine = self.applier.engine
         self.noisy.flush_all()
-        self.engine.noisy.flush_all()
-        quiet = self.noisy.suppressed + self.engine.noisy.suppressed
+        engine.noisy.flush_all()
+        quiet = self.noisy.suppressed + engine.noisy.suppressed
         counters = ", ".join(f"{k} {v}" for k, v in vars(self.transport.counters).items())
         log.info("stopped (%d requests, %d errors, %d commits, %d journal syncs for %d FLUSHes, %d "
                  "checkpoints, %d failed store writes at stop; %s: %s; %d unanswerable frames dropped; "

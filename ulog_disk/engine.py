@@ -1,29 +1,35 @@
-"""The engine: applies one kernel request to the log table and says what to answer.
+"""The engine: the log table as a deterministic state machine.
 
-Sans-I/O. ``handle(request)`` returns either a :class:`~ulog_disk.wire.Reply` (answer now) or a
-:class:`Pending`: a reply that waits for the journal to be durable up to a position (FLUSH), or
-for a store write (lifecycle requests) that the daemon runs on its store worker. Either way the
-daemon then calls the Pending's ``complete`` back on the engine's thread. Engine state is only
-touched on that one thread; jobs see nothing but copies.
+``step(request, now)`` applies one kernel request to the table and says what follows, as data:
+either a :class:`~ulog_disk.wire.Reply` to send at once, or a :class:`Step` — the effects to
+perform first, in order (journal records to append, store writes to run), what the reply waits
+for (nothing, the journal being durable up to the step's records, or the step's store writes),
+and the reply itself. The caller (:mod:`ulog_disk.applier`, on behalf of the daemon) performs
+the effects and reports back how waited-for work ended (:meth:`Engine.completed`) or that a
+journal append failed (:meth:`Engine.append_failed`); those calls return what to answer, if
+anything. The engine opens nothing, reads no clock (``now``, wall-clock seconds, is given with
+each request) and imports no storage, transport or daemon module: the same table, the same
+requests and the same times give the same replies, the same effects and the same table — what a
+replica of the log relies on.
 
-Every change is written to the backend's journal as it is applied (``log_ops``, ``log_flush``,
-``log_event``), in the order it was applied; the engine tracks, per instance, the journal
-position of its first record that is not yet in its store, and hands out **checkpoints** (the
-instance's changed chunks and meta, with the position they reach) for the daemon to run in the
-background. The oldest such position is how far the journal may be cut.
+Every fact about a request type (payloads, lifecycle rule, handler, whether it writes, when it is
+answered, its journal event code, its cluster scope) is a row of :mod:`ulog_disk.requests`; the
+per-instance and per-uuid rules (states, the CTR rule, hand-over, retention, generations,
+adoption after another boot) are :mod:`ulog_disk.lifecycle`'s, consulted for every request.
 
-Protocol rules owned here (protocol ref §1.7, §3, §5; issue #2, #3):
+Protocol rules applied here (protocol ref §1.7, §3, §5):
 
-* The table is keyed by (uuid, luid). The per-instance and per-uuid rules (states, hand-over,
-  retention, generations, adoption after another boot) are :mod:`ulog_disk.lifecycle`'s; this
-  module applies them and tells the backend what to store.
-* A loop-type request for an unknown (uuid, luid) gets -ESRCH, which makes the kernel send CTR
-  (+NUL) and RESUME again for that log; other requests for unknown logs get -EINVAL.
+* The table is keyed by (uuid, luid). A request that re-registers (``requests.REREGISTERS``)
+  for an unknown (uuid, luid) gets -ESRCH, which makes the kernel send CTR (+NUL) and RESUME
+  again for that log; other requests for unknown logs get -EINVAL.
 * Replies carry exactly the value size the kernel reads, ``data_size = 0`` where it offers no
   buffer, and a negative errno in ``error``.
 * FLUSH (with or without integrated marks) is the durable point: answered once the journal is
   durable up to its record. RESUME and POSTSUSPEND write the instance to its store before they
   are answered, as the kernel's disk log writes its header and bits there.
+* A request a handler cannot read (a bad payload, a region out of range) is answered -EINVAL; a
+  state the lifecycle table does not list is a bug of this program (:class:`LifecycleError`),
+  raised to the caller, which logs it as one and answers -EIO.
 """
 
 from __future__ import annotations
@@ -31,9 +37,9 @@ from __future__ import annotations
 import collections
 import errno
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from . import wire
 from .backends.base import (
@@ -41,18 +47,16 @@ from .backends.base import (
     OP_MARK,
     OP_SET_NOSYNC,
     OP_SET_SYNC,
-    Backend,
-    BackendError,
-    Commit,
-    Event,
     InstanceRecord,
+    Restored,
     StoredInstance,
     StoredState,
 )
-from .bootid import read_boot_id
-from .ctrargs import CtrArgs, CtrError, parse_ctr
+from .ctrargs import CtrArgs, parse_ctr
 from .lifecycle import (
+    CtrAction,
     State,
+    ctr_action,
     drops_adopted,
     forces_resync,
     gives_resync_work,
@@ -64,18 +68,112 @@ from .lifecycle import (
     retains_at_dtr,
     takes_generation,
 )
-from .limits import MemoryBudget
 from .ratelog import RateLimitedLog
 from .regionlog import RegionLog, chunk_count
+from .requests import REQUESTS, REREGISTERS, Answered
 from .wire import Reply, Request, RequestType
 
 log = logging.getLogger("ulog_disk.engine")
 
 Key = tuple[str, int]
 
+_EVENT = {kind: facts.journal_event for kind, facts in REQUESTS.items()}
+
 
 def describe(uuid: str, luid: int) -> str:
     return f"uuid={uuid!r} luid={luid:#x}"
+
+
+# --- effects: what the caller performs, in order ---------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AppendOps:
+    """Journal: MARK/CLEAR/SET_REGION_SYNC operations just applied to the instance."""
+
+    uuid: str
+    luid: int
+    ops: list[tuple[int, int]]
+
+
+@dataclass(frozen=True, slots=True)
+class AppendFlush:
+    """Journal: a FLUSH of the instance (its meta), with its integrated marks: the commit point."""
+
+    record: InstanceRecord
+    ops: list[tuple[int, int]]
+
+
+@dataclass(frozen=True, slots=True)
+class AppendEvent:
+    """Journal: a lifecycle request (its journal event code) and the instance's meta after it."""
+
+    record: InstanceRecord
+    event: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoreRecord:
+    """Store: a new instance's identity and geometry (after CTR); with ``retain``, first keep
+    that state as the uuid's retained state, in the same write."""
+
+    record: InstanceRecord
+    retain: StoredState | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreCommit:
+    """Store: the instance's changed chunks and meta (a checkpoint, or a commit that an answer
+    waits for); ``resized``: chunks past the region count go."""
+
+    record: InstanceRecord
+    clean_chunks: dict[int, bytes]
+    sync_chunks: dict[int, bytes]
+    resized: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StoreDrop:
+    """Store: remove the instance (with ``retain``, keep that as the uuid's retained state in the
+    same write); ``release``: the uuid has no instance left. ``best_effort``: a failure is logged
+    and fails nothing (the removal of an adopted earlier boot's instance)."""
+
+    uuid: str
+    luid: int
+    retain: StoredState | None
+    release: bool = False
+    best_effort: bool = False
+
+
+JournalEffect = AppendOps | AppendFlush | AppendEvent
+StoreEffect = StoreRecord | StoreCommit | StoreDrop
+Effect = JournalEffect | StoreEffect
+JOURNAL_EFFECTS = (AppendOps, AppendFlush, AppendEvent)
+
+
+def effect_key(effect: Effect) -> Key:
+    if isinstance(effect, AppendOps | StoreDrop):
+        return (effect.uuid, effect.luid)
+    return (effect.record.uuid, effect.record.luid)
+
+
+@dataclass(slots=True)
+class Step:
+    """What a request (or background work) leads to.
+
+    ``effects`` are performed first, in order. Then, by ``wait``: ``AT_ONCE``, ``reply`` is sent;
+    ``DURABLE``, ``reply`` waits for the journal to be durable up to the step's last record;
+    ``STORED``, the step's store effects run (one job, in order, stopping at the first failure
+    that is not best-effort) and ``reply`` waits for them. A waiting step's outcome is reported
+    with :meth:`Engine.completed` under ``work``. ``reply`` is what a success answers — sent by
+    whichever thread sees the success — or None when the engine answers only through
+    ``completed`` (background work, or an answer that must follow the engine's books).
+    """
+
+    reply: Reply | None
+    effects: list[Effect]
+    wait: Answered = Answered.AT_ONCE
+    work: int = 0
 
 
 @dataclass
@@ -119,42 +217,12 @@ class Instance:
             superseded=self.superseded,
         )
 
-    def stored_state(self) -> StoredState:
+    def stored_state(self, now: float) -> StoredState:
         return StoredState(
             uuid=self.uuid, generation=self.generation, region_count=self.log.region_count,
             clean=self.log.clean.tobytes(), sync=self.log.sync.tobytes(), source_luid=self.luid,
-            committed_at=time.time(),
+            committed_at=now,
         )
-
-
-@dataclass
-class Pending:
-    """A reply that waits: for the journal to be durable up to ``durable_at`` (FLUSH), or for
-    ``job`` (a store write) to run on the store worker."""
-
-    uuid: str
-    job: Callable[[], None] | None
-    complete: Callable[[BaseException | None], Reply]
-    #: The journal position that must be durable before the reply (then ``job`` is None).
-    durable_at: int | None = None
-    #: The reply a success gets, when ``complete(None)`` only keeps books: the thread that saw
-    #: the success (store worker, group-commit thread) may send it at once, before the request
-    #: loop hears of it. A failure is always answered through ``complete``, after it has put
-    #: the engine's state right.
-    reply_on_success: Reply | None = None
-
-    def run(self, sync: Callable[[], object] | None = None) -> BaseException | None:
-        """Do what the reply waits for — the job, or else ``sync`` (the journal's) — on whichever
-        thread runs it; its exception, if any, goes to :attr:`complete` on the engine's thread."""
-        try:
-            if self.job is not None:
-                self.job()
-            else:
-                assert sync is not None, "a reply waiting for nothing"
-                sync()
-        except BaseException as exc:  # noqa: BLE001 - complete() decides what it means
-            return exc
-        return None
 
 
 @dataclass
@@ -178,8 +246,30 @@ class Stats:
         return sum(self.errors_by_type.values())
 
 
-#: The request a background store write answers (nobody: its reply is never sent).
-_STOP = Request(luid=0, uuid="", version=3, seq=0, request_type=RequestType.FLUSH, data=b"")
+class Admission(Protocol):
+    """Whether one more log fits (the daemon's memory limit): None, or why not."""
+
+    def refusal(self, region_count: int) -> str | None: ...
+
+
+@dataclass(slots=True)
+class _Work:
+    """What the engine must do when a waited-for step ends (:meth:`Engine.completed`)."""
+
+    kind: str
+    inst: Instance
+    #: The request answered (None: background work, or the commits at stop).
+    request: Request | None
+    #: Whether a success was answered by the thread that saw it (the step's ``reply``).
+    answered_early: bool = False
+    #: A store write's chunks and flags, put back for the next write if it fails.
+    clean: dict[int, bytes] = field(default_factory=dict)
+    sync: dict[int, bytes] = field(default_factory=dict)
+    resized: bool = False
+    gap: bool = False
+    modified: bool = False
+    why: str = ""
+    reply_data: bytes = b""
 
 
 def _ok(req: Request, data: bytes = b"") -> Reply:
@@ -191,12 +281,13 @@ def _err(req: Request, code: int) -> Reply:
 
 
 class Engine:
-    def __init__(self, backend: Backend, boot_id: str | None = None,
-                 memory_budget: MemoryBudget | None = None):
-        self.backend = backend
+    def __init__(self, boot_id: str, *, journaled: bool = True, admission: Admission | None = None):
+        #: The boot the kernel's luids belong to: instances of other boots are gone.
+        self.boot_id = boot_id
+        #: False for a backend without a journal: every FLUSH is then a store commit.
+        self.journaled = journaled
         #: Refuses a new log that would not fit under the daemon's memory limit (None: no check).
-        self.memory_budget = memory_budget
-        self.boot_id = boot_id or read_boot_id()
+        self.admission = admission
         self.table: dict[Key, Instance] = {}
         self.generations: dict[str, int] = {}
         #: States left behind by instances that are gone: DTR'd last instances (retained) and
@@ -208,21 +299,19 @@ class Engine:
         #: The generation of each uuid's retained state in the store (absent: none).
         self.retained_generation: dict[str, int] = {}
         self.stats = Stats()
-        #: Lines about requests a sender controls (rejected, unknown): rate-limited by kind.
-        self.noisy = RateLimitedLog(log)
-        #: Per instance with changes not in its store: the journal position of the first of
-        #: them, and when (monotonic) it was made; oldest first.
-        self.unstored: dict[Key, tuple[int, float]] = {}
-        #: Store writes under way (checkpoints, lifecycle writes): the position of the oldest
-        #: change each carries, by a token.
-        self.storing: dict[int, int] = {}
+        #: The time given with the request being handled (wall clock, seconds).
+        self.now = 0.0
+        #: Lines about requests a sender controls (rejected, unknown): rate-limited by kind, on
+        #: the time the engine is given.
+        self.noisy = RateLimitedLog(log, clock=lambda: self.now)
+        #: Waited-for steps not completed yet, by work token.
+        self.work: dict[int, _Work] = {}
         self._tokens = 0
 
     # --- start-up ------------------------------------------------------------------------
 
-    def restore(self) -> None:
-        """Rebuild the table from the backend (daemon restart)."""
-        restored = self.backend.restore(self.boot_id)
+    def load(self, restored: Restored) -> None:
+        """Rebuild the table from what the backend read back (daemon restart)."""
         for uuid, reason in restored.damaged.items():
             log.error("store of uuid=%r is damaged (%s): its logs start from a full resync", uuid, reason)
         for uuid, state in restored.retained.items():
@@ -230,9 +319,9 @@ class Engine:
             self.retained_generation[uuid] = state.generation
             self._see_generation(uuid, state.generation)
         for stored in restored.instances:
-            self._restore_instance(stored)
+            self._load_instance(stored)
 
-    def _restore_instance(self, stored: StoredInstance) -> None:
+    def _load_instance(self, stored: StoredInstance) -> None:
         rec = stored.record
         self._see_generation(rec.uuid, rec.generation)
         if rec.boot_id != self.boot_id:
@@ -254,7 +343,7 @@ class Engine:
             return
         try:
             ctr = parse_ctr(rec.ctr.encode("ascii"))
-        except (CtrError, UnicodeEncodeError) as exc:
+        except (ValueError, UnicodeEncodeError) as exc:
             log.error("stored %s has an unusable constructor %r (%s): not restored",
                       describe(rec.uuid, rec.luid), rec.ctr, exc)
             return
@@ -275,9 +364,6 @@ class Engine:
             committed_at=rec.committed_at, resized=False, superseded=rec.superseded, heard=False,
         )
         self.table[inst.key] = inst
-        if stored.replayed_from is not None:
-            # What was replayed is in the journal only: the next checkpoints write it.
-            self.unstored[inst.key] = (stored.replayed_from, time.monotonic())
         log.info("restored %s state=%s generation=%d: %d/%d in sync, %d dirty, %d journal ops replayed",
                  describe(rec.uuid, rec.luid), rec.state, rec.generation, region_log.sync_count,
                  region_log.region_count, len(region_log.dirty_regions()), replayed)
@@ -288,7 +374,10 @@ class Engine:
 
     # --- dispatch ------------------------------------------------------------------------
 
-    def handle(self, req: Request) -> Reply | Pending:
+    def step(self, req: Request, now: float) -> Reply | Step:
+        """Apply one request at time ``now``: a reply to send at once (nothing to perform), or
+        a :class:`Step`. Raises :class:`~ulog_disk.lifecycle.LifecycleError` on a bug."""
+        self.now = now
         self.stats.requests += 1
         kind = req.kind
         if req.request_type == 0:
@@ -301,8 +390,7 @@ class Engine:
         if kind is None:
             self.stats.errors_by_type[req.request_type] += 1
             self.noisy.log("unknown request type", logging.ERROR, "unknown request type %d (seq=%d, %s)",
-                           req.request_type, req.seq,
-                      describe(req.uuid, req.luid))
+                           req.request_type, req.seq, describe(req.uuid, req.luid))
             return _err(req, errno.EINVAL)
         self.stats.by_type[kind] += 1
         if kind is RequestType.CTR:
@@ -310,33 +398,61 @@ class Engine:
         inst = self.table.get(req.key)
         if inst is None:
             self.stats.errors_by_type[req.request_type] += 1
-            if kind in wire.LOOP_REQUESTS:
+            if kind in REREGISTERS:
                 self.noisy.log("request for an unknown log", logging.WARNING,
                                "%s for unknown %s: answering -ESRCH so the kernel re-registers it",
-                            kind.name, describe(req.uuid, req.luid))
+                               kind.name, describe(req.uuid, req.luid))
                 return _err(req, errno.ESRCH)
             self.noisy.log("request for an unknown log", logging.ERROR, "%s for unknown %s", kind.name,
                            describe(req.uuid, req.luid))
             return _err(req, errno.EINVAL)
         inst.heard = True
+        # The lifecycle table is consulted for every request (a pair it does not list raises).
+        new_state = next_state(inst.state, kind)
         try:
-            return self._HANDLERS[kind](self, inst, req)
+            return self._HANDLERS[kind](self, inst, req, new_state)
         except (ValueError, IndexError) as exc:
             self.stats.errors_by_type[req.request_type] += 1
             self.noisy.log("rejected request", logging.ERROR, "%s %s seq=%d rejected: %s", kind.name,
                            describe(inst.uuid, inst.luid), req.seq, exc)
             return _err(req, errno.EINVAL)
 
-    def handle_now(self, req: Request) -> Reply:
-        """Handle and run any backend work inline (tests, tools)."""
-        result = self.handle(req)
-        if isinstance(result, Reply):
-            return result
-        return result.complete(result.run(self.backend.sync))
+    # --- what the caller reports back ----------------------------------------------------------
+
+    def completed(self, work: int, exc: BaseException | None) -> Reply | None:
+        """A waited-for step ended (``exc``: why it failed). Returns the reply still to send:
+        None when there is none (background work) or when the thread that saw the success
+        already sent the step's reply — the one rule of who answers."""
+        w = self.work.pop(work)
+        reply = self._COMPLETIONS[w.kind](self, w, exc)
+        if exc is None and w.answered_early:
+            return None
+        return reply
+
+    def append_failed(self, effect: JournalEffect, exc: BaseException) -> None:
+        """A journal append of the step just returned failed: the instance's health is D and its
+        journal misses changes, so its FLUSHes go to its store until one succeeds. A FLUSH whose
+        own record failed is then served by a store commit: see :meth:`flush_fallback`."""
+        inst = self.table.get(effect_key(effect))
+        what = (f"event {effect.event}" if isinstance(effect, AppendEvent)
+                else "FLUSH" if isinstance(effect, AppendFlush) else "region ops")
+        if inst is None:
+            log.error("%s of %s: journal write failed (%s)", what, describe(*effect_key(effect)), exc)
+            return
+        inst.health = "D"
+        inst.journal_gap = True
+        log.error("%s %s: journal write failed (%s)", what, describe(inst.uuid, inst.luid), exc)
+
+    def flush_fallback(self, work: int) -> Step:
+        """The FLUSH record of ``work`` could not be appended: make it durable by a store commit
+        instead (its reply waits for that)."""
+        w = self.work.pop(work)
+        assert w.request is not None
+        return self._commit(w.inst, w.request, "FLUSH")
 
     # --- lifecycle requests --------------------------------------------------------------
 
-    def _ctr(self, req: Request) -> Reply | Pending:
+    def _ctr(self, req: Request) -> Reply | Step:
         try:
             text, reconnect = wire.parse_ctr_string(req.data)
             ctr = parse_ctr(text)
@@ -356,19 +472,24 @@ class Engine:
         if existing is not None:
             existing.heard = True
             existing.reconnecting = reconnect
-        if existing is not None and (existing.ctr.text == ctr.text or existing.resumed):
+            next_state(existing.state, RequestType.CTR)  # consulted: an existing instance keeps its state
+        action = ctr_action(existing is not None, existing is not None and existing.ctr.text == ctr.text,
+                            existing is not None and existing.resumed)
+        if action is CtrAction.ACCEPT:
+            assert existing is not None
             if existing.ctr.text != ctr.text:
                 log.warning("CTR %s repeats a resumed log with another constructor %r (kept %r)",
                             describe(req.uuid, req.luid), ctr.text, existing.ctr.text)
             log.info("CTR %s: already known (%s), accepted%s", describe(req.uuid, req.luid),
                      existing.state, " (kernel reconnect)" if reconnect else "")
             return _ok(req, reply_data)
-        if self.memory_budget is not None and (refusal := self.memory_budget.refusal(ctr.region_count)):
+        if self.admission is not None and (refusal := self.admission.refusal(ctr.region_count)):
             self.stats.errors_by_type[req.request_type] += 1
             self.noisy.log("memory limit", logging.ERROR, "CTR %s refused: %s: answering -ENOMEM",
                            describe(req.uuid, req.luid), refusal)
             return _err(req, errno.ENOMEM)
-        if existing is not None:
+        if action is CtrAction.REPLACE:
+            assert existing is not None
             # A never-resumed instance whose luid the kernel reuses with another constructor: its
             # kernel context died after CTR without a DTR (protocol ref §3.2).
             log.warning("CTR %s replaces a never-resumed instance with constructor %r",
@@ -394,19 +515,9 @@ class Engine:
                         describe(req.uuid, req.luid))
         keep = None if existing is not None else self._kept_at_ctr(inst)
         rec = inst.record()
-        self._log_event(inst, rec, Event.CTR)
-        self.unstored.pop(inst.key, None)  # the record below is the instance's whole state
-        position = self.backend.position()
-
-        def complete(exc: BaseException | None) -> Reply:
-            if exc is not None:
-                inst.health = "D"
-                log.error("CTR %s: could not record the instance (%s); serving it from memory",
-                          describe(inst.uuid, inst.luid), exc)
-                self._unstored_since(inst.key, position)
-            return _ok(req, reply_data)
-
-        return Pending(inst.uuid, lambda: self.backend.record(rec, position, keep), complete)
+        work = self._waiting(_Work("ctr", inst, req, reply_data=reply_data))
+        return Step(None, [AppendEvent(rec, _EVENT[RequestType.CTR]), StoreRecord(rec, keep)],
+                    Answered.STORED, work)
 
     def _kept_at_ctr(self, inst: Instance) -> StoredState | None:
         """The state of the earlier boot's instance whose luid the CTR reuses, if it becomes the
@@ -422,9 +533,9 @@ class Engine:
                  "the uuid's retained state", describe(inst.uuid, inst.luid), state.generation)
         return state
 
-    def _dtr(self, inst: Instance, req: Request) -> Reply | Pending:
+    def _dtr(self, inst: Instance, req: Request, new_state: State) -> Step:
         self.table.pop(inst.key, None)
-        inst.state = next_state(inst.state, RequestType.DTR)
+        inst.state = new_state
         others = [o for o in self.table.values() if o.uuid == inst.uuid]
         newest_elsewhere = max(
             [o.generation for o in others] + [s.generation for s in self.gone.get(inst.uuid, [])],
@@ -433,44 +544,28 @@ class Engine:
         retain = None
         if retains_at_dtr(inst.resumed, inst.superseded, inst.generation, newest_elsewhere):
             inst.generation = self._next_generation(inst.uuid)
-            retain = inst.stored_state()
+            retain = inst.stored_state(self.now)
             self.gone[inst.uuid] = [retain]
             self.retained_generation[inst.uuid] = retain.generation
         log.info("DTR %s (%d instance(s) of the uuid left)%s", describe(inst.uuid, inst.luid), len(others),
                  f": its state is kept as the uuid's retained state, generation {retain.generation}"
                  if retain else "")
+        work = self._waiting(_Work("dtr", inst, req))
+        return Step(None, [AppendEvent(inst.record(), _EVENT[RequestType.DTR]),
+                           StoreDrop(inst.uuid, inst.luid, retain, release=not others)],
+                    Answered.STORED, work)
 
-        self._log_event(inst, inst.record(), Event.DTR)
-        position = self.backend.position()
-        token = self._storing(inst.key)
-
-        def complete(exc: BaseException | None) -> Reply:
-            self.storing.pop(token, None)
-            if exc is not None:
-                log.error("DTR %s: store cleanup failed (%s); left for ulog-recover",
-                          describe(inst.uuid, inst.luid), exc)
-            return _ok(req)
-
-        last = not others
-
-        def job() -> None:
-            self.backend.drop(inst.uuid, inst.luid, retain, position)
-            if last:
-                self.backend.release(inst.uuid)
-
-        return Pending(inst.uuid, job, complete)
-
-    def _presuspend(self, inst: Instance, req: Request) -> Reply:
-        self._transition(inst, RequestType.PRESUSPEND)
+    def _presuspend(self, inst: Instance, req: Request, new_state: State) -> Reply:
+        self._transition(inst, RequestType.PRESUSPEND, new_state)
         return _ok(req)
 
-    def _postsuspend(self, inst: Instance, req: Request) -> Reply | Pending:
-        self._transition(inst, RequestType.POSTSUSPEND)
+    def _postsuspend(self, inst: Instance, req: Request, new_state: State) -> Step:
+        self._transition(inst, RequestType.POSTSUSPEND, new_state)
         inst.log.recovering = None
-        return self._commit(inst, req, "POSTSUSPEND", event=Event.POSTSUSPEND)
+        return self._commit(inst, req, "POSTSUSPEND", event=_EVENT[RequestType.POSTSUSPEND])
 
-    def _resume(self, inst: Instance, req: Request) -> Reply | Pending:
-        self._transition(inst, RequestType.RESUME)
+    def _resume(self, inst: Instance, req: Request, new_state: State) -> Step:
+        self._transition(inst, RequestType.RESUME, new_state)
         first = not inst.resumed
         reconnect, inst.reconnecting = inst.reconnecting, False
         inst.superseded = False
@@ -494,38 +589,27 @@ class Engine:
                      inst.log.region_count)
         inst.resumed = True
         # A state adopted, or thrown away by 'sync', is the uuid's newest from now on.
-        pending = self._commit(inst, req, "RESUME", force_generation=source is not None or forced,
-                               event=Event.RESUME)
+        step = self._commit(inst, req, "RESUME", force_generation=source is not None or forced,
+                            event=_EVENT[RequestType.RESUME])
         if source is not None:
-            self._drop_adopted_earlier_boot(inst, source, pending)
-        return pending
+            drop = self._drop_adopted_earlier_boot(inst, source)
+            if drop is not None:
+                step.effects.append(drop)
+        return step
 
-    def _drop_adopted_earlier_boot(self, inst: Instance, source: StoredState, pending: Pending) -> None:
+    def _drop_adopted_earlier_boot(self, inst: Instance, source: StoredState) -> StoreDrop | None:
         """An instance of an earlier boot whose state was just adopted has nothing left to give:
         remove it once the adopter's state is committed, or every reboot would leave one more
         (the retained state and live instances are never removed here)."""
         stale = self.earlier_boot.get(inst.uuid, {})
         luid = source.source_luid
         if not drops_adopted(luid in stale, luid == inst.luid, (inst.uuid, luid) in self.table):
-            return
+            return None
         del stale[luid]
         self.gone[inst.uuid] = [s for s in self.gone.get(inst.uuid, []) if s is not source]
-        commit_job = pending.job
-        assert commit_job is not None
-        position = self.backend.position()
-
-        def job() -> None:
-            commit_job()
-            try:
-                self.backend.drop(inst.uuid, luid, None, position)
-            except BackendError as exc:  # the RESUME itself succeeded; the leftover is harmless
-                log.warning("RESUME %s: luid=%#x of an earlier boot not removed (%s); left for "
-                            "ulog-recover purge", describe(inst.uuid, inst.luid), luid, exc)
-                return
-            log.info("RESUME %s: removed luid=%#x of an earlier boot, whose state it adopted",
-                     describe(inst.uuid, inst.luid), luid)
-
-        pending.job = job
+        log.info("RESUME %s: luid=%#x of an earlier boot, whose state it adopts, is removed after the "
+                 "commit", describe(inst.uuid, inst.luid), luid)
+        return StoreDrop(inst.uuid, luid, None, best_effort=True)
 
     def _handover_source(self, inst: Instance, reconnect: bool) -> StoredState | None:
         """The state the resuming instance adopts, by the hand-over rule (:mod:`.lifecycle`);
@@ -542,7 +626,7 @@ class Engine:
                          describe(inst.uuid, inst.luid), best.luid)
                 return None
             best.superseded = True
-            return best.stored_state()
+            return best.stored_state(self.now)
         return best
 
     def _adopt(self, inst: Instance, source: StoredState) -> RegionLog:
@@ -550,8 +634,7 @@ class Engine:
         inst.generation = source.generation
         return donor.adopted(inst.log.region_count, inst.ctr.sync_mode == "nosync")
 
-    def _transition(self, inst: Instance, kind: RequestType) -> None:
-        new = next_state(inst.state, kind)
+    def _transition(self, inst: Instance, kind: RequestType, new: State) -> None:
         if new is not inst.state:
             log.info("%s %s: %s -> %s", kind.name, describe(inst.uuid, inst.luid), inst.state, new)
         else:
@@ -565,212 +648,180 @@ class Engine:
         self.generations[uuid] = gen
         return gen
 
-    def _commit(self, inst: Instance, req: Request, why: str, force_generation: bool = False,
-                event: Event | None = None, answered: bool = True) -> Pending:
+    def _waiting(self, work: _Work) -> int:
+        self._tokens += 1
+        self.work[self._tokens] = work
+        return self._tokens
+
+    def _commit(self, inst: Instance, req: Request | None, why: str, force_generation: bool = False,
+                event: int | None = None) -> Step:
         """Write the instance to its store before answering (lifecycle points, stop, and a FLUSH
-        of an instance whose journal records are incomplete). ``answered``: False for the
-        commits at stop, which answer no request (a failure is no request's error)."""
+        of an instance whose journal records are incomplete). ``req`` None: the commits at stop,
+        which answer no request (a failure is no request's error)."""
         modified = inst.log.take_modified()
         if takes_generation(modified or force_generation, inst.resumed, inst.superseded):
             inst.generation = self._next_generation(inst.uuid)
-        inst.committed_at = time.time()
+        inst.committed_at = self.now
+        effects: list[Effect] = []
         if event is not None:
-            self._log_event(inst, inst.record(), event)
-        pending = self._store(inst, why)
-        store_complete = pending.complete
-        ok = _ok(req)
+            effects.append(AppendEvent(inst.record(), event))
+        store, w = self._store_effect(inst, "commit", req, why)
+        w.modified = modified
+        effects.append(store)
+        # A commit of an instance whose health is not A is answered only after completed() put
+        # it right, or a STATUS_INFO right after the reply could still show F.
+        early = req is not None and inst.health == "A"
+        w.answered_early = early
+        reply = _ok(req) if early and req is not None else None
+        return Step(reply, effects, Answered.STORED, self._waiting(w))
 
-        def complete(exc: BaseException | None) -> Reply:
-            store_complete(exc)
-            if exc is None:
-                self.stats.commits += 1
-                if inst.health != "A":
-                    # The commit wrote everything the failed commits or journal writes could not.
-                    log.info("%s %s: commit succeeded again, health %s back to A", why,
-                             describe(inst.uuid, inst.luid), inst.health)
-                    inst.health = "A"
-                return ok
-            self.stats.commit_failures += 1
-            if answered:
-                self.stats.errors_by_type[req.request_type] += 1
-            inst.log.modified = inst.log.modified or modified
-            inst.health = "F"
-            log.error("%s %s: commit failed (%s): answering -EIO", why, describe(inst.uuid, inst.luid), exc)
-            return _err(req, errno.EIO)
-
-        pending.complete = complete
-        # As for a FLUSH: a commit of an instance whose health is not A is answered only after
-        # complete() put it right, or a STATUS_INFO right after the reply could still show F.
-        pending.reply_on_success = ok if inst.health == "A" else None
-        return pending
-
-    def _store(self, inst: Instance, why: str) -> Pending:
-        """A checkpoint of the instance: its chunks changed since the last one and its meta, with
-        the journal position they reach. ``complete`` keeps the books (and puts the chunks back
-        for the next checkpoint if the write failed)."""
+    def _store_effect(self, inst: Instance, kind: str, req: Request | None,
+                      why: str) -> tuple[StoreCommit, _Work]:
+        """A write of the instance's chunks changed since the last one, and its meta."""
         clean, sync = inst.log.take_chunks()
-        position = self.backend.position()
-        commit = Commit(inst.record(), clean, sync, resized=inst.resized, position=position)
+        effect = StoreCommit(inst.record(), clean, sync, inst.resized)
+        w = _Work(kind, inst, req, clean=clean, sync=sync, resized=inst.resized, gap=inst.journal_gap,
+                  why=why)
         inst.resized = False
-        gap = inst.journal_gap
         inst.journal_gap = False
-        token = self._storing(inst.key)
+        return effect, w
 
-        def job() -> None:
-            self.backend.commit(commit)
-
-        def complete(exc: BaseException | None) -> Reply:
-            first = self.storing.pop(token, None)
-            if exc is None:
-                self.stats.checkpoints += 1
-                return _ok(_STOP)
-            self.stats.checkpoint_failures += 1
-            inst.log.restore_changes(clean, sync, False)
-            inst.resized = inst.resized or commit.resized
-            inst.journal_gap = inst.journal_gap or gap
-            if first is not None and inst.key in self.table:
-                self._unstored_since(inst.key, first)
-            log.warning("%s %s: store write failed (%s); the journal keeps its changes, retried later",
-                        why, describe(inst.uuid, inst.luid), exc)
-            return _err(_STOP, errno.EIO)
-
-        return Pending(inst.uuid, job, complete)
-
-    def _storing(self, key: Key) -> int:
-        """Move the instance's unstored changes to a store write under way; its token."""
-        self._tokens += 1
-        first = self.unstored.pop(key, None)
-        if first is not None:
-            self.storing[self._tokens] = first[0]
-        return self._tokens
-
-    def _unstored_since(self, key: Key, position: int) -> None:
-        found = self.unstored.get(key)
-        if found is None or position < found[0]:
-            self.unstored[key] = (position, found[1] if found else time.monotonic())
-
-    def checkpoint(self, key: Key) -> Pending | None:
+    def checkpoint(self, key: Key, now: float) -> Step | None:
         """Background work: write one instance's changes to its store (None if it is gone)."""
         inst = self.table.get(key)
         if inst is None:
-            self.unstored.pop(key, None)
             return None
-        return self._store(inst, "checkpoint")
+        self.now = now
+        effect, w = self._store_effect(inst, "checkpoint", None, "checkpoint")
+        return Step(None, [effect], Answered.STORED, self._waiting(w))
 
-    def checkpoint_due(self, now: float, age: float, span: int, idle: bool) -> Key | None:
-        """The instance to checkpoint next, if any is due: its changes are older than ``age``
-        seconds, or the journal since them is longer than ``span`` bytes, or the daemon is idle."""
-        if not self.unstored:
-            return None
-        key, (first, since) = next(iter(self.unstored.items()))
-        if idle or now - since >= age or self.backend.position() - first >= span:
-            return key
-        return None
-
-    def needed(self) -> int:
-        """Every journal record below this position is in the stores."""
-        oldest = self.backend.position()
-        for first, _ in self.unstored.values():
-            oldest = min(oldest, first)
-        for first in self.storing.values():
-            oldest = min(oldest, first)
-        return oldest
-
-    def commit_all(self) -> list[Pending]:
+    def commit_all(self, now: float) -> list[Step]:
         """Work that writes every instance to its store (clean stop): the journal is then not
         needed by anything."""
-        pending = []
-        for inst in list(self.table.values()):
-            stop = Request(luid=inst.luid, uuid=inst.uuid, version=3, seq=0,
-                           request_type=RequestType.FLUSH, data=b"")
-            pending.append(self._commit(inst, stop, "stop", answered=False))
-        return pending
+        self.now = now
+        return [self._commit(inst, None, "stop") for inst in list(self.table.values())]
 
-    # --- the journal -------------------------------------------------------------------------
+    def _stored(self, w: _Work, exc: BaseException | None) -> None:
+        """The books of a store write of the instance's chunks: counted, or its chunks and
+        flags put back for the next write."""
+        if exc is None:
+            self.stats.checkpoints += 1
+            return
+        self.stats.checkpoint_failures += 1
+        inst = w.inst
+        inst.log.restore_changes(w.clean, w.sync, False)
+        inst.resized = inst.resized or w.resized
+        inst.journal_gap = inst.journal_gap or w.gap
+        log.warning("%s %s: store write failed (%s); the journal keeps its changes, retried later",
+                    w.why, describe(inst.uuid, inst.luid), exc)
 
-    def _journaled(self, inst: Instance, append: Callable[[], int], what: str) -> bool:
-        """Run one journal append for the instance; False (health D, journal gap) if it failed."""
-        before = self.backend.position()
-        # Appended or not, the instance has changes its store does not hold from here on.
-        self._unstored_since(inst.key, before)
-        try:
-            append()
-        except BackendError as exc:
+    def _checkpoint_done(self, w: _Work, exc: BaseException | None) -> Reply | None:
+        self._stored(w, exc)
+        return None
+
+    def _commit_done(self, w: _Work, exc: BaseException | None) -> Reply | None:
+        self._stored(w, exc)
+        inst, req = w.inst, w.request
+        if exc is None:
+            self.stats.commits += 1
+            if inst.health != "A":
+                # The commit wrote everything the failed commits or journal writes could not.
+                log.info("%s %s: commit succeeded again, health %s back to A", w.why,
+                         describe(inst.uuid, inst.luid), inst.health)
+                inst.health = "A"
+            return _ok(req) if req is not None else None
+        self.stats.commit_failures += 1
+        inst.log.modified = inst.log.modified or w.modified
+        inst.health = "F"
+        log.error("%s %s: commit failed (%s)%s", w.why, describe(inst.uuid, inst.luid), exc,
+                  ": answering -EIO" if req is not None else "")
+        if req is None:
+            return None
+        self.stats.errors_by_type[req.request_type] += 1
+        return _err(req, errno.EIO)
+
+    def _flush_done(self, w: _Work, exc: BaseException | None) -> Reply | None:
+        inst, req = w.inst, w.request
+        assert req is not None
+        if exc is None:
+            self.stats.commits += 1
+            if inst.health != "A":
+                log.info("FLUSH %s: durable again, health %s back to A", describe(inst.uuid, inst.luid),
+                         inst.health)
+                inst.health = "A"
+            return _ok(req)
+        self.stats.commit_failures += 1
+        self.stats.errors_by_type[req.request_type] += 1
+        inst.health = "F"
+        log.error("FLUSH %s: journal sync failed (%s): answering -EIO", describe(inst.uuid, inst.luid), exc)
+        return _err(req, errno.EIO)
+
+    def _ctr_done(self, w: _Work, exc: BaseException | None) -> Reply | None:
+        inst, req = w.inst, w.request
+        assert req is not None
+        if exc is not None:
             inst.health = "D"
-            inst.journal_gap = True
-            log.error("%s %s: journal write failed (%s)", what, describe(inst.uuid, inst.luid), exc)
-            return False
-        return True
+            log.error("CTR %s: could not record the instance (%s); serving it from memory",
+                      describe(inst.uuid, inst.luid), exc)
+        return _ok(req, w.reply_data)
 
-    def _log_event(self, inst: Instance, rec: InstanceRecord, event: Event) -> None:
-        self._journaled(inst, lambda: self.backend.log_event(rec, event), event.name)
+    def _dtr_done(self, w: _Work, exc: BaseException | None) -> Reply | None:
+        inst, req = w.inst, w.request
+        assert req is not None
+        if exc is not None:
+            log.error("DTR %s: store cleanup failed (%s); left for ulog-recover",
+                      describe(inst.uuid, inst.luid), exc)
+        return _ok(req)
+
+    _COMPLETIONS: dict[str, Callable[[Engine, _Work, BaseException | None], Reply | None]] = {
+        "checkpoint": _checkpoint_done,
+        "commit": _commit_done,
+        "flush": _flush_done,
+        "ctr": _ctr_done,
+        "dtr": _dtr_done,
+    }
 
     # --- region requests -------------------------------------------------------------------
 
-    def _journal(self, inst: Instance, req: Request, ops: list[tuple[int, int]]) -> Reply:
-        kind = RequestType(req.request_type).name
-        self._journaled(inst, lambda: self.backend.log_ops(inst.uuid, inst.luid, ops), kind)
-        return _ok(req)
-
-    def _get_region_size(self, inst: Instance, req: Request) -> Reply:
+    def _get_region_size(self, inst: Instance, req: Request, new_state: State) -> Reply:
         return _ok(req, wire.build_u64(inst.ctr.region_size))
 
-    def _is_clean(self, inst: Instance, req: Request) -> Reply:
+    def _is_clean(self, inst: Instance, req: Request, new_state: State) -> Reply:
         return _ok(req, wire.build_s64(int(inst.log.is_clean(wire.parse_region(req.data)))))
 
-    def _in_sync(self, inst: Instance, req: Request) -> Reply:
+    def _in_sync(self, inst: Instance, req: Request, new_state: State) -> Reply:
         return _ok(req, wire.build_s64(int(inst.log.in_sync(wire.parse_region(req.data)))))
 
-    def _flush(self, inst: Instance, req: Request) -> Pending:
+    def _flush(self, inst: Instance, req: Request, new_state: State) -> Step:
         ops: list[tuple[int, int]] = []
         if req.data:
             regions = wire.parse_regions(req.data)
             inst.log.mark(regions)
             ops = [(OP_MARK, r) for r in regions]
-        if inst.journal_gap or not self.backend.journaled:
+        if inst.journal_gap or not self.journaled:
             # Some changes never reached the journal (or there is none): only the store can
             # hold them all.
             return self._commit(inst, req, "FLUSH")
         if takes_generation(inst.log.take_modified(), inst.resumed, inst.superseded):
             inst.generation = self._next_generation(inst.uuid)
-        inst.committed_at = time.time()
-        rec = inst.record()
-        if not self._journaled(inst, lambda: self.backend.log_flush(rec, ops), "FLUSH"):
-            return self._commit(inst, req, "FLUSH")
-
-        ok = _ok(req)
-
-        def complete(exc: BaseException | None) -> Reply:
-            if exc is None:
-                self.stats.commits += 1
-                if inst.health != "A":
-                    log.info("FLUSH %s: durable again, health %s back to A", describe(inst.uuid, inst.luid),
-                             inst.health)
-                    inst.health = "A"
-                return ok
-            self.stats.commit_failures += 1
-            self.stats.errors_by_type[req.request_type] += 1
-            inst.health = "F"
-            log.error("FLUSH %s: journal sync failed (%s): answering -EIO",
-                      describe(inst.uuid, inst.luid), exc)
-            return _err(req, errno.EIO)
-
-        # A FLUSH of an instance whose health is not A is answered after complete() put it
+        inst.committed_at = self.now
+        # A FLUSH of an instance whose health is not A is answered after completed() put it
         # right, so that no STATUS_INFO after the reply still shows the old health.
-        return Pending(inst.uuid, None, complete, durable_at=self.backend.position(),
-                       reply_on_success=ok if inst.health == "A" else None)
+        early = inst.health == "A"
+        work = self._waiting(_Work("flush", inst, req, answered_early=early))
+        return Step(_ok(req) if early else None, [AppendFlush(inst.record(), ops)], Answered.DURABLE, work)
 
-    def _mark(self, inst: Instance, req: Request) -> Reply | Pending:
+    def _mark(self, inst: Instance, req: Request, new_state: State) -> Step:
         regions = wire.parse_region_group(req.request_type, req.data)
         inst.log.mark(regions)
-        return self._journal(inst, req, [(OP_MARK, r) for r in regions])
+        return Step(_ok(req), [AppendOps(inst.uuid, inst.luid, [(OP_MARK, r) for r in regions])])
 
-    def _clear(self, inst: Instance, req: Request) -> Reply | Pending:
+    def _clear(self, inst: Instance, req: Request, new_state: State) -> Step:
         regions = wire.parse_region_group(req.request_type, req.data)
         inst.log.clear(regions)
-        return self._journal(inst, req, [(OP_CLEAR, r) for r in regions])
+        return Step(_ok(req), [AppendOps(inst.uuid, inst.luid, [(OP_CLEAR, r) for r in regions])])
 
-    def _get_resync_work(self, inst: Instance, req: Request) -> Reply:
+    def _get_resync_work(self, inst: Instance, req: Request, new_state: State) -> Reply:
         if req.data:
             raise ValueError("GET_RESYNC_WORK carries no payload")
         region = inst.log.get_resync_work() if gives_resync_work(inst.state) else None
@@ -779,7 +830,7 @@ class Engine:
         log.info("%s resync region %d", describe(inst.uuid, inst.luid), region)
         return _ok(req, wire.build_resync_work(True, region))
 
-    def _set_region_sync(self, inst: Instance, req: Request) -> Reply | Pending:
+    def _set_region_sync(self, inst: Instance, req: Request, new_state: State) -> Step:
         region, in_sync = wire.parse_set_region_sync(req.data)
         inst.log.set_region_sync(region, bool(in_sync))
         if not in_sync:
@@ -787,52 +838,34 @@ class Engine:
         elif inst.log.sync_count == inst.log.region_count:
             log.info("%s in sync: %d/%d", describe(inst.uuid, inst.luid), inst.log.sync_count,
                      inst.log.region_count)
-        return self._journal(inst, req, [(OP_SET_SYNC if in_sync else OP_SET_NOSYNC, region)])
+        op = OP_SET_SYNC if in_sync else OP_SET_NOSYNC
+        return Step(_ok(req), [AppendOps(inst.uuid, inst.luid, [(op, region)])])
 
-    def _get_sync_count(self, inst: Instance, req: Request) -> Reply:
+    def _get_sync_count(self, inst: Instance, req: Request, new_state: State) -> Reply:
         return _ok(req, wire.build_u64(inst.log.sync_count))
 
-    def _status_info(self, inst: Instance, req: Request) -> Reply:
+    def _status_info(self, inst: Instance, req: Request, new_state: State) -> Reply:
         ctr = inst.ctr
         text = f"3 {ctr.log_type} {ctr.device_number()} {inst.health}" if ctr.is_disk else f"1 {ctr.log_type}"
         return _ok(req, text.encode() + b"\0")
 
-    def _status_table(self, inst: Instance, req: Request) -> Reply:
+    def _status_table(self, inst: Instance, req: Request, new_state: State) -> Reply:
         # The text the kernel itself prints after "userspace <argc> <uuid> " (ref §4.7).
         args = inst.ctr.text.split(" ", 1)[1]
         return _ok(req, f"{args} ".encode() + b"\0")
 
-    def _is_remote_recovering(self, inst: Instance, req: Request) -> Reply:
+    def _is_remote_recovering(self, inst: Instance, req: Request, new_state: State) -> Reply:
         region = wire.parse_region(req.data)
         inst.log.check_region(region)
         return _ok(req, wire.build_remote_recovering(False, inst.log.first_unsynced()))
 
-    #: Requests whose handling writes nothing (no journal record, no store write): the daemon
-    #: answers them while the state disk is stalled (everything else waits for it).
-    WRITES_NOTHING = frozenset({
-        RequestType.GET_REGION_SIZE, RequestType.IS_CLEAN, RequestType.IN_SYNC, RequestType.GET_RESYNC_WORK,
-        RequestType.GET_SYNC_COUNT, RequestType.STATUS_INFO, RequestType.STATUS_TABLE,
-        RequestType.IS_REMOTE_RECOVERING, RequestType.PRESUSPEND,
-    })
-
-    _HANDLERS: dict[RequestType, Callable[[Engine, Instance, Request], Reply | Pending]] = {
-        RequestType.DTR: _dtr,
-        RequestType.PRESUSPEND: _presuspend,
-        RequestType.POSTSUSPEND: _postsuspend,
-        RequestType.RESUME: _resume,
-        RequestType.GET_REGION_SIZE: _get_region_size,
-        RequestType.IS_CLEAN: _is_clean,
-        RequestType.IN_SYNC: _in_sync,
-        RequestType.FLUSH: _flush,
-        RequestType.MARK_REGION: _mark,
-        RequestType.CLEAR_REGION: _clear,
-        RequestType.GET_RESYNC_WORK: _get_resync_work,
-        RequestType.SET_REGION_SYNC: _set_region_sync,
-        RequestType.GET_SYNC_COUNT: _get_sync_count,
-        RequestType.STATUS_INFO: _status_info,
-        RequestType.STATUS_TABLE: _status_table,
-        RequestType.IS_REMOTE_RECOVERING: _is_remote_recovering,
-    }
+    #: Each request type's handler, by the request table's ``handler`` column.
+    _HANDLERS: dict[RequestType, Callable[[Engine, Instance, Request, State], Reply | Step]] = {}
 
 
-__all__ = ["Engine", "Instance", "Pending", "chunk_count"]
+Engine._HANDLERS = {
+    kind: getattr(Engine, f"_{facts.handler}")
+    for kind, facts in REQUESTS.items() if kind is not RequestType.CTR
+}
+
+__all__ = ["Engine", "Instance", "Step", "chunk_count"]

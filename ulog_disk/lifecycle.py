@@ -65,6 +65,7 @@ import enum
 from collections.abc import Iterable
 from typing import Protocol, TypeVar
 
+from .requests import REQUESTS, Lifecycle
 from .wire import RequestType
 
 
@@ -76,8 +77,9 @@ class State(enum.StrEnum):
     DESTROYED = "destroyed"
 
 
-class LifecycleError(ValueError):
-    """A request that the instance's state does not list (a bug in whoever sent it there)."""
+class LifecycleError(Exception):
+    """A request that the instance's state does not list: a bug in whoever sent it there (not
+    a ValueError, so that it is never mistaken for a request the kernel got wrong)."""
 
 
 #: The states between CTR and DTR.
@@ -87,23 +89,21 @@ IN_USE = frozenset({State.LIVE, State.PRESUSPENDED})
 #: States whose holder gives the uuid's newest state to a resuming instance.
 HANDS_OVER = frozenset(EXISTING) - IN_USE
 
-#: Requests that never change the state (CTR of an existing instance included).
-_STATELESS = frozenset(RequestType) - {RequestType.RESUME, RequestType.PRESUSPEND,
-                                       RequestType.POSTSUSPEND, RequestType.DTR}
+#: What each lifecycle rule of the request table does, state by state (a state not listed:
+#: the request leaves it alone).
+_RULES: dict[Lifecycle, dict[State, State]] = {
+    Lifecycle.CREATES: {},
+    Lifecycle.NONE: {},
+    Lifecycle.RESUMES: {s: State.LIVE for s in EXISTING},
+    Lifecycle.PRESUSPENDS: {State.LIVE: State.PRESUSPENDED},
+    Lifecycle.POSTSUSPENDS: {State.LIVE: State.SUSPENDED, State.PRESUSPENDED: State.SUSPENDED},
+    Lifecycle.ENDS: {s: State.DESTROYED for s in EXISTING},
+}
 
-#: (state, request) → next state. A pair not listed raises.
+#: (state, request) → next state, for every request of the table in every state between CTR and
+#: DTR. A pair not listed raises.
 TRANSITIONS: dict[tuple[State, RequestType], State] = {
-    **{(s, k): s for s in EXISTING for k in _STATELESS},
-    **{(s, RequestType.RESUME): State.LIVE for s in EXISTING},
-    (State.CONSTRUCTED, RequestType.PRESUSPEND): State.CONSTRUCTED,
-    (State.LIVE, RequestType.PRESUSPEND): State.PRESUSPENDED,
-    (State.PRESUSPENDED, RequestType.PRESUSPEND): State.PRESUSPENDED,
-    (State.SUSPENDED, RequestType.PRESUSPEND): State.SUSPENDED,
-    (State.CONSTRUCTED, RequestType.POSTSUSPEND): State.CONSTRUCTED,
-    (State.LIVE, RequestType.POSTSUSPEND): State.SUSPENDED,
-    (State.PRESUSPENDED, RequestType.POSTSUSPEND): State.SUSPENDED,
-    (State.SUSPENDED, RequestType.POSTSUSPEND): State.SUSPENDED,
-    **{(s, RequestType.DTR): State.DESTROYED for s in EXISTING},
+    (s, kind): _RULES[facts.lifecycle].get(s, s) for s in EXISTING for kind, facts in REQUESTS.items()
 }
 
 
@@ -112,6 +112,24 @@ def next_state(state: State, request: RequestType) -> State:
         return TRANSITIONS[(state, request)]
     except KeyError:
         raise LifecycleError(f"{request.name} is not accepted in state {state}") from None
+
+
+class CtrAction(enum.Enum):
+    #: No instance has the key: a new one.
+    CREATE = "create"
+    #: The instance exists: the CTR changes nothing and succeeds.
+    ACCEPT = "accept"
+    #: A never-resumed instance whose luid the kernel reuses with another constructor.
+    REPLACE = "replace"
+
+
+def ctr_action(exists: bool, same_constructor: bool, resumed: bool) -> CtrAction:
+    """What a CTR does to the instance its key names (the first rule of the module's docstring)."""
+    if not exists:
+        return CtrAction.CREATE
+    if same_constructor or resumed:
+        return CtrAction.ACCEPT
+    return CtrAction.REPLACE
 
 
 def gives_resync_work(state: State) -> bool:

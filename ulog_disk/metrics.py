@@ -32,19 +32,17 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, write_to_textfile
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from . import journal as jn
-from .engine import Engine, Pending, Stats
+from .applier import Applier
+from .engine import Stats
 from .ratelog import RateLimitedLog
-from .wire import Reply, Request, RequestType
-
-if TYPE_CHECKING:
-    from .daemon import GroupCommit
+from .wire import Request, RequestType
 
 log = logging.getLogger("ulog_disk.metrics")
 
@@ -61,8 +59,6 @@ INVALID = "invalid"
 FAILURE_LOG_INTERVAL = 600.0
 
 _TYPE_NAMES = {int(t): t.name for t in RequestType}
-#: The request a metrics job "answers": nobody (its reply is never sent).
-_NOBODY = Request(luid=0, uuid="", version=3, seq=0, request_type=RequestType.FLUSH, data=b"")
 
 
 class FlushLatency:
@@ -259,9 +255,11 @@ class Metrics:
         self.written = 0
         self.noisy = RateLimitedLog(log, burst=1, interval=FAILURE_LOG_INTERVAL)
 
-    def snapshot(self, engine: Engine, group: GroupCommit, dropped_frames: int,
+    def snapshot(self, applier: Applier, journal_syncs: tuple[int, int], dropped_frames: int,
                  send_lock: threading.Lock, held_requests: int = 0) -> Snapshot:
-        """Copy the numbers (loop thread only: the engine's state is read nowhere else)."""
+        """Copy the numbers (loop thread only: the engine's state is read nowhere else);
+        ``journal_syncs``: the group commit's syncs and failed syncs."""
+        engine = applier.engine
         stats = engine.stats
         requests, errors = requests_by_type(stats)
         counts, total = self.flush.copy(send_lock)
@@ -278,8 +276,8 @@ class Metrics:
             flush_counts=counts, flush_sum=total,
             stats=Stats(commits=stats.commits, commit_failures=stats.commit_failures,
                         checkpoints=stats.checkpoints, checkpoint_failures=stats.checkpoint_failures),
-            journal_syncs=group.syncs, journal_sync_failures=group.sync_failures,
-            journal_backlog=max(0, engine.backend.position() - engine.needed()),
+            journal_syncs=journal_syncs[0], journal_sync_failures=journal_syncs[1],
+            journal_backlog=max(0, applier.backend.position() - applier.needed()),
             dropped_frames=dropped_frames, mirrors=mirrors, held_requests=held_requests,
         )
 
@@ -293,12 +291,9 @@ class Metrics:
         registry.register(SnapshotCollector(snap, self.state_dir))
         write_to_textfile(str(self.path), registry)
 
-    def job(self, snap: Snapshot) -> Pending:
-        """The write as background work for the store worker. Its outcome is only logged: a
-        metrics file that cannot be written never fails anything else (its reply says 0)."""
-        return Pending("", lambda: self.write(snap), self.written_or_not)
-
-    def written_or_not(self, exc: BaseException | None) -> Reply:
+    def written_or_not(self, exc: BaseException | None) -> bool:
+        """The outcome of a write (run as background work on the store worker): only logged, a
+        metrics file that cannot be written never fails anything else."""
         if exc is None:
             self.written += 1
             if self.failing:
@@ -309,7 +304,7 @@ class Metrics:
             self.noisy.log("metrics file write failure", logging.WARNING,
                            "cannot write the metrics file %s: %s (serving goes on; retried every %g s)",
                            self.path, exc, self.interval)
-        return Reply(_NOBODY, 0)
+        return True
 
     def write_now(self, snap: Snapshot) -> None:
         """The last write, at stop, on the caller's thread."""

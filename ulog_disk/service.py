@@ -14,11 +14,12 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .applier import Applier
 from .backends.base import Backend, available_backends, load_backend
+from .bootid import read_boot_id
 from .capture import CaptureWriter
 from .cli import ToolParser, fill
 from .daemon import CHECKPOINT_AGE, CHECKPOINT_SPAN, Daemon
-from .engine import Engine
 from .limits import MemoryBudget
 from .metrics import DEFAULT_INTERVAL as METRICS_INTERVAL
 from .metrics import Metrics, check_metrics_path
@@ -230,8 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise StartupError(f"backend {args.backend!r} takes no --journal-segment-size") from None
         else:
             backend = backend_cls(args.state_dir)
-        engine = Engine(backend, boot_id=args.boot_id, memory_budget=MemoryBudget())
-        engine.restore()
+        applier = Applier.over(backend, boot_id=args.boot_id or read_boot_id(), admission=MemoryBudget())
+        applier.restore()
         transport = make_transport(args.listen)
     except (StartupError, LookupError, GroupTaken, OSError) as exc:
         log.error("cannot start: %s", exc, extra=PLAIN)
@@ -243,18 +244,18 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         log.error("cannot start: --capture %s: %s", args.capture, exc.strerror, extra=PLAIN)
         transport.close()
-        engine.backend.close()
+        backend.close()
         if lock:
             lock.release()
         return 2
     metrics = Metrics(args.metrics_file, args.metrics_interval, args.state_dir) if args.metrics_file else None
-    daemon = Daemon(engine, transport, capture, checkpoint_age=args.checkpoint_age, metrics=metrics)
+    daemon = Daemon(applier, transport, capture, checkpoint_age=args.checkpoint_age, metrics=metrics)
     signal.signal(signal.SIGTERM, daemon.request_stop)
     signal.signal(signal.SIGINT, daemon.request_stop)
 
     def ready() -> None:
         log.info("dm-ulogd %s ready: backend %s, state dir %s, %d log(s) restored, boot id %s",
-                 __version__, args.backend, args.state_dir, len(engine.table), engine.boot_id)
+                 __version__, args.backend, args.state_dir, len(applier.table), applier.engine.boot_id)
         sd_notify("READY=1")
         if args.ready_file:
             args.ready_file.write_text(f"{os.getpid()}\n")

@@ -66,14 +66,6 @@ class RequestType(enum.IntEnum):
     IS_REMOTE_RECOVERING = 17
 
 
-#: Requests the kernel sends through ``userspace_do_request``: an -ESRCH answer makes it
-#: re-send CTR (+NUL) and RESUME for the log, then retry (protocol ref §1.7).
-LOOP_REQUESTS = frozenset({
-    RequestType.IS_CLEAN, RequestType.IN_SYNC, RequestType.FLUSH, RequestType.MARK_REGION,
-    RequestType.CLEAR_REGION, RequestType.GET_RESYNC_WORK, RequestType.SET_REGION_SYNC,
-    RequestType.GET_SYNC_COUNT, RequestType.STATUS_INFO, RequestType.IS_REMOTE_RECOVERING,
-})
-
 # --- layouts ---------------------------------------------------------------------------------
 
 NlMsgHdr = c.Struct(
@@ -431,76 +423,20 @@ class Payload:
         return [r for (r,) in self.item.iter_unpack(data)]
 
 
-@dataclass(frozen=True, slots=True)
-class Payloads:
-    """What a request type carries each way (None: nothing, ``data_size`` 0). Any payload may
-    also be absent: an error reply, the reconnect CTR's reply, a FLUSH without
-    ``integrated_flush`` carry none (the engine decides which absences are errors)."""
-
-    request: Payload | None = None
-    reply: Payload | None = None
-
-
-_REGION = Payload("u64 region", Region)
-_REGIONS = Payload("region list", RegionList)
-_SET_REGION_SYNC = Payload("SET_REGION_SYNC payload", SetRegionSync)
-_U64 = Payload("u64 value", U64)
-_S64 = Payload("s64 value", S64)
-_RESYNC_WORK = Payload("GET_RESYNC_WORK reply", ResyncWork)
-_REMOTE_RECOVERING = Payload("IS_REMOTE_RECOVERING reply", RemoteRecovering)
-
-#: The request table (``formats/wire.md`` §4): every type, what its request and its successful
-#: reply carry. An error reply carries nothing, and neither does the reconnect CTR's reply.
-PAYLOADS: dict[RequestType, Payloads] = {
-    RequestType.CTR: Payloads(Payload("CTR request", CtrString), Payload("CTR reply", DeviceName)),
-    RequestType.DTR: Payloads(),
-    RequestType.PRESUSPEND: Payloads(),
-    RequestType.POSTSUSPEND: Payloads(),
-    RequestType.RESUME: Payloads(),
-    RequestType.GET_REGION_SIZE: Payloads(reply=_U64),
-    RequestType.IS_CLEAN: Payloads(_REGION, _S64),
-    RequestType.IN_SYNC: Payloads(_REGION, _S64),
-    RequestType.FLUSH: Payloads(_REGIONS),
-    RequestType.MARK_REGION: Payloads(_REGIONS),
-    RequestType.CLEAR_REGION: Payloads(_REGIONS),
-    RequestType.GET_RESYNC_WORK: Payloads(reply=_RESYNC_WORK),
-    RequestType.SET_REGION_SYNC: Payloads(_SET_REGION_SYNC),
-    RequestType.GET_SYNC_COUNT: Payloads(reply=_U64),
-    RequestType.STATUS_INFO: Payloads(reply=Payload("STATUS_INFO reply", StatusText)),
-    RequestType.STATUS_TABLE: Payloads(reply=Payload("STATUS_TABLE reply", StatusText)),
-    RequestType.IS_REMOTE_RECOVERING: Payloads(_REGION, _REMOTE_RECOVERING),
-}
-assert set(PAYLOADS) == set(RequestType)
+#: The payload layouts the request table (:mod:`ulog_disk.requests`) names, and the engine's
+#: fast path below reads and builds.
+REGION = Payload("u64 region", Region)
+REGIONS = Payload("region list", RegionList)
+SET_REGION_SYNC = Payload("SET_REGION_SYNC payload", SetRegionSync)
+U64_VALUE = Payload("u64 value", U64)
+S64_VALUE = Payload("s64 value", S64)
+RESYNC_WORK = Payload("GET_RESYNC_WORK reply", ResyncWork)
+REMOTE_RECOVERING = Payload("IS_REMOTE_RECOVERING reply", RemoteRecovering)
 
 
-def _payload(request_type: int, reply: bool) -> tuple[str, Payload | None]:
-    kind = _KINDS.get(request_type & DM_ULOG_REQUEST_MASK)
-    name = kind.name if kind is not None else f"request type {request_type & DM_ULOG_REQUEST_MASK}"
-    what = f"{name} {'reply' if reply else 'request'}"
-    if kind is None:
-        return what, None
-    return what, PAYLOADS[kind].reply if reply else PAYLOADS[kind].request
-
-
-def parse_payload(request_type: int, data: bytes, *, reply: bool = False) -> dict[str, Any]:
-    """A request's (or a reply's) data as the table names its fields; no data is ``{}``.
-    Raises ValueError for data that does not fit the type's definition."""
-    what, payload = _payload(request_type, reply)
-    if not data:
-        return {}
-    if payload is None:
-        raise ValueError(f"{what} carries no payload, got {len(data)} bytes")
-    return payload.parse(data)
-
-
-def build_payload(request_type: int, fields: Mapping[str, Any], *, reply: bool = False) -> bytes:
-    """The data of a request (or a reply) from its named fields; ``{}`` is no data."""
-    what, payload = _payload(request_type, reply)
-    if not fields:
-        return b""
-    if payload is None:
-        raise ValueError(f"{what} carries no payload")
-    return payload.build(fields)
+def request_kind(request_type: int) -> RequestType | None:
+    """The type a request's type field names (its flag bits ignored), or None."""
+    return _KINDS.get(request_type & DM_ULOG_REQUEST_MASK)
 
 
 def parse_ctr_string(data: bytes) -> tuple[str, bool]:
@@ -528,29 +464,29 @@ build_u64 = _U64_S.pack
 build_s64 = _S64_S.pack
 #: (region, in_sync) ↔ 16 bytes.
 build_set_region_sync = flat_struct(SetRegionSync).pack
-parse_set_region_sync = _SET_REGION_SYNC.unpack
+parse_set_region_sync = SET_REGION_SYNC.unpack
 #: (have_work, region) ↔ 16 bytes.
 build_resync_work = flat_struct(ResyncWork).pack
-parse_resync_work = _RESYNC_WORK.unpack
+parse_resync_work = RESYNC_WORK.unpack
 #: (is_recovering, in_sync_hint) ↔ 16 bytes.
 build_remote_recovering = flat_struct(RemoteRecovering).pack
-parse_remote_recovering = _REMOTE_RECOVERING.unpack
+parse_remote_recovering = REMOTE_RECOVERING.unpack
 
 
 def parse_region(data: bytes) -> int:
     if len(data) != 8:
-        _check_size(data, 8, _REGION.what)
+        _check_size(data, 8, REGION.what)
     return _REGION_S.unpack(data)[0]
 
 
 def parse_regions(data: bytes) -> list[int]:
-    return _REGIONS.items(data)
+    return REGIONS.items(data)
 
 
 def parse_region_group(request_type: int, data: bytes) -> list[int]:
     """The regions of a MARK_REGION or CLEAR_REGION request: at least one (the kernel sends
     groups of 1..32; an integrated FLUSH may carry none)."""
-    regions = _REGIONS.items(data)
+    regions = REGIONS.items(data)
     if not regions:
         raise ValueError(f"{RequestType(request_type).name} without regions")
     return regions
@@ -561,8 +497,8 @@ def build_regions(regions: list[int]) -> bytes:
 
 
 def parse_u64(data: bytes) -> int:
-    return _U64.unpack(data)[0]
+    return U64_VALUE.unpack(data)[0]
 
 
 def parse_s64(data: bytes) -> int:
-    return _S64.unpack(data)[0]
+    return S64_VALUE.unpack(data)[0]

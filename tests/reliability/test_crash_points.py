@@ -47,8 +47,8 @@ from pathlib import Path
 from rel_lib import figures, launch, run_verify, scale
 
 from ulog_disk import wire
+from ulog_disk.applier import Applier
 from ulog_disk.backends.lmdb_store import LmdbBackend
-from ulog_disk.engine import Engine
 from ulog_disk.regionlog import RegionLog
 from ulog_disk.testing.client import Client, DaemonGone, ctr_text
 from ulog_disk.testing.kernel import acknowledged, bits_of, log_of
@@ -475,10 +475,10 @@ def test_many_host_reboots_keep_the_state(tmp_path: Path) -> None:
     try:
         for boot in range(1, 361):
             backend = LmdbBackend(tmp_path / "state")
-            engine = Engine(backend, boot_id=f"boot-{boot}")
+            engine = Applier.over(backend, boot_id=f"boot-{boot}")
             engine.restore()
 
-            def call(rtype: T, data: bytes = b"", luid: int = boot, engine: Engine = engine) -> wire.Reply:
+            def call(rtype: T, data: bytes = b"", luid: int = boot, engine: Applier = engine) -> wire.Reply:
                 return engine.handle_now(wire.Request(luid=luid, uuid=uuid, version=3, seq=1,
                                                       request_type=rtype, data=data))
 

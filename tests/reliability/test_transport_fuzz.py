@@ -44,8 +44,8 @@ from rel_lib import figures, launch, scale
 from test_engine_fuzz import damage as damage_fields
 
 from ulog_disk import wire
+from ulog_disk.applier import Applier
 from ulog_disk.backends.memory import MemoryBackend
-from ulog_disk.engine import Engine
 from ulog_disk.journal import parse_segment_name
 from ulog_disk.store_format import decode_dir_name
 from ulog_disk.testing.client import Client, NoReply
@@ -250,7 +250,7 @@ class Pair:
     def __init__(self, daemon: Daemon, reference_dir: Path):
         self.daemon = daemon
         self.client = Client(daemon.socket_path, timeout=REPLY_TIMEOUT)  # type: ignore[arg-type]
-        self.reference = Engine(MemoryBackend(reference_dir), boot_id=BOOT)
+        self.reference = Applier.over(MemoryBackend(reference_dir), boot_id=BOOT)
         self.stats = Stats()
         self.seq = 0
         self.internal_errors: list[str] = []

@@ -49,8 +49,8 @@ import benchlib  # noqa: E402
 from benchlib import STRIDE, LmdbFloor, Row, SyncWriter, ctr_string, human_count  # noqa: E402
 
 from ulog_disk import wire  # noqa: E402
+from ulog_disk.applier import Applier  # noqa: E402
 from ulog_disk.backends.lmdb_store import LmdbBackend  # noqa: E402
-from ulog_disk.engine import Engine  # noqa: E402
 from ulog_disk.kernelmodel import KernelConnection, UserspaceLog  # noqa: E402
 from ulog_disk.regionlog import chunk_count  # noqa: E402
 from ulog_disk.testing.client import Client, LeanClient  # noqa: E402
@@ -600,7 +600,7 @@ def bench_resume(s: Suite) -> None:
         reads.append(time.perf_counter() - t)
         backend = LmdbBackend(state)
         t = time.perf_counter()
-        engine = Engine(backend, boot_id=boot)
+        engine = Applier.over(backend, boot_id=boot)
         engine.restore()
         restores.append(time.perf_counter() - t)
         if (uuid, luid) not in engine.table:
@@ -633,7 +633,7 @@ def bench_resume(s: Suite) -> None:
                      f"medians {median(restart_total) * MS:.1f} and {median(empty_start) * MS:.1f} ms; "
                      f"{quick_note}".rstrip("; "))
     rs = median(restores) * MS
-    s.ratio_row(5, f"in-process Engine.restore() of the {label}-region store", rs, "ms", median(reads) * MS,
+    s.ratio_row(5, f"in-process Applier.restore() of the {label}-region store", rs, "ms", median(reads) * MS,
                 f"read data.mdb ({data_mdb.stat().st_size >> 20} MiB, page cache)", None,
                 absolute=(rs, 50, "ms"))
     s.ratio_row(5, f"RESUME with hand-over (new luid after a reboot), {label} regions: adopt + rewrite all",

@@ -34,8 +34,8 @@ from typing import ClassVar
 import pytest
 
 from .. import wire
+from ..applier import Applier
 from ..backends.base import Backend
-from ..engine import Engine
 from ..wire import RequestType as T
 from . import launcher
 from .client import Client
@@ -51,13 +51,12 @@ DIRTY = 3
 UNSYNCED = 9
 
 
-def settle(engine: Engine) -> None:
+def settle(engine: Applier) -> None:
     """Run the store writes the daemon runs in the background until none is left."""
     while engine.unstored:
         pending = engine.checkpoint(next(iter(engine.unstored)))
-        if pending is not None and pending.job is not None:
-            pending.job()
-            pending.complete(None)
+        if pending is not None:
+            engine.complete_now(pending)
 
 
 def write_state(k: Kernel, luid: int) -> None:
@@ -114,10 +113,10 @@ class BackendConformance:
     def start(self, state_dir: Path) -> Iterator[Callable[..., Kernel]]:
         """start(boot_id) → a Kernel on a new engine over a new backend of the state directory,
         restored as the daemon restores it at start-up; closed at the end unless stopped."""
-        live: list[Engine] = []
+        live: list[Applier] = []
 
         def start(boot_id: str = "boot-1") -> Kernel:
-            engine = Engine(self.backend_class(state_dir), boot_id=boot_id)
+            engine = Applier.over(self.backend_class(state_dir), boot_id=boot_id)
             engine.restore()
             live.append(engine)
             return Kernel(engine, uuid=UUID, ctr=NOSYNC)
@@ -135,9 +134,7 @@ class BackendConformance:
         self._live.remove(engine)
         if how == "stop":
             for pending in engine.commit_all():
-                if pending.job is not None:
-                    pending.job()
-                pending.complete(None)
+                engine.complete_now(pending)
         engine.backend.close()
 
     # --- restore ----------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The kernel in-process: requests as dm-log-userspace sends them, straight into an engine.
 
 Every request goes through the wire both ways (``encode_request`` → ``decode_frame`` →
-``Engine.handle_now`` → ``encode_reply`` → ``decode_reply``), so what a test checks is what the
+``Applier.handle_now`` → ``encode_reply`` → ``decode_reply``), so what a test checks is what the
 kernel would read; the engine's backend work runs inline (``handle_now``). No daemon, no socket,
 no threads: for the engine's rules and a backend's behaviour under them.
 """
@@ -9,7 +9,7 @@ no threads: for the engine's rules and a backend's behaviour under them.
 from __future__ import annotations
 
 from .. import wire
-from ..engine import Engine
+from ..applier import Applier
 from ..regionlog import RegionLog
 from ..wire import Request, RequestType
 
@@ -20,7 +20,7 @@ class Kernel:
     """One global seq, as the kernel has; every call names its log by ``luid``/``uuid``, or uses
     the driver's defaults (and ``ctr`` as the default constructor string)."""
 
-    def __init__(self, engine: Engine, uuid: str = "LVM-testing", luid: int = 1,
+    def __init__(self, engine: Applier, uuid: str = "LVM-testing", luid: int = 1,
                  ctr: str | bytes = "32768 clustered-core 1024", seq: int = 1000):
         self.engine = engine
         self.uuid = uuid

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import capture, wire
+from .. import capture, requests, wire
 from ..wire import RequestType
 from .common import ranges
 
@@ -98,10 +98,10 @@ def describe_payload(frame: Frame) -> str:
 
 
 def request_payload(request_type: int, data: bytes) -> dict[str, Any]:
-    """A request's data as the request table (:data:`wire.PAYLOADS`) names it; a region list
+    """A request's data as the request table (:data:`ulog_disk.requests.REQUESTS`) names it; a region list
     also as a count and ranges."""
     try:
-        p = wire.parse_payload(request_type, data)
+        p = requests.parse_payload(request_type, data)
     except ValueError as exc:
         return {"problem": str(exc), "hex": data.hex()}
     if "regions" in p:
@@ -113,7 +113,7 @@ def reply_payload(request_type: int | None, data: bytes) -> dict[str, Any]:
     if request_type is None:  # an unpaired reply: its own header's type is all there is
         return {"hex": data.hex()} if data else {}
     try:
-        return wire.parse_payload(request_type, data, reply=True)
+        return requests.parse_payload(request_type, data, reply=True)
     except ValueError as exc:
         return {"problem": str(exc), "hex": data.hex()}
 
