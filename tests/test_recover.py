@@ -386,7 +386,7 @@ def test_verify_finds_each_broken_invariant(tmp_path: Path) -> None:
         (state / seg).write_bytes(jn.encode_segment_header(bytes(16), 1 << 40, 0, 1.0).ljust(8192, b"\0"))
 
     cases = {
-        "padding": (padding, "error", "padding bits past region 99 are set"),
+        "padding": (padding, "warning", "padding bits past region 99 are set"),
         "flipped_bit": (flipped_bit, "error", "chunk 0 of clean.0000000000000010 fails its checksum"),
         "wrong_length": (wrong_length, "error", "chunk 0 holds 5 bytes, 13 expected for 100 regions"),
         "past_geometry": (past_geometry, "error", "chunk 3 lies past the 1 chunk(s) of 100 regions"),

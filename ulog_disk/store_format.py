@@ -126,6 +126,16 @@ def damaged_dir_name(name: str, when: int, attempt: int = 0) -> str:
     return name + suffix
 
 
+def parse_damaged_dir_name(name: str) -> tuple[str | None, int | None] | None:
+    """(uuid, unix time) of a name :func:`damaged_dir_name` made (either None when that part
+    does not read), or None for any other name."""
+    base, sep, rest = name.partition(DAMAGED_INFIX)
+    if not sep:
+        return None
+    stamp = rest.split(".", 1)[0]
+    return decode_dir_name(base), int(stamp) if stamp.isdigit() else None
+
+
 # --- names inside an environment -----------------------------------------------------------------
 
 FORMAT_KEY = b"format"

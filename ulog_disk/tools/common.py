@@ -15,9 +15,11 @@ from typing import Any, TextIO
 
 from bitarray import bitarray
 
+from .. import journal as jn
 from ..bootid import read_boot_id
 from ..regionlog import format_ranges
 from ..statedir import DEFAULT_STATE_DIR, lock_holder
+from ..store_format import decode_dir_name, parse_damaged_dir_name
 
 #: Version of every ``--json`` document (``formats/tools-json.md``); bumped on an incompatible
 #: change of the keys.
@@ -181,6 +183,18 @@ def state_dir_of(args: argparse.Namespace) -> Path:
     return given or pos or Path(DEFAULT_STATE_DIR)
 
 
+def is_journal_file(name: str) -> bool:
+    """A journal segment, or one being made (``journal.<start>.new``)."""
+    return jn.parse_segment_name(name.removesuffix(".new")) is not None
+
+
+def is_state_entry(name: str) -> bool:
+    """True for a name only the daemon puts in a state directory: its lock file, a journal
+    segment, a store directory or one moved aside."""
+    return (name == "lock" or is_journal_file(name) or decode_dir_name(name) is not None
+            or parse_damaged_dir_name(name) is not None)
+
+
 def state_dir_problem(path: Path, fresh_ok: bool = False) -> str | None:
     """Why ``path`` is not a state directory a tool can work on, or None.
 
@@ -190,8 +204,6 @@ def state_dir_problem(path: Path, fresh_ok: bool = False) -> str | None:
     empty store. ``fresh_ok`` (import, which may start a state directory) also accepts a missing
     or empty directory.
     """
-    from .storeview import is_state_entry  # storeview imports this module
-
     try:
         names = os.listdir(path)
     except FileNotFoundError:

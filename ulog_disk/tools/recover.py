@@ -21,12 +21,13 @@ from bitarray import bitarray
 from .. import __version__, disklog, regionlog
 from .. import journal as jn
 from ..backends.base import Commit, StoredState
-from ..backends.lmdb_store import DIR_MODE, FILE_MODE, MAX_DBS, LmdbBackend
+from ..backends.lmdb_env import DIR_MODE, FILE_MODE, open_readonly
+from ..backends.lmdb_store import LmdbBackend
 from ..cli import ToolParser, fill, tool_parser
 from ..lifecycle import replaces_retained
 from ..statedir import StateDirLock
 from ..statedir import prepare as prepare_state_dir
-from ..store_format import split_chunks
+from ..store_format import StoreFormatError, split_chunks
 from . import storeview as sv
 from .common import (
     EXIT_OK,
@@ -523,14 +524,13 @@ def cmd_backup(args: argparse.Namespace) -> int:
         out.mkdir(mode=DIR_MODE)
         error = None
         try:
-            env = lmdb.open(str(ev.path), readonly=True, lock=True, subdir=True, max_dbs=MAX_DBS,
-                            create=False, mode=FILE_MODE)
+            env = open_readonly(ev.path)
             try:
                 env.copy(str(out), compact=True)  # one read transaction: a committed snapshot
             finally:
                 env.close()
             os.chmod(out / "data.mdb", FILE_MODE)
-        except lmdb.Error as exc:
+        except (lmdb.Error, StoreFormatError) as exc:
             error = f"LMDB copy failed: {exc}"
         # Read back against the copied journal: what a daemon started on the backup restores.
         check = None if error else sv.read_env(out, ev.uuid, boot_id, journal=copied_journal)

@@ -5,22 +5,26 @@ reader registers in LMDB's reader table like any reader and reads one snapshot i
 transaction, so it never waits for the daemon's write lock, and the daemon's commits never wait
 for it (LMDB writers do not block on readers; they only keep the pages the snapshot uses). A
 snapshot is a committed transaction: the tools see the store exactly as a restart would.
-Records are decoded with :mod:`ulog_disk.store_format` only.
+The store is read and judged by the daemon's own reader (:mod:`ulog_disk.backends.lmdb_reader`):
+the same snapshot, the same decoding, the same findings (an ``error`` is what makes the daemon
+refuse the store).
 
 The daemon-wide journal (``formats/journal.md``) is scanned once per read, before any store
-(:func:`read_store` says why), and every instance of a layout-3 store is given to
-:func:`~ulog_disk.backends.lmdb_store.plan_replay`, the function the daemon's restore uses: the
-bitmaps shown are the stored ones with the same ops replayed, and an instance the restore would
-distrust (no checkpoint, a checkpoint naming a journal that is not there, journal damage after
-its checkpoint) is shown all dirty and out of sync, with a warning. A layout-1/2 store is read as
-it is, its per-instance journal files folded in by the rule of its migration to layout 3.
+(:func:`read_store` says why), and every instance of a layout-3 store gets the journal records
+:func:`~ulog_disk.backends.lmdb_reader.plan_replay` picks for the daemon's restore; the bitmaps
+shown are what a restart serves from them, by :mod:`ulog_disk.restore`'s rule: the stored ones
+with the same ops replayed, and an instance the restore would distrust (no checkpoint, a
+checkpoint naming a journal that is not there, journal damage after its checkpoint) all dirty and
+out of sync, with a warning. A layout-1/2 store is read as it is, its per-instance journal files
+folded in as its migration to layout 3 folds them (:func:`~ulog_disk.backends.lmdb_reader.old_journal`).
 
 py-lmdb refuses to open one environment twice in one process, so an environment is opened,
 read whole into Python objects and closed again before anything else (the write paths of
 ``ulog-recover``, which go through :class:`~ulog_disk.backends.lmdb_store.LmdbBackend`) opens it.
 
-Verdicts (``ulog-recover list``), first match wins; whether a state is ever handed over again is
-decided by :mod:`ulog_disk.lifecycle`, the rules the daemon applies:
+Verdicts (``ulog-recover list``), first match wins; whether a state is ever handed over again, and
+which one is the uuid's newest, is decided by :mod:`ulog_disk.lifecycle`, the rules the daemon
+applies:
 
 ``damaged``      the instance's records fail verification (the daemon would move the whole store
                  of its uuid aside at its next start), or the store cannot be opened at all.
@@ -49,52 +53,36 @@ import lmdb
 from bitarray import bitarray
 
 from .. import journal as jn
-from ..backends.lmdb_store import DIR_MODE, FILE_MODE, MAX_DBS, journal_records_by_instance, plan_replay
-from ..lifecycle import IN_USE, never_handed_over, outranked
-from ..regionlog import CHUNK_BYTES, RegionLog, chunk_count, exact_bits
+from .. import restore
+from ..backends.lmdb_env import DIR_MODE, FILE_MODE, open_readonly
+from ..backends.lmdb_reader import (
+    ERROR,
+    NOTE,
+    WARNING,
+    Finding,
+    Snapshot,
+    decode_store,
+    journal_records_by_instance,
+    old_journal,
+    plan_replay,
+    snapshot,
+)
+from ..lifecycle import IN_USE, never_handed_over, newest_state, outranked
+from ..regionlog import exact_bits
 from ..store_format import (
-    CHECKPOINT_KEY,
-    DAMAGED_INFIX,
-    FORMAT_KEY,
-    JOURNAL_HEADER_SIZE,
     LAYOUT_VERSION,
-    RECORD_KEY,
-    RETAINED_CLEAN,
-    RETAINED_META,
-    RETAINED_SYNC,
     CheckpointRecord,
     FormatRecord,
-    JournalHeader,
     MetaRecord,
     RetainedRecord,
-    StoreFormatError,
-    bitmap_bytes,
-    chunk_length,
-    decode_chunk_key,
     decode_dir_name,
-    decode_journal_ops,
     instance_db_name,
     journal_file_name,
-    parse_instance_db_name,
-    read_checkpoint_value,
-    read_format_value,
-    record_bytes,
-    unseal_chunk,
+    parse_damaged_dir_name,
 )
-from .common import DaemonStatus, bit_ranges, daemon_status, iso, luid_hex, ranges, when
+from .common import DaemonStatus, bit_ranges, daemon_status, is_journal_file, iso, luid_hex, when
 
-ERROR, WARNING, NOTE = "error", "warning", "note"
 _JOURNAL_NAME = re.compile(r"journal\.([0-9a-f]{16})")
-
-
-@dataclass
-class Finding:
-    level: str
-    where: str
-    message: str
-
-    def as_json(self) -> dict[str, str]:
-        return {"level": self.level, "where": self.where, "message": self.message}
 
 
 @dataclass
@@ -103,12 +91,12 @@ class JournalView:
 
     Layout 3: the daemon-wide journal (``formats/journal.md``). ``checkpoint`` is the instance's
     checkpoint record; ``records``, ``ops`` and ``damaged`` come from
-    :func:`~ulog_disk.backends.lmdb_store.plan_replay`, the function the daemon's restore calls,
+    :func:`~ulog_disk.backends.lmdb_reader.plan_replay`, the function the daemon's restore calls,
     so the state shown is the one the daemon would restore.
 
     Layouts 1-2: the instance's own ``journal.<luid>`` file, which the daemon folds into the
-    bitmaps when it migrates the store to layout 3 (by the rule of
-    ``LmdbBackend._fold_old_journal``), then removes.
+    bitmaps when it migrates the store to layout 3
+    (:func:`~ulog_disk.backends.lmdb_reader.old_journal` judges it for both), then removes.
     """
 
     layout: int
@@ -424,111 +412,32 @@ def _mode_findings(ev: EnvView) -> None:
         ev.findings.append(Finding(ERROR, "store", f"cannot read the directory: {exc}"))
 
 
-def _read_txn(env: lmdb.Environment, txn: lmdb.Transaction, ev: EnvView
-              ) -> tuple[dict[bytes, bytes], dict[bytes, dict[bytes, bytes]]]:
-    """Every record of the environment: plain records of the main database, and every
-    sub-database read whole (which makes LMDB walk every page of it)."""
-    plain: dict[bytes, bytes] = {}
-    subs: dict[bytes, dict[bytes, bytes]] = {}
-    for name, value in list(txn.cursor()):
-        try:
-            db = env.open_db(name, txn=txn, create=False)
-        except lmdb.IncompatibleError:
-            plain[name] = value
-            continue
-        ev.databases[name.decode("latin-1")] = dict(txn.stat(db))
-        subs[name] = dict(txn.cursor(db=db))
-    return plain, subs
-
-
-def _bitmap(ev: EnvView, sv: StateView, what: str, chunks: dict[bytes, bytes] | None, chunk_bytes: int,
-            expect_whole: bool) -> bytes:
-    """Assemble one bitmap (sub-database ``what``) from its chunks, reporting every chunk that
-    fails its checksum or does not fit; such a chunk reads as zeros (dirty, out of sync)."""
-    sealed = ev.format is None or ev.format.sealed
-    count = sv.region_count
-    total = bitmap_bytes(count)
-    n = chunk_count(count, chunk_bytes)
-    out = bytearray(total)
-    seen: set[int] = set()
-    for key, value in (chunks or {}).items():
-        try:
-            index = decode_chunk_key(key)
-        except StoreFormatError as exc:
-            sv.findings.append(Finding(ERROR, what, f"bad chunk key {key.hex()}: {exc}"))
-            continue
-        if index >= n:
-            sv.findings.append(Finding(ERROR, what, f"chunk {index} lies past the {n} chunk(s) of "
-                                       f"{count} regions (geometry does not match the bitmap)"))
-            continue
-        want = chunk_length(index, count, chunk_bytes)
-        seen.add(index)
-        try:
-            value = unseal_chunk(what.encode("latin-1"), key, value, sealed)
-        except StoreFormatError as exc:
-            sv.findings.append(Finding(ERROR, what, str(exc)))
-            continue
-        if len(value) != want:
-            sv.findings.append(Finding(ERROR, what, f"chunk {index} holds {len(value)} bytes, {want} "
-                                       f"expected for {count} regions"))
-            continue
-        out[index * chunk_bytes : index * chunk_bytes + want] = value
-    missing = sorted(set(range(n)) - seen)
-    if missing and expect_whole:
-        sv.findings.append(Finding(WARNING, what, f"chunk(s) {ranges(missing)} missing: read as dirty and "
-                                   "out of sync (every commit since the first writes whole bitmaps)"))
-    if count % 8 and total and out[-1] >> (count % 8):
-        sv.findings.append(Finding(ERROR, what, f"padding bits past region {count - 1} are set "
-                                   f"(last byte {out[-1]:#04x})"))
-    return bytes(out)
-
-
-
-
 def _read_old_journal(ev: EnvView, sv: StateView, boot_id: str) -> None:
-    """Layouts 1-2: the instance's own journal file, judged by the rule the migration to layout 3
-    folds it in with (``LmdbBackend._fold_old_journal``): only for an instance of this boot, only a
-    journal whose header follows the meta's commit; an unreadable header, one naming another luid
-    or one ahead of the meta's commit makes the instance all dirty and out of sync."""
+    """Layouts 1-2: the instance's own journal file, as the migration to layout 3 folds it in
+    (:func:`~ulog_disk.backends.lmdb_reader.old_journal`, which the migration calls too)."""
     assert sv.meta is not None and sv.luid is not None
     where = f"luid {luid_hex(sv.luid)}"
-    jv = JournalView(layout=ev.format.version if ev.format else 1,
-                     path=ev.path / journal_file_name(sv.luid), same_boot=sv.meta.boot_id == boot_id)
+    name = journal_file_name(sv.luid)
+    j = old_journal(sv.meta, ev.journal_data.get(name), boot_id)
+    jv = JournalView(layout=ev.format.version if ev.format else 1, path=ev.path / name, same_boot=j.same_boot,
+                     exists=j.exists, size=j.size, damaged=j.damaged)
     sv.journal = jv
-    data = ev.journal_data.get(jv.path.name)  # type: ignore[union-attr]
-    if data is None:
-        return
-    jv.exists = True
-    name = jv.path.name  # type: ignore[union-attr]
-    if isinstance(data, OSError):
-        jv.problem = f"cannot read: {data}"
+    if j.unreadable is not None:
+        jv.problem = j.unreadable
         sv.findings.append(Finding(WARNING, where, f"journal {name}: {jv.problem}"))
         return
-    jv.size = len(data)
-    if not data or not jv.same_boot:
-        return  # nothing to fold, or another boot: the migration drops it unread
-    try:
-        header = JournalHeader.decode(data)
-    except StoreFormatError as exc:
-        jv.damaged = f"its journal {name} has an unreadable header ({exc})"
-    else:
-        jv.header_luid, jv.header_seq = header.luid, header.commit_seq
-        if header.luid != sv.luid:
-            jv.damaged = f"its journal {name} names luid {luid_hex(header.luid)}"
-        elif header.commit_seq > sv.meta.commit_seq:
-            jv.damaged = (f"its journal {name} follows commit {header.commit_seq}, newer than the meta's "
-                          f"commit {sv.meta.commit_seq}")
-        elif header.commit_seq < sv.meta.commit_seq:
-            jv.problem = (f"stale: follows commit {header.commit_seq}, the meta holds commit "
-                          f"{sv.meta.commit_seq}; its ops are in the commit, the migration drops it")
+    if j.header is not None:
+        jv.header_luid, jv.header_seq = j.header.luid, j.header.commit_seq
+    if j.stale:
+        jv.problem = (f"stale: follows commit {jv.header_seq}, the meta holds commit {sv.meta.commit_seq}; "
+                      "its ops are in the commit, the migration drops it")
+        sv.findings.append(Finding(NOTE, where, f"journal {name}: {jv.problem}"))
+        return
+    if j.folded:
+        jv.ops, jv.follows_meta, jv.replayed = j.ops, True, True
+        if j.cut:
+            jv.problem = f"{j.cut} (the migration folds the ops before it)"
             sv.findings.append(Finding(NOTE, where, f"journal {name}: {jv.problem}"))
-            return
-        else:
-            ops, _valid, cut = decode_journal_ops(data[JOURNAL_HEADER_SIZE:])
-            jv.ops, jv.follows_meta, jv.replayed = ops, True, True
-            if cut:
-                jv.problem = f"{cut} (the migration folds the ops before it)"
-                sv.findings.append(Finding(NOTE, where, f"journal {name}: {jv.problem}"))
     if jv.damaged:
         sv.findings.append(Finding(WARNING, where, f"{jv.damaged}: the daemon's migration to layout 3 "
                                    "takes every region of this instance as dirty and out of sync (a full "
@@ -542,7 +451,7 @@ def _plan_journal(sv: StateView, ckpt: CheckpointRecord | None, journal: Journal
     where = f"luid {luid_hex(sv.luid)}"
     scan = journal.scan if journal is not None else jn.Scan(Path("."))
     records = journal.records_of(sv.meta.uuid, sv.luid) if journal is not None else []
-    plan = plan_replay(sv.meta, ckpt, records, scan, scan.journal_id, boot_id)
+    plan = plan_replay(sv.meta, ckpt, records, scan, scan.journal_id)
     jv = JournalView(layout=3, checkpoint=ckpt, ops=plan.ops, replayed=True, damaged=plan.damaged,
                      records=plan.records, first=plan.first, same_boot=sv.meta.boot_id == boot_id)
     start = ckpt.position if ckpt is not None else 0
@@ -567,146 +476,55 @@ def _plan_journal(sv: StateView, ckpt: CheckpointRecord | None, journal: Journal
 
 
 def _apply_journal(sv: StateView) -> None:
-    """The engine's restore: ``RegionLog.replay`` of the planned ops, then ``distrust_all`` when
-    the journal is damaged (``Engine._restore_instance``)."""
-    log = RegionLog.from_bitmaps(sv.region_count, sv.committed_clean, sv.committed_sync)
+    """What a restart serves: :mod:`ulog_disk.restore`'s rule over the planned ops."""
     j = sv.journal
-    if j is not None and j.replayed:
-        log.replay(j.ops)
-    if j is not None and j.damaged:
-        log.distrust_all()
+    ops = j.ops if j is not None and j.replayed else []
+    log = restore.replayed(sv.region_count, sv.committed_clean, sv.committed_sync, ops,
+                           j.damaged if j is not None and j.damaged else None).log
     sv.clean = log.clean[: sv.region_count]
     sv.sync = log.sync[: sv.region_count]
 
 
-def _decode_env(ev: EnvView, plain: dict[bytes, bytes], subs: dict[bytes, dict[bytes, bytes]],
-                boot_id: str, journal: JournalState | None) -> None:
-    uuid = ev.uuid
-    raw_format = plain.pop(FORMAT_KEY, None)
-    chunk_bytes = 0
-    if raw_format is None:
-        if plain or subs:
-            ev.findings.append(Finding(ERROR, "store", "the environment holds data but no format record"))
-        else:
-            ev.findings.append(Finding(NOTE, "store", "empty environment (no records yet)"))
-    else:
-        try:
-            ev.format = read_format_value(raw_format)
-            chunk_bytes = ev.format.chunk_bytes
-            if uuid is not None and ev.format.uuid != uuid:
-                ev.findings.append(Finding(ERROR, "store", f"format record names uuid {ev.format.uuid!r}, "
-                                           f"the directory {uuid!r}"))
-            if not ev.format.sealed:
-                ev.findings.append(Finding(NOTE, "store", f"layout {ev.format.version}: values without "
-                                           f"checksums; the daemon migrates it to layout "
-                                           f"{LAYOUT_VERSION} when it next opens it"))
-            elif ev.format.version < LAYOUT_VERSION:
-                ev.findings.append(Finding(NOTE, "store", f"layout {ev.format.version}: the daemon migrates "
-                                           f"it to layout {LAYOUT_VERSION} when it next opens it (each "
-                                           "instance's journal file is folded into its bitmaps, then "
-                                           "removed)"))
-            elif chunk_bytes != CHUNK_BYTES:
-                ev.findings.append(Finding(NOTE, "store", f"written with {chunk_bytes}-byte chunks: the "
-                                           f"daemon re-chunks it to {CHUNK_BYTES} when it next opens it"))
-        except StoreFormatError as exc:
-            ev.findings.append(Finding(ERROR, "store", f"format record: {exc}"))
-    for name in plain:
-        ev.findings.append(Finding(WARNING, "store", f"unknown record {name!r} in the main database "
-                                   "(ignored by the daemon)"))
-    if uuid is None and ev.format is not None:
-        uuid = ev.uuid = ev.format.uuid
-    # Without a readable format record the layout is unknown: records are taken as sealed
-    # (this version's layout), so a layout-1 record reads as failing its checksum.
-    sealed = ev.format is None or ev.format.sealed
-    groups: dict[int, dict[str, dict[bytes, bytes]]] = {}
-    for name, content in subs.items():
-        parsed = parse_instance_db_name(name)
-        if parsed is not None:
-            groups.setdefault(parsed[1], {})[parsed[0]] = content
-        elif name not in (RETAINED_META, RETAINED_CLEAN, RETAINED_SYNC):
-            ev.findings.append(Finding(WARNING, "store",
-                                       f"unknown sub-database {name!r} (ignored by the daemon)"))
-    for luid in sorted(groups):
-        dbs = groups[luid]
-        if "meta" not in dbs:
-            kinds = "/".join(sorted(dbs))
-            ev.findings.append(Finding(WARNING, f"luid {luid_hex(luid)}", f"{kinds} sub-database(s) without "
-                                       "their meta (left over; ignored by the daemon)"))
-            continue
-        sv = StateView(uuid=uuid or "?", kind="instance", luid=luid)
+def _decode_env(ev: EnvView, snap: Snapshot, boot_id: str, journal: JournalState | None) -> None:
+    """The reader's decoding of one environment, as views, each state with what a restart serves."""
+    contents = decode_store(snap, ev.uuid)
+    ev.format = contents.format
+    ev.uuid = uuid = contents.uuid
+    ev.findings.extend(contents.findings)
+    layout = ev.format.version if ev.format is not None else LAYOUT_VERSION
+    for inst in contents.instances:
+        sv = StateView(uuid=uuid or "?", kind="instance", luid=inst.luid, findings=list(inst.findings))
         ev.instances.append(sv)
-        where = f"meta.{luid:016x}"
-        meta_db = dbs["meta"]
-        raw = meta_db.get(RECORD_KEY)
-        layout = ev.format.version if ev.format is not None else LAYOUT_VERSION
-        extra = set(meta_db) - ({RECORD_KEY, CHECKPOINT_KEY} if layout >= 3 else {RECORD_KEY})
-        if extra:
-            sv.findings.append(Finding(WARNING, where, f"unexpected keys {sorted(extra)!r}"))
-        if raw is None:
-            sv.findings.append(Finding(ERROR, where, "sub-database has no record"))
-            continue
-        try:
-            meta = MetaRecord.decode(record_bytes(where.encode(), raw, sealed))
-        except StoreFormatError as exc:
-            sv.findings.append(Finding(ERROR, where, str(exc)))
+        meta = inst.meta
+        if meta is None:
             continue
         sv.meta = meta
         sv.region_count, sv.generation = meta.region_count, meta.generation
         sv.committed_at = meta.committed_at
-        ckpt = None
-        raw_ckpt = meta_db.get(CHECKPOINT_KEY)
-        if layout >= 3 and raw_ckpt is not None:
-            try:
-                ckpt = read_checkpoint_value(where.encode(), raw_ckpt)
-            except StoreFormatError as exc:
-                sv.findings.append(Finding(ERROR, where, str(exc)))
-        if meta.luid != luid or (uuid is not None and meta.uuid != uuid):
-            sv.findings.append(Finding(ERROR, where, f"holds the record of uuid={meta.uuid!r} "
-                                       f"luid={luid_hex(meta.luid)}"))
-        if not meta.resumed and meta.generation != 0:
-            sv.findings.append(Finding(WARNING, where, f"never resumed but generation {meta.generation} "
-                                       "(only a RESUME gives an instance a generation)"))
-        if not chunk_bytes:
+        if not inst.bitmaps:
             continue
-        committed = meta.committed_at > 0
-        sv.committed_clean = _bitmap(ev, sv, f"clean.{luid:016x}", dbs.get("clean"), chunk_bytes, committed)
-        sv.committed_sync = _bitmap(ev, sv, f"sync.{luid:016x}", dbs.get("sync"), chunk_bytes, committed)
-        for kind in ("clean", "sync"):
-            if kind not in dbs:
-                sv.findings.append(Finding(NOTE, where, f"no {kind}.{luid:016x} sub-database"))
+        sv.committed_clean, sv.committed_sync = inst.clean, inst.sync
         if ev.kind == "store" and not sv.damaged:
             # The daemon reads a store moved aside never, a damaged one not for its data.
             if layout >= 3:
-                _plan_journal(sv, ckpt, journal, boot_id)
+                _plan_journal(sv, inst.checkpoint, journal, boot_id)
             else:
                 _read_old_journal(ev, sv, boot_id)
             _apply_journal(sv)
         else:
             sv.clean = exact_bits(sv.committed_clean, sv.region_count)
             sv.sync = exact_bits(sv.committed_sync, sv.region_count)
-    raw = subs.get(RETAINED_META, {}).get(RECORD_KEY)
-    if raw is not None or RETAINED_CLEAN in subs or RETAINED_SYNC in subs:
-        sv = StateView(uuid=uuid or "?", kind="retained")
+    r = contents.retained
+    if r is not None:
+        sv = StateView(uuid=uuid or "?", kind="retained", findings=list(r.findings))
         ev.retained = sv
-        if raw is None:
-            sv.findings.append(Finding(ERROR, "retained.meta", "retained bitmaps without a retained record"))
-        else:
-            try:
-                rr = RetainedRecord.decode(record_bytes(RETAINED_META, raw, sealed))
-            except StoreFormatError as exc:
-                sv.findings.append(Finding(ERROR, "retained.meta", str(exc)))
-            else:
-                sv.retained, sv.region_count, sv.generation = rr, rr.region_count, rr.generation
-                sv.committed_at = rr.committed_at
-                if uuid is not None and rr.uuid != uuid:
-                    sv.findings.append(Finding(ERROR, "retained.meta", f"names uuid {rr.uuid!r}"))
-                if chunk_bytes:
-                    sv.committed_clean = _bitmap(ev, sv, "retained.clean", subs.get(RETAINED_CLEAN),
-                                                 chunk_bytes, True)
-                    sv.committed_sync = _bitmap(ev, sv, "retained.sync", subs.get(RETAINED_SYNC),
-                                                chunk_bytes, True)
-                    sv.clean = exact_bits(sv.committed_clean, sv.region_count)
-                    sv.sync = exact_bits(sv.committed_sync, sv.region_count)
+        if r.record is not None:
+            sv.retained, sv.region_count, sv.generation = r.record, r.record.region_count, r.record.generation
+            sv.committed_at = r.record.committed_at
+            if r.bitmaps:
+                sv.committed_clean, sv.committed_sync = r.clean, r.sync
+                sv.clean = exact_bits(sv.committed_clean, sv.region_count)
+                sv.sync = exact_bits(sv.committed_sync, sv.region_count)
     luids = {s.luid for s in ev.instances}
     old_layout = ev.format is not None and ev.format.version < 3
     for name in ev.journals:
@@ -741,16 +559,15 @@ def read_env(path: Path, uuid: str | None, boot_id: str, kind: str = "store",
         except OSError as exc:
             ev.journal_data[name] = exc
     try:
-        env = lmdb.open(str(path), readonly=True, lock=True, subdir=True, max_dbs=MAX_DBS, create=False,
-                        mode=FILE_MODE)
-    except lmdb.Error as exc:
+        env = open_readonly(path)
+    except (lmdb.Error, OSError, ValueError) as exc:
         ev.findings.append(Finding(ERROR, "store", f"LMDB cannot open the environment: {exc}"))
         return ev
     try:
         for _attempt in range(3):
             try:
                 with env.begin() as txn:
-                    plain, subs = _read_txn(env, txn, ev)
+                    snap = snapshot(env, txn, stats=True)
                 break
             except lmdb.MapResizedError:
                 env.set_mapsize(0)  # the daemon grew the map meanwhile: adopt its size, read again
@@ -764,7 +581,8 @@ def read_env(path: Path, uuid: str | None, boot_id: str, kind: str = "store",
         return ev
     finally:
         env.close()
-    _decode_env(ev, plain, subs, boot_id, journal)
+    ev.databases = snap.databases
+    _decode_env(ev, snap, boot_id, journal)
     return ev
 
 
@@ -820,14 +638,20 @@ def _verdict(s: StateView, good: list[StateView], boot_id: str, ev: EnvView) -> 
 
 
 def newest(ev: EnvView) -> list[StateView]:
-    """The uuid's newest states: retained, or resumed instances not flagged superseded, at the
-    highest generation (one, unless the store is inconsistent). What the next RESUME adopts."""
+    """The uuid's newest states: what the next RESUME of a new instance of the uuid adopts, picked
+    by the hand-over rule (:func:`ulog_disk.lifecycle.newest_state`: this boot's instances, then
+    the gone states, the retained one and earlier boots' instances) among the states that can still
+    be handed over (readable, resumed, not flagged superseded); a state of generation 0 counts
+    too, so that the tools can act on it. First the rule's pick, then any other state of the same
+    generation (an inconsistent store, which ``verify`` reports). Empty: no state to adopt."""
     candidates = [s for s in ev.states if not s.damaged and s.clean is not None and s.resumed
                   and not (s.meta and s.meta.superseded)]
-    if not candidates:
+    instances = [s for s in candidates if s.kind == "instance" and s.boot_id == ev.boot_id]
+    gone = [s for s in candidates if s not in instances]
+    top = newest_state(-1, -1, instances, gone)
+    if top is None:
         return []
-    top = max(s.generation for s in candidates)
-    return [s for s in candidates if s.generation == top]
+    return [top] + [s for s in candidates if s is not top and s.generation == top.generation]
 
 
 def check_generations(ev: EnvView, boot_id: str) -> None:
@@ -861,20 +685,6 @@ def check_generations(ev: EnvView, boot_id: str) -> None:
                                    + ", ".join(s.label() for s in live)))
 
 
-def _moved_aside(name: str) -> tuple[str | None, int | None] | None:
-    """(uuid, unix time) of a ``<env name>.damaged-<time>[.<n>]`` directory, else None."""
-    base, sep, rest = name.partition(DAMAGED_INFIX)
-    if not sep:
-        return None
-    stamp = rest.split(".", 1)[0]
-    return decode_dir_name(base), int(stamp) if stamp.isdigit() else None
-
-
-def _is_journal_file(name: str) -> bool:
-    """A journal segment, or one being made (``journal.<start>.new``)."""
-    return jn.parse_segment_name(name.removesuffix(".new")) is not None
-
-
 def read_store(state_dir: Path, boot_id: str, uuids: Iterable[str] | None = None,
                only: Path | None = None, moved_aside: bool = True,
                journal: JournalState | None = None) -> StoreView:
@@ -906,7 +716,7 @@ def read_store(state_dir: Path, boot_id: str, uuids: Iterable[str] | None = None
         entries = sorted((Path(e.path) for e in os.scandir(state_dir)), key=lambda p: p.name)
     for path in entries:
         if not path.is_dir() or path.is_symlink():
-            if path.name != "lock" and not _is_journal_file(path.name):
+            if path.name != "lock" and not is_journal_file(path.name):
                 view.ignored.append(path.name)
             continue
         uuid = decode_dir_name(path.name)
@@ -915,7 +725,7 @@ def read_store(state_dir: Path, boot_id: str, uuids: Iterable[str] | None = None
                 continue
             ev = read_env(path, uuid, boot_id, journal=view.journal)
         else:
-            aside = _moved_aside(path.name)
+            aside = parse_damaged_dir_name(path.name)
             if aside is None:
                 view.ignored.append(path.name)
                 continue
@@ -931,14 +741,7 @@ def read_store(state_dir: Path, boot_id: str, uuids: Iterable[str] | None = None
 def env_dir_argument(path: Path) -> bool:
     """True if ``path`` is one environment directory (a uuid's store, or one moved aside)."""
     return path.is_dir() and (path / "data.mdb").exists() and (
-        decode_dir_name(path.name) is not None or _moved_aside(path.name) is not None)
-
-
-def is_state_entry(name: str) -> bool:
-    """True for a name only the daemon puts in a state directory: its lock file, a journal
-    segment, a store directory or one moved aside."""
-    return (name == "lock" or _is_journal_file(name) or decode_dir_name(name) is not None
-            or _moved_aside(name) is not None)
+        decode_dir_name(path.name) is not None or parse_damaged_dir_name(path.name) is not None)
 
 
 __all__ = ["EnvView", "Finding", "JournalState", "JournalView", "StateView", "StoreView", "instance_db_name",
