@@ -1,6 +1,6 @@
 """The backend conformance suite (ulog_disk.testing.conformance) run by every backend we know of:
 the two shipped ones and a third-party plugin, the minimal backend of docs/backends.md, read
-from the page itself so that the example there is one that passes (issue #14 item 6)."""
+from the page itself so that the example there is one that passes."""
 
 from __future__ import annotations
 

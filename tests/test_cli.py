@@ -1,4 +1,4 @@
-"""The three programs' command lines (issue #13 items 3-5): one vocabulary, errors found first and
+"""The three programs' command lines: one vocabulary, errors found first and
 said once in one line, the systemd unit and the manual pages.
 
 The tools run in-process (``test_dump.run_tool``); the daemon as a process, since what matters

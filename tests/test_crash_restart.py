@@ -1,4 +1,4 @@
-"""kill -9 of dm-ulogd (LMDB backend) at random moments, restart, and the two rules of issue #3 item 5.
+"""kill -9 of dm-ulogd (LMDB backend) at random moments, restart, and the two rules a restart keeps.
 
 A driver plays the kernel with one request in flight at a time and keeps an oracle: the region
 log as every *acknowledged* request left it, plus a snapshot at every acknowledged commit (FLUSH,

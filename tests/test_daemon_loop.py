@@ -265,7 +265,7 @@ def test_closing_the_group_commit_while_a_sync_runs_waits_for_it_and_returns(tmp
 
 def test_while_a_sync_stalls_requests_that_write_wait_and_the_others_are_answered(
         tmp_path: Path, monkeypatch) -> None:
-    """A stalled state disk (issue #12): once a sync has run longer than STALL_AFTER, a request
+    """A stalled state disk: once a sync has run longer than STALL_AFTER, a request
     that would write the journal is held (its write could block the loop); IN_SYNC, STATUS… are
     answered meanwhile; when the sync completes the held ones are served once each, in order."""
     monkeypatch.setattr(daemon_module, "STALL_AFTER", 0.0)

@@ -25,7 +25,7 @@ def make_mirror(conn: KernelConnection, uuid: str, luid: int, ctr: str, integrat
 
 
 def test_three_mirrors_full_lifecycle(daemon: Daemon) -> None:
-    """The acceptance sequence of issue #2: create, write, recover, suspend, reload, remove."""
+    """Three mirrors' whole life over the unix socket: create, write, recover, suspend, reload, remove."""
     conn = KernelConnection(str(daemon.socket_path), timeout=10)
     core = make_mirror(conn, "LVM-core", 0x1000, "65536 clustered-core 1024")
     integ = make_mirror(conn, "LVM-integ", 0x2000, "32768 clustered-core 512", integrated=True)
@@ -271,7 +271,7 @@ def test_every_request_gets_exactly_one_reply_whichever_thread_sends_it(tmp_path
 def test_an_empty_message_is_an_unanswerable_frame_not_the_end_of_the_connection(
         daemon: Daemon) -> None:
     """A zero-length SOCK_SEQPACKET message reads as b"" like a hang-up; the daemon must tell them
-    apart (issue #12: a fuzzer's empty probe closed its connection, and its next send got EPIPE)."""
+    apart (a fuzzer's empty probe once closed its connection, and its next send got EPIPE)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sock.connect(str(daemon.socket_path))
     sock.settimeout(10)
@@ -290,7 +290,7 @@ def test_an_empty_message_is_an_unanswerable_frame_not_the_end_of_the_connection
 
 
 def test_a_flood_of_junk_frames_logs_a_few_lines_and_counts_them_all(daemon: Daemon) -> None:
-    """Issue #12: 3000 junk frames gave ~1600 log lines. Now the first few of each kind per
+    """3000 junk frames once gave ~1600 log lines. Now the first few of each kind per
     interval, one summary, and the exact counts in the stop line."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sock.connect(str(daemon.socket_path))

@@ -1,4 +1,4 @@
-"""Engine semantics, one rule per test (issue #2 item 3; protocol ref §1.7, §3, §4, §5).
+"""Engine semantics, one rule per test (protocol ref §1.7, §3, §4, §5).
 
 Every request goes through the wire both ways (encode_request → decode_frame → Applier.handle_now →
 encode_reply → decode_reply), so the checks are on what the kernel would read.
@@ -848,7 +848,7 @@ def test_late_flush_of_the_old_instance_does_not_override_the_successor(k):
 @pytest.mark.parametrize("text", [CORE, b"32768 clustered-core 1024 nosync"])
 def test_a_reconnect_of_a_log_without_state_comes_back_all_dirty_and_out_of_sync(k, text, caplog):
     """The kernel reconnects (CTR + NUL) a log this daemon has no state for: its state directory was
-    lost or replaced (issue #12). Nothing may read as clean or in sync, 'nosync' or not; logged once."""
+    lost or replaced. Nothing may read as clean or in sync, 'nosync' or not; logged once."""
     with caplog.at_level(logging.WARNING, logger="ulog_disk.engine"):
         k.ctr(text, reconnect=True)
         k.ok(T.RESUME)
@@ -862,7 +862,7 @@ def test_a_reconnect_of_a_log_without_state_comes_back_all_dirty_and_out_of_sync
 # --- the kernel's resend after a timeout --------------------------------------------------------------
 # dm_consult_userspace() waits 15 s for a reply, then sends the same request again (same log, type and
 # payload) with a new seq and ignores any later reply to the old one. When the daemon was held up (a
-# stalled state disk, issue #12) it reads the original and the resend one after the other: together
+# stalled state disk) it reads the original and the resend one after the other: together
 # they must do exactly what one of them does.
 
 REGION = st.integers(0, 31)

@@ -1,4 +1,4 @@
-"""Property tests: hostile frames against wire + engine, and RegionLog invariants (issue #2 item 7).
+"""Property tests: hostile frames against wire + engine, and RegionLog invariants.
 
 * Random bytes and structurally valid but hostile frames go through ``wire.decode_frame`` and
   ``Applier.handle_now`` (memory backend). The only exception allowed is ``FrameError``; every

@@ -1,4 +1,4 @@
-"""Hand-over, retention, restart and resize through the engine on the LMDB store (issue #3, items 4-6).
+"""Hand-over, retention, restart and resize through the engine on the LMDB store.
 
 Every sequence is driven with kernel requests in the kernel's order (protocol ref §5.4, §5.5,
 §5.7) through ``Applier.handle_now``, and checks both the replies and what sits in the store.

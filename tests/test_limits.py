@@ -1,4 +1,4 @@
-"""Descriptor and memory limits (issue #12 item 4): a mirror that cannot be served fails its CTR
+"""Descriptor and memory limits: a mirror that cannot be served fails its CTR
 with a clear error and one log line naming the limit; every other mirror keeps working."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""dm-ulogd --metrics-file: the node_exporter textfile (issue #13 item 6)."""
+"""dm-ulogd --metrics-file: the node_exporter textfile."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""After a daemon restart: which restored instance's state a new luid may take (issue #3 item 5).
+"""After a daemon restart: which restored instance's state a new luid may take.
 
 A LIVE instance restored from the store is normally left alone (its kernel side may be live and
 simply idle). If the kernel resumes another luid of the uuid with a real RESUME while that restored

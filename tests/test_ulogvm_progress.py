@@ -1,4 +1,4 @@
-"""tools/vm/ulogvm.py's live output and demo summary (issue #13), without booting anything.
+"""tools/vm/ulogvm.py's live output and demo summary, without booting anything.
 
 The lines below are copied from a real demo run's console (results/…/console.log); the real-kernel
 tests show the same code at work under qemu."""

@@ -1,4 +1,4 @@
-"""ulog_disk.wire: frame decoding errors, type masking, payload parsers (issue #2 items 2 and 7).
+"""ulog_disk.wire: frame decoding errors, type masking, payload parsers.
 
 Frames are built with wire's own encoders and then damaged through wire's construct definitions
 (``CnMsg``/``UlogHeader``), so no offset is written down here.

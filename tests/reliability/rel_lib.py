@@ -1,4 +1,4 @@
-"""What the reliability tests (issue #7) share beyond :mod:`ulog_disk.testing`: their scale,
+"""What the reliability tests share beyond :mod:`ulog_disk.testing`: their scale,
 their figures, the daemon's defaults here, ``ulog-recover verify``.
 
 A module the test files here (and ``tests/kernel/test_faults.py``, for :func:`figures`) import by

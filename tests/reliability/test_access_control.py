@@ -1,4 +1,4 @@
-"""Who may talk to dm-ulogd (issue #7 item 4).
+"""Who may talk to dm-ulogd.
 
 * netlink: only the kernel (portid 0) may send requests. Frames from a userspace netlink socket,
   unicast to the daemon's portid or multicast to connector group 7, are dropped, logged and

@@ -1,4 +1,4 @@
-"""kill -9 at random instants over a mixed workload of several mirrors (issue #7 item 1).
+"""kill -9 at random instants over a mixed workload of several mirrors.
 
 Four mirrors, one driver thread each (its own connection: one kernel thread per log), run a mixed
 workload against one dm-ulogd (LMDB): writes (MARK + FLUSH, or marks carried in FLUSH), clears,

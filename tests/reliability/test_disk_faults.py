@@ -1,4 +1,4 @@
-"""Disk faults under the LMDB store (issue #7 item 3).
+"""Disk faults under the LMDB store.
 
 * **Full filesystem**: the state directory on a 24 MiB tmpfs the test mounts (room for the
   journal's 4 MiB segments), then filled with a filler file. One tmpfs holds every uuid's store

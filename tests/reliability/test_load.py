@@ -1,4 +1,4 @@
-"""64 mirrors on one daemon through the kernel model (issue #7 item 5).
+"""64 mirrors on one daemon through the kernel model.
 
 One dm-ulogd (LMDB) and one kernel connection shared by 64 mirror threads, as the kernel's one
 connector socket is shared by every kmirrord: each mirror writes (mark, flush, write both legs,

@@ -1,4 +1,4 @@
-"""Hostile frames through the real transport (issue #7 item 2).
+"""Hostile frames through the real transport.
 
 One dm-ulogd process (LMDB backend) behind its unix socket takes every frame, one at a time, as
 the kernel would send them. Beside it, a reference engine (the same engine over the memory

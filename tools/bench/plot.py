@@ -35,7 +35,8 @@ DPI = 100
 #: two columns under the axes at 9 pt.
 FIGSIZE = (10.0, 6.5)
 SIZE_PX = (round(FIGSIZE[0] * DPI), round(FIGSIZE[1] * DPI))
-#: The rewrite target (issue #6) is set at 32 M regions: FLUSH <= 0.25 x the whole-bitmap rewrite.
+#: FLUSH <= 0.25 x a whole-bitmap rewrite (what the kernel's disk log and cmirrord pay), judged at
+#: 32 M regions, the largest size measured: where that rewrite costs the most.
 TARGET_REGIONS = 32 << 20
 TARGET_RATIO = 0.25
 

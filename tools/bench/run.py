@@ -224,7 +224,7 @@ def bench_flush(s: Suite) -> None:
     # The target is the daemon's: one FLUSH request's round trip from a client that costs what
     # the kernel's does (frame templates, one send and one recv in the caller's thread). The
     # kernel model's rows below add its reader thread's hand-off per reply (see the IN_SYNC rows).
-    # Targets of the journal (issue #11): a FLUSH costs one synchronous write, so one carrying its
+    # The journal's targets: a FLUSH costs one synchronous write, so one carrying its
     # marks is <= 1.5x the floor, and MARK_REGION then FLUSH (two round trips) <= 2.0x.
     for key, label, target in (("lean_itg", "one request carrying its marks (integrated_flush)", 1.5),
                                ("lean_flush", "after its MARK_REGION was answered", None)):
@@ -338,7 +338,7 @@ def bench_scale(s: Suite, out: Path, suffix: str) -> None:
         s.ratio_row(2, f"FLUSH p50 ({label}) {human_count(big)} vs {human_count(small)} regions", values[big],
                     "ms", values[small], f"FLUSH p50 at {human_count(small)}", 1.2, note)
     f4 = percentile(f4k, 50) * MS
-    # The journal's targets at the smallest and the largest size, lean client (issue #11): the
+    # The journal's targets at the smallest and the largest size, lean client: the
     # FLUSH's cost does not depend on the bitmap's size.
     lp = {size: percentile(lean_mf[size], 50) * MS for size in sizes}
     lpi = {size: percentile(lean_itg[size], 50) * MS for size in sizes}
@@ -782,7 +782,7 @@ def bench_mirrors(s: Suite) -> None:
     per_flush = [r[2] + r[3] for r in cpu[("lean", n)]]
     s.ratio_row(6, f"daemon CPU per FLUSH (user + system, with its MARK_REGION), {n} mirrors at once",
                 median(per_flush) * 1e6, "us", 500.0,
-                "~500 us measured before the journal (issue #11; a constant, not this run)", 0.5)
+                "~500 us measured before the daemon-wide journal (a constant, not this run)", 0.5)
     s.ratio_row(6, f"{n} mirrors at once, kernel-model clients (1 process each)",
                 median(results["kmodel"]["many"]), "flush/s", median(results["kmodel"]["one"]),
                 "one mirror alone, same client", None,

@@ -1,4 +1,5 @@
-"""Run the reliability tests of issue #7 and print their figures.
+"""Run the reliability tests (access control, hostile frames, disk faults, crash points, load) and
+print their figures.
 
     .venv/bin/python tools/reliability/run.py                # the default (CI) sizes, ~2 minutes
     .venv/bin/python tools/reliability/run.py --long         # >= 100 k frames, 1000 crash points,
