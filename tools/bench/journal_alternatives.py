@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import mmap
 import os
@@ -503,8 +504,27 @@ def _maps() -> int:
         return sum(1 for _ in f)
 
 
-def run_threads(n: int, body: Callable[[int, float], tuple[int, list[float]]], seconds: float
-                ) -> tuple[int, list[float], float]:
+#: A thread's work in a timed run: ``body(i, deadline)`` for thread ``i``; (count, latencies).
+Body = Callable[[int, float], tuple[int, list[float]]]
+
+
+def timed(one: Callable[[int], None]) -> Body:
+    """The body that does ``one(i)`` again and again until the deadline, timing each."""
+
+    def body(i: int, deadline: float) -> tuple[int, list[float]]:
+        lat: list[float] = []
+        while True:
+            t0 = time.perf_counter()
+            one(i)
+            t1 = time.perf_counter()
+            lat.append(t1 - t0)
+            if t1 >= deadline:
+                return len(lat), lat
+
+    return body
+
+
+def run_threads(n: int, body: Body, seconds: float) -> tuple[int, list[float], float]:
     """Run ``body(i, deadline)`` in ``n`` threads started together; (total count, all latencies,
     elapsed seconds)."""
     results: list[tuple[int, list[float]]] = [(0, [])] * n
@@ -556,24 +576,17 @@ def metric3(report: Report, work: Path, cfg: Config) -> None:
                 for c in range(32):
                     txn.put(c.to_bytes(4, "big"), value, db=clean)
 
-    Body = Callable[[int, float], tuple[int, list[float]]]
-
     def committer(lay: list[tuple[object, object, object]]) -> Body:
-        def body(i: int, deadline: float) -> tuple[int, list[float]]:
+        commits = [itertools.count(1) for _ in lay]
+
+        def one(i: int) -> None:
             env, meta, clean = lay[i]
-            lat: list[float] = []
-            k = 0
-            while True:
-                k += 1
-                t0 = time.perf_counter()
-                with env.begin(write=True) as txn:  # type: ignore[attr-defined]
-                    txn.put(b"record", k.to_bytes(8, "little") * 15, db=meta)
-                    txn.put((k * 7 % 32).to_bytes(4, "big"), value, db=clean)
-                t1 = time.perf_counter()
-                lat.append(t1 - t0)
-                if t1 >= deadline:
-                    return k, lat
-        return body
+            k = next(commits[i])
+            with env.begin(write=True) as txn:  # type: ignore[attr-defined]
+                txn.put(b"record", k.to_bytes(8, "little") * 15, db=meta)
+                txn.put((k * 7 % 32).to_bytes(4, "big"), value, db=clean)
+
+        return timed(one)
 
     floor_samples: list[float] = []
     runs: dict[str, list[tuple[int, list[float], float]]] = {k: [] for k in layouts}
@@ -655,20 +668,14 @@ class SharedLog:
         self.path.unlink(missing_ok=True)
 
 
-def own_sync(log: SharedLog) -> Callable[[int, float], tuple[int, list[float]]]:
-    def body(_i: int, deadline: float) -> tuple[int, list[float]]:
-        lat: list[float] = []
-        while True:
-            t0 = time.perf_counter()
-            log.append()
-            os.fdatasync(log.fd)
-            with log.cond:
-                log.syncs += 1
-            t1 = time.perf_counter()
-            lat.append(t1 - t0)
-            if t1 >= deadline:
-                return len(lat), lat
-    return body
+def own_sync(log: SharedLog) -> Body:
+    def one(_i: int) -> None:
+        log.append()
+        os.fdatasync(log.fd)
+        with log.cond:
+            log.syncs += 1
+
+    return timed(one)
 
 
 def syncer_thread(log: SharedLog) -> threading.Thread:
@@ -693,68 +700,50 @@ def syncer_thread(log: SharedLog) -> threading.Thread:
     return t
 
 
-def wait_syncer(log: SharedLog) -> Callable[[int, float], tuple[int, list[float]]]:
-    def body(_i: int, deadline: float) -> tuple[int, list[float]]:
-        lat: list[float] = []
-        while True:
-            t0 = time.perf_counter()
-            target = log.append()
-            with log.cond:
-                log.work.notify()
-                while log.durable < target:
+def wait_syncer(log: SharedLog) -> Body:
+    def one(_i: int) -> None:
+        target = log.append()
+        with log.cond:
+            log.work.notify()
+            while log.durable < target:
+                log.cond.wait()
+
+    return timed(one)
+
+
+def leader_follower(log: SharedLog) -> Body:
+    def one(_i: int) -> None:
+        target = log.append()
+        with log.cond:
+            while log.durable < target:
+                if log.syncing:
                     log.cond.wait()
-            t1 = time.perf_counter()
-            lat.append(t1 - t0)
-            if t1 >= deadline:
-                return len(lat), lat
-    return body
-
-
-def leader_follower(log: SharedLog) -> Callable[[int, float], tuple[int, list[float]]]:
-    def body(_i: int, deadline: float) -> tuple[int, list[float]]:
-        lat: list[float] = []
-        while True:
-            t0 = time.perf_counter()
-            target = log.append()
-            with log.cond:
-                while log.durable < target:
-                    if log.syncing:
-                        log.cond.wait()
-                        continue
-                    log.syncing = True
-                    upto = log.appended
-                    log.cond.release()
-                    try:
-                        os.fdatasync(log.fd)
-                    finally:
-                        log.cond.acquire()
-                        log.syncing = False
-                    log.durable = max(log.durable, upto)
-                    log.syncs += 1
-                    log.cond.notify_all()
-            t1 = time.perf_counter()
-            lat.append(t1 - t0)
-            if t1 >= deadline:
-                return len(lat), lat
-    return body
-
-
-def own_dsync(log: SharedLog) -> Callable[[int, float], tuple[int, list[float]]]:
-    fd = os.open(log.path, os.O_WRONLY | os.O_DSYNC)
-
-    def body(_i: int, deadline: float) -> tuple[int, list[float]]:
-        lat: list[float] = []
-        while True:
-            t0 = time.perf_counter()
-            log.append_dsync(fd)
-            with log.cond:
+                    continue
+                log.syncing = True
+                upto = log.appended
+                log.cond.release()
+                try:
+                    os.fdatasync(log.fd)
+                finally:
+                    log.cond.acquire()
+                    log.syncing = False
+                log.durable = max(log.durable, upto)
                 log.syncs += 1
-            t1 = time.perf_counter()
-            lat.append(t1 - t0)
-            if t1 >= deadline:
-                return len(lat), lat
+                log.cond.notify_all()
+
+    return timed(one)
+
+
+def own_dsync(log: SharedLog) -> Body:
+    fd = os.open(log.path, os.O_WRONLY | os.O_DSYNC)
     log.extra_fds.append(fd)
-    return body
+
+    def one(_i: int) -> None:
+        log.append_dsync(fd)
+        with log.cond:
+            log.syncs += 1
+
+    return timed(one)
 
 
 GROUP_MODES = {
