@@ -8,8 +8,9 @@ The request loop reads every queued frame and lets the engine answer it. Three k
   has the **group-commit** thread start one sync for every FLUSH waiting, and every FLUSH that
   arrives while it runs rides on the next one; that thread sends the replies. The loop itself
   never waits for the disk: while a sync takes longer than :data:`STALL_AFTER` (a slow or stalled
-  state disk), requests that would write the journal wait in a queue and everything else (IN_SYNC,
-  STATUS, GET_SYNC_COUNT…: the mirrors' reads, ``dmsetup status``) is still answered;
+  state disk), or the journal's next segment is not made yet (appends outran the store worker),
+  requests that would write the journal wait in a queue and everything else (IN_SYNC, STATUS,
+  GET_SYNC_COUNT…: the mirrors' reads, ``dmsetup status``) is still answered;
 * a lifecycle request (CTR, RESUME, POSTSUSPEND, DTR), once its store write has run on the
   **store worker**, the one thread that touches the LMDB stores, in order.
 
@@ -284,7 +285,8 @@ class Daemon:
         self.selector = selectors.DefaultSelector()
         self.stopping = False
         self.dropped_frames = 0
-        #: Requests held back while a journal sync is stalled (issue #12), in arrival order.
+        #: Requests that write the journal, held back while they would wait for the disk (a stalled
+        #: sync, or no next segment made yet), in arrival order.
         self.held: list[tuple[wire.Request, object]] = []
         self.held_total = 0
         #: Lines about frames a sender controls: rate-limited by kind (the counts stay exact).
