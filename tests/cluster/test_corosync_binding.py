@@ -221,3 +221,4 @@ def test_partition_and_heal(healthy: Rig, workers: dict[str, WorkerClient]) -> N
     logs = logs_agree(workers, max(logs_before) + 300)
     assert all(log["order_errors"] == [] for log in logs)
     assert len({log["count"] for log in logs}) == 1
+    assert len({log["digest"] for log in logs}) == 1, "the healed group delivered different orders"
