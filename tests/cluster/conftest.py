@@ -90,8 +90,14 @@ def workers(healthy: Rig, request: pytest.FixtureRequest) -> Iterator[dict[str, 
     group = f"t-{request.node.name}"[:100]
     started: dict[str, WorkerClient] = {}
     try:
+        # Started together: each is a Python start-up, a second on a loaded machine.
         for n in healthy.nodes:
-            started[n.name] = start_worker(healthy, n.name, group)
+            started[n.name] = WorkerClient(
+                worker_argv(), n.name,
+                popen=lambda argv, node=n.name, **kw: healthy.popen(node, argv, **kw))
+        joins = {name: w.submit("join", group=group) for name, w in started.items()}
+        for name, w in started.items():
+            w.info = w.result(joins[name], timeout=30)  # type: ignore[attr-defined]
         for w in started.values():
             wait_members(w, len(healthy.nodes))
         yield started
