@@ -346,9 +346,12 @@ class QuorumChange:
     members: tuple[int, ...]
 
 
+_REASONS = {r.value for r in Reason}
+
+
 def _addresses(array: Any, count: int) -> tuple[Address, ...]:
     return tuple(Address(array[i].nodeid, array[i].pid, Reason(array[i].reason)
-                         if array[i].reason in Reason._value2member_map_ else Reason.UNDEFINED)
+                         if array[i].reason in _REASONS else Reason.UNDEFINED)
                  for i in range(count))
 
 
@@ -640,7 +643,9 @@ class Quorum:
         return bool(value.value)
 
     def dispatch(self) -> list[QuorumChange]:
-        """The quorum changes corosync has for us now (never blocks); updates :attr:`quorate`."""
+        """The quorum changes corosync has for us now (never blocks); updates :attr:`quorate`.
+        When corosync is gone: :class:`ConnectionLost` (with the ``events`` before it), and
+        :attr:`quorate` is False from then on."""
         if self.closed:
             raise ConnectionLost("quorum_dispatch", CS_ERR_BAD_HANDLE, "the handle is closed")
         code = self._lib.quorum_dispatch(self._handle, CS_DISPATCH_ALL)
@@ -650,7 +655,11 @@ class Quorum:
         if code != CS_OK:
             self.lost = True
             self.quorate = False
-            _check("quorum_dispatch", code)
+            try:
+                _check("quorum_dispatch", code)
+            except CorosyncError as e:
+                e.events = events
+                raise
         return events
 
     def close(self) -> None:
