@@ -150,7 +150,7 @@ class GroupCommit:
     ``add`` and ``start`` run on the request loop, which therefore never waits for the disk. A
     sync on the loop itself would save a thread hand-off per FLUSH (docs/journal.md measures it),
     but a state disk that stalls during it would stop every mirror's reads and ``dmsetup status``
-    for as long as the stall lasts (issue #12).
+    for as long as the stall lasts.
     """
 
     def __init__(self, backend: Backend, send: Callable[[Reply, object], None],

@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from . import wire
+from . import restore, wire
 from .backends.base import (
     OP_CLEAR,
     OP_MARK,
@@ -324,18 +324,10 @@ class Engine:
     def _load_instance(self, stored: StoredInstance) -> None:
         rec = stored.record
         self._see_generation(rec.uuid, rec.generation)
-        if rec.boot_id != self.boot_id:
+        if restore.of_earlier_boot(stored, self.boot_id):
             # The kernel that owned this luid is gone (host reboot): its state is only a
             # candidate for hand-over, and its luid may be reused by an unrelated log.
-            state = RegionLog.from_bitmaps(rec.region_count, stored.clean, stored.sync)
-            state.replay(stored.journal)
-            if stored.journal_damaged:
-                state.distrust_all()
-            gone = StoredState(
-                uuid=rec.uuid, generation=rec.generation, region_count=rec.region_count,
-                clean=state.clean.tobytes(), sync=state.sync.tobytes(), source_luid=rec.luid,
-                committed_at=rec.committed_at,
-            )
+            gone = restore.handover_candidate(stored)
             self.gone.setdefault(rec.uuid, []).append(gone)
             self.earlier_boot.setdefault(rec.uuid, {})[rec.luid] = (gone, rec.resumed)
             log.info("found %s from an earlier boot (generation %d): kept for hand-over",
@@ -347,17 +339,13 @@ class Engine:
             log.error("stored %s has an unusable constructor %r (%s): not restored",
                       describe(rec.uuid, rec.luid), rec.ctr, exc)
             return
-        region_log = RegionLog.from_bitmaps(rec.region_count, stored.clean, stored.sync, rec.cursor)
-        replayed = region_log.replay(stored.journal)
-        if stored.journal_damaged:
+        rebuilt = restore.rebuild(stored)
+        if rebuilt.distrusted is not None:
             # What was answered since the last commit is unknown and the kernel will not send it
             # again: nothing of this log can be trusted to be clean or in sync.
             log.error("%s: journal damaged (%s): every region is taken as dirty and out of sync "
-                      "(full resync at the next resume)", describe(rec.uuid, rec.luid),
-                      stored.journal_damaged)
-            region_log.distrust_all()
-        region_log.restart_recovery()
-        region_log.cursor = rec.cursor
+                      "(full resync at the next resume)", describe(rec.uuid, rec.luid), rebuilt.distrusted)
+        region_log = rebuilt.log
         inst = Instance(
             uuid=rec.uuid, luid=rec.luid, ctr=ctr, state=State(rec.state), log=region_log,
             boot_id=rec.boot_id, generation=rec.generation, resumed=rec.resumed,
@@ -366,7 +354,7 @@ class Engine:
         self.table[inst.key] = inst
         log.info("restored %s state=%s generation=%d: %d/%d in sync, %d dirty, %d journal ops replayed",
                  describe(rec.uuid, rec.luid), rec.state, rec.generation, region_log.sync_count,
-                 region_log.region_count, len(region_log.dirty_regions()), replayed)
+                 region_log.region_count, len(region_log.dirty_regions()), rebuilt.replayed)
 
     def _see_generation(self, uuid: str, generation: int) -> None:
         if generation > self.generations.get(uuid, 0):

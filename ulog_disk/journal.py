@@ -49,8 +49,9 @@ from pathlib import Path
 
 import construct as c
 
-from .backends.base import OP_CLEAR, OP_MARK, OP_SET_NOSYNC, OP_SET_SYNC, Event
+from .backends.base import OP_CLEAR, OP_MARK, OP_SET_NOSYNC, OP_SET_SYNC
 from .fastpath import const, flat_struct
+from .requests import REQUESTS
 from .store_format import FLAG_RESUMED, FLAG_SUPERSEDED, STATES
 
 #: Bytes of a segment file, header included.
@@ -76,7 +77,10 @@ class Kind(IntEnum):
     SWITCH = 4   # the journal goes on in the segment starting at ``next_start``
 
 
-#: The lifecycle event codes an EVENT record may carry.
+#: The lifecycle event codes an EVENT record may carry: the request table's ``journal_event``
+#: column (code 3 is reserved for PRESUSPEND, which is not journaled).
+Event = IntEnum("Event", {kind.name: facts.journal_event for kind, facts in REQUESTS.items()
+                          if facts.journal_event is not None})
 _EVENTS = frozenset(int(e) for e in Event)
 
 #: Region ops of OPS and FLUSH records (the backend interface's ``OP_*`` codes).

@@ -25,7 +25,7 @@ neither re-derives them, and a backend only stores what the engine decided.
 
 A request a state does not list in :data:`TRANSITIONS` raises :class:`LifecycleError`.
 
-**One uuid** (protocol ref §5.4-§5.7; issue #3). Two instances of a uuid never share state; a
+**One uuid** (protocol ref §5.4-§5.7). Two instances of a uuid never share state; a
 resuming one may *copy* the uuid's newest state (hand-over). Generations say which is newest:
 
 * **Generations.** A commit of changed state takes the uuid's next generation when the state is

@@ -22,7 +22,6 @@ import abc
 import importlib.metadata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import IntEnum
 from pathlib import Path
 from typing import ClassVar
 
@@ -33,17 +32,6 @@ OP_MARK = 1
 OP_CLEAR = 2
 OP_SET_SYNC = 3
 OP_SET_NOSYNC = 4
-
-
-class Event(IntEnum):
-    """The lifecycle requests a backend hears of through ``log_event`` (numbered as the journal
-    stores them, ``formats/journal.md``)."""
-
-    CTR = 1
-    RESUME = 2
-    PRESUSPEND = 3
-    POSTSUSPEND = 4
-    DTR = 5
 
 
 class BackendError(OSError):
