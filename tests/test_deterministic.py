@@ -76,9 +76,7 @@ def replies_by_seq(outputs: list[Any], stream: list[tuple[Request, float]]) -> d
     """The replies a run sent (at once, or once its wait completed), by seq."""
     sent = {}
     for out in outputs:
-        if out[0] == "reply" or (out[0] == "step" and out[1] is not None):
-            sent[wire.decode_reply(out[1]).seq] = out[1]
-        elif out[0] == "completed" and out[1] is not None:
+        if out[0] in ("reply", "step", "completed") and out[1] is not None:
             sent[wire.decode_reply(out[1]).seq] = out[1]
     return sent
 
