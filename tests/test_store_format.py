@@ -333,3 +333,60 @@ def test_meta_fast_encoding_is_the_construct_definitions(**fields):
 def test_meta_fields_that_do_not_fit_are_refused(bad):
     with pytest.raises(sf.StoreFormatError, match="cannot encode meta record"):
         sf.MetaRecord(**{**_META_FIELDS, **bad}).encode()
+
+
+def _by_construct(layout, data: bytes) -> dict | None:
+    """The fields construct decodes from ``data``, or None when it refuses it."""
+    try:
+        p = sf._parse(layout, data, "record")
+    except sf.StoreFormatError:
+        return None
+    return {k: (str(v) if k == "state" else v) for k, v in p.items() if not k.startswith("_")}
+
+
+@given(fields=st.fixed_dictionaries(dict(
+    uuid=st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=255), min_size=1, max_size=40),
+    luid=st.integers(0, 2**64 - 1), region_count=st.integers(1, sf.MAX_REGION_COUNT),
+    state=st.sampled_from(sorted(sf.STATES)), ctr=st.text(max_size=60), boot_id=st.text(max_size=20),
+    resumed=st.booleans(), committed_at=st.floats(allow_nan=False))),
+    cut=st.integers(0, 400), at=st.integers(0, 400), byte=st.integers(0, 255))
+def test_meta_fast_decoding_is_the_construct_definitions(fields, cut, at, byte):
+    """A restart decodes meta records with struct: for a record and for any byte changed or any
+    cut, it gives construct's fields or leaves the record to construct (which says what is wrong)."""
+    good = sf.MetaRecord(**{**_META_FIELDS, **fields}).encode()
+    for data in (good, good[:cut], good[:at] + bytes([byte]) + good[at + 1:], good + b"\0"):
+        fast = sf._decode_meta_fast(data)
+        slow = _by_construct(sf.MetaRecordV1, data)
+        if fast is not None:
+            assert slow is not None
+            assert vars(fast) == {k: v for k, v in slow.items() if k not in ("magic", "reserved")}
+        elif data == good:
+            raise AssertionError("a valid record left to construct")
+
+
+@given(journal_id=st.binary(min_size=16, max_size=16), position=st.integers(0, 2**64 - 1),
+       at=st.integers(0, 31), byte=st.integers(0, 255), cut=st.integers(0, 32))
+def test_checkpoint_fast_decoding_is_the_construct_definitions(journal_id, position, at, byte, cut):
+    good = sf.CheckpointRecord(journal_id, position).encode()
+    for data in (good, good[:at] + bytes([byte]) + good[at + 1:], good[:cut]):
+        slow = _by_construct(sf.CheckpointRecordV1, data)
+        if slow is None:
+            with pytest.raises(sf.StoreFormatError):
+                sf.CheckpointRecord.decode(data)
+        else:
+            want = sf.CheckpointRecord(slow["journal_id"], slow["position"])
+            assert sf.CheckpointRecord.decode(data) == want
+
+
+@given(index=st.integers(0, 2**32 - 1))
+def test_chunk_keys_are_the_construct_definitions(index):
+    key = sf.encode_chunk_key(index)
+    assert key == sf.ChunkKey.build(index) and sf.decode_chunk_key(key) == index
+
+
+def test_a_moved_aside_name_reads_back():
+    name = sf.encode_dir_name("LVM-a b")
+    assert sf.parse_damaged_dir_name(sf.damaged_dir_name(name, 1700000000, 2)) == ("LVM-a b", 1700000000)
+    assert sf.parse_damaged_dir_name(name + ".damaged-x") == ("LVM-a b", None)
+    assert sf.parse_damaged_dir_name("junk.damaged-12") == (None, 12)
+    assert sf.parse_damaged_dir_name(name) is None

@@ -296,24 +296,32 @@ _JournalHeaderC = JournalHeaderV1.compile()
 _COMPILED = {id(s): s.compile() for s in (FormatRecordV3, MetaRecordV1, RetainedRecordV1)}
 
 
+_PREFIX = flat_struct(_Prefix)
+#: The magic of each record layout (``_parse`` checks it first).
+_MAGICS: dict[int, bytes] = {}
+
+
 def _check_prefix(data: bytes, magic: bytes, what: str, known: tuple[int, ...]) -> int:
     """Refuse bytes that are not ``what`` or are of a version this code does not know."""
-    if len(data) < _Prefix.sizeof():
+    if len(data) < _PREFIX.size:
         raise StoreFormatError(f"{what} of {len(data)} bytes is too short")
-    prefix = _Prefix.parse(data)
-    if prefix.magic != magic:
-        raise StoreFormatError(f"{what} has magic {prefix.magic!r}, expected {magic!r}")
-    if prefix.version not in known:
+    found, version = _PREFIX.unpack_from(data)
+    if found != magic:
+        raise StoreFormatError(f"{what} has magic {found!r}, expected {magic!r}")
+    if version not in known:
         raise UnknownVersionError(
-            f"{what} is of version {prefix.version}; this ulog-disk reads only version "
+            f"{what} is of version {version}; this ulog-disk reads only version "
             f"{' and '.join(map(str, known))}: refusing to read it"
         )
-    return int(prefix.version)
+    return int(version)
 
 
 def _parse(layout: c.Struct, data: bytes, what: str,
            known: tuple[int, ...] = (RECORD_VERSION,)) -> c.Container:
-    _check_prefix(data, const(layout, "magic"), what, known)
+    magic = _MAGICS.get(id(layout))
+    if magic is None:
+        magic = _MAGICS[id(layout)] = const(layout, "magic")
+    _check_prefix(data, magic, what, known)
     try:
         return layout.parse(data)
     except (c.ConstructError, ValueError, struct.error) as exc:  # ValueError: bad UTF-8/latin-1
@@ -397,7 +405,7 @@ class MetaRecord(InstanceRecord):
 
     @classmethod
     def decode(cls, data: bytes) -> MetaRecord:
-        p = _parse(MetaRecordV1, data, "meta record")
+        p = _decode_meta_fast(data) or _parse(MetaRecordV1, data, "meta record")
         if p.flags & ~_KNOWN_FLAGS:
             raise StoreFormatError(f"meta record has unknown flags {p.flags:#x}")
         if not isinstance(p.state, str) or p.state not in STATES:
@@ -427,6 +435,49 @@ _META_STRINGS = tuple(
     for sub in MetaRecordV1.subcons if isinstance(getattr(sub, "subcon", None), c.StringEncoded)
 )
 assert len(_META_STRINGS) == 4
+
+
+_STATE_NAMES = {code: name for name, code in STATES.items()}
+
+
+class _Fields:
+    """A record's fields by name, as construct's Container gives them (the fast decoder's)."""
+
+    def __init__(self, **fields: object):
+        self.__dict__.update(fields)
+
+
+def _decode_meta_fast(data: bytes) -> _Fields | None:
+    """A meta record decoded by the struct and string forms generated from MetaRecordV1 (a
+    restart decodes one per instance; construct takes ~0.3 ms), or None when anything is not
+    exactly as the definition says: construct then decodes it, and says what is wrong."""
+    fixed = _META_FIXED.size
+    if len(data) < fixed:
+        return None
+    (magic, version, flags, luid, region_size, region_count, generation, cursor, commit_seq, committed_at,
+     state, reserved) = _META_FIXED.unpack_from(data)
+    name = _STATE_NAMES.get(state)
+    if magic != _META_MAGIC or version != RECORD_VERSION or reserved != _META_RESERVED or name is None:
+        return None
+    strings = []
+    at = fixed
+    try:
+        for prefix, order, encoding in _META_STRINGS:
+            n = int.from_bytes(data[at : at + prefix], order)
+            at += prefix
+            if len(data) < at + n:
+                return None
+            strings.append(bytes(data[at : at + n]).decode(encoding))
+            at += n
+    except UnicodeDecodeError:
+        return None
+    if at != len(data):  # c.Terminated
+        return None
+    uuid, log_type, boot_id, ctr = strings
+    return _Fields(version=version, flags=flags, luid=luid, region_size=region_size,
+                   region_count=region_count, generation=generation, cursor=cursor, commit_seq=commit_seq,
+                   committed_at=committed_at, state=name, uuid=uuid, log_type=log_type, boot_id=boot_id,
+                   ctr=ctr)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -478,7 +529,11 @@ class CheckpointRecord:
 
     @classmethod
     def decode(cls, data: bytes) -> CheckpointRecord:
-        p = _parse(CheckpointRecordV1, data, "checkpoint record")
+        if len(data) == _CHECKPOINT.size:
+            magic, version, reserved, journal_id, position = _CHECKPOINT.unpack(data)
+            if magic == _CHECKPOINT_MAGIC and version == RECORD_VERSION and reserved == 0:
+                return cls(journal_id=journal_id, position=position, version=version)
+        p = _parse(CheckpointRecordV1, data, "checkpoint record")  # says what is wrong
         return cls(journal_id=p.journal_id, position=p.position, version=p.version)
 
 
@@ -508,8 +563,12 @@ class JournalHeader:
         return cls(luid=p.luid, commit_seq=p.commit_seq, version=p.version)
 
 
+#: ChunkKey as struct: a restore reads two keys per instance at least, a commit writes them.
+_CHUNK_KEY = flat_struct(ChunkKey)
+
+
 def encode_chunk_key(index: int) -> bytes:
-    return ChunkKey.build(index)
+    return _CHUNK_KEY.pack(index)
 
 
 _CHECKSUM = flat_struct(ValueChecksum)
@@ -548,7 +607,11 @@ def unseal(db_name: bytes, key: bytes, value: bytes, sealed: bool = True, what: 
 
 def unseal_chunk(db_name: bytes, key: bytes, value: bytes, sealed: bool = True) -> bytes:
     """The bitmap bytes of a stored chunk value; :class:`StoreFormatError` if its checksum fails."""
-    index = ChunkKey.parse(key) if len(key) == ChunkKey.sizeof() else key.hex()
+    if sealed and len(value) >= CHECKSUM_SIZE:
+        data = bytes(value[:-CHECKSUM_SIZE])
+        if _CHECKSUM.unpack_from(value, len(value) - CHECKSUM_SIZE)[0] == value_checksum(db_name, key, data):
+            return data
+    index = _CHUNK_KEY.unpack(key)[0] if len(key) == _CHUNK_KEY.size else key.hex()
     return unseal(db_name, key, value, sealed, what=f"chunk {index}")
 
 
@@ -575,9 +638,9 @@ def record_bytes(db_name: bytes, value: bytes, sealed: bool = True) -> bytes:
 
 
 def decode_chunk_key(key: bytes) -> int:
-    if len(key) != ChunkKey.sizeof():
+    if len(key) != _CHUNK_KEY.size:
         raise StoreFormatError(f"chunk key of {len(key)} bytes (expected 4)")
-    return ChunkKey.parse(key)
+    return _CHUNK_KEY.unpack(key)[0]
 
 
 def encode_journal_ops(ops: Iterable[tuple[int, int]]) -> bytes:

@@ -82,14 +82,17 @@ def backend_error(what: str, exc: BaseException) -> BackendError:
     return err
 
 
-def check_pages(path: Path, env: lmdb.Environment) -> None:
+def check_pages(path: Path, env: lmdb.Environment) -> dict[str, int]:
     """StoreFormatError unless ``data.mdb`` holds every page its meta page counts: reading a page
-    past the end of a truncated file through the map is a SIGBUS, not an error."""
+    past the end of a truncated file through the map is a SIGBUS, not an error. Returns the
+    environment's ``info()``."""
     data_bytes = (path / "data.mdb").stat().st_size
-    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    info = env.info()
+    needed = (info["last_pgno"] + 1) * env.stat()["psize"]
     if data_bytes < needed:
         raise StoreFormatError(f"data.mdb has {data_bytes} bytes, its meta page needs {needed}: "
                                f"the file was truncated")
+    return info
 
 
 def open_readonly(path: Path) -> lmdb.Environment:
@@ -137,14 +140,14 @@ def open_env(uuid: str, path: Path, state_dir: Path, map_size: int, max_dbs: int
         lock=True,
     )
     try:
-        check_pages(path, env)
+        info = check_pages(path, env)
         for name in ("data.mdb", "lock.mdb"):
             if (path / name).stat().st_mode & 0o777 != FILE_MODE:
                 os.chmod(path / name, FILE_MODE)
     except BaseException:
         env.close()
         raise
-    return Env(uuid=uuid, path=path, env=env, map_size=env.info()["map_size"]), created
+    return Env(uuid=uuid, path=path, env=env, map_size=info["map_size"]), created
 
 
 def open_db(e: Env, txn: lmdb.Transaction, name: bytes, create: bool) -> lmdb._Database | None:
