@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 
 from ulog_disk import journal as jn
 from ulog_disk import regionlog
+from ulog_disk import restore as restore_rule
 from ulog_disk import store_format as sf
 from ulog_disk.backends.base import (
     OP_CLEAR,
@@ -461,6 +462,38 @@ def test_an_instance_of_another_boot_gets_every_record_the_journal_kept(daemon):
     backend, restored = restart(backend, boot="b2")
     (inst,) = restored.instances
     assert (inst.clean, inst.sync, inst.journal) == (*want, [])
+    backend.close()
+
+
+def test_a_failed_recovery_checkpoint_leaves_the_instance_as_read(daemon, monkeypatch):
+    """An earlier boot's instance whose write-back fails comes back as read, journal and all, so
+    that the engine's rebuild replays the journal once. Replayed twice, a region that was cleared
+    while out of sync and then set in sync (dirty, in sync) would read as clean."""
+    backend = daemon
+    rec = make_rec(boot_id="b0", region_count=16)
+    backend.record(rec, backend.position())
+    clean = sync = b"\xfe\xff"  # region 0 dirty and out of sync
+    full_commit(backend, rec, clean, sync, position=backend.position())
+    ops = [(OP_CLEAR, 0), (OP_SET_SYNC, 0)]
+    backend.log_ops(UUID, 1, ops)
+    backend.sync()
+    backend.close()
+
+    def failing(self, commit):
+        raise BackendError(errno.EIO, "disk on fire")
+
+    monkeypatch.setattr(LmdbBackend, "commit", failing)
+    again = fresh(backend.state_dir)
+    (inst,) = again.restore("b1").instances
+    assert (inst.clean, inst.sync, inst.journal) == (clean, sync, ops) and inst.replayed_from is not None
+    state = restore_rule.handover_candidate(inst)
+    assert (state.clean[0] & 1, state.sync[0] & 1) == (0, 1)
+    monkeypatch.undo()
+    again.close()
+    # The next start writes it back, and hands over the same state.
+    backend, restored = restart(again, boot="b1")
+    (inst,) = restored.instances
+    assert inst.journal == [] and restore_rule.handover_candidate(inst) == state
     backend.close()
 
 
