@@ -412,3 +412,50 @@ def test_journal_of_a_state_dir_without_one(tmp_path: Path) -> None:
     r = ulog_dump("journal", str(tmp_path), "--json")
     assert r.rc == 0 and (r.json["exists"], r.json["journal_id"], r.json["records"]) == (False, None, [])
     assert "none in the state directory" in ulog_dump("journal", str(tmp_path)).out
+
+
+# --- the reader's parts ------------------------------------------------------------------------------
+
+
+def test_tools_common_imports_no_other_tool() -> None:
+    """Every tool imports tools/common; it imports none of them (no import cycle)."""
+    import ast
+
+    from ulog_disk.tools import common
+
+    tree = ast.parse(Path(common.__file__).read_text())
+    relative = [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1]
+    assert relative == []
+
+
+def test_newest_is_the_handover_rule_of_lifecycle() -> None:
+    """What ulog-recover resyncs, exports and keeps at purge: the state a new instance's RESUME
+    adopts (lifecycle.newest_state), then any other state of that generation."""
+    from bitarray import bitarray
+
+    from ulog_disk.tools import storeview as sv
+
+    def state(luid: int | None, generation: int, boot: str = BOOT2, resumed: bool = True,
+              superseded: bool = False) -> sv.StateView:
+        if luid is None:
+            s = sv.StateView(uuid=UUID_H, kind="retained", generation=generation)
+        else:
+            meta = sf.MetaRecord(uuid=UUID_H, luid=luid, ctr=CTR, log_type="core", region_size=8,
+                                 region_count=8, state="suspended", generation=generation, cursor=0,
+                                 boot_id=boot, resumed=resumed, superseded=superseded)
+            s = sv.StateView(uuid=UUID_H, kind="instance", luid=luid, meta=meta, generation=generation)
+        s.clean = s.sync = bitarray(8)
+        return s
+
+    ev = sv.EnvView(name="u.x", path=Path("/nonexistent"), uuid=UUID_H, boot_id=BOOT2)
+    earlier, now, retained = state(1, 7, boot=BOOT1), state(2, 7), state(None, 6)
+    ev.instances = [earlier, now, state(3, 9, superseded=True), state(4, 0, resumed=False)]
+    ev.retained = retained
+    # The tie at 7 goes to this boot's instance, the rule's order; the flagged one never counts.
+    assert sv.newest(ev) == [now, earlier]
+    ev.instances = [earlier]
+    assert sv.newest(ev) == [earlier]
+    ev.instances = []
+    assert sv.newest(ev) == [retained]
+    ev.retained = None
+    assert sv.newest(ev) == []
