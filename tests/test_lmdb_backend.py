@@ -1479,3 +1479,86 @@ def test_chunk_size_measurement(tmp_path, monkeypatch):
             print(f"{chunk_bytes:>6} {regions:>9} {r['p50_1']:8.3f} {r['p99_1']:8.3f} {r['kib_1']:8.1f} "
                   f"{r['p50_100']:9.3f} {r['p99_100']:9.3f} {r['kib_100']:9.1f} {r['full_ms']:8.1f} "
                   f"{r['file_mib']:8.1f} {r['map_mib']:7.0f} {r['restore_ms']:10.1f}", flush=True)
+
+
+# --- one reader ----------------------------------------------------------------------------------------
+
+
+def _damage_cases():
+    meta1, clean1, sync1 = (sf.instance_db_name(k, 1) for k in ("meta", "clean", "sync"))
+    key0 = sf.encode_chunk_key(0)
+
+    def flip(env, txn):
+        db = env.open_db(clean1, txn=txn)
+        value = bytearray(txn.get(key0, db=db))
+        value[0] ^= 1
+        txn.put(key0, bytes(value), db=db)
+
+    def padding(env, txn):
+        db = env.open_db(sync1, txn=txn)
+        last = sf.encode_chunk_key(regionlog.chunk_count(make_rec().region_count) - 1)
+        data = bytearray(sf.unseal_chunk(sync1, last, txn.get(last, db=db)))
+        data[-1] |= 0x80
+        txn.put(last, sf.seal(sync1, last, bytes(data)), db=db)
+
+    def missing(env, txn):
+        txn.delete(key0, db=env.open_db(sync1, txn=txn))
+
+    def leftover(env, txn):
+        env.open_db(sf.instance_db_name("clean", 0x77), txn=txn, create=True)
+
+    def unknown_record(env, txn):
+        txn.put(b"stray", b"x")
+
+    def unknown_db(env, txn):
+        env.open_db(b"whatever", txn=txn, create=True)
+
+    def other_luid(env, txn):
+        meta = sf.MetaRecord.from_instance(make_rec(luid=2), 9).encode()
+        txn.put(sf.RECORD_KEY, sf.record_value(meta1, meta), db=env.open_db(meta1, txn=txn))
+
+    def bad_checkpoint(env, txn):
+        txn.put(sf.CHECKPOINT_KEY, sf.seal(meta1, sf.CHECKPOINT_KEY, b"ULGC"), db=env.open_db(meta1, txn=txn))
+
+    def retained_bitmaps_only(env, txn):
+        txn.drop(env.open_db(sf.RETAINED_META, txn=txn), delete=True)
+
+    def nothing(env, txn):
+        pass
+
+    return {"flip": (flip, True), "padding": (padding, False), "missing": (missing, False),
+            "leftover": (leftover, False), "unknown_record": (unknown_record, False),
+            "unknown_db": (unknown_db, False), "other_luid": (other_luid, True),
+            "bad_checkpoint": (bad_checkpoint, True), "retained_bitmaps_only": (retained_bitmaps_only, False),
+            "nothing": (nothing, False)}
+
+
+@pytest.mark.parametrize("case", sorted(_damage_cases()))
+def test_the_daemon_refuses_exactly_the_stores_the_tools_call_damaged(daemon, case):
+    """One reader: a store the tools judge damaged (an error) is the store the daemon's restore
+    moves aside; what they only warn about, the daemon reads past."""
+    from ulog_disk.tools import storeview as sv
+
+    edit, refused = _damage_cases()[case]
+    backend = daemon
+    rec = make_rec()
+    backend.record(rec, backend.position())
+    full_commit(backend, rec, pattern(rec, 1), pattern(rec, 2), position=backend.position())
+    backend.drop(UUID, 9, StoredState(uuid=UUID, generation=2, region_count=rec.region_count,
+                                      clean=pattern(rec, 3), sync=pattern(rec, 4), source_luid=9))
+    backend.close()
+    env = lmdb.open(str(backend.env_path(UUID)), max_dbs=16)
+    try:
+        with env.begin(write=True) as txn:
+            edit(env, txn)
+    finally:
+        env.close()
+    ev = sv.read_store(backend.state_dir, BOOT).env(UUID)
+    assert ev is not None and ev.damaged == refused, ev.all_findings()
+    restored = restore(fresh(backend.state_dir))
+    assert (UUID in restored.damaged) == refused
+    if not refused:
+        (inst,) = restored.instances
+        (view,) = ev.instances
+        assert (view.clean, view.sync) == (regionlog.exact_bits(inst.clean, rec.region_count),
+                                           regionlog.exact_bits(inst.sync, rec.region_count))

@@ -420,7 +420,7 @@ class LmdbBackend(Backend):
                     continue
                 for finding in contents.all_findings():
                     if finding.level == "warning":
-                        log.warning("store of uuid=%r: %s (ignored)", uuid, finding)
+                        log.warning("store of uuid=%r: %s", uuid, finding)
                 for inst in contents.instances:
                     stored = self._stored(inst, by_instance.get((uuid, inst.luid), ()), found, journal_id)
                     if inst.checkpoint is not None and inst.checkpoint.journal_id == journal_id:
@@ -428,7 +428,7 @@ class LmdbBackend(Backend):
                     if restore.needs_recovery_checkpoint(stored, boot_id):
                         write_back.append(stored)
                     restored.instances.append(stored)
-                if contents.retained is not None:
+                if contents.retained is not None and contents.retained.record is not None:
                     restored.retained[uuid] = contents.retained.state(uuid)
                 # Reading every chunk faulted the whole map in; closing drops those pages from the
                 # daemon's RSS (the engine holds the bitmaps now) and frees the descriptors.
