@@ -744,9 +744,9 @@ class Journal:
         Never makes the segment itself: that is a 4 MiB write, an fsync, a rename and a
         directory fsync, which the request loop must not wait for (a stalled disk would stop
         every mirror's reads with it). Without a spare the append fails with nothing written:
-        ``BlockingIOError`` when nobody has failed to make one (the caller appended past
-        :meth:`short_of_room`, which the daemon never does), else the error that making it
-        failed with (a full disk: the log's write fails as any write on a full disk does)."""
+        ``BlockingIOError`` when nobody has failed to make one (the caller did not wait while
+        :meth:`short_of_room` said so, or one record was larger than the reserve), else the
+        error that making it failed with (a full disk: the write fails as any write there does)."""
         nxt = self.spare
         if nxt is None:
             if self.prepare_error is not None:
