@@ -34,7 +34,7 @@ import construct as c
 from bitarray import bitarray
 from bitarray.util import zeros
 
-from .ctrargs import MAX_REGION_COUNT
+from .geometry import MAX_REGION_COUNT
 from .regionlog import exact_bits
 
 #: ``MIRROR_MAGIC`` of dm-log.c.

@@ -86,7 +86,7 @@ _EVENTS = frozenset(int(e) for e in Event)
 #: Region ops of OPS and FLUSH records (the backend interface's ``OP_*`` codes).
 OP_NAMES = {OP_MARK: "mark", OP_CLEAR: "clear", OP_SET_SYNC: "in-sync", OP_SET_NOSYNC: "out-of-sync"}
 OPS = frozenset(OP_NAMES)
-#: An op is packed as ``op << 56 | region``: regions are below ``ctrargs.MAX_REGION_COUNT`` (2**31).
+#: An op is packed as ``op << 56 | region``: regions are below ``geometry.MAX_REGION_COUNT`` (2**31).
 _OP_SHIFT = 56
 _REGION_MASK = (1 << _OP_SHIFT) - 1
 
