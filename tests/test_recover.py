@@ -25,8 +25,8 @@ import pytest
 from ulog_disk import disklog
 from ulog_disk import journal as jn
 from ulog_disk import store_format as sf
+from ulog_disk.applier import Applier
 from ulog_disk.backends.lmdb_store import LmdbBackend
-from ulog_disk.engine import Engine
 from ulog_disk.kernelmodel import UserspaceLog
 from ulog_disk.testing.handover import (
     A_DIRTY,
@@ -194,7 +194,7 @@ def test_verify_exit_codes(tmp_path: Path, store_after: Path) -> None:
 def _engine_store(state: Path, regions: int = 100) -> None:
     """A store written through the engine and the LMDB backend (in-process): uuid LVM-v with a
     suspended instance 0x10 (gen > 0) and a constructed one 0x20, plus a retained state."""
-    engine = Engine(LmdbBackend(state), boot_id=BOOT1)
+    engine = Applier.over(LmdbBackend(state), boot_id=BOOT1)
     engine.restore()  # opens the journal, as the daemon does at start-up
     seq = iter(range(1, 10_000))
 
@@ -777,7 +777,7 @@ def test_console_script_is_installed() -> None:
 
 def _restored_bitmaps(state: Path) -> dict[int, tuple[str, str]]:
     """What the daemon's restore makes of LVM-v's instances: luid → (dirty, out of sync) ranges."""
-    engine = Engine(LmdbBackend(state), boot_id=BOOT1)
+    engine = Applier.over(LmdbBackend(state), boot_id=BOOT1)
     try:
         engine.restore()
         out = {}
