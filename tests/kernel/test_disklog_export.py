@@ -9,17 +9,20 @@ back with ``ulog-recover import`` lets dm-ulogd serve the mirror again with noth
 
 from __future__ import annotations
 
+import guests
 import pytest
-from test_real_kernel import assert_values, harness, require_daemon, run_scenario  # noqa: F401
+from test_real_kernel import assert_values, harness, require_daemon  # noqa: F401
 
 pytestmark = pytest.mark.kernel
 
 N = 32
+DISKLOG_EXPORT = guests.Guest("disklog-export", "disklog-export", estimate=197, timeout=900)
 
 
+@pytest.mark.guest(DISKLOG_EXPORT)
 def test_disklog_export_and_import_on_a_real_kernel(harness: None) -> None:  # noqa: F811
     require_daemon()
-    run = run_scenario("disklog-export", timeout=900)
+    run = guests.result(DISKLOG_EXPORT)
     assert run.rc == 0, run.explain()
     assert_values(run, "disklog-export", {
         "verify_rc": "0",

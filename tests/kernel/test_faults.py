@@ -14,8 +14,9 @@ from __future__ import annotations
 import os
 import sys
 
+import guests
 import pytest
-from test_real_kernel import ROOT, assert_values, require_daemon, require_harness, run_scenario
+from test_real_kernel import ROOT, assert_values, require_daemon, require_harness
 
 sys.path.insert(0, str(ROOT / "tests" / "reliability"))
 from rel_lib import figures  # noqa: E402 - the reliability runner collects these figures
@@ -27,13 +28,18 @@ pytestmark = [
 ]
 
 
+STATE_STALL = guests.Guest("state-stall", "state-stall", estimate=150, timeout=420)
+LIMITS = guests.Guest("limits", "limits", estimate=200, timeout=600)
+
+
+@pytest.mark.guest(STATE_STALL)
 def test_a_stalled_state_disk_costs_no_resync_and_reads_go_on() -> None:
     """The state directory's disk holds every I/O for 25 s (dm suspend --nolockfs) while a mirror
     writes: the kernel times out and resends; every request and resend is answered, `dmsetup
     status` is answered during the stall with health A, the writer goes on, nothing resyncs."""
     require_harness()
     require_daemon()
-    run = run_scenario("state-stall", timeout=420)
+    run = guests.result(STATE_STALL)
     assert run.rc == 0, run.explain()
     assert_values(run, "state-stall", {
         "health_during_stall": "A", "writer_ok": "0", "timed_out": r"^[1-9]\d*", "unanswered": "0",
@@ -46,12 +52,13 @@ def test_a_stalled_state_disk_costs_no_resync_and_reads_go_on() -> None:
     figures("faults.state_stall", **{k.removeprefix("state-stall."): v for k, v in run.results.items()})
 
 
+@pytest.mark.guest(LIMITS)
 def test_limits_refuse_one_mirror_clearly_and_the_others_go_on() -> None:
     """`ulimit -n 64` and a cgroup memory.max: 24 mirrors served; one whose bitmaps cannot fit fails
     its CTR (ENOMEM, one log line naming the limit); never OOM-killed; a kill -9 loses nothing."""
     require_harness()
     require_daemon()
-    run = run_scenario("limits", timeout=600)
+    run = guests.result(LIMITS)
     assert run.rc == 0, run.explain()
     assert_values(run, "limits", {
         "mirrors_working": "24", "memory_limit_lines": "1", "oom_kills": "0",

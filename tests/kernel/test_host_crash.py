@@ -22,19 +22,9 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
+import guests
 import pytest
-from test_real_kernel import (
-    ROOT,
-    SETUP_HINT,
-    ScenarioRun,
-    assert_values,
-    finished,
-    parse_results,
-    require_daemon,
-    require_harness,
-    run_dir,
-    run_ulogvm,
-)
+from test_real_kernel import ROOT, ScenarioRun, assert_values, require_daemon, require_harness
 
 pytestmark = pytest.mark.kernel
 
@@ -44,17 +34,12 @@ S = "host-crash"
 #: real-kernel tests only: it shows what the store saves, it guards nothing of the store itself,
 #: and it costs the default CI run a boot pair (~75 s) of its 20 minutes.
 LONG = os.environ.get("ULOG_KERNEL_LONG") == "1"
-BACKENDS = ("lmdb", "memory") if LONG else ("lmdb",)
 
 
-def run_host_crash(backend: str, timeout: int = 600) -> ScenarioRun:
-    out = run_dir(f"{S}-{backend}")
-    p = run_ulogvm(["run", S, "--out", str(out), "--timeout", str(timeout), "--env", f"BACKEND={backend}"],
-                   timeout=timeout + 90)
-    finished(out, p.returncode)
-    if p.returncode == 2 and "setup" in p.stderr:
-        pytest.fail(f"{p.stderr.strip()}\n{SETUP_HINT}", pytrace=False)
-    return ScenarioRun(f"{S} ({backend})", p.returncode, out, parse_results(out / "result.txt"), p.stderr)
+#: One run per backend (the memory control only with ULOG_KERNEL_LONG=1): two boots each.
+RUNS = {backend: guests.Guest(f"{S}-{backend}", S, estimate=91, timeout=600, env=(f"BACKEND={backend}",),
+                              backend=False)
+        for backend in ("lmdb", "memory")}
 
 
 def num(run: ScenarioRun, key: str) -> int:
@@ -65,9 +50,10 @@ def num(run: ScenarioRun, key: str) -> int:
 
 @pytest.fixture(scope="module")
 def runs() -> Iterator[dict[str, ScenarioRun]]:
-    require_harness()
-    require_daemon()
-    results = {backend: run_host_crash(backend) for backend in BACKENDS}
+    """The runs this module's tests read (each test asks for its own), summed up side by side in
+    ``results/pytest-host-crash-summary.txt`` once the module is done."""
+    results: dict[str, ScenarioRun] = {}
+    yield results
     lines = []
     for backend, run in results.items():
         lines.append(f"{backend}.regions_resynced={run.get(f'{S}.boot2_resynced')}\n")
@@ -75,9 +61,17 @@ def runs() -> Iterator[dict[str, ScenarioRun]]:
         lines.append(f"{backend}.regions_different_after_crash={run.get(f'{S}.boot2_diff_regions')}\n")
         lines.append(f"{backend}.wall_seconds={(run.out / 'wall-seconds').read_text().strip()}\n"
                      if (run.out / "wall-seconds").is_file() else f"{backend}.wall_seconds=n/a\n")
-    lines.append(f"regions={REGIONS}\n")
-    (ROOT / "results" / f"pytest-{S}-summary.txt").write_text("".join(lines))
-    yield results
+    if results:
+        lines.append(f"regions={REGIONS}\n")
+        (ROOT / "results" / f"pytest-{S}-summary.txt").write_text("".join(lines))
+
+
+def host_crash(runs: dict[str, ScenarioRun], backend: str) -> ScenarioRun:
+    require_harness()
+    require_daemon()
+    if backend not in runs:
+        runs[backend] = guests.result(RUNS[backend])
+    return runs[backend]
 
 
 def common_checks(run: ScenarioRun) -> None:
@@ -111,8 +105,9 @@ def common_checks(run: ScenarioRun) -> None:
     assert resynced >= num(run, "boot2_diff_regions"), run.explain()
 
 
+@pytest.mark.guest(RUNS["lmdb"])
 def test_host_crash_lmdb_resyncs_only_the_dirty_regions(runs: dict[str, ScenarioRun]) -> None:
-    run = runs["lmdb"]
+    run = host_crash(runs, "lmdb")
     common_checks(run)
     resynced = num(run, "boot2_resynced")
     dirty = num(run, "boot2_store_dirty")
@@ -125,8 +120,9 @@ def test_host_crash_lmdb_resyncs_only_the_dirty_regions(runs: dict[str, Scenario
     assert num(run, "boot2_diff_regions") >= 1, run.explain()
 
 
+@pytest.mark.guest(RUNS["memory"])
 @pytest.mark.skipif(not LONG, reason="the memory-backend control runs with ULOG_KERNEL_LONG=1 (~75 s)")
 def test_host_crash_memory_control_resyncs_everything(runs: dict[str, ScenarioRun]) -> None:
-    run = runs["memory"]
+    run = host_crash(runs, "memory")
     common_checks(run)
     assert_values(run, S, {"boot2_in_sync_at_resume": "0", "boot2_resynced": str(REGIONS)})

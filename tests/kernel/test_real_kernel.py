@@ -1,144 +1,60 @@
 """Real-kernel tests: dm-log-userspace under qemu, driven by tools/vm/ulogvm.py.
 
-Each test boots a guest (software emulation, ~20 s per boot plus the scenario) and asserts on the
-``key=value`` lines the scenario wrote to ``result.txt``. Results are kept in
-``<checkout>/results/pytest-<scenario>/<time>-<pid>/`` (console log, dmesg, daemon logs, captures;
+Each test reads a guest run (software emulation, a few seconds per boot plus the scenario) and
+asserts on the ``key=value`` lines the scenario wrote to ``result.txt``. The guests run side by side
+while the tests that need none run (tests/kernel/guests.py); several tests may read one run (a suite
+boots once for several scenarios). Results are kept in
+``<checkout>/results/pytest-<run>/<time>-<pid>/`` (console log, dmesg, daemon logs, captures;
 ``latest`` links the newest run; a run that failed is kept, one that passed goes at the next run).
 
 Prerequisite: ``python3 tools/vm/ulogvm.py setup`` (host packages, kernel package, initramfs).
 Set ``ULOG_SKIP_KERNEL=1`` to skip these tests; otherwise a missing harness is a failure.
 ``ULOG_KERNEL_BACKEND=memory`` runs the daemon scenarios with another backend (default: lmdb).
 
-A test shows its scenario's steps on the terminal as they happen (``ulogvm.py`` streams them on its
-stderr, ``run_ulogvm`` passes them on past pytest's capture; ``-q`` silences them): a boot takes
-minutes under emulation and must not look like a hang.
+While a guest runs, its steps go to the terminal as they happen (``ulogvm.py`` streams them on its
+stderr, tests/kernel/guests.py passes them on past pytest's capture, each led by the run's name;
+``-q`` silences them): a boot takes minutes under emulation and must not look like a hang.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import shutil
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
+import guests
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-ULOGVM = ROOT / "tools" / "vm" / "ulogvm.py"
-SETUP_HINT = "run `python3 tools/vm/ulogvm.py setup` first (needs root and the Debian package mirror)"
+from guests import (  # noqa: F401 - the other real-kernel test modules import them from here
+    ROOT,
+    SETUP_HINT,
+    ULOGVM,
+    Guest,
+    ScenarioRun,
+    finished,
+    parse_results,
+    run_dir,
+    run_ulogvm,
+)
 
 pytestmark = pytest.mark.kernel
 
 REGIONS = "32/32"
 LEGS = r"7:\d+ 7:\d+"
 
-
-@dataclass
-class ScenarioRun:
-    name: str
-    rc: int
-    out: Path
-    results: dict[str, str]
-    stderr: str
-
-    def get(self, key: str) -> str | None:
-        return self.results.get(key)
-
-    def explain(self) -> str:
-        failed = [f"{k}={v}" for k, v in self.results.items() if k.endswith(".failed")]
-        log = self.out / "scenario.log"
-        tail = log.read_text(errors="replace").splitlines()[-30:] if log.is_file() else []
-        return (f"scenario {self.name}: exit code {self.rc}; results in {self.out}\n"
-                f"failed checks: {failed or 'none'}\nulogvm: {self.stderr.strip()[-2000:]}\n"
-                "scenario.log tail:\n" + "\n".join(tail))
-
-
-def parse_results(path: Path) -> dict[str, str]:
-    results: dict[str, str] = {}
-    if path.is_file():
-        for line in path.read_text(errors="replace").splitlines():
-            key, sep, value = line.partition("=")
-            if sep:
-                if key.endswith(".failed") and key in results:
-                    value = f"{results[key]}; {value}"
-                results[key] = value
-    return results
-
-
-class _Live:
-    """Where ``show`` writes: the running pytest's config (set by tests/kernel/conftest.py)."""
-
-    config: pytest.Config | None = None
-
-
-LIVE = _Live()
-
-
-def show(line: str) -> None:
-    """Put ``line`` on the terminal now, past pytest's output capture (a real-kernel test runs for a
-    minute or more; its progress is no use in a report at the end)."""
-    config = LIVE.config
-    if config is None or config.get_verbosity() < 0:
-        return
-    capman = config.pluginmanager.getplugin("capturemanager")
-    reporter = config.pluginmanager.getplugin("terminalreporter")
-    if capman is None or reporter is None:  # -p no:capture or no terminal: nothing is in the way
-        print(line, file=sys.stderr, flush=True)
-        return
-    with capman.global_and_fixture_disabled():
-        reporter.write_line(line)
-
-
-def run_ulogvm(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
-    """``tools/vm/ulogvm.py ARGS``, its stderr (a line per scenario step, see ``ulogvm.Progress``)
-    shown as it comes and returned with its stdout. Raises subprocess.TimeoutExpired after
-    ``timeout`` seconds (qemu dies with ulogvm: PR_SET_PDEATHSIG)."""
-    cmd = [sys.executable, str(ULOGVM), *args]
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, errors="replace")
-    out_pipe, err_pipe = proc.stdout, proc.stderr
-    assert out_pipe is not None and err_pipe is not None
-    stdout: list[str] = []
-    reader = threading.Thread(target=lambda: stdout.append(out_pipe.read()), daemon=True)
-    reader.start()
-    killed = threading.Event()
-
-    def kill() -> None:
-        killed.set()
-        proc.kill()
-
-    timer = threading.Timer(timeout, kill)
-    timer.start()
-    stderr: list[str] = []
-    try:
-        for line in err_pipe:
-            stderr.append(line)
-            show("    " + line.rstrip("\n"))
-        rc = proc.wait()
-    finally:
-        timer.cancel()
-        if proc.poll() is None:  # an exception here (Ctrl-C): never leave ulogvm (and qemu) behind
-            proc.kill()
-            proc.wait()
-    reader.join()
-    if killed.is_set():
-        raise subprocess.TimeoutExpired(cmd, timeout, "".join(stdout), "".join(stderr))
-    return subprocess.CompletedProcess(cmd, rc, "".join(stdout), "".join(stderr))
+_HARNESS: list[str] = []  # ulogvm check's verdict, once per session: "" ready, else why not
 
 
 def require_harness() -> None:
     if os.environ.get("ULOG_SKIP_KERNEL") == "1":
         pytest.skip("ULOG_SKIP_KERNEL=1: real-kernel (qemu) tests skipped")
-    p = subprocess.run([sys.executable, str(ULOGVM), "check"], capture_output=True, text=True, timeout=120)
-    if p.returncode != 0:
-        pytest.fail(f"real-kernel harness not ready: {p.stderr.strip()}\n{SETUP_HINT}", pytrace=False)
+    if not _HARNESS:
+        p = subprocess.run([sys.executable, str(ULOGVM), "check"], capture_output=True, text=True,
+                           timeout=120)
+        _HARNESS.append("" if p.returncode == 0 else p.stderr.strip())
+    if _HARNESS[0]:
+        pytest.fail(f"real-kernel harness not ready: {_HARNESS[0]}\n{SETUP_HINT}", pytrace=False)
 
 
 def require_daemon() -> None:
@@ -147,45 +63,9 @@ def require_daemon() -> None:
                     "guest; the daemon scenarios need it", pytrace=False)
 
 
-def run_dir(name: str) -> Path:
-    """A results directory of its own for this run: ``results/pytest-<name>/<UTC time>-<pid>``.
-
-    Earlier runs of the scenario that passed (exit code 0, no failed check) are removed; a run
-    that failed keeps its evidence (console, dmesg, daemon logs, captures) until removed by hand,
-    whatever runs after it (issue #12: a failure whose directory the next run emptied)."""
-    base = ROOT / "results" / f"pytest-{name}"
-    if base.is_dir():
-        for old in base.iterdir():
-            rc = old / "rc.txt"
-            if old.is_dir() and rc.is_file() and rc.read_text().strip() == "0" and not any(
-                    k.endswith(".failed") for k in parse_results(old / "result.txt")):
-                shutil.rmtree(old, ignore_errors=True)
-    out = base / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{os.getpid()}"
-    latest = base / "latest"
-    base.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        latest.unlink()
-    latest.symlink_to(out.name)
-    return out
-
-
-def finished(out: Path, rc: int) -> None:
-    """Record the run's exit code (what run_dir reads to tell a passed run from a failed one)."""
-    with contextlib.suppress(OSError):
-        (out / "rc.txt").write_text(f"{rc}\n")
-
-
 def run_scenario(name: str, timeout: int = 600, env: tuple[str, ...] = ()) -> ScenarioRun:
-    out = run_dir(name)
-    args = ["run", name, "--out", str(out), "--timeout", str(timeout)]
-    backend = os.environ.get("ULOG_KERNEL_BACKEND")
-    for item in (*env, *([f"BACKEND={backend}"] if backend else [])):
-        args += ["--env", item]
-    p = run_ulogvm(args, timeout=timeout + 90)
-    finished(out, p.returncode)
-    if p.returncode == 2 and "setup" in p.stderr:
-        pytest.fail(f"{p.stderr.strip()}\n{SETUP_HINT}", pytrace=False)
-    return ScenarioRun(name, p.returncode, out, parse_results(out / "result.txt"), p.stderr)
+    """Boot scenario ``name`` now, in this test (what the pool does for a planned run)."""
+    return guests.result(Guest(name, name, estimate=0, timeout=timeout, env=env))
 
 
 def assert_values(run: ScenarioRun, prefix: str, expected: dict[str, str]) -> None:
@@ -201,6 +81,15 @@ def harness() -> None:
     require_harness()
 
 
+#: The guest runs of this module; ``estimate``: seconds alone on a quiet 2-core machine.
+SMOKE = Guest("smoke-listener", "smoke-listener", estimate=34, timeout=300)
+SELFTEST_TIMEOUT = Guest("selftest-timeout", "selftest-timeout", estimate=35, timeout=45)
+SUITE_CORE = Guest("suite-core", "suite-core", estimate=186, timeout=900)
+SUITE_RESTART = Guest("suite-restart", "suite-restart", estimate=142, timeout=600)
+DEMO = Guest("demo", "demo", estimate=70, command="demo", timeout=600, backend=False)  # the README's own
+STATE_LOST = Guest("state-lost", "state-lost", estimate=54, timeout=300)
+
+
 # ---------------------------------------------------------------------------------------------
 # Harness self-tests (no dependency on the ulog_disk package)
 
@@ -214,8 +103,9 @@ def test_unknown_scenario_is_refused() -> None:
     assert "no scenario" in p.stderr
 
 
+@pytest.mark.guest(SMOKE)
 def test_smoke_listener(harness: None) -> None:
-    run = run_scenario("smoke-listener", timeout=300)
+    run = guests.result(SMOKE)
     assert run.rc == 0, run.explain()
     assert_values(run, "smoke-listener", {
         "create_rc": "0",
@@ -242,8 +132,9 @@ def test_smoke_listener(harness: None) -> None:
     assert (run.out / "smoke-listener" / "trace.txt").is_file()
 
 
+@pytest.mark.guest(SELFTEST_TIMEOUT)
 def test_guest_timeout_is_enforced(harness: None) -> None:
-    run = run_scenario("selftest-timeout", timeout=45)
+    run = guests.result(SELFTEST_TIMEOUT)
     assert run.rc == 124, run.explain()
     assert run.get("selftest-timeout.sleeping") == "yes"
     assert (run.out / "console.log").is_file()
@@ -257,13 +148,13 @@ def test_guest_timeout_is_enforced(harness: None) -> None:
 @pytest.fixture(scope="module")
 def suite_core(harness: None) -> Iterator[ScenarioRun]:
     require_daemon()
-    yield run_scenario("suite-core", timeout=900)
+    yield guests.result(SUITE_CORE)
 
 
 @pytest.fixture(scope="module")
 def suite_restart(harness: None) -> Iterator[ScenarioRun]:
     require_daemon()
-    yield run_scenario("suite-restart", timeout=600)
+    yield guests.result(SUITE_RESTART)
 
 
 def common_mirror_checks(run: ScenarioRun, name: str) -> None:
@@ -278,6 +169,7 @@ def common_mirror_checks(run: ScenarioRun, name: str) -> None:
     })
 
 
+@pytest.mark.guest(SUITE_CORE)
 def test_basic_core(suite_core: ScenarioRun) -> None:
     common_mirror_checks(suite_core, "basic-core")
     assert_values(suite_core, "basic-core", {
@@ -289,6 +181,7 @@ def test_basic_core(suite_core: ScenarioRun) -> None:
     })
 
 
+@pytest.mark.guest(SUITE_CORE)
 def test_basic_disk(suite_core: ScenarioRun) -> None:
     common_mirror_checks(suite_core, "basic-disk")
     assert_values(suite_core, "basic-disk", {
@@ -299,6 +192,7 @@ def test_basic_disk(suite_core: ScenarioRun) -> None:
     })
 
 
+@pytest.mark.guest(SUITE_CORE)
 def test_integrated_flush(suite_core: ScenarioRun) -> None:
     common_mirror_checks(suite_core, "integrated-flush")
     assert_values(suite_core, "integrated-flush", {
@@ -310,6 +204,7 @@ def test_integrated_flush(suite_core: ScenarioRun) -> None:
     })
 
 
+@pytest.mark.guest(SUITE_CORE)
 def test_suspend_resume(suite_core: ScenarioRun) -> None:
     common_mirror_checks(suite_core, "suspend-resume")
     assert_values(suite_core, "suspend-resume", {
@@ -323,6 +218,7 @@ def test_suspend_resume(suite_core: ScenarioRun) -> None:
     })
 
 
+@pytest.mark.guest(SUITE_CORE)
 def test_reload_same_uuid(suite_core: ScenarioRun) -> None:
     common_mirror_checks(suite_core, "reload-same-uuid")
     assert_values(suite_core, "reload-same-uuid", {
@@ -336,6 +232,7 @@ def test_reload_same_uuid(suite_core: ScenarioRun) -> None:
     })
 
 
+@pytest.mark.guest(SUITE_CORE)
 def test_clear_inactive(suite_core: ScenarioRun) -> None:
     common_mirror_checks(suite_core, "clear-inactive")
     assert_values(suite_core, "clear-inactive", {
@@ -348,6 +245,7 @@ def test_clear_inactive(suite_core: ScenarioRun) -> None:
     })
 
 
+@pytest.mark.guest(SUITE_RESTART)
 @pytest.mark.parametrize("mode", ["kill9", "sigterm"])
 def test_restart(suite_restart: ScenarioRun, mode: str) -> None:
     name = f"{mode}-restart"
@@ -363,6 +261,7 @@ def test_restart(suite_restart: ScenarioRun, mode: str) -> None:
         assert_values(suite_restart, name, {"stop_rc_1": "0"})
 
 
+@pytest.mark.guest(SUITE_RESTART)
 def test_restart_resyncs_only_what_was_dirty(suite_restart: ScenarioRun) -> None:
     """LMDB: nothing to resync after kill -9 (the kernel lived on); memory: every region, like cmirrord."""
     assert_values(suite_restart, "kill9-restart", {"resync_after_restart": "0", "resync_after_resume": "0"})
@@ -382,10 +281,11 @@ def test_restart_resyncs_only_what_was_dirty(suite_restart: ScenarioRun) -> None
 EXPECTED_ERRORS = {"kill9-memory": {3}}
 
 
-@pytest.mark.parametrize("suite", ["suite-core", "suite-restart"])
-def test_no_unexpected_error_replies(suite: str, suite_core: ScenarioRun, suite_restart: ScenarioRun) -> None:
+@pytest.mark.parametrize("suite", [pytest.param("suite_core", marks=pytest.mark.guest(SUITE_CORE)),
+                                   pytest.param("suite_restart", marks=pytest.mark.guest(SUITE_RESTART))])
+def test_no_unexpected_error_replies(suite: str, request: pytest.FixtureRequest) -> None:
     """Every request the kernel sent was captured; no reply carried an error the scenario did not expect."""
-    run = suite_core if suite == "suite-core" else suite_restart
+    run: ScenarioRun = request.getfixturevalue(suite)
     scenarios = [p for p in run.out.iterdir() if p.is_dir()]
     assert scenarios, run.explain()
     for scen in scenarios:
@@ -399,15 +299,13 @@ def test_no_unexpected_error_replies(suite: str, suite_core: ScenarioRun, suite_
         assert not unexpected, f"{scen.name}: unexpected error replies:\n" + "\n".join(unexpected[:20])
 
 
+@pytest.mark.guest(DEMO)
 def test_readme_demo(harness: None) -> None:
     """The README's main command: kill -9 under a live mirror costs no resync, data identical."""
     require_daemon()
-    out = run_dir("demo")
-    p = run_ulogvm(["demo", "--out", str(out), "--timeout", "600"], timeout=700)
-    finished(out, p.returncode)
-    run = ScenarioRun("demo", p.returncode, out, parse_results(out / "result.txt"), p.stderr)
+    run = guests.result(DEMO)
     assert run.rc == 0, run.explain()
-    assert "dm-ulogd demo on a real kernel (passed)" in p.stdout
+    assert "dm-ulogd demo on a real kernel (passed)" in run.stdout
     assert_values(run, "demo", {
         "dirty_regions_at_crash": r"^(none|[0-9,-]+)$",
         "regions_resynced_after_restart": "0",
@@ -430,16 +328,17 @@ def test_readme_demo(harness: None) -> None:
     assert float(run.get("demo.outage_seconds") or 0) == pytest.approx(back - killed, abs=0.06)
     assert back - killed >= 5
     # Live output (ulogvm's stderr, streamed by run_ulogvm) and a summary that says why.
-    assert "demo: daemon killed with SIGKILL" in p.stderr and "[guest " in p.stderr
-    assert "a daemon-only crash needs none" in p.stdout
+    assert "demo: daemon killed with SIGKILL" in run.stderr and "[guest " in run.stderr
+    assert "a daemon-only crash needs none" in run.stdout
 
 
+@pytest.mark.guest(STATE_LOST)
 def test_state_directory_lost_under_a_live_mirror_gives_a_full_resync_never_clean(harness: None) -> None:
     """Issue #12 item 3: the daemon killed, its state directory wiped, started again with nothing
     while a writer runs: the kernel re-registers the log, which comes back all out of sync (logged
     once), is resynced whole, and the legs end identical."""
     require_daemon()
-    run = run_scenario("state-lost", timeout=300)
+    run = guests.result(STATE_LOST)
     assert run.rc == 0, run.explain()
     assert_values(run, "state-lost", {
         "no_state_logged": "1", "sync_after_reconnect": "0/32", "writer_ok": "0",

@@ -14,18 +14,22 @@ from __future__ import annotations
 
 import os
 
+import guests
 import pytest
-from test_real_kernel import assert_values, require_daemon, require_harness, run_scenario
+from test_real_kernel import assert_values, require_daemon, require_harness
 
 pytestmark = pytest.mark.kernel
 
 SOAK_SECONDS = int(os.environ.get("ULOG_SOAK_SECONDS", "120"))
+SOAK = guests.Guest("soak", "soak", estimate=SOAK_SECONDS + 45, timeout=SOAK_SECONDS + 420,
+                    env=(f"SOAK_SECONDS={SOAK_SECONDS}",))
 
 
+@pytest.mark.guest(SOAK)
 def test_soak_writer_suspend_reload_and_two_kills() -> None:
     require_harness()
     require_daemon()
-    run = run_scenario("soak", timeout=SOAK_SECONDS + 420, env=(f"SOAK_SECONDS={SOAK_SECONDS}",))
+    run = guests.result(SOAK)
     assert run.rc == 0, run.explain()
     assert_values(run, "soak", {
         "create_rc": "0",

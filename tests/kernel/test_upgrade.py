@@ -19,8 +19,9 @@ import shutil
 import subprocess
 import tarfile
 
+import guests
 import pytest
-from test_real_kernel import ROOT, assert_values, require_daemon, require_harness, run_scenario
+from test_real_kernel import ROOT, assert_values, require_daemon, require_harness
 
 pytestmark = pytest.mark.kernel
 
@@ -44,12 +45,17 @@ def previous_release() -> str:
     return str(out)
 
 
+UPGRADE = guests.Guest("upgrade", "upgrade", estimate=65, timeout=420,
+                       prepare=lambda: (f"OLD_CHECKOUT={previous_release()}",))
+
+
+@pytest.mark.guest(UPGRADE)
 @pytest.mark.skipif(os.environ.get("ULOG_KERNEL_LONG") != "1",
                     reason="long real-kernel test: set ULOG_KERNEL_LONG=1 (about 65 s under qemu)")
 def test_upgrade_under_a_live_mirror_and_the_reverse() -> None:
     require_harness()
     require_daemon()
-    run = run_scenario("upgrade", timeout=420, env=(f"OLD_CHECKOUT={previous_release()}",))
+    run = guests.result(UPGRADE)
     assert run.rc == 0, run.explain()
     assert_values(run, "upgrade", {
         "layout_before": "2", "layout_after": "3", "migrated_logged": "1", "writer_ok": "0",
