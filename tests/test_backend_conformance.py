@@ -14,8 +14,8 @@ from types import ModuleType
 
 import pytest
 
-from ulog_disk.backends.lmdb_store import LmdbBackend
-from ulog_disk.backends.memory import MemoryBackend
+from ulog_disk.storage.lmdb_store import LmdbBackend
+from ulog_disk.storage.memory import MemoryBackend
 from ulog_disk.testing.conformance import BackendConformance
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "backends.md"

@@ -19,9 +19,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ulog_disk import journal as jn
-from ulog_disk import service
-from ulog_disk import store_format as sf
+from ulog_disk.daemon import service
+from ulog_disk.storage import journal as jn
+from ulog_disk.storage import store_format as sf
 from ulog_disk.testing.launcher import launch
 from ulog_disk.testing.tools import ulog_dump, ulog_recover
 from ulog_disk.tools import dump, recover
@@ -87,7 +87,7 @@ def test_one_meaning_per_option_name_and_state_dir_everywhere() -> None:
 
 def test_old_spellings_still_work_hidden(tmp_path: Path) -> None:
     p = tmp_path / "log"
-    from ulog_disk import disklog
+    from ulog_disk.storage import disklog
 
     p.write_bytes(disklog.encode(40, b"\xff" * 5))
     new = ulog_dump("disklog", str(p), "--region-count", "48", "--json")
@@ -167,7 +167,7 @@ def test_not_a_state_directory_is_exit_2(tmp_path: Path, tool: str, argv: list[s
 
 
 def test_import_may_start_a_state_directory_but_not_in_an_unrelated_one(tmp_path: Path) -> None:
-    from ulog_disk import disklog
+    from ulog_disk.storage import disklog
 
     log = tmp_path / "in.log"
     log.write_bytes(disklog.encode(8, b"\xff"))

@@ -26,12 +26,12 @@ import signal
 import threading
 from pathlib import Path
 
-from ulog_disk import wire
-from ulog_disk.regionlog import RegionLog
+from ulog_disk.log.regionlog import RegionLog
+from ulog_disk.protocol import wire
+from ulog_disk.protocol.wire import RequestType
 from ulog_disk.testing.client import Client, DaemonGone
 from ulog_disk.testing.kernel import acknowledged, bits_of, log_of
 from ulog_disk.testing.launcher import Daemon, launch
-from ulog_disk.wire import RequestType
 
 UUID = "LVM-crashtest"
 REGIONS = 48

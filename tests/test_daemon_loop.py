@@ -12,13 +12,13 @@ import threading
 import time
 from pathlib import Path
 
-from ulog_disk import daemon as daemon_module
-from ulog_disk import wire
-from ulog_disk.applier import Applier
-from ulog_disk.backends.base import BackendError, Commit
-from ulog_disk.backends.memory import MemoryBackend
-from ulog_disk.daemon import Daemon
-from ulog_disk.wire import RequestType
+from ulog_disk.daemon import loop as daemon_module
+from ulog_disk.daemon.applier import Applier
+from ulog_disk.daemon.loop import Daemon
+from ulog_disk.protocol import wire
+from ulog_disk.protocol.wire import RequestType
+from ulog_disk.storage.base import BackendError, Commit
+from ulog_disk.storage.memory import MemoryBackend
 
 
 class JournalBackend(MemoryBackend):

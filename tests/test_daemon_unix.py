@@ -11,11 +11,11 @@ import sys
 import textwrap
 from pathlib import Path
 
-from ulog_disk import wire
-from ulog_disk.capture import FROM_DAEMON, TO_DAEMON, read_capture
-from ulog_disk.kernelmodel import KernelConnection, Mirror, UserspaceLog
+from ulog_disk.protocol import wire
+from ulog_disk.protocol.capture import FROM_DAEMON, TO_DAEMON, read_capture
+from ulog_disk.protocol.wire import RequestType
+from ulog_disk.testing.kernelmodel import KernelConnection, Mirror, UserspaceLog
 from ulog_disk.testing.launcher import Daemon, launch
-from ulog_disk.wire import RequestType
 
 
 def make_mirror(conn: KernelConnection, uuid: str, luid: int, ctr: str, integrated: bool = False) -> Mirror:
@@ -173,7 +173,7 @@ def test_third_party_backend_plugin_via_entry_point(tmp_path: Path) -> None:
     pkg = site / "acme_ulog"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text(textwrap.dedent('''
-        from ulog_disk.backends.memory import MemoryBackend
+        from ulog_disk.storage.memory import MemoryBackend
 
         class CountingBackend(MemoryBackend):
             name = "acme"

@@ -18,11 +18,12 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ulog_disk import capture, engine, requests, wire
-from ulog_disk.engine import Engine, Step
-from ulog_disk.lifecycle import State
-from ulog_disk.requests import Answered
-from ulog_disk.wire import Request, RequestType
+from ulog_disk.log import engine
+from ulog_disk.log.engine import Engine, Step
+from ulog_disk.log.lifecycle import State
+from ulog_disk.protocol import capture, requests, wire
+from ulog_disk.protocol.requests import Answered
+from ulog_disk.protocol.wire import Request, RequestType
 
 T = RequestType
 DATA = Path(__file__).parent / "data"

@@ -12,7 +12,7 @@ from bitarray import bitarray
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ulog_disk import disklog
+from ulog_disk.storage import disklog
 from ulog_disk.testing.tools import ulog_dump
 from ulog_disk.tools.common import parse_ranges, ranges
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from ulog_disk import capture, wire
-from ulog_disk import store_format as sf
-from ulog_disk.kernelmodel import Mirror, UserspaceLog
+from ulog_disk.protocol import capture, wire
+from ulog_disk.protocol.wire import Reply, Request, RequestType
+from ulog_disk.storage import store_format as sf
 from ulog_disk.testing.handover import (
     A_DIRTY,
     A_OUT_OF_SYNC,
@@ -40,8 +40,8 @@ from ulog_disk.testing.handover import (
     connect,
     lmdb_daemon,
 )
+from ulog_disk.testing.kernelmodel import Mirror, UserspaceLog
 from ulog_disk.testing.tools import hexluid, instances, ulog_dump, ulog_recover
-from ulog_disk.wire import Reply, Request, RequestType
 
 # --- ulog-dump store ---------------------------------------------------------------------------
 
@@ -355,7 +355,7 @@ def test_bit_ranges_walk_runs() -> None:
     from hypothesis import given
     from hypothesis import strategies as st
 
-    from ulog_disk.regionlog import format_ranges
+    from ulog_disk.log.regionlog import format_ranges
     from ulog_disk.tools.common import bit_ranges
 
     @given(st.lists(st.booleans(), min_size=1, max_size=200))

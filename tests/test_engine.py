@@ -13,12 +13,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ulog_disk import requests, wire
-from ulog_disk.applier import Applier
-from ulog_disk.backends.base import OP_MARK, BackendError, Commit
-from ulog_disk.backends.memory import MemoryBackend
+from ulog_disk.daemon.applier import Applier
+from ulog_disk.log.records import OP_MARK
+from ulog_disk.protocol import requests, wire
+from ulog_disk.protocol.wire import RequestType
+from ulog_disk.storage.base import BackendError, Commit
+from ulog_disk.storage.memory import MemoryBackend
 from ulog_disk.testing.kernel import Kernel
-from ulog_disk.wire import RequestType
 
 T = RequestType
 U = "LVM-enginetest"

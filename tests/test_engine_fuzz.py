@@ -18,12 +18,12 @@ import errno
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ulog_disk import wire
-from ulog_disk.applier import Applier
-from ulog_disk.backends.memory import MemoryBackend
-from ulog_disk.regionlog import RegionLog
+from ulog_disk.daemon.applier import Applier
+from ulog_disk.log.regionlog import RegionLog
+from ulog_disk.protocol import wire
+from ulog_disk.protocol.wire import FrameError, Reply, Request, RequestType
+from ulog_disk.storage.memory import MemoryBackend
 from ulog_disk.testing.kernel import check_success
-from ulog_disk.wire import FrameError, Reply, Request, RequestType
 
 T = RequestType
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

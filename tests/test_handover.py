@@ -12,14 +12,15 @@ import os
 import lmdb
 import pytest
 
-from ulog_disk import journal as jn
-from ulog_disk import regionlog, wire
-from ulog_disk import store_format as sf
-from ulog_disk.applier import Applier
-from ulog_disk.backends.base import OP_CLEAR
-from ulog_disk.backends.lmdb_store import LmdbBackend
+from ulog_disk.daemon.applier import Applier
+from ulog_disk.log import regionlog
+from ulog_disk.log.records import OP_CLEAR
+from ulog_disk.protocol import wire
+from ulog_disk.protocol.wire import RequestType
+from ulog_disk.storage import journal as jn
+from ulog_disk.storage import store_format as sf
+from ulog_disk.storage.lmdb_store import LmdbBackend
 from ulog_disk.testing.kernel import Kernel
-from ulog_disk.wire import RequestType
 
 UUID = "LVM-mirror0123456789"
 #: Three chunks per bitmap, so chunk-level effects (tail deletion, partial writes) show.

@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ulog_disk import journal as jn
-from ulog_disk.wire import RequestType as RT
+from ulog_disk.protocol.wire import RequestType as RT
+from ulog_disk.storage import journal as jn
 
 VECTORS = Path(__file__).resolve().parent.parent / "formats" / "vectors" / "journal"
 _REGION_MASK = (1 << 56) - 1
@@ -413,7 +413,7 @@ class _Transport:
         self.lock = threading.Lock()
 
     def send(self, payload: bytes, address: object) -> None:
-        from ulog_disk import wire
+        from ulog_disk.protocol import wire
 
         with self.lock:
             self.sent.append(wire.decode_reply(payload))
@@ -424,9 +424,9 @@ class _Burst:
     one mirror; the test's thread is its request loop (frames handed to ``on_frame``)."""
 
     def __init__(self, state: Path) -> None:
-        from ulog_disk.applier import Applier
-        from ulog_disk.backends.lmdb_store import LmdbBackend
-        from ulog_disk.daemon import Daemon
+        from ulog_disk.daemon.applier import Applier
+        from ulog_disk.daemon.loop import Daemon
+        from ulog_disk.storage.lmdb_store import LmdbBackend
 
         self.backend = LmdbBackend(state, segment_bytes=65536)
         applier = Applier.over(self.backend, boot_id="b")
@@ -441,7 +441,7 @@ class _Burst:
         self.daemon.wait_idle()
 
     def frame(self, rtype: int, data: bytes = b"") -> bytes:
-        from ulog_disk import wire
+        from ulog_disk.protocol import wire
 
         return wire.encode_request(wire.Request(luid=1, uuid="LVM-burst", version=3, seq=next(self.seqs),
                                                 request_type=rtype, data=data))
@@ -451,7 +451,7 @@ class _Burst:
 
     def write(self) -> None:
         """One MARK or CLEAR (alternately, so that each changes the log: one journal record)."""
-        from ulog_disk import wire
+        from ulog_disk.protocol import wire
 
         rtype = RT.MARK_REGION if self.writes % 2 == 0 else RT.CLEAR_REGION
         self.on_frame(self.frame(rtype, wire.build_regions([self.writes // 2 % 64])))

@@ -1,4 +1,4 @@
-"""The lifecycle tables and the per-uuid rules (ulog_disk.lifecycle), by themselves and as the
+"""The lifecycle tables and the per-uuid rules (ulog_disk.log.lifecycle), by themselves and as the
 engine applies them."""
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ulog_disk import lifecycle as lc
-from ulog_disk.applier import Applier
-from ulog_disk.backends.base import InstanceRecord
-from ulog_disk.backends.memory import MemoryBackend
-from ulog_disk.lifecycle import EXISTING, LifecycleError, State
+from ulog_disk.daemon.applier import Applier
+from ulog_disk.log import lifecycle as lc
+from ulog_disk.log.lifecycle import EXISTING, LifecycleError, State
+from ulog_disk.log.records import InstanceRecord
+from ulog_disk.protocol.wire import RequestType
+from ulog_disk.storage.memory import MemoryBackend
 from ulog_disk.testing.kernel import Kernel
-from ulog_disk.wire import RequestType
 
 T = RequestType
 

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from ulog_disk import limits, wire
-from ulog_disk.applier import Applier
-from ulog_disk.backends.memory import MemoryBackend
-from ulog_disk.limits import MemoryBudget, MemoryLimit, cgroup_memory_limit, log_memory_bytes
+from ulog_disk.daemon.applier import Applier
+from ulog_disk.protocol import wire
+from ulog_disk.protocol.wire import Request, RequestType
+from ulog_disk.storage import limits
+from ulog_disk.storage.limits import MemoryBudget, MemoryLimit, cgroup_memory_limit, log_memory_bytes
+from ulog_disk.storage.memory import MemoryBackend
 from ulog_disk.testing.client import Client
 from ulog_disk.testing.launcher import Daemon, fd_count, launch
-from ulog_disk.wire import Request, RequestType
 
 T = RequestType
 MiB = 1024 * 1024

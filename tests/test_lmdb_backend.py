@@ -26,23 +26,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ulog_disk import journal as jn
-from ulog_disk import regionlog
-from ulog_disk import restore as restore_rule
-from ulog_disk import store_format as sf
-from ulog_disk.backends.base import (
+from ulog_disk.log import regionlog
+from ulog_disk.log import restore as restore_rule
+from ulog_disk.log.records import (
     OP_CLEAR,
     OP_MARK,
     OP_SET_NOSYNC,
     OP_SET_SYNC,
-    BackendError,
-    Commit,
     InstanceRecord,
     Restored,
     StoredState,
-    load_backend,
 )
-from ulog_disk.backends.lmdb_store import LmdbBackend
+from ulog_disk.storage import journal as jn
+from ulog_disk.storage import store_format as sf
+from ulog_disk.storage.base import BackendError, Commit, load_backend
+from ulog_disk.storage.lmdb_store import LmdbBackend
 
 CB = regionlog.CHUNK_BYTES
 UUID = "LVM-test0123"
@@ -1134,10 +1132,11 @@ def test_a_full_filesystem_is_a_backend_error_and_the_next_commit_succeeds(tmp_p
     script = textwrap.dedent("""
         import resource, signal, sys
         from pathlib import Path
-        from ulog_disk import store_format as sf
-        from ulog_disk.backends.base import BackendError, Commit, InstanceRecord
-        from ulog_disk.backends.lmdb_store import LmdbBackend
-        from ulog_disk.regionlog import CHUNK_BITS, CHUNK_BYTES
+        from ulog_disk.storage import store_format as sf
+        from ulog_disk.storage.base import BackendError, Commit
+        from ulog_disk.log.records import InstanceRecord
+        from ulog_disk.storage.lmdb_store import LmdbBackend
+        from ulog_disk.log.regionlog import CHUNK_BITS, CHUNK_BYTES
 
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         state = Path(sys.argv[1])

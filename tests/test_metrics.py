@@ -18,12 +18,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from ulog_disk import wire
-from ulog_disk.engine import Stats
-from ulog_disk.kernelmodel import KernelConnection
-from ulog_disk.metrics import FLUSH_BUCKETS, Metrics, Snapshot, requests_by_type
+from ulog_disk.daemon.metrics import FLUSH_BUCKETS, Metrics, Snapshot, requests_by_type
+from ulog_disk.log.engine import Stats
+from ulog_disk.protocol import wire
+from ulog_disk.protocol.wire import RequestType
+from ulog_disk.testing.kernelmodel import KernelConnection
 from ulog_disk.testing.launcher import Daemon, launch
-from ulog_disk.wire import RequestType
 
 #: Seconds to wait for something the daemon does within about a second (a slow CI machine).
 PATIENCE = 30.0

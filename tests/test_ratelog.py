@@ -7,7 +7,7 @@ import logging
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ulog_disk.ratelog import RateLimitedLog
+from ulog_disk.log.ratelog import RateLimitedLog
 
 
 class Clock:

@@ -22,12 +22,12 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from ulog_disk import disklog
-from ulog_disk import journal as jn
-from ulog_disk import store_format as sf
-from ulog_disk.applier import Applier
-from ulog_disk.backends.lmdb_store import LmdbBackend
-from ulog_disk.kernelmodel import UserspaceLog
+from ulog_disk.daemon.applier import Applier
+from ulog_disk.protocol.wire import Request, RequestType
+from ulog_disk.storage import disklog
+from ulog_disk.storage import journal as jn
+from ulog_disk.storage import store_format as sf
+from ulog_disk.storage.lmdb_store import LmdbBackend
 from ulog_disk.testing.handover import (
     A_DIRTY,
     A_OUT_OF_SYNC,
@@ -43,9 +43,9 @@ from ulog_disk.testing.handover import (
     connect,
     lmdb_daemon,
 )
+from ulog_disk.testing.kernelmodel import UserspaceLog
 from ulog_disk.testing.tools import hexluid, instances, ulog_dump, ulog_recover
 from ulog_disk.tools.common import bit_ranges
-from ulog_disk.wire import Request, RequestType
 
 LUID_C = 0xFFFF888000004000
 

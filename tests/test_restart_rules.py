@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from test_handover import REGIONS, ctr_text, dirty, live_instance_with_traffic, start, stop, unsynced
 
-from ulog_disk.wire import RequestType
+from ulog_disk.protocol.wire import RequestType
 
 
 def restarted_with_live_a(tmp_path):

@@ -14,8 +14,8 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ulog_disk import restore
-from ulog_disk.backends.base import (
+from ulog_disk.log import restore
+from ulog_disk.log.records import (
     OP_CLEAR,
     OP_MARK,
     OP_SET_NOSYNC,
@@ -24,7 +24,7 @@ from ulog_disk.backends.base import (
     StoredInstance,
     StoredState,
 )
-from ulog_disk.regionlog import CHUNK_BITS, CHUNK_BYTES, chunk_count
+from ulog_disk.log.regionlog import CHUNK_BITS, CHUNK_BYTES, chunk_count
 
 BOOT = "boot-now"
 EARLIER = "boot-before"

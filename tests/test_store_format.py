@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ulog_disk import store_format as sf
+from ulog_disk.storage import store_format as sf
 
 VECTORS = Path(__file__).resolve().parent.parent / "formats" / "vectors" / "store"
 

@@ -1,4 +1,4 @@
-"""ulog_disk.wire: frame decoding errors, type masking, payload parsers.
+"""ulog_disk.protocol.wire: frame decoding errors, type masking, payload parsers.
 
 Frames are built with wire's own encoders and then damaged through wire's construct definitions
 (``CnMsg``/``UlogHeader``), so no offset is written down here.
@@ -10,8 +10,8 @@ import errno
 
 import pytest
 
-from ulog_disk import capture, requests, wire
-from ulog_disk.wire import FrameError, Reply, Request, RequestType
+from ulog_disk.protocol import capture, requests, wire
+from ulog_disk.protocol.wire import FrameError, Reply, Request, RequestType
 
 UUID = "LVM-wiretest"
 LUID = 0xFFFF8D8142769400
@@ -334,7 +334,7 @@ def test_reply_value_parsers_reject_wrong_sizes(parser, size):
 
 # --- the request table -------------------------------------------------------------------------------
 
-_FIXED = sorted({id(p): p for e in [f.payloads for f in requests.REQUESTS.values()] for p in (e.request, e.reply)
+_FIXED = sorted({id(p): p for f in requests.REQUESTS.values() for p in (f.payloads.request, f.payloads.reply)
                  if p is not None and p.packed is not None}.values(), key=lambda p: p.what)
 
 
@@ -366,7 +366,7 @@ def test_region_list_agrees_with_the_construct_definition():
 def test_flat_struct_follows_the_definition_or_refuses():
     import construct as c
 
-    from ulog_disk.fastpath import const, flat_struct
+    from ulog_disk.protocol.fastpath import const, flat_struct
 
     record = c.Struct("magic" / c.Const(b"ABCD"), "state" / c.Enum(c.Int8ul, on=1), "n" / c.Int32ul,
                       "name" / c.PascalString(c.Int8ul, "ascii"), c.Terminated)
@@ -420,7 +420,7 @@ def test_ctr_string_is_read_once(data, expected):
     ("8 c\u00f6re 8".encode("latin-1"), "not ASCII"),
 ])
 def test_ctr_string_refusals_are_the_engines(data, why):
-    from ulog_disk.ctrargs import CtrError, parse_ctr
+    from ulog_disk.protocol.ctrargs import CtrError, parse_ctr
 
     with pytest.raises(ValueError, match=why):
         requests.parse_payload(RequestType.CTR, data)

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from ulog_disk import requests, wire
-from ulog_disk.applier import Applier
-from ulog_disk.backends.base import BackendError, Commit
-from ulog_disk.backends.memory import MemoryBackend
-from ulog_disk.wire import Reply, Request, RequestType
+from ulog_disk.daemon.applier import Applier
+from ulog_disk.protocol import requests, wire
+from ulog_disk.protocol.wire import Reply, Request, RequestType
+from ulog_disk.storage.base import BackendError, Commit
+from ulog_disk.storage.memory import MemoryBackend
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTOR_DIR = ROOT / "formats" / "vectors" / "wire"

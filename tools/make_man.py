@@ -32,7 +32,7 @@ SECTION = "8"
 
 #: page name -> (module with build_parser(), the NAME line's description)
 PAGES = {
-    "dm-ulogd": ("ulog_disk.service", "userspace dirty-log server for device-mapper mirrors"),
+    "dm-ulogd": ("ulog_disk.daemon.service", "userspace dirty-log server for device-mapper mirrors"),
     "ulog-recover": ("ulog_disk.tools.recover",
                      "check, repair, back up, export and import the dm-ulogd store"),
     "ulog-dump": ("ulog_disk.tools.dump",

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import construct as c
 
-from ulog_disk import requests, wire
-from ulog_disk.wire import Reply, Request, RequestType
+from ulog_disk.protocol import requests, wire
+from ulog_disk.protocol.wire import Reply, Request, RequestType
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "formats" / "vectors" / "wire"

@@ -1,3 +1,3 @@
-from .service import main
+from .daemon.service import main
 
 raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""ulog_disk.corosync on a real corosync: three nodes in network namespaces (tools/cluster/rig.py),
+"""ulog_disk.cluster.corosync on a real corosync: three nodes in network namespaces (tools/cluster/rig.py),
 one worker process per node using the binding the way the daemon will (tools/cluster/cpg_worker.py).
 
 What cluster mode will stand on: one agreed order on every member under concurrent senders,
@@ -21,7 +21,7 @@ from conftest import start_worker, wait_members
 from cpg_worker import WorkerClient
 from rig import Rig
 
-from ulog_disk import corosync
+from ulog_disk.cluster import corosync
 
 pytestmark = pytest.mark.cluster
 

@@ -1,4 +1,4 @@
-"""ulog_disk.corosync without corosync: the pieces of a large payload, the send queue's backoff
+"""ulog_disk.cluster.corosync without corosync: the pieces of a large payload, the send queue's backoff
 against a libcpg that pushes back (a fake library behind the same ctypes calls), the errors'
 text, and that nothing loads libcpg but cluster mode."""
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from ulog_disk import corosync as cs
+from ulog_disk.cluster import corosync as cs
 
 # --- pieces -------------------------------------------------------------------------------------
 
@@ -207,9 +207,9 @@ def test_missing_library_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_single_node_daemon_never_loads_corosync() -> None:
     """The daemon, its tools and the binding's own import load no corosync library."""
-    code = ("import sys, ulog_disk.service, ulog_disk.tools.dump, ulog_disk.tools.recover\n"
+    code = ("import sys, ulog_disk.daemon.service, ulog_disk.tools.dump, ulog_disk.tools.recover\n"
             "assert 'ulog_disk.corosync' not in sys.modules, 'imported'\n"
-            "import ulog_disk.corosync as c\n"
+            "import ulog_disk.cluster.corosync as c\n"
             "maps = open('/proc/self/maps').read()\n"
             "assert not c._LIBS and 'libcpg' not in maps and 'libquorum' not in maps, 'loaded'\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -32,9 +32,9 @@ from pathlib import Path
 import pytest
 from rel_lib import figures, launch
 
-from ulog_disk import wire
+from ulog_disk.protocol import wire
+from ulog_disk.protocol.wire import Request, RequestType
 from ulog_disk.testing.client import Client, ctr_text
-from ulog_disk.wire import Request, RequestType
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, setuid)")
 

@@ -46,14 +46,14 @@ from pathlib import Path
 
 from rel_lib import figures, launch, run_verify, scale
 
-from ulog_disk import wire
-from ulog_disk.applier import Applier
-from ulog_disk.backends.lmdb_store import LmdbBackend
-from ulog_disk.regionlog import RegionLog
+from ulog_disk.daemon.applier import Applier
+from ulog_disk.log.regionlog import RegionLog
+from ulog_disk.protocol import wire
+from ulog_disk.protocol.wire import RequestType as T
+from ulog_disk.storage.lmdb_store import LmdbBackend
 from ulog_disk.testing.client import Client, DaemonGone, ctr_text
 from ulog_disk.testing.kernel import acknowledged, bits_of, log_of
 from ulog_disk.testing.launcher import Daemon
-from ulog_disk.wire import RequestType as T
 
 POINTS = int(scale("ULOG_REL_CRASH_POINTS", 30, 1000))
 SEED = int(os.environ.get("ULOG_REL_SEED", "11"))

@@ -42,10 +42,11 @@ import lmdb
 import pytest
 from rel_lib import figures, launch, scale
 
-from ulog_disk import journal as jn
-from ulog_disk import wire
-from ulog_disk.regionlog import CHUNK_BITS
-from ulog_disk.store_format import (
+from ulog_disk.log.regionlog import CHUNK_BITS
+from ulog_disk.protocol import wire
+from ulog_disk.protocol.wire import RequestType as T
+from ulog_disk.storage import journal as jn
+from ulog_disk.storage.store_format import (
     CHECKPOINT_KEY,
     encode_chunk_key,
     encode_dir_name,
@@ -53,7 +54,6 @@ from ulog_disk.store_format import (
     read_checkpoint_value,
 )
 from ulog_disk.testing.client import Client, DaemonGone, ctr_text
-from ulog_disk.wire import RequestType as T
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount, losetup)")
 

@@ -29,10 +29,10 @@ from pathlib import Path
 
 from rel_lib import figures, launch, scale
 
-from ulog_disk.kernelmodel import KERNEL_TIMEOUT, KernelConnection, Mirror, UserspaceLog
+from ulog_disk.protocol.wire import RequestType as T
 from ulog_disk.testing.client import Client, ctr_text
+from ulog_disk.testing.kernelmodel import KERNEL_TIMEOUT, KernelConnection, Mirror, UserspaceLog
 from ulog_disk.testing.stats import percentile
-from ulog_disk.wire import RequestType as T
 
 SECONDS = float(scale("ULOG_REL_LOAD_SECONDS", 60.0, 600.0))
 MIRRORS = int(scale("ULOG_REL_LOAD_MIRRORS", 64, 64))

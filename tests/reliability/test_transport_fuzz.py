@@ -43,15 +43,15 @@ from hypothesis import strategies as st
 from rel_lib import figures, launch, scale
 from test_engine_fuzz import damage as damage_fields
 
-from ulog_disk import wire
-from ulog_disk.applier import Applier
-from ulog_disk.backends.memory import MemoryBackend
-from ulog_disk.journal import parse_segment_name
-from ulog_disk.store_format import decode_dir_name
+from ulog_disk.daemon.applier import Applier
+from ulog_disk.protocol import wire
+from ulog_disk.protocol.wire import FrameError, Reply, Request, RequestType
+from ulog_disk.storage.journal import parse_segment_name
+from ulog_disk.storage.memory import MemoryBackend
+from ulog_disk.storage.store_format import decode_dir_name
 from ulog_disk.testing.client import Client, NoReply
 from ulog_disk.testing.kernel import check_success
 from ulog_disk.testing.launcher import Daemon
-from ulog_disk.wire import FrameError, Reply, Request, RequestType
 
 T = RequestType
 BOOT = "boot-fuzz"

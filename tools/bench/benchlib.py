@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ulog_disk.protocol.wire import RequestType
 from ulog_disk.testing.client import Client, FrameTemplate, ctr_text
 from ulog_disk.testing.launcher import fd_count, thread_count
-from ulog_disk.wire import RequestType
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE = 4096
@@ -136,7 +136,7 @@ class LmdbFloor:
     def __init__(self, path: Path, chunks: int, **options: bool):
         import lmdb  # noqa: PLC0415
 
-        from ulog_disk.regionlog import CHUNK_BYTES  # noqa: PLC0415
+        from ulog_disk.log.regionlog import CHUNK_BYTES  # noqa: PLC0415
 
         path.mkdir(parents=True, exist_ok=True)
         durable = {"sync": True, "metasync": True, "writemap": False, "map_async": False}
@@ -179,7 +179,7 @@ def load_worker(index: int, path: str, regions: int, workdir: str, pipe: object)
     from frame templates, one region per write), ``kmodel`` (the same through the kernel model),
     ``lmdb`` (bare py-lmdb durable commits into its own environment), ``fdatasync`` (4 KiB
     pwrite + fdatasync into its own file)."""
-    from ulog_disk.kernelmodel import KernelConnection, UserspaceLog  # noqa: PLC0415
+    from ulog_disk.testing.kernelmodel import KernelConnection, UserspaceLog  # noqa: PLC0415
 
     uuid, luid = mirror_uuid(index)
     done = 0

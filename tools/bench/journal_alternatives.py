@@ -61,9 +61,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 from benchlib import PAGE, LmdbFloor, Row, SyncWriter  # noqa: E402
 
-from ulog_disk import journal  # noqa: E402
-from ulog_disk.backends.lmdb_store import INITIAL_MAP_SIZE  # noqa: E402
-from ulog_disk.regionlog import CHUNK_BYTES  # noqa: E402
+from ulog_disk.log.regionlog import CHUNK_BYTES  # noqa: E402
+from ulog_disk.storage import journal  # noqa: E402
+from ulog_disk.storage.lmdb_store import INITIAL_MAP_SIZE  # noqa: E402
 from ulog_disk.testing.stats import percentile  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -33,11 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import ROOT, ctr_string  # noqa: E402
 
-from ulog_disk import wire  # noqa: E402
-from ulog_disk.kernelmodel import KernelConnection, UserspaceLog  # noqa: E402
+from ulog_disk.protocol import wire  # noqa: E402
+from ulog_disk.protocol.wire import RequestType  # noqa: E402
 from ulog_disk.testing.client import Client, LeanClient  # noqa: E402
+from ulog_disk.testing.kernelmodel import KernelConnection, UserspaceLog  # noqa: E402
 from ulog_disk.testing.launcher import launch  # noqa: E402
-from ulog_disk.wire import RequestType  # noqa: E402
 
 STRIDE = 104729
 REGIONS = 1 << 20

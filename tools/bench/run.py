@@ -48,15 +48,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 from benchlib import STRIDE, LmdbFloor, Row, SyncWriter, ctr_string, human_count  # noqa: E402
 
-from ulog_disk import wire  # noqa: E402
-from ulog_disk.applier import Applier  # noqa: E402
-from ulog_disk.backends.lmdb_store import LmdbBackend  # noqa: E402
-from ulog_disk.kernelmodel import KernelConnection, UserspaceLog  # noqa: E402
-from ulog_disk.regionlog import chunk_count  # noqa: E402
+from ulog_disk.daemon.applier import Applier  # noqa: E402
+from ulog_disk.log.regionlog import chunk_count  # noqa: E402
+from ulog_disk.protocol import wire  # noqa: E402
+from ulog_disk.protocol.wire import RequestType  # noqa: E402
+from ulog_disk.storage.lmdb_store import LmdbBackend  # noqa: E402
 from ulog_disk.testing.client import Client, LeanClient  # noqa: E402
+from ulog_disk.testing.kernelmodel import KernelConnection, UserspaceLog  # noqa: E402
 from ulog_disk.testing.launcher import Daemon, launch  # noqa: E402
 from ulog_disk.testing.stats import median, percentile  # noqa: E402
-from ulog_disk.wire import RequestType  # noqa: E402
 
 try:
     import plot

@@ -9,8 +9,8 @@ import timeit
 
 from pyroute2.netlink import nlmsg
 
-from ulog_disk import wire
-from ulog_disk.wire import Reply, Request, RequestType
+from ulog_disk.protocol import wire
+from ulog_disk.protocol.wire import Reply, Request, RequestType
 
 N = 50_000
 

@@ -49,7 +49,7 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 class Worker:
     def __init__(self) -> None:
-        from ulog_disk import corosync
+        from ulog_disk.cluster import corosync
 
         self.cs = corosync
         self.sel = selectors.DefaultSelector()

@@ -22,8 +22,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ulog_disk import wire
-from ulog_disk.capture import FROM_DAEMON, TO_DAEMON, CaptureFormatError, CaptureRecord, read_capture
+from ulog_disk.protocol import wire
+from ulog_disk.protocol.capture import FROM_DAEMON, TO_DAEMON, CaptureFormatError, CaptureRecord, read_capture
 
 
 def records(files: list[str]) -> Iterator[CaptureRecord]:

@@ -6,7 +6,7 @@ benchmarks and a backend plugin's own tests use it.
 * :mod:`.client`: a raw SOCK_SEQPACKET client (one request at a time, or pipelined with
   :meth:`~.client.Client.many`) and the lean frame-template client of the benchmarks.
 * :mod:`.kernel`: an in-process kernel driver: requests through the wire both ways into an
-  :class:`~ulog_disk.engine.Engine`, no daemon, no socket.
+  :class:`~ulog_disk.log.engine.Engine`, no daemon, no socket.
 * :mod:`.stats`: the one percentile definition of every figure (reliability and benchmarks).
 * :mod:`.tools`: ulog-dump and ulog-recover run in-process (exit status, stdout, stderr).
 * :mod:`.handover`: stores made by a real daemon (a hand-over cut by ``kill -9``) for the tools'

@@ -12,9 +12,9 @@ import contextlib
 import os
 import sys
 
-from .. import wire
-from ..kernelmodel import connect
-from ..wire import Request, RequestType
+from ..protocol import wire
+from ..protocol.wire import Request, RequestType
+from .kernelmodel import connect
 
 
 class DaemonGone(ConnectionError):

@@ -1,6 +1,6 @@
 """What every backend must show, as a pytest class: subclass it with your backend and run pytest.
 
-    from ulog_disk.testing.conformance import BackendConformance
+    from .conformance import BackendConformance
     from my_plugin import MyBackend
 
     class TestMyBackend(BackendConformance):
@@ -33,10 +33,10 @@ from typing import ClassVar
 
 import pytest
 
-from .. import wire
-from ..applier import Applier
-from ..backends.base import Backend
-from ..wire import RequestType as T
+from ..daemon.applier import Applier
+from ..protocol import wire
+from ..protocol.wire import RequestType as T
+from ..storage.base import Backend
 from . import launcher
 from .client import Client
 from .kernel import Kernel

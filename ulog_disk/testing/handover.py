@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ..kernelmodel import KernelConnection, Mirror, UserspaceLog
+from .kernelmodel import KernelConnection, Mirror, UserspaceLog
 from .launcher import Daemon, launch
 
 BOOT1 = "boot-1-aaaaaaaa"

@@ -8,10 +8,10 @@ no threads: for the engine's rules and a backend's behaviour under them.
 
 from __future__ import annotations
 
-from .. import wire
-from ..applier import Applier
-from ..regionlog import RegionLog
-from ..wire import Request, RequestType
+from ..daemon.applier import Applier
+from ..log.regionlog import RegionLog
+from ..protocol import wire
+from ..protocol.wire import Request, RequestType
 
 T = RequestType
 

@@ -15,11 +15,11 @@ from typing import Any, TextIO
 
 from bitarray import bitarray
 
-from .. import journal as jn
-from ..bootid import read_boot_id
-from ..regionlog import format_ranges
-from ..statedir import DEFAULT_STATE_DIR, lock_holder
-from ..store_format import decode_dir_name, parse_damaged_dir_name
+from ..daemon.statedir import DEFAULT_STATE_DIR, lock_holder
+from ..log.regionlog import format_ranges
+from ..storage import journal as jn
+from ..storage.bootid import read_boot_id
+from ..storage.store_format import decode_dir_name, parse_damaged_dir_name
 
 #: Version of every ``--json`` document (``formats/tools-json.md``); bumped on an incompatible
 #: change of the keys.

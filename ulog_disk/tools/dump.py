@@ -7,9 +7,11 @@ import argparse
 import sys
 from typing import Any
 
-from .. import __version__, capture, disklog
-from .. import journal as jn
-from ..cli import tool_parser
+from .. import __version__
+from ..daemon.cli import tool_parser
+from ..protocol import capture
+from ..storage import disklog
+from ..storage import journal as jn
 from . import storeview as sv
 from . import wiredump as wd
 from .common import (

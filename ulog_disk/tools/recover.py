@@ -18,16 +18,19 @@ from typing import Any
 import lmdb
 from bitarray import bitarray
 
-from .. import __version__, disklog, regionlog
-from .. import journal as jn
-from ..backends.base import Commit, StoredState
-from ..backends.lmdb_env import DIR_MODE, FILE_MODE, open_readonly
-from ..backends.lmdb_store import LmdbBackend
-from ..cli import ToolParser, fill, tool_parser
-from ..lifecycle import replaces_retained
-from ..statedir import StateDirLock
-from ..statedir import prepare as prepare_state_dir
-from ..store_format import StoreFormatError, split_chunks
+from .. import __version__
+from ..daemon.cli import ToolParser, fill, tool_parser
+from ..daemon.statedir import StateDirLock
+from ..daemon.statedir import prepare as prepare_state_dir
+from ..log import regionlog
+from ..log.lifecycle import replaces_retained
+from ..log.records import StoredState
+from ..storage import disklog
+from ..storage import journal as jn
+from ..storage.base import Commit
+from ..storage.lmdb_env import DIR_MODE, FILE_MODE, open_readonly
+from ..storage.lmdb_store import LmdbBackend
+from ..storage.store_format import StoreFormatError, split_chunks
 from . import storeview as sv
 from .common import (
     EXIT_OK,

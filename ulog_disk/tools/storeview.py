@@ -5,22 +5,22 @@ reader registers in LMDB's reader table like any reader and reads one snapshot i
 transaction, so it never waits for the daemon's write lock, and the daemon's commits never wait
 for it (LMDB writers do not block on readers; they only keep the pages the snapshot uses). A
 snapshot is a committed transaction: the tools see the store exactly as a restart would.
-The store is read and judged by the daemon's own reader (:mod:`ulog_disk.backends.lmdb_reader`):
+The store is read and judged by the daemon's own reader (:mod:`ulog_disk.storage.lmdb_reader`):
 the same snapshot, the same decoding, the same findings (an ``error`` is what makes the daemon
 refuse the store).
 
 The daemon-wide journal (``formats/journal.md``) is scanned once per read, before any store
 (:func:`read_store` says why), and every instance of a layout-3 store gets the journal records
-:func:`~ulog_disk.backends.lmdb_reader.plan_replay` picks for the daemon's restore; the bitmaps
+:func:`~ulog_disk.storage.lmdb_reader.plan_replay` picks for the daemon's restore; the bitmaps
 shown are what a restart serves from them, by :mod:`ulog_disk.restore`'s rule: the stored ones
 with the same ops replayed, and an instance the restore would distrust (no checkpoint, a
 checkpoint naming a journal that is not there, journal damage after its checkpoint) all dirty and
 out of sync, with a warning. A layout-1/2 store is read as it is, its per-instance journal files
-folded in as its migration to layout 3 folds them (:func:`~ulog_disk.backends.lmdb_reader.old_journal`).
+folded in as its migration to layout 3 folds them (:func:`~ulog_disk.storage.lmdb_reader.old_journal`).
 
 py-lmdb refuses to open one environment twice in one process, so an environment is opened,
 read whole into Python objects and closed again before anything else (the write paths of
-``ulog-recover``, which go through :class:`~ulog_disk.backends.lmdb_store.LmdbBackend`) opens it.
+``ulog-recover``, which go through :class:`~ulog_disk.storage.lmdb_store.LmdbBackend`) opens it.
 
 Verdicts (``ulog-recover list``), first match wins; whether a state is ever handed over again, and
 which one is the uuid's newest, is decided by :mod:`ulog_disk.lifecycle`, the rules the daemon
@@ -52,10 +52,12 @@ from typing import Any
 import lmdb
 from bitarray import bitarray
 
-from .. import journal as jn
-from .. import restore
-from ..backends.lmdb_env import DIR_MODE, FILE_MODE, open_readonly
-from ..backends.lmdb_reader import (
+from ..log import restore
+from ..log.lifecycle import IN_USE, never_handed_over, newest_state, outranked
+from ..log.regionlog import exact_bits
+from ..storage import journal as jn
+from ..storage.lmdb_env import DIR_MODE, FILE_MODE, open_readonly
+from ..storage.lmdb_reader import (
     ERROR,
     NOTE,
     WARNING,
@@ -67,9 +69,7 @@ from ..backends.lmdb_reader import (
     plan_replay,
     snapshot,
 )
-from ..lifecycle import IN_USE, never_handed_over, newest_state, outranked
-from ..regionlog import exact_bits
-from ..store_format import (
+from ..storage.store_format import (
     LAYOUT_VERSION,
     CheckpointRecord,
     FormatRecord,
@@ -91,12 +91,12 @@ class JournalView:
 
     Layout 3: the daemon-wide journal (``formats/journal.md``). ``checkpoint`` is the instance's
     checkpoint record; ``records``, ``ops`` and ``damaged`` come from
-    :func:`~ulog_disk.backends.lmdb_reader.plan_replay`, the function the daemon's restore calls,
+    :func:`~ulog_disk.storage.lmdb_reader.plan_replay`, the function the daemon's restore calls,
     so the state shown is the one the daemon would restore.
 
     Layouts 1-2: the instance's own ``journal.<luid>`` file, which the daemon folds into the
     bitmaps when it migrates the store to layout 3
-    (:func:`~ulog_disk.backends.lmdb_reader.old_journal` judges it for both), then removes.
+    (:func:`~ulog_disk.storage.lmdb_reader.old_journal` judges it for both), then removes.
     """
 
     layout: int
@@ -414,7 +414,7 @@ def _mode_findings(ev: EnvView) -> None:
 
 def _read_old_journal(ev: EnvView, sv: StateView, boot_id: str) -> None:
     """Layouts 1-2: the instance's own journal file, as the migration to layout 3 folds it in
-    (:func:`~ulog_disk.backends.lmdb_reader.old_journal`, which the migration calls too)."""
+    (:func:`~ulog_disk.storage.lmdb_reader.old_journal`, which the migration calls too)."""
     assert sv.meta is not None and sv.luid is not None
     where = f"luid {luid_hex(sv.luid)}"
     name = journal_file_name(sv.luid)
@@ -639,7 +639,7 @@ def _verdict(s: StateView, good: list[StateView], boot_id: str, ev: EnvView) -> 
 
 def newest(ev: EnvView) -> list[StateView]:
     """The uuid's newest states: what the next RESUME of a new instance of the uuid adopts, picked
-    by the hand-over rule (:func:`ulog_disk.lifecycle.newest_state`: this boot's instances, then
+    by the hand-over rule (:func:`ulog_disk.log.lifecycle.newest_state`: this boot's instances, then
     the gone states, the retained one and earlier boots' instances) among the states that can still
     be handed over (readable, resumed, not flagged superseded); a state of generation 0 counts
     too, so that the tools can act on it. First the rule's pick, then any other state of the same

@@ -15,8 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import capture, requests, wire
-from ..wire import RequestType
+from ..protocol import capture, requests, wire
+from ..protocol.wire import RequestType
 from .common import ranges
 
 TRANSPORT_NAMES = {v: k for k, v in capture.TRANSPORTS.items()}
@@ -98,8 +98,8 @@ def describe_payload(frame: Frame) -> str:
 
 
 def request_payload(request_type: int, data: bytes) -> dict[str, Any]:
-    """A request's data as the request table (:data:`ulog_disk.requests.REQUESTS`) names it; a region list
-    also as a count and ranges."""
+    """A request's data as the request table (:data:`ulog_disk.protocol.requests.REQUESTS`) names
+    it; a region list also as a count and ranges."""
     try:
         p = requests.parse_payload(request_type, data)
     except ValueError as exc:

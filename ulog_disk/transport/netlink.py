@@ -16,7 +16,7 @@ import selectors
 import socket
 from dataclasses import dataclass
 
-from .. import wire
+from ..protocol import wire
 from . import Counters, Frame
 
 log = logging.getLogger("ulog_disk.transport.netlink")

@@ -26,11 +26,11 @@ from typing import TypeVar
 
 import lmdb
 
-from .. import journal as jn
-from ..store_format import StoreFormatError, damaged_dir_name, encode_dir_name
+from . import journal as jn
 from .base import BackendError
+from .store_format import StoreFormatError, damaged_dir_name, encode_dir_name
 
-log = logging.getLogger("ulog_disk.backends.lmdb")
+log = logging.getLogger("ulog_disk.storage.lmdb")
 
 T = TypeVar("T")
 

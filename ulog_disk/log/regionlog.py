@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from bitarray import bitarray
 from bitarray.util import zeros
 
-from .backends.base import OP_CLEAR, OP_MARK, OP_SET_NOSYNC, OP_SET_SYNC
+from .records import OP_CLEAR, OP_MARK, OP_SET_NOSYNC, OP_SET_SYNC
 
 #: Bitmap bytes per stored chunk: 4076 bytes = 32608 regions, which with the chunk's 4-byte
 #: checksum (store layout 2) is exactly one LMDB overflow page (a 4 KiB page less its 16-byte
@@ -238,7 +238,7 @@ class RegionLog:
         return r
 
     def replay(self, ops: Iterable[tuple[int, int]]) -> int:
-        """Apply journaled requests (``OP_*`` codes of :mod:`ulog_disk.backends.base`) in order,
+        """Apply journaled requests (``OP_*`` codes of :mod:`ulog_disk.storage.base`) in order,
         by the same rules as when they were answered; ops for regions past the log are skipped.
         Returns how many were applied."""
         applied = 0

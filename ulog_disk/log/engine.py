@@ -1,7 +1,7 @@
 """The engine: the log table as a deterministic state machine.
 
 ``step(request, now)`` applies one kernel request to the table and says what follows, as data:
-either a :class:`~ulog_disk.wire.Reply` to send at once, or a :class:`Step` — the effects to
+either a :class:`~ulog_disk.protocol.wire.Reply` to send at once, or a :class:`Step` — the effects to
 perform first, in order (journal records to append, store writes to run), what the reply waits
 for (nothing, the journal being durable up to the step's records, or the step's store writes),
 and the reply itself. The caller (:mod:`ulog_disk.applier`, on behalf of the daemon) performs
@@ -41,18 +41,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from . import restore, wire
-from .backends.base import (
-    OP_CLEAR,
-    OP_MARK,
-    OP_SET_NOSYNC,
-    OP_SET_SYNC,
-    InstanceRecord,
-    Restored,
-    StoredInstance,
-    StoredState,
-)
-from .ctrargs import CtrArgs, parse_ctr
+from ..protocol import wire
+from ..protocol.ctrargs import CtrArgs, parse_ctr
+from ..protocol.requests import REQUESTS, REREGISTERS, Answered
+from ..protocol.wire import Reply, Request, RequestType
+from . import restore
 from .lifecycle import (
     CtrAction,
     State,
@@ -69,9 +62,17 @@ from .lifecycle import (
     takes_generation,
 )
 from .ratelog import RateLimitedLog
+from .records import (
+    OP_CLEAR,
+    OP_MARK,
+    OP_SET_NOSYNC,
+    OP_SET_SYNC,
+    InstanceRecord,
+    Restored,
+    StoredInstance,
+    StoredState,
+)
 from .regionlog import RegionLog, chunk_count
-from .requests import REQUESTS, REREGISTERS, Answered
-from .wire import Reply, Request, RequestType
 
 log = logging.getLogger("ulog_disk.engine")
 
@@ -364,7 +365,7 @@ class Engine:
 
     def step(self, req: Request, now: float) -> Reply | Step:
         """Apply one request at time ``now``: a reply to send at once (nothing to perform), or
-        a :class:`Step`. Raises :class:`~ulog_disk.lifecycle.LifecycleError` on a bug."""
+        a :class:`Step`. Raises :class:`~ulog_disk.log.lifecycle.LifecycleError` on a bug."""
         self.now = now
         self.stats.requests += 1
         kind = req.kind

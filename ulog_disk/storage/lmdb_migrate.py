@@ -3,7 +3,7 @@ store of an older layout (1 or 2) or another chunk size to the current one.
 
 The migration reads the store with the one reader (:mod:`.lmdb_reader`), folds each instance's
 layout-1/2 journal file in by :func:`.lmdb_reader.old_journal`'s judgement and the restart's rule
-(:func:`ulog_disk.restore.replayed`), and rewrites everything in one transaction: a crash leaves
+(:func:`ulog_disk.log.restore.replayed`), and rewrites everything in one transaction: a crash leaves
 the old store or the new one.
 """
 
@@ -15,8 +15,10 @@ from collections.abc import Callable
 
 import lmdb
 
-from .. import regionlog, restore
-from ..store_format import (
+from ..log import regionlog, restore
+from .lmdb_env import Env, open_db, write
+from .lmdb_reader import decode_store, format_mismatch, old_journal, read_format, snapshot
+from .store_format import (
     CHECKPOINT_KEY,
     FORMAT_KEY,
     LAYOUT_VERSION,
@@ -38,10 +40,8 @@ from ..store_format import (
     seal,
     split_chunks,
 )
-from .lmdb_env import Env, open_db, write
-from .lmdb_reader import decode_store, format_mismatch, old_journal, read_format, snapshot
 
-log = logging.getLogger("ulog_disk.backends.lmdb")
+log = logging.getLogger("ulog_disk.storage.lmdb")
 
 #: Where the journal a store follows is, and up to where: (journal id, position).
 JournalRef = Callable[[], tuple[bytes, int]]

@@ -7,7 +7,7 @@ reads every ``*.prom`` file of a directory at each scrape (``docs/metrics.md``).
 Three steps, so that the request loop pays almost nothing:
 
 * **counting** is what the daemon and the engine do anyway: plain integer increments on the loop
-  thread (:class:`ulog_disk.engine.Stats`, the group commit's counters). The one counter kept only
+  thread (:class:`ulog_disk.log.engine.Stats`, the group commit's counters). The one counter kept only
   for this, the FLUSH latency histogram (:class:`FlushLatency`), is a list of integers updated
   under the send lock the reply already holds;
 * a **snapshot** (:meth:`Metrics.snapshot`) copies those numbers and a few per mirror into plain
@@ -38,11 +38,11 @@ from prometheus_client import CollectorRegistry, write_to_textfile
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from . import journal as jn
+from ..log.engine import Stats
+from ..log.ratelog import RateLimitedLog
+from ..protocol.wire import Request, RequestType
+from ..storage import journal as jn
 from .applier import Applier
-from .engine import Stats
-from .ratelog import RateLimitedLog
-from .wire import Request, RequestType
 
 log = logging.getLogger("ulog_disk.metrics")
 

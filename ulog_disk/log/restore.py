@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .backends.base import StoredInstance, StoredState
+from .records import StoredInstance, StoredState
 from .regionlog import RegionLog
 
 

@@ -8,7 +8,7 @@ daemon's store worker. It also keeps what only the I/O side can know: the journa
 each instance's oldest change that its store does not hold yet (which decides when a checkpoint
 is due, and how far the journal may be cut), and the positions store writes under way carry.
 
-What a request leads to, for the daemon: a :class:`~ulog_disk.wire.Reply` to send now, or a
+What a request leads to, for the daemon: a :class:`~ulog_disk.protocol.wire.Reply` to send now, or a
 :class:`Waiting` — the reply waits for the journal to be durable up to ``durable_at`` (the
 group-commit thread's sync), or for ``job`` (the store worker). Whoever sees the work succeed
 sends ``reply`` if there is one (:func:`answered_early`); the loop then reports the outcome with
@@ -22,8 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .backends.base import Backend, BackendError, Commit
-from .engine import (
+from ..log.engine import (
     JOURNAL_EFFECTS,
     Admission,
     AppendFlush,
@@ -40,8 +39,9 @@ from .engine import (
     describe,
     effect_key,
 )
-from .requests import Answered
-from .wire import Reply, Request
+from ..protocol.requests import Answered
+from ..protocol.wire import Reply, Request
+from ..storage.base import Backend, BackendError, Commit
 
 log = logging.getLogger("ulog_disk.applier")
 

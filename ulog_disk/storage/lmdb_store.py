@@ -49,10 +49,32 @@ from typing import TypeVar
 
 import lmdb
 
-from .. import journal as jn
-from .. import limits, regionlog, restore
-from ..bootid import read_boot_id
-from ..store_format import (
+from ..log import regionlog, restore
+from ..log.records import InstanceRecord, Restored, StoredInstance, StoredState
+from . import journal as jn
+from . import limits, lmdb_env
+from .base import Backend, BackendError, Commit
+from .bootid import read_boot_id
+from .lmdb_env import (
+    DIR_MODE,
+    FDS_PER_ENV,
+    INITIAL_MAP_SIZE,
+    MAX_DBS,
+    MAX_OPEN_ENVS,
+    Env,
+    EnvCache,
+    backend_error,
+    open_db,
+)
+from .lmdb_migrate import check_format
+from .lmdb_reader import (
+    InstanceContents,
+    decode_store,
+    journal_records_by_instance,
+    plan_replay,
+    read_snapshot,
+)
+from .store_format import (
     CHECKPOINT_KEY,
     CHECKSUM_SIZE,
     RECORD_KEY,
@@ -73,29 +95,8 @@ from ..store_format import (
     seal,
     split_chunks,
 )
-from . import lmdb_env
-from .base import Backend, BackendError, Commit, InstanceRecord, Restored, StoredInstance, StoredState
-from .lmdb_env import (
-    DIR_MODE,
-    FDS_PER_ENV,
-    INITIAL_MAP_SIZE,
-    MAX_DBS,
-    MAX_OPEN_ENVS,
-    Env,
-    EnvCache,
-    backend_error,
-    open_db,
-)
-from .lmdb_migrate import check_format
-from .lmdb_reader import (
-    InstanceContents,
-    decode_store,
-    journal_records_by_instance,
-    plan_replay,
-    read_snapshot,
-)
 
-log = logging.getLogger("ulog_disk.backends.lmdb")
+log = logging.getLogger("ulog_disk.storage.lmdb")
 
 T = TypeVar("T")
 
@@ -459,7 +460,7 @@ class LmdbBackend(Backend):
 
     def _recovery_checkpoint(self, stored: StoredInstance) -> None:
         """Write an earlier boot's instance back as the restart rebuilds it
-        (:func:`ulog_disk.restore.handover_candidate`), so that no later start depends on its
+        (:func:`ulog_disk.log.restore.handover_candidate`), so that no later start depends on its
         journal records. On success ``stored`` holds what was written and no journal ops (the
         engine's rebuild of it gives the same state); on failure it is left as read."""
         rec = stored.record

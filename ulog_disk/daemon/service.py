@@ -13,21 +13,21 @@ import socket
 import sys
 from pathlib import Path
 
-from . import __version__
+from .. import __version__
+from ..protocol.capture import CaptureWriter
+from ..storage.base import Backend, available_backends, load_backend
+from ..storage.bootid import read_boot_id
+from ..storage.limits import MemoryBudget
+from ..transport import Transport
+from ..transport.netlink import GroupTaken, NetlinkTransport
+from ..transport.unix import UnixTransport
 from .applier import Applier
-from .backends.base import Backend, available_backends, load_backend
-from .bootid import read_boot_id
-from .capture import CaptureWriter
 from .cli import ToolParser, fill
-from .daemon import CHECKPOINT_AGE, CHECKPOINT_SPAN, Daemon
-from .limits import MemoryBudget
+from .loop import CHECKPOINT_AGE, CHECKPOINT_SPAN, Daemon
 from .metrics import DEFAULT_INTERVAL as METRICS_INTERVAL
 from .metrics import Metrics, check_metrics_path
 from .statedir import DEFAULT_STATE_DIR, StateDirLock
 from .statedir import prepare as prepare_state_dir
-from .transport import Transport
-from .transport.netlink import GroupTaken, NetlinkTransport
-from .transport.unix import UnixTransport
 
 log = logging.getLogger("ulog_disk.service")
 

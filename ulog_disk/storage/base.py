@@ -21,42 +21,28 @@ from __future__ import annotations
 import abc
 import importlib.metadata
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-ENTRY_POINT_GROUP = "ulog_disk.backends"
+# A backend plugin needs this one module: the values it stores and returns are the log layer's.
+from ..log.records import (
+    OP_CLEAR,
+    OP_MARK,
+    OP_SET_NOSYNC,
+    OP_SET_SYNC,
+    InstanceRecord,
+    Restored,
+    StoredInstance,
+    StoredState,
+)
 
-# Journal operation codes (see formats/store.md).
-OP_MARK = 1
-OP_CLEAR = 2
-OP_SET_SYNC = 3
-OP_SET_NOSYNC = 4
+#: Plugins register under this group (its name predates the storage package and stays).
+ENTRY_POINT_GROUP = "ulog_disk.backends"
 
 
 class BackendError(OSError):
     """A backend failed to persist or load; ``errno`` says why when known."""
-
-
-@dataclass(slots=True)
-class InstanceRecord:
-    """Everything about an instance except its bitmaps."""
-
-    uuid: str
-    luid: int
-    ctr: str
-    log_type: str
-    region_size: int
-    region_count: int
-    state: str
-    generation: int
-    cursor: int
-    boot_id: str
-    resumed: bool = False
-    #: Another instance adopted this one's state; it must never become the uuid's newest again.
-    superseded: bool = False
-    #: Unix time of the last commit (0 before the first).
-    committed_at: float = 0.0
 
 
 @dataclass(slots=True)
@@ -74,42 +60,6 @@ class Commit:
     #: The journal position of this state: every journal record of the instance before it is
     #: in it, every one at or after it is not. None: the journal's end (a tool's write).
     position: int | None = None
-
-
-@dataclass(slots=True)
-class StoredInstance:
-    """An instance as read back: its record, whole bitmaps, and journal ops since its commit."""
-
-    record: InstanceRecord
-    clean: bytes
-    sync: bytes
-    journal: list[tuple[int, int]] = field(default_factory=list)
-    #: Why the journal could not be read (answered MARKs may be missing), or None.
-    journal_damaged: str | None = None
-    #: Journal position of the first record replayed (the instance has state that is not in
-    #: its store yet until a checkpoint), or None when nothing was replayed.
-    replayed_from: int | None = None
-
-
-@dataclass(slots=True)
-class StoredState:
-    """The retained state of a uuid: what its last instance left behind at DTR."""
-
-    uuid: str
-    generation: int
-    region_count: int
-    clean: bytes
-    sync: bytes
-    source_luid: int
-    committed_at: float = 0.0
-
-
-@dataclass(slots=True)
-class Restored:
-    instances: list[StoredInstance] = field(default_factory=list)
-    retained: dict[str, StoredState] = field(default_factory=dict)
-    #: uuids whose store could not be opened or verified: their logs start from a full resync.
-    damaged: dict[str, str] = field(default_factory=dict)
 
 
 class Backend(abc.ABC):
@@ -217,3 +167,10 @@ def load_backend(name: str) -> type[Backend]:
     if not (isinstance(cls, type) and issubclass(cls, Backend)):
         raise LookupError(f"entry point {name!r} ({found[name].value}) is not a Backend subclass")
     return cls
+
+
+__all__ = [
+    "ENTRY_POINT_GROUP", "OP_CLEAR", "OP_MARK", "OP_SET_NOSYNC", "OP_SET_SYNC", "Backend", "BackendError",
+    "Commit", "InstanceRecord", "Restored", "StoredInstance", "StoredState", "available_backends",
+    "load_backend",
+]

@@ -65,8 +65,8 @@ import enum
 from collections.abc import Iterable
 from typing import Protocol, TypeVar
 
-from .requests import REQUESTS, Lifecycle
-from .wire import RequestType
+from ..protocol.requests import REQUESTS, Lifecycle
+from ..protocol.wire import RequestType
 
 
 class State(enum.StrEnum):

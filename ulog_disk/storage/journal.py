@@ -49,9 +49,9 @@ from pathlib import Path
 
 import construct as c
 
-from .backends.base import OP_CLEAR, OP_MARK, OP_SET_NOSYNC, OP_SET_SYNC
-from .fastpath import const, flat_struct
-from .requests import REQUESTS
+from ..log.records import OP_CLEAR, OP_MARK, OP_SET_NOSYNC, OP_SET_SYNC
+from ..protocol.fastpath import const, flat_struct
+from ..protocol.requests import REQUESTS
 from .store_format import FLAG_RESUMED, FLAG_SUPERSEDED, STATES
 
 #: Bytes of a segment file, header included.

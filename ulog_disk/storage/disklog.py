@@ -34,8 +34,8 @@ import construct as c
 from bitarray import bitarray
 from bitarray.util import zeros
 
-from .geometry import MAX_REGION_COUNT
-from .regionlog import exact_bits
+from ..log.regionlog import exact_bits
+from ..protocol.geometry import MAX_REGION_COUNT
 
 #: ``MIRROR_MAGIC`` of dm-log.c.
 MIRROR_MAGIC = 0x4D695272

@@ -36,15 +36,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import wire
+from ..log.ratelog import RateLimitedLog
+from ..protocol import wire
+from ..protocol.capture import FROM_DAEMON, TO_DAEMON, CaptureWriter
+from ..protocol.requests import WRITES_NOTHING_NUMBERS
+from ..protocol.wire import Reply
+from ..storage.base import Backend
+from ..transport import Transport
 from .applier import Applier, Waiting, answered_early
-from .backends.base import Backend
-from .capture import FROM_DAEMON, TO_DAEMON, CaptureWriter
 from .metrics import Metrics, Snapshot
-from .ratelog import RateLimitedLog
-from .requests import WRITES_NOTHING_NUMBERS
-from .transport import Transport
-from .wire import Reply
 
 log = logging.getLogger("ulog_disk.daemon")
 
@@ -69,7 +69,7 @@ _FLUSH = int(wire.RequestType.FLUSH)
 class Job:
     """Work for the store worker: ``run`` there, then ``finish`` with its exception on the loop
     (False: the work failed). On success the worker sends ``reply`` to ``address`` first, if
-    there is one (:func:`~ulog_disk.applier.answered_early`)."""
+    there is one (:func:`~ulog_disk.daemon.applier.answered_early`)."""
 
     run: Callable[[], object]
     finish: Callable[[BaseException | None], bool]

@@ -28,8 +28,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from . import wire
-from .wire import Request, RequestType
+from ..protocol import wire
+from ..protocol.wire import Request, RequestType
 
 #: The kernel's reply timeout (DM_ULOG_RETRY_TIMEOUT); tests use much less.
 KERNEL_TIMEOUT = 15.0

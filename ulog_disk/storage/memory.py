@@ -7,7 +7,8 @@ engine still hands state over between instances and keeps a removed mirror's las
 
 from __future__ import annotations
 
-from ..backends.base import Backend, Commit, InstanceRecord, Restored, StoredState
+from ..log.records import InstanceRecord, Restored, StoredState
+from .base import Backend, Commit
 
 
 class MemoryBackend(Backend):

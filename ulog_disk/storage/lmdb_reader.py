@@ -28,10 +28,12 @@ from dataclasses import dataclass, field
 
 import lmdb
 
-from .. import journal as jn
-from .. import regionlog
-from ..regionlog import chunk_count, format_ranges
-from ..store_format import (
+from ..log import regionlog
+from ..log.records import InstanceRecord, StoredState
+from ..log.regionlog import chunk_count, format_ranges
+from . import journal as jn
+from .lmdb_env import Env
+from .store_format import (
     CHECKPOINT_KEY,
     FORMAT_KEY,
     JOURNAL_HEADER_SIZE,
@@ -57,8 +59,6 @@ from ..store_format import (
     record_bytes,
     unseal_chunk,
 )
-from .base import InstanceRecord, StoredState
-from .lmdb_env import Env
 
 ERROR, WARNING, NOTE = "error", "warning", "note"
 

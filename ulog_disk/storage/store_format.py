@@ -1,7 +1,7 @@
 """The on-disk layout of the LMDB store, defined once (``formats/store.md`` says the same in prose).
 
 Everything that knows a byte offset of the store lives here, written as construct definitions:
-the backend (:mod:`ulog_disk.backends.lmdb_store`), its reader (:mod:`ulog_disk.backends.lmdb_reader`,
+the backend (:mod:`ulog_disk.storage.lmdb_store`), its reader (:mod:`ulog_disk.storage.lmdb_reader`,
 which the dump/recovery tools use too) read and write the store only through these functions, so
 one version number covers all of them.
 
@@ -40,11 +40,11 @@ from dataclasses import dataclass, fields
 
 import construct as c
 
-from .backends.base import OP_CLEAR, OP_MARK, OP_SET_NOSYNC, OP_SET_SYNC, InstanceRecord
-from .fastpath import const, flat_struct
-from .geometry import MAX_REGION_COUNT
-from .lifecycle import State
-from .regionlog import chunk_count
+from ..log.lifecycle import State
+from ..log.records import OP_CLEAR, OP_MARK, OP_SET_NOSYNC, OP_SET_SYNC, InstanceRecord
+from ..log.regionlog import chunk_count
+from ..protocol.fastpath import const, flat_struct
+from ..protocol.geometry import MAX_REGION_COUNT
 
 #: The store layout this code writes: the format record's version. It says how everything in
 #: the environment is laid out; layout 2 seals every value with a checksum.
@@ -195,7 +195,7 @@ FormatRecordV3 = _format_record(3)
 _FORMAT_RECORDS = {1: FormatRecordV1, 2: FormatRecordV2, 3: FormatRecordV3}
 _FORMAT_MAGIC = const(FormatRecordV3, "magic")
 
-#: The stored code of each lifecycle state (:class:`~ulog_disk.lifecycle.State` names them), in
+#: The stored code of each lifecycle state (:class:`~ulog_disk.log.lifecycle.State` names them), in
 #: the meta record here and in the journal's EVENT records. Keyed by the state, which is its
 #: name as a string too: ``STATES["live"]`` works.
 STATES: dict[str, int] = {State.CONSTRUCTED: 1, State.LIVE: 2, State.PRESUSPENDED: 3, State.SUSPENDED: 4,
@@ -275,7 +275,7 @@ JournalHeaderV1 = c.Struct(
 )
 JOURNAL_HEADER_SIZE = JournalHeaderV1.sizeof()
 
-#: One journal record: an op code (``OP_*`` of :mod:`ulog_disk.backends.base`) and its region.
+#: One journal record: an op code (``OP_*`` of :mod:`ulog_disk.storage.base`) and its region.
 JournalRecordV1 = c.Struct(
     "op" / c.Int8ul,                     # 0: 1 mark, 2 clear, 3 set in sync, 4 set out of sync
     "reserved" / c.Const(bytes(7)),      # 1

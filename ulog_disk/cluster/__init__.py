@@ -1,0 +1,1 @@
+"""Cluster mode: corosync (membership, agreed order, quorum) as values."""

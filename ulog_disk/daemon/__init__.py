@@ -1,0 +1,1 @@
+"""dm-ulogd: the effects performed, the request loop and its threads, the program."""

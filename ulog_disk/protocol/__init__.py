@@ -1,0 +1,1 @@
+"""The protocol: the kernel's frames and requests, defined once (bytes <-> values)."""
