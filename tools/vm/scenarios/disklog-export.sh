@@ -138,7 +138,7 @@ scenario_disklog_export() {
     # 4. LVM's fresh-log marker: a valid header naming no region count, zero bits: everything resynced.
     "$PY" - "$WORK/lvm.log" <<'PYEOF'
 import sys
-from ulog_disk import disklog
+from ulog_disk.storage import disklog
 hdr = disklog.DiskLogHeader.build(dict(magic=disklog.MIRROR_MAGIC, version=2, nr_regions=disklog.LVM_FRESH_NR_REGIONS))
 open(sys.argv[1], "wb").write(hdr.ljust(4096, b"\0"))
 PYEOF
