@@ -158,28 +158,31 @@ class Applier:
         job a :class:`Waiting` carries."""
         backend = self.backend
         stores: list[StoreEffect] = []
+        #: The position after the step's last record: what its reply waits for, if it waits.
+        ticket = backend.position()
         for effect in step.effects:
             if isinstance(effect, JOURNAL_EFFECTS):
                 # Appended or not, the instance has changes its store does not hold from here on.
-                self._unstored_since(effect_key(effect), backend.position())
+                self._unstored_since(effect_key(effect), ticket)
                 try:
                     if isinstance(effect, AppendOps):
-                        backend.log_ops(effect.uuid, effect.luid, effect.ops)
+                        ticket = backend.log_ops(effect.uuid, effect.luid, effect.ops)
                     elif isinstance(effect, AppendFlush):
-                        backend.log_flush(effect.record, effect.ops)
+                        ticket = backend.log_flush(effect.record, effect.ops)
                     else:
-                        backend.log_event(effect.record, effect.event)
+                        ticket = backend.log_event(effect.record, effect.event)
                 except BackendError as exc:
                     self.engine.append_failed(effect, exc)
                     if step.wait is Answered.DURABLE:
                         return self.perform(self.engine.flush_fallback(step.work))
+                    ticket = backend.position()
             else:
                 stores.append(effect)
         if step.wait is Answered.AT_ONCE:
             assert step.reply is not None and not stores
             return step.reply
         if step.wait is Answered.DURABLE:
-            return Waiting(step.work, step.reply, durable_at=backend.position())
+            return Waiting(step.work, step.reply, durable_at=ticket)
         books = [self._book(effect) for effect in stores]
         return Waiting(step.work, step.reply, job=self._job(books), books=books)
 
