@@ -31,7 +31,20 @@ setup() {
         export DEBIAN_FRONTEND=noninteractive
         ticker "installing Debian packages" & tick=$!
         apt-get update -qq
+        # Debian starts and enables corosync.service as a one-node cluster on installation: on a
+        # machine that had no corosync, that is a service nobody asked for (the tests run their own
+        # in network namespaces), so it is neither started nor enabled. A corosync that was already
+        # installed is left exactly as it was.
+        policy=""
+        if [[ " ${need_apt[*]} " == *" corosync "* ]] && [ ! -e /usr/sbin/policy-rc.d ]; then
+            policy=/usr/sbin/policy-rc.d
+            printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod 755 "$policy"
+        fi
         apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+        if [ -n "$policy" ]; then
+            rm -f "$policy"
+            if command -v systemctl >/dev/null; then systemctl disable corosync >/dev/null 2>&1 || true; fi
+        fi
         kill "$tick"
     fi
     if [ ! -x "$venv/bin/python" ]; then
