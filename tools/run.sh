@@ -40,7 +40,11 @@ setup() {
             policy=/usr/sbin/policy-rc.d
             printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod 755 "$policy"
         fi
-        apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+        if ! apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null; then
+            [ -z "$policy" ] || rm -f "$policy"
+            echo "tools/run.sh: installing ${need_apt[*]} failed" >&2
+            exit 1
+        fi
         if [ -n "$policy" ]; then
             rm -f "$policy"
             if command -v systemctl >/dev/null; then systemctl disable corosync >/dev/null 2>&1 || true; fi
