@@ -122,14 +122,12 @@ def read_snapshot(e: Env) -> Snapshot:
 # --- decoding -------------------------------------------------------------------------------------
 
 
-@dataclass
-class InstanceContents:
-    """One instance's sub-databases (``meta/clean/sync.<luid>``), decoded."""
+@dataclass(kw_only=True)
+class StoredBitmaps:
+    """What an instance and the retained state both are when decoded: a record's two bitmaps and
+    what reading them found."""
 
-    luid: int
-    meta: MetaRecord | None = None
-    checkpoint: CheckpointRecord | None = None
-    #: Its bitmaps as stored (whole bytes; a chunk that is missing or fails verification reads as
+    #: The bitmaps as stored (whole bytes; a chunk that is missing or fails verification reads as
     #: zeros: dirty, out of sync); empty when they could not be read (no chunk size known).
     clean: bytes = b""
     sync: bytes = b""
@@ -143,18 +141,19 @@ class InstanceContents:
 
 
 @dataclass
-class RetainedContents:
+class InstanceContents(StoredBitmaps):
+    """One instance's sub-databases (``meta/clean/sync.<luid>``), decoded."""
+
+    luid: int
+    meta: MetaRecord | None = None
+    checkpoint: CheckpointRecord | None = None
+
+
+@dataclass
+class RetainedContents(StoredBitmaps):
     """The uuid's retained state (``retained.meta/clean/sync``), decoded."""
 
     record: RetainedRecord | None = None
-    clean: bytes = b""
-    sync: bytes = b""
-    bitmaps: bool = False
-    findings: list[Finding] = field(default_factory=list)
-
-    @property
-    def damaged(self) -> bool:
-        return any(f.level == ERROR for f in self.findings)
 
     def state(self, uuid: str) -> StoredState:
         rr = self.record
