@@ -26,7 +26,8 @@ def guest_of(item: pytest.Item) -> guests.Guest | None:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The tests that read a guest go last, in the order their guests start (longest first): the
     others run meanwhile, and the first result waited for is the one that started first."""
-    rank = {id(item): (1, -g.estimate) if (g := guest_of(item)) else (0, 0.0) for item in items}
+    rank = {id(item): (1, not g.idle, -g.estimate) if (g := guest_of(item)) else (0, False, 0.0)
+            for item in items}
     items.sort(key=lambda item: rank[id(item)])  # stable: the order within each rank stays
 
 

@@ -144,8 +144,11 @@ def run_ulogvm(args: list[str], timeout: float, label: str = "") -> subprocess.C
     shown as it comes, led by ``label``, and returned with its stdout. Raises
     subprocess.TimeoutExpired after ``timeout`` seconds."""
     cmd = [sys.executable, str(ULOGVM), *args]
+    # ulogvm ends (and stops its qemu) when the thread that started it does, even if pytest is killed
+    # (SIGTERM, SIGKILL: no session end runs then).
+    env = dict(os.environ, ULOGVM_PARENT_PID=str(os.getpid()))
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, errors="replace")
+                            text=True, errors="replace", env=env)
     with _PROCS_LOCK:
         _PROCS.add(proc)
     out_pipe, err_pipe = proc.stdout, proc.stderr
@@ -233,7 +236,9 @@ class Guest:
     ``key`` names the run (results in ``results/pytest-<key>/``); ``estimate`` is its wall time
     in seconds alone on a quiet 2-core machine, to start the longest first; ``env`` are ``--env``
     values, ``prepare`` gives more of them when the run starts (it may take time or fail);
-    ``backend``: whether ``ULOG_KERNEL_BACKEND`` applies (not to a run that names its backend)."""
+    ``backend``: whether ``ULOG_KERNEL_BACKEND`` applies (not to a run that names its backend);
+    ``idle``: the guest mostly sleeps (the harness's timeout self-test), so it takes no core's
+    share of the pool."""
 
     key: str
     scenario: str
@@ -243,6 +248,7 @@ class Guest:
     env: tuple[str, ...] = ()
     prepare: Callable[[], tuple[str, ...]] | None = field(default=None, compare=False)
     backend: bool = True
+    idle: bool = False
 
 
 def run_guest(guest: Guest) -> ScenarioRun:
@@ -292,7 +298,8 @@ class Pool:
     still runs tests without a guest: see :meth:`main_idle`)."""
 
     def __init__(self, guests: Iterable[Guest], jobs: int, main_busy: bool) -> None:
-        self.slots = {g.key: _Slot(g) for g in sorted(guests, key=lambda g: -g.estimate)}
+        # The idle ones first (they take no share), then the longest first.
+        self.slots = {g.key: _Slot(g) for g in sorted(guests, key=lambda g: (not g.idle, -g.estimate))}
         self.jobs = jobs
         self.main_busy = main_busy
         self.running = 0
@@ -318,11 +325,11 @@ class Pool:
     def _schedule(self) -> None:
         for slot in self.slots.values():
             with self.cond:
-                while not self.closed and self.running >= self.capacity():
+                while not self.closed and not slot.guest.idle and self.running >= self.capacity():
                     self.cond.wait()
                 if self.closed:
                     break
-                self.running += 1
+                self.running += 0 if slot.guest.idle else 1
                 slot.started = True
             threading.Thread(target=self._run, args=(slot,), name=f"guest-{slot.guest.key}",
                              daemon=True).start()
@@ -340,7 +347,7 @@ class Pool:
         finally:
             slot.done.set()
             with self.cond:
-                self.running -= 1
+                self.running -= 0 if slot.guest.idle else 1
                 self.cond.notify_all()
 
     def result(self, guest: Guest) -> ScenarioRun | None:

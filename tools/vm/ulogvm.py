@@ -1041,6 +1041,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                             help="keep the disk images after a passing run (a failing run always keeps them)")
         parser.add_argument("-v", "--verbose", action="store_true", help="echo the guest console")
     args = p.parse_args(argv)
+    parent = os.environ.get("ULOGVM_PARENT_PID", "")
+    if parent.isdigit():
+        # Started by the real-kernel tests: end with the thread that started us (then stop qemu, see
+        # stop_child), even if pytest was killed and could not stop us itself.
+        die_with_parent()
+        if os.getppid() != int(parent):  # it died before the line above
+            log("error: the process that started ulogvm is gone")
+            return 2
     handler = {"setup": cmd_setup, "run": cmd_run, "check": cmd_check, "list": cmd_list,
                "demo": cmd_demo}[args.cmd]
     try:
