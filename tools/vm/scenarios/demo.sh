@@ -22,14 +22,14 @@ scenario_demo() {
     setup_mirror "$name" "$uuid" clustered-core
     record "status_after_create" "$(dm_status "$name")"
     before=$(resync_count)
-    background_writer "$name" 25
+    background_writer "$name" 180
     # A second writer streams through the whole mirror, so some regions are mid-write at the kill.
     (while kill -0 "$WRITER_PID" 2>/dev/null; do
         dd if=/dev/zero of="/dev/mapper/$name" bs=64K count=256 oflag=direct status=none || break
     done) 2>/dev/null &
     streamer=$!
-    log "two writers running; dm-ulogd is killed in 6 s"
-    sleep 6
+    log "two writers running; dm-ulogd is killed after 4 MiB of random writes"
+    wait_writes 4
     kill9_daemon
     killed=$(now)
     record "kill_uptime" "$killed"
@@ -37,12 +37,12 @@ scenario_demo() {
     record "dirty_region_count_at_crash" "${dirty%% *}"
     record "dirty_regions_at_crash" "${dirty#* }"
     log "dm-ulogd stays down 5 s more; the kernel's log requests fail meanwhile and the writes wait"
-    sleep 5
+    sleep 5  # the outage itself: the summary reports it, measured
     start_daemon
     back=$(now)
     record "restart_uptime" "$back"
     record "outage_seconds" "$(awk -v a="$killed" -v b="$back" 'BEGIN { printf "%.1f", b - a }')"
-    wait_writer
+    finish_writer 8
     wait "$streamer"  # ends with its current pass once the first writer is done
     check "writes_failed" "$(grep -c 'write failed' "$SOUT/writer.log")" 0
     after=$(resync_count)

@@ -79,23 +79,7 @@ spread_writers() {
 }
 
 # leg_diff: "COUNT RANGES" of the regions in which the legs differ (read without the mirror).
-leg_diff() {
-    drop_leg_caches
-    "$PY" - "${LEGS[0]}" "${LEGS[1]}" "$((HC_REGION * 512))" "$HC_REGIONS" <<'EOF'
-import sys
-
-a, b = open(sys.argv[1], "rb"), open(sys.argv[2], "rb")
-size, count = int(sys.argv[3]), int(sys.argv[4])
-diff = [r for r in range(count) if a.read(size) != b.read(size)]
-runs = []
-for r in diff:
-    if runs and runs[-1][1] == r - 1:
-        runs[-1][1] = r
-    else:
-        runs.append([r, r])
-print(len(diff), ",".join(f"{s}" if s == e else f"{s}-{e}" for s, e in runs) or "none")
-EOF
-}
+leg_diff() { diff_regions "$((HC_REGION * 512))" "$HC_REGIONS"; }
 
 # store_view: "DIRTY OUT_OF_SYNC DIRTY_RANGES OUT_OF_SYNC_RANGES" of the uuid's instances in the
 # store, read-only with ulog-dump (what the crash left; "n/a" if it cannot be read).

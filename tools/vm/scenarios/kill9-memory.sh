@@ -9,12 +9,12 @@ scenario_kill9_memory() {
     local name=ulog-kill9-memory uuid=ulogvm-kill9-memory after
     BACKEND=memory
     setup_mirror "$name" "$uuid" clustered-core
-    background_writer "$name" 12
-    sleep 3
+    background_writer "$name" 180
+    wait_writes 2
     kill9_daemon
-    sleep 3
+    sleep 3  # the outage itself
     start_daemon
-    wait_writer
+    finish_writer 4
     after=$(resync_count)
     record "sync_after_writer" "$(sync_field "$name")"
     record "legs_after_writer" "$(cmp_legs)"

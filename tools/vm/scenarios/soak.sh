@@ -40,10 +40,12 @@ scenario_soak() {
             r0=$(resync_count)
             kill9_daemon
             log "daemon down for ${down}s while the writer runs (kill $((kills + 1)))"
-            sleep "$down"
+            sleep "$down"  # the outage itself
             start_daemon
             kills=$((kills + 1))
-            sleep 4
+            # Writes through the restarted daemon (a request the killed one never answered times
+            # out first: 15 s), so that what the kill cost is counted for it.
+            wait_writes 2 180 or-end
             note_resyncs "$r0" kill:
             continue
         fi
@@ -51,21 +53,20 @@ scenario_soak() {
         if [ $((events % 2)) -eq 0 ]; then
             # suspend + resume of the same table
             timeout 60 dmsetup suspend "$name" || { failed=$((failed + 1)); log "suspend failed"; }
-            sleep 0.5
             timeout 60 dmsetup resume "$name" || { failed=$((failed + 1)); log "resume failed"; }
             suspends=$((suspends + 1))
             label=s:
         else
             # reload with the same table and uuid: the inactive table's log is a new luid until the swap
             timeout 60 dmsetup reload "$name" --table "$MIRROR_TABLE" || { failed=$((failed + 1)); log "reload failed"; }
-            sleep 1
+            wait_writes 1 60 or-end  # the live table serves writes while the inactive one exists
             timeout 60 dmsetup suspend "$name" || { failed=$((failed + 1)); log "suspend failed"; }
             timeout 60 dmsetup resume "$name" || { failed=$((failed + 1)); log "resume failed"; }
             reloads=$((reloads + 1))
             label=r:
         fi
         events=$((events + 1))
-        sleep 3
+        wait_writes 2 60 or-end  # writes between two events
         note_resyncs "$r0" "$label"
     done
     wait_writer

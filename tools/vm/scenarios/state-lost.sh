@@ -9,8 +9,8 @@ source "$(dirname "$0")/lib.sh"
 scenario_state_lost() {
     local name=ulog-state-lost uuid=ulogvm-state-lost before i
     setup_mirror "$name" "$uuid" clustered-core
-    background_writer "$name" 15
-    sleep 3
+    background_writer "$name" 180
+    wait_writes 2
     kill9_daemon
     rm -rf "$STATE"
     log "state directory $STATE wiped"
@@ -24,7 +24,7 @@ scenario_state_lost() {
     record "reconnect_seconds" "$((i / 10))"
     check "no_state_logged" "$(grep -c 'has no state for' "$SOUT/daemon.log")" 1
     check "sync_after_reconnect" "$(sync_field "$name")" "0/$MIRROR_REGIONS"
-    wait_writer
+    finish_writer 4
     check "writer_ok" "$(grep -c 'write failed' "$SOUT/writer.log")" 0
     resume_and_resync "$name" "$before" resync_after_state_lost "$MIRROR_REGIONS"
     check "legs_final" "$(cmp_legs)" equal
