@@ -185,6 +185,23 @@ def test_lost_connection_and_other_errors_name_the_cs_error(fake: FakeCpg) -> No
         cs.CpgGroup("x" * 129)
 
 
+def test_a_lost_dispatch_carries_what_it_delivered_before_the_loss(fake: FakeCpg,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    g = cs.CpgGroup("g")
+    agreed = cs.Deliver(nodeid=3, pid=7, data=b"agreed")
+
+    def dispatch(handle: int, flags: int) -> int:
+        g._on_deliver(handle, None, agreed.nodeid, agreed.pid,
+                      ctypes.cast(ctypes.c_char_p(agreed.data), ctypes.c_void_p).value, len(agreed.data))
+        return cs.CS_ERR_LIBRARY  # the connection broke after that delivery
+
+    monkeypatch.setattr(fake, "cpg_dispatch", dispatch, raising=False)
+    with pytest.raises(cs.ConnectionLost, match="cpg_dispatch: CS_ERR_LIBRARY") as info:
+        g.dispatch()
+    assert info.value.events == [agreed] and g.lost
+    assert g.counters["delivered"] == 1
+
+
 def test_refused_connection_is_one_line(monkeypatch: pytest.MonkeyPatch, fake: FakeCpg) -> None:
     for code, text in ((cs.CS_ERR_LIBRARY, "is corosync running on this host?"),
                        (cs.CS_ERR_ACCESS, "run as root, or allow its user or group")):

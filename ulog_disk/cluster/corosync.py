@@ -278,14 +278,19 @@ def _connect_error(call: str, code: int, service: str) -> CorosyncUnavailable:
     return CorosyncUnavailable(call, code, why)
 
 
-def _check(call: str, code: int) -> None:
+def _check(call: str, code: int, events: Sequence[Any] = ()) -> None:
+    """Raise for a failed call; ``events``: what a failed dispatch delivered before the failure,
+    carried by the error (agreed, so the caller applies them first)."""
     if code == CS_OK:
         return
     if code in (CS_ERR_LIBRARY, CS_ERR_BAD_HANDLE):
         # libqb maps a closed or refused IPC connection (ENOTCONN, ECONNREFUSED, EPIPE) to
         # CS_ERR_LIBRARY; a finalized handle is CS_ERR_BAD_HANDLE.
-        raise ConnectionLost(call, code, "the connection to corosync is lost")
-    raise CorosyncError(call, code)
+        error: CorosyncError = ConnectionLost(call, code, "the connection to corosync is lost")
+    else:
+        error = CorosyncError(call, code)
+    error.events = list(events)
+    raise error
 
 
 # --- values -------------------------------------------------------------------------------------
@@ -483,11 +488,7 @@ class CpgGroup:
         self.counters["delivered"] += sum(1 for e in events if isinstance(e, Deliver))
         if code != CS_OK:
             self.lost = True
-            try:
-                _check("cpg_dispatch", code)
-            except CorosyncError as e:
-                e.events = events
-                raise
+            _check("cpg_dispatch", code, events)
         return events
 
     def flow_control(self) -> bool:
@@ -655,11 +656,7 @@ class Quorum:
         if code != CS_OK:
             self.lost = True
             self.quorate = False
-            try:
-                _check("quorum_dispatch", code)
-            except CorosyncError as e:
-                e.events = events
-                raise
+            _check("quorum_dispatch", code, events)
         return events
 
     def close(self) -> None:
