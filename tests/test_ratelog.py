@@ -8,19 +8,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ulog_disk.log.ratelog import RateLimitedLog
+from ulog_disk.testing.clock import ManualClock
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def limiter(caplog, burst: int = 3, interval: float = 10.0) -> tuple[RateLimitedLog, Clock]:
+def limiter(caplog, burst: int = 3, interval: float = 10.0) -> tuple[RateLimitedLog, ManualClock]:
     caplog.set_level(logging.DEBUG, logger="test.ratelog")
-    clock = Clock()
+    clock = ManualClock()
     return RateLimitedLog(logging.getLogger("test.ratelog"), burst, interval, clock), clock
 
 
@@ -56,7 +49,7 @@ def test_every_line_is_logged_or_counted_and_no_interval_logs_more_than_the_burs
     logger = logging.getLogger("test.ratelog.prop")
     logger.propagate = False
     seen: list[tuple[float, str]] = []
-    clock = Clock()
+    clock = ManualClock()
 
     class Catch(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from ulog_disk.testing.clock import ManualClock
+
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("ulogvm", ROOT / "tools" / "vm" / "ulogvm.py")
 assert _spec is not None and _spec.loader is not None
@@ -52,28 +54,20 @@ def test_console_lines_shown_are_steps_init_and_mirror_kernel_messages() -> None
     ]
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    c = Clock()
+def clock(monkeypatch: pytest.MonkeyPatch) -> ManualClock:
+    c = ManualClock(1000.0)
     monkeypatch.setattr(ulogvm.time, "monotonic", c)
     return c
 
 
-def test_progress_streams_steps_with_guest_time_and_speaks_up_when_silent(clock: Clock) -> None:
+def test_progress_streams_steps_with_guest_time_and_speaks_up_when_silent(clock: ManualClock) -> None:
     out: list[str] = []
     p = ulogvm.Progress(1, 1, steps=True, write=out.append)
-    clock.t += ulogvm.HEARTBEAT_S - 0.5
+    clock.now += ulogvm.HEARTBEAT_S - 0.5
     p.tick()
     assert out == []  # not silent for long enough yet
-    clock.t += 1
+    clock.now += 1
     p.tick()
     assert len(out) == 1 and "guest kernel booting" in out[0] and "wall" in out[0]
     for line in CONSOLE.splitlines():
@@ -88,12 +82,12 @@ def test_progress_streams_steps_with_guest_time_and_speaks_up_when_silent(clock:
         "[guest   36.94s] demo: ready_seconds_2=5.7",
         "[guest   48.37s] demo: finished rc=0 in 45.2s",
     ]
-    clock.t += ulogvm.HEARTBEAT_S
+    clock.now += ulogvm.HEARTBEAT_S
     p.tick()
     assert "scenario running, last step at guest 48.37s" in out[-1]
 
 
-def test_a_kernel_message_storm_is_counted_not_streamed(clock: Clock) -> None:
+def test_a_kernel_message_storm_is_counted_not_streamed(clock: ManualClock) -> None:
     out: list[str] = []
     p = ulogvm.Progress(1, 1, steps=True, write=out.append)
     unable = "device-mapper: dm-log-userspace: Unable to send log request [1] to userspace: -3"
@@ -102,7 +96,7 @@ def test_a_kernel_message_storm_is_counted_not_streamed(clock: Clock) -> None:
         p.line(f"[  516.{i * 10:06d}] {unable}")
         p.tick()
     assert out == [f"[guest  516.00s] kernel: {unable}"]
-    clock.t += ulogvm.REPEAT_REPORT_S
+    clock.now += ulogvm.REPEAT_REPORT_S
     for i in range(1000, 1500):
         p.line(f"[  516.{i * 10:06d}] {unable}")
         p.tick()
@@ -116,13 +110,13 @@ def test_a_kernel_message_storm_is_counted_not_streamed(clock: Clock) -> None:
     assert out[4:] == [f"[guest  532.00s] kernel: {unable}", f"[guest  534.00s] kernel: {unable}"]
 
 
-def test_progress_with_the_console_echoed_only_keeps_the_heartbeat(clock: Clock) -> None:
+def test_progress_with_the_console_echoed_only_keeps_the_heartbeat(clock: ManualClock) -> None:
     out: list[str] = []
     p = ulogvm.Progress(2, 3, steps=False, write=out.append)
     for line in CONSOLE.splitlines():
         p.line(line)
     assert out == []
-    clock.t += ulogvm.HEARTBEAT_S
+    clock.now += ulogvm.HEARTBEAT_S
     p.tick()
     assert out == ["[boot 2/3 wall     8s] scenario running, last step at guest 48.37s"]
 

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from ulog_disk.cluster import corosync as cs
+from ulog_disk.testing.clock import ManualClock
 
 # --- pieces -------------------------------------------------------------------------------------
 
@@ -129,8 +130,8 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> FakeCpg:
 
 
 def test_send_queue_backs_off_and_keeps_order(fake: FakeCpg, monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = [1000.0]
-    monkeypatch.setattr(cs.time, "monotonic", lambda: clock[0])
+    clock = ManualClock(1000.0)
+    monkeypatch.setattr(cs.time, "monotonic", clock)
     g = cs.CpgGroup("g")
     assert (g.nodeid, g.max_atomic, g.fileno()) == (3, 100, 99)
     for i in range(3):
@@ -143,7 +144,7 @@ def test_send_queue_backs_off_and_keeps_order(fake: FakeCpg, monkeypatch: pytest
         delays.append(round(g.retry_in() or 0.0, 6))
         calls = fake.calls
         assert g.pump() is False and fake.calls == calls, "retried before its time"
-        clock[0] += delays[-1]
+        clock.now += delays[-1]
     assert delays == [0.0005, 0.001, 0.002, 0.004, 0.008, 0.01]
     assert fake.sent == [b"\0" * 10, b"\1" * 10, b"\2" * 10]
     assert g.counters["try_again"] == 6 and g.counters["sent"] == 3

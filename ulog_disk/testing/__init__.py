@@ -8,6 +8,7 @@ benchmarks and a backend plugin's own tests use it.
 * :mod:`.kernel`: an in-process kernel driver: requests through the wire both ways into an
   :class:`~ulog_disk.log.engine.Engine`, no daemon, no socket.
 * :mod:`.stats`: the one percentile definition of every figure (reliability and benchmarks).
+* :mod:`.clock`: a clock the test moves by hand.
 * :mod:`.tools`: ulog-dump and ulog-recover run in-process (exit status, stdout, stderr).
 * :mod:`.handover`: stores made by a real daemon (a hand-over cut by ``kill -9``) for the tools'
   tests.
