@@ -41,14 +41,6 @@ def bits_of(data: bytes, count: int) -> list[bool]:
     return [bool(data[r // 8] >> (r % 8) & 1) for r in range(count)]
 
 
-def bytes_of(bits: list[bool]) -> bytes:
-    out = bytearray((len(bits) + 7) // 8)
-    for r, b in enumerate(bits):
-        if b:
-            out[r // 8] |= 1 << (r % 8)
-    return bytes(out)
-
-
 def model(count: int, clean: bytes, sync: bytes, ops: list[tuple[int, int]],
           damaged: bool) -> tuple[list[bool], list[bool], int]:
     """The rule, region by region: MARK makes a region dirty; CLEAR makes it clean only if it is in
