@@ -132,13 +132,17 @@ class Worker:
                     self.emit({"re": req.get("id"), "ok": False, "error": type(e).__name__,
                                "message": str(e)})
 
+    def dispatched(self, handle: Any) -> tuple[list[Any], Exception | None]:
+        """What ``handle.dispatch()`` delivered, and the lost connection that ended it (or None):
+        the events dispatched before a loss are agreed, so they are reported before it."""
+        try:
+            return handle.dispatch(), None
+        except self.cs.ConnectionLost as e:
+            return e.events, e
+
     def on_cpg(self) -> None:
         cs = self.cs
-        lost = None
-        try:
-            events = self.group.dispatch()
-        except cs.ConnectionLost as e:
-            events, lost = e.events, e
+        events, lost = self.dispatched(self.group)
         for ev in events:
             if isinstance(ev, cs.Deliver):
                 self.on_deliver(ev)
@@ -155,13 +159,11 @@ class Worker:
             self.lost(lost)
 
     def on_quorum(self) -> None:
-        try:
-            events = self.quorum.dispatch()
-        except self.cs.ConnectionLost as e:
-            self.lost(e)
-            return
+        events, lost = self.dispatched(self.quorum)
         for ev in events:
             self.event("quorum", quorate=ev.quorate, ring_seq=ev.ring_seq, members=list(ev.members))
+        if lost is not None:
+            self.lost(lost)
 
     def record(self, nodeid: int, pid: int, seq: int) -> None:
         self.delivered.append((nodeid, pid, seq))
