@@ -24,12 +24,10 @@ from ulog_disk.protocol import wire
 from ulog_disk.protocol.wire import FrameError, Reply, Request, RequestType
 from ulog_disk.storage.memory import MemoryBackend
 from ulog_disk.testing.kernel import check_success
+from ulog_disk.testing.sentinel import SENTINEL_LUID, SENTINEL_UUID, check_sentinel, set_up_sentinel
 
 T = RequestType
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-SENTINEL_UUID = "LVM-sentinel"
-SENTINEL_LUID = 0xFFFF8D8142769400
 
 # --- strategies ---------------------------------------------------------------------------------------
 
@@ -161,11 +159,7 @@ class Harness:
     def __init__(self, tmp):
         self.engine = Applier.over(MemoryBackend(tmp), boot_id="x")
         self.seq = 0
-        assert self.call(T.CTR, b"32768 clustered-core 1024").error == 0
-        assert self.call(T.RESUME).error == 0
-        assert self.call(T.SET_REGION_SYNC, wire.build_set_region_sync(0, 1)).error == 0
-        assert self.call(T.MARK_REGION, wire.build_regions([1])).error == 0
-        assert self.call(T.FLUSH).error == 0
+        set_up_sentinel(self.call, b"32768 clustered-core 1024")
 
     def call(self, type_: int, data: bytes = b"") -> wire.DecodedReply:
         self.seq += 1
@@ -177,16 +171,7 @@ class Harness:
         return rep
 
     def check_sentinel(self) -> None:
-        rep = self.call(T.GET_REGION_SIZE)
-        assert (rep.error, wire.parse_u64(rep.data)) == (0, 1024)
-        rep = self.call(T.IN_SYNC, wire.build_u64(0))
-        assert (rep.error, wire.parse_s64(rep.data)) == (0, 1)
-        rep = self.call(T.IS_CLEAN, wire.build_u64(1))
-        assert (rep.error, wire.parse_s64(rep.data)) == (0, 0)
-        rep = self.call(T.GET_SYNC_COUNT)
-        assert (rep.error, wire.parse_u64(rep.data)) == (0, 1)
-        rep = self.call(T.STATUS_INFO)
-        assert (rep.error, rep.data) == (0, b"1 clustered-core\0")
+        check_sentinel(self.call, b"1 clustered-core\0")
 
     def throw(self, frame: bytes) -> None:
         try:

@@ -52,14 +52,13 @@ from ulog_disk.storage.store_format import decode_dir_name
 from ulog_disk.testing.client import Client, NoReply
 from ulog_disk.testing.kernel import check_success
 from ulog_disk.testing.launcher import Daemon
+from ulog_disk.testing.sentinel import SENTINEL_LUID, SENTINEL_UUID, check_sentinel, set_up_sentinel
 
 T = RequestType
 BOOT = "boot-fuzz"
 REPLY_TIMEOUT = 5.0
 EXAMPLES = int(scale("ULOG_REL_FUZZ_EXAMPLES", 500, 14000))
 
-SENTINEL_UUID = "LVM-sentinel"
-SENTINEL_LUID = 0xFFFF8D8142769400
 SENTINEL_CTR = b"32768 clustered-disk 253:7 1024"  # 32 regions of 1024 sectors; a disk log (health)
 
 # --- strategies ---------------------------------------------------------------------------------------
@@ -321,25 +320,14 @@ class Pair:
         return reply
 
     def setup_sentinel(self) -> None:
-        assert self.sentinel(T.CTR, SENTINEL_CTR).error == 0
-        assert self.sentinel(T.RESUME).error == 0
-        assert self.sentinel(T.SET_REGION_SYNC, wire.build_set_region_sync(0, 1)).error == 0
-        assert self.sentinel(T.MARK_REGION, wire.build_regions([1])).error == 0
-        assert self.sentinel(T.FLUSH).error == 0
+        set_up_sentinel(self.sentinel, SENTINEL_CTR)
 
     def quick_sentinel(self) -> None:
         r = self.sentinel(T.IS_CLEAN, wire.build_u64(1))
         assert (r.error, wire.parse_s64(r.data)) == (0, 0)
 
     def full_sentinel(self) -> None:
-        r = self.sentinel(T.GET_REGION_SIZE)
-        assert (r.error, wire.parse_u64(r.data)) == (0, 1024)
-        r = self.sentinel(T.IN_SYNC, wire.build_u64(0))
-        assert (r.error, wire.parse_s64(r.data)) == (0, 1)
-        r = self.sentinel(T.GET_SYNC_COUNT)
-        assert (r.error, wire.parse_u64(r.data)) == (0, 1)
-        r = self.sentinel(T.STATUS_INFO)
-        assert (r.error, r.data) == (0, b"3 clustered-disk 253:7 A\0")
+        check_sentinel(self.sentinel, b"3 clustered-disk 253:7 A\0")
         r = self.sentinel(T.FLUSH, wire.build_regions([5]))  # a durable commit still works
         assert r.error == 0
         r = self.sentinel(T.IS_CLEAN, wire.build_u64(5))

@@ -7,6 +7,7 @@ benchmarks and a backend plugin's own tests use it.
   :meth:`~.client.Client.many`) and the lean frame-template client of the benchmarks.
 * :mod:`.kernel`: an in-process kernel driver: requests through the wire both ways into an
   :class:`~ulog_disk.log.engine.Engine`, no daemon, no socket.
+* :mod:`.sentinel`: the fuzz tests' log that must keep working, set up and checked alike.
 * :mod:`.stats`: the one percentile definition of every figure (reliability and benchmarks).
 * :mod:`.clock`: a clock the test moves by hand.
 * :mod:`.tools`: ulog-dump and ulog-recover run in-process (exit status, stdout, stderr).
