@@ -28,18 +28,22 @@ from hypothesis import strategies as st
 
 from ulog_disk.log import regionlog
 from ulog_disk.log import restore as restore_rule
-from ulog_disk.log.records import (
+from ulog_disk.storage import journal as jn
+from ulog_disk.storage import store_format as sf
+
+# The backend's interface as a plugin imports it: one module, the record types included.
+from ulog_disk.storage.base import (
     OP_CLEAR,
     OP_MARK,
     OP_SET_NOSYNC,
     OP_SET_SYNC,
+    BackendError,
+    Commit,
     InstanceRecord,
     Restored,
     StoredState,
+    load_backend,
 )
-from ulog_disk.storage import journal as jn
-from ulog_disk.storage import store_format as sf
-from ulog_disk.storage.base import BackendError, Commit, load_backend
 from ulog_disk.storage.lmdb_store import LmdbBackend
 
 CB = regionlog.CHUNK_BYTES
