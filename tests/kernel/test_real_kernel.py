@@ -202,6 +202,7 @@ def test_integrated_flush(suite_core: ScenarioRun) -> None:
         "table": r"^0 32768 mirror userspace 4 ulogvm-iflush integrated_flush clustered-core 1024 2 .*",
         "capture_mark_region": "0",
         "capture_flush_with_payload": r"^[1-9][0-9]*",
+        "delayed_flush_wait_seconds": r"^[0-9]+\.[0-9]$",  # the payload-less FLUSH after clears came
     })
 
 

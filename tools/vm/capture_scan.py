@@ -9,6 +9,10 @@
     capture_scan.py resends DMESG FILE...  # key=value: the kernel's timed-out requests ("Request timed
                                            # out: [TYPE/SEQ] - retrying" in DMESG), how many of them and
                                            # of their resends the daemon received and answered
+    capture_scan.py flushed UUID SECONDS FILE...   # wait (at most SECONDS) until the last request of
+                                           # UUID that changes its log is a FLUSH without payload (an
+                                           # integrated_flush log's delayed flush); prints the seconds
+                                           # waited; exit 1 if it did not come
 
 Formats: ``formats/capture.md`` (container) and ``formats/wire.md`` (frames); no layout is repeated
 here. A truncated last record (the daemon was killed while writing it) is skipped.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import re
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,11 +146,37 @@ def resends(dmesg: str, files: list[str]) -> dict[str, str]:
     }
 
 
+#: Requests that change a log: after the last of them, an integrated_flush log is settled when it
+#: is a FLUSH without payload. dm-log-userspace sends one 3 s after CLEAR_REGIONs that no mark
+#: followed (its delayed flush work); a mark travels in a FLUSH's payload instead.
+CHANGES_LOG = {wire.RequestType.FLUSH, wire.RequestType.MARK_REGION, wire.RequestType.CLEAR_REGION,
+               wire.RequestType.SET_REGION_SYNC}
+
+
+def flushed(uuid: str, limit: float, files: list[str]) -> float | None:
+    """Seconds until the capture shows ``uuid``'s delayed flush as its last change, or None."""
+    t0 = time.monotonic()
+    while True:
+        last = None
+        for req in requests(files, uuid):
+            if req.request_type in CHANGES_LOG:
+                last = req
+        if last is not None and last.request_type == wire.RequestType.FLUSH and not last.data:
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > limit:
+            return None
+        time.sleep(0.2)
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) < 2 or argv[0] not in ("luids", "headers", "errors", "latency", "resends") or (
-            argv[0] == "resends" and len(argv) < 3):
+    if len(argv) < 2 or argv[0] not in ("luids", "headers", "errors", "latency", "resends", "flushed") or (
+            argv[0] == "resends" and len(argv) < 3) or (argv[0] == "flushed" and len(argv) < 4):
         print(__doc__, file=sys.stderr)
         return 2
+    if argv[0] == "flushed":
+        waited = flushed(argv[1], float(argv[2]), argv[3:])
+        print("none" if waited is None else f"{waited:.1f}")
+        return 0 if waited is not None else 1
     if argv[0] == "errors":
         for line in errors(argv[1:]):
             print(line)

@@ -90,7 +90,7 @@ scenario_disklog_export() {
     check "disklog_clean_verdict" "$(json "$SOUT/disklog-clean.json" verdict)" valid
     create_mirror "$kname" "$(disk_table "$log1" "${LEGS[0]}" "${LEGS[1]}")"
     check "kernel_accepts_clean_export" "$(sync_field "$kname")" "$MIRROR_REGIONS/$MIRROR_REGIONS"
-    sleep 2
+    wait_recovered "$kname"
     check_re "status_clean_export" "$(dm_status "$kname")" \
         "0 $MIRROR_SECTORS mirror 2 $(devno "${LEGS[0]}") $(devno "${LEGS[1]}") $MIRROR_REGIONS/$MIRROR_REGIONS 1 AA 3 disk $(devno "$log1") A"
     check "table_clean_export" "$(dm_table "$kname")" \
@@ -165,7 +165,7 @@ PYEOF
     before=$(resync_count)
     create_mirror "$name" "$MIRROR_TABLE"
     check "sync_after_import" "$(sync_field "$name")" "$MIRROR_REGIONS/$MIRROR_REGIONS"
-    sleep 2
+    wait_recovered "$name"
     check "resync_after_import" "$(($(resync_count) - before))" 0
     check_status_table "$name" "$uuid" clustered-core
     check "legs_final" "$(cmp_legs)" equal

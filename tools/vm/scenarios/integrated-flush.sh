@@ -5,11 +5,15 @@
 source "$(dirname "$0")/lib.sh"
 
 scenario_integrated_flush() {
-    local name=ulog-iflush uuid=ulogvm-iflush
+    local name=ulog-iflush uuid=ulogvm-iflush waited
     setup_mirror "$name" "$uuid" clustered-core integrated_flush
     odirect_write "$name" 0 1024
     check "legs_after_write" "$(cmp_legs)" equal
-    sleep 4  # let the delayed (3 s) flush of the dmlogd workqueue happen
+    # The write's clears are followed by the kernel's delayed flush (3 s later, no payload): wait for
+    # it in the capture before the next write.
+    waited=$("$PY" "$ULOG_CHECKOUT/tools/vm/capture_scan.py" flushed "$uuid" 20 "$SOUT"/capture*.bin) ||
+        fail "no delayed flush (FLUSH without payload) within 20 s of the write's clears"
+    record "delayed_flush_wait_seconds" "$waited"
     odirect_write "$name" 8192 256
     check "legs_after_write2" "$(cmp_legs)" equal
     check_status_table "$name" "$uuid" clustered-core integrated_flush

@@ -363,6 +363,19 @@ await_sync() {
     SYNC_SECONDS=$(elapsed "$t0")
 }
 
+# wait_recovered NAME [LIMIT]: wait until the mirror's recovery pass has found every region in sync:
+# dm-raid1 raises the table's first event then (`dmsetup wait NAME 0` returns; seen: 0 events while
+# a region is out of sync, 1 at once for a mirror created in sync), and starts no resync after it
+# until the next resume. What a check that "nothing resyncs" waits for (a failed check after LIMIT s,
+# default 60).
+wait_recovered() {
+    local t0
+    t0=$(now)
+    timeout "${2:-60}" dmsetup wait "$1" 0 >/dev/null ||
+        fail "$1: its recovery pass found it in sync not within ${2:-60}s (status: $(sync_field "$1"))"
+    log "$1: in sync after the kernel's recovery pass ($(elapsed "$t0") s)"
+}
+
 # wait_sync NAME TIMEOUT: await_sync, then records sync and sync_seconds.
 wait_sync() {
     await_sync "$1" "$2"
