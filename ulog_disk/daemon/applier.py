@@ -160,6 +160,7 @@ class Applier:
         stores: list[StoreEffect] = []
         #: The position after the step's last record: what its reply waits for, if it waits.
         ticket = backend.position()
+        reply = step.reply
         for effect in step.effects:
             if isinstance(effect, JOURNAL_EFFECTS):
                 # Appended or not, the instance has changes its store does not hold from here on.
@@ -172,19 +173,21 @@ class Applier:
                     else:
                         ticket = backend.log_event(effect.record, effect.event)
                 except BackendError as exc:
-                    self.engine.append_failed(effect, exc)
+                    self.engine.append_failed(effect, exc, step.work)
                     if step.wait is Answered.DURABLE:
                         return self.perform(self.engine.flush_fallback(step.work))
+                    if step.wait is not Answered.AT_ONCE:
+                        reply = None  # answered by the loop, once the engine's books are right
                     ticket = backend.position()
             else:
                 stores.append(effect)
         if step.wait is Answered.AT_ONCE:
-            assert step.reply is not None and not stores
-            return step.reply
+            assert reply is not None and not stores
+            return reply
         if step.wait is Answered.DURABLE:
-            return Waiting(step.work, step.reply, durable_at=ticket)
+            return Waiting(step.work, reply, durable_at=ticket)
         books = [self._book(effect) for effect in stores]
-        return Waiting(step.work, step.reply, job=self._job(books), books=books)
+        return Waiting(step.work, reply, job=self._job(books), books=books)
 
     def completed(self, waiting: Waiting, exc: BaseException | None) -> Reply | None:
         """The work ``waiting`` waited for ended (on the engine's thread): settle the books and

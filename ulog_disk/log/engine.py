@@ -418,18 +418,29 @@ class Engine:
             return None
         return reply
 
-    def append_failed(self, effect: JournalEffect, exc: BaseException) -> None:
-        """A journal append of the step just returned failed: the instance's health is D and its
-        journal misses changes, so its FLUSHes go to its store until one succeeds. A FLUSH whose
-        own record failed is then served by a store commit: see :meth:`flush_fallback`."""
-        inst = self.table.get(effect_key(effect))
+    def append_failed(self, effect: JournalEffect, exc: BaseException, work: int = 0) -> None:
+        """A journal append of the step just returned (``work``: its token, 0 if it waits for
+        nothing) failed: the instance's health is D until a commit succeeds, and the step's
+        success is answered only after :meth:`completed` has put the health right. The journal
+        now misses a change of the instance, so its FLUSHes go to its store until one succeeds —
+        unless the step's own store commit carries the change (the record's meta and every chunk
+        changed since the last store write): then that commit closes the gap, or leaves it open
+        if it fails. A FLUSH whose own record failed is then served by :meth:`flush_fallback`."""
+        key = effect_key(effect)
+        inst = self.table.get(key)
         what = (f"event {effect.event}" if isinstance(effect, AppendEvent)
                 else "FLUSH" if isinstance(effect, AppendFlush) else "region ops")
+        w = self.work.get(work)
+        if w is not None:
+            w.answered_early = False
         if inst is None:
-            log.error("%s of %s: journal write failed (%s)", what, describe(*effect_key(effect)), exc)
+            log.error("%s of %s: journal write failed (%s)", what, describe(*key), exc)
             return
         inst.health = "D"
-        inst.journal_gap = True
+        if w is not None and w.kind == "commit" and w.inst is inst:
+            w.gap = True
+        else:
+            inst.journal_gap = True
         log.error("%s %s: journal write failed (%s)", what, describe(inst.uuid, inst.luid), exc)
 
     def flush_fallback(self, work: int) -> Step:
