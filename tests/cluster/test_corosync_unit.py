@@ -78,6 +78,13 @@ def test_a_gap_or_a_foreign_piece_is_refused() -> None:
 # --- the send queue against a library that pushes back -------------------------------------------
 
 
+def written(ref: Any, value: int) -> int:
+    """What a libcpg call does with its out-parameter (a ``ctypes.byref``): writes ``value``
+    through it, and succeeds."""
+    ref._obj.value = value
+    return cs.CS_OK
+
+
 class FakeCpg:
     """libcpg's calls as the binding makes them; mcast answers from ``answers`` (then CS_OK)."""
 
@@ -87,27 +94,22 @@ class FakeCpg:
         self.calls = 0
 
     def cpg_model_initialize(self, handle: Any, model: int, data: Any, ctx: Any) -> int:
-        handle._obj.value = 42
-        return cs.CS_OK
+        return written(handle, 42)
 
     def cpg_fd_get(self, handle: int, fd: Any) -> int:
-        fd._obj.value = 99
-        return cs.CS_OK
+        return written(fd, 99)
 
     def cpg_max_atomic_msgsize_get(self, handle: int, size: Any) -> int:
-        size._obj.value = 100
-        return cs.CS_OK
+        return written(size, 100)
 
     def cpg_local_get(self, handle: int, nodeid: Any) -> int:
-        nodeid._obj.value = 3
-        return cs.CS_OK
+        return written(nodeid, 3)
 
     def cpg_join(self, handle: int, name: Any) -> int:
         return cs.CS_OK
 
     def cpg_flow_control_state_get(self, handle: int, state: Any) -> int:
-        state._obj.value = 0
-        return cs.CS_OK
+        return written(state, 0)
 
     def cpg_mcast_joined(self, handle: int, guarantee: int, iov: Any, count: int) -> int:
         assert guarantee == cs.CPG_TYPE_AGREED
