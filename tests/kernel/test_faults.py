@@ -1,5 +1,5 @@
-"""Faults operators meet, on a real kernel (issue #12 items 1 and 4): a stalled state disk, and the
-daemon under a descriptor and a memory limit.
+"""Faults operators meet, on a real kernel: a stalled state disk, and the daemon under a descriptor
+and a memory limit.
 
 Each takes minutes under emulation, so they run with the long real-kernel tests only
 (``ULOG_KERNEL_LONG=1``, or ``tools/reliability/run.py --long --only faults``), not in the default

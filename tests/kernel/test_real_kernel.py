@@ -340,7 +340,7 @@ def test_readme_demo(harness: None) -> None:
 @pytest.mark.guest(SUITE_RESTART)
 def test_state_directory_lost_under_a_live_mirror_gives_a_full_resync_never_clean(
         suite_restart: ScenarioRun) -> None:
-    """Issue #12 item 3: the daemon killed, its state directory wiped, started again with nothing
+    """The daemon killed, its state directory wiped, started again with nothing
     while a writer runs: the kernel re-registers the log, which comes back all out of sync (logged
     once), is resynced whole, and the legs end identical."""
     run = suite_restart

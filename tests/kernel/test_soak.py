@@ -1,4 +1,4 @@
-"""Real-kernel soak (issue #7 item 6): tools/vm/scenarios/soak.sh under qemu.
+"""Real-kernel soak: tools/vm/scenarios/soak.sh under qemu.
 
 A writer runs for ``SOAK_SECONDS`` (default 120 here, to keep CI within its budget; the long soak
 is ``ULOG_SOAK_SECONDS=600``) while the mirror is suspended/resumed and reloaded with the same uuid

@@ -1,4 +1,4 @@
-"""Upgrade under a live mirror, on a real kernel (issue #12 item 2).
+"""Upgrade under a live mirror, on a real kernel.
 
 Scenario ``tools/vm/scenarios/upgrade.sh``: the previous release of dm-ulogd (the last commit before
 store layout 3 and the daemon-wide journal, its ``ulog_disk/`` taken with ``git archive``) serves a

@@ -1,5 +1,5 @@
 #!/bin/bash
-# The daemon under a descriptor limit and a memory limit (issue #12 item 4): started with
+# The daemon under a descriptor limit and a memory limit: started with
 # `ulimit -n 64` and in a cgroup whose memory.max is MEMORY_MAX (default 96M), it serves
 # LIMIT_MIRRORS mirrors (default 24; a daemon that kept 4 descriptors per mirror would stop at
 # 16), then a mirror whose bitmaps cannot fit under the memory limit (2^28 regions over dm `error`

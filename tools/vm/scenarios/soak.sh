@@ -1,5 +1,5 @@
 #!/bin/bash
-# Soak (issue #7 item 6): a writer runs for SOAK_SECONDS (default 120; the long soak is 600) while the
+# Soak: a writer runs for SOAK_SECONDS (default 120; the long soak is 600) while the
 # mirror is suspended and resumed, reloaded with the same table and uuid (a new luid takes over the
 # state at resume), over and over, and the daemon is killed with SIGKILL twice (at 1/3 and 2/3 of the
 # run) and restarted DOWN_SECONDS (default 3) later. At the end: every write succeeded, the legs are

@@ -1,5 +1,5 @@
 #!/bin/bash
-# The state directory lost while a mirror is live (issue #12): the daemon is killed, its state
+# The state directory lost while a mirror is live: the daemon is killed, its state
 # directory wiped, and it starts again with nothing while a writer runs. The kernel re-registers its
 # log (CTR + NUL, RESUME); the log must come back with every region out of sync (a full resync,
 # logged as such, once), never clean; the writer goes on, the legs end identical.

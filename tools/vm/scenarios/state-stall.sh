@@ -1,6 +1,6 @@
 #!/bin/bash
 # The state directory's disk stops completing I/O for longer than the kernel's 15 s request timeout
-# while a mirror writes (issue #12). The state directory is an ext4 on a dm linear device over the
+# while a mirror writes. The state directory is an ext4 on a dm linear device over the
 # run's disk `state`; `dmsetup suspend --nolockfs` holds every I/O to it for STALL_SECONDS (default
 # 25): writes still reach the page cache, every fdatasync (the journal's, LMDB's) waits. The
 # mirror's FLUSHes cannot be answered meanwhile; the kernel times them out after 15 s and sends them

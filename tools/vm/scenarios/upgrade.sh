@@ -1,5 +1,5 @@
 #!/bin/bash
-# Upgrade under a live mirror (issue #12): the previous release of dm-ulogd (OLD_CHECKOUT: a copy of
+# Upgrade under a live mirror: the previous release of dm-ulogd (OLD_CHECKOUT: a copy of
 # its ulog_disk/, the last commit before store layout 3 and the journal) serves a mirror with a
 # writer running; it is stopped with SIGTERM and this release starts on the same state directory.
 # The mirror goes on, the store is migrated to layout 3, nothing resyncs, the legs end identical.
