@@ -1,4 +1,5 @@
-"""tools/vm/ulogvm.py's live output and demo summary, without booting anything.
+"""tools/vm/ulogvm.py's live output and demo summary, and the real-kernel tests' pool of guests
+(tests/kernel/guests.py), without booting anything.
 
 The lines below are copied from a real demo run's console (results/…/console.log); the real-kernel
 tests show the same code at work under qemu."""
@@ -8,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 import re
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -191,3 +194,129 @@ def test_demo_summary_says_what_was_expected_and_leaves_out_what_is_missing() ->
     assert "0: no region was marked" in summary_line(lines, "regions marked dirty at the kill")
     assert not any("daemon down for" in line for line in lines)
     assert ulogvm.demo_summary({}) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The real-kernel tests' pool (tests/kernel/guests.py), with a stand-in for the boot
+
+# A copy of its own, under a name of its own: the real one may be running guests in this session.
+_gspec = importlib.util.spec_from_file_location("guests_under_test", ROOT / "tests" / "kernel" / "guests.py")
+assert _gspec is not None and _gspec.loader is not None
+guests = importlib.util.module_from_spec(_gspec)
+sys.modules["guests_under_test"] = guests
+_gspec.loader.exec_module(guests)
+
+
+class FakeBoots:
+    """Stands in for run_guest: each boot waits until released; records how many ran at once."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.started: list[str] = []
+        self.running = 0
+        self.most = 0
+        self.release: dict[str, threading.Event] = {}
+        self.fail: set[str] = set()
+
+    def __call__(self, guest: guests.Guest) -> guests.ScenarioRun:
+        with self.lock:
+            self.started.append(guest.key)
+            self.running += 0 if guest.idle else 1
+            self.most = max(self.most, self.running)
+            gate = self.release.setdefault(guest.key, threading.Event())
+        gate.wait(10)
+        with self.lock:
+            self.running -= 0 if guest.idle else 1
+        if guest.key in self.fail:
+            raise RuntimeError(f"{guest.key} failed to boot")
+        return guests.ScenarioRun(guest.key, 0, Path("/nonexistent"), {f"{guest.key}.rc": "0"}, "")
+
+    def wait_started(self, n: int) -> None:
+        deadline = time.monotonic() + 10
+        while len(self.started) < n:
+            assert time.monotonic() < deadline, self.started
+            time.sleep(0.01)
+
+    def finish(self, key: str) -> None:
+        with self.lock:
+            self.release.setdefault(key, threading.Event()).set()
+
+
+@pytest.fixture
+def boots(monkeypatch: pytest.MonkeyPatch) -> FakeBoots:
+    fake = FakeBoots()
+    monkeypatch.setattr(guests, "run_guest", fake)
+    monkeypatch.setattr(guests, "TERMINAL", guests.Terminal(None))
+    return fake
+
+
+def G(key: str, estimate: float, idle: bool = False) -> guests.Guest:  # noqa: N802 - a constructor
+    return guests.Guest(key, key, estimate=estimate, idle=idle)
+
+
+def test_pool_starts_the_longest_first_one_beside_the_other_tests_then_two(boots: FakeBoots) -> None:
+    short, long, middle = G("short", 30), G("long", 200), G("middle", 100)
+    pool = guests.Pool([short, long, middle], jobs=2, main_busy=True)
+    pool.start()
+    try:
+        boots.wait_started(1)
+        time.sleep(0.1)
+        assert boots.started == ["long"]  # pytest still runs tests without a guest: one core for guests
+        pool.main_idle()
+        boots.wait_started(2)
+        assert boots.started == ["long", "middle"]
+        time.sleep(0.1)
+        assert boots.started == ["long", "middle"]  # never more than jobs at once
+        boots.finish("middle")
+        assert pool.result(middle) is not None and pool.result(middle).rc == 0
+        boots.wait_started(3)
+        boots.finish("long")
+        boots.finish("short")
+        assert pool.result(short).get("short.rc") == "0"
+        assert pool.result(long).get("long.rc") == "0"
+        assert boots.most == 2
+    finally:
+        pool.close()
+
+
+def test_pool_an_idle_guest_takes_no_share_and_starts_first(boots: FakeBoots) -> None:
+    timeout_test, work = G("sleeper", 35, idle=True), G("work", 100)
+    pool = guests.Pool([work, timeout_test], jobs=1, main_busy=False)
+    pool.start()
+    try:
+        boots.wait_started(2)
+        assert boots.started == ["sleeper", "work"]
+        boots.finish("work")
+        boots.finish("sleeper")
+        assert pool.result(work).rc == 0 and pool.result(timeout_test).rc == 0
+    finally:
+        pool.close()
+
+
+def test_pool_a_failed_boot_fails_every_test_that_reads_it_and_no_other(boots: FakeBoots) -> None:
+    bad, good = G("bad", 50), G("good", 40)
+    boots.fail.add("bad")
+    pool = guests.Pool([bad, good], jobs=2, main_busy=False)
+    pool.start()
+    try:
+        boots.finish("bad")
+        boots.finish("good")
+        for _ in range(2):  # two tests reading the same run see the same failure
+            with pytest.raises(RuntimeError, match="bad failed to boot"):
+                pool.result(bad)
+        assert pool.result(good).rc == 0
+        assert pool.result(G("not-planned", 1)) is None  # the test then boots it itself
+    finally:
+        pool.close()
+
+
+def test_pool_closed_early_fails_what_never_started(boots: FakeBoots) -> None:
+    first, second = G("first", 50), G("second", 40)
+    pool = guests.Pool([first, second], jobs=1, main_busy=False)
+    pool.start()
+    boots.wait_started(1)
+    pool.close()  # the session ends (-x, Ctrl-C) while "first" runs
+    boots.finish("first")
+    with pytest.raises(RuntimeError, match="second not started: the session ended"):
+        pool.result(second)
+    assert boots.started == ["first"]
