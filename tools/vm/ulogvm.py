@@ -472,10 +472,13 @@ def ensure_initramfs(kernel: Kernel) -> Artifacts:
 
 def write_manifest(a: Artifacts) -> None:
     k = a.kernel
-    manifest_path().write_text(json.dumps({
+    # Through a file of its own and a rename: guests starting side by side read it meanwhile.
+    tmp = manifest_path().with_name(f"manifest.json.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({
         "package": k.package, "version": k.version, "release": k.release, "root": str(k.root),
         "vmlinuz": str(k.vmlinuz), "initramfs": str(a.initramfs), "modules": a.modules,
     }, indent=2) + "\n")
+    tmp.replace(manifest_path())
 
 
 def load_artifacts() -> Artifacts:
