@@ -7,65 +7,21 @@ succeeds; and the success is answered only after the engine has put the log's he
 
 from __future__ import annotations
 
-import errno
-
 import pytest
 
 from ulog_disk.daemon.applier import Applier, Waiting, answered_early
 from ulog_disk.protocol import wire
 from ulog_disk.protocol.wire import Request, RequestType
-from ulog_disk.storage.base import BackendError, Commit
-from ulog_disk.storage.memory import MemoryBackend
+from ulog_disk.testing.journaled import RecordingJournal
 
 T = RequestType
 UUID, LUID = "LVM-review", 1
 DISK = b"32768 clustered-disk 7:3 1024"  # a disk log: STATUS_INFO shows the health
 
 
-class EventFails(MemoryBackend):
-    """A journal whose event appends can be told to fail (a full disk, an I/O error)."""
-
-    journaled = True
-
-    def __init__(self, state_dir):
-        super().__init__(state_dir)
-        self.fail_event = False
-        self.records = 0
-        self.synced = 0
-        self.commits: list[Commit] = []
-
-    def _append(self) -> int:
-        self.records += 1
-        return self.records
-
-    def log_ops(self, uuid, luid, ops) -> int:
-        return self._append()
-
-    def log_flush(self, rec, ops) -> int:
-        return self._append()
-
-    def log_event(self, rec, event) -> int:
-        if self.fail_event:
-            raise BackendError(errno.EIO, "injected journal failure")
-        return self._append()
-
-    def position(self) -> int:
-        return self.records
-
-    def durable_position(self) -> int:
-        return self.synced
-
-    def sync(self) -> int:
-        self.synced = self.records
-        return self.synced
-
-    def commit(self, commit: Commit) -> None:
-        self.commits.append(commit)
-
-
 class Driver:
     def __init__(self, tmp_path):
-        self.backend = EventFails(tmp_path)
+        self.backend = RecordingJournal(tmp_path)
         self.applier = Applier.over(self.backend, boot_id="boot")
         self.seq = 0
 

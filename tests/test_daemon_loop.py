@@ -18,52 +18,28 @@ from ulog_disk.daemon.loop import Daemon
 from ulog_disk.protocol import wire
 from ulog_disk.protocol.wire import RequestType
 from ulog_disk.storage.base import BackendError, Commit
-from ulog_disk.storage.memory import MemoryBackend
+from ulog_disk.testing.journaled import RecordingJournal
 
 
-class JournalBackend(MemoryBackend):
-    """A journal that counts positions and records which thread synced; syncs can be held."""
-
-    journaled = True
+class JournalBackend(RecordingJournal):
+    """A journal that records which thread synced, and whose syncs can be held."""
 
     def __init__(self, state_dir: Path):
         super().__init__(state_dir)
-        self.appended = 0
-        self.durable = 0
         self.sync_threads: list[int] = []
         self.calls: list[str] = []
         self.hold: threading.Event | None = None
         self.syncing = threading.Event()
-        self.fail_sync = False
-
-    def _append(self) -> int:
-        self.appended += 1
-        return self.appended
-
-    def log_ops(self, uuid, luid, ops) -> int:
-        return self._append()
-
-    def log_flush(self, rec, ops) -> int:
-        return self._append()
-
-    def log_event(self, rec, event) -> int:
-        return self._append()
-
-    def position(self) -> int:
-        return self.appended
-
-    def durable_position(self) -> int:
-        return self.durable
 
     def sync(self) -> int:
-        target = self.appended
+        target = self.position()
         self.sync_threads.append(threading.get_ident())
         self.syncing.set()
         if self.hold is not None:
             self.hold.wait(10)
         if self.fail_sync:
             raise BackendError(errno.EIO, "injected")
-        self.durable = target
+        self.synced = target
         return target
 
     def commit(self, commit: Commit) -> None:
@@ -187,7 +163,7 @@ def test_a_flush_already_durable_is_answered_at_once(tmp_path: Path) -> None:
     daemon.on_frame(frame("A", RequestType.FLUSH), "k")
     daemon.group.start()
     daemon.wait_idle()
-    backend.durable = backend.appended + 10  # another sync already covered what comes next
+    backend.synced = backend.position() + 10  # another sync already covered what comes next
     syncs = len(backend.sync_threads)
     daemon.on_frame(frame("A", RequestType.FLUSH), "k")
     assert flushes(transport) == [0, 0] and len(backend.sync_threads) == syncs
@@ -215,7 +191,7 @@ def test_background_work_waits_for_an_idle_worker_and_a_lifecycle_write_waits_fo
     assert set(daemon.applier.unstored) == set()
     daemon.background(idle=True)  # nothing left to store: the journal can be cut
     daemon.wait_idle()
-    assert backend.calls[-1] == f"maintain {backend.appended}"
+    assert backend.calls[-1] == f"maintain {backend.position()}"
     close(daemon)
 
 
@@ -274,14 +250,14 @@ def test_while_a_sync_stalls_requests_that_write_wait_and_the_others_are_answere
     daemon.on_frame(frame("A", RequestType.FLUSH), "k")
     daemon.group.start()
     assert backend.syncing.wait(10)
-    appended = backend.appended
+    appended = backend.position()
     daemon.on_frame(frame("B", RequestType.MARK_REGION, wire.build_u64(5)), "k")
     daemon.on_frame(frame("B", RequestType.FLUSH), "k")
     daemon.on_frame(frame("B", RequestType.IN_SYNC, wire.build_u64(5)), "k")
     daemon.on_frame(frame("B", RequestType.IS_CLEAN, wire.build_u64(5)), "k")
     daemon.on_frame(frame("A", RequestType.STATUS_INFO), "k")
     daemon.on_frame(frame("B", RequestType.FLUSH), "k")  # the kernel's resend after its timeout
-    assert backend.appended == appended  # nothing written while the sync stalls
+    assert backend.position() == appended  # nothing written while the sync stalls
     assert [r.request_type for r in transport.sent] == [RequestType.IN_SYNC, RequestType.IS_CLEAN,
                                                         RequestType.STATUS_INFO]
     assert daemon.applier.stats.by_type[RequestType.MARK_REGION] == 0  # not applied yet

@@ -17,61 +17,15 @@ from ulog_disk.daemon.applier import Applier
 from ulog_disk.log.records import OP_MARK
 from ulog_disk.protocol import requests, wire
 from ulog_disk.protocol.wire import RequestType
-from ulog_disk.storage.base import BackendError, Commit
+from ulog_disk.storage.base import Commit
 from ulog_disk.storage.memory import MemoryBackend
+from ulog_disk.testing.journaled import RecordingJournal
 from ulog_disk.testing.kernel import Kernel
 
 T = RequestType
 U = "LVM-enginetest"
 A, B, C = 0xFFFF8D8142769400, 0xFFFF8D8142769C00, 0xFFFF8D814276A400
 CORE = b"32768 clustered-core 1024"  # 32 regions
-
-
-class Backend(MemoryBackend):
-    """Memory backend with a journal that counts, records commits, and can be told to fail."""
-
-    journaled = True
-
-    def __init__(self, state_dir):
-        super().__init__(state_dir)
-        self.fail_commit = False
-        self.fail_journal = False
-        self.fail_sync = False
-        self.commits: list[Commit] = []
-        self.records: list[tuple[str, object]] = []
-        self.synced = 0
-
-    def commit(self, commit: Commit) -> None:
-        if self.fail_commit:
-            raise BackendError(errno.EIO, "injected commit failure")
-        self.commits.append(commit)
-
-    def _append(self, what: str, item: object) -> int:
-        if self.fail_journal:
-            raise BackendError(errno.EIO, "injected journal failure")
-        self.records.append((what, item))
-        return len(self.records)
-
-    def log_ops(self, uuid, luid, ops) -> int:
-        return self._append("ops", list(ops))
-
-    def log_flush(self, rec, ops) -> int:
-        return self._append("flush", list(ops))
-
-    def log_event(self, rec, event) -> int:
-        return self._append("event", event)
-
-    def position(self) -> int:
-        return len(self.records)
-
-    def durable_position(self) -> int:
-        return self.synced
-
-    def sync(self) -> int:
-        if self.fail_sync:
-            raise BackendError(errno.EIO, "injected sync failure")
-        self.synced = len(self.records)
-        return self.synced
 
 
 def drive(engine: Applier) -> Kernel:
@@ -81,7 +35,7 @@ def drive(engine: Applier) -> Kernel:
 
 @pytest.fixture
 def backend(tmp_path):
-    return Backend(tmp_path)
+    return RecordingJournal(tmp_path)
 
 
 @pytest.fixture
@@ -892,8 +846,8 @@ def observe(k: Kernel) -> tuple:
 @given(script=st.lists(st.tuples(KERNEL_REQUESTS, st.booleans()), max_size=40))
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_a_resent_request_does_what_the_original_alone_does(tmp_path, script):
-    once, twice = drive(Applier.over(Backend(tmp_path / "once"), boot_id="x")), \
-        drive(Applier.over(Backend(tmp_path / "twice"), boot_id="x"))
+    once, twice = drive(Applier.over(RecordingJournal(tmp_path / "once"), boot_id="x")), \
+        drive(Applier.over(RecordingJournal(tmp_path / "twice"), boot_id="x"))
     for kernel in (once, twice):
         kernel.up()
     for (type_, data), resent in script:
