@@ -42,6 +42,16 @@ class Driver:
         assert self.now(T.CTR, DISK).error == 0
         assert self.now(T.RESUME).error == 0
 
+    def event_fails(self, kind: RequestType) -> Waiting:
+        """The step of ``kind``, its journal event append failing (a full disk, an I/O error)."""
+        self.backend.fail_event = True
+        try:
+            waiting = self.applier.handle(self.request(kind))
+        finally:
+            self.backend.fail_event = False
+        assert isinstance(waiting, Waiting)
+        return waiting
+
 
 def _suspend(d: Driver) -> RequestType:
     assert d.now(T.PRESUSPEND).error == 0
@@ -61,11 +71,8 @@ def test_no_success_reply_goes_out_while_the_health_is_still_d(tmp_path, prepare
     Before the change that reply only went out after the completion set the health back to A."""
     d = Driver(tmp_path)
     d.up()
-    kind = prepare(d)
-    d.backend.fail_event = True
-    waiting = d.applier.handle(d.request(kind))
-    d.backend.fail_event = False
-    assert isinstance(waiting, Waiting) and waiting.job is not None
+    waiting = d.event_fails(prepare(d))
+    assert waiting.job is not None
     waiting.job()  # the store worker
     if answered_early(waiting, None):
         # The reply is out; what the kernel sees if it asks now (dmsetup status after resume):
@@ -81,11 +88,7 @@ def test_the_commit_covers_the_event_that_missed_the_journal(tmp_path, prepare):
     is whole again, so the next FLUSH syncs the journal (no store write on its path), as before."""
     d = Driver(tmp_path)
     d.up()
-    kind = prepare(d)
-    d.backend.fail_event = True
-    waiting = d.applier.handle(d.request(kind))
-    d.backend.fail_event = False
-    assert isinstance(waiting, Waiting)
+    waiting = d.event_fails(prepare(d))
     reply = d.applier.complete_now(waiting)
     assert reply is not None and reply.error == 0
     assert d.applier.table[(UUID, LUID)].journal_gap is False
