@@ -8,6 +8,8 @@ benchmarks and a backend plugin's own tests use it.
 * :mod:`.kernel`: an in-process kernel driver: requests through the wire both ways into an
   :class:`~ulog_disk.log.engine.Engine`, no daemon, no socket.
 * :mod:`.sentinel`: the fuzz tests' log that must keep working, set up and checked alike.
+* :mod:`.journaled`: a journaled backend in memory that records what it is given and fails on
+  demand, for the engine's and the daemon's tests.
 * :mod:`.stats`: the one percentile definition of every figure (reliability and benchmarks).
 * :mod:`.clock`: a clock the test moves by hand.
 * :mod:`.tools`: ulog-dump and ulog-recover run in-process (exit status, stdout, stderr).
