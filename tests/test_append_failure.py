@@ -74,7 +74,7 @@ def test_no_success_reply_goes_out_while_the_health_is_still_d(tmp_path, prepare
     waiting = d.event_fails(prepare(d))
     assert waiting.job is not None
     waiting.job()  # the store worker
-    if answered_early(waiting, None):
+    if answered_early(waiting.reply, None):
         # The reply is out; what the kernel sees if it asks now (dmsetup status after resume):
         assert d.status() == b"3 clustered-disk 7:3 A\0", \
             "the success reply went out while STATUS_INFO still answers health D"

@@ -200,3 +200,22 @@ def test_a_stored_state_is_passed_over_when_flagged_or_older_and_unused(
     newer = any(g > generation for g in others)
     assert lc.never_handed_over(flagged, resumed, in_use, generation, others) is (
         flagged or (resumed and not in_use and newer))
+
+
+def test_a_stored_instance_past_its_dtr_is_not_restored() -> None:
+    """No daemon writes an instance after its DTR; a record that says so is damaged or foreign:
+    it is left out of the table (every request for its luid would be a bug), and the kernel may
+    construct that luid again."""
+    from ulog_disk.log.engine import Engine
+    from ulog_disk.log.records import Restored, StoredInstance
+
+    rec = InstanceRecord(uuid="LVM-x", luid=7, ctr="64 clustered-core 8", log_type="clustered-core",
+                         region_size=8, region_count=8, state="destroyed", generation=3, cursor=0,
+                         boot_id="b", resumed=True)
+    engine = Engine("b")
+    engine.load(Restored(instances=[StoredInstance(rec, b"\xff", b"\xff")]))
+    assert ("LVM-x", 7) not in engine.table
+    applier = Applier(engine, MemoryBackend(Path("/nonexistent")))
+    k = Kernel(applier, uuid="LVM-x", luid=7, ctr="64 clustered-core 8")
+    k.up()
+    assert engine.table[("LVM-x", 7)].state is State.LIVE

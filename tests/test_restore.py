@@ -1,4 +1,4 @@
-"""The restore rule (``ulog_disk.restore``): replay, then distrust when the journal is damaged;
+"""The restore rule (``ulog_disk.log.restore``): replay, then distrust when the journal is damaged;
 recovery restarted for the current boot; a hand-over candidate for an earlier boot.
 
 The rule is checked against a model written here region by region (lists of booleans, no

@@ -1,6 +1,6 @@
 """Golden wire vectors (formats/vectors/wire/*.json): decode and re-encode, byte for byte.
 
-Each vector is checked both ways with the package's own definitions (``ulog_disk.wire``):
+Each vector is checked both ways with the package's own definitions (``ulog_disk.protocol.wire``):
 
 * decode: the committed ``hex`` decodes to the committed ``fields``;
 * encode: the committed ``fields`` encode to the committed ``hex``, with payloads rebuilt from their

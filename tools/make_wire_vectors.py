@@ -5,7 +5,7 @@ Usage::
 
     .venv/bin/python tools/make_wire_vectors.py [--out DIR] [--capture FILE]
 
-Every frame is built with :mod:`ulog_disk.wire`'s encoders from the hand-written specs below,
+Every frame is built with :mod:`ulog_disk.protocol.wire`'s encoders from the hand-written specs below,
 its data from the spec's payload fields through the request table (``requests.REQUESTS``); the
 ``fields`` of each vector are written from the same specs (not by decoding the bytes), so
 ``tests/test_wire_vectors.py`` checks two independent things: that decoding the committed hex

@@ -1,7 +1,7 @@
 """The applier: performs the engine's effects against a backend, in order, and keeps the books
 of durability.
 
-The engine (:mod:`ulog_disk.engine`) decides and returns effects as data; this module is where
+The engine (:mod:`ulog_disk.log.engine`) decides and returns effects as data; this module is where
 they become I/O. For each step it appends the step's journal records (on the calling thread:
 a ``pwrite`` into the page cache, no disk wait), and turns its store effects into one job for the
 daemon's store worker. It also keeps what only the I/O side can know: the journal position of
@@ -73,11 +73,11 @@ class Waiting:
     books: list[_Book] = field(default_factory=list)
 
 
-def answered_early(waiting: Waiting, exc: BaseException | None) -> bool:
-    """Whether the thread that ran the work (store worker, group-commit thread) sends the reply:
-    on success, when the step gave one. Otherwise the loop sends what :meth:`Applier.completed`
-    returns."""
-    return exc is None and waiting.reply is not None
+def answered_early(reply: Reply | None, exc: BaseException | None) -> bool:
+    """The one rule of who answers a waiting request: the thread that ran its work (store
+    worker, group-commit thread) sends the waiting's ``reply`` on success, when there is one;
+    in every other case the loop sends what :meth:`Applier.completed` returns."""
+    return exc is None and reply is not None
 
 
 class Applier:
@@ -185,6 +185,10 @@ class Applier:
             assert reply is not None and not stores
             return reply
         if step.wait is Answered.DURABLE:
+            if type(ticket) is not int:
+                # A backend that returned no ticket (a plugin's missing return): the position
+                # after the record is what the reply must wait for, never "nothing".
+                ticket = backend.position()
             return Waiting(step.work, reply, durable_at=ticket)
         books = [self._book(effect) for effect in stores]
         return Waiting(step.work, reply, job=self._job(books), books=books)
@@ -201,7 +205,8 @@ class Applier:
                 self._unstored_since(key, book.position)
             elif isinstance(book.effect, StoreCommit) and book.first is not None and key in self.engine.table:
                 self._unstored_since(key, book.first)
-        return self.engine.completed(waiting.work, exc)
+        reply = self.engine.completed(waiting.work, exc)
+        return None if answered_early(waiting.reply, exc) else reply
 
     # --- the store job -----------------------------------------------------------------------
 

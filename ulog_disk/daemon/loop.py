@@ -115,7 +115,7 @@ class StoreWorker:
                 job.run()
             except BaseException as e:  # noqa: BLE001 - finish() decides what it means
                 exc = e
-            if exc is None and job.reply is not None:
+            if answered_early(job.reply, exc):
                 self.send(job.reply, job.address)
             self.done.append((job, exc))
             self.wake()
@@ -231,7 +231,7 @@ class GroupCommit:
             self.flushes += len(ready)
         needs_loop = slow
         for w in ready:
-            if exc is None and w.job.reply is not None:
+            if answered_early(w.job.reply, exc):
                 self.send(w.job.reply, w.job.address)
             else:
                 needs_loop = True
@@ -345,15 +345,17 @@ class Daemon:
             return
         if isinstance(result, Reply):
             self.send(result, address)
-        elif result.durable_at is not None:
-            if result.durable_at <= self.backend.durable_position():
-                # Durable already (a backend whose positions always are): answered here.
-                reply = self.applier.completed(result, None)
-                self.send(result.reply if reply is None else reply, address)
-            else:
-                self.group.add(result.durable_at, self.job(result, address))
-        else:
+        elif result.job is not None:
             self.worker.submit(self.job(result, address))
+        elif result.durable_at is not None and result.durable_at <= self.backend.durable_position():
+            # Durable already (a backend whose positions always are): answered here, as the
+            # group-commit thread would after a sync.
+            job = self.job(result, address)
+            if answered_early(job.reply, None):
+                self.send(job.reply, address)
+            self.finish_job(job, None)
+        else:
+            self.group.add(result.durable_at or 0, self.job(result, address))
 
     def job(self, waiting: Waiting, address: object) -> Job:
         def finish(exc: BaseException | None) -> bool:
@@ -409,19 +411,21 @@ class Daemon:
         with contextlib.suppress(BlockingIOError):
             os.read(self.wake_r, 65536)
         for job, exc in self.group.drain() + self.worker.drain():
-            try:
-                failures += not job.finish(exc)
-            except Exception:  # noqa: BLE001 - one request's bookkeeping must not stop the loop
-                log.exception("internal error (a bug of dm-ulogd) completing a request")
-                failures += 1
+            failures += not self.finish_job(job, exc)
         return failures
+
+    def finish_job(self, job: Job, exc: BaseException | None) -> bool:
+        try:
+            return job.finish(exc)
+        except Exception:  # noqa: BLE001 - one request's bookkeeping must not stop the loop
+            log.exception("internal error (a bug of dm-ulogd) completing a request")
+            return False
 
     def finish(self, waiting: Waiting, address: object, exc: BaseException | None) -> bool:
         """Let the engine hear how a waiting request's work ended (this thread only) and send
         what is still to answer; False if the work failed."""
         reply = self.applier.completed(waiting, exc)
         if reply is not None:
-            assert not answered_early(waiting, exc), "a reply answered twice"
             self.send(reply, address)
         return exc is None
 

@@ -4,7 +4,7 @@
 either a :class:`~ulog_disk.protocol.wire.Reply` to send at once, or a :class:`Step` — the effects to
 perform first, in order (journal records to append, store writes to run), what the reply waits
 for (nothing, the journal being durable up to the step's records, or the step's store writes),
-and the reply itself. The caller (:mod:`ulog_disk.applier`, on behalf of the daemon) performs
+and the reply itself. The caller (:mod:`ulog_disk.daemon.applier`, on behalf of the daemon) performs
 the effects and reports back how waited-for work ended (:meth:`Engine.completed`) or that a
 journal append failed (:meth:`Engine.append_failed`); those calls return what to answer, if
 anything. The engine opens nothing, reads no clock (``now``, wall-clock seconds, is given with
@@ -13,9 +13,9 @@ requests and the same times give the same replies, the same effects and the same
 replica of the log relies on.
 
 Every fact about a request type (payloads, lifecycle rule, handler, whether it writes, when it is
-answered, its journal event code, its cluster scope) is a row of :mod:`ulog_disk.requests`; the
+answered, its journal event code, its cluster scope) is a row of :mod:`ulog_disk.protocol.requests`; the
 per-instance and per-uuid rules (states, the CTR rule, hand-over, retention, generations,
-adoption after another boot) are :mod:`ulog_disk.lifecycle`'s, consulted for every request.
+adoption after another boot) are :mod:`ulog_disk.log.lifecycle`'s, consulted for every request.
 
 Protocol rules applied here (protocol ref §1.7, §3, §5):
 
@@ -43,10 +43,11 @@ from typing import Protocol
 
 from ..protocol import wire
 from ..protocol.ctrargs import CtrArgs, parse_ctr
-from ..protocol.requests import REQUESTS, REREGISTERS, Answered
+from ..protocol.requests import BY_JOURNAL_EVENT, REQUESTS, REREGISTERS, Answered
 from ..protocol.wire import Reply, Request, RequestType
 from . import restore
 from .lifecycle import (
+    EXISTING,
     CtrAction,
     State,
     ctr_action,
@@ -261,8 +262,6 @@ class _Work:
     inst: Instance
     #: The request answered (None: background work, or the commits at stop).
     request: Request | None
-    #: Whether a success was answered by the thread that saw it (the step's ``reply``).
-    answered_early: bool = False
     #: A store write's chunks and flags, put back for the next write if it fails.
     clean: dict[int, bytes] = field(default_factory=dict)
     sync: dict[int, bytes] = field(default_factory=dict)
@@ -333,6 +332,12 @@ class Engine:
             self.earlier_boot.setdefault(rec.uuid, {})[rec.luid] = (gone, rec.resumed)
             log.info("found %s from an earlier boot (generation %d): kept for hand-over",
                      describe(rec.uuid, rec.luid), rec.generation)
+            return
+        if State(rec.state) not in EXISTING:
+            # No daemon writes an instance after its DTR; one found is a damaged or foreign
+            # record, and serving it would answer every request for its luid with a bug.
+            log.error("stored %s is in state %s: not restored (left for ulog-recover purge)",
+                      describe(rec.uuid, rec.luid), rec.state)
             return
         try:
             ctr = parse_ctr(rec.ctr.encode("ascii"))
@@ -409,14 +414,11 @@ class Engine:
     # --- what the caller reports back ----------------------------------------------------------
 
     def completed(self, work: int, exc: BaseException | None) -> Reply | None:
-        """A waited-for step ended (``exc``: why it failed). Returns the reply still to send:
-        None when there is none (background work) or when the thread that saw the success
-        already sent the step's reply — the one rule of who answers."""
+        """A waited-for step ended (``exc``: why it failed): the engine's books are put right.
+        Returns the request's reply (None for background work and the commits at stop); whether
+        it still has to be sent is the caller's one rule (``daemon.applier.answered_early``)."""
         w = self.work.pop(work)
-        reply = self._COMPLETIONS[w.kind](self, w, exc)
-        if exc is None and w.answered_early:
-            return None
-        return reply
+        return self._COMPLETIONS[w.kind](self, w, exc)
 
     def append_failed(self, effect: JournalEffect, exc: BaseException, work: int = 0) -> None:
         """A journal append of the step just returned (``work``: its token, 0 if it waits for
@@ -428,11 +430,9 @@ class Engine:
         if it fails. A FLUSH whose own record failed is then served by :meth:`flush_fallback`."""
         key = effect_key(effect)
         inst = self.table.get(key)
-        what = (f"event {effect.event}" if isinstance(effect, AppendEvent)
+        what = (BY_JOURNAL_EVENT[effect.event].name if isinstance(effect, AppendEvent)
                 else "FLUSH" if isinstance(effect, AppendFlush) else "region ops")
         w = self.work.get(work)
-        if w is not None:
-            w.answered_early = False
         if inst is None:
             log.error("%s of %s: journal write failed (%s)", what, describe(*key), exc)
             return
@@ -607,8 +607,8 @@ class Engine:
             return None
         del stale[luid]
         self.gone[inst.uuid] = [s for s in self.gone.get(inst.uuid, []) if s is not source]
-        log.info("RESUME %s: luid=%#x of an earlier boot, whose state it adopts, is removed after the "
-                 "commit", describe(inst.uuid, inst.luid), luid)
+        log.info("RESUME %s: luid=%#x of an earlier boot, whose state it adopts, goes from the store "
+                 "once the adopter's commit is written", describe(inst.uuid, inst.luid), luid)
         return StoreDrop(inst.uuid, luid, None, best_effort=True)
 
     def _handover_source(self, inst: Instance, reconnect: bool) -> StoredState | None:
@@ -671,7 +671,6 @@ class Engine:
         # A commit of an instance whose health is not A is answered only after completed() put
         # it right, or a STATUS_INFO right after the reply could still show F.
         early = req is not None and inst.health == "A"
-        w.answered_early = early
         reply = _ok(req) if early and req is not None else None
         return Step(reply, effects, Answered.STORED, self._waiting(w))
 
@@ -808,7 +807,7 @@ class Engine:
         # A FLUSH of an instance whose health is not A is answered after completed() put it
         # right, so that no STATUS_INFO after the reply still shows the old health.
         early = inst.health == "A"
-        work = self._waiting(_Work("flush", inst, req, answered_early=early))
+        work = self._waiting(_Work("flush", inst, req))
         return Step(_ok(req) if early else None, [AppendFlush(inst.record(), ops)], Answered.DURABLE, work)
 
     def _mark(self, inst: Instance, req: Request, new_state: State) -> Step:

@@ -73,7 +73,7 @@ def rebuild(stored: StoredInstance) -> Rebuilt:
 
 def handover_candidate(stored: StoredInstance) -> StoredState:
     """The state of an instance of an earlier boot, as the hand-over rule sees it (a gone state,
-    :mod:`ulog_disk.lifecycle`): replayed, distrusted if the journal is damaged."""
+    :mod:`ulog_disk.log.lifecycle`): replayed, distrusted if the journal is damaged."""
     rec = stored.record
     log = replayed(rec.region_count, stored.clean, stored.sync, stored.journal, stored.journal_damaged).log
     return StoredState(uuid=rec.uuid, generation=rec.generation, region_count=rec.region_count,

@@ -2,7 +2,7 @@
 
 Everything else that depends on a request's type is derived from this table: what its payloads
 are (``wire`` parses them), which requests the kernel re-registers a log for after -ESRCH, the
-lifecycle rule the engine applies (:mod:`ulog_disk.lifecycle` builds its transition table from
+lifecycle rule the engine applies (:mod:`ulog_disk.log.lifecycle` builds its transition table from
 the ``lifecycle`` column), which handler of the engine serves it, whether it writes anything
 (the daemon holds the writers back while the state disk stalls), when it is answered, the code
 its journal record carries, and whether a cluster answers it locally or agrees on it first.

@@ -423,7 +423,7 @@ class Payload:
         return [r for (r,) in self.item.iter_unpack(data)]
 
 
-#: The payload layouts the request table (:mod:`ulog_disk.requests`) names, and the engine's
+#: The payload layouts the request table (:mod:`ulog_disk.protocol.requests`) names, and the engine's
 #: fast path below reads and builds.
 REGION = Payload("u64 region", Region)
 REGIONS = Payload("region list", RegionList)

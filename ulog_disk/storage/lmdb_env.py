@@ -1,6 +1,6 @@
 """LMDB environments of the store: opening one safely, the cache of open ones, write
 transactions, and moving a damaged one aside. Nothing here knows a record's layout
-(:mod:`ulog_disk.store_format`) or what the backend stores.
+(:mod:`ulog_disk.storage.store_format`) or what the backend stores.
 
 Durability: every environment is opened with LMDB's durable settings (``sync=True``,
 ``metasync=True``, no ``writemap``), so a write transaction that returns is on stable storage,

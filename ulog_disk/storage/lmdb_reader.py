@@ -7,7 +7,7 @@ Used by the backend's restore (and its migration of layouts 1-2) and by ``ulog-d
 * :func:`snapshot` reads every record of an environment in one read transaction (the backend's
   open environment, or :func:`~.lmdb_env.open_readonly` for the tools, which never disturbs the
   daemon);
-* :func:`decode_store` decodes and verifies it (:mod:`ulog_disk.store_format` only) into
+* :func:`decode_store` decodes and verifies it (:mod:`ulog_disk.storage.store_format` only) into
   :class:`StoreContents`, noting every problem as a :class:`Finding` instead of stopping at the
   first, so a tool can show all of them. An ``error`` is damage: the daemon's restore refuses
   the store (moves it aside, its uuid resyncs in full), and the tools say so; a ``warning`` or
@@ -15,7 +15,7 @@ Used by the backend's restore (and its migration of layouts 1-2) and by ``ulog-d
 * :func:`plan_replay` picks an instance's journal records since its checkpoint (layout 3) and
   says whether the journal can be trusted there; :func:`old_journal` does the same for a
   layout-1/2 store's per-instance journal file. What a restart then serves from them is the
-  rule of :mod:`ulog_disk.restore`.
+  rule of :mod:`ulog_disk.log.restore`.
 
 Nothing here writes.
 """

@@ -1,10 +1,10 @@
 """The durable backend: a daemon-wide journal plus one LMDB environment per uuid (layout:
 ``formats/journal.md`` and ``formats/store.md``, store layout 3).
 
-What lives where (byte layouts are in :mod:`ulog_disk.journal` and :mod:`ulog_disk.store_format`,
-nowhere else):
+What lives where (byte layouts are in :mod:`ulog_disk.storage.journal` and
+:mod:`ulog_disk.storage.store_format`, nowhere else):
 
-* ``<state dir>/journal.<start>`` — the journal's segments (:mod:`ulog_disk.journal`): every
+* ``<state dir>/journal.<start>`` — the journal's segments (:mod:`ulog_disk.storage.journal`): every
   MARK, CLEAR, SET_REGION_SYNC, FLUSH and lifecycle request of every instance, in order. A FLUSH
   is answered once the journal is durable up to its record: one ``fdatasync``, shared by every
   FLUSH that arrived meanwhile (group commit);
@@ -27,7 +27,7 @@ The backend stores and reads; it decides nothing. Its parts, one job each:
 * :mod:`.lmdb_reader` — the one reader of a store (the tools use it too) and which journal
   records belong to each instance;
 * this module — the ``Backend``: the journal calls, the store writes, the restore. What a restart
-  rebuilds from what it reads is :mod:`ulog_disk.restore`'s rule, applied by the engine; the one
+  rebuilds from what it reads is :mod:`ulog_disk.log.restore`'s rule, applied by the engine; the one
   write the restore makes (an earlier boot's instance written back with its journal folded in,
   so that the journal can be cut) writes what that module computes.
 

@@ -14,7 +14,7 @@ Layout version 3 (the version of the format record):
   ``<luid>`` being 16 lowercase hex digits; the uuid's retained state in ``retained.meta``
   (``record`` → :data:`RetainedRecordV1`), ``retained.clean`` and ``retained.sync``;
 * every value (records and chunks) sealed with :data:`ValueChecksum`;
-* the journal is the daemon's, beside the environments (:mod:`ulog_disk.journal`).
+* the journal is the daemon's, beside the environments (:mod:`ulog_disk.storage.journal`).
 
 Layouts 1 and 2 are read only to be migrated, never written. Layout 2 had no checkpoint record
 and, beside the LMDB files, one journal file ``journal.<luid>`` per instance
@@ -190,7 +190,7 @@ def _format_record(layout: int) -> c.Construct:
 FormatRecordV1 = _format_record(1)
 FormatRecordV2 = _format_record(2)
 #: Layout 3: as layout 2, plus a ``checkpoint`` record per instance; the per-instance journal
-#: files are gone (the daemon-wide journal of :mod:`ulog_disk.journal` replaced them).
+#: files are gone (the daemon-wide journal of :mod:`ulog_disk.storage.journal` replaced them).
 FormatRecordV3 = _format_record(3)
 _FORMAT_RECORDS = {1: FormatRecordV1, 2: FormatRecordV2, 3: FormatRecordV3}
 _FORMAT_MAGIC = const(FormatRecordV3, "magic")

@@ -3,7 +3,7 @@
 :class:`Client` sends one request at a time in the caller's thread, as one kernel thread would
 (or many at once with :meth:`Client.many`); :class:`LeanClient` sends prebuilt frames, for load
 where the client's own cost must stay out of the figures. The kernel's behaviour (resends,
-reconnect, -EAGAIN) is :mod:`ulog_disk.kernelmodel`'s.
+reconnect, -EAGAIN) is :mod:`ulog_disk.testing.kernelmodel`'s.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ import pytest
 from ..daemon.applier import Applier
 from ..protocol import wire
 from ..protocol.wire import RequestType as T
-from ..storage.base import Backend
+from ..storage.base import OP_MARK, Backend, InstanceRecord
 from . import launcher
 from .client import Client
 from .kernel import Kernel
@@ -271,3 +271,13 @@ class BackendConformance:
         assert backend.durable_position() <= backend.position()
         assert backend.sync() >= last
         assert backend.durable_position() >= last
+        # Each journal call returns its ticket: the position after its record (a FLUSH waits
+        # for exactly that).
+        rec = InstanceRecord(uuid=UUID, luid=1, ctr=NOSYNC, log_type="clustered-core", region_size=8,
+                             region_count=REGIONS, state="live", generation=1, cursor=0, boot_id="boot-1",
+                             resumed=True)
+        for call in (lambda: backend.log_ops(UUID, 1, [(OP_MARK, 4)]), lambda: backend.log_flush(rec, []),
+                     lambda: backend.log_event(rec, 2)):
+            ticket = call()
+            assert type(ticket) is int and ticket == backend.position() > last, ticket
+            last = ticket

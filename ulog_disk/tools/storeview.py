@@ -12,7 +12,7 @@ refuse the store).
 The daemon-wide journal (``formats/journal.md``) is scanned once per read, before any store
 (:func:`read_store` says why), and every instance of a layout-3 store gets the journal records
 :func:`~ulog_disk.storage.lmdb_reader.plan_replay` picks for the daemon's restore; the bitmaps
-shown are what a restart serves from them, by :mod:`ulog_disk.restore`'s rule: the stored ones
+shown are what a restart serves from them, by :mod:`ulog_disk.log.restore`'s rule: the stored ones
 with the same ops replayed, and an instance the restore would distrust (no checkpoint, a
 checkpoint naming a journal that is not there, journal damage after its checkpoint) all dirty and
 out of sync, with a warning. A layout-1/2 store is read as it is, its per-instance journal files
@@ -23,7 +23,7 @@ read whole into Python objects and closed again before anything else (the write 
 ``ulog-recover``, which go through :class:`~ulog_disk.storage.lmdb_store.LmdbBackend`) opens it.
 
 Verdicts (``ulog-recover list``), first match wins; whether a state is ever handed over again, and
-which one is the uuid's newest, is decided by :mod:`ulog_disk.lifecycle`, the rules the daemon
+which one is the uuid's newest, is decided by :mod:`ulog_disk.log.lifecycle`, the rules the daemon
 applies:
 
 ``damaged``      the instance's records fail verification (the daemon would move the whole store
@@ -476,7 +476,7 @@ def _plan_journal(sv: StateView, ckpt: CheckpointRecord | None, journal: Journal
 
 
 def _apply_journal(sv: StateView) -> None:
-    """What a restart serves: :mod:`ulog_disk.restore`'s rule over the planned ops."""
+    """What a restart serves: :mod:`ulog_disk.log.restore`'s rule over the planned ops."""
     j = sv.journal
     ops = j.ops if j is not None and j.replayed else []
     log = restore.replayed(sv.region_count, sv.committed_clean, sv.committed_sync, ops,

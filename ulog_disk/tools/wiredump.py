@@ -1,7 +1,7 @@
 """Decode kernel frames (a ``--capture`` file, or hex) into requests and replies, paired by seq.
 
-The frames are decoded with :mod:`ulog_disk.wire` and the capture records with
-:mod:`ulog_disk.capture`; nothing here knows an offset. Pairing follows the kernel
+The frames are decoded with :mod:`ulog_disk.protocol.wire` and the capture records with
+:mod:`ulog_disk.protocol.capture`; nothing here knows an offset. Pairing follows the kernel
 (``dm-log-userspace-transfer.c``): a full reply is matched on ``dm_ulog_request.seq``, an
 ACK-form reply (``cn_msg.len == 0``) on ``cn_msg.seq``, which the kernel sets equal to the
 request's seq.

@@ -2,7 +2,7 @@
 
 The hot path is a raw ``AF_NETLINK`` socket read with ``recvfrom``: it gives the sender's
 portid (the kernel is 0; anything else is a userspace process and is dropped), costs one
-syscall per request, and leaves the framing to :mod:`ulog_disk.wire`. docs/transport.md has the
+syscall per request, and leaves the framing to :mod:`ulog_disk.protocol.wire`. docs/transport.md has the
 measurements behind not using pyroute2's socket classes here.
 """
 
