@@ -298,3 +298,22 @@ def test_a_commit_of_an_unhealthy_log_is_answered_after_its_health_is_put_right(
     assert daemon.applier.table[("A", 1)].health == "A"
     assert [(r.request_type, r.error) for r in transport.sent][-1] == (RequestType.POSTSUSPEND, 0)
     close(daemon)
+
+
+def test_a_missing_lifecycle_transition_is_logged_as_a_bug_and_answered_eio(tmp_path: Path, caplog) -> None:
+    """A state the lifecycle table does not list for a request is a bug of ours: the daemon logs
+    it as one (with its traceback) and answers -EIO, never -EINVAL as if the kernel had sent
+    nonsense; the other logs are served on."""
+    import logging
+
+    from ulog_disk.log.lifecycle import State
+
+    daemon, backend, transport = make_daemon(tmp_path, ("A", "B"))
+    daemon.applier.table[("A", 1)].state = State.DESTROYED
+    with caplog.at_level(logging.ERROR, logger="ulog_disk.daemon"):
+        daemon.on_frame(frame("A", RequestType.IN_SYNC, wire.build_u64(0)), "k")
+    assert [(r.request_type, r.error) for r in transport.sent] == [(RequestType.IN_SYNC, -errno.EIO)]
+    assert any("a bug of dm-ulogd" in r.getMessage() and r.exc_info for r in caplog.records)
+    daemon.on_frame(frame("B", RequestType.IN_SYNC, wire.build_u64(0)), "k")
+    assert transport.sent[-1].error == 0
+    close(daemon)
