@@ -47,7 +47,7 @@ def test_quick_benchmark_runs_and_reports_every_metric(tmp_path: Path) -> None:
 
 
 def test_live_mirrors_metric_reports_its_rows_at_a_tiny_size(tmp_path: Path) -> None:
-    """Metric 7 alone with 3 mirrors (a couple of seconds): its five rows, each with a ratio and a
+    """Metric 7 alone with 3 mirrors (a couple of seconds): its six rows, each with a ratio and a
     verdict, whatever the verdicts are (today's daemon misses some of them)."""
     out = tmp_path / "out"
     proc = subprocess.run(
@@ -57,16 +57,17 @@ def test_live_mirrors_metric_reports_its_rows_at_a_tiny_size(tmp_path: Path) -> 
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     rows = [m for m in map(ROW.match, proc.stdout.splitlines()) if m]
-    assert [int(m.group(1)) for m in rows] == [7] * 5, proc.stdout
+    assert [int(m.group(1)) for m in rows] == [7] * 6, proc.stdout
     assert all(m.group(3) in ("MET", "MISSED") for m in rows), proc.stdout
     results = json.loads((out / "results-quick.json").read_text())
     assert results["config"]["live_mirrors"] == 3
     names = [row["name"] for row in results["rows"]]
-    assert len(names) == 5 and all(row["metric"] == 7 for row in results["rows"])
+    assert len(names) == 6 and all(row["metric"] == 7 for row in results["rows"])
     assert any("working" in name for name in names) and any("restart" in name for name in names)
     live = results["detail"]["live"]
     # Behaviour, not speed: 3 mirrors fit any daemon started with 1024 descriptors.
     assert live["working"] == 3 and live["restart"]["answered"] == 3, live
+    assert live["reconnect"]["answered"] == 3, live["reconnect"]
     assert [p["mirrors"] for p in live["points"]] == [0, 1, 3]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("ulog-bench-")]
 
