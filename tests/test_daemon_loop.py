@@ -18,7 +18,7 @@ from ulog_disk.daemon.loop import Daemon
 from ulog_disk.protocol import wire
 from ulog_disk.protocol.wire import RequestType
 from ulog_disk.storage.base import BackendError, Commit
-from ulog_disk.testing.journaled import RecordingJournal
+from ulog_disk.testing.journaled import CollectingTransport, RecordingJournal
 
 
 class JournalBackend(RecordingJournal):
@@ -47,18 +47,6 @@ class JournalBackend(RecordingJournal):
 
     def maintain(self, needed: int) -> None:
         self.calls.append(f"maintain {needed}")
-
-
-class CollectingTransport:
-    name = "test"
-
-    def __init__(self) -> None:
-        self.sent: list[wire.DecodedReply] = []
-        self.lock = threading.Lock()
-
-    def send(self, payload: bytes, address: object) -> None:
-        with self.lock:
-            self.sent.append(wire.decode_reply(payload))
 
 
 SEQ = iter(range(1, 1 << 30))

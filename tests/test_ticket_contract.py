@@ -5,14 +5,13 @@ checks every journal call's ticket."""
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 from ulog_disk.daemon.applier import Applier
 from ulog_disk.daemon.loop import Daemon
 from ulog_disk.protocol import wire
 from ulog_disk.protocol.wire import RequestType
-from ulog_disk.testing.journaled import RecordingJournal
+from ulog_disk.testing.journaled import CollectingTransport, RecordingJournal
 
 
 class ForgetsTheTicket(RecordingJournal):
@@ -20,18 +19,6 @@ class ForgetsTheTicket(RecordingJournal):
 
     def log_flush(self, rec, ops):  # type: ignore[override]
         self._append("flush", list(ops))
-
-
-class CollectingTransport:
-    name = "test"
-
-    def __init__(self) -> None:
-        self.sent: list[wire.DecodedReply] = []
-        self.lock = threading.Lock()
-
-    def send(self, payload: bytes, address: object) -> None:
-        with self.lock:
-            self.sent.append(wire.decode_reply(payload))
 
 
 def test_a_flush_is_never_answered_before_its_record_is_synced(tmp_path: Path) -> None:

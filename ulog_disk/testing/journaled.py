@@ -1,13 +1,16 @@
 """A journaled backend for the engine's and the daemon's tests: the memory backend with its
 journal kept as a list (a record's position is its number), its durable point moved by ``sync``,
-its store commits kept, and failures to inject. It keeps nothing across a restart."""
+its store commits kept, and failures to inject. It keeps nothing across a restart. And a
+transport that keeps every reply the daemon sends, decoded (:class:`CollectingTransport`)."""
 
 from __future__ import annotations
 
 import errno
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..protocol import wire
 from ..storage.base import BackendError, Commit, InstanceRecord
 from ..storage.memory import MemoryBackend
 
@@ -59,3 +62,18 @@ class RecordingJournal(MemoryBackend):
         if self.fail_commit:
             raise BackendError(errno.EIO, "injected commit failure")
         self.commits.append(commit)
+
+
+class CollectingTransport:
+    """The daemon's transport in an in-process test: every reply kept, decoded, whichever thread
+    sends it."""
+
+    name = "test"
+
+    def __init__(self) -> None:
+        self.sent: list[wire.DecodedReply] = []
+        self.lock = threading.Lock()
+
+    def send(self, payload: bytes, address: object) -> None:
+        with self.lock:
+            self.sent.append(wire.decode_reply(payload))
