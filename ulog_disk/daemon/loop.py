@@ -451,7 +451,7 @@ class Daemon:
         if now - self.maintained_at >= MAINTENANCE_INTERVAL or self.backend.maintenance_due():
             self.maintained_at = now
             self.noisy.flush()
-            applier.engine.noisy.flush()
+            applier.engine.advance(time.time())
             needed = applier.needed()
             if needed > self.cut_at or self.backend.maintenance_due():
                 self.cut_at = needed

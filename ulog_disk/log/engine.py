@@ -411,6 +411,12 @@ class Engine:
                            describe(inst.uuid, inst.luid), req.seq, exc)
             return _err(req, errno.EINVAL)
 
+    def advance(self, now: float) -> None:
+        """Time passes without a request: the rate-limited log's windows that have ended say how
+        many lines they held back (the time is the caller's, as in :meth:`step`)."""
+        self.now = max(self.now, now)
+        self.noisy.flush()
+
     # --- what the caller reports back ----------------------------------------------------------
 
     def completed(self, work: int, exc: BaseException | None) -> Reply | None:
