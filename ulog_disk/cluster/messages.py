@@ -1,0 +1,237 @@
+"""What the daemons of a cluster multicast to each other, and the snapshot of a cluster state
+(sent to a joining node, and kept on disk beside the cluster journal): the one definition, with
+construct. ``formats/cluster.md`` describes the same bytes in prose beside golden vectors.
+
+Every message starts with a 4-byte header (magic ``UC``, version, kind). The sender's node id is
+not in the message: corosync delivers it with every message, and a message can only claim to be
+from the node that sent it.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from enum import IntEnum
+
+import construct as c
+from bitarray import bitarray
+
+from ..log.regionlog import bitmap_from_bytes
+from .shared import (
+    ClusterState,
+    Close,
+    Departed,
+    Fenced,
+    Flush,
+    Input,
+    NodeOpen,
+    Open,
+    Rebooted,
+    ResyncWork,
+    SetRegionSync,
+    SharedLog,
+)
+
+MESSAGE_VERSION = 1
+SNAPSHOT_VERSION = 1
+
+
+class MessageError(ValueError):
+    """Bytes that are not a message (or snapshot) of this version."""
+
+
+class Kind(IntEnum):
+    FLUSH = 1
+    RESYNC_WORK = 2
+    SET_REGION_SYNC = 3
+    OPEN = 4
+    CLOSE = 5
+    DEPARTED = 6
+    FENCED = 7
+    REBOOTED = 8
+    #: Not state: a member's view at a membership change (the state exchange's first step).
+    HELLO = 16
+    #: Not state: one piece of a snapshot being sent to the members that need it.
+    STATE = 17
+    #: Not state: the sender's cluster journal is durable up to an epoch.
+    DURABLE = 18
+
+
+#: Kinds that change the cluster state (applied, counted in the epoch, journaled).
+STATE_KINDS = frozenset({Kind.FLUSH, Kind.RESYNC_WORK, Kind.SET_REGION_SYNC, Kind.OPEN, Kind.CLOSE,
+                         Kind.DEPARTED, Kind.FENCED, Kind.REBOOTED})
+
+Uuid = c.PascalString(c.Int8ul, "latin-1")
+BootId = c.PascalString(c.Int8ul, "ascii")
+Regions = c.PrefixedArray(c.Int16ul, c.Int64ul)
+
+Header = c.Struct(
+    "magic" / c.Const(b"UC"),
+    "version" / c.Const(MESSAGE_VERSION, c.Int8ul),
+    "kind" / c.Enum(c.Int8ul, Kind),
+)
+
+#: The bodies. ``token`` is the origin's number for the request it answers, so that it can tell
+#: its own messages' results apart (0 for messages that answer no request).
+Bodies = {
+    Kind.FLUSH: c.Struct("token" / c.Int64ul, "uuid" / Uuid, "marks" / Regions, "clears" / Regions),
+    Kind.RESYNC_WORK: c.Struct("token" / c.Int64ul, "uuid" / Uuid),
+    Kind.SET_REGION_SYNC: c.Struct("token" / c.Int64ul, "uuid" / Uuid, "region" / c.Int64ul,
+                                   "in_sync" / c.Flag),
+    Kind.OPEN: c.Struct("token" / c.Int64ul, "uuid" / Uuid, "luid" / c.Int64ul, "boot_id" / BootId,
+                        "region_count" / c.Int64ul, "in_sync" / c.Flag),
+    Kind.CLOSE: c.Struct("token" / c.Int64ul, "uuid" / Uuid, "destroy" / c.Flag),
+    Kind.DEPARTED: c.Struct("token" / c.Int64ul, "nodes" / c.PrefixedArray(c.Int16ul, c.Int32ul)),
+    Kind.FENCED: c.Struct("token" / c.Int64ul, "node" / c.Int32ul),
+    Kind.REBOOTED: c.Struct("token" / c.Int64ul, "boot_id" / BootId),
+    Kind.HELLO: c.Struct(
+        "round" / c.Int32ul,        # CRC-32 of the membership it answers (see round_of)
+        "epoch" / c.Int64ul,
+        "digest" / c.Int32ul,       # CRC-32 of the sender's snapshot: equal states need no transfer
+        "current" / c.Flag,         # the sender's state was agreed in the membership before
+        "boot_id" / BootId,
+    ),
+    Kind.STATE: c.Struct("round" / c.Int32ul, "piece" / c.GreedyBytes),
+    Kind.DURABLE: c.Struct("epoch" / c.Int64ul),
+}
+
+Message = c.Struct(
+    "header" / Header,
+    "body" / c.Switch(lambda this: int(this.header.kind), {int(k): v for k, v in Bodies.items()}),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    kind: Kind
+    fields: c.Container
+
+
+def encode(kind: Kind, **fields: object) -> bytes:
+    return Message.build({"header": {"kind": kind}, "body": fields})
+
+
+def decode(data: bytes) -> Decoded:
+    try:
+        parsed = Message.parse(data)
+    except (c.ConstructError, UnicodeDecodeError) as exc:
+        raise MessageError(f"not a cluster message of version {MESSAGE_VERSION}: {exc}") from None
+    if parsed.body is None:
+        raise MessageError(f"cluster message of unknown kind {int(parsed.header.kind)}")
+    return Decoded(Kind(int(parsed.header.kind)), parsed.body)
+
+
+def as_input(sender: int, message: Decoded) -> Input:
+    """The state input a state message stands for (its sender being ``sender``)."""
+    f = message.fields
+    kind = message.kind
+    if kind is Kind.FLUSH:
+        return Flush(sender, f.uuid, tuple(f.marks), tuple(f.clears))
+    if kind is Kind.RESYNC_WORK:
+        return ResyncWork(sender, f.uuid)
+    if kind is Kind.SET_REGION_SYNC:
+        return SetRegionSync(sender, f.uuid, f.region, bool(f.in_sync))
+    if kind is Kind.OPEN:
+        return Open(sender, f.uuid, f.luid, f.boot_id, f.region_count, bool(f.in_sync))
+    if kind is Kind.CLOSE:
+        return Close(sender, f.uuid, bool(f.destroy))
+    if kind is Kind.DEPARTED:
+        return Departed(tuple(f.nodes))
+    if kind is Kind.FENCED:
+        return Fenced(f.node)
+    if kind is Kind.REBOOTED:
+        return Rebooted(sender, f.boot_id)
+    raise MessageError(f"a {kind.name} message is not a state input")
+
+
+def round_of(members: list[tuple[int, int]]) -> int:
+    """The state exchange's name for a membership: CRC-32 of its (node id, pid) pairs, sorted."""
+    data = b"".join(n.to_bytes(4, "little") + p.to_bytes(4, "little") for n, p in sorted(members))
+    return zlib.crc32(data)
+
+
+# --- the snapshot ---------------------------------------------------------------------------------
+
+_Bitmap = c.Prefixed(c.Int32ul, c.GreedyBytes)
+
+LogV1 = c.Struct(
+    "uuid" / Uuid,
+    "region_count" / c.Int64ul,
+    "sync" / _Bitmap,
+    "released" / _Bitmap,
+    "marks" / c.PrefixedArray(c.Int32ul, c.Struct("node" / c.Int32ul, "bits" / _Bitmap)),
+    "held" / c.PrefixedArray(c.Int32ul, c.Struct("node" / c.Int32ul, "bits" / _Bitmap)),
+    "recovering" / c.PrefixedArray(c.Int32ul, c.Struct("region" / c.Int64ul, "node" / c.Int32ul)),
+    "cursor" / c.PrefixedArray(c.Int32ul, c.Struct("node" / c.Int32ul, "cursor" / c.Int64ul)),
+    "opened" / c.PrefixedArray(c.Int32ul, c.Struct("node" / c.Int32ul, "luid" / c.Int64ul,
+                                                   "boot_id" / BootId)),
+)
+
+SnapshotBodyV1 = c.Struct(
+    "magic" / c.Const(b"ULCS"),
+    "version" / c.Const(SNAPSHOT_VERSION, c.Int16ul),
+    "reserved" / c.Const(0, c.Int16ul),
+    "epoch" / c.Int64ul,
+    "unfenced" / c.PrefixedArray(c.Int32ul, c.Int32ul),
+    "logs" / c.PrefixedArray(c.Int32ul, LogV1),
+)
+
+#: The snapshot and a CRC-32 of everything before it.
+SnapshotV1 = c.Struct(
+    "body" / c.RawCopy(SnapshotBodyV1),
+    "crc" / c.Checksum(c.Int32ul, lambda data: zlib.crc32(data), c.this.body.data),
+)
+
+
+def encode_snapshot(state: ClusterState) -> bytes:
+    logs = []
+    for uuid in sorted(state.logs):
+        shared = state.logs[uuid]
+        logs.append({
+            "uuid": uuid,
+            "region_count": shared.region_count,
+            "sync": shared.sync.tobytes(),
+            "released": shared.released.tobytes(),
+            "marks": [{"node": n, "bits": b.tobytes()} for n, b in sorted(shared.marks.items())],
+            "held": [{"node": n, "bits": b.tobytes()} for n, b in sorted(shared.held.items())],
+            "recovering": [{"region": r, "node": n} for r, n in sorted(shared.recovering.items())],
+            "cursor": [{"node": n, "cursor": v} for n, v in sorted(shared.cursor.items())],
+            "opened": [{"node": n, "luid": o.luid, "boot_id": o.boot_id}
+                       for n, o in sorted(shared.opened.items())],
+        })
+    body = {"epoch": state.epoch, "unfenced": list(state.unfenced), "logs": logs}
+    return SnapshotV1.build({"body": {"value": body}})
+
+
+def digest(snapshot: bytes) -> int:
+    return zlib.crc32(snapshot)
+
+
+def decode_snapshot(data: bytes) -> ClusterState:
+    try:
+        parsed = SnapshotV1.parse(data)
+    except (c.ConstructError, UnicodeDecodeError) as exc:
+        raise MessageError(f"not a cluster snapshot of version {SNAPSHOT_VERSION}: {exc}") from None
+    body = parsed.body.value
+    state = ClusterState(epoch=body.epoch, unfenced=list(body.unfenced))
+    for entry in body.logs:
+        count = entry.region_count
+
+        def bits(data: bytes, count: int = count) -> bitarray:
+            return bitmap_from_bytes(bytes(data), count)
+
+        sync = bits(entry.sync)
+        shared = SharedLog(
+            uuid=entry.uuid, region_count=count, sync=sync, sync_count=sync.count(1),
+            marks={m.node: bits(m.bits) for m in entry.marks},
+            held={m.node: bits(m.bits) for m in entry.held},
+            released=bits(entry.released),
+            recovering={r.region: r.node for r in entry.recovering},
+            cursor={x.node: x.cursor for x in entry.cursor},
+            opened={o.node: NodeOpen(o.luid, o.boot_id) for o in entry.opened},
+        )
+        problems = shared.check()
+        if problems:
+            raise MessageError(f"inconsistent cluster snapshot: {'; '.join(problems)}")
+        state.logs[entry.uuid] = shared
+    return state
