@@ -50,6 +50,8 @@ def _fields_by_definition(p) -> dict:
     elif kind is jn.Kind.EVENT:
         f.update(event=jn.Event(b.event).name, state=jn.STATE_NAMES[b.state], flags=b.flags,
                  generation=b.generation, region_count=b.region_count)
+    elif kind is jn.Kind.AGREED:
+        f["body"] = bytes(b).hex()
     else:
         f["next_start"] = b.next_start
     return f
@@ -67,6 +69,8 @@ def _fields_by_fast_path(r: jn.Record, data: bytes) -> dict:
     elif r.kind is jn.Kind.EVENT:
         f.update(event=jn.Event(r.event).name, state=r.state, flags=r.flags, generation=r.generation,
                  region_count=r.region_count)
+    elif r.kind is jn.Kind.AGREED:
+        f["body"] = r.body.hex()
     else:
         f["next_start"] = r.next_start
     return f
@@ -161,7 +165,7 @@ def records(draw):
     lsn = draw(st.integers(0, 2**60)) * jn.ALIGN
     durable = draw(st.integers(0, 2**64 - 1))
     uuid, luid, count, ops = b"", 0, 0, []
-    if kind is not jn.Kind.SWITCH:
+    if kind not in (jn.Kind.SWITCH, jn.Kind.AGREED):
         uuid = draw(st.binary(min_size=1, max_size=128))
         luid = draw(st.integers(0, 2**64 - 1))
     if kind is jn.Kind.OPS:
@@ -175,6 +179,9 @@ def records(draw):
         body = jn.event_body(draw(st.sampled_from(list(jn.Event))), draw(st.sampled_from(sorted(jn.STATES))),
                              draw(st.booleans()), draw(st.booleans()), draw(st.integers(0, 2**64 - 1)),
                              draw(st.integers(0, 2**64 - 1)))
+    elif kind is jn.Kind.AGREED:
+        luid = draw(st.integers(0, 2**64 - 1))
+        body = draw(st.binary(max_size=256))
     else:
         body = struct.pack("<Q", draw(st.integers(0, 2**64 - 1)))
     return kind, lsn, durable, uuid, luid, body, count, ops

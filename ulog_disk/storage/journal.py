@@ -75,6 +75,11 @@ class Kind(IntEnum):
     FLUSH = 2    # a FLUSH of an instance: the instance's commit point, answered once durable
     EVENT = 3    # a lifecycle request (CTR, RESUME, ...), for the record
     SWITCH = 4   # the journal goes on in the segment starting at ``next_start``
+    #: Only in a cluster journal (``<state dir>/cluster``): one agreed cluster message as it was
+    #: applied. ``luid`` holds the cluster epoch after it, the uuid field is empty, the body is
+    #: the sender's node id (u32), the snapshot id it builds on (u64), then the message
+    #: (formats/cluster.md).
+    AGREED = 5
 
 
 #: The lifecycle event codes an EVENT record may carry: the request table's ``journal_event``
@@ -159,6 +164,7 @@ RecordV1 = c.Struct(
         Kind.FLUSH: FlushBodyV1,
         Kind.EVENT: EventBodyV1,
         Kind.SWITCH: SwitchBodyV1,
+        Kind.AGREED: c.Bytes(lambda this: this.length - RECORD_HEADER_SIZE - this.uuid_length),
     }),
     "padding" / c.Padding(lambda this: -this.length % ALIGN),
 )
@@ -268,6 +274,7 @@ class Record:
     flags: int = 0
     region_count: int = 0
     next_start: int = 0
+    body: bytes = b""
 
     @property
     def end(self) -> int:
@@ -316,6 +323,10 @@ def decode_record(data: bytes | memoryview, offset: int, lsn: int) -> Record:
         if reserved or state not in STATE_NAMES or event not in _EVENTS:
             raise JournalError("EVENT record with an unknown event, state or reserved bits")
         rec.state = STATE_NAMES[state]
+    elif kind is Kind.AGREED:
+        if count or ulen:
+            raise JournalError("AGREED record with ops or a uuid")
+        rec.body = bytes(data[pos : pos + body])
     else:
         if body != _SWITCH.size or count or ulen:
             raise JournalError("SWITCH record of the wrong size")
