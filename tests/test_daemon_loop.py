@@ -8,9 +8,13 @@ what was answered, and the order of store writes.
 from __future__ import annotations
 
 import errno
+import selectors
+import socket
 import threading
 import time
 from pathlib import Path
+
+import pytest
 
 from ulog_disk.daemon import loop as daemon_module
 from ulog_disk.daemon.applier import Applier
@@ -19,6 +23,7 @@ from ulog_disk.protocol import wire
 from ulog_disk.protocol.wire import RequestType
 from ulog_disk.storage.base import BackendError, Commit
 from ulog_disk.testing.journaled import CollectingTransport, RecordingJournal
+from ulog_disk.transport.unix import UnixTransport
 
 
 class JournalBackend(RecordingJournal):
@@ -305,3 +310,161 @@ def test_a_missing_lifecycle_transition_is_logged_as_a_bug_and_answered_eio(tmp_
     daemon.on_frame(frame("B", RequestType.IN_SYNC, wire.build_u64(0)), "k")
     assert transport.sent[-1].error == 0
     close(daemon)
+
+
+# --- the request loop itself, run over a unix socket: two threads take turns at it -------------
+
+
+class Running:
+    """A daemon of ``JournalBackend`` running in-process over the unix transport, and one client
+    connection; ``run`` on a thread of its own (the test stops it as a signal would)."""
+
+    def __init__(self, tmp_path: Path, selector: selectors.BaseSelector | None = None, **kwargs) -> None:
+        self.backend = JournalBackend(tmp_path)
+        self.transport = UnixTransport(tmp_path / "sock")
+        self.daemon = Daemon(Applier.over(self.backend, boot_id="b"), self.transport, **kwargs)
+        if selector is not None:
+            self.daemon.selector = selector
+            selector.register(self.daemon.wake_r, selectors.EVENT_READ, "wake")
+            self.daemon.wake_key = selector.get_key(self.daemon.wake_r)
+            selector.register(self.daemon.sig_r, selectors.EVENT_READ, "signal")
+        #: The thread that served each request type, last one wins.
+        self.served_by: dict[RequestType, int] = {}
+        handle = self.daemon.applier.handle
+
+        def recording(request: wire.Request):  # type: ignore[no-untyped-def]
+            self.served_by[RequestType(request.request_type)] = threading.get_ident()
+            return handle(request)
+
+        self.daemon.applier.handle = recording  # type: ignore[method-assign]
+        self.result: list[object] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        self.client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.client.connect(str(tmp_path / "sock"))
+        self.client.settimeout(10)
+
+    def _run(self) -> None:
+        try:
+            self.result.append(self.daemon.run())
+        except BaseException as exc:  # noqa: BLE001 - the test looks at it
+            self.result.append(exc)
+
+    def send(self, uuid: str, rtype: RequestType, data: bytes = b"") -> int:
+        raw = frame(uuid, rtype, data)
+        self.client.send(raw)
+        return wire.decode_frame(raw).seq
+
+    def reply(self) -> wire.DecodedReply:
+        return wire.decode_reply(self.client.recv(65536))
+
+    def call(self, uuid: str, rtype: RequestType, data: bytes = b"") -> wire.DecodedReply:
+        seq = self.send(uuid, rtype, data)
+        reply = self.reply()
+        assert (reply.seq, reply.error) == (seq, 0), (rtype, reply)
+        return reply
+
+    def stop(self) -> object:
+        self.daemon.request_stop(15, None)
+        self.thread.join(30)
+        assert not self.thread.is_alive(), "the daemon did not stop"
+        self.client.close()
+        return self.result[0]
+
+
+@pytest.mark.parametrize("poller", ["epoll", "poll"])
+def test_while_a_sync_runs_the_loop_goes_on_serving_on_another_thread(tmp_path: Path, poller: str) -> None:
+    """The thread whose turn ended with a FLUSH waiting syncs it; a request that comes during the
+    sync is served by another thread, at once. With epoll that is the other serving thread; without
+    it, the loop's one thread, which handed the sync to the group-commit thread."""
+    d = Running(tmp_path, selectors.PollSelector() if poller == "poll" else None)
+    d.call("A", RequestType.CTR, b"65536 clustered-core 1024\0")
+    d.call("A", RequestType.RESUME)
+    d.backend.hold = threading.Event()
+    flush = d.send("A", RequestType.FLUSH, wire.build_u64(3))
+    assert d.backend.syncing.wait(10)
+    count = d.call("A", RequestType.GET_SYNC_COUNT)  # answered while the sync is held
+    assert count.request_type == RequestType.GET_SYNC_COUNT
+    syncer = d.backend.sync_threads[0]
+    assert d.served_by[RequestType.GET_SYNC_COUNT] != syncer
+    assert syncer not in (d.thread.ident, threading.get_ident())
+    if poller == "epoll":  # the thread that took the FLUSH's turn syncs it itself
+        assert d.served_by[RequestType.FLUSH] == syncer
+    else:
+        assert d.served_by[RequestType.FLUSH] == d.thread.ident
+    d.backend.hold.set()
+    reply = d.reply()
+    assert (reply.request_type, reply.seq, reply.error) == (RequestType.FLUSH, flush, 0)
+    # Once the sync is over, either thread may serve; every request is still answered once.
+    for region in range(20):
+        d.call("A", RequestType.FLUSH, wire.build_u64(region))
+        d.call("A", RequestType.IN_SYNC, wire.build_u64(region))
+    assert d.stop() == 0
+
+
+def test_flushes_one_after_another_still_get_their_background_work(tmp_path: Path, monkeypatch) -> None:
+    """One client's FLUSHes, each sent when the last was answered: every turn of the loop ends
+    with a sync, and the checkpoints are still handed out (after each sync, not before it), not
+    only once the daemon is idle."""
+    monkeypatch.setattr(daemon_module, "IDLE_AFTER", 3600.0)
+    monkeypatch.setattr(daemon_module, "MAINTENANCE_INTERVAL", 3600.0)
+    d = Running(tmp_path, checkpoint_age=0.0)
+    d.call("A", RequestType.CTR, b"65536 clustered-core 1024\0")
+    d.call("A", RequestType.RESUME)
+    d.backend.calls.clear()
+    region = 0
+    deadline = time.monotonic() + 30
+    while "commit A" not in d.backend.calls:  # never idle: one FLUSH carrying a mark after another
+        assert time.monotonic() < deadline, "no checkpoint while every turn synced"
+        d.call("A", RequestType.FLUSH, wire.build_u64(region % 16))
+        region += 1
+    assert d.stop() == 0
+
+
+def test_a_stop_during_a_stalled_sync_stops_reading_at_once_and_answers_the_flush_after(
+        tmp_path: Path) -> None:
+    """SIGTERM while a serving thread waits for the disk: the daemon leaves the socket at once
+    (the kernel's next request then waits for the next daemon instead of going unanswered), and
+    the FLUSH under way is answered once its sync returns."""
+    d = Running(tmp_path)
+    d.call("A", RequestType.CTR, b"65536 clustered-core 1024\0")
+    d.call("A", RequestType.RESUME)
+    d.backend.hold = threading.Event()
+    syncs = d.daemon.group.syncs
+    flush = d.send("A", RequestType.FLUSH)
+    assert d.backend.syncing.wait(10)
+    d.daemon.request_stop(15, None)
+    deadline = time.monotonic() + 8  # JournalBackend holds a sync for 10 s at most
+    while True:  # no new peer is accepted, while the sync is still held
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        probe.setblocking(False)
+        try:
+            probe.connect(str(tmp_path / "sock"))
+        except ConnectionRefusedError:
+            break
+        except BlockingIOError:  # a full backlog: still listening
+            pass
+        finally:
+            probe.close()
+        assert time.monotonic() < deadline, "still listening during the stalled sync"
+        time.sleep(0.01)
+    assert d.daemon.group.syncs == syncs  # the sync is still held
+    d.backend.hold.set()
+    reply = d.reply()
+    assert (reply.request_type, reply.seq, reply.error) == (RequestType.FLUSH, flush, 0)
+    assert d.stop() == 0
+
+
+def test_a_failure_in_a_serving_thread_stops_the_daemon_and_run_raises_it(tmp_path: Path) -> None:
+    d = Running(tmp_path)
+    d.call("A", RequestType.CTR, b"65536 clustered-core 1024\0")
+
+    def broken(frame: bytes, address: object) -> None:
+        raise RuntimeError("broken on purpose")
+
+    d.daemon.on_frame = broken  # type: ignore[method-assign]
+    d.send("A", RequestType.RESUME)
+    d.thread.join(30)
+    assert not d.thread.is_alive()
+    assert isinstance(d.result[0], RuntimeError) and str(d.result[0]) == "broken on purpose"
+    d.client.close()

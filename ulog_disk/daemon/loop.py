@@ -1,16 +1,19 @@
-"""dm-ulogd: the daemon. One thread owns the engine and the sockets; two threads work beside it.
+"""dm-ulogd: the daemon. Two threads take turns at the request loop, which owns the engine and the
+sockets; a store worker works beside them.
 
 The request loop reads every queued frame and lets the engine answer it. Three kinds of answer:
 
 * at once (most requests; MARK, CLEAR and SET_REGION_SYNC after their journal record is
   written, which never waits for the disk);
-* a FLUSH, once the journal is durable up to its record. After each batch of frames the loop
-  has the **group-commit** thread start one sync for every FLUSH waiting, and every FLUSH that
-  arrives while it runs rides on the next one; that thread sends the replies. The loop itself
-  never waits for the disk: while a sync takes longer than :data:`STALL_AFTER` (a slow or stalled
-  state disk), or the journal's next segment is not made yet (appends outran the store worker),
-  requests that would write the journal wait in a queue and everything else (IN_SYNC, STATUS,
-  GET_SYNC_COUNT…: the mirrors' reads, ``dmsetup status``) is still answered;
+* a FLUSH, once the journal is durable up to its record (**group commit**). The thread whose
+  turn at the loop ends with FLUSHes waiting syncs once for all of them, outside the loop, and
+  sends their replies; every FLUSH that arrives meanwhile rides on the next sync. What comes
+  during a sync wakes the other thread, which serves it (:meth:`Daemon.turns`). So no thread is
+  woken to start a sync, and the loop never waits for the disk: while a sync takes longer than
+  :data:`STALL_AFTER` (a slow or stalled state disk), or the journal's next segment is not made
+  yet (appends outran the store worker), requests that would write the journal wait in a queue
+  and everything else (IN_SYNC, STATUS, GET_SYNC_COUNT…: the mirrors' reads, ``dmsetup
+  status``) is still answered;
 * a lifecycle request (CTR, RESUME, POSTSUSPEND, DTR), once its store write has run on the
   **store worker**, the one thread that touches the LMDB stores, in order.
 
@@ -18,8 +21,15 @@ The store worker also runs the background work, one job at a time and only when 
 a lifecycle write waits for at most one: checkpoints (an instance's changes written to its store
 when they are older than :data:`CHECKPOINT_AGE`, the journal since them is longer than
 :data:`CHECKPOINT_SPAN`, or the daemon is idle), and journal maintenance (cutting segments whose
-records are all in the stores, preparing the next segment). Three threads, whatever the number
-of mirrors.
+records are all in the stores, preparing the next segment).
+
+Four threads, whatever the number of mirrors: the two that take turns at the loop (the
+group-commit thread and "requests"), the store worker, and the main thread, which only waits for
+the stop. Two serving threads, because with one loop thread and a sync thread every FLUSH paid
+for waking the sync thread: 40-60 µs of a FLUSH's round trip on a virtual machine whose idle
+CPUs halt (docs/benchmarks.md, metric 1). The main thread apart, because Python runs a signal's
+handler on the main thread only: serving, it would sometimes be the one syncing, and a stalled
+disk would then hold SIGTERM unheard while the other thread went on reading requests.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import errno
 import logging
 import os
 import queue
+import select
 import selectors
 import threading
 import time
@@ -89,7 +100,7 @@ class StoreWorker:
     """The one thread that runs store writes, in the order they were submitted.
 
     Results come back through a deque and the loop's wake-up pipe; everything else here is
-    touched only by the request loop's thread.
+    touched only by the request loop (whichever serving thread has its turn).
     """
 
     def __init__(self, send: Callable[[Reply, object], None], wake: Callable[[], None]) -> None:
@@ -144,13 +155,15 @@ class _Flush:
 
 
 class GroupCommit:
-    """The journal's syncs, one at a time on this class's thread: every FLUSH waiting when a sync
-    starts rides on it, and every FLUSH that arrives while it runs rides on the next one.
+    """The journal's syncs, one at a time: every FLUSH waiting when a sync starts rides on it,
+    and every FLUSH that arrives while it runs rides on the next one.
 
-    ``add`` and ``start`` run on the request loop, which therefore never waits for the disk. A
-    sync on the loop itself would save a thread hand-off per FLUSH (docs/journal.md measures it),
-    but a state disk that stalls during it would stop every mirror's reads and ``dmsetup status``
-    for as long as the stall lasts.
+    While the daemon serves, this class's thread is one of the two that take turns at the
+    request loop (``serve_requests``), and the one whose turn ends with FLUSHes waiting syncs
+    them itself (``claim``, ``rounds``) while the other serves requests: no thread is woken to
+    start a sync (that wake-up was most of the price of a FLUSH's hand-off, docs/journal.md).
+    ``start`` wakes this class's thread to sync, for the stop (``Daemon.wait_idle``) and where
+    the daemon has no epoll.
     """
 
     def __init__(self, backend: Backend, send: Callable[[Reply, object], None],
@@ -171,6 +184,11 @@ class GroupCommit:
         self.sync_failures = 0
         self.flushes = 0
         self.done: collections.deque[Done] = collections.deque()
+        #: The request loop's turns, which this thread runs while ``Daemon.run`` serves
+        #: (``serve_requests``); they return when the daemon stops.
+        self.loop_turns: Callable[[], None] | None = None
+        #: (standby set, loop's epoll fd) while a sync claimed by a serving thread runs.
+        self.armed: tuple[select.epoll, int] | None = None
         self.thread = threading.Thread(target=self._run, daemon=True, name="group-commit")
         self.thread.start()
 
@@ -197,19 +215,54 @@ class GroupCommit:
             self.running = True
         self.signal.release()
 
+    def claim(self, standby: select.epoll, loop_fd: int) -> bool:
+        """True if FLUSHes wait and no sync runs: the caller, a thread serving requests, is to
+        run the sync (``rounds``). The loop's epoll set ``loop_fd`` is then watched from
+        ``standby`` until the sync ends, so that the other serving thread is woken by the
+        requests that come meanwhile."""
+        with self.lock:
+            if self.running or not self.waiting:
+                return False
+            self.running = True
+            standby.register(loop_fd, select.EPOLLIN)
+            self.armed = (standby, loop_fd)
+            return True
+
+    def serve_requests(self, turns: Callable[[], None]) -> None:
+        """Have this thread run the request loop's ``turns`` too, until they return."""
+        with self.lock:
+            self.loop_turns = turns
+        self.signal.release()
+
+    def rounds(self) -> bool:
+        """Sync until no FLUSH waits; False if the daemon is closing this class."""
+        while True:
+            self._round()
+            with self.lock:
+                if not self.waiting or self.stopping:
+                    self.running = False
+                    if self.armed is not None:
+                        standby, loop_fd = self.armed
+                        standby.unregister(loop_fd)
+                        self.armed = None
+                    return not self.stopping
+
     def _run(self) -> None:
         while True:
             self.signal.acquire()
             if self.stopping:
                 return
-            while True:
-                self._round()
-                with self.lock:
-                    if not self.waiting or self.stopping:
-                        self.running = False
-                        if self.stopping:  # close() saw it running and will not signal again
-                            return
-                        break
+            with self.lock:
+                turns, self.loop_turns = self.loop_turns, None
+            if turns is not None:
+                turns()
+                # close() may have come while this thread synced inside the turns (it saw the
+                # sync running, so it will not signal again).
+                if self.stopping:
+                    return
+                continue
+            if not self.rounds():  # close() saw it running and will not signal again
+                return
 
     def _round(self) -> None:
         exc: BaseException | None = None
@@ -298,8 +351,23 @@ class Daemon:
         self.sig_r, self.sig_w = os.pipe()
         os.set_blocking(self.sig_r, False)
         os.set_blocking(self.sig_w, False)
-        self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
+        self.wake_key = self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
         self.selector.register(self.sig_r, selectors.EVENT_READ, "signal")
+        #: Held by the thread doing the request loop's work (the engine, the applier's books, the
+        #: sockets' frames, the held requests): while one serving thread syncs, the other may
+        #: serve; neither holds it while it syncs.
+        self.loop_lock = threading.Lock()
+        #: Where the serving thread that is not serving waits (made by ``run``): the loop's epoll
+        #: set is in it only while a sync claimed by a serving thread runs
+        #: (``GroupCommit.claim``), so the kernel wakes that thread for what comes then, and at
+        #: the stop (the signal pipe), for nothing else. None without epoll: one thread serves and
+        #: the group-commit thread is woken for every sync.
+        self.standby: select.epoll | None = None
+        #: Which of the two serving threads (1, 2) waits in ``select``; the other waits on
+        #: ``standby`` (``turns``).
+        self.serving = 1
+        #: What stopped a serving thread's turns, for ``run`` to raise.
+        self.loop_error: BaseException | None = None
 
     def wake(self) -> None:
         with contextlib.suppress(BlockingIOError):  # a full pipe wakes the loop all the same
@@ -384,8 +452,9 @@ class Daemon:
         self.held.append((request, address))
         self.held_total += 1
 
-    def serve_held(self) -> None:
-        """Serve the requests held back, in the order they came, once the slow sync is done."""
+    def serve_held(self, start: bool = True) -> None:
+        """Serve the requests held back, in the order they came, once the slow sync is done;
+        ``start``: start their FLUSHes' sync now (the loop's turn claims it itself)."""
         held, self.held = self.held, []
         log.warning("the journal can be written again: serving %d request(s) held back meanwhile", len(held))
         for request, address in held:
@@ -393,7 +462,8 @@ class Daemon:
                 self.held.append((request, address))
             else:
                 self.serve(request, address)
-        self.group.start()  # the FLUSHes among them: their sync, now, not at the next frame
+        if start:
+            self.group.start()  # the FLUSHes among them: their sync, now, not at the next frame
 
     def send(self, reply: Reply, address: object) -> None:
         payload = wire.encode_reply(reply)
@@ -404,12 +474,14 @@ class Daemon:
             if self.flush_latency is not None and reply.request.request_type == _FLUSH:
                 self.flush_latency.answered(reply.request)
 
-    def on_completions(self) -> int:
+    def on_completions(self, read_wake: bool = True) -> int:
         """Let the engine hear of finished work; answer what was not answered yet. Returns how
-        many store writes failed (at stop, the commits nobody waits for)."""
+        many store writes failed (at stop, the commits nobody waits for). ``read_wake``: empty
+        the wake-up pipe (the loop does when the selector says it is readable)."""
         failures = 0
-        with contextlib.suppress(BlockingIOError):
-            os.read(self.wake_r, 65536)
+        if read_wake:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self.wake_r, 65536)
         for job, exc in self.group.drain() + self.worker.drain():
             failures += not self.finish_job(job, exc)
         return failures
@@ -422,7 +494,7 @@ class Daemon:
             return False
 
     def finish(self, waiting: Waiting, address: object, exc: BaseException | None) -> bool:
-        """Let the engine hear how a waiting request's work ended (this thread only) and send
+        """Let the engine hear how a waiting request's work ended (the loop's turn only) and send
         what is still to answer; False if the work failed."""
         reply = self.applier.completed(waiting, exc)
         if reply is not None:
@@ -486,37 +558,134 @@ class Daemon:
             stopping: Callable[[], None] | None = None) -> int:
         """Serve until SIGTERM/SIGINT (``request_stop``); ``ready`` is called once listening,
         ``stopping`` when the stop begins (the service tells systemd)."""
-        sel, transport = self.selector, self.transport
-        transport.attach(sel)
+        self.transport.attach(self.selector)
         if ready:
             ready()
-        applier, group, worker = self.applier, self.group, self.worker
-        while not self.stopping:
-            # Idle, the loop wakes up only to hand out background work (checkpoints, cutting).
-            events = sel.select(IDLE_AFTER if applier.unstored else MAINTENANCE_INTERVAL)
-            now = time.monotonic()
-            if group.done or worker.done:
-                self.on_completions()
-            if self.held and not self.disk_stalled():
-                self.serve_held()
-            got = 0
-            for key, _ in events:
-                if key.data is transport:
-                    for frame, address in transport.readable(key, sel):
-                        got += 1
-                        self.on_frame(frame, address)
-            if got:
-                self.last_frame = now
-                if group.waiting:
-                    # One sync for every FLUSH of the batch (and of earlier batches waiting).
-                    group.start()
-            # Cheap tests first: most turns of a busy loop have no background work to hand out.
-            if not worker.inflight and (applier.unstored or now - self.maintained_at >= MAINTENANCE_INTERVAL
-                                        or not got or self.held):
-                self.background(idle=now - self.last_frame >= IDLE_AFTER)
+        if not isinstance(self.selector, selectors.EpollSelector):
+            self.turns(me=1)
+        else:
+            self.standby = select.epoll()
+            self.standby.register(self.sig_r, select.EPOLLIN)
+            # Two threads serve, the group-commit thread and this one's "requests" thread. This
+            # thread (the main one: Python runs signal handlers only there) only waits for the
+            # stop, so that SIGTERM's handler runs at once even while a serving thread waits for
+            # a stalled disk, and the daemon stops reading then, as when it served here.
+            other = threading.Thread(target=self.serving_turns, args=(1,), daemon=True, name="requests")
+            other.start()
+            self.group.serve_requests(lambda: self.serving_turns(2))
+            stop = select.poll()
+            stop.register(self.sig_r, select.POLLIN)
+            while not self.stopping:
+                stop.poll()
+            with self.loop_lock:
+                pass  # the turn under way ends; no turn starts after the stop (``turns``)
+            if self.loop_error is not None:
+                raise self.loop_error
         if stopping:
             stopping()
-        return self.shutdown()
+        result = self.shutdown()  # closes the group commit: its thread has left the loop
+        if self.standby is not None:
+            other.join()
+            self.standby.close()
+        return result
+
+    def serving_turns(self, me: int) -> None:
+        """The request loop on serving thread ``me``: if it fails, the daemon stops and ``run``
+        raises what failed (as it did when the loop ran on the main thread)."""
+        try:
+            self.turns(me)
+        except BaseException as exc:  # noqa: BLE001 - raised again by run
+            if self.loop_error is None:
+                self.loop_error = exc
+            self.stopping = True
+            with contextlib.suppress(BlockingIOError):
+                os.write(self.sig_w, b"e")  # wakes run and the other serving thread
+
+    def turns(self, me: int) -> None:
+        """The request loop's turns until the daemon stops.
+
+        Two threads serve (``me``: 1 or 2; without epoll, thread 1 alone), one turn at a time
+        (``loop_lock``). The one serving (``self.serving``) waits in ``select``; the other waits
+        on ``standby``, which watches the loop's epoll set only while a sync claimed by a
+        serving thread runs. A turn that ends with FLUSHes waiting and no sync running has its
+        thread sync them itself, outside the lock: no thread is woken to start a sync (a
+        wake-up cost the waker and the FLUSH tens of microseconds on a virtual machine whose
+        idle CPUs halt), and what comes during the sync wakes the other thread, which serves
+        from then on. So the loop never waits for the disk. Without epoll the one thread hands
+        every sync to the group-commit thread instead.
+
+        Whatever is registered in the selector is handled by whichever thread takes the turn,
+        under the lock; an event may have been selected before the other thread's turn
+        consumed it, so a handler must take a descriptor with nothing to read in its stride
+        (the transports' sockets are non-blocking)."""
+        sel, transport, standby = self.selector, self.transport, self.standby
+        group, worker = self.group, self.worker
+        wake_key, loop_lock = self.wake_key, self.loop_lock
+        loop_fd = sel.fileno() if standby is not None else -1
+        synced = False
+        while True:
+            if (synced or group.done or worker.done) and loop_lock.acquire(blocking=False):
+                # Before waiting: chiefly the books of the FLUSHes its sync answered (that
+                # thread wakes nobody for them), kept off the path of the next request, and the
+                # background work the turn left for after its sync. If the other thread has
+                # the loop, its own turn does both.
+                try:
+                    if self.stopping:
+                        return
+                    if group.done or worker.done:
+                        self.on_completions(read_wake=False)
+                    if synced:
+                        self.background_due(time.monotonic(), got=True)
+                finally:
+                    loop_lock.release()
+            if self.serving == me:
+                # Idle, the loop wakes up only to hand out background work (checkpoints, cutting).
+                events = sel.select(IDLE_AFTER if self.applier.unstored else MAINTENANCE_INTERVAL)
+            else:
+                assert standby is not None
+                standby.poll()  # the serving thread syncs and something came, or the stop
+                events = sel.select(0)
+            with loop_lock:
+                if self.stopping:  # the rest is the stop's (``run``, ``shutdown``)
+                    return
+                self.serving = me
+                now = time.monotonic()
+                for key, _ in events:
+                    if key is wake_key:
+                        # A failure, a reply the loop must send, a store write done, a slow
+                        # sync ended: before any request read now.
+                        self.on_completions()
+                        break
+                if self.held and not self.disk_stalled():
+                    self.serve_held(start=standby is None)
+                got = 0
+                for key, _ in events:
+                    # Selected before the lock was taken: the other thread may have closed that
+                    # connection since (and its descriptor may belong to a new one).
+                    if key.data is transport and key.fileobj.fileno() >= 0:  # type: ignore[union-attr]
+                        for frame, address in transport.readable(key, sel):
+                            got += 1
+                            self.on_frame(frame, address)
+                if got:
+                    self.last_frame = now
+                # One sync for every FLUSH of the batch (and of earlier batches waiting).
+                synced = False
+                if group.waiting:
+                    if standby is None:
+                        group.start()
+                    else:
+                        synced = group.claim(standby, loop_fd)
+                if not synced:  # else after the sync: its start comes first
+                    self.background_due(now, got)
+            if synced:
+                group.rounds()
+
+    def background_due(self, now: float, got: int) -> None:
+        """Hand out background work if some may be due (``got``: frames read this turn)."""
+        # Cheap tests first: most turns of a busy loop have no background work to hand out.
+        if not self.worker.inflight and (self.applier.unstored or not got or self.held
+                                         or now - self.maintained_at >= MAINTENANCE_INTERVAL):
+            self.background(idle=now - self.last_frame >= IDLE_AFTER)
 
     def answer_queued(self) -> int:
         """Answer every request already queued on the sockets, and finish their work.
