@@ -18,8 +18,8 @@ from bitarray import bitarray
 
 from ..log.regionlog import bitmap_from_bytes
 from .shared import (
-    ClusterState,
     Close,
+    ClusterState,
     Departed,
     Fenced,
     Flush,

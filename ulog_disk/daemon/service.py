@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .. import __version__
+from ..cluster.corosync import CorosyncError
 from ..protocol.capture import CaptureWriter
 from ..storage.base import Backend, available_backends, load_backend
 from ..storage.bootid import read_boot_id
@@ -184,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--boot-id", metavar="ID",
                    help="boot id to record with each instance (default: /proc/sys/kernel/random/boot_id); "
                         "tests use it to play a host reboot")
+    p.add_argument("--cluster", choices=["corosync"],
+                   help="cluster mode: clustered-core and clustered-disk logs are one log shared with the "
+                        "dm-ulogd of every other node of the corosync cluster running on this host "
+                        "(docs/cluster.md); other logs stay this node's own")
+    p.add_argument("--fence-command", metavar="CMD",
+                   help="cluster mode: run CMD with a departed node's id appended before its regions are "
+                        "recovered by others; exit 0 means fenced (the convention of fence agents and "
+                        "'stonith_admin --confirm'). Without it, leaving the membership counts as fenced")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
@@ -207,7 +216,18 @@ def main(argv: list[str] | None = None) -> int:
         log.debug("descriptor limit raised from %d to %d", before, now)
     lock = None
     backend: Backend | None = None
+    corosync = None
     try:
+        if args.fence_command and not args.cluster:
+            raise StartupError("--fence-command needs --cluster")
+        if args.cluster:
+            # Before anything is created: corosync not running, or refusing us, costs nothing.
+            from .cluster import connect
+
+            try:
+                corosync = connect()
+            except CorosyncError as exc:
+                raise StartupError(str(exc)) from None
         backend_cls = load_backend(args.backend)
         # The arguments first: nothing is created for a command line that is refused.
         if args.checkpoint_age < 0:
@@ -234,10 +254,19 @@ def main(argv: list[str] | None = None) -> int:
         applier = Applier.over(backend, boot_id=args.boot_id or read_boot_id(), admission=MemoryBudget())
         applier.restore()
         transport = make_transport(args.listen)
-    except (StartupError, LookupError, GroupTaken, OSError) as exc:
+        cluster = None
+        if corosync is not None:
+            from .cluster import ClusterNode, ClusterTransport
+
+            cluster = ClusterNode(args.state_dir, applier.engine.boot_id, args.fence_command, *corosync)
+            transport = ClusterTransport(transport, cluster)
+    except (StartupError, LookupError, GroupTaken, OSError, CorosyncError, ValueError) as exc:
         log.error("cannot start: %s", exc, extra=PLAIN)
         if backend is not None:
             backend.close()
+        if corosync is not None:
+            for part in corosync:
+                part.close()
         return 2
     try:
         capture = CaptureWriter(str(args.capture), transport.name) if args.capture else None
@@ -250,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     metrics = Metrics(args.metrics_file, args.metrics_interval, args.state_dir) if args.metrics_file else None
     daemon = Daemon(applier, transport, capture, checkpoint_age=args.checkpoint_age, metrics=metrics)
+    if cluster is not None:
+        cluster.send = daemon.send
     signal.signal(signal.SIGTERM, daemon.request_stop)
     signal.signal(signal.SIGINT, daemon.request_stop)
 

@@ -114,7 +114,7 @@ _ROWS: list[tuple[RequestType, Payloads, bool, Lifecycle, str, bool, Answered, i
     (T.DTR, Payloads(), False, L.ENDS, "dtr", True, A.STORED, 5, S.LOCAL),
     (T.PRESUSPEND, Payloads(), False, L.PRESUSPENDS, "presuspend", False, A.AT_ONCE, None, S.LOCAL),
     (T.POSTSUSPEND, Payloads(), False, L.POSTSUSPENDS, "postsuspend", True, A.STORED, 4, S.LOCAL),
-    (T.RESUME, Payloads(), False, L.RESUMES, "resume", True, A.STORED, 2, S.LOCAL),
+    (T.RESUME, Payloads(), False, L.RESUMES, "resume", True, A.STORED, 2, S.AGREED),
     (T.GET_REGION_SIZE, Payloads(reply=_U64), False, L.NONE, "get_region_size", False, A.AT_ONCE, None,
      S.LOCAL),
     (T.IS_CLEAN, Payloads(_REGION, _S64), True, L.NONE, "is_clean", False, A.AT_ONCE, None, S.LOCAL),

@@ -1,0 +1,971 @@
+"""Cluster mode (``dm-ulogd --cluster corosync``): the clustered logs of this node, agreed with
+the other nodes through corosync.
+
+A ``clustered-core`` or ``clustered-disk`` log is one log for every node that has it, named by its
+uuid. Its shared state (:mod:`ulog_disk.cluster.shared`) changes only by messages multicast in
+corosync's agreed order, which every node applies alike; each node journals what it applied in its
+own state directory. The rest of the daemon never sees these logs: :class:`ClusterTransport`
+takes their frames before the request loop does.
+
+Which requests are agreed (the request table's ``cluster`` column): FLUSH carrying marks or clears
+(with the MARKs and CLEARs sent since the last FLUSH), GET_RESYNC_WORK, SET_REGION_SYNC, and the
+lifecycle points that change who has the log open (RESUME, the DTR of a node's last instance). The
+rest are answered at once from this node's copy.
+
+When a reply goes out:
+
+* FLUSH with marks, RESUME: once the message is applied here, this node's cluster journal is
+  durable past it, and at least one other member (if there is one) says its journal is too
+  (its DURABLE message) — so a flushed mark survives the loss of any one node's state directory,
+  and a whole-cluster crash;
+* the others agreed: once applied here;
+* never while this node is not quorate (asked of corosync right before answering): a node cut
+  off from the majority acknowledges no state change. Its requests wait, and are multicast again
+  once it has the majority's state (see below), where they apply a second time harmlessly.
+
+Membership (corosync's, never our own): at every change that adds a member, each member
+multicasts a HELLO (its epoch and a digest of its state); when every member's HELLO is in, the
+member with the highest epoch (ties: the lowest node id) is the donor, and every member whose
+state differs takes the donor's snapshot, in pieces, while the others go on. A node gone from the
+membership is declared departed by the coordinator (the lowest node id among the members), which
+also fences it (``--fence-command``) and multicasts FENCED when the command succeeds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import selectors
+import shlex
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..cluster import messages as msg
+from ..cluster.corosync import (
+    ConfChange,
+    ConnectionLost,
+    CorosyncError,
+    CpgGroup,
+    Deliver,
+    PieceError,
+    Quorum,
+    Reassembler,
+    TotemChange,
+    split,
+)
+from ..cluster.shared import ClusterRuleError, ClusterState
+from ..log.lifecycle import State, next_state
+from ..protocol import wire
+from ..protocol.ctrargs import CtrArgs, parse_ctr
+from ..protocol.requests import RequestType
+from ..protocol.wire import Reply, Request
+from ..storage.cluster_store import ClusterStore
+from ..transport import Frame, Transport
+
+log = logging.getLogger("ulog_disk.cluster")
+
+#: The corosync process group every dm-ulogd of a cluster joins (one for all its mirrors).
+GROUP_NAME = "dm-ulogd"
+#: Journal bytes after which the loop writes a new snapshot (and the journal before it goes).
+SNAPSHOT_AFTER = 8 * 1024 * 1024
+#: Seconds between two attempts to fence a node whose fence command failed.
+FENCE_RETRY = 5.0
+
+_CLUSTERED = ("clustered-core", "clustered-disk")
+
+
+@dataclass
+class Local:
+    """This node's instance of a clustered log (the kernel's uuid + luid)."""
+
+    ctr: CtrArgs
+    state: State = State.CONSTRUCTED
+
+
+@dataclass
+class Pending:
+    """A request of this node's kernel waiting for its agreed message."""
+
+    request: Request
+    address: object
+    kind: msg.Kind
+    data: bytes
+    #: Answered only once durable here and on another member (FLUSH with marks, RESUME).
+    durable: bool
+    #: Set when the message has been applied here: the epoch after it and the reply.
+    epoch: int | None = None
+    reply: Reply | None = None
+    sent_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Counters:
+    agreed: int = 0
+    applied: int = 0
+    transfers_sent: int = 0
+    transfers_taken: int = 0
+    held: int = 0
+    rule_errors: int = 0
+    fenced: int = 0
+    departed: int = 0
+    #: Seconds from multicast to answer of this node's agreed requests (sum and count).
+    latency_sum: float = 0.0
+    latency_count: int = 0
+
+
+def connect(group_name: str = GROUP_NAME) -> tuple[CpgGroup, Quorum]:
+    """Connect to the corosync of this host (not yet joining the group): the first thing cluster
+    mode does, so that a corosync that is not running or refuses us costs nothing created.
+    Raises :class:`~ulog_disk.cluster.corosync.CorosyncUnavailable` (one line)."""
+    group = CpgGroup(group_name, join=False)
+    try:
+        quorum = Quorum()
+    except BaseException:
+        group.close()
+        raise
+    return group, quorum
+
+
+class ClusterNode:
+    def __init__(self, state_dir: Path, boot_id: str, fence_command: str | None,
+                 group: CpgGroup, quorum: Quorum, group_name: str = GROUP_NAME) -> None:
+        self.boot_id = boot_id
+        self.fence_command = shlex.split(fence_command) if fence_command else None
+        self.store = ClusterStore(Path(state_dir) / "cluster")
+        # The state before joining: a state directory we cannot read must not make us a member.
+        self.state = self._load()
+        self.group = group
+        self.quorum = quorum
+        self.nodeid = self.group.nodeid
+        self.pid = self.group.pid
+        self.quorate = self.quorum.quorate
+        self.send: Callable[[Reply, object], None] = _no_send
+        self.local: dict[tuple[str, int], Local] = {}
+        #: MARKs and CLEARs since this node's last FLUSH of each uuid: (marks, clears).
+        self.unflushed: dict[str, tuple[set[int], set[int]]] = {}
+        self.pending: dict[int, Pending] = {}
+        self.token = 0
+        #: Agreed work that waits until this node may multicast (current and quorate).
+        self.waiting: list[tuple[msg.Kind, dict[str, object], int | None]] = []
+        self.members: tuple[tuple[int, int], ...] = ()
+        self.current = False
+        self.syncing = False
+        self.round: int | None = None
+        self.hellos: dict[tuple[int, int], object] = {}
+        self.receiving = False
+        self.queued: list[Deliver] = []
+        self.reassembler = Reassembler()
+        self.durable_of: dict[int, int] = {}
+        self.announced = 0
+        self.rebooted_sent = False
+        self.fencing: dict[int, subprocess.Popen[bytes]] = {}
+        self.fence_after: dict[int, float] = {}
+        self.declared: set[int] = set()
+        self.declared_fenced: set[int] = set()
+        #: When the loop must come back although nothing arrives (corosync pushed back, a fence
+        #: command to retry): the sync thread wakes it then.
+        self._timer_at: float | None = None
+        self.counters = Counters()
+        self.closed = False
+        # The sync thread: syncs the cluster journal (and writes snapshots) off the loop.
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        self._sync_lock = threading.Condition()
+        self._sync_wanted = False
+        self._snapshots: list[tuple[bytes, int, int]] = []
+        self._durable_epoch = self.store.durable_epoch
+        self._sync_error: BaseException | None = None
+        self._stopping = False
+        self._sync_thread = threading.Thread(target=self._sync_run, daemon=True, name="cluster-sync")
+        self._sync_thread.start()
+        self.group.join()
+        if not self.fence_command:
+            log.warning("no --fence-command: a node that leaves the membership counts as fenced at once; "
+                        "unsafe against a living node cut off by a partition, which can keep writing "
+                        "regions it marked without a single log request (docs/cluster.md, Fencing)")
+        log.info("cluster: node %d joined group %r (state epoch %d, %d clustered log(s) known)",
+                 self.nodeid, group_name, self.state.epoch, len(self.state.logs))
+
+    # --- restore -----------------------------------------------------------------------------
+
+    def _load(self) -> ClusterState:
+        loaded = self.store.load()
+        state = msg.decode_snapshot(loaded.snapshot) if loaded.snapshot is not None else ClusterState()
+        for applied in loaded.records:
+            try:
+                message = msg.decode(applied.message)
+                state.apply(msg.as_input(applied.sender, message))
+            except (msg.MessageError, ClusterRuleError) as exc:
+                # Only applied messages are journaled: this one is damage the CRC missed, or a
+                # record of another version.
+                log.error("cluster journal: a record is not a message (%s): the state ends before it", exc)
+                break
+            if state.epoch != applied.epoch:
+                log.warning("cluster journal: epoch %d after a record that says %d", state.epoch,
+                            applied.epoch)
+                state.epoch = applied.epoch
+        if self.store.damage:
+            log.warning("cluster journal: damage found (%s): the state is the one before it, epoch %d; "
+                        "newer copies of the other members replace it", "; ".join(self.store.damage),
+                        state.epoch)
+        return state
+
+    # --- descriptors ---------------------------------------------------------------------------
+
+    def fds(self) -> list[int]:
+        return [self.group.fileno(), self.quorum.fileno(), self.wake_r]
+
+    def _arm_timer(self) -> None:
+        waits = [w for w in (self.group.retry_in(),) if w is not None]
+        if self.fencing:
+            waits.append(0.05)
+        if self.fence_after:
+            waits.append(max(0.0, min(self.fence_after.values()) - time.monotonic()))
+        at = time.monotonic() + min(waits) if waits else None
+        if at != self._timer_at:
+            with self._sync_lock:
+                self._timer_at = at
+                self._sync_lock.notify()
+
+    def on_readable(self, fd: int) -> None:
+        if fd == self.group.fileno():
+            try:
+                events = self.group.dispatch()
+            except ConnectionLost as exc:
+                self._apply_events(exc.events)
+                self._lost(exc)
+                return
+            self._apply_events(events)
+        elif fd == self.quorum.fileno():
+            try:
+                changes = self.quorum.dispatch()
+            except CorosyncError as exc:
+                self._lost(exc)
+                return
+            for change in changes:
+                self._quorum_changed(change.quorate)
+        elif fd == self.wake_r:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self.wake_r, 4096)
+            self._durable_advanced()
+        self.tick()
+
+    def tick(self) -> None:
+        """Work that is due whatever arrived: sends corosync pushed back, fence commands."""
+        self._poll_fences()
+        if not self.closed:
+            try:
+                self.group.pump()
+            except CorosyncError as exc:
+                self._lost(exc)
+        self._arm_timer()
+
+    def _lost(self, exc: BaseException) -> None:
+        if self.closed:
+            return
+        log.error("cluster: lost corosync (%s): clustered logs can change no more; the daemon must be "
+                  "restarted once corosync runs again", exc)
+        self.current = False
+        self.quorate = False
+        self.closed = True
+
+    # --- frames of the kernel ------------------------------------------------------------------
+
+    def take(self, frame: bytes, address: object) -> bool:
+        """Whether ``frame`` is a request of a clustered log (then it is this node's to answer)."""
+        try:
+            request = wire.decode_frame(frame)
+        except wire.FrameError:
+            return False
+        kind = wire.request_kind(request.request_type)
+        if kind is RequestType.CTR:
+            try:
+                text, _ = wire.parse_ctr_string(request.data)
+                log_type = parse_ctr(text).log_type
+            except ValueError:
+                return False  # the loop's engine refuses it, with the reason
+            if log_type not in _CLUSTERED:
+                return False
+        elif request.key not in self.local:
+            return False
+        try:
+            self.handle(request, address)
+        except Exception:  # noqa: BLE001 - one bad request must not stop the others
+            log.exception("internal error (a bug of dm-ulogd) on clustered request seq=%d type=%d uuid=%r: "
+                          "answering -EIO", request.seq, request.request_type, request.uuid)
+            self.send(Reply(request, -errno.EIO), address)
+        return True
+
+    def handle(self, request: Request, address: object) -> None:
+        kind = wire.request_kind(request.request_type)
+        if kind is RequestType.CTR:
+            self._ctr(request, address)
+            return
+        local = self.local.get(request.key)
+        if local is None:
+            self.send(Reply(request, -errno.ESRCH), address)
+            return
+        try:
+            new_state = next_state(local.state, kind)
+        except Exception:  # noqa: BLE001 - an unknown transition is answered as the engine does
+            log.exception("internal error (a bug of dm-ulogd): no lifecycle rule for %s in %s", kind,
+                          local.state)
+            self.send(Reply(request, -errno.EIO), address)
+            return
+        shared = self.state.logs.get(request.uuid)
+        try:
+            reply = self._answer(kind, request, address, local, new_state, shared)
+        except (ValueError, IndexError, ClusterRuleError) as exc:
+            log.error("clustered %s uuid=%r luid=%#x refused: %s", kind.name, request.uuid, request.luid, exc)
+            reply = Reply(request, -errno.EINVAL)
+        if reply is not None:
+            self.send(reply, address)
+
+    def _ctr(self, request: Request, address: object) -> None:
+        try:
+            text, reconnect = wire.parse_ctr_string(request.data)
+            ctr = parse_ctr(text)
+        except ValueError as exc:
+            log.error("CTR uuid=%r luid=%#x rejected: %s", request.uuid, request.luid, exc)
+            self.send(Reply(request, -errno.EINVAL), address)
+            return
+        if not request.uuid:
+            self.send(Reply(request, -errno.EINVAL), address)
+            return
+        if request.key not in self.local:
+            self.local[request.key] = Local(ctr)
+            log.info("CTR uuid=%r luid=%#x clustered (%s, %d regions)%s", request.uuid, request.luid,
+                     ctr.log_type, ctr.region_count, " (kernel reconnect)" if reconnect else "")
+        self.send(Reply(request, 0, b"" if reconnect else ctr.device_reply()), address)
+
+    def _answer(self, kind: RequestType, request: Request, address: object, local: Local,
+                new_state: State, shared: object) -> Reply | None:
+        from ..cluster.shared import SharedLog
+
+        log_ = shared if isinstance(shared, SharedLog) else None
+        ctr = local.ctr
+        data = request.data
+        if kind is RequestType.DTR:
+            del self.local[request.key]
+            last = not any(k[0] == request.uuid for k in self.local)
+            if last and log_ is not None and self.nodeid in log_.opened:
+                self._agree(msg.Kind.CLOSE, {"uuid": request.uuid, "destroy": True})
+            return Reply(request, 0)
+        local.state = new_state
+        if kind in (RequestType.PRESUSPEND, RequestType.POSTSUSPEND):
+            return Reply(request, 0)
+        if kind is RequestType.RESUME:
+            fields = {"uuid": request.uuid, "luid": request.luid, "boot_id": self.boot_id,
+                      "region_count": ctr.region_count, "in_sync": ctr.sync_mode == "nosync"}
+            self._agree(msg.Kind.OPEN, fields, Pending(request, address, msg.Kind.OPEN, b"", durable=True))
+            return None
+        if kind is RequestType.GET_REGION_SIZE:
+            return Reply(request, 0, wire.build_u64(ctr.region_size))
+        if kind in (RequestType.IS_CLEAN, RequestType.IN_SYNC):
+            region = wire.parse_region(data)
+            if not 0 <= region < ctr.region_count:
+                raise IndexError(f"region {region} out of range (region count {ctr.region_count})")
+            if log_ is None or region >= log_.region_count:
+                answer = kind is RequestType.IS_CLEAN or ctr.sync_mode == "nosync"
+            else:
+                answer = log_.is_clean(region) if kind is RequestType.IS_CLEAN else log_.in_sync(region)
+            return Reply(request, 0, wire.build_s64(int(answer)))
+        if kind in (RequestType.MARK_REGION, RequestType.CLEAR_REGION):
+            regions = wire.parse_region_group(request.request_type, data)
+            for r in regions:
+                if not 0 <= r < ctr.region_count:
+                    raise IndexError(f"region {r} out of range (region count {ctr.region_count})")
+            marks, clears = self.unflushed.setdefault(request.uuid, (set(), set()))
+            if kind is RequestType.MARK_REGION:
+                marks.update(regions)
+                clears.difference_update(regions)
+            else:
+                clears.update(regions)
+                marks.difference_update(regions)
+            return Reply(request, 0)
+        if kind is RequestType.FLUSH:
+            regions = wire.parse_regions(data) if data else []
+            for r in regions:
+                if not 0 <= r < ctr.region_count:
+                    raise IndexError(f"region {r} out of range (region count {ctr.region_count})")
+            marks, clears = self.unflushed.pop(request.uuid, (set(), set()))
+            marks.update(regions)
+            clears.difference_update(regions)
+            if not marks and not clears:
+                return Reply(request, 0)
+            fields = {"uuid": request.uuid, "marks": sorted(marks), "clears": sorted(clears)}
+            self._agree(msg.Kind.FLUSH, fields,
+                        Pending(request, address, msg.Kind.FLUSH, b"", durable=bool(marks)))
+            return None
+        if kind is RequestType.GET_RESYNC_WORK:
+            if data:
+                raise ValueError("GET_RESYNC_WORK carries no payload")
+            if local.state is not State.LIVE or log_ is None:
+                return Reply(request, 0, wire.build_resync_work(False, 0))
+            self._agree(msg.Kind.RESYNC_WORK, {"uuid": request.uuid},
+                        Pending(request, address, msg.Kind.RESYNC_WORK, b"", durable=False))
+            return None
+        if kind is RequestType.SET_REGION_SYNC:
+            region, in_sync = wire.parse_set_region_sync(data)
+            if not 0 <= region < ctr.region_count:
+                raise IndexError(f"region {region} out of range (region count {ctr.region_count})")
+            if log_ is None:
+                return Reply(request, 0)
+            fields = {"uuid": request.uuid, "region": region, "in_sync": bool(in_sync)}
+            self._agree(msg.Kind.SET_REGION_SYNC, fields,
+                        Pending(request, address, msg.Kind.SET_REGION_SYNC, b"", durable=False))
+            return None
+        if kind is RequestType.GET_SYNC_COUNT:
+            fresh = ctr.region_count if ctr.sync_mode == "nosync" else 0
+            count = log_.sync_count if log_ is not None else fresh
+            return Reply(request, 0, wire.build_u64(count))
+        if kind is RequestType.STATUS_INFO:
+            text = f"3 {ctr.log_type} {ctr.device_number()} A" if ctr.is_disk else f"1 {ctr.log_type}"
+            return Reply(request, 0, text.encode() + b"\0")
+        if kind is RequestType.STATUS_TABLE:
+            return Reply(request, 0, f"{ctr.text.split(' ', 1)[1]} ".encode() + b"\0")
+        if kind is RequestType.IS_REMOTE_RECOVERING:
+            region = wire.parse_region(data)
+            if not 0 <= region < ctr.region_count:
+                raise IndexError(f"region {region} out of range (region count {ctr.region_count})")
+            if log_ is None or region >= log_.region_count:
+                return Reply(request, 0, wire.build_remote_recovering(False, ctr.region_count))
+            return Reply(request, 0, wire.build_remote_recovering(
+                log_.remote_recovering(self.nodeid, region), log_.first_unsynced()))
+        raise ValueError(f"request type {kind} has no clustered handler")
+
+    # --- multicasting --------------------------------------------------------------------------
+
+    def may_multicast(self) -> bool:
+        return self.current and self.quorate and not self.syncing and not self.closed
+
+    def _agree(self, kind: msg.Kind, fields: dict[str, object], pending: Pending | None = None) -> None:
+        token = 0
+        if pending is not None:
+            self.token += 1
+            token = self.token
+            self.pending[token] = pending
+        if not self.may_multicast():
+            if not self.waiting:
+                log.warning("cluster: %s: agreed requests wait", self._why_waiting())
+            self.waiting.append((kind, fields, token))
+            self.counters.held += 1
+            return
+        self._multicast(kind, fields, token)
+
+    def _multicast(self, kind: msg.Kind, fields: dict[str, object], token: int) -> None:
+        data = msg.encode(kind, token=token, **fields)
+        pending = self.pending.get(token)
+        if pending is not None:
+            pending.data, pending.sent_at, pending.epoch, pending.reply = data, time.monotonic(), None, None
+        self.counters.agreed += 1
+        self.group.send(data)
+        self.group.pump()
+
+    def _why_waiting(self) -> str:
+        if self.closed:
+            return "corosync is gone"
+        if not self.quorate:
+            return "this node is not quorate"
+        return "this node is taking the cluster's state"
+
+    def _release_waiting(self) -> None:
+        if not self.may_multicast() or not self.waiting:
+            return
+        waiting, self.waiting = self.waiting, []
+        log.info("cluster: multicasting %d agreed request(s) that waited", len(waiting))
+        for kind, fields, token in waiting:
+            if token and token not in self.pending:
+                continue
+            self._multicast(kind, fields, token)
+
+    def _resend_unanswered(self) -> None:
+        """After taking another state: this node's requests applied in the history it left
+        behind were never answered; they go again in the new one."""
+        again = [(t, p) for t, p in self.pending.items()]
+        queued = {t for _, _, t in self.waiting}
+        for token, pending in again:
+            if token in queued:
+                continue
+            decoded = msg.decode(pending.data)
+            fields = {k: v for k, v in decoded.fields.items() if k != "token" and not k.startswith("_")}
+            self.waiting.append((decoded.kind, fields, token))
+
+    # --- the agreed stream -----------------------------------------------------------------------
+
+    def _apply_events(self, events: list[object]) -> None:
+        answered: list[Pending] = []
+        for event in events:
+            if isinstance(event, Deliver):
+                self._deliver(event, answered)
+            elif isinstance(event, ConfChange):
+                self._confchg(event)
+            elif isinstance(event, TotemChange):
+                pass
+        if self._journal_pending:
+            self._request_sync()
+        self._answer_ready()
+
+    _journal_pending = False
+
+    def _deliver(self, event: Deliver, answered: list[Pending]) -> None:
+        try:
+            message = msg.decode(event.data)
+        except msg.MessageError as exc:
+            log.error("cluster: a message from node %d is not ours (%s): ignored", event.nodeid, exc)
+            return
+        kind = message.kind
+        if kind in msg.STATE_KINDS:
+            if self.receiving:
+                if self.round is None:  # after the exchange decided: what the snapshot lacks
+                    self.queued.append(event)
+                return
+            if not self.current:
+                return
+            self._apply(event, message)
+        elif kind is msg.Kind.HELLO:
+            self._hello(event, message)
+        elif kind is msg.Kind.STATE:
+            self._state_piece(event, message)
+        elif kind is msg.Kind.DURABLE:
+            self.durable_of[event.nodeid] = max(self.durable_of.get(event.nodeid, 0), message.fields.epoch)
+
+    def _apply(self, event: Deliver, message: msg.Decoded) -> None:
+        item = msg.as_input(event.nodeid, message)
+        result: object = None
+        error: ClusterRuleError | None = None
+        try:
+            result = self.state.apply(item)
+        except ClusterRuleError as exc:
+            error = exc
+            self.counters.rule_errors += 1
+        else:
+            self.counters.applied += 1
+            self.store.append(self.state.epoch, event.nodeid, event.data)
+            self._journal_pending = True
+            self._after_apply(message, result)
+        mine = event.nodeid == self.nodeid and event.pid == self.pid
+        token = getattr(message.fields, "token", 0)
+        if not mine or not token:
+            if error is not None and mine:
+                log.error("cluster: %s refused by every node: %s", message.kind.name, error)
+            return
+        pending = self.pending.get(token)
+        if pending is None:
+            return
+        request = pending.request
+        if error is not None:
+            log.error("clustered %s uuid=%r refused: %s", message.kind.name, request.uuid, error)
+            pending.reply = Reply(request, -errno.EINVAL)
+            pending.epoch = 0
+            return
+        pending.epoch = self.state.epoch
+        if message.kind is msg.Kind.RESYNC_WORK:
+            region = result
+            pending.reply = Reply(request, 0, wire.build_resync_work(region is not None, region or 0))
+            if region is not None:
+                log.info("clustered uuid=%r: node %d recovers region %d", request.uuid, self.nodeid, region)
+        else:
+            pending.reply = Reply(request, 0)
+
+    def _after_apply(self, message: msg.Decoded, result: object) -> None:
+        kind = message.kind
+        if kind is msg.Kind.DEPARTED:
+            self.counters.departed += len(message.fields.nodes)
+            log.warning("cluster: node(s) %s departed: %s region(s) they held out of sync and held for their "
+                        "fence", ", ".join(map(str, message.fields.nodes)), result)
+        elif kind is msg.Kind.FENCED:
+            self.counters.fenced += 1
+            self.declared.discard(message.fields.node)
+            log.warning("cluster: node %d fenced: %s region(s) released for recovery", message.fields.node,
+                        result)
+        elif kind is msg.Kind.OPEN and result:
+            log.info("cluster: %s region(s) of a node's earlier writes out of sync at its resume", result)
+        elif kind is msg.Kind.REBOOTED and result:
+            log.info("cluster: a node booted again: %s region(s) it had marked out of sync", result)
+        if self.state.epoch and self.store.journal.position - self._snapshot_position > SNAPSHOT_AFTER:
+            self._snapshot_now()
+
+    _snapshot_position = 0
+
+    def _snapshot_now(self) -> None:
+        self._snapshot_position = self.store.journal.position
+        data = msg.encode_snapshot(self.state)
+        with self._sync_lock:
+            self._snapshots.append((data, self.store.snapshot_id, self.state.epoch))
+            self._sync_wanted = True
+            self._sync_lock.notify()
+
+    # --- membership --------------------------------------------------------------------------------
+
+    def _confchg(self, event: ConfChange) -> None:
+        self.members = tuple(sorted(a.member for a in event.members))
+        nodes = {n for n, _ in self.members}
+        for gone in event.left:
+            self.reassembler.forget(gone.nodeid, gone.pid)
+            if gone.nodeid not in nodes:
+                self.durable_of.pop(gone.nodeid, None)
+        if event.left:
+            log.warning("cluster: member(s) left: %s", ", ".join(f"node {a.nodeid} ({a.reason.name.lower()})"
+                                                              for a in event.left))
+        if event.joined:
+            log.info("cluster: member(s) joined: %s; exchanging state", ", ".join(f"node {a.nodeid}"
+                                                                                 for a in event.joined))
+            self._start_round()
+        else:
+            self._coordinate()
+        if self.quorate:
+            self.quorate = self._ask_quorate()
+
+    def _start_round(self) -> None:
+        self.round = msg.round_of(list(self.members))
+        self.hellos = {}
+        self.syncing = True
+        snapshot = msg.encode_snapshot(self.state)
+        self._multicast_plain(msg.Kind.HELLO, round=self.round, epoch=self.state.epoch,
+                              digest=msg.digest(snapshot), current=self.current, boot_id=self.boot_id)
+
+    def _multicast_plain(self, kind: msg.Kind, **fields: object) -> None:
+        self.group.send(msg.encode(kind, **fields))
+        with contextlib.suppress(CorosyncError):
+            self.group.pump()
+
+    def _hello(self, event: Deliver, message: msg.Decoded) -> None:
+        f = message.fields
+        if self.round is None or f.round != self.round:
+            return
+        self.hellos[(event.nodeid, event.pid)] = f
+        if set(self.hellos) != set(self.members):
+            return
+        donor_member = max(self.hellos, key=lambda m: (self.hellos[m].epoch, -m[0], -m[1]))
+        donor = self.hellos[donor_member]
+        mine = self.hellos.get((self.nodeid, self.pid))
+        round_id, self.round = self.round, None
+        needs = [m for m, h in self.hellos.items() if (h.epoch, h.digest) != (donor.epoch, donor.digest)]
+        if donor_member == (self.nodeid, self.pid):
+            self.current = True
+            self.syncing = False
+            if needs:
+                snapshot = msg.encode_snapshot(self.state)
+                pieces = split(snapshot, round_id, self.group.max_atomic - 64)
+                log.info("cluster: sending the state (epoch %d, %d bytes in %d piece(s)) to node(s) %s",
+                         self.state.epoch, len(snapshot), len(pieces), ", ".join(str(n) for n, _ in needs))
+                for piece in pieces:
+                    self._multicast_plain(msg.Kind.STATE, round=round_id, piece=piece)
+                self.counters.transfers_sent += 1
+        elif mine is not None and (mine.epoch, mine.digest) == (donor.epoch, donor.digest):
+            self.current = True
+            self.syncing = False
+        else:
+            log.info("cluster: taking the state of node %d (epoch %d; ours %d)", donor_member[0], donor.epoch,
+                     self.state.epoch)
+            self.current = False
+            self.receiving = True
+            self.receive_round = round_id
+            self.receive_from = donor_member
+            self.queued = []
+        if self.current:
+            self._became_current()
+
+    receive_round = 0
+    receive_from: tuple[int, int] = (0, 0)
+
+    def _state_piece(self, event: Deliver, message: msg.Decoded) -> None:
+        if not self.receiving or message.fields.round != self.receive_round:
+            return
+        if (event.nodeid, event.pid) != self.receive_from:
+            return
+        try:
+            payload = self.reassembler.feed(event.nodeid, event.pid, bytes(message.fields.piece))
+        except PieceError as exc:
+            log.error("cluster: state transfer broken (%s): waiting for the next exchange", exc)
+            return
+        if payload is None:
+            return
+        try:
+            state = msg.decode_snapshot(payload)
+        except msg.MessageError as exc:
+            log.error("cluster: the state received is not usable (%s): waiting for the next exchange", exc)
+            return
+        self.state = state
+        self.receiving = False
+        self.current = True
+        self.syncing = False
+        self.counters.transfers_taken += 1
+        snapshot_id = self.store.new_snapshot_id()
+        self._snapshot_position = self.store.journal.position
+        with self._sync_lock:
+            self._snapshots.append((payload, snapshot_id, state.epoch))
+            self._sync_wanted = True
+            self._sync_lock.notify()
+        log.info("cluster: took the state at epoch %d (%d clustered log(s)); applying %d message(s) "
+                 "that followed",
+                 state.epoch, len(state.logs), len(self.queued))
+        queued, self.queued = self.queued, []
+        for later in queued:
+            self._apply(later, msg.decode(later.data))
+        self._resend_unanswered()
+        self._became_current()
+
+    def _became_current(self) -> None:
+        if not self.rebooted_sent and self.may_multicast():
+            self.rebooted_sent = True
+            self._agree(msg.Kind.REBOOTED, {"boot_id": self.boot_id})
+        self._release_waiting()
+        self._coordinate()
+
+    def _coordinator(self) -> bool:
+        return bool(self.members) and self.members[0][0] == self.nodeid and self.members[0][1] == self.pid
+
+    def _coordinate(self) -> None:
+        """The coordinator's duties: declare departed nodes, fence them."""
+        if not self._coordinator() or not self.may_multicast():
+            return
+        present = {n for n, _ in self.members}
+        missing = self.state.nodes_known() - present - set(self.state.unfenced) - self.declared
+        if missing and self._ask_quorate():
+            self.declared |= missing
+            self._agree(msg.Kind.DEPARTED, {"nodes": sorted(missing)})
+        for node in list(self.state.unfenced):
+            if node in self.fencing or node in self.declared and node not in self.state.unfenced:
+                continue
+            if self.fence_after.get(node, 0.0) > time.monotonic():
+                continue
+            self._fence(node)
+
+    def _fence(self, node: int) -> None:
+        if self.fence_command is None:
+            if node not in self.declared_fenced:
+                self.declared_fenced.add(node)
+                self._agree(msg.Kind.FENCED, {"node": node})
+            return
+        if node in self.fencing:
+            return
+        argv = [*self.fence_command, str(node)]
+        log.warning("cluster: fencing node %d: %s", node, shlex.join(argv))
+        try:
+            self.fencing[node] = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            log.error("cluster: cannot run the fence command for node %d: %s; retried in %g s", node, exc,
+                      FENCE_RETRY)
+            self.fence_after[node] = time.monotonic() + FENCE_RETRY
+
+    def _poll_fences(self) -> None:
+        for node, proc in list(self.fencing.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            del self.fencing[node]
+            if code == 0:
+                log.warning("cluster: node %d fenced (the fence command exited 0)", node)
+                self._agree(msg.Kind.FENCED, {"node": node})
+            else:
+                log.error("cluster: fencing node %d failed (exit %d): its regions stay held; retried in %g s",
+                          node, code, FENCE_RETRY)
+                self.fence_after[node] = time.monotonic() + FENCE_RETRY
+        if self.fence_after:
+            now = time.monotonic()
+            for node, when in list(self.fence_after.items()):
+                if when <= now:
+                    del self.fence_after[node]
+                    if node in self.state.unfenced and self._coordinator() and self.may_multicast():
+                        self._fence(node)
+
+    def _ask_quorate(self) -> bool:
+        try:
+            self.quorate = self.quorum.getquorate()
+        except CorosyncError as exc:
+            self._lost(exc)
+        return self.quorate
+
+    def _quorum_changed(self, quorate: bool) -> None:
+        if quorate == self.quorate:
+            return
+        self.quorate = quorate
+        if quorate:
+            log.warning("cluster: quorate again")
+            self._release_waiting()
+            self._coordinate()
+        else:
+            log.warning("cluster: this node is not quorate: state changes wait for quorum")
+
+    # --- durability ----------------------------------------------------------------------------------
+
+    def _request_sync(self) -> None:
+        self._journal_pending = False
+        with self._sync_lock:
+            self._sync_wanted = True
+            self._sync_lock.notify()
+
+    def _sync_run(self) -> None:
+        while True:
+            with self._sync_lock:
+                while not self._sync_wanted and not self._stopping:
+                    at = self._timer_at
+                    if at is not None and at <= time.monotonic():
+                        self._timer_at = None
+                        with contextlib.suppress(BlockingIOError):
+                            os.write(self.wake_w, b"t")
+                        continue
+                    self._sync_lock.wait(None if at is None else at - time.monotonic())
+                if self._stopping and not self._sync_wanted:
+                    return
+                self._sync_wanted = False
+                snapshots, self._snapshots = self._snapshots, []
+            try:
+                for data, snapshot_id, epoch in snapshots:
+                    self.store.write_snapshot(data, snapshot_id, epoch)
+                durable = self.store.sync()
+                if self.store.journal.wants_spare():
+                    self.store.journal.prepare()
+            except OSError as exc:
+                self._sync_error = exc
+                log.error("cluster: the cluster journal cannot be made durable (%s): FLUSHes wait", exc)
+                time.sleep(0.5)
+                with self._sync_lock:
+                    self._sync_wanted = True
+                continue
+            self._durable_epoch = durable
+            with contextlib.suppress(BlockingIOError):
+                os.write(self.wake_w, b"d")
+
+    def _durable_advanced(self) -> None:
+        durable = self._durable_epoch
+        if durable > self.announced and len(self.members) > 1 and not self.closed:
+            self.announced = durable
+            self._multicast_plain(msg.Kind.DURABLE, epoch=durable)
+        self._answer_ready()
+
+    def _answer_ready(self) -> None:
+        ready = [t for t, p in self.pending.items() if p.reply is not None and self._durable_enough(p)]
+        if not ready:
+            return
+        if not self._ask_quorate():
+            return
+        now = time.monotonic()
+        for token in ready:
+            pending = self.pending.pop(token)
+            assert pending.reply is not None
+            if pending.kind is msg.Kind.OPEN and pending.reply.error == 0:
+                local = self.local.get(pending.request.key)
+                if local is not None:
+                    local.state = State.LIVE
+            self.counters.latency_sum += now - pending.sent_at
+            self.counters.latency_count += 1
+            self.send(pending.reply, pending.address)
+
+    def _durable_enough(self, pending: Pending) -> bool:
+        if not pending.durable or not pending.epoch:
+            return True
+        if self._durable_epoch < pending.epoch:
+            return False
+        others = {n for n, _ in self.members if n != self.nodeid}
+        if not others:
+            return True
+        return any(self.durable_of.get(n, 0) >= pending.epoch for n in others)
+
+    # --- the end ---------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+        with self._sync_lock:
+            self._stopping = True
+            self._sync_wanted = True
+            self._sync_lock.notify()
+        self._sync_thread.join(timeout=30)
+        for proc in self.fencing.values():
+            with contextlib.suppress(OSError):
+                proc.wait(timeout=5)
+        self.group.close()
+        self.quorum.close()
+        self.store.close()
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+
+    def status(self) -> dict[str, object]:
+        return {
+            "node": self.nodeid, "members": [n for n, _ in self.members], "quorate": self.quorate,
+            "current": self.current, "epoch": self.state.epoch, "logs": len(self.state.logs),
+            "pending": len(self.pending), "waiting": len(self.waiting), "unfenced": list(self.state.unfenced),
+            **vars(self.counters),
+        }
+
+
+def _no_send(reply: Reply, address: object) -> None:
+    raise RuntimeError("ClusterNode.send was not set")
+
+
+class _Registering:
+    """The loop's selector as the wrapped transport sees it: what it registers as its own is
+    registered as the wrapper's, since the loop hands a key to the transport whose data it is."""
+
+    def __init__(self, selector: selectors.BaseSelector, inner: object, outer: object) -> None:
+        self.selector, self.inner, self.outer = selector, inner, outer
+
+    def register(self, fileobj: object, events: int, data: object = None) -> selectors.SelectorKey:
+        return self.selector.register(fileobj, events, self.outer if data is self.inner else data)
+
+    def modify(self, fileobj: object, events: int, data: object = None) -> selectors.SelectorKey:
+        return self.selector.modify(fileobj, events, self.outer if data is self.inner else data)
+
+    def unregister(self, fileobj: object) -> selectors.SelectorKey:
+        return self.selector.unregister(fileobj)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.selector, name)
+
+
+@dataclass(frozen=True)
+class _Descriptor:
+    """A descriptor as a file object: the loop checks each transport key's ``fileno()``."""
+
+    fd: int
+
+    def fileno(self) -> int:
+        return self.fd
+
+
+class ClusterTransport:
+    """The daemon's transport in cluster mode: frames of clustered logs go to the cluster node,
+    the others to the request loop as before; the cluster's descriptors ride in the same selector."""
+
+    def __init__(self, inner: Transport, node: ClusterNode) -> None:
+        self.inner = inner
+        self.node = node
+        self.name = inner.name
+        self.counters = inner.counters
+
+    def attach(self, selector: selectors.BaseSelector) -> None:
+        self.inner.attach(_Registering(selector, self.inner, self))
+        for fd in self.node.fds():
+            selector.register(_Descriptor(fd), selectors.EVENT_READ, self)
+
+    def readable(self, key: selectors.SelectorKey, selector: selectors.BaseSelector) -> list[Frame]:
+        if isinstance(key.fileobj, _Descriptor):
+            self.node.on_readable(key.fd)
+            return []
+        frames = self.inner.readable(key, _Registering(selector, self.inner, self))
+        out = [f for f in frames if not self.node.take(*f)]
+        self.node.tick()
+        return out
+
+    def queued(self) -> list[Frame]:
+        return [f for f in self.inner.queued() if not self.node.take(*f)]
+
+    def send(self, payload: bytes, address: object) -> None:
+        self.inner.send(payload, address)
+
+    def stop_receiving(self, selector: selectors.BaseSelector) -> None:
+        self.inner.stop_receiving(_Registering(selector, self.inner, self))
+
+    def close(self) -> None:
+        self.node.close()
+        self.inner.close()

@@ -1,0 +1,175 @@
+"""A node's durable copy of the cluster state: ``<state dir>/cluster/``.
+
+Two things, both opaque bytes to this module (``ulog_disk.cluster.messages`` defines them):
+
+* a **snapshot** file, ``snapshot``: the whole cluster state at an epoch, written to a new file,
+  synced, renamed over the old one, the directory synced (it is replaced whole or not at all);
+* the **cluster journal**, segments as the daemon's journal (``formats/journal.md``), of AGREED
+  records: every state message this node applied after the snapshot, in the agreed order. A
+  record names the snapshot it builds on, so that after a crash between a state transfer and the
+  new snapshot's rename, records of the new history are never replayed onto the old snapshot.
+
+A restart loads the snapshot and replays the records that build on it with an epoch past it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import struct
+import threading
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import construct as c
+
+from .journal import FILE_MODE, Journal, JournalError, Kind, fsync_dir, scan
+
+SNAPSHOT_FILE_VERSION = 1
+
+#: The snapshot file: the snapshot's id (what journal records name), the epoch it is at, the
+#: snapshot bytes, a CRC-32 of everything before it.
+SnapshotFileV1 = c.Struct(
+    "body" / c.RawCopy(c.Struct(
+        "magic" / c.Const(b"ULCF"),
+        "version" / c.Const(SNAPSHOT_FILE_VERSION, c.Int16ul),
+        "reserved" / c.Const(0, c.Int16ul),
+        "snapshot_id" / c.Int64ul,
+        "epoch" / c.Int64ul,
+        "snapshot" / c.Prefixed(c.Int64ul, c.GreedyBytes),
+    )),
+    "crc" / c.Checksum(c.Int32ul, lambda data: zlib.crc32(data), c.this.body.data),
+)
+
+_AGREED_HEAD = struct.Struct("<IQ")
+
+
+class ClusterStoreError(ValueError):
+    """The cluster state directory holds something this version cannot read."""
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """One journaled message: its epoch after it was applied, its sender, its bytes."""
+
+    epoch: int
+    sender: int
+    message: bytes
+
+
+@dataclass
+class Loaded:
+    snapshot: bytes | None
+    snapshot_id: int
+    epoch: int
+    records: list[Applied]
+    #: Records found that build on another snapshot (a transfer whose snapshot never landed).
+    skipped: int
+
+
+class ClusterStore:
+    """Appends on the request loop (``append``: a ``pwrite``), syncs on the cluster's sync
+    thread (``sync``, ``write_snapshot``), never both at once on the journal's own data."""
+
+    def __init__(self, directory: Path, segment_bytes: int | None = None) -> None:
+        self.directory = Path(directory)
+        self.journal = Journal(self.directory, segment_bytes) if segment_bytes else Journal(self.directory)
+        self.snapshot_id = 0
+        self._lock = threading.Lock()
+        #: (journal position after a record, its epoch), oldest first, for the durable epoch.
+        self._positions: list[tuple[int, int]] = []
+        self.durable_epoch = 0
+        #: Damage the last load found in the journal (its records from there on were not used).
+        self.damage: list[str] = []
+
+    @property
+    def snapshot_path(self) -> Path:
+        return self.directory / "snapshot"
+
+    def load(self) -> Loaded:
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        snapshot, snapshot_id, epoch = None, 0, 0
+        if self.snapshot_path.exists():
+            data = self.snapshot_path.read_bytes()
+            try:
+                parsed = SnapshotFileV1.parse(data)
+            except c.ConstructError as exc:
+                raise ClusterStoreError(f"{self.snapshot_path}: not a cluster snapshot file of version "
+                                        f"{SNAPSHOT_FILE_VERSION} (or damaged): {exc}") from None
+            body = parsed.body.value
+            snapshot, snapshot_id, epoch = bytes(body.snapshot), body.snapshot_id, body.epoch
+        found = scan(self.directory)
+        # Records past damage may be anyone's: the state ends before it (an older epoch, which
+        # the other members' newer copies replace when the cluster forms).
+        stop = found.damage[0].start if found.damage else None
+        records, skipped = [], 0
+        first_needed: int | None = None
+        for rec in found.records:
+            if rec.kind is not Kind.AGREED:
+                continue
+            if stop is not None and rec.lsn >= stop:
+                break
+            if len(rec.body) < _AGREED_HEAD.size:
+                raise ClusterStoreError(f"{self.directory}: a cluster journal record is too short")
+            sender, base = _AGREED_HEAD.unpack_from(rec.body)
+            if base != snapshot_id:
+                skipped += 1
+                continue
+            if rec.luid > epoch:
+                records.append(Applied(rec.luid, sender, rec.body[_AGREED_HEAD.size:]))
+                if first_needed is None:
+                    first_needed = rec.lsn
+        self.damage = [f"{d.start}..{d.end}: {d.reason}" for d in found.damage]
+        self.journal.open(found, base=found.end if first_needed is None else first_needed)
+        self.snapshot_id = snapshot_id
+        last = records[-1].epoch if records else epoch
+        self.durable_epoch = last
+        return Loaded(snapshot, snapshot_id, epoch, records, skipped)
+
+    def append(self, epoch: int, sender: int, message: bytes) -> int:
+        body = _AGREED_HEAD.pack(sender, self.snapshot_id) + message
+        position = self.journal.append(Kind.AGREED, b"", epoch, body)
+        with self._lock:
+            self._positions.append((position, epoch))
+        return position
+
+    def sync(self) -> int:
+        """Make every record appended so far durable; returns the epoch now durable."""
+        durable = self.journal.sync()
+        with self._lock:
+            while self._positions and self._positions[0][0] <= durable:
+                self.durable_epoch = max(self.durable_epoch, self._positions.pop(0)[1])
+            return self.durable_epoch
+
+    def new_snapshot_id(self) -> int:
+        """The id records appended from now on name (a state transfer starts a new history)."""
+        self.snapshot_id = secrets.randbits(63) or 1
+        return self.snapshot_id
+
+    def write_snapshot(self, snapshot: bytes, snapshot_id: int, epoch: int) -> None:
+        """Replace the snapshot file; then the journal before it is no longer needed."""
+        data = SnapshotFileV1.build({"body": {"value": {"snapshot_id": snapshot_id, "epoch": epoch,
+                                                        "snapshot": snapshot}}})
+        tmp = self.snapshot_path.with_name("snapshot.new")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        position = self.journal.position
+        os.rename(tmp, self.snapshot_path)
+        fsync_dir(self.directory)
+        with self._lock:
+            self.durable_epoch = max(self.durable_epoch, epoch)
+        self.journal.prepare()
+        self.journal.cut(position)
+
+    def close(self) -> None:
+        self.journal.close()
+
+
+__all__ = ["Applied", "ClusterStore", "ClusterStoreError", "JournalError", "Loaded", "SnapshotFileV1"]
