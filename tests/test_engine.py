@@ -26,6 +26,7 @@ T = RequestType
 U = "LVM-enginetest"
 A, B, C = 0xFFFF8D8142769400, 0xFFFF8D8142769C00, 0xFFFF8D814276A400
 CORE = b"32768 clustered-core 1024"  # 32 regions
+DISK = b"32768 clustered-disk 7:3 1024"  # the same, with a health letter in its status
 
 
 def drive(engine: Applier) -> Kernel:
@@ -338,6 +339,84 @@ def test_esrch_then_reconnect_sequence_serves_the_log(k):
     k.ok(T.RESUME)
     k.flush([4])
     assert k.is_clean(4) == 0
+
+
+def test_a_reconnect_resume_that_changes_nothing_stored_is_journaled_and_answered_once_durable(
+        k, engine, backend):
+    """The kernel's reconnect (CTR with its NUL, RESUME) of a live log resumed before: the RESUME
+    changes nothing its store holds but what a FLUSH record carries, so it is an EVENT record and
+    a FLUSH record without marks, answered once the journal is durable up to them; no store
+    write (the next checkpoint writes the store)."""
+    k.up()
+    k.flush([4])
+    k.mark([5])  # appended, not durable yet: the RESUME's reply must wait for it too
+    commits = len(backend.commits)
+    assert k.ctr(reconnect=True) == b""
+    waiting = engine.handle(wire.Request(luid=A, uuid=U, version=3, seq=1, request_type=T.RESUME, data=b""))
+    assert not isinstance(waiting, wire.Reply)
+    assert waiting.job is None and waiting.durable_at == backend.position()
+    assert backend.records[-2:] == [("event", requests.REQUESTS[T.RESUME].journal_event), ("flush", [])]
+    assert engine.complete_now(waiting).error == 0
+    assert backend.synced == backend.position() and len(backend.commits) == commits
+    assert (U, A) in engine.unstored  # the checkpoint's to write
+    assert engine.table[(U, A)].log.cursor == 0  # recovery starts again, as at every RESUME
+    assert k.is_clean(4) == 0 and k.is_clean(5) == 0
+
+
+def _suspended(k):
+    k.ok(T.PRESUSPEND)
+    k.ok(T.POSTSUSPEND)
+
+
+def _health_f(k, backend):
+    backend.fail_sync = True
+    assert k.err(T.FLUSH) == -errno.EIO
+    backend.fail_sync = False
+
+
+def _journal_gap(k, backend):
+    backend.fail_journal = True
+    k.mark([1])
+    backend.fail_journal = False
+
+
+@pytest.mark.parametrize("before", ["plain resume", "suspended", "health F", "journal gap", "first resume"])
+def test_a_resume_that_changes_what_is_stored_writes_the_store_before_its_answer(k, backend, before):
+    """Not the reconnect of a live log resumed before, or its log in trouble: the store write,
+    as the kernel's disk log writes its header and bits at resume."""
+    if before == "first resume":  # the reconnect of a log this daemon does not know
+        k.ctr(DISK, reconnect=True)
+    else:
+        k.up(DISK)
+        k.flush([4])
+        {"plain resume": lambda: None, "suspended": lambda: _suspended(k),
+         "health F": lambda: _health_f(k, backend), "journal gap": lambda: _journal_gap(k, backend)}[before]()
+        k.ctr(DISK, reconnect=before != "plain resume")
+    commits = len(backend.commits)
+    k.resume()
+    assert len(backend.commits) == commits + 1
+    assert k.health() == "A"
+
+
+def test_a_reconnect_resume_whose_sync_fails_is_eio_and_health_f(k, backend):
+    k.up(DISK)
+    k.ctr(DISK, reconnect=True)
+    backend.fail_sync = True
+    assert k.err(T.RESUME) == -errno.EIO
+    assert k.health() == "F"
+    backend.fail_sync = False
+    k.flush()
+    assert k.health() == "A"
+
+
+def test_a_reconnect_resume_whose_journal_append_fails_writes_the_store_instead(k, backend):
+    k.up(DISK)
+    k.ctr(DISK, reconnect=True)
+    backend.fail_event = True
+    commits = len(backend.commits)
+    k.resume()
+    assert len(backend.commits) == commits + 1  # the store carries what the journal could not
+    assert k.health() == "A"
 
 
 def test_type_0_gets_the_ack_form_with_eagain(k):

@@ -8,7 +8,7 @@ through this daemon. That is the ``dmsetup remove`` whose DTR was lost while the
 
 from __future__ import annotations
 
-from test_handover import REGIONS, ctr_text, dirty, live_instance_with_traffic, start, stop, unsynced
+from test_handover import REGIONS, UUID, ctr_text, dirty, live_instance_with_traffic, start, stop, unsynced
 
 from ulog_disk.protocol.wire import RequestType
 
@@ -51,3 +51,35 @@ def test_reconnect_resume_never_takes_a_silent_live_instance(tmp_path):
     k.resume(2)
     assert unsynced(engine, 2) == [40000, 50000, 60000]
     stop(engine)
+
+
+def test_a_journaled_reconnect_resume_comes_back_as_its_store_write_would_have(tmp_path):
+    """The kernel's reconnect RESUME after a daemon restart is journaled, not written to the store
+    (``Engine._reconnect_resume``). Killed before any checkpoint, the daemon comes back with what
+    the store write would have left: the same record (the recovery cursor back at 0, the
+    generation the RESUME took for the journal's mark) and the same bits. The plain RESUME (no
+    reconnect) still writes the store: the two are compared."""
+    found = {}
+    for reconnect in (True, False):
+        state = tmp_path / f"reconnect-{reconnect}"
+        engine, k = start(state)
+        live_instance_with_traffic(k, 1)  # 50000 marked in the journal only
+        assert k.work(1) == (0, 0)  # in sync: the recovery cursor goes to the end
+        k.mark([20000], 1)
+        k.flush(luid=1)  # ... and a FLUSH record carries it
+        stop(engine)
+        engine, k = start(state)  # kill -9 and restart, same boot
+        assert engine.table[(UUID, 1)].log.cursor == REGIONS
+        k.ctr(ctr_text(mode="nosync"), 1, reconnect=reconnect)
+        k.resume(1)
+        assert ((UUID, 1) in engine.unstored) is reconnect  # journaled, or written to the store
+        stop(engine)  # kill -9 again: no checkpoint, no clean stop
+        engine, _ = start(state)
+        inst = engine.table[(UUID, 1)]
+        record = inst.record()
+        record.committed_at = 0.0  # the time of each run's RESUME
+        found[reconnect] = (record, inst.log.clean.tobytes(), inst.log.sync.tobytes())
+        stop(engine)
+    assert found[True] == found[False]
+    record = found[True][0]
+    assert record.cursor == 0 and record.state == "live" and record.resumed

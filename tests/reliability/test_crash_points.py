@@ -16,7 +16,8 @@ After each crash point:
 * **the daemon died, the kernel did not** (same boot id): every instance answers at once, its bits
   equal the oracle's (or the oracle's with the unacknowledged request applied), ``GET_SYNC_COUNT``
   equals the number of regions in sync (``RegionLog.check()`` on what it reports), and the
-  interrupted request is sent again, as the kernel would;
+  interrupted request is sent again, as the kernel would (a live log's region request after the
+  kernel's reconnect: CTR with its NUL, RESUME);
 * **the host rebooted** (every few points: new boot id, new luids): each mirror's new instance
   takes over the uuid's state: its bits are those of one of the states the store and the journal
   may hold (the last acknowledged commit, or a state after later acknowledged requests: a
@@ -65,6 +66,8 @@ STARTUP_KILL_EVERY = 13
 COMMITS = (T.FLUSH, T.RESUME, T.POSTSUSPEND)
 #: Requests that change an instance's bits without being a commit point.
 CHANGES = (T.MARK_REGION, T.CLEAR_REGION, T.SET_REGION_SYNC)
+#: A live log's requests that the kernel, finding no daemon, sends again after its reconnect.
+RECONNECTS_BEFORE = (T.MARK_REGION, T.CLEAR_REGION, T.SET_REGION_SYNC, T.FLUSH, T.GET_RESYNC_WORK)
 #: Every other daemon run checkpoints almost at once and uses small journal segments, so that
 #: kills land during checkpoints, segment switches and journal cuts too (not only between them).
 BUSY_STORE = ["--checkpoint-age", "0.02", "--journal-segment-size", "65536"]
@@ -331,9 +334,17 @@ class Driver:
         return checked
 
     def after_restart(self, committed: list[RegionLog]) -> None:
-        """Same boot: the interrupted request goes again (the kernel resends it)."""
-        if self.in_flight is not None:
-            self.steps.appendleft(self.in_flight)
+        """Same boot: the interrupted request goes again (the kernel resends it). A live log's
+        region request failed with -ESRCH while no daemon listened, so before it the kernel
+        reconnects: CTR with its NUL counted, then RESUME (journaled, not written to the store,
+        for a log resumed before: kills land during those too)."""
+        step = self.in_flight
+        if step is not None:
+            self.steps.appendleft(step)
+            if step.luid == self.cur and step.luid in self.resumed and step.rtype in RECONNECTS_BEFORE:
+                self.actions["reconnect"] += 1
+                reconnect = [Step(step.luid, T.CTR, self.ctr.encode() + b"\0"), Step(step.luid, T.RESUME)]
+                self.steps.extendleft(reversed(reconnect))
             self.in_flight = None
         self.candidates = committed
 

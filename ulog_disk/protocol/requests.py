@@ -26,7 +26,9 @@ Columns (protocol ref §1.7, §3, §4; ``formats/wire.md`` §4; ``formats/journa
 ``answered``
     When the reply goes out: at once, once the journal is durable up to its record, or once its
     store write has run (:class:`Answered`). A FLUSH of a log whose journal missed a change is
-    answered after a store write instead (the engine says so per request).
+    answered after a store write instead, and the kernel's reconnect RESUME of a log resumed
+    before, which changes nothing stored but what a FLUSH record carries, once the journal is
+    durable (``Engine._reconnect_resume``): the engine says so per request.
 ``journal_event``
     The event code its journal record carries (``formats/journal.md``: 1 CTR, 2 RESUME,
     4 POSTSUSPEND, 5 DTR; code 3 is reserved for PRESUSPEND, which changes nothing a restart
