@@ -571,12 +571,14 @@ class _Segment:
 
 
 class Journal:
-    """The appending side, used by three threads of the daemon:
+    """The appending side, used by three of the daemon's threads:
 
     * the request loop **appends** (``append``: a ``pwrite`` into the page cache) and asks
       :meth:`short_of_room` before serving a request that writes; it never waits for the disk,
-      so it never syncs and never makes a segment;
-    * the group-commit thread **syncs** (``sync``, one call at a time);
+      so it never syncs and never makes a segment. Two threads take turns at the loop, never
+      both at once;
+    * the serving thread whose turn ended with FLUSHes waiting **syncs** (``sync``, one call at a
+      time), outside the loop, while the other serves;
     * the store worker makes the **next segment** ahead of need (``prepare``) and **cuts**.
 
     ``open`` and ``close`` run before and after the others (``open`` syncs and makes a segment:
