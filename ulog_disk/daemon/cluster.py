@@ -15,9 +15,9 @@ rest are answered at once from this node's copy.
 When a reply goes out:
 
 * FLUSH with marks, RESUME: once the message is applied here, this node's cluster journal is
-  durable past it, and at least one other member (if there is one) says its journal is too
-  (its DURABLE message) — so a flushed mark survives the loss of any one node's state directory,
-  and a whole-cluster crash;
+  durable past it, and every other member says its journal is too (its DURABLE message) — so a
+  flushed mark is durable on every node and read by every node's IS_CLEAN; it survives the loss
+  of any node's state directory, and a whole-cluster crash;
 * the others agreed: once applied here;
 * never while this node is not quorate (asked of corosync right before answering): a node cut
   off from the majority acknowledges no state change. Its requests wait, and are multicast again
@@ -581,6 +581,7 @@ class ClusterNode:
             self.counters.departed += len(message.fields.nodes)
             log.warning("cluster: node(s) %s departed: %s region(s) they held out of sync and held for their "
                         "fence", ", ".join(map(str, message.fields.nodes)), result)
+            self._coordinate()  # the coordinator fences them now
         elif kind is msg.Kind.FENCED:
             self.counters.fenced += 1
             self.declared.discard(message.fields.node)
@@ -866,10 +867,10 @@ class ClusterNode:
             return True
         if self._durable_epoch < pending.epoch:
             return False
+        # Every other member: a flushed mark is then durable on every node, and every node's
+        # IS_CLEAN has it. A member that died holds this up only until corosync says so.
         others = {n for n, _ in self.members if n != self.nodeid}
-        if not others:
-            return True
-        return any(self.durable_of.get(n, 0) >= pending.epoch for n in others)
+        return all(self.durable_of.get(n, 0) >= pending.epoch for n in others)
 
     # --- the end ---------------------------------------------------------------------------------------
 
