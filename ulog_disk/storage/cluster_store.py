@@ -24,7 +24,7 @@ from pathlib import Path
 
 import construct as c
 
-from .journal import FILE_MODE, Journal, JournalError, Kind, fsync_dir, scan
+from .journal import FILE_MODE, Journal, JournalError, Kind, Scan, fsync_dir, scan
 
 SNAPSHOT_FILE_VERSION = 1
 
@@ -172,4 +172,62 @@ class ClusterStore:
         self.journal.close()
 
 
-__all__ = ["Applied", "ClusterStore", "ClusterStoreError", "JournalError", "Loaded", "SnapshotFileV1"]
+def read_snapshot_file(path: Path) -> tuple[bytes, int, int] | None:
+    """(snapshot, snapshot id, epoch) of a snapshot file, None if there is none."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        parsed = SnapshotFileV1.parse(data)
+    except c.ConstructError as exc:
+        raise ClusterStoreError(f"{path}: not a cluster snapshot file of version "
+                                f"{SNAPSHOT_FILE_VERSION} (or damaged): {exc}") from None
+    body = parsed.body.value
+    return bytes(body.snapshot), body.snapshot_id, body.epoch
+
+
+def agreed_head(body: bytes) -> tuple[int, int, bytes]:
+    """(sender, snapshot id, message) of an AGREED record's body."""
+    if len(body) < _AGREED_HEAD.size:
+        raise ClusterStoreError("a cluster journal record is too short")
+    sender, base = _AGREED_HEAD.unpack_from(body)
+    return sender, base, body[_AGREED_HEAD.size:]
+
+
+def read_cluster_dir(directory: Path, found: Scan | None = None) -> Loaded:
+    """What :meth:`ClusterStore.load` would load, for the tools: never creates, opens for
+    writing or removes anything (``load`` continues the journal in a new segment).
+
+    ``found``, a scan of the journal the caller made, must be taken *before* the snapshot is
+    read, as here without it: the daemon cuts the journal only after a newer snapshot is in
+    place, so a snapshot read after the scan is never older than the records the scan misses."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ClusterStoreError(f"{directory}: no such cluster state directory")
+    if found is None:
+        found = scan(directory)
+    snapshot, snapshot_id, epoch = None, 0, 0
+    read = read_snapshot_file(directory / "snapshot")
+    if read is not None:
+        snapshot, snapshot_id, epoch = read
+    stop = found.damage[0].start if found.damage else None
+    records, skipped = [], 0
+    for rec in found.records:
+        if rec.kind is not Kind.AGREED:
+            continue
+        if stop is not None and rec.lsn >= stop:
+            break
+        try:
+            sender, base, message = agreed_head(rec.body)
+        except ClusterStoreError as exc:
+            raise ClusterStoreError(f"{directory}: {exc}") from None
+        if base != snapshot_id:
+            skipped += 1
+        elif rec.luid > epoch:
+            records.append(Applied(rec.luid, sender, message))
+    return Loaded(snapshot, snapshot_id, epoch, records, skipped)
+
+
+__all__ = ["Applied", "ClusterStore", "ClusterStoreError", "JournalError", "Loaded", "SnapshotFileV1",
+           "agreed_head", "read_cluster_dir", "read_snapshot_file"]

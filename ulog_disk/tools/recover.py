@@ -31,6 +31,7 @@ from ..storage.base import Commit
 from ..storage.lmdb_env import DIR_MODE, FILE_MODE, open_readonly
 from ..storage.lmdb_store import LmdbBackend
 from ..storage.store_format import StoreFormatError, split_chunks
+from . import clusterview as cv
 from . import storeview as sv
 from .common import (
     EXIT_OK,
@@ -106,8 +107,21 @@ def _entry_json(ev: sv.EnvView, s: sv.StateView | None) -> dict[str, Any]:
             "committed_at": s.committed_at or None}
 
 
+def _cluster(state_dir: Path) -> cv.ClusterView | None:
+    """The state directory's cluster state (``dm-ulogd --cluster``), None if it has none."""
+    directory = cv.cluster_dir(state_dir)
+    return None if directory is None else cv.read_cluster(directory)
+
+
+def _cluster_unreadable(cluster: cv.ClusterView | None) -> None:
+    """After the output: a cluster state that cannot be read fails the command (exit 2)."""
+    if cluster is not None and cluster.error is not None:
+        raise ToolError(f"the cluster state cannot be read: {cluster.error}")
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     view = _read(args, args.uuid or None)
+    cluster = _cluster(args.state_dir)
     entries: list[tuple[sv.EnvView, sv.StateView | None]] = []
     for ev in view.envs:
         states = [s for s in ev.states if args.luid is None or s.luid == args.luid]
@@ -116,12 +130,23 @@ def cmd_list(args: argparse.Namespace) -> int:
         entries.extend((ev, s) for s in states)
     if args.json:
         emit_json(json_doc(TOOL, "list", state_dir=str(args.state_dir), boot_id=view.boot_id,
-                           daemon=view.daemon.as_json(), entries=[_entry_json(e, s) for e, s in entries]))
+                           daemon=view.daemon.as_json(), entries=[_entry_json(e, s) for e, s in entries],
+                           cluster=None if cluster is None else cv.view_json(cluster, args.uuid, args.luid)))
+        _cluster_unreadable(cluster)
         return EXIT_OK
     print(f"state dir {args.state_dir}: {view.daemon.describe()}; this boot {view.boot_id}")
     if not entries:
         print("no instances")
-        return EXIT_OK
+    else:
+        _list_entries(view, entries)
+    if cluster is not None:
+        print()
+        print("\n".join(cv.view_lines(cluster, args.uuid, args.luid)))
+    _cluster_unreadable(cluster)
+    return EXIT_OK
+
+
+def _list_entries(view: sv.StoreView, entries: list[tuple[sv.EnvView, sv.StateView | None]]) -> None:
     rows, reasons = [], []
     for ev, s in entries:
         uuid = ev.uuid if ev.uuid is not None else ev.name
@@ -144,7 +169,6 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(line)
         if reason:
             print(f"    {reason}")
-    return EXIT_OK
 
 
 # --- verify --------------------------------------------------------------------------------------
@@ -163,8 +187,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     _state_dir(args)
     boot_id = current_boot_id(args.boot_id)
     view = sv.read_store(args.state_dir, boot_id, uuids=[args.uuid] if args.uuid else None)
-    if args.uuid and view.env(args.uuid) is None and not view.envs:
-        raise ToolError(f"no store for uuid {args.uuid!r} in {args.state_dir}")
+    cluster = _cluster(args.state_dir)
+    selected = [args.uuid] if args.uuid else None
+    if args.uuid and view.env(args.uuid) is None and not view.envs and not (
+            cluster is not None and cluster.logs(selected)):
+        raise ToolError(f"no store (and no clustered log) for uuid {args.uuid!r} in {args.state_dir}")
     results = []
     journal = view.journal
     journal_findings = journal.findings if journal is not None else []
@@ -183,13 +210,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
                                                                        or s.journal.exists)),
         }
         results.append((ev, errors, warnings, findings, checked))
+    cluster_findings = [] if cluster is None else cluster.findings_for(selected)
+    cluster_problems = [f for f in cluster_findings if f.level in ("error", "warning")]
+    problems += len(cluster_problems)
     ok = problems == 0
     if args.json:
         emit_json(json_doc(TOOL, "verify", state_dir=str(args.state_dir), boot_id=boot_id, healthy=ok,
                            daemon=view.daemon.as_json(),
                            journal=journal.as_json() if journal is not None else None,
                            stores=[_verify_json(ev, e, w, fs, c) for ev, e, w, fs, c in results],
-                           ignored=view.ignored))
+                           ignored=view.ignored,
+                           cluster=None if cluster is None else cv.view_json(cluster, selected)))
         return EXIT_OK if ok else EXIT_PROBLEMS
     print(f"state dir {args.state_dir}: {view.daemon.describe()}; this boot {boot_id}")
     if journal is not None:
@@ -216,9 +247,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
                       f"{s.dirty()} dirty")
         for f in findings:
             print(f"  {f.level:<7}  {f.where}: {f.message}")
+    if cluster is not None:
+        verdict = "OK" if not cluster_problems else f"{len(cluster_problems)} problem(s)"
+        print(f"\ncluster: {verdict}")
+        print("\n".join(cv.view_lines(cluster, selected)))
     if view.ignored:
         print(f"\nignored (not stores): {', '.join(view.ignored)}")
-    print(f"\n{'healthy' if ok else 'PROBLEMS FOUND'}: {len(view.envs)} store(s) checked, "
+    also = "" if cluster is None else " and the cluster state"
+    print(f"\n{'healthy' if ok else 'PROBLEMS FOUND'}: {len(view.envs)} store(s){also} checked, "
           f"{problems} problem(s)")
     return EXIT_OK if ok else EXIT_PROBLEMS
 

@@ -685,6 +685,10 @@ def check_generations(ev: EnvView, boot_id: str) -> None:
                                    + ", ".join(s.label() for s in live)))
 
 
+#: ``dm-ulogd --cluster``'s directory in a state directory (``tools.clusterview`` reads it).
+CLUSTER_DIR = "cluster"
+
+
 def read_store(state_dir: Path, boot_id: str, uuids: Iterable[str] | None = None,
                only: Path | None = None, moved_aside: bool = True,
                journal: JournalState | None = None) -> StoreView:
@@ -719,6 +723,8 @@ def read_store(state_dir: Path, boot_id: str, uuids: Iterable[str] | None = None
             if path.name != "lock" and not is_journal_file(path.name):
                 view.ignored.append(path.name)
             continue
+        if path.name == CLUSTER_DIR and only is None:
+            continue  # dm-ulogd --cluster's state, not a store: the tools read it with clusterview
         uuid = decode_dir_name(path.name)
         if uuid is not None:
             if wanted is not None and uuid not in wanted:
