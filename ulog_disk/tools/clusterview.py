@@ -329,6 +329,10 @@ def message_text(message: msg.Decoded) -> str:
             continue
         if isinstance(value, list):
             value = ",".join(str(v) for v in value) or "none"
+        elif key == "luid":
+            value = luid_hex(value)
+        elif isinstance(value, bool):
+            value = "yes" if value else "no"
         elif value == "" and key in ("marks", "clears"):
             value = "none"
         parts.append(f"{key} {value}")
@@ -347,6 +351,6 @@ def agreed_text(a: Agreed) -> str:
     return f"epoch {a.epoch}, node {a.sender}: {what}"
 
 
-__all__ = ["CLUSTER_DIR", "Agreed", "ClusterView", "agreed_json", "agreed_text", "check_state", "cluster_dir",
-           "decode_agreed", "is_cluster_dir", "log_json", "log_lines", "log_where", "message_fields",
-           "message_text", "read_cluster", "view_json", "view_lines"]
+__all__ = ["CLUSTER_DIR", "SNAPSHOT_FILE", "Agreed", "ClusterView", "agreed_json", "agreed_text",
+           "check_state", "cluster_dir", "decode_agreed", "is_cluster_dir", "log_json", "log_lines",
+           "log_where", "message_fields", "message_text", "read_cluster", "view_json", "view_lines"]

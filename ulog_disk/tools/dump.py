@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from .. import __version__
@@ -12,6 +13,8 @@ from ..daemon.cli import tool_parser
 from ..protocol import capture
 from ..storage import disklog
 from ..storage import journal as jn
+from ..storage.cluster_store import ClusterStoreError, read_snapshot_file
+from . import clusterview as cv
 from . import storeview as sv
 from . import wiredump as wd
 from .common import (
@@ -23,6 +26,7 @@ from .common import (
     bit_ranges,
     check_state_dir,
     current_boot_id,
+    daemon_status,
     emit_json,
     iso,
     json_doc,
@@ -167,12 +171,16 @@ def cmd_store(args: argparse.Namespace) -> int:
         view.envs = [e for e in view.envs if any(s.luid == args.luid for s in e.instances)]
         if not view.envs:
             raise ToolError(f"no instance with luid {luid_hex(args.luid)}")
+    cdir = cv.cluster_dir(state_dir) if only is None else None
+    cluster = None if cdir is None else cv.read_cluster(cdir)
     if args.json:
         emit_json(json_doc(TOOL, "store", state_dir=str(state_dir), boot_id=boot_id,
                            daemon=view.daemon.as_json(),
                            journal=view.journal.as_json() if view.journal else None,
                            stores=[env_json(e, args.per_region, args.luid) for e in view.envs],
-                           ignored=view.ignored))
+                           ignored=view.ignored,
+                           cluster=None if cluster is None else cv.view_json(cluster, args.uuid or None,
+                                                                            args.luid)))
         return EXIT_OK
     lines = [f"state dir {state_dir}: {view.daemon.describe()}; this boot {boot_id}; "
              f"{len(view.envs)} store(s)"]
@@ -182,10 +190,63 @@ def cmd_store(args: argparse.Namespace) -> int:
     for e in view.envs:
         lines.append("")
         lines.extend(env_lines(e, boot_id, args.per_region, args.luid))
+    if cluster is not None:
+        lines.append("")
+        lines.append(cluster_summary(cluster))
     if view.ignored:
         lines.append("")
         lines.append(f"ignored (not stores): {', '.join(view.ignored)}")
     print("\n".join(lines))
+    return EXIT_OK
+
+
+# --- cluster -------------------------------------------------------------------------------------
+
+
+def cluster_summary(view: cv.ClusterView) -> str:
+    """One line for ``store``: where the cluster state is at ('ulog-dump cluster' shows it)."""
+    if view.state is None:
+        return f"cluster state: CANNOT BE READ ({view.error}); see 'ulog-dump cluster'"
+    problems = f", {len(view.problems)} problem(s)" if view.problems else ""
+    return (f"cluster state: {view.generation()}, {len(view.state.logs)} clustered log(s){problems} "
+            "(shown by 'ulog-dump cluster')")
+
+
+def _cluster_dir_argument(args: argparse.Namespace) -> tuple[Path, Path]:
+    """(state directory, cluster directory) of the command line: a state directory or its
+    ``cluster`` directory itself."""
+    path = state_dir_of(args)
+    if cv.is_cluster_dir(path) and cv.cluster_dir(path) is None:
+        return path.parent, path
+    check_state_dir(path)
+    directory = cv.cluster_dir(path)
+    if directory is None:
+        raise ToolError(f"{path}: no cluster state in it (no {cv.CLUSTER_DIR}/ directory: dm-ulogd never "
+                        "ran there with --cluster)")
+    return path, directory
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    state_dir, directory = _cluster_dir_argument(args)
+    view = cv.read_cluster(directory)
+    daemon = daemon_status(state_dir)
+    uuids = args.uuid or None
+    if uuids and view.state is not None:
+        missing = set(uuids) - set(view.state.logs)
+        if missing:
+            raise ToolError(f"no clustered log {', '.join(sorted(map(repr, missing)))} in {directory}")
+    if args.json:
+        emit_json(json_doc(TOOL, "cluster", state_dir=str(state_dir), daemon=daemon.as_json(),
+                           **cv.view_json(view, uuids)))
+    else:
+        lines = [f"state dir {state_dir}: {daemon.describe()}"]
+        sc = view.scan
+        if sc is not None:
+            lines.append(f"cluster {journal_summary(sv.JournalState(sc))}")
+        lines.extend(cv.view_lines(view, uuids, cursors=True))
+        print("\n".join(lines))
+    if view.error is not None:
+        raise ToolError(f"the cluster state cannot be read: {view.error}")
     return EXIT_OK
 
 
@@ -232,10 +293,24 @@ def record_json(r: jn.Record) -> dict[str, Any]:
     if r.kind is jn.Kind.SWITCH:
         out["next_start"] = r.next_start
         out["next_segment"] = jn.segment_name(r.next_start)
+    if r.kind is jn.Kind.AGREED:
+        # The cluster journal's record: the luid field holds the epoch after the message.
+        out.update(uuid=None, luid=None, luid_hex=None, agreed=cv.agreed_json(cv.decode_agreed(r)))
     return out
 
 
-def record_text(r: jn.Record, labels: dict[str, str]) -> list[str]:
+def record_text(r: jn.Record, labels: dict[str, str], snapshot: tuple[int, int] | None = None) -> list[str]:
+    """``snapshot``: (id, epoch) of the cluster directory's snapshot, to say which AGREED
+    records a restart replays onto it."""
+    if r.kind is jn.Kind.AGREED:
+        agreed = cv.decode_agreed(r)
+        note = ""
+        if snapshot is not None and agreed.message is not None:
+            if agreed.snapshot_id != snapshot[0]:
+                note = f"  [of snapshot {agreed.snapshot_id:016x}, not used]"
+            elif agreed.epoch <= snapshot[1]:
+                note = "  [in the snapshot]"
+        return [f"  {r.lsn:>12}  {r.kind.name:<6}  {cv.agreed_text(agreed)}{note}"]
     who = "" if r.kind is jn.Kind.SWITCH else f"{labels.get(r.uuid, r.uuid)} {luid_hex(r.luid)}"
     if r.kind is jn.Kind.OPS:
         what = ops_text(r.ops)
@@ -275,12 +350,29 @@ def cmd_journal(args: argparse.Namespace) -> int:
     if args.records < 0:
         raise ToolError("--records must be 0 or more")
     state_dir = state_dir_of(args)
-    check_state_dir(state_dir)
+    # The cluster journal (``DIR/cluster``): the same segments, of AGREED records.
+    in_cluster = cv.is_cluster_dir(state_dir) and cv.cluster_dir(state_dir) is None
+    if not in_cluster:
+        check_state_dir(state_dir)
     boot_id = current_boot_id(args.boot_id)
     js = sv.read_journal_state(state_dir)
     if js.error:
         raise ToolError(f"{state_dir}: cannot read the journal: {js.error}")
-    view = sv.read_store(state_dir, boot_id, moved_aside=False, journal=js)
+    snapshot: tuple[int, int] | None = None
+    snapshot_note = ""
+    if in_cluster:
+        view = sv.StoreView(state_dir, boot_id, daemon_status(state_dir.parent))
+        try:
+            found = read_snapshot_file(state_dir / cv.SNAPSHOT_FILE)
+        except ClusterStoreError as exc:
+            snapshot_note = "cluster snapshot: CANNOT BE READ (" + " ".join(str(exc).split()) + ")"
+        else:
+            snapshot = None if found is None else (found[1], found[2])
+            snapshot_note = ("cluster snapshot: none (the records build on the empty state)" if found is None
+                             else f"cluster snapshot {found[1]:016x} at epoch {found[2]}: a restart replays "
+                                  "the records of this snapshot past its epoch")
+    else:
+        view = sv.read_store(state_dir, boot_id, moved_aside=False, journal=js)
     sc = js.scan
     insts = _instances_of(view)
     records = sc.records if args.all else sc.records[max(0, len(sc.records) - args.records):]
@@ -295,9 +387,14 @@ def cmd_journal(args: argparse.Namespace) -> int:
             damage=[{"start": d.start, "end": d.end, "reason": d.reason} for d in sc.damage],
             problems=list(sc.problems), findings=[f.as_json() for f in js.findings],
             instances=insts, records_total=len(sc.records), records_shown=len(records),
-            records=[record_json(r) for r in records]))
+            records=[record_json(r) for r in records],
+            cluster=in_cluster, cluster_snapshot=None if snapshot is None else {
+                "id": snapshot[0], "id_hex": f"{snapshot[0]:016x}", "epoch": snapshot[1]}))
         return EXIT_OK
-    out = [f"state dir {state_dir}: {view.daemon.describe()}; this boot {boot_id}", journal_summary(js)]
+    where = f"cluster journal {state_dir}" if in_cluster else f"state dir {state_dir}"
+    out = [f"{where}: {view.daemon.describe()}; this boot {boot_id}", journal_summary(js)]
+    if snapshot_note:
+        out.append(snapshot_note)
     if segs:
         rows = [[g["file"], str(g["start"]), str(g["base"]), str(g["capacity"]), when(g["created_at"])]
                 for g in segs]
@@ -329,14 +426,16 @@ def cmd_journal(args: argparse.Namespace) -> int:
     else:
         labels: dict[str, str] = {}
         for r in sc.records:
-            if r.kind is not jn.Kind.SWITCH and r.uuid not in labels:
+            if r.kind not in (jn.Kind.SWITCH, jn.Kind.AGREED) and r.uuid not in labels:
                 labels[r.uuid] = f"u{len(labels) + 1}"
         which = "all" if len(records) == len(sc.records) else f"the last {len(records)}"
-        out.append(f"records ({which} of {len(sc.records)}; position, kind, uuid label, luid, what):")
+        columns = ("position, kind, the epoch after it, sender node, message" if in_cluster
+                   else "position, kind, uuid label, luid, what")
+        out.append(f"records ({which} of {len(sc.records)}; {columns}):")
         for u, label in labels.items():
             out.append(f"  {label} = uuid {u!r}")
         for r in records:
-            out.extend(record_text(r, labels))
+            out.extend(record_text(r, labels, snapshot))
     print("\n".join(out))
     return EXIT_OK
 
@@ -537,10 +636,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "read-only) and how many of its records follow it, which is what the daemon's next "
                     "start replays; and the records: position, kind (OPS, FLUSH, EVENT, SWITCH), uuid, "
                     "luid, ops as text (mark 5, clear 7, in-sync 9, out-of-sync 12), a FLUSH's generation, "
-                    "an EVENT's request and lifecycle state."),
+                    "an EVENT's request and lifecycle state. Given the cluster directory of a state "
+                    "directory (DIR/cluster, dm-ulogd --cluster), it decodes the cluster journal: its AGREED "
+                    "records, each one cluster message this node applied, with the epoch after it, the "
+                    "sender's node id, the message's kind (FLUSH, RESYNC_WORK, SET_REGION_SYNC, OPEN, "
+                    "CLOSE, DEPARTED, FENCED, REBOOTED) and fields, and whether a restart replays it onto "
+                    "the snapshot."),
         epilog="examples:\n"
                "  ulog-dump journal                      # /var/lib/ulog-disk, the last 50 records\n"
                "  ulog-dump journal /srv/state --all\n"
+               "  ulog-dump journal /srv/state/cluster   # the cluster journal\n"
                "  ulog-dump journal --state-dir /srv/state --records 5 --json\n",
     )
     add_state_dir_option(j, positional="STATE_DIR")
@@ -549,6 +654,32 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--all", action="store_true", help="show every record")
     add_store_options(j, state_dir=False)
     _json_option(j)
+
+    cl = commands.add(
+        "cluster", cmd_cluster,
+        help="the cluster state (dm-ulogd --cluster): epoch, snapshot, members' marks, held regions",
+        description=(
+                    "Show the cluster state a state directory keeps in cluster/ when dm-ulogd runs with "
+                    "--cluster: the state its restart would load (the snapshot, plus the AGREED records of "
+                    "the cluster journal after it, replayed in order), read-only. Its generation (the epoch: "
+                    "how far along the one agreed history it is; the snapshot's id and epoch; how many "
+                    "records follow it), the departed nodes waiting for a fence; per clustered log (uuid): "
+                    "regions and how many are in sync, the out-of-sync regions, the nodes that have it open "
+                    "(node id, luid, boot id), each node's marked regions (count and ranges), the regions "
+                    "held for an unfenced departed node, the released regions (a departed node's, or a "
+                    "node's earlier writes, to be recovered by anyone), which node recovers which region, "
+                    "each node's resync cursor; and what is wrong with it (the checks of 'ulog-recover "
+                    "verify'). The other members hold the same state at their own epoch: this is this "
+                    "node's copy."),
+        epilog="examples:\n"
+               "  ulog-dump cluster                              # /var/lib/ulog-disk/cluster\n"
+               "  ulog-dump cluster /srv/state --uuid LVM-abc --json\n"
+               "  ulog-dump journal /srv/state/cluster           # its AGREED records\n",
+    )
+    add_state_dir_option(cl, positional="STATE_DIR|CLUSTER_DIR",
+                         positional_help="the state directory, as with --state-dir, or its cluster directory")
+    cl.add_argument("--uuid", action="append", metavar="UUID", help="only this clustered log (repeatable)")
+    _json_option(cl)
 
     w = commands.add(
         "wire", cmd_wire,
