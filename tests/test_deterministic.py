@@ -39,6 +39,7 @@ def run(stream: Iterable[tuple[Request, float]]) -> tuple[list[Any], Any]:
     now = 0.0
     for req, now in stream:
         result = eng.step(req, now)
+        check_uuid_index(eng)
         if isinstance(result, wire.Reply):
             out.append(("reply", wire.encode_reply(result)))
             continue
@@ -50,6 +51,15 @@ def run(stream: Iterable[tuple[Request, float]]) -> tuple[list[Any], Any]:
     for step in eng.commit_all(now):
         out.append(("stop", step.effects))
     return out, state_of(eng)
+
+
+def check_uuid_index(eng: Engine) -> None:
+    """The engine's instances per uuid (what the hand-over rule and DTR read) are its table
+    grouped by uuid, in the table's order (on a tie the rule takes the first found)."""
+    grouped: dict[str, list[tuple[int, Any]]] = {}
+    for (uuid, luid), inst in eng.table.items():
+        grouped.setdefault(uuid, []).append((luid, inst))
+    assert {uuid: list(same.items()) for uuid, same in eng.by_uuid.items()} == grouped
 
 
 def state_of(eng: Engine) -> Any:
