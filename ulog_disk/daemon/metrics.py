@@ -29,13 +29,18 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from prometheus_client import CollectorRegistry, write_to_textfile
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    SummaryMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 from ..log.engine import Stats
@@ -123,6 +128,51 @@ class Snapshot:
     mirrors: list[MirrorSample] = field(default_factory=list)
     #: Requests held back because a journal sync had stalled (the state disk), since start.
     held_requests: int = 0
+    #: ``ClusterNode.status()`` in cluster mode (a copy), else None.
+    cluster: ClusterSample | None = None
+
+
+class ClusterSample(NamedTuple):
+    """What the metrics say of the cluster node (``dm-ulogd --cluster``), copied on the loop."""
+
+    node: int
+    members: int
+    quorate: bool
+    current: bool
+    epoch: int
+    logs: int
+    pending: int
+    waiting: int
+    unfenced: int
+    agreed: int
+    applied: int
+    held: int
+    rule_errors: int
+    transfers_sent: int
+    transfers_taken: int
+    departed: int
+    fenced: int
+    latency_sum: float
+    latency_count: int
+
+    @classmethod
+    def of(cls, status: Mapping[str, Any]) -> ClusterSample:
+        """From ``ClusterNode.status()``: lists are counted, the rest copied (plain values)."""
+        return cls(
+            node=int(status["node"]), members=len(status["members"]), quorate=bool(status["quorate"]),
+            current=bool(status["current"]), epoch=int(status["epoch"]), logs=int(status["logs"]),
+            pending=int(status["pending"]), waiting=int(status["waiting"]), unfenced=len(status["unfenced"]),
+            agreed=int(status["agreed"]), applied=int(status["applied"]), held=int(status["held"]),
+            rule_errors=int(status["rule_errors"]), transfers_sent=int(status["transfers_sent"]),
+            transfers_taken=int(status["transfers_taken"]), departed=int(status["departed"]),
+            fenced=int(status["fenced"]), latency_sum=float(status["latency_sum"]),
+            latency_count=int(status["latency_count"]))
+
+
+class ClusterStatus(Protocol):
+    """What the metrics read of the cluster node (``ulog_disk.daemon.cluster.ClusterNode``)."""
+
+    def status(self) -> Mapping[str, Any]: ...
 
 
 def requests_by_type(stats: Stats) -> tuple[dict[str, int], dict[str, int]]:
@@ -167,7 +217,8 @@ class SnapshotCollector(Collector):
         self.snap = snap
         self.state_dir = state_dir
 
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily
+                                  | SummaryMetricFamily]:
         s = self.snap
         st = s.stats
         yield GaugeMetricFamily("dm_ulogd_start_time_seconds", "When the daemon started (unix time).",
@@ -238,6 +289,50 @@ class SnapshotCollector(Collector):
             info.add_metric([*key, str(m.state), m.health], 1)
         yield from families.values()
         yield info
+        if s.cluster is not None:
+            yield from cluster_families(s.cluster)
+
+
+def cluster_families(c: ClusterSample) -> Iterator[CounterMetricFamily | GaugeMetricFamily
+                                                   | SummaryMetricFamily]:
+    """The ``dm_ulogd_cluster_*`` families (cluster mode only; ``docs/metrics.md``)."""
+    yield GaugeMetricFamily("dm_ulogd_cluster_node_id", "This node's corosync node id.", value=c.node)
+    yield GaugeMetricFamily("dm_ulogd_cluster_members", "Nodes of the cluster group (this one included) in "
+                            "the last membership.", value=c.members)
+    yield GaugeMetricFamily("dm_ulogd_cluster_quorate", "1 while corosync says the cluster is quorate "
+                            "(agreed requests wait while it is not).", value=int(c.quorate))
+    yield GaugeMetricFamily("dm_ulogd_cluster_current", "1 once this node holds the state agreed in the "
+                            "membership (after the state exchange of a join).", value=int(c.current))
+    yield GaugeMetricFamily("dm_ulogd_cluster_epoch", "How far along the agreed history this node's cluster "
+                            "state is (inputs applied).", value=c.epoch)
+    yield GaugeMetricFamily("dm_ulogd_cluster_logs", "Clustered logs in the cluster state.", value=c.logs)
+    yield GaugeMetricFamily("dm_ulogd_cluster_pending_requests", "Agreed requests of this node multicast "
+                            "and not answered yet.", value=c.pending)
+    yield GaugeMetricFamily("dm_ulogd_cluster_waiting_requests", "Agreed requests waiting to be multicast "
+                            "(not quorate, or not current yet).", value=c.waiting)
+    yield GaugeMetricFamily("dm_ulogd_cluster_unfenced_nodes", "Departed nodes not fenced yet (their regions "
+                            "are held out of sync, handed to nobody).", value=c.unfenced)
+    yield CounterMetricFamily("dm_ulogd_cluster_agreed_requests", "Agreed requests this node multicast "
+                              "(resends after a membership change included).", value=c.agreed)
+    yield CounterMetricFamily("dm_ulogd_cluster_applied", "Cluster messages applied to the cluster state "
+                              "(every node's, in the agreed order).", value=c.applied)
+    yield CounterMetricFamily("dm_ulogd_cluster_requests_held", "Agreed requests that had to wait before "
+                              "being multicast (not quorate, not current, state exchange).", value=c.held)
+    yield CounterMetricFamily("dm_ulogd_cluster_rule_errors", "Cluster messages every node refused alike "
+                              "(a region past the log's end, an unknown log).", value=c.rule_errors)
+    transfers = CounterMetricFamily("dm_ulogd_cluster_state_transfers", "Whole-state transfers at a join: "
+                                    "sent as the donor, taken from a donor.", labels=["direction"])
+    transfers.add_metric(["sent"], c.transfers_sent)
+    transfers.add_metric(["taken"], c.transfers_taken)
+    yield transfers
+    yield CounterMetricFamily("dm_ulogd_cluster_departed_nodes", "Nodes declared departed (left the "
+                              "membership without closing their logs).", value=c.departed)
+    yield CounterMetricFamily("dm_ulogd_cluster_fenced_nodes", "Departed nodes declared fenced (their held "
+                              "regions released for recovery).", value=c.fenced)
+    yield SummaryMetricFamily("dm_ulogd_cluster_agreed_latency_seconds", "This node's agreed requests, from "
+                              "multicast to answer (agreed, applied, and for a FLUSH with marks or a "
+                              "RESUME durable here and on another member).",
+                              count_value=c.latency_count, sum_value=c.latency_sum)
 
 
 class Metrics:
@@ -254,6 +349,8 @@ class Metrics:
         self.failing = 0
         self.written = 0
         self.noisy = RateLimitedLog(log, burst=1, interval=FAILURE_LOG_INTERVAL)
+        #: The cluster node in cluster mode (set by the service); read at each snapshot.
+        self.cluster: ClusterStatus | None = None
 
     def snapshot(self, applier: Applier, journal_syncs: tuple[int, int], dropped_frames: int,
                  send_lock: threading.Lock, held_requests: int = 0) -> Snapshot:
@@ -279,6 +376,8 @@ class Metrics:
             journal_syncs=journal_syncs[0], journal_sync_failures=journal_syncs[1],
             journal_backlog=max(0, applier.backend.position() - applier.needed()),
             dropped_frames=dropped_frames, mirrors=mirrors, held_requests=held_requests,
+            # On the loop thread, as the cluster node's state is only changed there.
+            cluster=None if self.cluster is None else ClusterSample.of(self.cluster.status()),
         )
 
     def write(self, snap: Snapshot) -> None:

@@ -281,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     daemon = Daemon(applier, transport, capture, checkpoint_age=args.checkpoint_age, metrics=metrics)
     if cluster is not None:
         cluster.send = daemon.send
+        if metrics is not None:
+            metrics.cluster = cluster
     signal.signal(signal.SIGTERM, daemon.request_stop)
     signal.signal(signal.SIGINT, daemon.request_stop)
 
