@@ -62,7 +62,8 @@ def _kind(action: argparse.Action) -> tuple[str, object, object]:
 
 
 #: The commands that read a state directory.
-READS_STATE = {("ulog-dump", "store"), ("ulog-dump", "journal"), *(("ulog-recover", c) for c in (
+READS_STATE = {("ulog-dump", "store"), ("ulog-dump", "journal"), ("ulog-dump", "cluster"),
+               *(("ulog-recover", c) for c in (
     "list", "verify", "purge", "resync", "backup", "export", "import"))}
 
 
