@@ -824,7 +824,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="every instance with its verdict and why",
                        description=(
                                    "List every instance (and retained state) of every uuid in the store with "
-                                   "a verdict and the reason for it. Reads only."),
+                                   "a verdict and the reason for it. A state directory of dm-ulogd --cluster "
+                                   "also has its cluster state (DIR/cluster: the snapshot and the AGREED "
+                                   "records after it, as a restart loads them): its generation (epoch, "
+                                   "snapshot id and epoch), the departed nodes waiting for a fence, and per "
+                                   "clustered log the regions and how many are in sync, the nodes that have "
+                                   "it open (node id, luid, boot id), each node's marked regions (count and "
+                                   "ranges), the regions held for an unfenced node, the released regions and "
+                                   "which node recovers which region. A cluster state that cannot be read "
+                                   "is said so and makes the exit status 2. Reads only."),
                        epilog=verdicts + "\nexamples:\n  ulog-recover list\n"
                               "  ulog-recover list --uuid LVM-abc --json\n")
     _selection_options(s)
@@ -849,7 +857,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "and out of sync. A store of layout 1 or 2 is read as it is and noted (the daemon "
                     "migrates it, folding each instance's journal file in). "
                     "The store keeps no sync count of its own (the daemon counts the sync bitmap when it "
-                    "loads it), so the count shown is the popcount. Reads only."),
+                    "loads it), so the count shown is the popcount. The cluster state of dm-ulogd --cluster "
+                    "(DIR/cluster), when there is one: the snapshot and the cluster journal read without "
+                    "damage (a snapshot that cannot be read, or is inconsistent, is an error: the daemon "
+                    "refuses to start clustered on it), every AGREED record applies and the epochs follow "
+                    "one another, and the state's invariants hold: the in-sync count is the bitmap's, no "
+                    "region marked by a node or held for a departed node's fence counts as clean, held and "
+                    "released regions and regions being recovered are out of sync, held regions are handed "
+                    "to nobody and belong to a node waiting for its fence. With UUID only that clustered "
+                    "log's findings count (and those of the whole directory). Reads only."),
         epilog="levels: error = damage (the daemon moves the store aside at its next start); warning =\n"
                "inconsistent, or journal damage the daemon meets with a full resync of the instances it\n"
                "touches; note = worth knowing, not a problem. Errors and warnings make the exit status 1.\n"
