@@ -16,10 +16,16 @@
    how many work (CTR + RESUME + MARK_REGION + FLUSH), the daemon's threads, descriptors and RSS
    per mirror, and a kill -9 + restart until every mirror answers a FLUSH again, then another
    until every mirror has reconnected as the kernel does (CTR, RESUME, then its request) and been
-   answered, through one connection, against the daemon's start with an empty state directory.
+   answered, through one connection, against the daemon's start with an empty state directory;
+8-12. cluster mode on a corosync rig of three nodes (tools/bench/cluster.py, root and corosync; run
+   only when named: ``--only 8,9,10,11,12``): FLUSH on one node against an agreed CPG round trip +
+   fdatasync; three nodes flushing at once against one; IN_SYNC against a single-node daemon; CPG
+   groups, threads and descriptors with 10 and 1000 mirrors; the survivors' longest wait when a
+   member dies, against corosync's token + consensus + 1 s.
 
 Each metric prints one line per figure: value, floor, ratio, target, MET/MISSED (or INFO). The
-results go to ``<out>/results[-quick].json`` and the plot to ``<out>/flush-vs-regions[-quick].png``.
+results go to ``<out>/results[-quick].json`` (``results-cluster[-quick].json`` when only cluster
+metrics ran) and the plot to ``<out>/flush-vs-regions[-quick].png``.
 ``--quick`` runs everything smaller (4 M regions stand in for 32 M, 200 live mirrors for 1000) in
 under a minute.
 """
@@ -47,6 +53,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib  # noqa: E402
+import cluster as cluster_metrics  # noqa: E402
 from benchlib import STRIDE, LmdbFloor, Row, SyncWriter, ctr_string, human_count  # noqa: E402
 
 from ulog_disk.daemon.applier import Applier  # noqa: E402
@@ -1110,7 +1117,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", type=Path, default=None,
                    help="parent of the state directories and floor files (default: a new directory "
                         "under /var/tmp); the floors are measured on its filesystem")
-    p.add_argument("--only", default="", help="comma-separated metric numbers to run (default all)")
+    p.add_argument("--only", default="", help="comma-separated metric numbers to run (default 1-7; 8-12 are "
+                   "the cluster metrics, which need root and corosync)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument("--live-mirrors", type=int, default=None, metavar="N",
                    help="metric 7's number of live mirrors (default 1000, --quick 200; tests use a few)")
@@ -1120,6 +1128,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = dataclasses.replace(cfg, live_mirrors=args.live_mirrors)
     suffix = "-quick" if args.quick else ""
     only = {int(x) for x in args.only.split(",") if x.strip()} or {1, 2, 3, 4, 5, 6, 7}
+    clustered = only & set(cluster_metrics.METRICS)
+    if clustered and cluster_metrics.unavailable():
+        sys.exit(f"run.py: {cluster_metrics.unavailable()}")
     args.out.mkdir(parents=True, exist_ok=True)
     parent = args.dir or Path("/var/tmp")
     parent.mkdir(parents=True, exist_ok=True)
@@ -1150,6 +1161,8 @@ def main(argv: list[str] | None = None) -> int:
         (6, lambda: bench_mirrors(suite)),
         (7, lambda: bench_live(suite)),
     ]
+    if clustered:  # one rig for all of them
+        steps.append((min(clustered), lambda: cluster_metrics.bench(suite, clustered, args.quick)))
     t_start = time.perf_counter()
     loads = {}
     try:
@@ -1178,7 +1191,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": asdict(cfg),
         "rows": [asdict(r) for r in suite.rows], "detail": suite.extra,
     }
-    path = args.out / f"results{suffix}.json"
+    path = args.out / f"results{'-cluster' if only <= clustered else ''}{suffix}.json"
     path.write_text(json.dumps(results, indent=1, default=str) + "\n")
     print(f"results written to {path}")
     if "plot" in suite.extra:
