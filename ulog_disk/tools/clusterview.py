@@ -194,7 +194,9 @@ def _regions(bits: Iterable[int]) -> str:
 
 
 def _short(boot_id: str) -> str:
-    return boot_id[:8] if len(boot_id) > 8 else boot_id
+    """A kernel boot id (a UUID) by its first 8 characters, as ulog-recover list shows them;
+    any other (--boot-id) whole."""
+    return boot_id[:8] if len(boot_id) >= 32 else boot_id
 
 
 def log_json(shared: SharedLog) -> dict[str, Any]:
