@@ -5,6 +5,7 @@ print their figures.
     .venv/bin/python tools/reliability/run.py --long         # >= 100 k frames, 1000 crash points,
                                                              # 10 minutes of load, 200 damaged stores
     .venv/bin/python tools/reliability/run.py --long --only fuzz,crash
+    .venv/bin/python tools/reliability/run.py --long --only cluster   # 250 cluster crash points
     .venv/bin/python tools/reliability/run.py --soak 600     # + the real-kernel soak under qemu
 
 The tests live in ``tests/reliability/`` (and ``tests/kernel/test_soak.py`` for the soak); this
@@ -14,7 +15,7 @@ are strict xfails there: they are listed as such. The figures also go to ``--jso
 ``results/reliability/figures[-long].json``). Exit status: pytest's.
 
 Sizes can be set one by one: ``ULOG_REL_FUZZ_EXAMPLES``, ``ULOG_REL_CRASH_POINTS``,
-``ULOG_REL_LOAD_SECONDS``, ``ULOG_REL_DAMAGE_TRIALS``, ``ULOG_REL_SEED``.
+``ULOG_REL_LOAD_SECONDS``, ``ULOG_REL_DAMAGE_TRIALS``, ``ULOG_REL_CLUSTER_POINTS``, ``ULOG_REL_SEED``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ GROUPS = {
     "disk": "tests/reliability/test_disk_faults.py",
     "crash": "tests/reliability/test_crash_points.py",
     "load": "tests/reliability/test_load.py",
+    # Faults on a 3-node corosync rig (root): 4 points by default, 250 in the long mode.
+    "cluster": "tests/reliability/test_cluster_points.py",
     # Real kernel under qemu (long mode only): a stalled state disk, descriptor and memory limits.
     "faults": "tests/kernel/test_faults.py",
 }
@@ -48,6 +51,8 @@ KEYS = {
     "load.64_mirrors": ["seconds", "requests", "flushes", "flush_p50_ms", "flush_p99_ms", "flush_max_ms",
                         "slowest_reply_ms", "replies_over_15s", "rss_first_quarter_mib",
                         "rss_last_quarter_mib"],
+    "cluster.crash_points": ["points", "faults", "requests_acknowledged", "regions_handed",
+                             "violations_by_rule", "points_with_violations", "seconds_per_point", "seconds"],
     "disk.random_damage": ["trials", "outcomes"],
     "disk.random_journal_damage": ["trials", "outcomes"],
 }

@@ -1,0 +1,61 @@
+"""Cluster crash points on a 3-node corosync rig (tools/reliability/cluster_points.py): a workload
+on every node's kernel, a fault at a random instant (a daemon SIGKILLed, a node crashed, a node
+partitioned and healed, the whole cluster crashed, sometimes with one node's state directory lost),
+recovery as the kernel and the hosts do it, then the oracle on every node: no region clean while a
+node holds it marked, no region handed to two recoverers, a crashed node's marks out of sync until
+recovered, every node's IN_SYNC and GET_SYNC_COUNT alike, no acknowledged mark lost.
+
+Default 4 points (one of each fault), ``ULOG_REL_CLUSTER_POINTS`` sets the count; the long mode
+(``tools/reliability/run.py --long --only cluster``) runs 250. ``ULOG_REL_SEED`` picks the
+sequence; each violation names its point's seed (``cluster_points.py --replay SEED``).
+
+Skipped, with the reason, only where the rig cannot exist (not root; no unshare, nsenter, ip or
+mount). A missing corosync fails: ``bash tools/run.sh setup`` installs it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from rel_lib import figures, scale
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tools" / "reliability"))
+
+import cluster_points  # noqa: E402
+from rig import missing_tools  # noqa: E402 - on sys.path through cluster_points
+
+POINTS = int(scale("ULOG_REL_CLUSTER_POINTS", 4, 250))
+SEED = int(os.environ.get("ULOG_REL_SEED", "11"))
+
+
+def skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "the corosync rig needs root (it makes network and mount namespaces)"
+    missing = [t for t in ("unshare", "nsenter", "ip", "mount") if shutil.which(t) is None]
+    if missing:
+        return f"the corosync rig needs {', '.join(missing)} (util-linux, iproute2)"
+    return None
+
+
+def test_cluster_crash_points(tmp_path: Path) -> None:
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    missing = missing_tools()
+    if missing:
+        pytest.fail(f"missing {', '.join(missing)}: bash tools/run.sh setup installs corosync")
+    summary, violations, runner = cluster_points.run(POINTS, SEED, tmp_path)
+    figures("cluster.crash_points", **summary)
+    for v in violations[:40]:
+        print(v)
+    assert summary["points"] == POINTS
+    assert not violations, (
+        f"{len(violations)} violation(s) in {summary['points_with_violations']} of {summary['points']} "
+        "points "
+        f"(replay: tools/reliability/cluster_points.py --replay SEED; daemons' logs: {runner.logs()}):\n"
+        + "\n".join(str(v) for v in violations[:20]))
