@@ -278,7 +278,7 @@ def test_a_node_that_dies_holding_marks(cluster: ClusterDaemons) -> None:
         return handed == {10, 11, 12, 40}
 
     wait_for(recover_some, what="n3's regions handed out again once it counts as fenced")
-    assert counts(log, survivors) == {n: 128 for n in survivors}
+    wait_for(lambda: counts(log, survivors) == {n: 128 for n in survivors}, what="every region in sync again")
     assert not any(remote_recovering(*log.on(n), r) for n in survivors for r in (10, 11, 12, 40))
     oracle.check(survivors)
 
@@ -398,3 +398,137 @@ def test_a_whole_cluster_crash_loses_no_flushed_mark(
     wait_for(lambda: all(sync_count(*log.on(n)) == 62 for n in NAMES), what="regions 1 and 3 out of sync")
     for name in NAMES:
         assert [r for r in range(64) if not in_sync(*log.on(name), r)] == [1, 3]
+
+
+# --- e: fencing -------------------------------------------------------------------------------------------
+
+
+def test_without_a_fence_command_the_daemon_says_once_it_is_unsafe(cluster: ClusterDaemons) -> None:
+    for name in NAMES:
+        text = cluster.node(name).log_text().rsplit("--- start", 1)[-1]
+        assert text.count("no --fence-command") == 1, text[-2000:]
+
+
+def test_a_departed_node_is_recovered_only_once_fenced(cluster: ClusterDaemons, tmp_path: Path) -> None:
+    calls, code = tmp_path / "fenced", tmp_path / "exit-code"
+    code.write_text("1")
+    script = tmp_path / "fence"
+    script.write_text(f'#!/bin/sh\necho "$1" >> {calls}\nexit "$(cat {code})"\n')
+    script.chmod(0o755)
+    cluster.stop_all()
+    try:
+        for name in NAMES:
+            cluster.node(name).extra = ["--fence-command", str(script)]
+        cluster.start_all()
+        log = new_log(cluster, 64)
+        oracle = Oracle(log)
+        wait_for(lambda: True)
+        oracle.flush("n3", marks=[20, 21])
+        cluster.crash("n3")
+        oracle.died("n3")
+        survivors = ["n1", "n2"]
+        wait_for(lambda: not in_sync(*log.on("n1"), 20), what="n3's marks out of sync")
+        # The fence command ran, with the node id, and failed: the regions stay held.
+        wait_for(lambda: calls.exists() and calls.read_text().split() == ["3"], what="a first fence attempt")
+        for n in survivors:
+            assert oracle.work(n) is None, "a region of an unfenced node was handed out"
+            assert remote_recovering(*log.on(n), 20) and remote_recovering(*log.on(n), 21)
+        oracle.check(survivors)
+        code.write_text("0")  # the next attempt succeeds
+        handed: set[int] = set()
+
+        def recover_some() -> bool:
+            for n in survivors:
+                region = oracle.work(n)
+                if region is not None:
+                    handed.add(region)
+                    oracle.synced(n, region)
+            return handed == {20, 21}
+
+        wait_for(recover_some, timeout=60, what="n3's regions handed out once fenced")
+        assert calls.read_text().split()[-1] == "3" and len(calls.read_text().split()) >= 2
+        oracle.check(survivors)
+    finally:
+        cluster.stop_all()
+        for name in NAMES:
+            cluster.node(name).extra = []
+        cluster.rig.start_corosync("n3") if not cluster.rig.corosync_alive("n3") else None
+        cluster.rig.wait_quorate(list(NAMES), True, members=3, timeout=60)
+        cluster.start_all()
+
+
+# --- d, g: a daemon killed alone, a join under load -----------------------------------------------------
+
+
+def test_a_killed_daemon_restarts_and_its_kernel_reconnects(cluster: ClusterDaemons) -> None:
+    log = new_log(cluster, 64)
+    oracle = Oracle(log)
+    oracle.flush("n2", marks=[4])
+    oracle.flush("n1", marks=[6])
+    cluster.kill("n2")  # corosync goes on: the others see the process leave
+    oracle.died("n2")
+    wait_for(lambda: not in_sync(*log.on("n1"), 4), what="n2's marks out of sync")
+    oracle.check(["n1", "n3"])
+    cluster.start("n2")
+    log.clients["n2"] = cluster.client("n2")
+    # The kernel's reconnect: CTR and RESUME of the same luid.
+    client, uuid, luid = log.on("n2")
+    from nodes import ctr_text  # noqa: PLC0415
+
+    client.ok(uuid, luid, T.CTR, ctr_text(64, extra="nosync").encode() + b"\0")
+    client.ok(uuid, luid, T.RESUME)
+    assert counts(log) == {n: 63 for n in NAMES}
+    assert not in_sync(client, uuid, luid, 4) and not is_clean(client, uuid, luid, 6)
+    oracle.check(list(NAMES))
+
+
+def test_a_node_joins_while_the_others_flush(cluster: ClusterDaemons) -> None:
+    log = new_log(cluster, 4096, names=("n1", "n2"))
+    cluster.stop("n3")
+    stop = threading.Event()
+    done: dict[str, int] = {"n1": 0, "n2": 0}
+    errors: list[BaseException] = []
+
+    def writer(name: str, base: int) -> None:
+        client = Client(cluster.node(name).socket, timeout=60)
+        region = base
+        try:
+            while not stop.is_set():
+                flush_marks(
+                    client,
+                    log.uuid,
+                    log.luids[name],
+                    marks=[region],
+                    clears=[region - 1] if region > base else [],
+                )
+                region += 1
+                done[name] += 1
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+        finally:
+            client.close()
+
+    threads = [
+        threading.Thread(target=writer, args=(n, b), daemon=True) for n, b in (("n1", 1), ("n2", 2001))
+    ]
+    for t in threads:
+        t.start()
+    wait_for(lambda: min(done.values()) > 20, what="both nodes flushing")
+    before = dict(done)
+    cluster.start("n3")
+    log.clients["n3"] = cluster.client("n3")
+    log.open("n3")
+    wait_for(lambda: min(done[n] - before[n] for n in done) > 20, what="flushing went on after the join")
+    stop.set()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    # The joiner's copy equals the others': every node's last mark not clean, the same counts.
+    last = {n: (1 if n == "n1" else 2001) + done[n] - 1 for n in done}
+    wait_for(
+        lambda: all(not is_clean(*log.on(m), last[n]) for n in done for m in NAMES),
+        what="last marks everywhere",
+    )
+    assert counts(log) == {n: 4096 for n in NAMES}
+    for region in (1, 2001, last["n1"] - 1, last["n2"] - 1):
+        assert len({is_clean(*log.on(m), region) for m in NAMES}) == 1, region

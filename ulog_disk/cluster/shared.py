@@ -168,12 +168,16 @@ class SharedLog:
             blocked |= bits
         candidates = ~self.sync & ~blocked
         candidates[self.region_count:] = 0
-        for region in candidates.search(1, start):
-            if region not in self.recovering:
-                self.cursor[node] = region + 1
-                self.recovering[region] = node
-                return region
-        self.cursor[node] = self.region_count
+        # From the cursor to the end, then from the start: unlike one node's log, regions come
+        # back to hand out while the search is past them (another node's recovery failed, a
+        # departed node was fenced), and the kernel keeps asking.
+        for lo, hi in ((start, self.region_count), (0, start)):
+            for region in candidates.search(1, lo, hi):
+                if region not in self.recovering:
+                    self.cursor[node] = region + 1
+                    self.recovering[region] = node
+                    return region
+        self.cursor[node] = 0
         return None
 
     def set_region_sync(self, node: int, region: int, in_sync: bool) -> None:

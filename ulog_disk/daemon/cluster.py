@@ -74,6 +74,9 @@ log = logging.getLogger("ulog_disk.cluster")
 GROUP_NAME = "dm-ulogd"
 #: Journal bytes after which the loop writes a new snapshot (and the journal before it goes).
 SNAPSHOT_AFTER = 8 * 1024 * 1024
+#: An epoch's bits above this count the times the cluster formed anew from its state directories
+#: (no member current); the bits below count the state messages applied since.
+EPOCH_FORMATION = 40
 #: Seconds between two attempts to fence a node whose fence command failed.
 FENCE_RETRY = 5.0
 
@@ -167,6 +170,10 @@ class ClusterNode:
         self.fencing: dict[int, subprocess.Popen[bytes]] = {}
         self.fence_after: dict[int, float] = {}
         self.declared: set[int] = set()
+        #: The corosync nodes of this node's totem ring (alive as far as corosync knows).
+        self.totem_members: set[int] = set()
+        #: Nodes whose daemon this one saw leave the group (and not come back).
+        self.left_nodes: set[int] = set()
         self.declared_fenced: set[int] = set()
         #: When the loop must come back although nothing arrives (corosync pushed back, a fence
         #: command to retry): the sync thread wakes it then.
@@ -179,7 +186,7 @@ class ClusterNode:
         os.set_blocking(self.wake_w, False)
         self._sync_lock = threading.Condition()
         self._sync_wanted = False
-        self._snapshots: list[tuple[bytes, int, int]] = []
+        self._snapshots: list[tuple[bytes, int, int, int]] = []
         self._durable_epoch = self.store.durable_epoch
         self._sync_error: BaseException | None = None
         self._stopping = False
@@ -208,9 +215,10 @@ class ClusterNode:
                 log.error("cluster journal: a record is not a message (%s): the state ends before it", exc)
                 break
             if state.epoch != applied.epoch:
-                log.warning("cluster journal: epoch %d after a record that says %d", state.epoch,
-                            applied.epoch)
-                state.epoch = applied.epoch
+                if state.epoch >> EPOCH_FORMATION == applied.epoch >> EPOCH_FORMATION:
+                    log.warning("cluster journal: epoch %#x after a record that says %#x", state.epoch,
+                                applied.epoch)
+                state.epoch = applied.epoch  # a formation since the snapshot
         if self.store.damage:
             log.warning("cluster journal: damage found (%s): the state is the one before it, epoch %d; "
                         "newer copies of the other members replace it", "; ".join(self.store.damage),
@@ -508,7 +516,7 @@ class ClusterNode:
             elif isinstance(event, ConfChange):
                 self._confchg(event)
             elif isinstance(event, TotemChange):
-                pass
+                self.totem_members = set(event.members)
         if self._journal_pending:
             self._request_sync()
         self._answer_ready()
@@ -600,7 +608,7 @@ class ClusterNode:
         self._snapshot_position = self.store.journal.position
         data = msg.encode_snapshot(self.state)
         with self._sync_lock:
-            self._snapshots.append((data, self.store.snapshot_id, self.state.epoch))
+            self._snapshots.append((data, self.store.snapshot_id, self.state.epoch, self._snapshot_position))
             self._sync_wanted = True
             self._sync_lock.notify()
 
@@ -613,6 +621,8 @@ class ClusterNode:
             self.reassembler.forget(gone.nodeid, gone.pid)
             if gone.nodeid not in nodes:
                 self.durable_of.pop(gone.nodeid, None)
+                self.left_nodes.add(gone.nodeid)
+        self.left_nodes -= nodes
         if event.left:
             log.warning("cluster: member(s) left: %s", ", ".join(f"node {a.nodeid} ({a.reason.name.lower()})"
                                                               for a in event.left))
@@ -640,16 +650,45 @@ class ClusterNode:
 
     def _hello(self, event: Deliver, message: msg.Decoded) -> None:
         f = message.fields
+        if self.round is None and f.round == msg.round_of(list(self.members)) and event.pid != self.pid:
+            # A member asks for an exchange without a membership change (it regained quorum
+            # after a formation that lacked a majority): every member answers.
+            self._start_round()
         if self.round is None or f.round != self.round:
             return
         self.hellos[(event.nodeid, event.pid)] = f
         if set(self.hellos) != set(self.members):
             return
+        round_id, self.round = self.round, None
+        # No member current: the cluster forms anew from its state directories. Only a majority
+        # may: a minority's newest state may lack what the others acknowledged.
+        formation = not any(h.current for h in self.hellos.values())
+        if formation:
+            nodes = {n for n, _ in self.hellos}
+            known = self.state.nodes_known() | nodes | self.totem_members
+            expected = max(len(self.totem_members), len(known))
+            if 2 * len(nodes) <= expected or not self._ask_quorate():
+                log.warning("cluster: the daemons of %d of %d nodes are members: the cluster's state is "
+                            "chosen once a majority's are; agreed requests wait", len(nodes), expected)
+                self.syncing = False
+                return
+        # The newest state: the highest epoch, whose high bits count the formations (see
+        # EPOCH_FORMATION), so that a history that went on after a formation outranks an older
+        # one however long that one grew.
         donor_member = max(self.hellos, key=lambda m: (self.hellos[m].epoch, -m[0], -m[1]))
         donor = self.hellos[donor_member]
         mine = self.hellos.get((self.nodeid, self.pid))
-        round_id, self.round = self.round, None
-        needs = [m for m, h in self.hellos.items() if (h.epoch, h.digest) != (donor.epoch, donor.digest)]
+        # A member that was not current dropped the state messages delivered since the change:
+        # it takes the state even if it looked equal when it said hello.
+        needs = [m for m, h in self.hellos.items() if m != donor_member and (
+            (h.epoch, h.digest) != (donor.epoch, donor.digest) or not (h.current or formation))]
+        for node, _ in needs:
+            self.durable_of.pop(node, None)  # what it acknowledged was another history
+        if formation and (self.nodeid, self.pid) not in needs:
+            self.state.epoch = ((donor.epoch >> EPOCH_FORMATION) + 1) << EPOCH_FORMATION
+            log.info("cluster: formed from the state directories of node(s) %s (newest: node %d's); "
+                     "epoch %#x", ", ".join(str(n) for n, _ in sorted(self.hellos)), donor_member[0],
+                     self.state.epoch)
         if donor_member == (self.nodeid, self.pid):
             self.current = True
             self.syncing = False
@@ -661,7 +700,7 @@ class ClusterNode:
                 for piece in pieces:
                     self._multicast_plain(msg.Kind.STATE, round=round_id, piece=piece)
                 self.counters.transfers_sent += 1
-        elif mine is not None and (mine.epoch, mine.digest) == (donor.epoch, donor.digest):
+        elif mine is not None and (self.nodeid, self.pid) not in needs:
             self.current = True
             self.syncing = False
         else:
@@ -701,9 +740,12 @@ class ClusterNode:
         self.syncing = False
         self.counters.transfers_taken += 1
         snapshot_id = self.store.new_snapshot_id()
+        self.store.new_history()
+        self._durable_epoch = 0
+        self.announced = 0
         self._snapshot_position = self.store.journal.position
         with self._sync_lock:
-            self._snapshots.append((payload, snapshot_id, state.epoch))
+            self._snapshots.append((payload, snapshot_id, state.epoch, self._snapshot_position))
             self._sync_wanted = True
             self._sync_lock.notify()
         log.info("cluster: took the state at epoch %d (%d clustered log(s)); applying %d message(s) "
@@ -730,7 +772,11 @@ class ClusterNode:
         if not self._coordinator() or not self.may_multicast():
             return
         present = {n for n, _ in self.members}
-        missing = self.state.nodes_known() - present - set(self.state.unfenced) - self.declared
+        # Gone: its daemon left the group, or its corosync is not in the ring (a node missing when
+        # the cluster forms: startup fencing). A node whose corosync runs but whose daemon has not
+        # joined yet is starting: its boot id, when it comes, says whether its writes ended.
+        gone = self.left_nodes | (self.state.nodes_known() - self.totem_members)
+        missing = (self.state.nodes_known() & gone) - present - set(self.state.unfenced) - self.declared
         if missing and self._ask_quorate():
             self.declared |= missing
             self._agree(msg.Kind.DEPARTED, {"nodes": sorted(missing)})
@@ -792,6 +838,8 @@ class ClusterNode:
         self.quorate = quorate
         if quorate:
             log.warning("cluster: quorate again")
+            if not self.current and not self.receiving and self.round is None and self.members:
+                self._start_round()
             self._release_waiting()
             self._coordinate()
         else:
@@ -821,8 +869,8 @@ class ClusterNode:
                 self._sync_wanted = False
                 snapshots, self._snapshots = self._snapshots, []
             try:
-                for data, snapshot_id, epoch in snapshots:
-                    self.store.write_snapshot(data, snapshot_id, epoch)
+                for data, snapshot_id, epoch, position in snapshots:
+                    self.store.write_snapshot(data, snapshot_id, epoch, position)
                 durable = self.store.sync()
                 if self.store.journal.wants_spare():
                     self.store.journal.prepare()
@@ -833,13 +881,13 @@ class ClusterNode:
                 with self._sync_lock:
                     self._sync_wanted = True
                 continue
-            self._durable_epoch = durable
+            self._durable_epoch = min(durable, self.store.durable_epoch)  # a new history resets it
             with contextlib.suppress(BlockingIOError):
                 os.write(self.wake_w, b"d")
 
     def _durable_advanced(self) -> None:
         durable = self._durable_epoch
-        if durable > self.announced and len(self.members) > 1 and not self.closed:
+        if durable > self.announced and len(self.members) > 1 and not self.closed and self.current:
             self.announced = durable
             self._multicast_plain(msg.Kind.DURABLE, epoch=durable)
         self._answer_ready()

@@ -142,13 +142,22 @@ class ClusterStore:
                 self.durable_epoch = max(self.durable_epoch, self._positions.pop(0)[1])
             return self.durable_epoch
 
+    def new_history(self) -> None:
+        """This node takes another node's state: nothing of the new history is durable here
+        until its snapshot is written (what was, belongs to the history left behind)."""
+        with self._lock:
+            self.durable_epoch = 0
+            self._positions.clear()
+
     def new_snapshot_id(self) -> int:
         """The id records appended from now on name (a state transfer starts a new history)."""
         self.snapshot_id = secrets.randbits(63) or 1
         return self.snapshot_id
 
-    def write_snapshot(self, snapshot: bytes, snapshot_id: int, epoch: int) -> None:
-        """Replace the snapshot file; then the journal before it is no longer needed."""
+    def write_snapshot(self, snapshot: bytes, snapshot_id: int, epoch: int, position: int) -> None:
+        """Replace the snapshot file; then the journal before ``position`` (where it stood when
+        the snapshot was taken: records after it may be newer than the snapshot) is no longer
+        needed."""
         data = SnapshotFileV1.build({"body": {"value": {"snapshot_id": snapshot_id, "epoch": epoch,
                                                         "snapshot": snapshot}}})
         tmp = self.snapshot_path.with_name("snapshot.new")
@@ -160,11 +169,11 @@ class ClusterStore:
             os.fsync(fd)
         finally:
             os.close(fd)
-        position = self.journal.position
         os.rename(tmp, self.snapshot_path)
         fsync_dir(self.directory)
         with self._lock:
             self.durable_epoch = max(self.durable_epoch, epoch)
+            self._positions = [(p, e) for p, e in self._positions if e > epoch]
         self.journal.prepare()
         self.journal.cut(position)
 
