@@ -403,6 +403,13 @@ class ClusterNode:
             for r in regions:
                 if not 0 <= r < ctr.region_count:
                     raise IndexError(f"region {r} out of range (region count {ctr.region_count})")
+            if log_ is None:
+                # Not open anywhere in the cluster yet (an inactive table's pass before its
+                # RESUME, which writes nothing): kept for the first FLUSH after it.
+                marks, clears = self.unflushed.setdefault(request.uuid, (set(), set()))
+                marks.update(regions)
+                clears.difference_update(regions)
+                return Reply(request, 0)
             marks, clears = self.unflushed.pop(request.uuid, (set(), set()))
             marks.update(regions)
             clears.difference_update(regions)
@@ -650,7 +657,8 @@ class ClusterNode:
 
     def _hello(self, event: Deliver, message: msg.Decoded) -> None:
         f = message.fields
-        if self.round is None and f.round == msg.round_of(list(self.members)) and event.pid != self.pid:
+        if self.round is None and f.round == msg.round_of(list(self.members)) and (
+                event.nodeid, event.pid) != (self.nodeid, self.pid):
             # A member asks for an exchange without a membership change (it regained quorum
             # after a formation that lacked a majority): every member answers.
             self._start_round()
@@ -725,14 +733,16 @@ class ClusterNode:
         try:
             payload = self.reassembler.feed(event.nodeid, event.pid, bytes(message.fields.piece))
         except PieceError as exc:
-            log.error("cluster: state transfer broken (%s): waiting for the next exchange", exc)
+            log.error("cluster: state transfer broken (%s): asking for another exchange", exc)
+            self._start_round()
             return
         if payload is None:
             return
         try:
             state = msg.decode_snapshot(payload)
         except msg.MessageError as exc:
-            log.error("cluster: the state received is not usable (%s): waiting for the next exchange", exc)
+            log.error("cluster: the state received is not usable (%s): asking for another exchange", exc)
+            self._start_round()
             return
         self.state = state
         self.receiving = False
