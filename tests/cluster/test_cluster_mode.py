@@ -31,6 +31,7 @@ from nodes import (
 )
 from rig import Rig
 
+from ulog_disk.protocol import wire
 from ulog_disk.protocol.wire import RequestType as T
 from ulog_disk.testing.client import Client
 
@@ -532,3 +533,18 @@ def test_a_node_joins_while_the_others_flush(cluster: ClusterDaemons) -> None:
     assert counts(log) == {n: 4096 for n in NAMES}
     for region in (1, 2001, last["n1"] - 1, last["n2"] - 1):
         assert len({is_clean(*log.on(m), region) for m in NAMES}) == 1, region
+
+
+def test_a_flush_of_thousands_of_marks(cluster: ClusterDaemons) -> None:
+    """MARK_REGION requests gathered until the FLUSH: more regions than one message carries."""
+    log = new_log(cluster, 8192)
+    client, uuid, luid = log.on("n2")
+    regions = list(range(0, 7000, 2))
+    for start in range(0, len(regions), 32):
+        client.ok(uuid, luid, T.MARK_REGION, wire.build_regions(regions[start : start + 32]))
+    client.ok(uuid, luid, T.FLUSH)
+    for name in NAMES:
+        assert not any(is_clean(*log.on(name), r) for r in regions[::97] + [regions[-1]])
+        assert is_clean(*log.on(name), 1)
+    flush_marks(client, uuid, luid, clears=regions)
+    wait_for(lambda: all(is_clean(*log.on(n), regions[-1]) for n in NAMES), what="cleared everywhere")

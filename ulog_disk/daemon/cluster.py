@@ -77,6 +77,9 @@ SNAPSHOT_AFTER = 8 * 1024 * 1024
 #: An epoch's bits above this count the times the cluster formed anew from its state directories
 #: (no member current); the bits below count the state messages applied since.
 EPOCH_FORMATION = 40
+#: Regions of each kind in one FLUSH message (its lists are counted in 16 bits; 2 x 8 KiB of
+#: regions stays far below the CPG's atomic message size).
+FLUSH_REGIONS = 1024
 #: Seconds between two attempts to fence a node whose fence command failed.
 FENCE_RETRY = 5.0
 
@@ -415,7 +418,14 @@ class ClusterNode:
             clears.difference_update(regions)
             if not marks and not clears:
                 return Reply(request, 0)
-            fields = {"uuid": request.uuid, "marks": sorted(marks), "clears": sorted(clears)}
+            marks_list, clears_list = sorted(marks), sorted(clears)
+            # One sender's messages are applied in the order sent: the reply waits for the last,
+            # and so for all of them (a message carries at most FLUSH_REGIONS of each).
+            while len(marks_list) > FLUSH_REGIONS or len(clears_list) > FLUSH_REGIONS:
+                self._agree(msg.Kind.FLUSH, {"uuid": request.uuid, "marks": marks_list[:FLUSH_REGIONS],
+                                             "clears": clears_list[:FLUSH_REGIONS]})
+                marks_list, clears_list = marks_list[FLUSH_REGIONS:], clears_list[FLUSH_REGIONS:]
+            fields = {"uuid": request.uuid, "marks": marks_list, "clears": clears_list}
             self._agree(msg.Kind.FLUSH, fields,
                         Pending(request, address, msg.Kind.FLUSH, b"", durable=bool(marks)))
             return None
