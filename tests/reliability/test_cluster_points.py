@@ -6,7 +6,7 @@ node holds it marked, no region handed to two recoverers, a crashed node's marks
 recovered, every node's IN_SYNC and GET_SYNC_COUNT alike, no acknowledged mark lost.
 
 Default 4 points (one of each fault), ``ULOG_REL_CLUSTER_POINTS`` sets the count; the long mode
-(``tools/reliability/run.py --long --only cluster``) runs 250. ``ULOG_REL_SEED`` picks the
+(``tools/reliability/run.py --long --only cluster``) runs 220. ``ULOG_REL_SEED`` picks the
 sequence; each violation names its point's seed (``cluster_points.py --replay SEED``).
 
 Skipped, with the reason, only where the rig cannot exist (not root; no unshare, nsenter, ip or
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "tools" / "reliability"))
 import cluster_points  # noqa: E402
 from rig import missing_tools  # noqa: E402 - on sys.path through cluster_points
 
-POINTS = int(scale("ULOG_REL_CLUSTER_POINTS", 4, 250))
+POINTS = int(scale("ULOG_REL_CLUSTER_POINTS", 4, 220))
 SEED = int(os.environ.get("ULOG_REL_SEED", "11"))
 
 

@@ -5,7 +5,7 @@ print their figures.
     .venv/bin/python tools/reliability/run.py --long         # >= 100 k frames, 1000 crash points,
                                                              # 10 minutes of load, 200 damaged stores
     .venv/bin/python tools/reliability/run.py --long --only fuzz,crash
-    .venv/bin/python tools/reliability/run.py --long --only cluster   # 250 cluster crash points
+    .venv/bin/python tools/reliability/run.py --long --only cluster   # 220 cluster crash points
     .venv/bin/python tools/reliability/run.py --soak 600     # + the real-kernel soak under qemu
 
 The tests live in ``tests/reliability/`` (and ``tests/kernel/test_soak.py`` for the soak); this
@@ -36,7 +36,7 @@ GROUPS = {
     "disk": "tests/reliability/test_disk_faults.py",
     "crash": "tests/reliability/test_crash_points.py",
     "load": "tests/reliability/test_load.py",
-    # Faults on a 3-node corosync rig (root): 4 points by default, 250 in the long mode.
+    # Faults on a 3-node corosync rig (root): 4 points by default, 220 in the long mode.
     "cluster": "tests/reliability/test_cluster_points.py",
     # Real kernel under qemu (long mode only): a stalled state disk, descriptor and memory limits.
     "faults": "tests/kernel/test_faults.py",
