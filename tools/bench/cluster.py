@@ -89,8 +89,8 @@ FULL = ClusterConfig(
     flush_samples=1000,
     flush_blocks=5,
     warmup=50,
-    concurrent_seconds=3.0,
-    concurrent_rounds=3,
+    concurrent_seconds=2.0,
+    concurrent_rounds=5,
     rate_requests=5000,
     rate_blocks=5,
     mirrors=1000,
@@ -102,7 +102,7 @@ QUICK = ClusterConfig(
     flush_blocks=3,
     warmup=20,
     concurrent_seconds=1.0,
-    concurrent_rounds=1,
+    concurrent_rounds=2,
     rate_requests=2000,
     rate_blocks=2,
     mirrors=100,
@@ -337,26 +337,35 @@ class ClusterBench:
         pids = {name: (self.pid(name), self.corosync_pid(name)) for name in NODES}
 
         def flood(
-            name: str, seconds: float, out: dict[str, tuple[int, float]], start: threading.Barrier
+            name: str,
+            seconds: float,
+            out: dict[str, tuple[int, float]],
+            start: threading.Barrier,
+            waits: list[float],
         ) -> None:
             lean = clients[name]
             region = next_region[name]
             start.wait()
             n = 0
-            t0 = time.perf_counter()
+            t0 = now = time.perf_counter()
             end = t0 + seconds
-            while time.perf_counter() < end:
+            while now < end:
                 lean.call("flush1", (region * STRIDE) % REGIONS)
+                done = time.perf_counter()
+                waits.append(done - now)
+                now = done
                 region += 1
                 n += 1
-            out[name] = (n, time.perf_counter() - t0)
+            out[name] = (n, now - t0)
             next_region[name] = region
 
         def run(names: Sequence[str]) -> dict[str, Any]:
             out: dict[str, tuple[int, float]] = {}
+            waits: list[float] = []
             start = threading.Barrier(len(names) + 1)
             threads = [
-                threading.Thread(target=flood, args=(n, cfg.concurrent_seconds, out, start)) for n in names
+                threading.Thread(target=flood, args=(n, cfg.concurrent_seconds, out, start, waits))
+                for n in names
             ]
             for t in threads:
                 t.start()
@@ -374,6 +383,9 @@ class ClusterBench:
                 "rate": sum(n / dt for n, dt in out.values()),
                 "flushes": flushes,
                 "wall": wall,
+                "p50_ms": percentile(waits, 50) * MS,
+                "p99_ms": percentile(waits, 99) * MS,
+                "mean_ms": sum(waits) / max(1, len(waits)) * MS,
                 "per_node": {n: out[n][0] for n in names},
                 "daemon_cpu_per_flush": {n: (c1[n][0] - c0[n][0]) / max(1, flushes) for n in NODES},
                 "corosync_cpu_per_flush": {n: (c1[n][1] - c0[n][1]) / max(1, flushes) for n in NODES},
@@ -402,6 +414,14 @@ class ClusterBench:
                 lean.close()
         alone = median([r["rate"] for r in runs["alone"]])
         three = median([r["rate"] for r in runs["three"]])
+
+        def lat(kind: str) -> str:
+            return (
+                " / ".join(
+                    f"{median([r[k] for r in runs[kind]]):.2f}" for k in ("p50_ms", "p99_ms", "mean_ms")
+                )
+                + " ms"
+            )
 
         def per_flush(kind: str, key: str, name: str) -> float:
             return median([r[key][name] for r in runs[kind]])
@@ -438,8 +458,9 @@ class ClusterBench:
             "one node alone, same client",
             2.0,
             lower_is_better=False,
-            note=f"machine busy {100 * busy3:.0f}% of {cores} CPUs (alone: {100 * busy1:.0f}%); "
-            f"daemon CPU share {share}",
+            note=f"FLUSH wait p50 / p99 / mean: alone {lat('alone')}, three at once {lat('three')}; machine "
+            f"busy {100 * busy3:.0f}% of {cores} CPUs (alone: {100 * busy1:.0f}%); daemon CPU share {share}; "
+            f"{cfg.concurrent_rounds} runs of {cfg.concurrent_seconds:g} s each, interleaved",
         )
         worst = max(daemon_us.values())
         # Per FLUSH of the cluster, each node's daemon applies it, journals it and syncs it (and
