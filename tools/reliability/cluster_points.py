@@ -50,6 +50,7 @@ import itertools
 import json
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -77,7 +78,7 @@ WEIGHTS = (3, 3, 2, 2)
 LOSE_STATE = 0.25
 #: A request is answered within this, or the kernel gives up (a partitioned node's requests wait
 #: for the heal, which the harness bounds well below it).
-REQUEST_TIMEOUT = 90.0
+REQUEST_TIMEOUT = 30.0
 #: The logs of a point: (name, regions, CTR sync argument). "fresh" starts with every region out
 #: of sync: the recovery log.
 LOGS = (("a", 64, "nosync"), ("b", 48, "nosync"), ("fresh", 32, None))
@@ -509,7 +510,9 @@ class Runner:
         self.daemons = ClusterDaemons(rig, base)
         self.violations: list[Violation] = []
         self.results: list[dict] = []
-        self.harness_errors: list[str] = []
+        #: Points after which the cluster was started again from empty state directories (a point
+        #: that could not finish leaves a cluster that may not answer: the next points need one that does).
+        self.resets = 0
 
     def start(self) -> None:
         self.daemons.start_all()
@@ -526,6 +529,16 @@ class Runner:
         for name in NAMES:
             if not d.node(name).alive():
                 d.start(name)
+
+    def reset(self) -> None:
+        """Every daemon killed, every state directory emptied, the cluster started again."""
+        self.resets += 1
+        d = self.daemons
+        for name in NAMES:
+            d.kill(name)
+            shutil.rmtree(d.node(name).state_dir, ignore_errors=True)
+            d.reboot_id(name)
+        self.healthy()
 
     def run_point(self, seed: int) -> dict:
         self.healthy()
@@ -544,6 +557,8 @@ class Runner:
                 if k.client is not None:
                     k.client.close()
             self.daemons.clients = []
+        if "error" in result:
+            self.reset()
         result["violations"] = len(self.violations) - before
         self.results.append(result)
         return result
@@ -552,7 +567,7 @@ class Runner:
         return {n: str(self.daemons.node(n).log_path) for n in NAMES}
 
 
-def summary(results: list[dict], violations: list[Violation], seconds: float) -> dict:
+def summary(results: list[dict], violations: list[Violation], seconds: float, resets: int = 0) -> dict:
     faults = Counter(r["fault"] + ("+lost_state" if r.get("lose_state") else "") for r in results)
     rules = Counter(v.rule for v in violations)
     per_point = [r["seconds"] for r in results if "seconds" in r]
@@ -566,6 +581,8 @@ def summary(results: list[dict], violations: list[Violation], seconds: float) ->
         "in_flight_at_fault": dict(sum((Counter(r.get("in_flight", {})) for r in results), Counter())),
         "violations_by_rule": dict(rules),
         "points_with_violations": sum(1 for r in results if r.get("violations")),
+        "points_not_finished": sum(1 for r in results if "error" in r),
+        "cluster_resets": resets,
         "seconds": round(seconds, 1),
         "seconds_per_point": round(sum(per_point) / len(per_point), 2) if per_point else None,
         "violations": len(violations),
@@ -597,6 +614,10 @@ def run(points: int, seed: int, base: Path, replay: int | None = None,
         echo: bool = True) -> tuple[dict, list[Violation], Runner]:
     """A fresh rig under ``base``, ``points`` points (or the one point ``replay``); the summary,
     the violations and the runner (its daemons' logs stay under ``base``)."""
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM ends the run through the ``finally`` below (daemons stopped, rig down); a
+        # background shell's SIGINT is ignored, so this is how such a run is stopped.
+        signal.signal(signal.SIGTERM, _terminate)
     rig = Rig(base / "rig")
     rig.up(len(NAMES))
     runner = Runner(rig, base / "daemons")
@@ -615,7 +636,12 @@ def run(points: int, seed: int, base: Path, replay: int | None = None,
         with contextlib.suppress(Exception):
             runner.daemons.stop_all()
         rig.down()
-    return summary(runner.results, runner.violations, time.monotonic() - t0), runner.violations, runner
+    return (summary(runner.results, runner.violations, time.monotonic() - t0, runner.resets),
+            runner.violations, runner)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
