@@ -24,9 +24,12 @@ When a reply goes out:
   once it has the majority's state (see below), where they apply a second time harmlessly.
 
 Membership (corosync's, never our own): at every change that adds a member, each member
-multicasts a HELLO (its epoch and a digest of its state); when every member's HELLO is in, the
-member with the highest epoch (ties: the lowest node id) is the donor, and every member whose
-state differs takes the donor's snapshot, in pieces, while the others go on. A node gone from the
+multicasts a HELLO (its epoch, a digest of its state, whether it was current); when every
+member's HELLO is in, the member with the highest epoch (ties: the lowest node id) is the donor,
+and every member whose state differs, or that was not current, takes the donor's snapshot, in
+pieces, while the others go on. When no member was current (the cluster starting from its state
+directories) the exchange needs a majority of the nodes' daemons, and it counts a formation in
+the epoch's high bits, so that the history that goes on from it outranks any older one. A node gone from the
 membership is declared departed by the coordinator (the lowest node id among the members), which
 also fences it (``--fence-command``) and multicasts FENCED when the command succeeds.
 """
@@ -80,6 +83,8 @@ EPOCH_FORMATION = 40
 #: Regions of each kind in one FLUSH message (its lists are counted in 16 bits; 2 x 8 KiB of
 #: regions stays far below the CPG's atomic message size).
 FLUSH_REGIONS = 1024
+#: Seconds a fence command may run before it counts as failed (and is killed).
+FENCE_TIMEOUT = 120.0
 #: Seconds between two attempts to fence a node whose fence command failed.
 FENCE_RETRY = 5.0
 
@@ -172,6 +177,7 @@ class ClusterNode:
         self.rebooted_sent = False
         self.fencing: dict[int, subprocess.Popen[bytes]] = {}
         self.fence_after: dict[int, float] = {}
+        self.fence_started: dict[int, float] = {}
         self.declared: set[int] = set()
         #: The corosync nodes of this node's totem ring (alive as far as corosync knows).
         self.totem_members: set[int] = set()
@@ -196,6 +202,9 @@ class ClusterNode:
         self._sync_thread = threading.Thread(target=self._sync_run, daemon=True, name="cluster-sync")
         self._sync_thread.start()
         self.group.join()
+        if not quorum.provider:
+            log.warning("corosync has no quorum provider: every partition counts as quorate, and both "
+                        "sides of a split acknowledge state changes (configure votequorum; docs/cluster.md)")
         if not self.fence_command:
             log.warning("no --fence-command: a node that leaves the membership counts as fenced at once; "
                         "unsafe against a living node cut off by a partition, which can keep writing "
@@ -647,6 +656,11 @@ class ClusterNode:
             log.info("cluster: member(s) joined: %s; exchanging state", ", ".join(f"node {a.nodeid}"
                                                                                  for a in event.joined))
             self._start_round()
+        elif self.round is not None or (self.receiving and self.receive_from not in self.members):
+            # The exchange under way waits for a member that is gone (or its donor left): again,
+            # among those who are here.
+            log.info("cluster: membership changed during the state exchange: exchanging again")
+            self._start_round()
         else:
             self._coordinate()
         if self.quorate:
@@ -819,6 +833,7 @@ class ClusterNode:
         log.warning("cluster: fencing node %d: %s", node, shlex.join(argv))
         try:
             self.fencing[node] = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+            self.fence_started[node] = time.monotonic()
         except OSError as exc:
             log.error("cluster: cannot run the fence command for node %d: %s; retried in %g s", node, exc,
                       FENCE_RETRY)
@@ -828,7 +843,11 @@ class ClusterNode:
         for node, proc in list(self.fencing.items()):
             code = proc.poll()
             if code is None:
-                continue
+                if time.monotonic() - self.fence_started.get(node, time.monotonic()) < FENCE_TIMEOUT:
+                    continue
+                log.error("cluster: the fence command for node %d ran %g s: killed", node, FENCE_TIMEOUT)
+                proc.kill()
+                code = proc.wait()
             del self.fencing[node]
             if code == 0:
                 log.warning("cluster: node %d fenced (the fence command exited 0)", node)
@@ -913,6 +932,11 @@ class ClusterNode:
         self._answer_ready()
 
     def _answer_ready(self) -> None:
+        # Only from a state agreed in this membership: a reply computed in a history this node
+        # may yet give up (during an exchange, or while taking the state) waits; if the history is
+        # given up, the request goes again in the new one (_resend_unanswered).
+        if not self.current or self.syncing or self.receiving:
+            return
         ready = [t for t, p in self.pending.items() if p.reply is not None and self._durable_enough(p)]
         if not ready:
             return
