@@ -845,9 +845,12 @@ class ClusterBench:
                         flush=True,
                     )
         finally:
-            self.detail["daemon_logs"] = {n: str(d.log_path) for n, d in self.daemons.nodes.items()}
-            self.s.extra["cluster"] = self.detail
-            self.down()
+            try:
+                self.detail["daemon_logs"] = {n: str(d.log_path) for n, d in self.daemons.nodes.items()}
+                self.s.extra["cluster"] = self.detail
+            finally:
+                # Whatever failed: no corosync, daemon or namespace of the rig outlives the run.
+                self.down()
 
 
 @dataclass
