@@ -9,7 +9,9 @@ from the node that sent it.
 
 from __future__ import annotations
 
+import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -107,11 +109,67 @@ class Decoded:
     fields: c.Container
 
 
+# --- the hot kinds by hand, checked against the definition above (tests/test_cluster_messages.py):
+# every FLUSH is encoded once and decoded by every member, every member's DURABLE by every other;
+# construct takes 100-180 µs for each, struct a few.
+
+_HEAD = struct.Struct("<2sBB")
+_MAGIC = b"UC"
+_U64 = struct.Struct("<Q")
+_U8 = struct.Struct("<B")
+_U16 = struct.Struct("<H")
+
+
+def _encode_flush(token: int, uuid: str, marks: Sequence[int], clears: Sequence[int]) -> bytes:
+    raw = uuid.encode("latin-1")
+    if len(raw) > 255 or len(marks) > 0xFFFF or len(clears) > 0xFFFF:
+        raise MessageError("a FLUSH message's uuid or region lists are too long")
+    head = _HEAD.pack(_MAGIC, MESSAGE_VERSION, Kind.FLUSH)
+    return b"".join((head, _U64.pack(token), _U8.pack(len(raw)), raw,
+                     struct.pack(f"<H{len(marks)}Q", len(marks), *marks),
+                     struct.pack(f"<H{len(clears)}Q", len(clears), *clears)))
+
+
+def _decode_flush(data: bytes) -> c.Container:
+    try:
+        (token,) = _U64.unpack_from(data, 4)
+        n = data[12]
+        pos = 13 + n
+        if len(data) < pos:
+            raise MessageError("a FLUSH message ends inside its uuid")
+        uuid = data[13:pos].decode("latin-1")
+        lists = []
+        for _ in range(2):
+            (count,) = _U16.unpack_from(data, pos)
+            lists.append(list(struct.unpack_from(f"<{count}Q", data, pos + 2)))
+            pos += 2 + 8 * count
+    except (struct.error, IndexError):
+        raise MessageError("a FLUSH message ends early") from None
+    if pos != len(data):
+        raise MessageError(f"a FLUSH message has {len(data) - pos} bytes after its end")
+    return c.Container(token=token, uuid=uuid, marks=lists[0], clears=lists[1])
+
+
+def _decode_durable(data: bytes) -> c.Container:
+    if len(data) != 12:
+        raise MessageError(f"a DURABLE message of {len(data)} bytes")
+    return c.Container(epoch=_U64.unpack_from(data, 4)[0])
+
+
 def encode(kind: Kind, **fields: object) -> bytes:
+    if kind is Kind.FLUSH:
+        return _encode_flush(fields["token"], fields["uuid"], fields["marks"], fields["clears"])  # type: ignore[arg-type]
+    if kind is Kind.DURABLE:
+        return _HEAD.pack(_MAGIC, MESSAGE_VERSION, Kind.DURABLE) + _U64.pack(fields["epoch"])  # type: ignore[arg-type]
     return Message.build({"header": {"kind": kind}, "body": fields})
 
 
 def decode(data: bytes) -> Decoded:
+    if len(data) >= 4 and data[:3] == b"UC\x01":
+        if data[3] == Kind.FLUSH:
+            return Decoded(Kind.FLUSH, _decode_flush(data))
+        if data[3] == Kind.DURABLE:
+            return Decoded(Kind.DURABLE, _decode_durable(data))
     try:
         parsed = Message.parse(data)
     except (c.ConstructError, UnicodeDecodeError) as exc:

@@ -62,7 +62,7 @@ from ..cluster.corosync import (
     TotemChange,
     split,
 )
-from ..cluster.shared import ClusterRuleError, ClusterState
+from ..cluster.shared import ClusterRuleError, ClusterState, SharedLog
 from ..log.lifecycle import State, next_state
 from ..protocol import wire
 from ..protocol.ctrargs import CtrArgs, parse_ctr
@@ -367,8 +367,6 @@ class ClusterNode:
 
     def _answer(self, kind: RequestType, request: Request, address: object, local: Local,
                 new_state: State, shared: object) -> Reply | None:
-        from ..cluster.shared import SharedLog
-
         log_ = shared if isinstance(shared, SharedLog) else None
         ctr = local.ctr
         data = request.data
@@ -641,6 +639,7 @@ class ClusterNode:
     # --- membership --------------------------------------------------------------------------------
 
     def _confchg(self, event: ConfChange) -> None:
+        self._ask_quorate()  # the new ring's quorum, before anything is answered in it
         self.members = tuple(sorted(a.member for a in event.members))
         nodes = {n for n, _ in self.members}
         for gone in event.left:
@@ -663,8 +662,6 @@ class ClusterNode:
             self._start_round()
         else:
             self._coordinate()
-        if self.quorate:
-            self.quorate = self._ask_quorate()
 
     def _start_round(self) -> None:
         self.round = msg.round_of(list(self.members))
@@ -911,8 +908,6 @@ class ClusterNode:
                 for data, snapshot_id, epoch, position in snapshots:
                     self.store.write_snapshot(data, snapshot_id, epoch, position)
                 durable = self.store.sync()
-                if self.store.journal.wants_spare():
-                    self.store.journal.prepare()
             except OSError as exc:
                 self._sync_error = exc
                 log.error("cluster: the cluster journal cannot be made durable (%s): FLUSHes wait", exc)
@@ -923,6 +918,11 @@ class ClusterNode:
             self._durable_epoch = min(durable, self.store.durable_epoch)  # a new history resets it
             with contextlib.suppress(BlockingIOError):
                 os.write(self.wake_w, b"d")
+            try:
+                if self.store.journal.wants_spare():
+                    self.store.journal.prepare()  # after the wake-up: no FLUSH waits for it
+            except OSError as exc:
+                log.error("cluster: cannot make the cluster journal's next segment (%s); retried", exc)
 
     def _durable_advanced(self) -> None:
         durable = self._durable_epoch
@@ -938,9 +938,9 @@ class ClusterNode:
         if not self.current or self.syncing or self.receiving:
             return
         ready = [t for t, p in self.pending.items() if p.reply is not None and self._durable_enough(p)]
-        if not ready:
-            return
-        if not self._ask_quorate():
+        # Quorum as corosync last said: asked at every membership change (votequorum has counted
+        # the new ring before CPG delivers anything in it) and followed through its notifications.
+        if not ready or not self.quorate:
             return
         now = time.monotonic()
         for token in ready:
