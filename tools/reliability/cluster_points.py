@@ -31,8 +31,8 @@ The oracle (what the kernels were told, nothing else) and its rules:
    checked at every answer;
 3. ``crashed_in_sync``: every region a crashed or rebooted node held marked is out of sync on every
    node until some node sends SET_REGION_SYNC 1 for it;
-4. ``disagree``: every node answers the same GET_SYNC_COUNT and IN_SYNC for every region, and the
-   count is the number of regions in sync;
+4. ``disagree``: every node answers the same GET_SYNC_COUNT, IN_SYNC and IS_CLEAN for every region
+   (marks are shared state too), and the count is the number of regions in sync;
 5. ``mark_lost``: a crashed node's acknowledged mark (never cleared) is never clean, until recovered.
 
 A request the kernel sent and did not get answered (in flight at the fault) guarantees nothing: its
@@ -48,6 +48,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import os
 import random
 import shutil
 import signal
@@ -381,17 +382,30 @@ class Point:
         if self.fault == "kill":
             d.kill(v)
         elif self.fault == "crash":
-            d.crash(v)
-            self.oracle.node_crashed(v)
+            self.power_cut([v])
         elif self.fault == "partition":
             self.rig.partition(v)
         elif self.fault == "all":
-            for name in NAMES:
-                d.kill(name)
-            for name in NAMES:
-                self.rig.kill_corosync(name)
-            for name in NAMES:
-                self.oracle.node_crashed(name)
+            self.power_cut(list(NAMES))
+
+    def power_cut(self, names: list[str]) -> None:
+        """Every process of these nodes SIGKILLed at once, before any is reaped: a daemon killed
+        a few milliseconds before another node's would be a daemon-only kill to the others (they
+        see it leave, release its marks and recover them), not the power cut this is."""
+        d, rig = self.daemons, self.rig
+        for name in names:
+            proc = d.node(name).proc
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+            pid = rig.node(name).pid
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        for name in names:
+            self.oracle.node_crashed(name)
+        for name in names:
+            d.kill(name)  # reaps it
+            rig.kill_corosync(name)  # reaps it, removes its /dev/shm files
 
     def recover(self) -> None:
         d, rig, v = self.daemons, self.rig, self.victim
@@ -477,10 +491,12 @@ class Point:
             first = answers[NAMES[0]]
             for name in NAMES[1:]:
                 other = answers[name]
-                if other[1] != first[1] or other[2] != first[2]:
-                    diff = [r for r in range(len(first[1])) if first[1][r] != other[1][r]]
+                if other != first:
+                    sync_diff = [r for r in range(len(first[1])) if first[1][r] != other[1][r]]
+                    clean_diff = [r for r in range(len(first[0])) if first[0][r] != other[0][r]]
                     self.violation("disagree", f"{uuid}: {NAMES[0]} and {name} differ: GET_SYNC_COUNT "
-                                               f"{first[2]} vs {other[2]}, IN_SYNC of regions {diff[:10]}")
+                                               f"{first[2]} vs {other[2]}, IN_SYNC of regions "
+                                               f"{sync_diff[:10]}, IS_CLEAN of regions {clean_diff[:10]}")
         for e in self.errors:
             self.violation("error", e)
 
