@@ -184,6 +184,10 @@ class SharedLog:
         self.check_region(region)
         if self.recovering.get(region) == node:
             del self.recovering[region]
+        if in_sync and any(bits[region] for bits in self.held.values()):
+            # A departed node not fenced yet may still be writing it (a late report of a
+            # recovery that started before the departure): it stays out of sync.
+            return
         self._set_sync(region, in_sync)
         if in_sync:
             self.released[region] = 0
