@@ -491,12 +491,17 @@ class Point:
             first = answers[NAMES[0]]
             for name in NAMES[1:]:
                 other = answers[name]
-                if other != first:
-                    sync_diff = [r for r in range(len(first[1])) if first[1][r] != other[1][r]]
-                    clean_diff = [r for r in range(len(first[0])) if first[0][r] != other[0][r]]
+                # The barrier's own region: the last CLEAR of it is answered once applied on its
+                # node, and reaches the others a moment later.
+                barrier = self.regions[uuid] - 1
+                sync_diff = [r for r in range(len(first[1])) if first[1][r] != other[1][r]]
+                clean_diff = [f"{r} ({first[0][r]}/{other[0][r]})" for r in range(len(first[0]))
+                              if first[0][r] != other[0][r] and r != barrier]
+                if sync_diff or clean_diff or first[2] != other[2]:
+                    clean = ", ".join(clean_diff[:10])
                     self.violation("disagree", f"{uuid}: {NAMES[0]} and {name} differ: GET_SYNC_COUNT "
-                                               f"{first[2]} vs {other[2]}, IN_SYNC of regions "
-                                               f"{sync_diff[:10]}, IS_CLEAN of regions {clean_diff[:10]}")
+                                               f"{first[2]} vs {other[2]}, IN_SYNC of regions {sync_diff[:10]}, "
+                                               f"IS_CLEAN ({NAMES[0]}/{name}) of regions {clean}")
         for e in self.errors:
             self.violation("error", e)
 
