@@ -100,7 +100,7 @@ state_disk_up() {
 # cluster_daemon: dm-ulogd --cluster corosync on the netlink connector, its fence command the host's
 # kill (fence.sh).
 cluster_daemon() {
-    export FENCE_OUT=$OUT FENCE_STATE=$STATE PY
+    export FENCE_OUT=$OUT
     start_listener "$SOUT/ready" "$SOUT/daemon.log" "$PY" -m ulog_disk --listen netlink --cluster corosync \
         --state-dir "$STATE" --backend "$BACKEND" --ready-file "$SOUT/ready" --capture "$SOUT/capture.bin" \
         --fence-command "$CLUSTER_DIR/fence.sh" -v

@@ -1,0 +1,112 @@
+"""The cluster mode on real kernels: two qemu guests sharing the legs of one mirror.
+
+``tools/vm/cluster2.py run node-dies`` (through ``ulogvm.py run cluster:node-dies``, which is how
+the real-kernel tests' guest pool runs every guest): two guests boot together, the legs are raw
+images attached to both (``share-rw=on``, ``cache=none``, ``file.locking=off``), a network links
+the two qemu processes only (``-netdev dgram`` over unix sockets), each guest runs corosync (2
+nodes, ``two_node: 1``) and ``dm-ulogd --cluster corosync --backend lmdb`` on a state disk of its
+own, and creates the same mirror (same uuid, same table: a ``userspace`` log of type
+``clustered-core``, 64 regions). Both write with O_DIRECT (disjoint and shared regions, never a
+shared block); the host SIGKILLs node 2's qemu while both write (a power cut and a perfect fence
+at once). Node 1 must keep writing without a failed write, see node 2 depart, fence it (the fence
+command waits for the host's kill), resync exactly the regions node 2 held marked, end in sync;
+the host then compares the legs (the raw images) byte for byte.
+
+What the real kernel adds to the contract tests of tests/cluster: dm-log-userspace caches the
+in-sync hint the daemon returns with IS_REMOTE_RECOVERING and, once it saw the mirror in sync, asks
+neither IS_REMOTE_RECOVERING nor GET_RESYNC_WORK again until its next resume. So the released
+regions are resynced only after a suspend + resume of the survivor's mirror (the scenario does one
+and records the sync count before it: the regions minus those released).
+
+Takes about 200-250 s of wall time and both cores of a 2-core machine (two guests): with the long
+real-kernel tests only (``ULOG_KERNEL_LONG=1``). Results in ``results/pytest-cluster-node-dies/``
+(``summary.txt``: each number with its reason). ``ULOG_SKIP_KERNEL=1`` skips.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+
+import guests
+import pytest
+from test_real_kernel import ScenarioRun, require_daemon, require_harness
+
+pytestmark = pytest.mark.kernel
+
+LONG = os.environ.get("ULOG_KERNEL_LONG") == "1"
+REGIONS = 64
+S = "n1.node-dies"  # the survivor's keys
+NODE_DIES = guests.Guest("cluster-node-dies", "cluster:node-dies", estimate=230, timeout=720,
+                         env=("BACKEND=lmdb",), backend=False)
+
+
+def regions(text: str | None) -> set[int]:
+    """A comma-separated list of regions ("none": empty)."""
+    return set() if text in (None, "", "none") else {int(r) for r in text.split(",")}
+
+
+def key(run: ScenarioRun, name: str) -> str:
+    value = run.get(name)
+    assert value is not None, f"{name} missing\n{run.explain()}"
+    return value
+
+
+@pytest.mark.guest(NODE_DIES)
+@pytest.mark.skipif(not LONG, reason="two guests for ~230 s: with ULOG_KERNEL_LONG=1")
+def test_one_node_dies_the_survivor_resyncs_its_regions() -> None:
+    require_harness()
+    require_daemon()
+    if shutil.which("corosync") is None:
+        pytest.fail("corosync is not installed on the host (the guests run the host's): bash tools/run.sh "
+                    "setup installs it", pytrace=False)
+    run = guests.result(NODE_DIES)
+    assert run.rc == 0, run.explain()
+    expect = {
+        "host.n2_end": "killed by the host as intended",
+        "host.n1_end": "exit code 0",
+        "host.killed_node": "2",
+        # the legs, byte for byte, from the host
+        "host.legs": "equal",
+        "host.legs_diff_regions": "0",
+        # both nodes made the mirror and shared its first resync
+        f"{S}.create_rc": "0",
+        "n2.node-dies.create_rc": "0",
+        f"{S}.sync_initial": f"{REGIONS}/{REGIONS}",
+        "n2.node-dies.sync_initial": f"{REGIONS}/{REGIONS}",
+        # the survivor: no write failed, in sync at the end, healthy, removed cleanly
+        f"{S}.writes_failed": "0",
+        f"{S}.writer_rc": "0",
+        f"{S}.suspend_rc": "0",
+        f"{S}.resume_rc": "0",
+        f"{S}.sync_final": f"{REGIONS}/{REGIONS}",
+        f"{S}.health_final": "AA",
+        f"{S}.remove_rc": "0",
+        f"{S}.stop_rc_1": "0",
+        f"{S}.rc": "0",
+    }
+    for name, want in expect.items():
+        assert run.get(name) == want, f"{name}: got {run.get(name)!r}, want {want!r}\n{run.explain()}"
+    # One recoverer per region: the two kernels' first resync splits the regions between them.
+    first = regions(key(run, f"{S}.resynced_initial_regions"))
+    second = regions(key(run, "n2.node-dies.resynced_initial_regions"))
+    assert not first & second, f"regions recovered by both nodes: {sorted(first & second)}\n{run.explain()}"
+    assert first | second == set(range(REGIONS)), run.explain()
+    # Both wrote before the death, the survivor after it too.
+    at_kill = dict(item.split(":") for item in key(run, "host.writes_at_kill").split(","))
+    assert int(at_kill["n1"]) > 0 and int(at_kill["n2"]) > 0, run.explain()
+    assert int(key(run, f"{S}.writes_total")) > int(key(run, f"{S}.writes_at_notice")), run.explain()
+    # What the survivor's log held of the dead node (its marks, out of sync at the departure and
+    # released by the fence) is what it resynced, no more, no less; node 2 died with writes in
+    # flight to a slow leg, so there was something to resync.
+    held = regions(key(run, f"{S}.held_regions"))
+    assert len(held) == int(key(run, f"{S}.held_count")) == int(key(run, f"{S}.departed_regions_logged"))
+    assert held, f"node 2 held no region marked at its death\n{run.explain()}"
+    resynced = regions(key(run, f"{S}.resynced_after_death_regions"))
+    assert resynced == held, f"resynced {sorted(resynced)}, held {sorted(held)}\n{run.explain()}"
+    # The kernel asked for none of them before the resume (its in-sync hint), and all after it.
+    assert key(run, f"{S}.sync_before_resume") == f"{REGIONS - len(held)}/{REGIONS}", run.explain()
+    assert int(key(run, f"{S}.resynced_after_resume")) == len(held), run.explain()
+    assert re.fullmatch(rf"0 \d+ mirror 2 \d+:\d+ \d+:\d+ {REGIONS}/{REGIONS} 1 AA 1 clustered-core",
+                        key(run, f"{S}.status_final")), run.explain()
