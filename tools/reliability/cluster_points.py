@@ -499,9 +499,10 @@ class Point:
                               if first[0][r] != other[0][r] and r != barrier]
                 if sync_diff or clean_diff or first[2] != other[2]:
                     clean = ", ".join(clean_diff[:10])
-                    self.violation("disagree", f"{uuid}: {NAMES[0]} and {name} differ: GET_SYNC_COUNT "
-                                               f"{first[2]} vs {other[2]}, IN_SYNC of regions {sync_diff[:10]}, "
-                                               f"IS_CLEAN ({NAMES[0]}/{name}) of regions {clean}")
+                    pair = f"{NAMES[0]}/{name}"
+                    text = (f"{uuid}: {pair} differ: GET_SYNC_COUNT {first[2]}/{other[2]}, "
+                            f"IN_SYNC of regions {sync_diff[:10]}, IS_CLEAN ({pair}) of regions {clean}")
+                    self.violation("disagree", text)
         for e in self.errors:
             self.violation("error", e)
 
