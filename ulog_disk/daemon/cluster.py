@@ -184,6 +184,11 @@ class ClusterNode:
         #: Nodes whose daemon this one saw leave the group (and not come back).
         self.left_nodes: set[int] = set()
         self.declared_fenced: set[int] = set()
+        #: Rounds decided since the last membership change (late HELLOs of them are ignored).
+        self.rounds_done: set[int] = set()
+        #: HELLOs of the rounds not decided yet, by round; the rounds this node said HELLO in.
+        self.hello_book: dict[int, dict[tuple[int, int], object]] = {}
+        self.hello_sent: set[int] = set()
         #: When the loop must come back although nothing arrives (corosync pushed back, a fence
         #: command to retry): the sync thread wakes it then.
         self._timer_at: float | None = None
@@ -543,9 +548,15 @@ class ClusterNode:
                 self.totem_members = set(event.members)
         if self._journal_pending:
             self._request_sync()
+        if self._coordinate_due:
+            # After the whole batch: a change read late (a split and its heal in one batch)
+            # is judged by the membership as it is now.
+            self._coordinate_due = False
+            self._coordinate()
         self._answer_ready()
 
     _journal_pending = False
+    _coordinate_due = False
 
     def _deliver(self, event: Deliver, answered: list[Pending]) -> None:
         try:
@@ -570,6 +581,17 @@ class ClusterNode:
             self.durable_of[event.nodeid] = max(self.durable_of.get(event.nodeid, 0), message.fields.epoch)
 
     def _apply(self, event: Deliver, message: msg.Decoded) -> None:
+        if message.kind is msg.Kind.DEPARTED:
+            # Declared from a membership change its coordinator read late: a node that is a
+            # member where the declaration is ordered (the same membership on every member) has
+            # not departed. What is applied, and journaled, is the rest.
+            present = {n for n, _ in self.members}
+            nodes = [n for n in message.fields.nodes if n not in present]
+            if not nodes:
+                return
+            if len(nodes) != len(message.fields.nodes):
+                data = msg.encode(msg.Kind.DEPARTED, token=message.fields.token, nodes=nodes)
+                event, message = Deliver(event.nodeid, event.pid, data), msg.decode(data)
         item = msg.as_input(event.nodeid, message)
         result: object = None
         error: ClusterRuleError | None = None
@@ -613,7 +635,7 @@ class ClusterNode:
             self.counters.departed += len(message.fields.nodes)
             log.warning("cluster: node(s) %s departed: %s region(s) they held out of sync and held for their "
                         "fence", ", ".join(map(str, message.fields.nodes)), result)
-            self._coordinate()  # the coordinator fences them now
+            self._coordinate_due = True  # the coordinator fences them
         elif kind is msg.Kind.FENCED:
             self.counters.fenced += 1
             self.declared.discard(message.fields.node)
@@ -640,6 +662,9 @@ class ClusterNode:
 
     def _confchg(self, event: ConfChange) -> None:
         self._ask_quorate()  # the new ring's quorum, before anything is answered in it
+        self.rounds_done.clear()
+        self.hello_book.clear()
+        self.hello_sent.clear()
         self.members = tuple(sorted(a.member for a in event.members))
         nodes = {n for n, _ in self.members}
         for gone in event.left:
@@ -661,15 +686,20 @@ class ClusterNode:
             log.info("cluster: membership changed during the state exchange: exchanging again")
             self._start_round()
         else:
-            self._coordinate()
+            self._coordinate_due = True
 
-    def _start_round(self) -> None:
-        self.round = msg.round_of(list(self.members))
-        self.hellos = {}
+    def _start_round(self, round_id: int | None = None) -> None:
+        self.round = msg.round_of(list(self.members)) if round_id is None else round_id
         self.syncing = True
+        if self.round in self.hello_sent:
+            return
+        self.hello_sent.add(self.round)
         snapshot = msg.encode_snapshot(self.state)
         self._multicast_plain(msg.Kind.HELLO, round=self.round, epoch=self.state.epoch,
                               digest=msg.digest(snapshot), current=self.current, boot_id=self.boot_id)
+
+    def round_id(self) -> int:
+        return msg.round_of(list(self.members))
 
     def _multicast_plain(self, kind: msg.Kind, **fields: object) -> None:
         self.group.send(msg.encode(kind, **fields))
@@ -677,18 +707,24 @@ class ClusterNode:
             self.group.pump()
 
     def _hello(self, event: Deliver, message: msg.Decoded) -> None:
+        # One round per membership, started by its change on every member, named by it: each
+        # member says HELLO once, and the round is decided at the same place of the agreed order
+        # on every member (its last member's HELLO), from the same HELLOs. A HELLO of another
+        # round (sent before a change, ordered after it), or a late copy of a decided one (a
+        # member that handled two changes before its first HELLO was ordered), changes nothing.
         f = message.fields
-        if self.round is None and f.round == msg.round_of(list(self.members)) and (
-                event.nodeid, event.pid) != (self.nodeid, self.pid):
-            # A member asks for an exchange without a membership change (it regained quorum
-            # after a formation that lacked a majority): every member answers.
-            self._start_round()
-        if self.round is None or f.round != self.round:
+        round_id = f.round
+        if round_id != self.round_id() or round_id in self.rounds_done:
             return
-        self.hellos[(event.nodeid, event.pid)] = f
-        if set(self.hellos) != set(self.members):
+        book = self.hello_book.setdefault(round_id, {})
+        book[(event.nodeid, event.pid)] = f
+        if set(book) != set(self.members):
             return
-        round_id, self.round = self.round, None
+        self.rounds_done.add(round_id)
+        del self.hello_book[round_id]
+        if self.round == round_id:
+            self.round = None
+        self.hellos = book
         # No member current: the cluster forms anew from its state directories. Only a majority
         # may: a minority's newest state may lack what the others acknowledged.
         formation = not any(h.current for h in self.hellos.values())
@@ -704,7 +740,14 @@ class ClusterNode:
         # The newest state: the highest epoch, whose high bits count the formations (see
         # EPOCH_FORMATION), so that a history that went on after a formation outranks an older
         # one however long that one grew.
-        donor_member = max(self.hellos, key=lambda m: (self.hellos[m].epoch, -m[0], -m[1]))
+        # Within one formation a member that was current holds the newest state: a member that
+        # was not dropped what was applied since the change, and the current members' HELLOs
+        # were sent before they applied it (their epochs then may tie with a stale copy's).
+        def rank(m: tuple[int, int]) -> tuple[int, bool, int, int, int]:
+            h = self.hellos[m]
+            return (h.epoch >> EPOCH_FORMATION, h.current, h.epoch, -m[0], -m[1])
+
+        donor_member = max(self.hellos, key=rank)
         donor = self.hellos[donor_member]
         mine = self.hellos.get((self.nodeid, self.pid))
         # A member that was not current dropped the state messages delivered since the change:
@@ -754,16 +797,17 @@ class ClusterNode:
         try:
             payload = self.reassembler.feed(event.nodeid, event.pid, bytes(message.fields.piece))
         except PieceError as exc:
-            log.error("cluster: state transfer broken (%s): asking for another exchange", exc)
-            self._start_round()
+            log.error("cluster: state transfer broken (%s): this node takes the state at the next "
+                      "membership change (restart this daemon to force one)", exc)
+            self.receiving = False
             return
         if payload is None:
             return
         try:
             state = msg.decode_snapshot(payload)
         except msg.MessageError as exc:
-            log.error("cluster: the state received is not usable (%s): asking for another exchange", exc)
-            self._start_round()
+            log.error("cluster: the state received is not usable (%s): this node takes the state at the "
+                      "next membership change (restart this daemon to force one)", exc)
             return
         self.state = state
         self.receiving = False
@@ -874,8 +918,6 @@ class ClusterNode:
         self.quorate = quorate
         if quorate:
             log.warning("cluster: quorate again")
-            if not self.current and not self.receiving and self.round is None and self.members:
-                self._start_round()
             self._release_waiting()
             self._coordinate()
         else:
