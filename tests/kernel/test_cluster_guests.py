@@ -18,8 +18,13 @@ neither IS_REMOTE_RECOVERING nor GET_RESYNC_WORK again until its next resume. So
 regions are resynced only after a suspend + resume of the survivor's mirror (the scenario does one
 and records the sync count before it: the regions minus those released).
 
-Takes about 200-250 s of wall time and both cores of a 2-core machine (two guests): with the long
-real-kernel tests only (``ULOG_KERNEL_LONG=1``). Results in ``results/pytest-cluster-node-dies/``
+Also ``both-write`` (both nodes write, both in sync at the end, nothing resynced by the writes, legs
+identical) and ``power-cut`` (the host kills both qemu processes while both write, both boot again
+on the same disks: only regions marked at the cut resync, every region the cut left different among
+them, legs identical).
+
+Each takes 160-320 s of wall time and both cores of a 2-core machine (two guests): with the long
+real-kernel tests only (``ULOG_KERNEL_LONG=1``). Results in ``results/pytest-cluster-<scenario>/``
 (``summary.txt``: each number with its reason). ``ULOG_SKIP_KERNEL=1`` skips.
 """
 
@@ -40,6 +45,10 @@ REGIONS = 64
 S = "n1.node-dies"  # the survivor's keys
 NODE_DIES = guests.Guest("cluster-node-dies", "cluster:node-dies", estimate=230, timeout=720,
                          env=("BACKEND=lmdb",), backend=False)
+POWER_CUT = guests.Guest("cluster-power-cut", "cluster:power-cut", estimate=320, timeout=900,
+                         env=("BACKEND=lmdb",), backend=False)
+BOTH_WRITE = guests.Guest("cluster-both-write", "cluster:both-write", estimate=200, timeout=720,
+                          env=("BACKEND=lmdb",), backend=False)
 
 
 def regions(text: str | None) -> set[int]:
@@ -53,15 +62,49 @@ def key(run: ScenarioRun, name: str) -> str:
     return value
 
 
-@pytest.mark.guest(NODE_DIES)
-@pytest.mark.skipif(not LONG, reason="two guests for ~230 s: with ULOG_KERNEL_LONG=1")
-def test_one_node_dies_the_survivor_resyncs_its_regions() -> None:
+#: Each node's keys in both-write: the mirror made, the first resync, every write, in sync and healthy
+#: at the end with nothing resynced by the writes, removed cleanly.
+BOTH_WRITE_EXPECT = {
+    "create_rc": "0", "sync_initial": f"{REGIONS}/{REGIONS}", "writer_rc": "0", "writes_failed": "0",
+    "sync_final": f"{REGIONS}/{REGIONS}", "health_final": "AA", "resynced_after_writes": "0",
+    "remove_rc": "0", "stop_rc_1": "0", "rc": "0",
+}
+
+
+def cluster_run(guest: guests.Guest) -> ScenarioRun:
     require_harness()
     require_daemon()
     if shutil.which("corosync") is None:
         pytest.fail("corosync is not installed on the host (the guests run the host's): bash tools/run.sh "
                     "setup installs it", pytrace=False)
-    run = guests.result(NODE_DIES)
+    return guests.result(guest)
+
+
+@pytest.mark.guest(BOTH_WRITE)
+@pytest.mark.skipif(not LONG, reason="two guests for ~200 s: with ULOG_KERNEL_LONG=1")
+def test_both_nodes_write_both_in_sync_legs_identical() -> None:
+    run = cluster_run(BOTH_WRITE)
+    assert run.rc == 0, run.explain()
+    for name, want in {"host.n1_end": "exit code 0", "host.n2_end": "exit code 0", "host.legs": "equal",
+                       "host.legs_diff_regions": "0"}.items():
+        assert run.get(name) == want, f"{name}: got {run.get(name)!r}, want {want!r}\n{run.explain()}"
+    first = {}
+    for n in (1, 2):
+        s = f"n{n}.both-write"
+        for name, want in BOTH_WRITE_EXPECT.items():
+            got = run.get(f"{s}.{name}")
+            assert got == want, f"{s}.{name}: got {got!r}, want {want!r}\n{run.explain()}"
+        assert int(key(run, f"{s}.writes_total")) > 0, run.explain()
+        first[n] = regions(key(run, f"{s}.resynced_initial_regions"))
+    # One recoverer per region across the two kernels.
+    assert not first[1] & first[2], f"recovered by both: {sorted(first[1] & first[2])}\n{run.explain()}"
+    assert first[1] | first[2] == set(range(REGIONS)), run.explain()
+
+
+@pytest.mark.guest(NODE_DIES)
+@pytest.mark.skipif(not LONG, reason="two guests for ~230 s: with ULOG_KERNEL_LONG=1")
+def test_one_node_dies_the_survivor_resyncs_its_regions() -> None:
+    run = cluster_run(NODE_DIES)
     assert run.rc == 0, run.explain()
     expect = {
         "host.n2_end": "killed by the host as intended",
@@ -110,3 +153,33 @@ def test_one_node_dies_the_survivor_resyncs_its_regions() -> None:
     assert int(key(run, f"{S}.resynced_after_resume")) == len(held), run.explain()
     assert re.fullmatch(rf"0 \d+ mirror 2 \d+:\d+ \d+:\d+ {REGIONS}/{REGIONS} 1 AA 1 clustered-core",
                         key(run, f"{S}.status_final")), run.explain()
+
+
+@pytest.mark.guest(POWER_CUT)
+@pytest.mark.skipif(not LONG, reason="two guests booted twice, ~320 s: with ULOG_KERNEL_LONG=1")
+def test_both_nodes_lose_power_only_the_marked_regions_resync() -> None:
+    run = cluster_run(POWER_CUT)
+    assert run.rc == 0, run.explain()
+    for name, want in {"host.n1_end": "exit code 0", "host.n2_end": "exit code 0", "host.legs": "equal",
+                       "host.legs_diff_regions": "0"}.items():
+        assert run.get(name) == want, f"{name}: got {run.get(name)!r}, want {want!r}\n{run.explain()}"
+    assert run.get("host.boots") is None, run.explain()
+    resynced: set[int] = set()
+    marked: set[int] = set()
+    for n in (1, 2):
+        s = f"n{n}.power-cut"
+        for name, want in {"sync_initial": f"{REGIONS}/{REGIONS}", "sync_final": f"{REGIONS}/{REGIONS}",
+                           "health_final": "AA", "remove_rc": "0", "stop_rc_1": "0", "rc": "0"}.items():
+            got = run.get(f"{s}.{name}")
+            assert got == want, f"{s}.{name}: got {got!r}, want {want!r}\n{run.explain()}"
+        assert key(run, f"{s}.boot1_boot_id") != key(run, f"{s}.boot2_boot_id"), run.explain()
+        mine = regions(key(run, f"{s}.resynced_boot2_regions"))
+        assert not mine & resynced, f"resynced by both: {sorted(mine & resynced)}\n{run.explain()}"
+        resynced |= mine
+        marked |= regions(key(run, f"{s}.marked_at_cut"))
+    # Only the regions marked at the cut resync (not all of them: the store kept the rest in sync),
+    # and every region the cut left different is among them.
+    different = regions(key(run, "n1.power-cut.legs_diff_at_cut"))
+    assert resynced <= marked, f"resynced {sorted(resynced - marked)} not marked\n{run.explain()}"
+    assert different <= resynced, f"different {sorted(different - resynced)} not resynced\n{run.explain()}"
+    assert len(resynced) < REGIONS, run.explain()

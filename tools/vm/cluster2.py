@@ -199,13 +199,30 @@ def start_guest(g: Guest, lines: Queue[tuple[Guest, bytes | None]]) -> None:
 class HostDriver:
     """Called about every half second while the guests run (and once more after they ended)."""
 
+    #: How many times both guests boot (on the same disks); a boot before the last must end with the
+    #: driver's kill of both guests (a power cut of the whole cluster).
+    boots = 1
+
     def __init__(self, guests: list[Guest], say: Callable[[str], None], keys: dict[str, str]) -> None:
         self.guests = guests
         self.say = say
         self.keys = keys  # host.* result keys
+        self.boot = 1  # the boot running now
 
     def tick(self, now: float) -> None:
-        pass
+        self.barriers()
+
+    def barriers(self) -> None:
+        """lib.sh ``barrier NAME``: a guest there writes ``barrier-NAME.reached`` to its share and
+        waits for ``barrier-NAME.go``, written to every guest's share once all have reached it."""
+        alive = [g for g in self.guests if g.node not in self.expected_dead()]
+        names = {p.name.removesuffix(".reached") for g in alive for p in g.share.glob("barrier-*.reached")}
+        for name in sorted(names):
+            if all((g.share / f"{name}.reached").exists() for g in alive) and not all(
+                    (g.share / f"{name}.go").exists() for g in alive):
+                for g in alive:
+                    (g.share / f"{name}.go").write_text("go\n")
+                self.say(f"{name}: every node there, go")
 
     def expected_dead(self) -> set[int]:
         """Nodes whose qemu the driver killed: their end without an exit code is intended."""
@@ -232,6 +249,7 @@ class NodeDies(HostDriver):
         self.done = False
 
     def tick(self, now: float) -> None:
+        super().tick(now)
         if self.done:
             return
         counts = {g.node: writes_done(g, "node-dies") for g in self.guests}
@@ -263,7 +281,48 @@ class NodeDies(HostDriver):
         return {g.node for g in self.guests if g.killed_at is not None}
 
 
-DRIVERS: dict[str, type[HostDriver]] = {"node-dies": NodeDies}
+class PowerCut(HostDriver):
+    """Boot 1: both nodes write; once each has done KILL_AFTER writes since both were writing, the
+    host SIGKILLs both qemu processes at once (a power cut of the whole cluster). Boot 2: both boot
+    again on the same disks (the scenario's second half)."""
+
+    KILL_AFTER = 40
+    boots = 2
+
+    def __init__(self, guests: list[Guest], say: Callable[[str], None], keys: dict[str, str]) -> None:
+        super().__init__(guests, say, keys)
+        self.base: dict[int, int] | None = None
+        self.cut = False
+
+    def tick(self, now: float) -> None:
+        super().tick(now)
+        if self.boot != 1 or self.cut:
+            return
+        counts = {g.node: writes_done(g, "power-cut") for g in self.guests}
+        if self.base is None:
+            if all(counts.values()):
+                self.base = counts
+                self.say(f"both nodes write (writes so far: {counts}); the power of both is cut after "
+                         f"{self.KILL_AFTER} more on each")
+            return
+        if not all(counts[n] - self.base[n] >= self.KILL_AFTER for n in counts):
+            return
+        self.cut = True
+        if not all(g.alive() for g in self.guests):
+            self.keys["cut"] = "a guest had ended already"
+            return
+        for g in self.guests:  # back to back: the two kills are microseconds apart
+            assert g.proc is not None
+            g.proc.kill()
+            g.killed_at = now
+        self.keys["writes_at_cut"] = ",".join(f"n{n}:{c}" for n, c in sorted(counts.items()))
+        self.say(f"SIGKILL both qemu processes (power cut of the cluster) while both write ({counts})")
+
+    def expected_dead(self) -> set[int]:
+        return {g.node for g in self.guests if g.killed_at is not None}
+
+
+DRIVERS: dict[str, type[HostDriver]] = {"node-dies": NodeDies, "power-cut": PowerCut}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,10 +407,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         share = out / f"node{n}"
         share.mkdir()
         share.chmod(0o755)
-        params = {"ULOG_SCENARIO": name, "ULOG_CHECKOUT": str(CHECKOUT), "ULOG_PY": str(python),
-                  "ULOG_GUEST_TIMEOUT": str(max(args.timeout - ulogvm.GUEST_MARGIN_S, 10)),
-                  "ULOG_BOOT": "1", "ULOG_BOOTS": "1"}
-        (share / "params.sh").write_text("".join(f"{k}={shlex.quote(v)}\n" for k, v in params.items()))
         env = {"NODE": str(n), "NODES": str(NODES), "BACKEND": args.backend,
                "REGION_SECTORS": str(REGION_SECTORS), "TOKEN_MS": str(args.token)}
         for item in args.env:
@@ -365,20 +420,33 @@ def cmd_run(args: argparse.Namespace) -> int:
         g.cmd = qemu_command(a, g, args.memory, states[n], legs, sockets)
         guests.append(g)
     driver = DRIVERS.get(name, HostDriver)(guests, say, keys)
-    lines: Queue[tuple[Guest, bytes | None]] = Queue()
+    boots = driver.boots
     consoles = {g.node: g.console_path.open("wb") for g in guests}
-    ended: set[int] = set()
     deadline = t0 + args.timeout
     timed_out = False
+    boot = 1
     previous = {sig: signal.signal(sig, _raise_exit) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        log(f"booting {a.kernel.release} twice for cluster scenario {name} (timeout {args.timeout}s, "
-            f"results in {out})")
+
+    def run_boot(boot: int) -> None:
+        """Boot both guests (boot ``boot`` of ``boots``) and stream them until both have ended."""
+        nonlocal timed_out
+        lines: Queue[tuple[Guest, bytes | None]] = Queue()
+        ended: set[int] = set()
         for g in guests:
-            g.progress = ulogvm.Progress(1, 1, steps=not args.verbose,
+            params = {"ULOG_SCENARIO": name, "ULOG_CHECKOUT": str(CHECKOUT), "ULOG_PY": str(python),
+                      "ULOG_GUEST_TIMEOUT": str(max(int(deadline - time.monotonic()) - ulogvm.GUEST_MARGIN_S,
+                                                    10)),
+                      "ULOG_BOOT": str(boot), "ULOG_BOOTS": str(boots)}
+            (g.share / "params.sh").write_text("".join(f"{k}={shlex.quote(v)}\n" for k, v in params.items()))
+            if boots > 1:
+                consoles[g.node].write(f"==== ulogvm: boot {boot} of {boots} ====\n".encode())
+            g.killed_at = None
+            g.rc = None
+            g.progress = ulogvm.Progress(boot, boots, steps=not args.verbose,
                                          write=lambda t, g=g: log(f"[{g.name} {t[1:]}" if t.startswith("[")
                                                                   else f"[{g.name}] {t}"))
             start_guest(g, lines)
+        driver.boot = boot
         while len(ended) < len(guests):
             try:
                 g, line = lines.get(timeout=0.5)
@@ -419,6 +487,19 @@ def cmd_run(args: argparse.Namespace) -> int:
                     if other.alive():
                         assert other.proc is not None
                         other.proc.kill()
+
+    try:
+        log(f"booting {a.kernel.release} in two guests for cluster scenario {name}"
+            f"{f' ({boots} boots)' if boots > 1 else ''} (timeout {args.timeout}s, results in {out})")
+        for boot in range(1, boots + 1):
+            run_boot(boot)
+            if boot == boots or timed_out or driver.expected_dead() != {g.node for g in guests}:
+                break  # the last boot, or one that did not end in the intended power cut of both
+            say(f"boot {boot} of {boots} ended as intended (both guests killed); booting both again")
+            for g in guests:  # this boot's files apart from the next boot's
+                for f in ulogvm.PER_BOOT_FILES:
+                    if (g.share / f).exists():
+                        (g.share / f).replace(g.share / f"boot{boot}.{f}")
     finally:
         for g in guests:
             if g.alive():
@@ -435,6 +516,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     # How each guest ended.
     rc = 0
+    if boot < boots:
+        keys["boots"] = f"{boot} of {boots}: boot {boot} did not end in the intended kill of both guests"
+        rc = EXIT_FAILED
     for g in guests:
         code = g.read_share("exit-code")
         if g.node in driver.expected_dead():
@@ -516,6 +600,11 @@ def node_dies_summary(v: dict[str, str]) -> list[str]:
                  f"{v.get('host.legs_diff_regions', '?')} region(s) differ)"),
         ("time", f"{v.get('host.wall_seconds', '?')} s wall, {v.get('host.cpu_seconds', '?')} s CPU"),
     ]
+    return wrap_rows(rows)
+
+
+def wrap_rows(rows: list[tuple[str, str]]) -> list[str]:
+    """Label and text per row, the text wrapped under its column (as the single-guest demo's)."""
     width = max(len(label) for label, _ in rows)
     lines = []
     for label, text in rows:
@@ -525,7 +614,48 @@ def node_dies_summary(v: dict[str, str]) -> list[str]:
     return lines
 
 
-SUMMARIES: dict[str, Callable[[dict[str, str]], list[str]]] = {"node-dies": node_dies_summary}
+def both_write_summary(v: dict[str, str]) -> list[str]:
+    rows = []
+    for n in (1, 2):
+        s = f"n{n}.both-write"
+        rows.append((f"n{n}", f"recovered {v.get(f'{s}.resynced_initial', '?')} of the "
+                              f"{v.get(f'{s}.regions', '?')} regions at first; wrote "
+                              f"{v.get(f'{s}.writes_total', '?')} blocks of 64 KiB (O_DIRECT), "
+                              f"{v.get(f'{s}.writes_failed', '?')} failed; "
+                              f"{v.get(f'{s}.resynced_after_writes', '?')} regions resynced after; "
+                              f"status at the end: {v.get(f'{s}.status_final', '?')}"))
+    rows.append(("legs", f"{v.get('host.legs', '?')} (raw images compared on the host)"))
+    rows.append(("time", f"{v.get('host.wall_seconds', '?')} s wall, {v.get('host.cpu_seconds', '?')} s CPU"))
+    return wrap_rows(rows)
+
+
+def power_cut_summary(v: dict[str, str]) -> list[str]:
+    s1, s2 = "n1.power-cut", "n2.power-cut"
+    rows = [
+        ("power cut", "both qemu processes killed (SIGKILL) after writes "
+                      f"{v.get('host.writes_at_cut', '?')}"),
+        ("marked at the cut", f"{v.get(f'{s1}.marked_at_cut_count', '?')} region(s) "
+                              f"({v.get(f'{s1}.marked_at_cut', '?')}) in n1's state directory, "
+                              f"{v.get(f'{s2}.marked_at_cut_count', '?')} "
+                              f"({v.get(f'{s2}.marked_at_cut', '?')}) in n2's: the marks durable when the "
+                              "power went"),
+        ("legs different", f"{v.get(f'{s1}.legs_diff_at_cut_count', '?')} region(s) "
+                           f"({v.get(f'{s1}.legs_diff_at_cut', '?')}) after the cut: writes in flight"),
+        ("resynced in boot 2", f"{v.get(f'{s1}.resynced_boot2', '?')} by n1 "
+                               f"({v.get(f'{s1}.resynced_boot2_regions', '?')}), "
+                               f"{v.get(f'{s2}.resynced_boot2', '?')} by n2 "
+                               f"({v.get(f'{s2}.resynced_boot2_regions', '?')}), of "
+                               f"{v.get(f'{s1}.regions', '?')}"),
+        ("status", v.get(f"{s1}.status_final", "?")),
+        ("legs", f"{v.get('host.legs', '?')} (raw images compared on the host)"),
+        ("time", f"{v.get('host.wall_seconds', '?')} s wall, {v.get('host.cpu_seconds', '?')} s CPU"),
+    ]
+    return wrap_rows(rows)
+
+
+SUMMARIES: dict[str, Callable[[dict[str, str]], list[str]]] = {"node-dies": node_dies_summary,
+                                                                "both-write": both_write_summary,
+                                                                "power-cut": power_cut_summary}
 
 
 def run_for_ulogvm(scenario: str, args: argparse.Namespace) -> int:

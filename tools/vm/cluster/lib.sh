@@ -85,12 +85,15 @@ EOF
     corosync-quorumtool -s >"$SOUT/quorumtool.txt" 2>&1
 }
 
-# state_disk_up: this guest's own disk `state`, ext4, mounted; sets STATE (the daemon's state
+# state_disk_up: this guest's own disk `state`, ext4 (made in boot 1), mounted; sets STATE (the daemon's state
 # directory on it).
 state_disk_up() {
     local dev mnt=$WORK/statedisk
     dev=$(disk_dev state) || die "no disk 'state'"
-    mkfs.ext4 -F -q -E lazy_itable_init=0,lazy_journal_init=0 "$dev" || die "mkfs.ext4 $dev failed"
+    # Made in the first boot; a later boot mounts what the power cut left (ext4 replays its journal).
+    if [ "$BOOT" = 1 ]; then
+        mkfs.ext4 -F -q -E lazy_itable_init=0,lazy_journal_init=0 "$dev" || die "mkfs.ext4 $dev failed"
+    fi
     mkdir -p "$mnt"
     mount -t ext4 "$dev" "$mnt" || die "cannot mount $dev"
     STATE=$mnt/state
@@ -183,6 +186,55 @@ wait_log() {
         fi
         sleep 0.2
     done
+}
+
+# barrier NAME [LIMIT]: wait until every guest has reached barrier NAME (the host, seeing
+# barrier-NAME.reached in every guest's share, writes barrier-NAME.go into each); die after LIMIT s
+# (default 300).
+barrier() {
+    local t0=$SECONDS next=$((SECONDS + PROGRESS_EVERY))
+    : >"$OUT/barrier-$1.reached"
+    until [ -e "$OUT/barrier-$1.go" ]; do
+        ((SECONDS - t0 > ${2:-300})) && die "barrier $1: the other node not there after ${2:-300} s"
+        if ((SECONDS >= next)); then
+            log "waiting for the other node at barrier $1 ($((SECONDS - t0)) s)"
+            next=$((SECONDS + PROGRESS_EVERY))
+        fi
+        sleep 0.2
+    done
+    log "barrier $1 passed"
+}
+
+# cluster_mirror_up UUID NAME: network, corosync, the state disk, dm-ulogd and the mirror on the shared
+# legs (REGION_SECTORS regions; leg 1 behind dm-delay on node SLOW_LEG, or on both with SLOW_LEG=all),
+# waits for the first resync; sets REGIONS and records what this node recovered of it.
+cluster_mirror_up() {
+    local uuid=$1 name=$2 sectors table first
+    net_up
+    corosync_up
+    state_disk_up
+    cluster_daemon
+    shared_legs
+    sectors=$(sectors "${LEGS[0]}")
+    if [ "${SLOW_LEG:-}" = "$NODE" ] || [ "${SLOW_LEG:-}" = all ]; then
+        # This node's writes reach leg 1 DELAY_MS late (dm-delay in front of it, this node only): at
+        # a kill its writes in flight are marked, on leg 0 and not yet on leg 1, so the death leaves
+        # the legs different in regions it held marked, and the resync has something to do.
+        dmsetup --noudevsync create "n$NODE-leg1-slow" \
+            --table "0 $sectors delay ${LEGS[1]} 0 0 ${LEGS[1]} 0 ${DELAY_MS:-400}" || die "dm-delay failed"
+        dmsetup mknodes "n$NODE-leg1-slow"
+        LEGS[1]=/dev/mapper/n$NODE-leg1-slow
+        log "leg 1 behind dm-delay here: writes ${DELAY_MS:-400} ms late"
+    fi
+    REGIONS=$((sectors / REGION_SECTORS))
+    record "regions" "$REGIONS"
+    table="0 $sectors mirror userspace 3 $uuid clustered-core $REGION_SECTORS 2 ${LEGS[0]} 0 ${LEGS[1]} 0"
+    create_mirror "$name" "$table"
+    wait_sync "$name" 300
+    check "sync_initial" "$SYNC_STATUS" "$REGIONS/$REGIONS"
+    first=$(recovered_regions)
+    record "resynced_initial" "$(count_list "$first")"
+    record "resynced_initial_regions" "${first:-none}"
 }
 
 cluster_cleanup() {

@@ -20,33 +20,10 @@ UUID=ulogvm2-node-dies
 NAME=ulog-cluster
 
 scenario_node_dies() {
-    local sectors regions table line_left line_departed line_resume t_notice held after first
+    local regions line_left line_departed line_resume t_notice held after
     trap cluster_cleanup EXIT
-    net_up
-    corosync_up
-    state_disk_up
-    cluster_daemon
-    shared_legs
-    sectors=$(sectors "${LEGS[0]}")
-    if [ "$NODE" = 2 ]; then
-        # The victim's writes reach leg 1 DELAY_MS late (dm-delay in front of it, this node only):
-        # at the kill its writes in flight are marked, on leg 0 and not yet on leg 1, so the death
-        # leaves the legs different in regions it held marked, and the resync has something to do.
-        dmsetup --noudevsync create n2-leg1-slow \
-            --table "0 $sectors delay ${LEGS[1]} 0 0 ${LEGS[1]} 0 ${DELAY_MS:-400}" || die "dm-delay failed"
-        dmsetup mknodes n2-leg1-slow
-        LEGS[1]=/dev/mapper/n2-leg1-slow
-        log "leg 1 behind dm-delay here: writes ${DELAY_MS:-400} ms late"
-    fi
-    regions=$((sectors / REGION_SECTORS))
-    record "regions" "$regions"
-    table="0 $sectors mirror userspace 3 $UUID clustered-core $REGION_SECTORS 2 ${LEGS[0]} 0 ${LEGS[1]} 0"
-    create_mirror "$NAME" "$table"
-    wait_sync "$NAME" 300
-    check "sync_initial" "$SYNC_STATUS" "$regions/$regions"
-    first=$(recovered_regions)
-    record "resynced_initial" "$(count_list "$first")"
-    record "resynced_initial_regions" "${first:-none}"
+    SLOW_LEG=2 cluster_mirror_up "$UUID" "$NAME"
+    regions=$REGIONS
     start_writer "$NAME"
     log "writing (node $NODE)"
     if [ "$NODE" != 1 ]; then
