@@ -68,7 +68,7 @@ from ..protocol import wire
 from ..protocol.ctrargs import CtrArgs, parse_ctr
 from ..protocol.requests import RequestType
 from ..protocol.wire import Reply, Request
-from ..storage.cluster_store import ClusterStore
+from ..storage.cluster_store import ClusterStore, VolatileClusterStore
 from ..transport import Frame, Transport
 
 log = logging.getLogger("ulog_disk.cluster")
@@ -145,10 +145,14 @@ def connect(group_name: str = GROUP_NAME) -> tuple[CpgGroup, Quorum]:
 
 class ClusterNode:
     def __init__(self, state_dir: Path, boot_id: str, fence_command: str | None,
-                 group: CpgGroup, quorum: Quorum, group_name: str = GROUP_NAME) -> None:
+                 group: CpgGroup, quorum: Quorum, group_name: str = GROUP_NAME,
+                 volatile: bool = False) -> None:
         self.boot_id = boot_id
         self.fence_command = shlex.split(fence_command) if fence_command else None
-        self.store = ClusterStore(Path(state_dir) / "cluster")
+        where = Path(state_dir) / "cluster"
+        # --backend memory keeps nothing: the cluster state lives in the members' memory only.
+        self.store: ClusterStore | VolatileClusterStore = (
+            VolatileClusterStore(where) if volatile else ClusterStore(where))
         # The state before joining: a state directory we cannot read must not make us a member.
         self.state = self._load()
         self.group = group
@@ -1077,6 +1081,8 @@ class ClusterTransport:
         self.node = node
         self.name = inner.name
         self.counters = inner.counters
+        #: Where the frames of clustered logs are recorded as received (``--capture``).
+        self.record: Callable[[bytes], None] | None = None
 
     def attach(self, selector: selectors.BaseSelector) -> None:
         self.inner.attach(_Registering(selector, self.inner, self))
@@ -1088,12 +1094,18 @@ class ClusterTransport:
             self.node.on_readable(key.fd)
             return []
         frames = self.inner.readable(key, _Registering(selector, self.inner, self))
-        out = [f for f in frames if not self.node.take(*f)]
+        out = [f for f in frames if not self._take(f)]
         self.node.tick()
         return out
 
     def queued(self) -> list[Frame]:
-        return [f for f in self.inner.queued() if not self.node.take(*f)]
+        return [f for f in self.inner.queued() if not self._take(f)]
+
+    def _take(self, frame: Frame) -> bool:
+        taken = self.node.take(*frame)
+        if taken and self.record is not None:
+            self.record(frame[0])  # the loop records the others (--capture)
+        return taken
 
     def send(self, payload: bytes, address: object) -> None:
         self.inner.send(payload, address)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..cluster.corosync import CorosyncError
-from ..protocol.capture import CaptureWriter
+from ..protocol.capture import TO_DAEMON, CaptureWriter
 from ..storage.base import Backend, available_backends, load_backend
 from ..storage.bootid import read_boot_id
 from ..storage.limits import MemoryBudget
@@ -258,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         if corosync is not None:
             from .cluster import ClusterNode, ClusterTransport
 
-            cluster = ClusterNode(args.state_dir, applier.engine.boot_id, args.fence_command, *corosync)
+            cluster = ClusterNode(args.state_dir, applier.engine.boot_id, args.fence_command, *corosync,
+                                  volatile=args.backend == "memory")
             transport = ClusterTransport(transport, cluster)
     except (StartupError, LookupError, GroupTaken, OSError, CorosyncError, ValueError) as exc:
         log.error("cannot start: %s", exc, extra=PLAIN)
@@ -281,6 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     daemon = Daemon(applier, transport, capture, checkpoint_age=args.checkpoint_age, metrics=metrics)
     if cluster is not None:
         cluster.send = daemon.send
+        if capture is not None:
+            def record(frame: bytes) -> None:
+                with daemon.send_lock:
+                    capture.write(TO_DAEMON, frame)
+
+            transport.record = record  # type: ignore[attr-defined]
         if metrics is not None:
             metrics.cluster = cluster
     signal.signal(signal.SIGTERM, daemon.request_stop)

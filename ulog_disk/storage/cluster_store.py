@@ -240,3 +240,60 @@ def read_cluster_dir(directory: Path, found: Scan | None = None) -> Loaded:
 
 __all__ = ["Applied", "ClusterStore", "ClusterStoreError", "JournalError", "Loaded", "SnapshotFileV1",
            "agreed_head", "read_cluster_dir", "read_snapshot_file"]
+
+
+class _NoJournal:
+    position = 0
+
+    def wants_spare(self) -> bool:
+        return False
+
+    def prepare(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class VolatileClusterStore:
+    """The cluster state kept in memory only (``--backend memory``: the backend that keeps
+    nothing, as cmirrord keeps nothing): what the other members hold survives one node's loss,
+    nothing survives the whole cluster's. Same interface as :class:`ClusterStore`."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.journal = _NoJournal()
+        self.snapshot_id = 0
+        self.durable_epoch = 0
+        self.damage: list[str] = []
+        self._lock = threading.Lock()
+        self._last = 0
+
+    def load(self) -> Loaded:
+        return Loaded(None, 0, 0, [], 0)
+
+    def append(self, epoch: int, sender: int, message: bytes) -> int:
+        with self._lock:
+            self._last = max(self._last, epoch)
+        return 0
+
+    def sync(self) -> int:
+        with self._lock:
+            self.durable_epoch = max(self.durable_epoch, self._last)
+            return self.durable_epoch
+
+    def new_history(self) -> None:
+        with self._lock:
+            self.durable_epoch = self._last = 0
+
+    def new_snapshot_id(self) -> int:
+        self.snapshot_id = secrets.randbits(63) or 1
+        return self.snapshot_id
+
+    def write_snapshot(self, snapshot: bytes, snapshot_id: int, epoch: int, position: int) -> None:
+        with self._lock:
+            self.durable_epoch = max(self.durable_epoch, epoch)
+            self._last = max(self._last, epoch)
+
+    def close(self) -> None:
+        pass
