@@ -607,6 +607,9 @@ def summary(results: list[dict], violations: list[Violation], seconds: float, re
         "cluster_resets": resets,
         "seconds": round(seconds, 1),
         "seconds_per_point": round(sum(per_point) / len(per_point), 2) if per_point else None,
+        "seconds_per_point_by_fault": {
+            f: round(sum(t) / len(t), 2) for f in FAULTS
+            if (t := [r["seconds"] for r in results if r["fault"] == f and "seconds" in r])},
         "violations": len(violations),
     }
     return out
