@@ -9,6 +9,7 @@ Violations named ``*_unfenced`` (see UNFENCED) are reported, not failed on.
 Default 4 points (one of each fault), ``ULOG_REL_CLUSTER_POINTS`` sets the count; the long mode
 (``tools/reliability/run.py --long --only cluster``) runs 220. ``ULOG_REL_SEED`` picks the
 sequence; each violation names its point's seed (``cluster_points.py --replay SEED``).
+``ULOG_REL_CLUSTER_FENCE=1`` runs the daemons with a fence command that cuts the fenced node's power.
 
 Skipped, with the reason, only where the rig cannot exist (not root; no unshare, nsenter, ip or
 mount). A missing corosync fails: ``bash tools/run.sh setup`` installs it.
@@ -37,6 +38,9 @@ POINTS = int(scale("ULOG_REL_CLUSTER_POINTS", 4, 220))
 #: printed, docs/reliability.md), not failed on: what cluster mode guarantees today stops at this.
 UNFENCED = ("held_unfenced", "two_recoverers_unfenced")
 SEED = int(os.environ.get("ULOG_REL_SEED", "11"))
+#: ``ULOG_REL_CLUSTER_FENCE=1``: the daemons run with a --fence-command that cuts the fenced node's
+#: power (cluster_points.Runner), so a daemon kill or a seen partition ends in that node's reboot.
+FENCE = os.environ.get("ULOG_REL_CLUSTER_FENCE") == "1"
 
 
 def skip_reason() -> str | None:
@@ -55,8 +59,8 @@ def test_cluster_crash_points(tmp_path: Path) -> None:
     missing = missing_tools()
     if missing:
         pytest.fail(f"missing {', '.join(missing)}: bash tools/run.sh setup installs corosync")
-    summary, violations, runner = cluster_points.run(POINTS, SEED, tmp_path)
-    figures("cluster.crash_points", **summary)
+    summary, violations, runner = cluster_points.run(POINTS, SEED, tmp_path, fence=FENCE)
+    figures("cluster.crash_points_fenced" if FENCE else "cluster.crash_points", **summary)
     for v in violations[:40]:
         print(v)
     assert summary["points"] == POINTS

@@ -114,10 +114,12 @@ class Oracle:
     recovering: dict[str, dict[int, str]] = field(default_factory=dict)
     #: uuid → regions with a SET_REGION_SYNC 1 sent and not answered (it may apply any time).
     syncing: dict[str, Counter[int]] = field(default_factory=dict)
+    #: uuid → region → when its last SET_REGION_SYNC 1 was sent (wall clock, as a fence records).
+    synced_at: dict[str, dict[int, float]] = field(default_factory=dict)
     #: node → how many times it crashed: an answer to a request sent before counts for nothing.
     life: Counter[str] = field(default_factory=Counter)
-    #: (rule, the node whose kernel the rule protected, text)
-    violations: list[tuple[str, str, str]] = field(default_factory=list)
+    #: (rule, the node whose kernel the rule protected, text, when)
+    violations: list[tuple[str, str, str, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for u in self.uuids:
@@ -125,6 +127,7 @@ class Oracle:
             self.crashed[u] = set()
             self.recovering[u] = {}
             self.syncing[u] = Counter()
+            self.synced_at[u] = {}
 
     def flushed(self, node: str, life: int, uuid: str, marks: list[int]) -> None:
         with self.lock:
@@ -141,8 +144,8 @@ class Oracle:
                 return
             owner = self.recovering[uuid].get(region)
             if owner not in (None, node):
-                self.violations.append(("two_recoverers", owner, f"{uuid}: region {region} handed to {node} "
-                                                                 f"while {owner}'s kernel recovers it"))
+                text = f"{uuid}: region {region} handed to {node} while {owner}'s kernel recovers it"
+                self.violations.append(("two_recoverers", owner, text, time.time()))
             self.recovering[uuid][region] = node
 
     def set_sync_sent(self, node: str, uuid: str, region: int, in_sync: bool) -> None:
@@ -151,6 +154,7 @@ class Oracle:
                 del self.recovering[uuid][region]
             if in_sync:
                 self.syncing[uuid][region] += 1
+                self.synced_at[uuid][region] = time.time()
                 self.crashed[uuid].discard(region)
 
     def set_sync_answered(self, uuid: str, region: int, in_sync: bool) -> None:
@@ -158,13 +162,17 @@ class Oracle:
             with self.lock:
                 self.syncing[uuid][region] -= 1
 
-    def node_crashed(self, node: str) -> None:
+    def node_crashed(self, node: str, at: float | None = None) -> None:
         """The node's host is gone (or its daemon and corosync were killed together, which the
-        others cannot tell from a power cut): its writes ended; its marks must turn out of sync."""
+        others cannot tell from a power cut): its writes ended; its marks must turn out of sync.
+        ``at``: when it happened, if before now (a fence the harness learns of afterwards); a
+        SET_REGION_SYNC sent since then may have put a region back in sync."""
         with self.lock:
             self.life[node] += 1
             for uuid in self.uuids:
                 in_flight = {r for r, k in self.syncing[uuid].items() if k > 0}
+                if at is not None:
+                    in_flight |= {r for r, t in self.synced_at[uuid].items() if t >= at}
                 self.crashed[uuid] |= self.held[uuid][node] - in_flight
                 self.held[uuid][node] = set()
                 self.recovering[uuid] = {r: n for r, n in self.recovering[uuid].items() if n != node}
@@ -205,6 +213,7 @@ class Point:
         self.victim = rng.choice(NAMES)
         self.lose_state = self.fault in ("crash", "all") and rng.random() < LOSE_STATE
         self.lost = self.victim if self.lose_state else None
+        self.lost_done = False
         self.trigger = rng.choice(("requests", "delay"))
         self.after_requests = rng.randint(0, 80)
         self.after_delay = rng.uniform(0.0, 1.0)
@@ -225,6 +234,8 @@ class Point:
         self.figures: Counter[str] = Counter()
         #: When the point began (UTC, as the daemons' logs say): where to look in them.
         self.began = time.strftime("%H:%M:%S", time.gmtime())
+        #: Nodes the daemons fenced during this point (``--fence``), and when.
+        self.fenced: dict[str, float] = {}
 
     def describe(self) -> str:
         what = {"kill": f"SIGKILL of {self.victim}'s daemon",
@@ -362,12 +373,13 @@ class Point:
         self.stop.set()
         if self.fault == "partition":
             self.rig.heal(self.victim)
+        self.absorb_fences()
         for name, t in threads.items():
             t.join(REQUEST_TIMEOUT + 10)
             if t.is_alive():
                 self.errors.append(f"{name}: a request unanswered after {REQUEST_TIMEOUT} s")
         self.recover()
-        self.barrier()
+        self.barrier_fenced()
         self.check()
         self.close_logs()
         in_flight_kinds = Counter(op[0] if op else "none" for op in in_flight.values())
@@ -408,16 +420,82 @@ class Point:
             rig.kill_corosync(name)  # reaps it, removes its /dev/shm files
 
     def recover(self) -> None:
-        d, rig, v = self.daemons, self.rig, self.victim
+        d, v = self.daemons, self.victim
+        fencing = self.runner.fence
+        if fencing and self.fault in ("kill", "crash"):
+            # Its daemon left the group: the others fence it (a real host takes longer to boot
+            # than they take to see it gone, so it comes back after its fence, not before).
+            self.wait_fence(v, 20.0)
         if self.fault == "kill":
-            d.start(v)
-            self.reconnect(v)
+            if v in self.fenced:
+                self.reboot([v])
+            else:
+                d.start(v)
+                self.runner.write_pids()
+                self.reconnect(v)
         elif self.fault == "crash":
             self.reboot([v])
         elif self.fault == "partition":
-            rig.wait_quorate(list(NAMES), True, members=len(NAMES), timeout=60)
+            self.wait_whole(v)
         elif self.fault == "all":
             self.reboot(list(NAMES))
+
+    def wait_whole(self, name: str, timeout: float = 60.0) -> None:
+        """After a heal: every node quorate among all; with fencing, ``name`` may be fenced on the
+        way (its fence is issued once the others see it gone, which can be right at the heal):
+        then it boots again."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.runner.fence:
+                self.absorb_fences()
+                if name in self.fenced and not self.rig.corosync_alive(name):
+                    self.reboot([name])
+                    return
+            left = deadline - time.monotonic()
+            try:
+                self.rig.wait_quorate(list(NAMES), True, members=len(NAMES),
+                                      timeout=min(left, 5.0) if self.runner.fence else left)
+                return
+            except RigError:
+                if not self.runner.fence or time.monotonic() > deadline:
+                    raise
+
+    def absorb_fences(self) -> list[str]:
+        """Nodes fenced since the last look: crashed as of their fence (the fence agent SIGKILLs
+        the node's daemon and corosync: a power cut), reaped; returns their names."""
+        names = []
+        for name, at in self.runner.new_fences():
+            self.fenced[name] = at
+            self.figures["fenced"] += 1
+            self.oracle.node_crashed(name, at=at)
+            self.kernels[name].in_flight = None
+            self.daemons.kill(name)
+            self.rig.kill_corosync(name)
+            names.append(name)
+        return names
+
+    def wait_fence(self, name: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while name not in self.fenced and time.monotonic() < deadline:
+            self.absorb_fences()
+            time.sleep(0.05)
+
+    def barrier_fenced(self) -> None:
+        """The barrier; with fencing, a node fenced meanwhile (a fence of a node that came back)
+        boots again and the barrier starts over."""
+        for _ in range(3):
+            try:
+                self.barrier()
+                return
+            except (DaemonGone, NoReply):
+                if not self.runner.fence:
+                    raise
+                time.sleep(0.5)
+                fenced = self.absorb_fences()
+                if not fenced:
+                    raise
+                self.reboot(fenced)
+        self.barrier()
 
     def reconnect(self, name: str) -> None:
         """The kernel of a node whose daemon restarted: CTR + RESUME with the same luids, then
@@ -432,13 +510,16 @@ class Point:
 
     def reboot(self, names: list[str]) -> None:
         d, rig = self.daemons, self.rig
-        if self.lost is not None:
+        if self.lost is not None and self.lost in names and not self.lost_done:
             shutil.rmtree(d.node(self.lost).state_dir, ignore_errors=True)
+            self.lost_done = True
         for name in names:
             d.reboot_id(name)
-            rig.start_corosync(name, wait=False)
+            if not rig.corosync_alive(name):
+                rig.start_corosync(name, wait=False)
         rig.wait_quorate(list(NAMES), True, members=len(NAMES), timeout=60)
         d.start_all(names)
+        self.runner.write_pids()
         for name in names:
             self.kernels[name].in_flight = None
             self.connect(name)
@@ -463,7 +544,9 @@ class Point:
 
     def check(self) -> None:
         o = self.oracle
-        for rule, owner, text in o.violations:
+        for rule, owner, text, when in o.violations:
+            if owner in self.fenced and self.fenced[owner] <= when:
+                continue  # its kernel's recovery ended with its fence
             self.violation(self.unfenced(rule, {owner}), text)
         for uuid in self.regions:
             answers = {n: self.read_all(n, uuid) for n in NAMES}
@@ -511,7 +594,7 @@ class Point:
         daemon kill or a partition: a living node the others saw leave and, with no
         ``--fence-command``, counted as fenced at once (docs/cluster.md says this is unsafe for a
         partition). Still a violation; named apart so the two kinds can be told from each other."""
-        if self.fault in ("kill", "partition") and holders == {self.victim}:
+        if not self.runner.fence and self.fault in ("kill", "partition") and holders == {self.victim}:
             return f"{rule}_unfenced"
         return rule
 
@@ -526,10 +609,24 @@ class Point:
 
 
 class Runner:
-    """Points one after the other on one rig and one set of daemons."""
+    """Points one after the other on one rig and one set of daemons.
 
-    def __init__(self, rig: Rig, base: Path) -> None:
-        self.daemons = ClusterDaemons(rig, base)
+    ``fence``: the daemons run with a ``--fence-command`` that is a power switch: it SIGKILLs the
+    fenced node's daemon and corosync (their pids in ``fence/pids-<node id>``, kept current by the
+    harness) and records when (``fence/fenced``); the harness then counts that node as crashed as
+    of then, and boots it again."""
+
+    def __init__(self, rig: Rig, base: Path, fence: bool = False) -> None:
+        self.fence = fence
+        self.fence_dir = base / "fence"
+        self.fence_dir.mkdir(parents=True, exist_ok=True)
+        self.fences_seen = 0
+        extra: list[str] = []
+        if fence:
+            script = (f"kill -9 $(cat {self.fence_dir}/pids-$1 2>/dev/null) 2>/dev/null; "
+                      f"echo \"$1 $(date +%s.%N)\" >> {self.fence_dir}/fenced")
+            extra = ["--fence-command", f"sh -c '{script}' fence"]
+        self.daemons = ClusterDaemons(rig, base, extra=extra)
         self.violations: list[Violation] = []
         self.results: list[dict] = []
         #: Points after which the cluster was started again from empty state directories (a point
@@ -538,6 +635,29 @@ class Runner:
 
     def start(self) -> None:
         self.daemons.start_all()
+        self.write_pids()
+
+    def write_pids(self) -> None:
+        """What the fence agent kills for each node: its daemon and its corosync as they are now."""
+        rig = self.daemons.rig
+        for n in rig.nodes:
+            d = self.daemons.node(n.name)
+            pids = [str(p) for p in (d.proc.pid if d.alive() else None,
+                                     n.pid if rig.corosync_alive(n.name) else None) if p]
+            tmp = self.fence_dir / f"pids-{n.nodeid}.tmp"
+            tmp.write_text(" ".join(pids) + "\n")
+            tmp.replace(self.fence_dir / f"pids-{n.nodeid}")
+
+    def new_fences(self) -> list[tuple[str, float]]:
+        """(node, when) of the fences done since the last call."""
+        try:
+            lines = (self.fence_dir / "fenced").read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        names = {n.nodeid: n.name for n in self.daemons.rig.nodes}
+        new = [line.split() for line in lines[self.fences_seen:] if line.strip()]
+        self.fences_seen = len(lines)
+        return [(names[int(node)], float(at)) for node, at in new]
 
     def healthy(self) -> None:
         """Every port up, every corosync and daemon running, all quorate (after a point that
@@ -546,16 +666,30 @@ class Runner:
         for n in rig.nodes:
             rig.heal(n.name)
             if not rig.corosync_alive(n.name):
+                d.kill(n.name)
+                d.reboot_id(n.name)  # fenced after the last look: its host booted again
                 rig.start_corosync(n.name, wait=False)
         rig.wait_quorate(list(NAMES), True, members=len(NAMES), timeout=60)
         for name in NAMES:
             if not d.node(name).alive():
                 d.start(name)
+        self.write_pids()
+        self.fences_seen = len(self._fence_lines())
+
+    def _fence_lines(self) -> list[str]:
+        try:
+            return (self.fence_dir / "fenced").read_text().splitlines()
+        except FileNotFoundError:
+            return []
 
     def reset(self) -> None:
         """Every daemon killed, every state directory emptied, the cluster started again."""
         self.resets += 1
         d = self.daemons
+        for name in NAMES:  # all at once: one seen leaving before the others die would be fenced
+            proc = d.node(name).proc
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
         for name in NAMES:
             d.kill(name)
             shutil.rmtree(d.node(name).state_dir, ignore_errors=True)
@@ -600,6 +734,7 @@ def summary(results: list[dict], violations: list[Violation], seconds: float, re
         "flushes": sum(r.get("flush", 0) for r in results),
         "regions_handed": sum(r.get("handed", 0) for r in results),
         "regions_synced": sum(r.get("synced", 0) for r in results),
+        "fenced": sum(r.get("fenced", 0) for r in results),
         "in_flight_at_fault": dict(sum((Counter(r.get("in_flight", {})) for r in results), Counter())),
         "violations_by_rule": dict(rules),
         "points_with_violations": sum(1 for r in results if r.get("violations")),
@@ -636,7 +771,7 @@ def seeds_covering(seed: int, count: int) -> list[int]:
 
 
 def run(points: int, seed: int, base: Path, replay: int | None = None,
-        echo: bool = True) -> tuple[dict, list[Violation], Runner]:
+        echo: bool = True, fence: bool = False) -> tuple[dict, list[Violation], Runner]:
     """A fresh rig under ``base``, ``points`` points (or the one point ``replay``); the summary,
     the violations and the runner (its daemons' logs stay under ``base``)."""
     if threading.current_thread() is threading.main_thread():
@@ -645,7 +780,7 @@ def run(points: int, seed: int, base: Path, replay: int | None = None,
         signal.signal(signal.SIGTERM, _terminate)
     rig = Rig(base / "rig")
     rig.up(len(NAMES))
-    runner = Runner(rig, base / "daemons")
+    runner = Runner(rig, base / "daemons", fence=fence)
     t0 = time.monotonic()
     try:
         runner.start()
@@ -676,10 +811,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replay", type=int, metavar="POINT_SEED", help="run the one point of this seed")
     p.add_argument("--dir", type=Path, help="where the rig and the daemons' logs go (kept)")
     p.add_argument("--json", type=Path, help="write the summary and the violations here")
+    p.add_argument("--fence", action="store_true",
+                   help="daemons with a --fence-command that SIGKILLs the fenced node (a power switch)")
     args = p.parse_args(argv)
     base = args.dir or Path(tempfile.mkdtemp(prefix="ulog-cluster-points-"))
     base.mkdir(parents=True, exist_ok=True)
-    summary_, violations, runner = run(args.points, args.seed, base, args.replay)
+    summary_, violations, runner = run(args.points, args.seed, base, args.replay, fence=args.fence)
     print(json.dumps(summary_, indent=1))
     for v in violations:
         print(v)

@@ -53,6 +53,9 @@ KEYS = {
                         "rss_last_quarter_mib"],
     "cluster.crash_points": ["points", "faults", "requests_acknowledged", "regions_handed",
                              "violations_by_rule", "points_with_violations", "seconds_per_point", "seconds"],
+    "cluster.crash_points_fenced": ["points", "faults", "requests_acknowledged", "regions_handed", "fenced",
+                                    "violations_by_rule", "points_with_violations", "seconds_per_point",
+                                    "seconds"],
     "disk.random_damage": ["trials", "outcomes"],
     "disk.random_journal_damage": ["trials", "outcomes"],
 }
