@@ -47,6 +47,10 @@ NODE_DIES = guests.Guest("cluster-node-dies", "cluster:node-dies", estimate=230,
                          env=("BACKEND=lmdb",), backend=False)
 POWER_CUT = guests.Guest("cluster-power-cut", "cluster:power-cut", estimate=320, timeout=900,
                          env=("BACKEND=lmdb",), backend=False)
+#: The control: --backend memory keeps the cluster state in the members' memory only (as cmirrord):
+#: nothing survives the whole cluster's power cut, so every region resyncs.
+POWER_CUT_MEMORY = guests.Guest("cluster-power-cut-memory", "cluster:power-cut", estimate=320, timeout=900,
+                                env=("BACKEND=memory",), backend=False)
 BOTH_WRITE = guests.Guest("cluster-both-write", "cluster:both-write", estimate=200, timeout=720,
                           env=("BACKEND=lmdb",), backend=False)
 
@@ -183,3 +187,21 @@ def test_both_nodes_lose_power_only_the_marked_regions_resync() -> None:
     assert resynced <= marked, f"resynced {sorted(resynced - marked)} not marked\n{run.explain()}"
     assert different <= resynced, f"different {sorted(different - resynced)} not resynced\n{run.explain()}"
     assert len(resynced) < REGIONS, run.explain()
+
+
+@pytest.mark.guest(POWER_CUT_MEMORY)
+@pytest.mark.skipif(not LONG, reason="two guests booted twice, ~320 s: with ULOG_KERNEL_LONG=1")
+def test_both_nodes_lose_power_memory_control_resyncs_everything() -> None:
+    run = cluster_run(POWER_CUT_MEMORY)
+    assert run.rc == 0, run.explain()
+    assert run.get("host.legs") == "equal", run.explain()
+    resynced: set[int] = set()
+    for n in (1, 2):
+        s = f"n{n}.power-cut"
+        assert run.get(f"{s}.sync_final") == f"{REGIONS}/{REGIONS}", run.explain()
+        # Nothing on the state disks: the volatile store kept the cluster state in memory only.
+        assert run.get(f"{s}.marked_at_cut_count") == "0", run.explain()
+        mine = regions(key(run, f"{s}.resynced_boot2_regions"))
+        assert not mine & resynced, run.explain()
+        resynced |= mine
+    assert resynced == set(range(REGIONS)), f"resynced {len(resynced)} of {REGIONS}\n{run.explain()}"
