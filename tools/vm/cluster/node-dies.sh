@@ -58,6 +58,9 @@ scenario_node_dies() {
 import json, sys
 
 view = json.load(open(sys.argv[1]))["cluster"]
+if view is None:  # --backend memory: the cluster state is in the daemon's memory only
+    print("n/a n/a")
+    sys.exit()
 regions = set()
 for log in view["logs"]:
     spans = [log["released"]["regions"]] + [h["regions"] for h in log["held"] if h["node"] == 2]
