@@ -21,7 +21,8 @@ and records the sync count before it: the regions minus those released).
 Also ``both-write`` (both nodes write, both in sync at the end, nothing resynced by the writes, legs
 identical) and ``power-cut`` (the host kills both qemu processes while both write, both boot again
 on the same disks: only regions marked at the cut resync, every region the cut left different among
-them, legs identical).
+them, legs identical); and ``power-cut`` with ``--backend memory``, the control (the cluster state
+in memory only: every region resyncs).
 
 Each takes 160-320 s of wall time and both cores of a 2-core machine (two guests): with the long
 real-kernel tests only (``ULOG_KERNEL_LONG=1``). Results in ``results/pytest-cluster-<scenario>/``
