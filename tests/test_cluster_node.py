@@ -168,6 +168,8 @@ class Kernel:
     recovering: int | None = None
     #: The worker's request to send again once the RESUME after a daemon restart is answered.
     resend: Sent | None = None
+    #: The luid of the table a reload replaced: destroyed once the new one's RESUME is answered.
+    retired: int | None = None
     answers: dict[int, Reply] = field(default_factory=dict)
 
 
@@ -186,7 +188,8 @@ class Cluster:
         self.trace: list[str] = []
         # The oracle's books.
         self.handed: dict[int, int] = {}
-        #: Regions a crashed (or cut off) node's kernel held marked: not clean and out of sync.
+        #: Regions a crashed (or cut off) node's kernel, or a reloaded table, held marked: not
+        #: clean and out of sync.
         self.dead_oos: set[int] = set()
         #: Regions a killed daemon's kernel held marked: not clean (the daemon may come back
         #: before anyone declares it departed: then they stay its marks).
@@ -253,6 +256,35 @@ class Cluster:
         self.bus.kill(node.group)
         self.start(n, reconnect=True)
 
+    def clean_restart(self, n: int) -> None:
+        """The daemon stopped cleanly (it leaves the group) and started again on its state."""
+        node = self.nodes.get(n)
+        if node is None:
+            return
+        self.trace.append(f"daemon stop and start {n}")
+        kernel = self.kernels[n]
+        if kernel.busy is not None and kernel.resumed:
+            kernel.resend = kernel.waiting.get(kernel.busy)
+        self._fenced(n, self.dead_marked)  # leaving counts as fenced
+        node.close()
+        self.start(n, reconnect=True)
+
+    def reload(self, n: int) -> None:
+        """A table reload: the new table's CTR, the old one suspended (its writes end), the new
+        one resumed, the old one destroyed."""
+        kernel = self.worker_free(n)
+        if kernel is None:
+            return
+        self.trace.append(f"node {n}: table reload")
+        old, new = kernel.luid, next(_luids)
+        self._send(n, T.CTR, self.ctr.encode(), luid=new)
+        self._send(n, T.PRESUSPEND, luid=old)
+        self._send(n, T.POSTSUSPEND, luid=old)
+        # The old table's writes have ended: its marks are out of sync from the new RESUME on.
+        self._fenced(n, self.dead_oos)
+        kernel.luid, kernel.retired, kernel.resumed = new, old, False
+        kernel.busy = self._send(n, T.RESUME)
+
     def partition(self, n: int) -> None:
         if n not in self.nodes or any(side for side in self.bus.side.values()):
             return
@@ -286,12 +318,13 @@ class Cluster:
 
     # --- kernels ---
 
-    def _send(self, n: int, kind: T, data: bytes = b"", **meta: object) -> int:
+    def _send(self, n: int, kind: T, data: bytes = b"", luid: int | None = None, **meta: object) -> int:
         kernel = self.kernels[n]
         seq = next(_seqs)
         kernel.waiting[seq] = Sent(kind, data, **meta)  # type: ignore[arg-type]
-        frame = wire.encode_request(Request(luid=kernel.luid, uuid=UUID, version=wire.DM_ULOG_REQUEST_VERSION,
-                                            seq=seq, request_type=int(kind), data=data, cn_seq=seq))
+        frame = wire.encode_request(Request(luid=kernel.luid if luid is None else luid, uuid=UUID,
+                                            version=wire.DM_ULOG_REQUEST_VERSION, seq=seq,
+                                            request_type=int(kind), data=data, cn_seq=seq))
         assert self.nodes[n].take(frame, n), f"node {n}: a request of a clustered log not taken"
         return seq
 
@@ -316,6 +349,9 @@ class Cluster:
             raise Violation(f"(5) node {n} acknowledged {sent.kind.name} while not quorate")
         if sent.kind is T.RESUME:
             kernel.resumed = True
+            if kernel.retired is not None:
+                old, kernel.retired = kernel.retired, None
+                self._send(n, T.DTR, luid=old)
             if kernel.resend is not None:
                 again, kernel.resend = kernel.resend, None
                 kernel.busy = self._send(n, again.kind, again.data, marks=again.marks, clears=again.clears,
@@ -472,7 +508,7 @@ class Cluster:
         n = args[0] if args else None
         if isinstance(n, int) and n > len(self.bus.nodeids):
             n = (n - 1) % len(self.bus.nodeids) + 1
-        local = ("mark", "clear", "work", "synced", "read", "order", "dispatch", "sync")
+        local = ("mark", "clear", "work", "synced", "read", "order", "dispatch", "sync", "reload")
         if name in local and n not in self.nodes:
             return
         if name == "mark":
@@ -500,6 +536,10 @@ class Cluster:
             self.restart(n)
         elif name == "daemon_restart":
             self.daemon_restart(n)
+        elif name == "clean_restart":
+            self.clean_restart(n)
+        elif name == "reload":
+            self.reload(n)
         elif name == "partition":
             self.partition(n)
         elif name == "heal":
@@ -745,6 +785,8 @@ steps = st.one_of(
     st.tuples(st.just("crash"), nodes_, st.booleans()),
     st.tuples(st.just("restart"), nodes_),
     st.tuples(st.just("daemon_restart"), nodes_),
+    st.tuples(st.just("clean_restart"), nodes_),
+    st.tuples(st.just("reload"), nodes_),
     st.tuples(st.just("partition"), nodes_),
     st.tuples(st.just("heal")),
     st.tuples(st.just("whole_restart")),
