@@ -12,6 +12,8 @@ benchmarks and a backend plugin's own tests use it.
   demand, for the engine's and the daemon's tests.
 * :mod:`.stats`: the one percentile definition of every figure (reliability and benchmarks).
 * :mod:`.clock`: a clock the test moves by hand.
+* :mod:`.fakecorosync`: corosync for several cluster-mode nodes in one process, every
+  interleaving (order, membership, partitions, crashes) chosen by the test.
 * :mod:`.tools`: ulog-dump and ulog-recover run in-process (exit status, stdout, stderr).
 * :mod:`.handover`: stores made by a real daemon (a hand-over cut by ``kill -9``) for the tools'
   tests.

@@ -43,7 +43,6 @@ import select
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..cluster.corosync import (
@@ -578,7 +577,7 @@ def stop_node(node: ClusterNode, power_cut: bool = False) -> None:
     node._sync_thread.join(timeout=30)
     node.closed = True
     journal = node.store.journal
-    if power_cut:
+    if power_cut and hasattr(journal, "segments"):  # a volatile store has nothing on disk
         durable = journal.durable
         for segment in [*journal.segments, *([journal.spare] if journal.spare else [])]:
             if segment.end <= durable:
@@ -598,10 +597,3 @@ def stop_node(node: ClusterNode, power_cut: bool = False) -> None:
         node.group.closed = True
         pipe.close()
 
-
-def state_dirs(base: Path, nodes: Iterable[int]) -> dict[int, Path]:
-    out = {}
-    for n in nodes:
-        out[n] = base / f"node{n}"
-        out[n].mkdir(parents=True, exist_ok=True)
-    return out
