@@ -328,12 +328,14 @@ class Running:
             selector.register(self.daemon.wake_r, selectors.EVENT_READ, "wake")
             self.daemon.wake_key = selector.get_key(self.daemon.wake_r)
             selector.register(self.daemon.sig_r, selectors.EVENT_READ, "signal")
-        #: The thread that served each request type, last one wins.
+        #: The thread that served each request type, last one wins; and every request's, in order.
         self.served_by: dict[RequestType, int] = {}
+        self.servers: list[int] = []
         handle = self.daemon.applier.handle
 
         def recording(request: wire.Request):  # type: ignore[no-untyped-def]
             self.served_by[RequestType(request.request_type)] = threading.get_ident()
+            self.servers.append(threading.get_ident())
             return handle(request)
 
         self.daemon.applier.handle = recording  # type: ignore[method-assign]
@@ -399,6 +401,28 @@ def test_while_a_sync_runs_the_loop_goes_on_serving_on_another_thread(tmp_path: 
     for region in range(20):
         d.call("A", RequestType.FLUSH, wire.build_u64(region))
         d.call("A", RequestType.IN_SYNC, wire.build_u64(region))
+    assert d.stop() == 0
+
+
+def test_the_thread_that_took_the_loop_over_during_a_sync_serves_alone_after_it(tmp_path: Path) -> None:
+    """Which thread serves changes only when the standby one takes the loop over during a sync:
+    afterwards one thread waits in select and serves every request (two there would both be
+    woken by each one and take turns, a wake-up per request)."""
+    d = Running(tmp_path)
+    d.call("A", RequestType.CTR, b"65536 clustered-core 1024\0")
+    d.call("A", RequestType.RESUME)
+    d.backend.hold = threading.Event()
+    d.send("A", RequestType.FLUSH)
+    assert d.backend.syncing.wait(10)
+    d.call("A", RequestType.GET_SYNC_COUNT)
+    taker = d.served_by[RequestType.GET_SYNC_COUNT]
+    assert taker != d.backend.sync_threads[0]
+    d.backend.hold.set()
+    assert d.reply().request_type == RequestType.FLUSH
+    first = len(d.servers)
+    for region in range(50):
+        d.call("A", RequestType.IN_SYNC, wire.build_u64(region))
+    assert set(d.servers[first:]) == {taker}
     assert d.stop() == 0
 
 

@@ -189,6 +189,8 @@ class GroupCommit:
         self.loop_turns: Callable[[], None] | None = None
         #: (standby set, loop's epoll fd) while a sync claimed by a serving thread runs.
         self.armed: tuple[select.epoll, int] | None = None
+        #: The other serving thread took the loop over during the armed sync (``take_over``).
+        self.taken = False
         self.thread = threading.Thread(target=self._run, daemon=True, name="group-commit")
         self.thread.start()
 
@@ -226,6 +228,17 @@ class GroupCommit:
             self.running = True
             standby.register(loop_fd, select.EPOLLIN)
             self.armed = (standby, loop_fd)
+            self.taken = False
+            return True
+
+    def take_over(self) -> bool:
+        """For the serving thread woken on the standby set: True if the sync that armed it still
+        runs, and the loop is then this thread's from now on (``rounds`` tells the syncer); False
+        if the sync ended first: its thread serves on, and handles what woke this one."""
+        with self.lock:
+            if self.armed is None:
+                return False
+            self.taken = True
             return True
 
     def serve_requests(self, turns: Callable[[], None]) -> None:
@@ -235,17 +248,20 @@ class GroupCommit:
         self.signal.release()
 
     def rounds(self) -> bool:
-        """Sync until no FLUSH waits; False if the daemon is closing this class."""
+        """Sync until no FLUSH waits (or this class is closing). True if the other serving
+        thread took the loop over meanwhile (``take_over``): the caller stands by from now on.
+        Decided under the lock that ``take_over`` takes, so that exactly one thread serves."""
         while True:
             self._round()
             with self.lock:
                 if not self.waiting or self.stopping:
                     self.running = False
+                    taken, self.taken = self.taken, False
                     if self.armed is not None:
                         standby, loop_fd = self.armed
                         standby.unregister(loop_fd)
                         self.armed = None
-                    return not self.stopping
+                    return taken
 
     def _run(self) -> None:
         while True:
@@ -261,7 +277,8 @@ class GroupCommit:
                 if self.stopping:
                     return
                 continue
-            if not self.rounds():  # close() saw it running and will not signal again
+            self.rounds()
+            if self.stopping:  # close() saw it running and will not signal again
                 return
 
     def _round(self) -> None:
@@ -610,9 +627,11 @@ class Daemon:
         serving thread runs. A turn that ends with FLUSHes waiting and no sync running has its
         thread sync them itself, outside the lock: no thread is woken to start a sync (a
         wake-up cost the waker and the FLUSH tens of microseconds on a virtual machine whose
-        idle CPUs halt), and what comes during the sync wakes the other thread, which serves
-        from then on. So the loop never waits for the disk. Without epoll the one thread hands
-        every sync to the group-commit thread instead.
+        idle CPUs halt), and what comes during the sync wakes the other thread, which takes the
+        loop over (``GroupCommit.take_over``) and serves from then on; the syncer then stands
+        by. Which thread serves changes only there, under the group commit's lock, so one
+        thread at a time waits in ``select``. So the loop never waits for the disk. Without
+        epoll the one thread hands every sync to the group-commit thread instead.
 
         Whatever is registered in the selector is handled by whichever thread takes the turn,
         under the lock; an event may have been selected before the other thread's turn
@@ -644,11 +663,18 @@ class Daemon:
             else:
                 assert standby is not None
                 standby.poll()  # the serving thread syncs and something came, or the stop
+                if not group.take_over():
+                    # The sync ended first: its thread serves on (and reads what came). Only
+                    # the thread that serves waits in select: two there would both be woken
+                    # by every request, and take turns at it.
+                    if self.stopping:
+                        return
+                    continue
+                self.serving = me
                 events = sel.select(0)
             with loop_lock:
                 if self.stopping:  # the rest is the stop's (``run``, ``shutdown``)
                     return
-                self.serving = me
                 now = time.monotonic()
                 for key, _ in events:
                     if key is wake_key:
@@ -677,8 +703,8 @@ class Daemon:
                         synced = group.claim(standby, loop_fd)
                 if not synced:  # else after the sync: its start comes first
                     self.background_due(now, got)
-            if synced:
-                group.rounds()
+            if synced and group.rounds():
+                self.serving = 3 - me  # the other thread took the loop over during the sync
 
     def background_due(self, now: float, got: int) -> None:
         """Hand out background work if some may be due (``got``: frames read this turn)."""
