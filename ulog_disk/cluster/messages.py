@@ -19,6 +19,7 @@ import construct as c
 from bitarray import bitarray
 
 from ..log.regionlog import bitmap_from_bytes
+from ..protocol.geometry import MAX_REGION_COUNT
 from .shared import (
     Close,
     ClusterState,
@@ -100,6 +101,7 @@ Bodies = {
 Message = c.Struct(
     "header" / Header,
     "body" / c.Switch(lambda this: int(this.header.kind), {int(k): v for k, v in Bodies.items()}),
+    c.Terminated,
 )
 
 
@@ -114,6 +116,7 @@ class Decoded:
 # construct takes 100-180 µs for each, struct a few.
 
 _HEAD = struct.Struct("<2sBB")
+_KINDS = frozenset(int(k) for k in Kind)
 _MAGIC = b"UC"
 _U64 = struct.Struct("<Q")
 _U8 = struct.Struct("<B")
@@ -170,6 +173,8 @@ def decode(data: bytes) -> Decoded:
             return Decoded(Kind.FLUSH, _decode_flush(data))
         if data[3] == Kind.DURABLE:
             return Decoded(Kind.DURABLE, _decode_durable(data))
+    if len(data) >= 4 and data[:3] == b"UC\x01" and data[3] not in _KINDS:
+        raise MessageError(f"cluster message of unknown kind {data[3]}")
     try:
         parsed = Message.parse(data)
     except (c.ConstructError, UnicodeDecodeError) as exc:
@@ -276,6 +281,16 @@ def decode_snapshot(data: bytes) -> ClusterState:
     state = ClusterState(epoch=body.epoch, unfenced=list(body.unfenced))
     for entry in body.logs:
         count = entry.region_count
+        if not 0 < count <= MAX_REGION_COUNT:
+            raise MessageError(f"cluster snapshot: log {entry.uuid!r} of {count} regions")
+        if entry.uuid in state.logs:
+            raise MessageError(f"cluster snapshot: log {entry.uuid!r} twice")
+        size = (count + 7) // 8
+        maps = [entry.sync, entry.released, *(m.bits for m in entry.marks), *(m.bits for m in entry.held)]
+        if any(len(bitmap) != size for bitmap in maps):
+            raise MessageError(f"cluster snapshot: log {entry.uuid!r}: a bitmap not of {size} bytes")
+        if any(not 0 <= r.region < count for r in entry.recovering):
+            raise MessageError(f"cluster snapshot: log {entry.uuid!r}: a recovery past its end")
 
         def bits(data: bytes, count: int = count) -> bitarray:
             return bitmap_from_bytes(bytes(data), count)

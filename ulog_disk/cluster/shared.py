@@ -188,6 +188,8 @@ class SharedLog:
             # A departed node not fenced yet may still be writing it (a late report of a
             # recovery that started before the departure): it stays out of sync.
             return
+        if in_sync and self.recovering.get(region, node) != node:
+            return  # another node recovers it: its report counts, not this one
         self._set_sync(region, in_sync)
         if in_sync:
             self.released[region] = 0
@@ -209,6 +211,10 @@ class SharedLog:
             hold[region] = 1
         if not hold.any():
             return 0
+        # A region it held that another node had started to recover (a hand-out ordered before
+        # the departure): held like the rest; handed out again once the node is fenced.
+        for region in [r for r in self.recovering if hold[r]]:
+            del self.recovering[region]
         self._unsync(hold)
         previous = self.held.get(node)
         self.held[node] = hold if previous is None else previous | hold
@@ -382,7 +388,8 @@ class ClusterState:
         if isinstance(item, Close):
             shared = self._log(item.uuid)
             released = shared.close(item.node)
-            if item.destroy and not shared.opened and not shared.held and not shared.marks:
+            if item.destroy and not shared.opened and not shared.held and not shared.marks \
+                    and not shared.released.any():
                 del self.logs[item.uuid]
             return released
         if isinstance(item, Departed):
@@ -403,6 +410,7 @@ class ClusterState:
                 before = shared.opened.get(item.node)
                 if before is not None and before.boot_id != item.boot_id:
                     shared.opened.pop(item.node)
+                    shared.cursor.pop(item.node, None)
                     released += shared.release_marks(item.node)
             return released
         raise TypeError(f"not a cluster input: {item!r}")
