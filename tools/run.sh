@@ -79,8 +79,13 @@ case "${1:-}" in
         setup
         exec "$venv/bin/python" tools/vm/ulogvm.py demo
         ;;
+    demo-cluster)
+        # Two real kernels sharing the legs of one mirror; one dies (tools/vm/cluster/README.md).
+        setup
+        exec "$venv/bin/python" tools/vm/cluster2.py run node-dies
+        ;;
     *)
-        echo "usage: bash tools/run.sh setup|test|demo" >&2
+        echo "usage: bash tools/run.sh setup|test|demo|demo-cluster" >&2
         exit 2
         ;;
 esac

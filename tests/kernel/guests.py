@@ -238,7 +238,8 @@ class Guest:
     values, ``prepare`` gives more of them when the run starts (it may take time or fail);
     ``backend``: whether ``ULOG_KERNEL_BACKEND`` applies (not to a run that names its backend);
     ``idle``: the guest mostly sleeps (the harness's timeout self-test), so it takes no core's
-    share of the pool."""
+    share of the pool; ``cores``: how many qemu processes it runs at once (two for the cluster's
+    two-guest runs), each a core's share."""
 
     key: str
     scenario: str
@@ -249,6 +250,7 @@ class Guest:
     prepare: Callable[[], tuple[str, ...]] | None = field(default=None, compare=False)
     backend: bool = True
     idle: bool = False
+    cores: int = 1
 
 
 def run_guest(guest: Guest) -> ScenarioRun:
@@ -325,11 +327,15 @@ class Pool:
     def _schedule(self) -> None:
         for slot in self.slots.values():
             with self.cond:
-                while not self.closed and not slot.guest.idle and self.running >= self.capacity():
+                share = 0 if slot.guest.idle else slot.guest.cores
+                # A run wider than the pool starts alone.
+                while not self.closed and share and self.running and self.running + share > self.capacity():
+                    self.cond.wait()
+                while not self.closed and share and self.running >= self.capacity():
                     self.cond.wait()
                 if self.closed:
                     break
-                self.running += 0 if slot.guest.idle else 1
+                self.running += share
                 slot.started = True
             threading.Thread(target=self._run, args=(slot,), name=f"guest-{slot.guest.key}",
                              daemon=True).start()
@@ -347,7 +353,7 @@ class Pool:
         finally:
             slot.done.set()
             with self.cond:
-                self.running -= 0 if slot.guest.idle else 1
+                self.running -= 0 if slot.guest.idle else slot.guest.cores
                 self.cond.notify_all()
 
     def result(self, guest: Guest) -> ScenarioRun | None:

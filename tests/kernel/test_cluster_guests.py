@@ -24,8 +24,10 @@ on the same disks: only regions marked at the cut resync, every region the cut l
 them, legs identical); and ``power-cut`` with ``--backend memory``, the control (the cluster state
 in memory only: every region resyncs).
 
-Each takes 160-320 s of wall time and both cores of a 2-core machine (two guests): with the long
-real-kernel tests only (``ULOG_KERNEL_LONG=1``). Results in ``results/pytest-cluster-<scenario>/``
+Each takes 160-320 s of wall time and both cores of a 2-core machine (two guests, which the guest
+pool counts as two): ``node-dies``, the shortest that shows a death and its resync, runs in the
+default run; the others with the long real-kernel tests only (``ULOG_KERNEL_LONG=1``). Results
+in ``results/pytest-cluster-<scenario>/``
 (``summary.txt``: each number with its reason). ``ULOG_SKIP_KERNEL=1`` skips.
 """
 
@@ -45,15 +47,15 @@ LONG = os.environ.get("ULOG_KERNEL_LONG") == "1"
 REGIONS = 64
 S = "n1.node-dies"  # the survivor's keys
 NODE_DIES = guests.Guest("cluster-node-dies", "cluster:node-dies", estimate=230, timeout=720,
-                         env=("BACKEND=lmdb",), backend=False)
+                         env=("BACKEND=lmdb",), backend=False, cores=2)
 POWER_CUT = guests.Guest("cluster-power-cut", "cluster:power-cut", estimate=320, timeout=900,
-                         env=("BACKEND=lmdb",), backend=False)
+                         env=("BACKEND=lmdb",), backend=False, cores=2)
 #: The control: --backend memory keeps the cluster state in the members' memory only (as cmirrord):
 #: nothing survives the whole cluster's power cut, so every region resyncs.
 POWER_CUT_MEMORY = guests.Guest("cluster-power-cut-memory", "cluster:power-cut", estimate=320, timeout=900,
-                                env=("BACKEND=memory",), backend=False)
+                                env=("BACKEND=memory",), backend=False, cores=2)
 BOTH_WRITE = guests.Guest("cluster-both-write", "cluster:both-write", estimate=200, timeout=720,
-                          env=("BACKEND=lmdb",), backend=False)
+                          env=("BACKEND=lmdb",), backend=False, cores=2)
 
 
 def regions(text: str | None) -> set[int]:
@@ -107,7 +109,6 @@ def test_both_nodes_write_both_in_sync_legs_identical() -> None:
 
 
 @pytest.mark.guest(NODE_DIES)
-@pytest.mark.skipif(not LONG, reason="two guests for ~230 s: with ULOG_KERNEL_LONG=1")
 def test_one_node_dies_the_survivor_resyncs_its_regions() -> None:
     run = cluster_run(NODE_DIES)
     assert run.rc == 0, run.explain()
