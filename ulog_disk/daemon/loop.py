@@ -638,7 +638,7 @@ class Daemon:
         consumed it, so a handler must take a descriptor with nothing to read in its stride
         (the transports' sockets are non-blocking)."""
         sel, transport, standby = self.selector, self.transport, self.standby
-        group, worker = self.group, self.worker
+        applier, group, worker = self.applier, self.group, self.worker
         wake_key, loop_lock = self.wake_key, self.loop_lock
         loop_fd = sel.fileno() if standby is not None else -1
         synced = False
@@ -659,7 +659,7 @@ class Daemon:
                     loop_lock.release()
             if self.serving == me:
                 # Idle, the loop wakes up only to hand out background work (checkpoints, cutting).
-                events = sel.select(IDLE_AFTER if self.applier.unstored else MAINTENANCE_INTERVAL)
+                events = sel.select(IDLE_AFTER if applier.unstored else MAINTENANCE_INTERVAL)
             else:
                 assert standby is not None
                 standby.poll()  # the serving thread syncs and something came, or the stop
@@ -701,8 +701,12 @@ class Daemon:
                         group.start()
                     else:
                         synced = group.claim(standby, loop_fd)
-                if not synced:  # else after the sync: its start comes first
-                    self.background_due(now, got)
+                # Cheap tests first (inline: this is every request's path): most turns of a busy
+                # loop have no background work to hand out. With a sync to start, after it.
+                if not synced and not worker.inflight and (
+                        applier.unstored or not got or self.held
+                        or now - self.maintained_at >= MAINTENANCE_INTERVAL):
+                    self.background(idle=now - self.last_frame >= IDLE_AFTER)
             if synced and group.rounds():
                 self.serving = 3 - me  # the other thread took the loop over during the sync
 
