@@ -634,9 +634,8 @@ class Daemon:
         epoll the one thread hands every sync to the group-commit thread instead.
 
         Whatever is registered in the selector is handled by whichever thread takes the turn,
-        under the lock; an event may have been selected before the other thread's turn
-        consumed it, so a handler must take a descriptor with nothing to read in its stride
-        (the transports' sockets are non-blocking)."""
+        under the lock. One thread selects at a time; still, a handler must take a readiness
+        with nothing to read in its stride (the transports' sockets are non-blocking)."""
         sel, transport, standby = self.selector, self.transport, self.standby
         applier, group, worker = self.applier, self.group, self.worker
         wake_key, loop_lock = self.wake_key, self.loop_lock
@@ -686,8 +685,8 @@ class Daemon:
                     self.serve_held(start=standby is None)
                 got = 0
                 for key, _ in events:
-                    # Selected before the lock was taken: the other thread may have closed that
-                    # connection since (and its descriptor may belong to a new one).
+                    # A guard: a connection closed since it was selected (its descriptor may
+                    # belong to a new one) is not read.
                     if key.data is transport and key.fileobj.fileno() >= 0:  # type: ignore[union-attr]
                         for frame, address in transport.readable(key, sel):
                             got += 1
