@@ -284,6 +284,24 @@ def cpu_seconds(pid: int) -> float:
     return sum(cpu_times(pid))
 
 
+def request_rate(path: Path, frame: bytes, n: int, pid: int) -> tuple[float, float]:
+    """Requests/s with one in flight, and the server's CPU seconds per request (metrics 3 and 10)."""
+    sock = Client(path).sock
+    send, recv = sock.send, sock.recv
+    for _ in range(50):
+        send(frame)
+        recv(65536)
+    c0 = cpu_seconds(pid)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        send(frame)
+        recv(65536)
+    dt = time.perf_counter() - t0
+    c1 = cpu_seconds(pid)
+    sock.close()
+    return n / dt, (c1 - c0) / n
+
+
 def machine_ticks() -> tuple[int, int]:
     """(busy, total) jiffies of the whole machine, from /proc/stat (iowait counts as idle)."""
     with open("/proc/stat") as f:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -550,7 +549,7 @@ class ClusterBench:
                 for place, (client_cpu, server_cpu) in placements.items():
                     for name, (path, _u, _l, pid) in who.items():
                         with benchlib.pinned(os.getpid(), client_cpu), benchlib.pinned(pid, server_cpu):
-                            rate, per = request_rate(path, frames[name], cfg.rate_requests, pid)
+                            rate, per = benchlib.request_rate(path, frames[name], cfg.rate_requests, pid)
                         rates.setdefault(f"{place}:{name}", []).append(rate)
                         cpus.setdefault(f"{place}:{name}", []).append(per)
         finally:
@@ -902,24 +901,6 @@ class Load:
     def stop(self) -> None:
         self.stopping = True
         self.thread.join(90)
-
-
-def request_rate(path: Path, frame: bytes, n: int, pid: int) -> tuple[float, float]:
-    """Requests/s with one in flight, and the daemon's CPU seconds per request (as metric 3)."""
-    sock: socket.socket = Client(path).sock
-    send, recv = sock.send, sock.recv
-    for _ in range(50):
-        send(frame)
-        recv(65536)
-    c0 = benchlib.cpu_seconds(pid)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        send(frame)
-        recv(65536)
-    dt = time.perf_counter() - t0
-    c1 = benchlib.cpu_seconds(pid)
-    sock.close()
-    return n / dt, (c1 - c0) / n
 
 
 def bench(s: Suite, which: set[int], quick: bool) -> None:

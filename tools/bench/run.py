@@ -369,24 +369,6 @@ def bench_scale(s: Suite, out: Path, suffix: str) -> None:
 # --- 3. non-durable request rate --------------------------------------------------------------------
 
 
-def request_rate(path: Path, frame: bytes, n: int, pid: int) -> tuple[float, float]:
-    """Requests/s with one in flight, and the server's CPU seconds per request."""
-    sock = Client(path).sock
-    send, recv = sock.send, sock.recv
-    for _ in range(50):
-        send(frame)
-        recv(65536)
-    c0 = benchlib.cpu_seconds(pid)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        send(frame)
-        recv(65536)
-    dt = time.perf_counter() - t0
-    c1 = benchlib.cpu_seconds(pid)
-    sock.close()
-    return n / dt, (c1 - c0) / n
-
-
 def bench_rate(s: Suite) -> None:
     cfg = s.cfg
     regions = M
@@ -425,7 +407,7 @@ def bench_rate(s: Suite) -> None:
                 for name, frame in frames.items():
                     for who, path, pid in (("echo", echo_sock, proc.pid), ("daemon", d.socket_path, d.pid)):
                         with benchlib.pinned(os.getpid(), client_cpu), benchlib.pinned(pid, server_cpu):
-                            rate, per = request_rate(path, frame, n, pid)
+                            rate, per = benchlib.request_rate(path, frame, n, pid)
                         rates.setdefault(f"{place}:{who}:{name}", []).append(rate)
                         cpu.setdefault(f"{place}:{who}:{name}", []).append(per)
     finally:
