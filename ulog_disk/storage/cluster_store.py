@@ -89,16 +89,11 @@ class ClusterStore:
 
     def load(self) -> Loaded:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        snapshot, snapshot_id, epoch = None, 0, 0
-        if self.snapshot_path.exists():
-            data = self.snapshot_path.read_bytes()
-            try:
-                parsed = SnapshotFileV1.parse(data)
-            except c.ConstructError as exc:
-                raise ClusterStoreError(f"{self.snapshot_path}: not a cluster snapshot file of version "
-                                        f"{SNAPSHOT_FILE_VERSION} (or damaged): {exc}") from None
-            body = parsed.body.value
-            snapshot, snapshot_id, epoch = bytes(body.snapshot), body.snapshot_id, body.epoch
+        snapshot: bytes | None = None
+        snapshot_id, epoch = 0, 0
+        read = read_snapshot_file(self.snapshot_path)
+        if read is not None:
+            snapshot, snapshot_id, epoch = read
         found = scan(self.directory)
         # Records past damage may be anyone's: the state ends before it (an older epoch, which
         # the other members' newer copies replace when the cluster forms).
