@@ -39,7 +39,6 @@ Stdlib only, as ulogvm.py.
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import os
 import re
@@ -108,21 +107,8 @@ def cluster_artifacts() -> ulogvm.Artifacts:
     out = ulogvm.cache_dir() / f"cluster-initramfs-{kernel.release}-{h.hexdigest()[:16]}.cpio.gz"
     if not out.is_file():
         log(f"building {out.name} ({len(modules)} modules)")
-        c = ulogvm.Cpio()
-        for d in ("bin", "dev", "proc", "sys", "host", "out", "lib", "lib/modules"):
-            c.dir(d)
-        c.chardev("dev/console", 5, 1)
-        c.chardev("dev/null", 1, 3)
-        c.file("bin/busybox", busybox, 0o755)
-        for applet in ("sh", "mount", "insmod", "mkdir", "cut", "echo", "cat", "poweroff", "sleep", "sync",
-                       "timeout", "chroot", "dmesg", "ln"):
-            c.symlink(f"bin/{applet}", "busybox")
-        c.file("init", INIT_SCRIPT.encode(), 0o755)
-        for m in modules:
-            c.file(f"lib/modules/{m.name}.ko", m.data)
-        c.file("lib/modules/order", "".join(f"{m.name}.ko\n" for m in modules).encode())
         tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(gzip.compress(c.finish(), compresslevel=6, mtime=0))
+        tmp.write_bytes(ulogvm.build_initramfs(busybox, modules, INIT_SCRIPT))
         tmp.replace(out)
         for old in ulogvm.cache_dir().glob("cluster-initramfs-*.cpio.gz"):
             if old != out and time.time() - old.stat().st_mtime > 60:

@@ -421,7 +421,9 @@ class Cpio:
         return data + b"\0" * (-len(data) % 512)
 
 
-def build_initramfs(busybox: bytes, modules: list[Module]) -> bytes:
+def build_initramfs(busybox: bytes, modules: list[Module], init: str = INIT_SCRIPT) -> bytes:
+    """The guests' initramfs: busybox, the modules in load order and ``init`` (the two-guest rig's
+    runs its own scenarios)."""
     c = Cpio()
     for d in ("bin", "dev", "proc", "sys", "host", "out", "lib", "lib/modules"):
         c.dir(d)
@@ -431,7 +433,7 @@ def build_initramfs(busybox: bytes, modules: list[Module]) -> bytes:
     for applet in ("sh", "mount", "insmod", "mkdir", "cut", "echo", "cat", "poweroff", "sleep", "sync",
                    "timeout", "chroot", "dmesg", "ln"):
         c.symlink(f"bin/{applet}", "busybox")
-    c.file("init", INIT_SCRIPT.encode(), 0o755)
+    c.file("init", init.encode(), 0o755)
     for m in modules:
         c.file(f"lib/modules/{m.name}.ko", m.data)
     c.file("lib/modules/order", "".join(f"{m.name}.ko\n" for m in modules).encode())
