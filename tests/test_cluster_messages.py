@@ -4,7 +4,6 @@ golden vectors both ways, every kind round trip, garbage and other versions refu
 
 from __future__ import annotations
 
-import json
 import struct
 import zlib
 from pathlib import Path
@@ -30,6 +29,7 @@ from ulog_disk.cluster.shared import (
     SharedLog,
 )
 from ulog_disk.log.regionlog import new_bitmap
+from ulog_disk.testing.vectors import golden_vectors
 
 VECTORS = Path(__file__).resolve().parent.parent / "formats" / "vectors" / "cluster"
 
@@ -121,12 +121,7 @@ def state_from_json(fields: dict) -> ClusterState:
 
 
 def _vectors(kind: str | None = None) -> list[tuple[str, dict]]:
-    found = []
-    for path in sorted(VECTORS.glob("*.json")):
-        vec = json.loads(path.read_text())
-        if kind is None or vec["kind"] == kind:
-            found.append((path.stem, vec))
-    return found
+    return golden_vectors(VECTORS, kind)
 
 
 # --- golden vectors --------------------------------------------------------------------------------

@@ -3,7 +3,6 @@ and ``ulog-dump disklog``."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -14,13 +13,14 @@ from hypothesis import strategies as st
 
 from ulog_disk.storage import disklog
 from ulog_disk.testing.tools import ulog_dump
+from ulog_disk.testing.vectors import golden_vectors
 from ulog_disk.tools.common import parse_ranges, ranges
 
 VECTORS = Path(__file__).resolve().parent.parent / "formats" / "vectors" / "disklog"
 
 
 def _vectors() -> list[tuple[str, dict]]:
-    return [(p.stem, json.loads(p.read_text())) for p in sorted(VECTORS.glob("*.json"))]
+    return golden_vectors(VECTORS)
 
 
 def _bits(count: int, not_clean: str) -> bitarray:

@@ -6,7 +6,6 @@ a segment, and a daemon whose appends outrun the store worker holds its writes i
 from __future__ import annotations
 
 import errno
-import json
 import struct
 import threading
 import zlib
@@ -18,18 +17,14 @@ from hypothesis import strategies as st
 
 from ulog_disk.protocol.wire import RequestType as RT
 from ulog_disk.storage import journal as jn
+from ulog_disk.testing.vectors import golden_vectors
 
 VECTORS = Path(__file__).resolve().parent.parent / "formats" / "vectors" / "journal"
 _REGION_MASK = (1 << 56) - 1
 
 
 def _vectors(kind: str) -> list[tuple[str, dict]]:
-    found = []
-    for path in sorted(VECTORS.glob("*.json")):
-        vec = json.loads(path.read_text())
-        if vec["kind"] == kind:
-            found.append((path.stem, vec))
-    return found
+    return golden_vectors(VECTORS, kind)
 
 
 def _unpack_ops(values) -> list[list[int]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import zlib
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ulog_disk.storage import store_format as sf
+from ulog_disk.testing.vectors import golden_vectors
 
 VECTORS = Path(__file__).resolve().parent.parent / "formats" / "vectors" / "store"
 
@@ -25,12 +25,7 @@ _RECORDS = {
 
 
 def _vectors(kind: str | None = None) -> list[tuple[str, dict]]:
-    found = []
-    for path in sorted(VECTORS.glob("*.json")):
-        vec = json.loads(path.read_text())
-        if kind is None or vec["kind"] == kind:
-            found.append((path.stem, vec))
-    return found
+    return golden_vectors(VECTORS, kind)
 
 
 def _decode(kind: str, data: bytes) -> dict:

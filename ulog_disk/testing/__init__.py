@@ -14,6 +14,7 @@ benchmarks and a backend plugin's own tests use it.
 * :mod:`.clock`: a clock the test moves by hand.
 * :mod:`.fakecorosync`: corosync for several cluster-mode nodes in one process, every
   interleaving (order, membership, partitions, crashes) chosen by the test.
+* :mod:`.vectors`: the golden vectors of ``formats/vectors`` as the format tests read them.
 * :mod:`.tools`: ulog-dump and ulog-recover run in-process (exit status, stdout, stderr).
 * :mod:`.handover`: stores made by a real daemon (a hand-over cut by ``kill -9``) for the tools'
   tests.
