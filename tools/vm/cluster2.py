@@ -188,12 +188,16 @@ class HostDriver:
     #: How many times both guests boot (on the same disks); a boot before the last must end with the
     #: driver's kill of both guests (a power cut of the whole cluster).
     boots = 1
+    #: Writes each node does, once both write, before the driver kills (see :meth:`writes_counted`).
+    KILL_AFTER = 0
 
     def __init__(self, guests: list[Guest], say: Callable[[str], None], keys: dict[str, str]) -> None:
         self.guests = guests
         self.say = say
         self.keys = keys  # host.* result keys
         self.boot = 1  # the boot running now
+        #: Each node's writes when both were first seen writing.
+        self.base: dict[int, int] | None = None
 
     def tick(self, now: float) -> None:
         self.barriers()
@@ -212,7 +216,21 @@ class HostDriver:
 
     def expected_dead(self) -> set[int]:
         """Nodes whose qemu the driver killed: their end without an exit code is intended."""
-        return set()
+        return {g.node for g in self.guests if g.killed_at is not None}
+
+    def writes_counted(self, scenario: str, then: str) -> dict[int, int] | None:
+        """Each node's writes so far once every node has done KILL_AFTER since all were writing
+        (``then``: what the driver does then, said when they all start), else None."""
+        counts = {g.node: writes_done(g, scenario) for g in self.guests}
+        if self.base is None:
+            if all(counts.values()):
+                self.base = counts
+                self.say(f"both nodes write (writes so far: {counts}); {then} after {self.KILL_AFTER} more "
+                         "on each")
+            return None
+        if not all(counts[n] - self.base[n] >= self.KILL_AFTER for n in counts):
+            return None
+        return counts
 
 
 def writes_done(g: Guest, scenario: str) -> int:
@@ -231,21 +249,14 @@ class NodeDies(HostDriver):
 
     def __init__(self, guests: list[Guest], say: Callable[[str], None], keys: dict[str, str]) -> None:
         super().__init__(guests, say, keys)
-        self.base: dict[int, int] | None = None
         self.done = False
 
     def tick(self, now: float) -> None:
         super().tick(now)
         if self.done:
             return
-        counts = {g.node: writes_done(g, "node-dies") for g in self.guests}
-        if self.base is None:
-            if all(counts.values()):
-                self.base = counts
-                self.say(f"both nodes write (writes so far: {counts}); node {self.VICTIM} dies after "
-                         f"{self.KILL_AFTER} more on each")
-            return
-        if not all(counts[n] - self.base[n] >= self.KILL_AFTER for n in counts):
+        counts = self.writes_counted("node-dies", f"node {self.VICTIM} dies")
+        if counts is None:
             return
         victim = self.guests[self.VICTIM - 1]
         survivor = self.guests[0] if victim is self.guests[1] else self.guests[1]
@@ -263,9 +274,6 @@ class NodeDies(HostDriver):
         # Told only after the kill: the survivor must not act on the death before it happened.
         (survivor.share / "peer-killed").write_text(f"{victim.node}\n")
 
-    def expected_dead(self) -> set[int]:
-        return {g.node for g in self.guests if g.killed_at is not None}
-
 
 class PowerCut(HostDriver):
     """Boot 1: both nodes write; once each has done KILL_AFTER writes since both were writing, the
@@ -277,21 +285,14 @@ class PowerCut(HostDriver):
 
     def __init__(self, guests: list[Guest], say: Callable[[str], None], keys: dict[str, str]) -> None:
         super().__init__(guests, say, keys)
-        self.base: dict[int, int] | None = None
         self.cut = False
 
     def tick(self, now: float) -> None:
         super().tick(now)
         if self.boot != 1 or self.cut:
             return
-        counts = {g.node: writes_done(g, "power-cut") for g in self.guests}
-        if self.base is None:
-            if all(counts.values()):
-                self.base = counts
-                self.say(f"both nodes write (writes so far: {counts}); the power of both is cut after "
-                         f"{self.KILL_AFTER} more on each")
-            return
-        if not all(counts[n] - self.base[n] >= self.KILL_AFTER for n in counts):
+        counts = self.writes_counted("power-cut", "the power of both is cut")
+        if counts is None:
             return
         self.cut = True
         if not all(g.alive() for g in self.guests):
@@ -303,9 +304,6 @@ class PowerCut(HostDriver):
             g.killed_at = now
         self.keys["writes_at_cut"] = ",".join(f"n{n}:{c}" for n, c in sorted(counts.items()))
         self.say(f"SIGKILL both qemu processes (power cut of the cluster) while both write ({counts})")
-
-    def expected_dead(self) -> set[int]:
-        return {g.node for g in self.guests if g.killed_at is not None}
 
 
 DRIVERS: dict[str, type[HostDriver]] = {"node-dies": NodeDies, "power-cut": PowerCut}
