@@ -69,6 +69,24 @@ def key(run: ScenarioRun, name: str) -> str:
     return value
 
 
+def expect(run: ScenarioRun, wanted: dict[str, str], prefix: str = "") -> None:
+    """Each key of ``wanted`` (under ``prefix``) has the value it maps to."""
+    for name, want in wanted.items():
+        got = run.get(f"{prefix}{name}")
+        assert got == want, f"{prefix}{name}: got {got!r}, want {want!r}\n{run.explain()}"
+
+
+def one_recoverer(run: ScenarioRun, first: set[int], second: set[int]) -> None:
+    """The two kernels' first resync splits the regions between them: each region once."""
+    assert not first & second, f"regions recovered by both nodes: {sorted(first & second)}\n{run.explain()}"
+    assert first | second == set(range(REGIONS)), run.explain()
+
+
+#: Both guests ended by themselves, the legs equal byte for byte (from the host).
+BOTH_ENDED_LEGS_EQUAL = {"host.n1_end": "exit code 0", "host.n2_end": "exit code 0", "host.legs": "equal",
+                         "host.legs_diff_regions": "0"}
+
+
 #: Each node's keys in both-write: the mirror made, the first resync, every write, in sync and healthy
 #: at the end with nothing resynced by the writes, removed cleanly.
 BOTH_WRITE_EXPECT = {
@@ -92,27 +110,21 @@ def cluster_run(guest: guests.Guest) -> ScenarioRun:
 def test_both_nodes_write_both_in_sync_legs_identical() -> None:
     run = cluster_run(BOTH_WRITE)
     assert run.rc == 0, run.explain()
-    for name, want in {"host.n1_end": "exit code 0", "host.n2_end": "exit code 0", "host.legs": "equal",
-                       "host.legs_diff_regions": "0"}.items():
-        assert run.get(name) == want, f"{name}: got {run.get(name)!r}, want {want!r}\n{run.explain()}"
+    expect(run, BOTH_ENDED_LEGS_EQUAL)
     first = {}
     for n in (1, 2):
         s = f"n{n}.both-write"
-        for name, want in BOTH_WRITE_EXPECT.items():
-            got = run.get(f"{s}.{name}")
-            assert got == want, f"{s}.{name}: got {got!r}, want {want!r}\n{run.explain()}"
+        expect(run, BOTH_WRITE_EXPECT, f"{s}.")
         assert int(key(run, f"{s}.writes_total")) > 0, run.explain()
         first[n] = regions(key(run, f"{s}.resynced_initial_regions"))
-    # One recoverer per region across the two kernels.
-    assert not first[1] & first[2], f"recovered by both: {sorted(first[1] & first[2])}\n{run.explain()}"
-    assert first[1] | first[2] == set(range(REGIONS)), run.explain()
+    one_recoverer(run, first[1], first[2])
 
 
 @pytest.mark.guest(NODE_DIES)
 def test_one_node_dies_the_survivor_resyncs_its_regions() -> None:
     run = cluster_run(NODE_DIES)
     assert run.rc == 0, run.explain()
-    expect = {
+    wanted = {
         "host.n2_end": "killed by the host as intended",
         "host.n1_end": "exit code 0",
         "host.killed_node": "2",
@@ -135,13 +147,9 @@ def test_one_node_dies_the_survivor_resyncs_its_regions() -> None:
         f"{S}.stop_rc_1": "0",
         f"{S}.rc": "0",
     }
-    for name, want in expect.items():
-        assert run.get(name) == want, f"{name}: got {run.get(name)!r}, want {want!r}\n{run.explain()}"
-    # One recoverer per region: the two kernels' first resync splits the regions between them.
-    first = regions(key(run, f"{S}.resynced_initial_regions"))
-    second = regions(key(run, "n2.node-dies.resynced_initial_regions"))
-    assert not first & second, f"regions recovered by both nodes: {sorted(first & second)}\n{run.explain()}"
-    assert first | second == set(range(REGIONS)), run.explain()
+    expect(run, wanted)
+    one_recoverer(run, regions(key(run, f"{S}.resynced_initial_regions")),
+                  regions(key(run, "n2.node-dies.resynced_initial_regions")))
     # Both wrote before the death, the survivor after it too.
     at_kill = dict(item.split(":") for item in key(run, "host.writes_at_kill").split(","))
     assert int(at_kill["n1"]) > 0 and int(at_kill["n2"]) > 0, run.explain()
@@ -166,18 +174,14 @@ def test_one_node_dies_the_survivor_resyncs_its_regions() -> None:
 def test_both_nodes_lose_power_only_the_marked_regions_resync() -> None:
     run = cluster_run(POWER_CUT)
     assert run.rc == 0, run.explain()
-    for name, want in {"host.n1_end": "exit code 0", "host.n2_end": "exit code 0", "host.legs": "equal",
-                       "host.legs_diff_regions": "0"}.items():
-        assert run.get(name) == want, f"{name}: got {run.get(name)!r}, want {want!r}\n{run.explain()}"
+    expect(run, BOTH_ENDED_LEGS_EQUAL)
     assert run.get("host.boots") is None, run.explain()
     resynced: set[int] = set()
     marked: set[int] = set()
     for n in (1, 2):
         s = f"n{n}.power-cut"
-        for name, want in {"sync_initial": f"{REGIONS}/{REGIONS}", "sync_final": f"{REGIONS}/{REGIONS}",
-                           "health_final": "AA", "remove_rc": "0", "stop_rc_1": "0", "rc": "0"}.items():
-            got = run.get(f"{s}.{name}")
-            assert got == want, f"{s}.{name}: got {got!r}, want {want!r}\n{run.explain()}"
+        expect(run, {"sync_initial": f"{REGIONS}/{REGIONS}", "sync_final": f"{REGIONS}/{REGIONS}",
+                     "health_final": "AA", "remove_rc": "0", "stop_rc_1": "0", "rc": "0"}, f"{s}.")
         assert key(run, f"{s}.boot1_boot_id") != key(run, f"{s}.boot2_boot_id"), run.explain()
         mine = regions(key(run, f"{s}.resynced_boot2_regions"))
         assert not mine & resynced, f"resynced by both: {sorted(mine & resynced)}\n{run.explain()}"
