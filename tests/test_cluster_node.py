@@ -229,6 +229,10 @@ class Cluster:
         node = self.nodes.pop(n, None)
         if node is None:
             return
+        # The contract keeps every mark through the loss of one node's state directory: the
+        # others, all up and current, hold the state.
+        others = [self.nodes.get(m) for m in self.bus.nodeids if m != n]
+        wipe = wipe and not any(self.bus.side.values()) and all(o is not None and o.current for o in others)
         self.trace.append(f"crash {n}{' (state directory lost)' if wipe else ''}")
         self._fenced(n, self.dead_oos)
         self.kernels.pop(n)
@@ -325,7 +329,11 @@ class Cluster:
         frame = wire.encode_request(Request(luid=kernel.luid if luid is None else luid, uuid=UUID,
                                             version=wire.DM_ULOG_REQUEST_VERSION, seq=seq,
                                             request_type=int(kind), data=data, cn_seq=seq))
-        assert self.nodes[n].take(frame, n), f"node {n}: a request of a clustered log not taken"
+        if not self.nodes[n].take(frame, n):
+            # A retired table's DTR to a daemon started since its reload: not a log it knows
+            # (the request loop answers it, as on one node).
+            assert kind is T.DTR, f"node {n}: a {kind.name} of a clustered log not taken"
+            kernel.waiting.pop(seq)
         return seq
 
     def _reply(self, n: int, node: ClusterNode, reply: Reply, address: object) -> None:
