@@ -188,7 +188,7 @@ class HostDriver:
     #: How many times both guests boot (on the same disks); a boot before the last must end with the
     #: driver's kill of both guests (a power cut of the whole cluster).
     boots = 1
-    #: Writes each node does, once both write, before the driver kills (see :meth:`writes_counted`).
+    #: Writes each node does, once both write, before the driver kills (see :meth:`kill_due`).
     KILL_AFTER = 0
 
     def __init__(self, guests: list[Guest], say: Callable[[str], None], keys: dict[str, str]) -> None:
@@ -198,6 +198,8 @@ class HostDriver:
         self.boot = 1  # the boot running now
         #: Each node's writes when both were first seen writing.
         self.base: dict[int, int] | None = None
+        #: The kill is due or done (:meth:`kill_due` said so once).
+        self.due = False
 
     def tick(self, now: float) -> None:
         self.barriers()
@@ -218,9 +220,12 @@ class HostDriver:
         """Nodes whose qemu the driver killed: their end without an exit code is intended."""
         return {g.node for g in self.guests if g.killed_at is not None}
 
-    def writes_counted(self, scenario: str, then: str) -> dict[int, int] | None:
-        """Each node's writes so far once every node has done KILL_AFTER since all were writing
-        (``then``: what the driver does then, said when they all start), else None."""
+    def kill_due(self, scenario: str, then: str) -> dict[int, int] | None:
+        """Each node's writes so far, once: the first time every node has done KILL_AFTER since
+        all were writing (``then``: what the driver does then, said when they all start). None
+        before, and after."""
+        if self.due:
+            return None
         counts = {g.node: writes_done(g, scenario) for g in self.guests}
         if self.base is None:
             if all(counts.values()):
@@ -230,7 +235,16 @@ class HostDriver:
             return None
         if not all(counts[n] - self.base[n] >= self.KILL_AFTER for n in counts):
             return None
+        self.due = True
         return counts
+
+
+def kill_alive(guests: list[Guest]) -> None:
+    """SIGKILL the qemu of every guest still running (a run that cannot go on)."""
+    for g in guests:
+        if g.alive():
+            assert g.proc is not None
+            g.proc.kill()
 
 
 def writes_done(g: Guest, scenario: str) -> int:
@@ -247,27 +261,19 @@ class NodeDies(HostDriver):
     KILL_AFTER = 40  # 64 KiB writes per node, after both are writing
     VICTIM = 2
 
-    def __init__(self, guests: list[Guest], say: Callable[[str], None], keys: dict[str, str]) -> None:
-        super().__init__(guests, say, keys)
-        self.done = False
-
     def tick(self, now: float) -> None:
         super().tick(now)
-        if self.done:
-            return
-        counts = self.writes_counted("node-dies", f"node {self.VICTIM} dies")
+        counts = self.kill_due("node-dies", f"node {self.VICTIM} dies")
         if counts is None:
             return
         victim = self.guests[self.VICTIM - 1]
         survivor = self.guests[0] if victim is self.guests[1] else self.guests[1]
         if not victim.alive():
             self.keys["kill"] = "victim-already-ended"
-            self.done = True
             return
         assert victim.proc is not None
         victim.proc.kill()
         victim.killed_at = now
-        self.done = True
         self.keys["killed_node"] = str(victim.node)
         self.keys["writes_at_kill"] = ",".join(f"n{n}:{c}" for n, c in sorted(counts.items()))
         self.say(f"SIGKILL {victim.name}'s qemu (pid {victim.proc.pid}) while both write ({counts})")
@@ -283,18 +289,13 @@ class PowerCut(HostDriver):
     KILL_AFTER = 40
     boots = 2
 
-    def __init__(self, guests: list[Guest], say: Callable[[str], None], keys: dict[str, str]) -> None:
-        super().__init__(guests, say, keys)
-        self.cut = False
-
     def tick(self, now: float) -> None:
         super().tick(now)
-        if self.boot != 1 or self.cut:
+        if self.boot != 1:
             return
-        counts = self.writes_counted("power-cut", "the power of both is cut")
+        counts = self.kill_due("power-cut", "the power of both is cut")
         if counts is None:
             return
-        self.cut = True
         if not all(g.alive() for g in self.guests):
             self.keys["cut"] = "a guest had ended already"
             return
@@ -449,10 +450,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                         # until its own limit: end the run now.
                         how = f"exit code {code}" if code else f"qemu {g.rc}, no exit code"
                         say(f"{g.name} ended ({how}): stopping the other guest")
-                        for other in guests:
-                            if other.alive():
-                                assert other.proc is not None
-                                other.proc.kill()
+                        kill_alive(guests)
                 else:
                     consoles[g.node].write(line)
                     consoles[g.node].flush()
@@ -467,10 +465,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             if now > deadline and not timed_out:
                 timed_out = True
                 say(f"host-side limit of {args.timeout}s reached: stopping the guests")
-                for other in guests:
-                    if other.alive():
-                        assert other.proc is not None
-                        other.proc.kill()
+                kill_alive(guests)
 
     try:
         log(f"booting {a.kernel.release} in two guests for cluster scenario {name}"
