@@ -97,19 +97,21 @@ BOTH_WRITE_EXPECT = {
 
 
 def cluster_run(guest: guests.Guest) -> ScenarioRun:
+    """The guests' run of a scenario, which ended with exit status 0."""
     require_harness()
     require_daemon()
     if shutil.which("corosync") is None:
         pytest.fail("corosync is not installed on the host (the guests run the host's): bash tools/run.sh "
                     "setup installs it", pytrace=False)
-    return guests.result(guest)
+    run = guests.result(guest)
+    assert run.rc == 0, run.explain()
+    return run
 
 
 @pytest.mark.guest(BOTH_WRITE)
 @pytest.mark.skipif(not LONG, reason="two guests for ~200 s: with ULOG_KERNEL_LONG=1")
 def test_both_nodes_write_both_in_sync_legs_identical() -> None:
     run = cluster_run(BOTH_WRITE)
-    assert run.rc == 0, run.explain()
     expect(run, BOTH_ENDED_LEGS_EQUAL)
     first = {}
     for n in (1, 2):
@@ -123,7 +125,6 @@ def test_both_nodes_write_both_in_sync_legs_identical() -> None:
 @pytest.mark.guest(NODE_DIES)
 def test_one_node_dies_the_survivor_resyncs_its_regions() -> None:
     run = cluster_run(NODE_DIES)
-    assert run.rc == 0, run.explain()
     wanted = {
         "host.n2_end": "killed by the host as intended",
         "host.n1_end": "exit code 0",
@@ -173,7 +174,6 @@ def test_one_node_dies_the_survivor_resyncs_its_regions() -> None:
 @pytest.mark.skipif(not LONG, reason="two guests booted twice, ~320 s: with ULOG_KERNEL_LONG=1")
 def test_both_nodes_lose_power_only_the_marked_regions_resync() -> None:
     run = cluster_run(POWER_CUT)
-    assert run.rc == 0, run.explain()
     expect(run, BOTH_ENDED_LEGS_EQUAL)
     assert run.get("host.boots") is None, run.explain()
     resynced: set[int] = set()
@@ -199,7 +199,6 @@ def test_both_nodes_lose_power_only_the_marked_regions_resync() -> None:
 @pytest.mark.skipif(not LONG, reason="two guests booted twice, ~320 s: with ULOG_KERNEL_LONG=1")
 def test_both_nodes_lose_power_memory_control_resyncs_everything() -> None:
     run = cluster_run(POWER_CUT_MEMORY)
-    assert run.rc == 0, run.explain()
     assert run.get("host.legs") == "equal", run.explain()
     resynced: set[int] = set()
     for n in (1, 2):
