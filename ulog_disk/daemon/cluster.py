@@ -543,11 +543,17 @@ class ClusterNode:
 
     def _apply_events(self, events: list[object]) -> None:
         answered: list[Pending] = []
-        for event in events:
+        for index, event in enumerate(events):
             if isinstance(event, Deliver):
                 self._deliver(event, answered)
             elif isinstance(event, ConfChange):
                 self._confchg(event)
+                if self._round_due and not any(isinstance(e, ConfChange) for e in events[index + 1:]):
+                    # One HELLO for the last change of a batch only: a membership that comes back
+                    # within it (M -> M' -> M) would otherwise get two HELLOs of one name from this
+                    # member, the first sent before it applied what followed.
+                    self._round_due = False
+                    self._start_round()
             elif isinstance(event, TotemChange):
                 self.totem_members = set(event.members)
         if self._journal_pending:
@@ -560,6 +566,7 @@ class ClusterNode:
         self._answer_ready()
 
     _journal_pending = False
+    _round_due = False
     _coordinate_due = False
 
     def _deliver(self, event: Deliver, answered: list[Pending]) -> None:
@@ -670,6 +677,7 @@ class ClusterNode:
         self.hello_book.clear()
         self.hello_sent.clear()
         self.members = tuple(sorted(a.member for a in event.members))
+
         nodes = {n for n, _ in self.members}
         for gone in event.left:
             self.reassembler.forget(gone.nodeid, gone.pid)
@@ -683,17 +691,18 @@ class ClusterNode:
         if event.joined:
             log.info("cluster: member(s) joined: %s; exchanging state", ", ".join(f"node {a.nodeid}"
                                                                                  for a in event.joined))
-            self._start_round()
-        elif self.round is not None or (self.receiving and self.receive_from not in self.members):
+            self._round_due = True
+        elif self.round is not None or self._round_due or (
+                self.receiving and self.receive_from not in self.members):
             # The exchange under way waits for a member that is gone (or its donor left): again,
             # among those who are here.
             log.info("cluster: membership changed during the state exchange: exchanging again")
-            self._start_round()
+            self._round_due = True
         else:
             self._coordinate_due = True
 
     def _start_round(self, round_id: int | None = None) -> None:
-        self.round = msg.round_of(list(self.members)) if round_id is None else round_id
+        self.round = self.round_id() if round_id is None else round_id
         self.syncing = True
         if self.round in self.hello_sent:
             return
