@@ -7,8 +7,6 @@ namespaces), or no ``unshare``/``nsenter``/``ip``. A missing corosync is a failu
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,28 +17,18 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools" / "cluster"))
 
 from cpg_worker import WorkerClient, worker_argv  # noqa: E402
-from rig import Rig, RigError, missing_tools  # noqa: E402
+from rig import Rig, RigError, rig_verdict  # noqa: E402
 
 NODES = 3
 
 
-def skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "the corosync rig needs root (it makes network and mount namespaces)"
-    missing = [t for t in ("unshare", "nsenter", "ip", "mount") if shutil.which(t) is None]
-    if missing:
-        return f"the corosync rig needs {', '.join(missing)} (util-linux, iproute2)"
-    return None
-
-
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    reason = skip_reason()
-    if reason:
-        pytest.skip(reason)
-    missing = missing_tools()
-    if missing:
-        pytest.fail(f"missing {', '.join(missing)}: bash tools/run.sh setup installs corosync")
+    skip, fail = rig_verdict()
+    if skip:
+        pytest.skip(skip)
+    if fail:
+        pytest.fail(fail)
     r = Rig(tmp_path_factory.mktemp("rig"))
     r.up(NODES)
     try:

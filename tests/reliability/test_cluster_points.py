@@ -18,7 +18,6 @@ mount). A missing corosync fails: ``bash tools/run.sh setup`` installs it.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools" / "reliability"))
 
 import cluster_points  # noqa: E402
-from rig import missing_tools  # noqa: E402 - on sys.path through cluster_points
+from rig import rig_verdict  # noqa: E402 - on sys.path through cluster_points
 
 POINTS = int(scale("ULOG_REL_CLUSTER_POINTS", 4, 220))
 #: Rules 1 and 2 broken only for the victim of a daemon kill or a partition: a living node that the
@@ -43,22 +42,12 @@ SEED = int(os.environ.get("ULOG_REL_SEED", "11"))
 FENCE = os.environ.get("ULOG_REL_CLUSTER_FENCE") == "1"
 
 
-def skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "the corosync rig needs root (it makes network and mount namespaces)"
-    missing = [t for t in ("unshare", "nsenter", "ip", "mount") if shutil.which(t) is None]
-    if missing:
-        return f"the corosync rig needs {', '.join(missing)} (util-linux, iproute2)"
-    return None
-
-
 def test_cluster_crash_points(tmp_path: Path) -> None:
-    reason = skip_reason()
-    if reason:
-        pytest.skip(reason)
-    missing = missing_tools()
-    if missing:
-        pytest.fail(f"missing {', '.join(missing)}: bash tools/run.sh setup installs corosync")
+    skip, fail = rig_verdict()
+    if skip:
+        pytest.skip(skip)
+    if fail:
+        pytest.fail(fail)
     summary, violations, runner = cluster_points.run(POINTS, SEED, tmp_path, fence=FENCE)
     figures("cluster.crash_points_fenced" if FENCE else "cluster.crash_points", **summary)
     for v in violations[:40]:

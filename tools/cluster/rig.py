@@ -62,6 +62,22 @@ def missing_tools() -> list[str]:
                         "corosync-quorumtool") if shutil.which(t) is None]
 
 
+def rig_verdict() -> tuple[str | None, str | None]:
+    """(skip, fail) for a test of the rig: a reason to skip where the rig cannot exist (not root:
+    network and mount namespaces; no unshare, nsenter, ip or mount), else a reason to fail where
+    it lacks what ``bash tools/run.sh setup`` installs (corosync): a tier that silently skips tests
+    nothing. (None, None): the rig can run."""
+    if os.geteuid() != 0:
+        return "the corosync rig needs root (it makes network and mount namespaces)", None
+    missing = [t for t in ("unshare", "nsenter", "ip", "mount") if shutil.which(t) is None]
+    if missing:
+        return f"the corosync rig needs {', '.join(missing)} (util-linux, iproute2)", None
+    missing = missing_tools()
+    if missing:
+        return None, f"missing {', '.join(missing)}: bash tools/run.sh setup installs corosync"
+    return None, None
+
+
 def run(argv: Sequence[str], check: bool = True, timeout: float = 20.0,
         **kw: object) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload]
