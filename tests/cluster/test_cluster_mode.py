@@ -128,6 +128,21 @@ class Oracle:
         self.recovering.pop(region, None)
         self.dead_marks.discard(region)
 
+    def hand_out(self, names: list[str], regions: set[int], what: str, timeout: float = 30.0) -> None:
+        """Waits until exactly ``regions`` are handed out: each of ``names`` asks for resync work
+        in turn and says in sync what it gets."""
+        handed: set[int] = set()
+
+        def recover_some() -> bool:
+            for n in names:
+                region = self.work(n)
+                if region is not None:
+                    handed.add(region)
+                    self.synced(n, region)
+            return handed == regions
+
+        wait_for(recover_some, timeout=timeout, what=what)
+
     def died(self, name: str) -> None:
         self.dead_marks |= self.marked.pop(name)
         for region, owner in list(self.recovering.items()):
@@ -269,17 +284,8 @@ def test_a_node_that_dies_holding_marks(cluster: ClusterDaemons) -> None:
     )
     # Without --fence-command the departed node counts as fenced: its regions, and the region it
     # was recovering, are handed out again, each to one survivor.
-    handed: set[int] = set()
-
-    def recover_some() -> bool:
-        for n in survivors:
-            region = oracle.work(n)
-            if region is not None:
-                handed.add(region)
-                oracle.synced(n, region)
-        return handed == {10, 11, 12, 40}
-
-    wait_for(recover_some, what="n3's regions handed out again once it counts as fenced")
+    oracle.hand_out(survivors, {10, 11, 12, 40},
+                    what="n3's regions handed out again once it counts as fenced")
     wait_for(lambda: counts(log, survivors) == {n: 128 for n in survivors}, what="every region in sync again")
     assert not any(remote_recovering(*log.on(n), r) for n in survivors for r in (10, 11, 12, 40))
     oracle.check(survivors)
@@ -437,17 +443,7 @@ def test_a_departed_node_is_recovered_only_once_fenced(cluster: ClusterDaemons, 
             assert remote_recovering(*log.on(n), 20) and remote_recovering(*log.on(n), 21)
         oracle.check(survivors)
         code.write_text("0")  # the next attempt succeeds
-        handed: set[int] = set()
-
-        def recover_some() -> bool:
-            for n in survivors:
-                region = oracle.work(n)
-                if region is not None:
-                    handed.add(region)
-                    oracle.synced(n, region)
-            return handed == {20, 21}
-
-        wait_for(recover_some, timeout=60, what="n3's regions handed out once fenced")
+        oracle.hand_out(survivors, {20, 21}, timeout=60, what="n3's regions handed out once fenced")
         assert calls.read_text().split()[-1] == "3" and len(calls.read_text().split()) >= 2
         oracle.check(survivors)
     finally:
