@@ -38,6 +38,13 @@ The oracle (what the kernels were told, nothing else) and its rules:
 A request the kernel sent and did not get answered (in flight at the fault) guarantees nothing: its
 marks are not counted, its clears are counted as done, a SET_REGION_SYNC in flight exempts its region.
 
+``--fence`` (``ULOG_REL_CLUSTER_FENCE=1`` in the test) runs the daemons with a ``--fence-command``
+that is a power switch: the fenced node's daemon and corosync SIGKILLed. A daemon kill or a
+partition the others see then ends in that node's fence and reboot, and the oracle counts it
+crashed as of its fence. Without it (the daemon's default), a violation of rule 1 or 2 that
+protected only the victim of a kill or a partition is named ``*_unfenced``: the others counted a
+living node as fenced.
+
 Every decision of a point comes from its seed (printed with each violation); ``--replay SEED``
 runs that point alone on a fresh rig. Timing (which request a fault lands on) is not replayed.
 """
