@@ -48,6 +48,8 @@ REGIONS = 64
 S = "n1.node-dies"  # the survivor's keys
 NODE_DIES = guests.Guest("cluster-node-dies", "cluster:node-dies", estimate=230, timeout=720,
                          env=("BACKEND=lmdb",), backend=False, cores=2)
+NODE_DIES_MEMORY = guests.Guest("cluster-node-dies-memory", "cluster:node-dies", estimate=230, timeout=720,
+                                env=("BACKEND=memory",), backend=False, cores=2)
 POWER_CUT = guests.Guest("cluster-power-cut", "cluster:power-cut", estimate=320, timeout=900,
                          env=("BACKEND=lmdb",), backend=False, cores=2)
 #: The control: --backend memory keeps the cluster state in the members' memory only (as cmirrord):
@@ -124,7 +126,20 @@ def test_both_nodes_write_both_in_sync_legs_identical() -> None:
 
 @pytest.mark.guest(NODE_DIES)
 def test_one_node_dies_the_survivor_resyncs_its_regions() -> None:
-    run = cluster_run(NODE_DIES)
+    check_node_dies(cluster_run(NODE_DIES))
+
+
+@pytest.mark.guest(NODE_DIES_MEMORY)
+@pytest.mark.skipif(not LONG, reason="two guests for ~230 s: with ULOG_KERNEL_LONG=1")
+def test_one_node_dies_memory_control_resyncs_the_same() -> None:
+    """The control, side by side with the lmdb run: --backend memory keeps the cluster state in the
+    members' memory only (as cmirrord keeps its log): one node's death loses nothing of it (the
+    survivor holds it), so it resyncs exactly what the dead node held, as lmdb does. What the
+    durable store adds shows in the whole cluster's power cut (the memory control of power-cut)."""
+    check_node_dies(cluster_run(NODE_DIES_MEMORY))
+
+
+def check_node_dies(run: ScenarioRun) -> None:
     wanted = {
         "host.n2_end": "killed by the host as intended",
         "host.n1_end": "exit code 0",
