@@ -846,7 +846,7 @@ class ClusterNode:
         self._became_current()
 
     def _became_current(self) -> None:
-        if not self.rebooted_sent and self.may_multicast():
+        if not self.rebooted_sent:  # once per start; waits with the others if it cannot go now
             self.rebooted_sent = True
             self._agree(msg.Kind.REBOOTED, {"boot_id": self.boot_id})
         self._release_waiting()
