@@ -542,10 +542,9 @@ class ClusterNode:
     # --- the agreed stream -----------------------------------------------------------------------
 
     def _apply_events(self, events: list[object]) -> None:
-        answered: list[Pending] = []
         for index, event in enumerate(events):
             if isinstance(event, Deliver):
-                self._deliver(event, answered)
+                self._deliver(event)
             elif isinstance(event, ConfChange):
                 self._confchg(event)
                 if self._round_due and not any(isinstance(e, ConfChange) for e in events[index + 1:]):
@@ -569,7 +568,7 @@ class ClusterNode:
     _round_due = False
     _coordinate_due = False
 
-    def _deliver(self, event: Deliver, answered: list[Pending]) -> None:
+    def _deliver(self, event: Deliver) -> None:
         try:
             message = msg.decode(event.data)
         except msg.MessageError as exc:
