@@ -793,3 +793,23 @@ def test_random_streams_keep_the_contract(base: Path, nodes: int, nosync: bool, 
         shutil.rmtree(child)
     atomic = SMALL_ATOMIC if small else MAX_ATOMIC
     run_stream(base, nodes, nosync, stream, max_atomic=atomic)
+
+
+def test_a_node_that_departs_twice_is_released_twice(base: Path) -> None:
+    """Without a fence command the coordinator counts a departed node fenced at once, each time it
+    departs: its second departure's regions are released for recovery as the first's were."""
+    c = Cluster(3, base, nosync=True)
+    try:
+        c.settle(full=True)
+        for region in (5, 9):
+            c.mark(3, [region])
+            c.settle()
+            c.crash(3)
+            c.settle()
+            shared = c.nodes[1].state.logs[UUID]
+            assert not shared.held, f"node 3's regions {shared.held_regions()} still held for a fence"
+            assert shared.released[region] and not shared.in_sync(region)
+            c.restart(3)
+            c.settle(full=True)
+    finally:
+        c.close()

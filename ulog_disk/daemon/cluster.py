@@ -649,6 +649,7 @@ class ClusterNode:
         elif kind is msg.Kind.FENCED:
             self.counters.fenced += 1
             self.declared.discard(message.fields.node)
+            self.declared_fenced.discard(message.fields.node)  # it may depart again later
             log.warning("cluster: node %d fenced: %s region(s) released for recovery", message.fields.node,
                         result)
         elif kind is msg.Kind.OPEN and result:
@@ -868,7 +869,7 @@ class ClusterNode:
             self.declared |= missing
             self._agree(msg.Kind.DEPARTED, {"nodes": sorted(missing)})
         for node in list(self.state.unfenced):
-            if node in self.fencing or node in self.declared and node not in self.state.unfenced:
+            if node in self.fencing:
                 continue
             if self.fence_after.get(node, 0.0) > time.monotonic():
                 continue
