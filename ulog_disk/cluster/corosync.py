@@ -381,7 +381,29 @@ RETRY_FIRST = 0.0005
 RETRY_MAX = 0.010
 
 
-class CpgGroup:
+class SendQueue:
+    """The queue of messages waiting to be multicast, oldest first, each checked against the
+    group's atomic size when queued; :meth:`pump` (the subclass's) sends them."""
+
+    max_atomic: int
+    _queue: deque[bytes]
+
+    def send(self, data: bytes) -> None:
+        """Queue one message (checked against the atomic size now) for :meth:`pump`."""
+        if len(data) > self.max_atomic:
+            raise MessageTooLarge(len(data), self.max_atomic)
+        self._queue.append(bytes(data))
+
+    def send_many(self, pieces: Iterable[bytes]) -> None:
+        for piece in pieces:
+            self.send(piece)
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+
+class CpgGroup(SendQueue):
     """One connection to corosync's CPG service, joined to the group ``name``.
 
     Not thread-safe: one thread (the daemon's loop) makes every call. Construction connects and
@@ -538,21 +560,7 @@ class CpgGroup:
         self._retry_at = time.monotonic() + delay
         return WouldBlock("cpg_mcast_joined", delay)
 
-    # --- the send queue ---
-
-    def send(self, data: bytes) -> None:
-        """Queue one message (checked against the atomic size now) for :meth:`pump`."""
-        if len(data) > self.max_atomic:
-            raise MessageTooLarge(len(data), self.max_atomic)
-        self._queue.append(bytes(data))
-
-    def send_many(self, pieces: Iterable[bytes]) -> None:
-        for piece in pieces:
-            self.send(piece)
-
-    @property
-    def pending(self) -> int:
-        return len(self._queue)
+    # --- the send queue (send, send_many, pending: SendQueue) ---
 
     def pump(self) -> bool:
         """Multicast queued messages, oldest first, until the queue is empty (True) or corosync

@@ -60,6 +60,7 @@ from ..cluster.corosync import (
     QuorumChange,
     Reason,
     RingId,
+    SendQueue,
     TotemChange,
 )
 from ..storage.journal import HEADER_BYTES
@@ -98,7 +99,7 @@ class _Pipe:
             os.close(self.w)
 
 
-class FakeCpgGroup:
+class FakeCpgGroup(SendQueue):
     """What :class:`~ulog_disk.cluster.corosync.CpgGroup` offers the daemon, on a :class:`FakeBus`."""
 
     def __init__(self, bus: FakeBus, nodeid: int, name: bytes | str, pid: int) -> None:
@@ -178,19 +179,6 @@ class FakeCpgGroup:
             raise CorosyncError("cpg_mcast_joined", CS_ERR_NOT_EXIST, "not joined to the group")
         self.bus._in_flight(self, payload)
         self.counters["sent"] += 1
-
-    def send(self, data: bytes) -> None:
-        if len(data) > self.max_atomic:
-            raise MessageTooLarge(len(data), self.max_atomic)
-        self._queue.append(bytes(data))
-
-    def send_many(self, pieces: Iterable[bytes]) -> None:
-        for piece in pieces:
-            self.send(piece)
-
-    @property
-    def pending(self) -> int:
-        return len(self._queue)
 
     def pump(self) -> bool:
         while self._queue:
