@@ -29,7 +29,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -210,6 +210,14 @@ def disk_bytes(state_dir: Path | None) -> tuple[int, int, int]:
     return journal, stores, count
 
 
+def plain_families(kind: type[CounterMetricFamily] | type[GaugeMetricFamily],
+                   rows: Iterable[tuple[str, str, float]]) -> Iterator[CounterMetricFamily
+                                                                       | GaugeMetricFamily]:
+    """One unlabelled family of ``kind`` per (name, help, value) row, in the rows' order."""
+    for name, doc, value in rows:
+        yield kind(name, doc, value=value)
+
+
 class SnapshotCollector(Collector):
     """The prometheus-client view of one snapshot (built at write time, dropped after it)."""
 
@@ -244,30 +252,30 @@ class SnapshotCollector(Collector):
         yield HistogramMetricFamily("dm_ulogd_flush_latency_seconds", "FLUSH requests, from received to "
                                     "answered (journal sync and group-commit wait included).",
                                     buckets=buckets, sum_value=s.flush_sum)
-        yield CounterMetricFamily("dm_ulogd_commits", "Durable points reached for a request: FLUSHes made "
-                                  "durable, lifecycle writes to a store.", value=st.commits)
-        yield CounterMetricFamily("dm_ulogd_commit_failures", "Durable points that failed (answered -EIO).",
-                                  value=st.commit_failures)
-        yield CounterMetricFamily("dm_ulogd_journal_syncs", "Journal syncs (one fdatasync each, shared by "
-                                  "every FLUSH waiting: group commit).", value=s.journal_syncs)
-        yield CounterMetricFamily("dm_ulogd_journal_sync_failures", "Journal syncs that failed.",
-                                  value=s.journal_sync_failures)
-        yield CounterMetricFamily("dm_ulogd_requests_held", "Requests that would write the journal, held "
-                                  "back while a journal sync had run over 1 s (a slow or stalled state "
-                                  "disk); the others were answered meanwhile.", value=s.held_requests)
-        yield CounterMetricFamily("dm_ulogd_checkpoints", "Store writes of a log's changes (background "
-                                  "checkpoints, lifecycle writes).", value=st.checkpoints)
-        yield CounterMetricFamily("dm_ulogd_checkpoint_failures", "Store writes that failed (retried "
-                                  "later; the journal keeps the changes).", value=st.checkpoint_failures)
-        yield GaugeMetricFamily("dm_ulogd_journal_backlog_bytes", "Journal bytes not yet in the stores "
-                                "(what a restart would replay).", value=s.journal_backlog)
+        yield from plain_families(CounterMetricFamily, (
+            ("dm_ulogd_commits", "Durable points reached for a request: FLUSHes made durable, lifecycle "
+             "writes to a store.", st.commits),
+            ("dm_ulogd_commit_failures", "Durable points that failed (answered -EIO).", st.commit_failures),
+            ("dm_ulogd_journal_syncs", "Journal syncs (one fdatasync each, shared by every FLUSH waiting: "
+             "group commit).", s.journal_syncs),
+            ("dm_ulogd_journal_sync_failures", "Journal syncs that failed.", s.journal_sync_failures),
+            ("dm_ulogd_requests_held", "Requests that would write the journal, held back while a journal "
+             "sync had run over 1 s (a slow or stalled state disk); the others were answered meanwhile.",
+             s.held_requests),
+            ("dm_ulogd_checkpoints", "Store writes of a log's changes (background checkpoints, lifecycle "
+             "writes).", st.checkpoints),
+            ("dm_ulogd_checkpoint_failures", "Store writes that failed (retried later; the journal keeps the "
+             "changes).", st.checkpoint_failures),
+        ))
         journal, stores, count = disk_bytes(self.state_dir)
-        yield GaugeMetricFamily("dm_ulogd_journal_disk_bytes", "Disk space of the journal segments.",
-                                value=journal)
-        yield GaugeMetricFamily("dm_ulogd_store_disk_bytes", "Disk space of the LMDB stores.", value=stores)
-        yield GaugeMetricFamily("dm_ulogd_stores", "Stores (one per uuid) in the state directory.",
-                                value=count)
-        yield GaugeMetricFamily("dm_ulogd_mirrors", "Log instances in the table.", value=len(s.mirrors))
+        yield from plain_families(GaugeMetricFamily, (
+            ("dm_ulogd_journal_backlog_bytes", "Journal bytes not yet in the stores (what a restart would "
+             "replay).", s.journal_backlog),
+            ("dm_ulogd_journal_disk_bytes", "Disk space of the journal segments.", journal),
+            ("dm_ulogd_store_disk_bytes", "Disk space of the LMDB stores.", stores),
+            ("dm_ulogd_stores", "Stores (one per uuid) in the state directory.", count),
+            ("dm_ulogd_mirrors", "Log instances in the table.", len(s.mirrors)),
+        ))
         labels = ["uuid", "luid"]
         families = {
             "regions": GaugeMetricFamily("dm_ulogd_mirror_regions", "Regions of the log.", labels=labels),
@@ -296,39 +304,45 @@ class SnapshotCollector(Collector):
 def cluster_families(c: ClusterSample) -> Iterator[CounterMetricFamily | GaugeMetricFamily
                                                    | SummaryMetricFamily]:
     """The ``dm_ulogd_cluster_*`` families (cluster mode only; ``docs/metrics.md``)."""
-    yield GaugeMetricFamily("dm_ulogd_cluster_node_id", "This node's corosync node id.", value=c.node)
-    yield GaugeMetricFamily("dm_ulogd_cluster_members", "Nodes of the cluster group (this one included) in "
-                            "the last membership.", value=c.members)
-    yield GaugeMetricFamily("dm_ulogd_cluster_quorate", "1 while corosync says the cluster is quorate "
-                            "(agreed requests wait while it is not).", value=int(c.quorate))
-    yield GaugeMetricFamily("dm_ulogd_cluster_current", "1 once this node holds the state agreed in the "
-                            "membership (after the state exchange of a join).", value=int(c.current))
-    yield GaugeMetricFamily("dm_ulogd_cluster_epoch", "How far along the agreed history this node's cluster "
-                            "state is (inputs applied).", value=c.epoch)
-    yield GaugeMetricFamily("dm_ulogd_cluster_logs", "Clustered logs in the cluster state.", value=c.logs)
-    yield GaugeMetricFamily("dm_ulogd_cluster_pending_requests", "Agreed requests of this node multicast "
-                            "and not answered yet.", value=c.pending)
-    yield GaugeMetricFamily("dm_ulogd_cluster_waiting_requests", "Agreed requests waiting to be multicast "
-                            "(not quorate, or not current yet).", value=c.waiting)
-    yield GaugeMetricFamily("dm_ulogd_cluster_unfenced_nodes", "Departed nodes not fenced yet (their regions "
-                            "are held out of sync, handed to nobody).", value=c.unfenced)
-    yield CounterMetricFamily("dm_ulogd_cluster_agreed_requests", "Agreed requests this node multicast "
-                              "(resends after a membership change included).", value=c.agreed)
-    yield CounterMetricFamily("dm_ulogd_cluster_applied", "Cluster messages applied to the cluster state "
-                              "(every node's, in the agreed order).", value=c.applied)
-    yield CounterMetricFamily("dm_ulogd_cluster_requests_held", "Agreed requests that had to wait before "
-                              "being multicast (not quorate, not current, state exchange).", value=c.held)
-    yield CounterMetricFamily("dm_ulogd_cluster_rule_errors", "Cluster messages every node refused alike "
-                              "(a region past the log's end, an unknown log).", value=c.rule_errors)
+    yield from plain_families(GaugeMetricFamily, (
+        ("dm_ulogd_cluster_node_id", "This node's corosync node id.", c.node),
+        ("dm_ulogd_cluster_members", "Nodes of the cluster group (this one included) in the last "
+         "membership.", c.members),
+        ("dm_ulogd_cluster_quorate", "1 while corosync says the cluster is quorate (agreed requests wait "
+         "while it is not).", int(c.quorate)),
+        ("dm_ulogd_cluster_current", "1 once this node holds the state agreed in the membership (after the "
+         "state exchange of a join).", int(c.current)),
+        ("dm_ulogd_cluster_epoch", "How far along the agreed history this node's cluster state is (inputs "
+         "applied).", c.epoch),
+        ("dm_ulogd_cluster_logs", "Clustered logs in the cluster state.", c.logs),
+        ("dm_ulogd_cluster_pending_requests", "Agreed requests of this node multicast and not answered "
+         "yet.", c.pending),
+        ("dm_ulogd_cluster_waiting_requests", "Agreed requests waiting to be multicast (not quorate, or not "
+         "current yet).", c.waiting),
+        ("dm_ulogd_cluster_unfenced_nodes", "Departed nodes not fenced yet (their regions are held out of "
+         "sync, handed to nobody).", c.unfenced),
+    ))
+    yield from plain_families(CounterMetricFamily, (
+        ("dm_ulogd_cluster_agreed_requests", "Agreed requests this node multicast (resends after a "
+         "membership change included).", c.agreed),
+        ("dm_ulogd_cluster_applied", "Cluster messages applied to the cluster state (every node's, in the "
+         "agreed order).", c.applied),
+        ("dm_ulogd_cluster_requests_held", "Agreed requests that had to wait before being multicast (not "
+         "quorate, not current, state exchange).", c.held),
+        ("dm_ulogd_cluster_rule_errors", "Cluster messages every node refused alike (a region past the "
+         "log's end, an unknown log).", c.rule_errors),
+    ))
     transfers = CounterMetricFamily("dm_ulogd_cluster_state_transfers", "Whole-state transfers at a join: "
                                     "sent as the donor, taken from a donor.", labels=["direction"])
     transfers.add_metric(["sent"], c.transfers_sent)
     transfers.add_metric(["taken"], c.transfers_taken)
     yield transfers
-    yield CounterMetricFamily("dm_ulogd_cluster_departed_nodes", "Nodes declared departed (left the "
-                              "membership without closing their logs).", value=c.departed)
-    yield CounterMetricFamily("dm_ulogd_cluster_fenced_nodes", "Departed nodes declared fenced (their held "
-                              "regions released for recovery).", value=c.fenced)
+    yield from plain_families(CounterMetricFamily, (
+        ("dm_ulogd_cluster_departed_nodes", "Nodes declared departed (left the membership without closing "
+         "their logs).", c.departed),
+        ("dm_ulogd_cluster_fenced_nodes", "Departed nodes declared fenced (their held regions released for "
+         "recovery).", c.fenced),
+    ))
     yield SummaryMetricFamily("dm_ulogd_cluster_agreed_latency_seconds", "This node's agreed requests, from "
                               "multicast to answer (agreed, applied, and for a FLUSH with marks or a "
                               "RESUME durable here and on another member).",
