@@ -16,7 +16,7 @@ import os
 
 import guests
 import pytest
-from test_real_kernel import assert_values, require_daemon, require_harness
+from test_real_kernel import assert_values, daemon_run
 
 pytestmark = pytest.mark.kernel
 
@@ -27,10 +27,7 @@ SOAK = guests.Guest("soak", "soak", estimate=SOAK_SECONDS + 45, timeout=SOAK_SEC
 
 @pytest.mark.guest(SOAK)
 def test_soak_writer_suspend_reload_and_two_kills() -> None:
-    require_harness()
-    require_daemon()
-    run = guests.result(SOAK)
-    assert run.rc == 0, run.explain()
+    run = daemon_run(SOAK)
     assert_values(run, "soak", {
         "create_rc": "0",
         "sync_initial": "32/32",

@@ -21,7 +21,7 @@ import tarfile
 
 import guests
 import pytest
-from test_real_kernel import ROOT, assert_values, require_daemon, require_harness
+from test_real_kernel import ROOT, assert_values, daemon_run
 
 pytestmark = pytest.mark.kernel
 
@@ -53,10 +53,7 @@ UPGRADE = guests.Guest("upgrade", "upgrade", estimate=65, timeout=420,
 @pytest.mark.skipif(os.environ.get("ULOG_KERNEL_LONG") != "1",
                     reason="long real-kernel test: set ULOG_KERNEL_LONG=1 (about 65 s under qemu)")
 def test_upgrade_under_a_live_mirror_and_the_reverse() -> None:
-    require_harness()
-    require_daemon()
-    run = guests.result(UPGRADE)
-    assert run.rc == 0, run.explain()
+    run = daemon_run(UPGRADE)
     assert_values(run, "upgrade", {
         "layout_before": "2", "layout_after": "3", "migrated_logged": "1", "writer_ok": "0",
         "sync_after_upgrade": "32/32", "resync_after_upgrade": "0", "legs_after_upgrade": "equal",
