@@ -66,6 +66,7 @@ from ..cluster.shared import ClusterRuleError, ClusterState, SharedLog
 from ..log.lifecycle import State, next_state
 from ..protocol import wire
 from ..protocol.ctrargs import CtrArgs, parse_ctr
+from ..protocol.fastpath import flat_struct
 from ..protocol.requests import RequestType
 from ..protocol.wire import Reply, Request
 from ..storage.cluster_store import ClusterStore, VolatileClusterStore
@@ -89,6 +90,21 @@ FENCE_TIMEOUT = 120.0
 FENCE_RETRY = 5.0
 
 _CLUSTERED = ("clustered-core", "clustered-disk")
+_CTR = int(RequestType.CTR)
+#: The request header, generated from the wire's one definition: read to tell whose a frame is.
+_HEADER = flat_struct(wire.UlogHeader)
+_HEADER_END = wire.CN_MSG_SIZE + wire.HEADER_SIZE
+
+
+def _peek(frame: bytes) -> tuple[tuple[str, int], int] | None:
+    """A frame's (uuid, luid) and request type, as :func:`wire.decode_frame` reads them, from
+    its header alone; None when the frame has no whole header."""
+    if len(frame) < _HEADER_END:
+        return None
+    luid, uuid_field, _, _, _, _, raw_type, _ = _HEADER.unpack_from(frame, wire.CN_MSG_SIZE)
+    nul = uuid_field.find(b"\0")
+    uuid = (uuid_field if nul < 0 else uuid_field[:nul]).decode("latin-1")
+    return (uuid, luid), raw_type & wire.DM_ULOG_REQUEST_MASK
 
 
 @dataclass
@@ -288,6 +304,8 @@ class ClusterNode:
 
     def tick(self) -> None:
         """Work that is due whatever arrived: sends corosync pushed back, fence commands."""
+        if not (self.fencing or self.fence_after or self._timer_at is not None or self.group.pending):
+            return  # nothing is due: every frame of the host comes this way
         self._poll_fences()
         if not self.closed:
             try:
@@ -308,13 +326,22 @@ class ClusterNode:
     # --- frames of the kernel ------------------------------------------------------------------
 
     def take(self, frame: bytes, address: object) -> bool:
-        """Whether ``frame`` is a request of a clustered log (then it is this node's to answer)."""
+        """Whether ``frame`` is a request of a clustered log (then it is this node's to answer).
+
+        Every frame of the host passes here first: the frames of other logs are told apart by
+        their header alone (the loop decodes them), a clustered log's is decoded once."""
+        peeked = _peek(frame)
+        if peeked is None:
+            return False  # the loop answers what it can of a malformed frame
+        key, request_type = peeked
+        local = self.local.get(key)
+        if local is None and request_type != _CTR:
+            return False
         try:
             request = wire.decode_frame(frame)
         except wire.FrameError:
             return False
-        kind = wire.request_kind(request.request_type)
-        if kind is RequestType.CTR:
+        if request_type == _CTR:
             try:
                 text, _ = wire.parse_ctr_string(request.data)
                 log_type = parse_ctr(text).log_type
@@ -322,22 +349,21 @@ class ClusterNode:
                 return False  # the loop's engine refuses it, with the reason
             if log_type not in _CLUSTERED:
                 return False
-        elif request.key not in self.local:
-            return False
         try:
-            self.handle(request, address)
+            self.handle(request, address, local)
         except Exception:  # noqa: BLE001 - one bad request must not stop the others
             log.exception("internal error (a bug of dm-ulogd) on clustered request seq=%d type=%d uuid=%r: "
                           "answering -EIO", request.seq, request.request_type, request.uuid)
             self.send(Reply(request, -errno.EIO), address)
         return True
 
-    def handle(self, request: Request, address: object) -> None:
+    def handle(self, request: Request, address: object, local: Local | None = None) -> None:
         kind = wire.request_kind(request.request_type)
         if kind is RequestType.CTR:
             self._ctr(request, address)
             return
-        local = self.local.get(request.key)
+        if local is None:
+            local = self.local.get(request.key)
         if local is None:
             self.send(Reply(request, -errno.ESRCH), address)
             return
@@ -379,6 +405,18 @@ class ClusterNode:
         log_ = shared if isinstance(shared, SharedLog) else None
         ctr = local.ctr
         data = request.data
+        # The most frequent requests first: every host's kernel asks these of each region it
+        # writes or recovers.
+        if kind is RequestType.IN_SYNC or kind is RequestType.IS_CLEAN:
+            local.state = new_state
+            region = wire.parse_region(data)
+            if not 0 <= region < ctr.region_count:
+                raise IndexError(f"region {region} out of range (region count {ctr.region_count})")
+            if log_ is None or region >= log_.region_count:
+                answer = kind is RequestType.IS_CLEAN or ctr.sync_mode == "nosync"
+            else:
+                answer = log_.is_clean(region) if kind is RequestType.IS_CLEAN else log_.in_sync(region)
+            return Reply(request, 0, wire.build_s64(int(answer)))
         if kind is RequestType.DTR:
             del self.local[request.key]
             last = not any(k[0] == request.uuid for k in self.local)
@@ -395,15 +433,6 @@ class ClusterNode:
             return None
         if kind is RequestType.GET_REGION_SIZE:
             return Reply(request, 0, wire.build_u64(ctr.region_size))
-        if kind in (RequestType.IS_CLEAN, RequestType.IN_SYNC):
-            region = wire.parse_region(data)
-            if not 0 <= region < ctr.region_count:
-                raise IndexError(f"region {region} out of range (region count {ctr.region_count})")
-            if log_ is None or region >= log_.region_count:
-                answer = kind is RequestType.IS_CLEAN or ctr.sync_mode == "nosync"
-            else:
-                answer = log_.is_clean(region) if kind is RequestType.IS_CLEAN else log_.in_sync(region)
-            return Reply(request, 0, wire.build_s64(int(answer)))
         if kind in (RequestType.MARK_REGION, RequestType.CLEAR_REGION):
             regions = wire.parse_region_group(request.request_type, data)
             for r in regions:
@@ -1094,7 +1123,7 @@ class ClusterTransport:
         self.record: Callable[[bytes], None] | None = None
 
     def attach(self, selector: selectors.BaseSelector) -> None:
-        self.inner.attach(_Registering(selector, self.inner, self))
+        self.inner.attach(self._registering(selector))
         for fd in self.node.fds():
             selector.register(_Descriptor(fd), selectors.EVENT_READ, self)
 
@@ -1102,10 +1131,17 @@ class ClusterTransport:
         if isinstance(key.fileobj, _Descriptor):
             self.node.on_readable(key.fd)
             return []
-        frames = self.inner.readable(key, _Registering(selector, self.inner, self))
+        frames = self.inner.readable(key, self._registering(selector))
         out = [f for f in frames if not self._take(f)]
         self.node.tick()
         return out
+
+    _wrapped: tuple[selectors.BaseSelector, _Registering] | None = None
+
+    def _registering(self, selector: selectors.BaseSelector) -> _Registering:
+        if self._wrapped is None or self._wrapped[0] is not selector:
+            self._wrapped = (selector, _Registering(selector, self.inner, self))
+        return self._wrapped[1]
 
     def queued(self) -> list[Frame]:
         return [f for f in self.inner.queued() if not self._take(f)]
@@ -1120,7 +1156,7 @@ class ClusterTransport:
         self.inner.send(payload, address)
 
     def stop_receiving(self, selector: selectors.BaseSelector) -> None:
-        self.inner.stop_receiving(_Registering(selector, self.inner, self))
+        self.inner.stop_receiving(self._registering(selector))
 
     def close(self) -> None:
         self.node.close()
