@@ -40,6 +40,7 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -247,30 +248,22 @@ class Cluster:
         self.trace.append(f"restart {n}")
         self.start(n)
 
-    def daemon_restart(self, n: int) -> None:
+    def daemon_restart(self, n: int, clean: bool = False) -> None:
+        """The daemon killed (its group killed under it), or with ``clean`` stopped cleanly (it
+        leaves the group), and started again on its state."""
         node = self.nodes.get(n)
         if node is None:
             return
-        self.trace.append(f"daemon restart {n}")
+        self.trace.append(f"daemon stop and start {n}" if clean else f"daemon restart {n}")
         kernel = self.kernels[n]
         if kernel.busy is not None and kernel.resumed:
             kernel.resend = kernel.waiting.get(kernel.busy)
-        self._fenced(n, self.dead_marked)
-        stop_node(node)
-        self.bus.kill(node.group)
-        self.start(n, reconnect=True)
-
-    def clean_restart(self, n: int) -> None:
-        """The daemon stopped cleanly (it leaves the group) and started again on its state."""
-        node = self.nodes.get(n)
-        if node is None:
-            return
-        self.trace.append(f"daemon stop and start {n}")
-        kernel = self.kernels[n]
-        if kernel.busy is not None and kernel.resumed:
-            kernel.resend = kernel.waiting.get(kernel.busy)
-        self._fenced(n, self.dead_marked)  # leaving counts as fenced
-        node.close()
+        self._fenced(n, self.dead_marked)  # leaving the group, killed or clean, counts as fenced
+        if clean:
+            node.close()
+        else:
+            stop_node(node)
+            self.bus.kill(node.group)
         self.start(n, reconnect=True)
 
     def reload(self, n: int) -> None:
@@ -545,7 +538,7 @@ class Cluster:
         elif name == "daemon_restart":
             self.daemon_restart(n)
         elif name == "clean_restart":
-            self.clean_restart(n)
+            self.daemon_restart(n, clean=True)
         elif name == "reload":
             self.reload(n)
         elif name == "partition":
@@ -582,13 +575,22 @@ def run_stream(base: Path, nodes: int, nosync: bool, stream: Sequence[tuple[obje
     return cluster
 
 
+@contextmanager
+def settled(base: Path, nodes: int = 3, nosync: bool = True) -> Iterator[Cluster]:
+    """A cluster of ``nodes`` serving the log on every node, settled; closed at the end."""
+    c = Cluster(nodes, base, nosync=nosync)
+    try:
+        c.settle(full=True)
+        yield c
+    finally:
+        c.close()
+
+
 # --- plain cases ----------------------------------------------------------------------------------
 
 
 def test_three_nodes_share_one_log(base: Path) -> None:
-    c = Cluster(3, base, nosync=True)
-    try:
-        c.settle(full=True)
+    with settled(base) as c:
         c.mark(1, [3, 4])
         c.settle()
         assert c.kernels[1].marks == {3, 4}
@@ -604,14 +606,10 @@ def test_three_nodes_share_one_log(base: Path) -> None:
         c.settle(full=True)
         snaps = {msg.encode_snapshot(c.nodes[n].state) for n in (1, 2, 3)}
         assert len(snaps) == 1
-    finally:
-        c.close()
 
 
 def test_minority_acknowledges_nothing_and_catches_up(base: Path) -> None:
-    c = Cluster(3, base, nosync=True)
-    try:
-        c.settle(full=True)
+    with settled(base) as c:
         c.partition(3)
         c.mark(3, [7])
         c.mark(1, [8])
@@ -622,22 +620,16 @@ def test_minority_acknowledges_nothing_and_catches_up(base: Path) -> None:
         c.settle(full=True)
         assert c.kernels[3].marks == {7}
         assert all(c.read(n, T.IS_CLEAN, r) == 0 for n in (1, 2, 3) for r in (7, 8))
-    finally:
-        c.close()
 
 
 def test_whole_cluster_crash_keeps_acknowledged_marks(base: Path) -> None:
-    c = Cluster(3, base, nosync=True)
-    try:
-        c.settle(full=True)
+    with settled(base) as c:
         c.mark(2, [1, 9])
         c.settle()
         c.whole_restart()
         c.settle(full=True)
         assert c.dead_oos == {1, 9}
         assert all(c.read(n, T.IN_SYNC, r) == 0 for n in (1, 2, 3) for r in (1, 9))
-    finally:
-        c.close()
 
 
 # --- what the model found (each a minimal stream hypothesis shrank to) -----------------------------
@@ -646,33 +638,25 @@ def test_whole_cluster_crash_keeps_acknowledged_marks(base: Path) -> None:
 def test_a_hello_said_twice_in_one_round_does_not_restart_the_exchange(base: Path) -> None:
     """M -> M' -> M with the same members, every change handled in one batch: each member says
     HELLO twice under one round name; the late copy once started the exchange again, forever."""
-    c = Cluster(3, base, nosync=True)
-    try:
-        c.settle(full=True)
+    with settled(base) as c:
         # Nobody reads its events in between: every member handles the three changes at once.
         c.daemon_restart(2)
         c.partition(1)
         c.heal()
         c.settle(rounds=300)
-    finally:
-        c.close()
 
 
 def test_a_restarted_daemon_does_not_win_the_exchange_with_a_stale_state(base: Path) -> None:
     """A restarted daemon (not current) tied on the HELLO epoch with current members whose HELLOs
     predate what followed the join, and won by its lower node id: it kept its state directory's
     copy without that, and said DURABLE for a FLUSH it never applied."""
-    c = Cluster(3, base, nosync=True)
-    try:
-        c.settle(full=True)
+    with settled(base) as c:
         c.mark(2, [0])                 # in flight when node 1's daemon is killed
         c.daemon_restart(1)
         settle(c.bus, c.live())
         assert c.kernels[2].marks == {0}, "node 2's FLUSH was acknowledged"
         assert c.read(1, T.IS_CLEAN, 0) == 0, "node 1 says region 0 is clean while node 2 holds it marked"
         c.settle()
-    finally:
-        c.close()
 
 
 def test_the_hello_digest_tells_states_apart() -> None:
@@ -691,26 +675,20 @@ def test_the_hello_digest_tells_states_apart() -> None:
 def test_two_sides_that_applied_one_message_each_reconcile(base: Path) -> None:
     """A 2-node split with one message ordered on each side: equal epochs, different states
     (the HELLO digest was one constant, so nobody took the other's state)."""
-    c = Cluster(2, base, nosync=True)
-    try:
-        c.settle(full=True)
+    with settled(base, nodes=2) as c:
         c.mark(1, [3])      # in flight when the split comes: ordered on node 1's side only
         c.mark(2, [0])      # and this on node 2's
         c.partition(1)      # two nodes: neither side is quorate, neither FLUSH is answered
         c.settle()
         c.heal()
         c.settle(full=True)
-    finally:
-        c.close()
 
 
 def test_a_late_membership_change_declares_no_live_member_departed(base: Path) -> None:
     """A split and its heal read late: node 1 handled 'nodes 2 and 3 left' while corosync already
     said quorate, and declared them DEPARTED in the ring where they are members again; node 2's
     marks were released while its kernel held them, and a recovery made the region clean."""
-    c = Cluster(3, base, nosync=True)
-    try:
-        c.settle(full=True)
+    with settled(base) as c:
         c.mark(2, [5])
         c.settle()
         assert c.kernels[2].marks == {5}
@@ -726,8 +704,6 @@ def test_a_late_membership_change_declares_no_live_member_departed(base: Path) -
         c.settle()
         c.synced(3, 0, True)
         c.settle()          # (2): region 5 clean while node 2's kernel holds it marked
-    finally:
-        c.close()
 
 
 def test_a_stale_hello_of_an_earlier_round_of_the_same_name_is_not_counted(base: Path) -> None:
@@ -735,9 +711,7 @@ def test_a_stale_hello_of_an_earlier_round_of_the_same_name_is_not_counted(base:
     that handled the changes in one batch said HELLO for both, and the first copy (sent before it
     applied what its side ordered during the split) was counted in the second round: the donor
     lacked a FLUSH the majority had acknowledged."""
-    c = Cluster(3, base, nosync=False)
-    try:
-        c.settle(full=True)
+    with settled(base, nosync=False) as c:
         # Nobody reads anything from here to the settle: each node handles every change at once.
         c.daemon_restart(2)
         c.mark(3, [0])      # in flight: ordered on the majority's side of the split
@@ -747,8 +721,6 @@ def test_a_stale_hello_of_an_earlier_round_of_the_same_name_is_not_counted(base:
         assert c.kernels[3].marks == {0}, "node 3's FLUSH was acknowledged"
         assert [c.read(n, T.IS_CLEAN, 0) for n in (1, 2)] == [0, 0], "region 0 clean on nodes 1 and 2"
         c.settle(full=True)
-    finally:
-        c.close()
 
 
 # --- streams ------------------------------------------------------------------------------------------
@@ -798,9 +770,7 @@ def test_random_streams_keep_the_contract(base: Path, nodes: int, nosync: bool, 
 def test_a_node_that_departs_twice_is_released_twice(base: Path) -> None:
     """Without a fence command the coordinator counts a departed node fenced at once, each time it
     departs: its second departure's regions are released for recovery as the first's were."""
-    c = Cluster(3, base, nosync=True)
-    try:
-        c.settle(full=True)
+    with settled(base) as c:
         for region in (5, 9):
             c.mark(3, [region])
             c.settle()
@@ -811,5 +781,3 @@ def test_a_node_that_departs_twice_is_released_twice(base: Path) -> None:
             assert shared.released[region] and not shared.in_sync(region)
             c.restart(3)
             c.settle(full=True)
-    finally:
-        c.close()
