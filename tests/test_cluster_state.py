@@ -443,21 +443,12 @@ class Run:
                 assert (region is None) == (not free), f"node {node} handed {region}, free {free}"
 
 
-STREAM_SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-@STREAM_SETTINGS
+@pytest.mark.parametrize("legal", [True, False], ids=["kernel-like", "arbitrary"])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(streams())
-def test_kernel_like_streams_keep_every_rule(stream):
-    run = Run(legal=True)
-    for item in stream:
-        run.step(item)
-
-
-@STREAM_SETTINGS
-@given(streams())
-def test_arbitrary_streams_stay_deterministic_and_exact(stream):
-    run = Run(legal=False)
+def test_streams_keep_every_rule_deterministic_and_exact(legal, stream):
+    """Kernel-like streams (``legal``: what a kernel could send) and arbitrary ones alike."""
+    run = Run(legal=legal)
     for item in stream:
         run.step(item)
 
