@@ -43,7 +43,7 @@ import select
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from ..cluster.corosync import (
     CS_ERR_BAD_HANDLE,
@@ -99,7 +99,48 @@ class _Pipe:
             os.close(self.w)
 
 
-class FakeCpgGroup(SendQueue):
+E = TypeVar("E")
+
+
+class _FakeHandle(Generic[E]):
+    """What both fake handles do with the events the bus delivers them: held for the next
+    dispatch, with a descriptor that is readable while any are held (what the loop selects on)."""
+
+    closed: bool
+
+    def __init__(self) -> None:
+        self._events: list[E] = []
+        self._pipe = _Pipe()
+
+    def _push(self, event: E) -> None:
+        self._events.append(event)
+        self._pipe.ring()
+
+    @property
+    def inbox(self) -> int:
+        """Events delivered to this handle and not yet dispatched."""
+        return len(self._events)
+
+    def fileno(self) -> int:
+        return self._pipe.r
+
+    def _take(self, call: str) -> list[E]:
+        """The events a dispatch hands over (the descriptor read empty); a closed handle refuses."""
+        if self.closed:
+            raise ConnectionLost(call, CS_ERR_BAD_HANDLE, "the handle is closed")
+        self._pipe.drain()
+        events, self._events = self._events, []
+        return events
+
+    @staticmethod
+    def _lost(call: str, events: list[E]) -> ConnectionLost:
+        """What a dispatch raises once the connection is lost: it carries the events taken."""
+        error = ConnectionLost(call, CS_ERR_BAD_HANDLE, "the connection to corosync is lost")
+        error.events = list(events)
+        return error
+
+
+class FakeCpgGroup(SendQueue, _FakeHandle[CpgEvent]):
     """What :class:`~ulog_disk.cluster.corosync.CpgGroup` offers the daemon, on a :class:`FakeBus`."""
 
     def __init__(self, bus: FakeBus, nodeid: int, name: bytes | str, pid: int) -> None:
@@ -113,8 +154,7 @@ class FakeCpgGroup(SendQueue):
         self.lost = False
         self.counters = {"sent": 0, "delivered": 0, "try_again": 0, "flow_control": 0}
         self._queue: deque[bytes] = deque()
-        self._inbox: list[CpgEvent] = []
-        self._pipe = _Pipe()
+        super().__init__()
 
     @property
     def member(self) -> tuple[int, int]:
@@ -124,15 +164,6 @@ class FakeCpgGroup(SendQueue):
         return f"<FakeCpgGroup node {self.nodeid} pid {self.pid}>"
 
     # --- the bus's side ---
-
-    def _push(self, event: CpgEvent) -> None:
-        self._inbox.append(event)
-        self._pipe.ring()
-
-    @property
-    def inbox(self) -> int:
-        """Events delivered to this member and not yet dispatched."""
-        return len(self._inbox)
 
     # --- membership ---
 
@@ -148,19 +179,11 @@ class FakeCpgGroup(SendQueue):
 
     # --- the loop's side ---
 
-    def fileno(self) -> int:
-        return self._pipe.r
-
     def dispatch(self) -> list[CpgEvent]:
-        if self.closed:
-            raise ConnectionLost("cpg_dispatch", CS_ERR_BAD_HANDLE, "the handle is closed")
-        self._pipe.drain()
-        events, self._inbox = self._inbox, []
+        events = self._take("cpg_dispatch")
         self.counters["delivered"] += sum(1 for e in events if isinstance(e, Deliver))
         if self.lost:
-            error = ConnectionLost("cpg_dispatch", CS_ERR_BAD_HANDLE, "the connection to corosync is lost")
-            error.events = list(events)
-            raise error
+            raise self._lost("cpg_dispatch", events)
         return events
 
     def flow_control(self) -> bool:
@@ -200,7 +223,7 @@ class FakeCpgGroup(SendQueue):
         self._pipe.close()
 
 
-class FakeQuorum:
+class FakeQuorum(_FakeHandle[QuorumChange]):
     """What :class:`~ulog_disk.cluster.corosync.Quorum` offers the daemon, on a :class:`FakeBus`."""
 
     provider = True
@@ -210,22 +233,10 @@ class FakeQuorum:
         self.nodeid = nodeid
         self.closed = False
         self.lost = False
-        self._events: list[QuorumChange] = []
-        self._pipe = _Pipe()
+        super().__init__()
         self.quorate = bus.quorate(nodeid)
         self.members: tuple[int, ...] = tuple(sorted(bus.ring(nodeid)))
         self.ring_seq = bus.ring_seq
-
-    def _push(self, change: QuorumChange) -> None:
-        self._events.append(change)
-        self._pipe.ring()
-
-    @property
-    def inbox(self) -> int:
-        return len(self._events)
-
-    def fileno(self) -> int:
-        return self._pipe.r
 
     def getquorate(self) -> bool:
         if self.closed or self.lost:
@@ -233,17 +244,12 @@ class FakeQuorum:
         return self.bus.quorate(self.nodeid)
 
     def dispatch(self) -> list[QuorumChange]:
-        if self.closed:
-            raise ConnectionLost("quorum_dispatch", CS_ERR_BAD_HANDLE, "the handle is closed")
-        self._pipe.drain()
-        events, self._events = self._events, []
+        events = self._take("quorum_dispatch")
         for event in events:
             self.quorate, self.ring_seq, self.members = event.quorate, event.ring_seq, event.members
         if self.lost:
             self.quorate = False
-            error = ConnectionLost("quorum_dispatch", CS_ERR_BAD_HANDLE, "the connection to corosync is lost")
-            error.events = list(events)
-            raise error
+            raise self._lost("quorum_dispatch", events)
         return events
 
     def close(self) -> None:
