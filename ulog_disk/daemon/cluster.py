@@ -194,6 +194,9 @@ class ClusterNode:
         self.reassembler = Reassembler()
         self.durable_of: dict[int, int] = {}
         self.announced = 0
+        #: The epoch another member waits to see durable here (its FLUSH with marks, its OPEN,
+        #: or the state this node took): DURABLE is multicast only up to where it is owed.
+        self.owed = 0
         self.rebooted_sent = False
         self.fencing: dict[int, subprocess.Popen[bytes]] = {}
         self.fence_after: dict[int, float] = {}
@@ -463,14 +466,14 @@ class ClusterNode:
             clears.difference_update(regions)
             if not marks and not clears:
                 return Reply(request, 0)
-            marks_list, clears_list = sorted(marks), sorted(clears)
+            pieces = _flush_pieces(sorted(marks), sorted(clears))
             # One sender's messages are applied in the order sent: the reply waits for the last,
-            # and so for all of them (a message carries at most FLUSH_REGIONS of each).
-            while len(marks_list) > FLUSH_REGIONS or len(clears_list) > FLUSH_REGIONS:
-                self._agree(msg.Kind.FLUSH, {"uuid": request.uuid, "marks": marks_list[:FLUSH_REGIONS],
-                                             "clears": clears_list[:FLUSH_REGIONS]})
-                marks_list, clears_list = marks_list[FLUSH_REGIONS:], clears_list[FLUSH_REGIONS:]
-            fields = {"uuid": request.uuid, "marks": marks_list, "clears": clears_list}
+            # and so for all of them.
+            for marks_piece, clears_piece in pieces[:-1]:
+                self._agree(msg.Kind.FLUSH,
+                            {"uuid": request.uuid, "marks": marks_piece, "clears": clears_piece})
+            marks_piece, clears_piece = pieces[-1]
+            fields = {"uuid": request.uuid, "marks": marks_piece, "clears": clears_piece}
             self._agree(msg.Kind.FLUSH, fields,
                         Pending(request, address, msg.Kind.FLUSH, b"", durable=bool(marks)))
             return None
@@ -645,6 +648,9 @@ class ClusterNode:
             self._journal_pending = True
             self._after_apply(message, result)
         mine = event.nodeid == self.nodeid and event.pid == self.pid
+        if error is None and not mine and (
+                message.kind is msg.Kind.OPEN or (message.kind is msg.Kind.FLUSH and message.fields.marks)):
+            self.owed = self.state.epoch  # its origin answers once every member says it is durable
         token = getattr(message.fields, "token", 0)
         if not mine or not token:
             if error is not None and mine:
@@ -860,6 +866,8 @@ class ClusterNode:
         self.store.new_history()
         self._durable_epoch = 0
         self.announced = 0
+        # The members' requests the snapshot holds wait for this node to say it has it on disk.
+        self.owed = state.epoch
         self._snapshot_position = self.store.journal.position
         with self._sync_lock:
             self._snapshots.append((payload, snapshot_id, state.epoch, self._snapshot_position))
@@ -875,6 +883,11 @@ class ClusterNode:
         self._became_current()
 
     def _became_current(self) -> None:
+        # Once after every exchange, whatever it decided: what the members counted of this
+        # node's durability before it may have been forgotten (a member that left and came back).
+        self.announced = 0
+        self.owed = max(self.owed, self.state.epoch)
+        self._durable_advanced()
         if not self.rebooted_sent:  # once per start; waits with the others if it cannot go now
             self.rebooted_sent = True
             self._agree(msg.Kind.REBOOTED, {"boot_id": self.boot_id})
@@ -1010,7 +1023,8 @@ class ClusterNode:
 
     def _durable_advanced(self) -> None:
         durable = self._durable_epoch
-        if durable > self.announced and len(self.members) > 1 and not self.closed and self.current:
+        if (self.owed > self.announced and durable > self.announced and len(self.members) > 1
+                and not self.closed and self.current):
             self.announced = durable
             self._multicast_plain(msg.Kind.DURABLE, epoch=durable)
         self._answer_ready()
@@ -1074,6 +1088,20 @@ class ClusterNode:
             "pending": len(self.pending), "waiting": len(self.waiting), "unfenced": list(self.state.unfenced),
             **vars(self.counters),
         }
+
+
+def _flush_pieces(marks: list[int], clears: list[int]) -> list[tuple[list[int], list[int]]]:
+    """A FLUSH's marks and clears as the messages that carry them, at most FLUSH_REGIONS of each
+    per message. The marks fill the last messages: the last one, which the reply waits for,
+    carries marks whenever the FLUSH does, so that every member owes it a DURABLE."""
+    count = max(1, -(-len(marks) // FLUSH_REGIONS), -(-len(clears) // FLUSH_REGIONS))
+    skip = count - -(-len(marks) // FLUSH_REGIONS)
+    pieces = []
+    for i in range(count):
+        j = i - skip
+        pieces.append((marks[j * FLUSH_REGIONS:(j + 1) * FLUSH_REGIONS] if j >= 0 else [],
+                       clears[i * FLUSH_REGIONS:(i + 1) * FLUSH_REGIONS]))
+    return pieces
 
 
 def _no_send(reply: Reply, address: object) -> None:
