@@ -14,9 +14,11 @@ not grow with the number of mirrors.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -82,11 +84,12 @@ def backend_error(what: str, exc: BaseException) -> BackendError:
     return err
 
 
-def check_pages(path: Path, env: lmdb.Environment) -> dict[str, int]:
+def check_pages(path: Path, env: lmdb.Environment, data_bytes: int | None = None) -> dict[str, int]:
     """StoreFormatError unless ``data.mdb`` holds every page its meta page counts: reading a page
     past the end of a truncated file through the map is a SIGBUS, not an error. Returns the
-    environment's ``info()``."""
-    data_bytes = (path / "data.mdb").stat().st_size
+    environment's ``info()``. ``data_bytes``: the file's size, stat'ed since the open (else here)."""
+    if data_bytes is None:
+        data_bytes = os.stat(os.path.join(path, "data.mdb")).st_size
     info = env.info()
     needed = (info["last_pgno"] + 1) * env.stat()["psize"]
     if data_bytes < needed:
@@ -108,22 +111,39 @@ def open_readonly(path: Path) -> lmdb.Environment:
     return env
 
 
-def open_env(uuid: str, path: Path, state_dir: Path, map_size: int, max_dbs: int) -> tuple[Env, bool]:
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
+
+
+def open_env(uuid: str, path: Path, state_dir: Path, map_size: int, max_dbs: int,
+             create: bool = True) -> tuple[Env, bool] | None:
     """Open (making it if absent) the environment of ``uuid`` at ``path`` for reading and writing;
-    (the environment, whether it was made now). Raises lmdb.Error, OSError or StoreFormatError."""
-    created = False
-    if not path.is_dir():
+    (the environment, whether it was made now); None if absent and not ``create``. Raises
+    lmdb.Error, OSError or StoreFormatError.
+
+    A restart opens every store once: each file is stat'ed once before the open (and
+    ``data.mdb`` once after it), by string paths."""
+    where = os.fspath(path)
+    found = _stat(where)
+    created = found is None or not stat.S_ISDIR(found.st_mode)
+    if created:
+        if not create:
+            return None
         state_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-        path.mkdir(mode=DIR_MODE)
-        created = True
-    os.chmod(path, DIR_MODE)  # mkdir's mode is filtered by the umask; be exact
-    data_file = path / "data.mdb"
-    if not created and data_file.exists() and data_file.stat().st_size == 0:
+        os.mkdir(where, DIR_MODE)
+    if created or stat.S_IMODE(found.st_mode) != DIR_MODE:  # type: ignore[union-attr]
+        os.chmod(where, DIR_MODE)  # mkdir's mode is filtered by the umask; be exact
+    data_file = os.path.join(where, "data.mdb")
+    if not created and (data := _stat(data_file)) is not None and data.st_size == 0:
         # LMDB would start an empty environment over it. An environment's directory is made
         # together with its first transaction, so its data was there, and is lost.
         raise StoreFormatError("data.mdb is empty: the store's data was lost")
-    lock_file = path / "lock.mdb"
-    if not lock_file.exists():
+    lock_file = os.path.join(where, "lock.mdb")
+    lock = None if created else _stat(lock_file)
+    if lock is None:
         # LMDB sizes a new lock file with ftruncate and writes it through its map: on a full
         # filesystem that is a SIGBUS, not an error. Written with write(), a full disk is ENOSPC.
         fd = os.open(lock_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
@@ -131,19 +151,24 @@ def open_env(uuid: str, path: Path, state_dir: Path, map_size: int, max_dbs: int
             os.write(fd, bytes(LOCK_FILE_BYTES))
         except OSError:
             os.close(fd)
-            lock_file.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock_file)
             raise
         os.close(fd)
     env = lmdb.open(
-        str(path), map_size=map_size, subdir=True, max_dbs=max_dbs,
+        where, map_size=map_size, subdir=True, max_dbs=max_dbs,
         sync=True, metasync=True, writemap=False, map_async=False, mode=FILE_MODE, create=True,
         lock=True,
     )
     try:
-        info = check_pages(path, env)
-        for name in ("data.mdb", "lock.mdb"):
-            if (path / name).stat().st_mode & 0o777 != FILE_MODE:
-                os.chmod(path / name, FILE_MODE)
+        data = os.stat(data_file)
+        info = check_pages(path, env, data.st_size)
+        # The umask filters the modes of files made now (LMDB's, or the lock file above).
+        for name, mode in ((data_file, data.st_mode), (lock_file, lock.st_mode if lock else None)):
+            if mode is None:
+                mode = os.stat(name).st_mode
+            if mode & 0o777 != FILE_MODE:
+                os.chmod(name, FILE_MODE)
     except BaseException:
         env.close()
         raise
@@ -221,21 +246,25 @@ class EnvCache:
                 path = self.path(uuid)
             except ValueError as exc:
                 raise BackendError(errno.EINVAL, f"uuid {uuid!r} cannot name a store: {exc}") from exc
-            if not path.is_dir() and not create:
+            if not create and not os.path.isdir(path):
                 return None
             while len(self.envs) >= self.max_open:
                 _, oldest = self.envs.popitem(last=False)
                 with oldest.lock:
                     oldest.env.close()
             try:
-                opened = self._open(uuid, path)
+                opened = self._open(uuid, path, create)
             except (lmdb.Error, OSError, StoreFormatError) as exc:
                 raise backend_error(f"store of uuid={uuid!r} at {path}", exc) from exc
-            self.envs[uuid] = opened
+            if opened is not None:
+                self.envs[uuid] = opened
             return opened
 
-    def _open(self, uuid: str, path: Path) -> Env:
-        e, created = open_env(uuid, path, self.state_dir, self.map_size, self.max_dbs)
+    def _open(self, uuid: str, path: Path, create: bool) -> Env | None:
+        found = open_env(uuid, path, self.state_dir, self.map_size, self.max_dbs, create)
+        if found is None:
+            return None
+        e, created = found
         try:
             if self.prepare(e) or created:
                 # The environment's directory entry and files must outlive a host crash as
