@@ -96,6 +96,8 @@ class Applier:
         #: Store writes under way: the position of the oldest change each carries, by book.
         self.storing: dict[int, int] = {}
         self._books = 0
+        #: The journal position this start's restore began appending at (0: no restore).
+        self.started_at = 0
 
     @classmethod
     def over(cls, backend: Backend, boot_id: str, admission: Admission | None = None) -> Applier:
@@ -117,6 +119,7 @@ class Applier:
         """Rebuild the engine's table from the backend (daemon restart)."""
         restored = self.backend.restore(self.engine.boot_id)
         self.engine.load(restored)
+        self.started_at = self.backend.position()
         now = self.monotonic()
         for stored in restored.instances:
             key = (stored.record.uuid, stored.record.luid)
@@ -265,11 +268,20 @@ class Applier:
 
     def checkpoint_due(self, now: float, age: float, span: int, idle: bool) -> Key | None:
         """The instance to checkpoint next, if any is due: its changes are older than ``age``
-        seconds, or the journal since them is longer than ``span`` bytes, or the daemon is idle."""
+        seconds, or the journal this start wrote since them is longer than ``span`` bytes, or the
+        daemon is idle.
+
+        The span counts from the start's first position at most: what the restore replayed lies
+        in segments an earlier run wrote, which the new segment follows. Counted from there,
+        every replayed instance would be due the moment the daemon is ready, and a thousand
+        mirrors reconnecting would find the store worker writing a thousand checkpoints (an
+        environment opened and two syncs each) that compete with their group commits for the
+        disk and the CPU. The replay is durable in the journal: those checkpoints wait for an
+        idle moment or ``age``, as any young change does."""
         if not self.unstored:
             return None
         key, (first, since) = next(iter(self.unstored.items()))
-        if idle or now - since >= age or self.backend.position() - first >= span:
+        if idle or now - since >= age or self.backend.position() - max(first, self.started_at) >= span:
             return key
         return None
 
