@@ -62,3 +62,14 @@ def const(definition: c.Struct, name: str) -> Any:
         if sub.name == name and isinstance(sub.subcon, c.Const):
             return sub.subcon.value
     raise KeyError(f"no Const field {name!r}")
+
+
+def concat_structs(*parts: struct.Struct) -> struct.Struct:
+    """One ``struct.Struct`` for layouts that follow each other (one unpack instead of several,
+    on a per-request path). They must share a byte order without alignment ("=", "<", ">", "!")."""
+    orders = {p.format[0] for p in parts}
+    if len(orders) != 1 or orders <= {"@"}:
+        raise TypeError(f"structs of mixed or native-aligned byte order: {[p.format for p in parts]}")
+    joined = struct.Struct(orders.pop() + "".join(p.format[1:] for p in parts))
+    assert joined.size == sum(p.size for p in parts)
+    return joined

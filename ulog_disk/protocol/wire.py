@@ -25,7 +25,7 @@ from typing import Any
 
 import construct as c
 
-from .fastpath import flat_struct
+from .fastpath import concat_structs, flat_struct
 
 CN_IDX_DM = 7
 CN_VAL_DM_USERSPACE_LOG = 1
@@ -104,6 +104,11 @@ assert NlMsgHdr.sizeof() == NLMSGHDR_SIZE
 _CN = flat_struct(CnMsg)
 _HDR = flat_struct(UlogHeader)
 _NLH = flat_struct(NlMsgHdr)
+#: cn_msg and the request header as one ``struct`` (both in host order, no padding between).
+_CN_HDR = concat_structs(_CN, _HDR)
+_CN_HDR_unpack_from = _CN_HDR.unpack_from
+_CN_HDR_pack = _CN_HDR.pack
+_FRAME_HEAD = CN_MSG_SIZE + HEADER_SIZE
 _KINDS: dict[int, RequestType] = {int(k): k for k in RequestType}
 
 
@@ -174,7 +179,26 @@ def decode_frame(frame: bytes | bytearray | memoryview) -> Request:
 
     Raises :class:`FrameError`; it is answerable when the 160-byte header is complete.
     """
-    frame = bytes(frame)
+    if type(frame) is not bytes:
+        frame = bytes(frame)
+    size = len(frame)
+    if size >= _FRAME_HEAD:
+        # Every request's path: cn_msg and header in one unpack, the checks inline.
+        (idx, val, cn_seq, _ack, cn_len, _flags, luid, uuid_field, padding, version, error, seq,
+         raw_type, data_size) = _CN_HDR_unpack_from(frame)
+        if idx == CN_IDX_DM and val == CN_VAL_DM_USERSPACE_LOG and cn_len == HEADER_SIZE + data_size \
+                and data_size <= size - _FRAME_HEAD:
+            nul = uuid_field.find(0)
+            if nul >= 0 and uuid_field.count(0) == DM_UUID_LEN - nul:
+                return Request(luid, uuid_field[:nul].decode("latin-1"), version, seq,
+                               raw_type & DM_ULOG_REQUEST_MASK,
+                               frame[_FRAME_HEAD:_FRAME_HEAD + data_size],
+                               cn_seq, raw_type, padding, error)
+    return _decode_slowly(frame)
+
+
+def _decode_slowly(frame: bytes) -> Request:
+    """:func:`decode_frame` for a frame that fails one of its checks: which one, in order."""
     if len(frame) < CN_MSG_SIZE:
         raise FrameError(f"frame of {len(frame)} bytes is shorter than a cn_msg")
     idx, val, cn_seq, _ack, cn_len, _flags = _CN.unpack_from(frame, 0)
@@ -215,7 +239,8 @@ def decode_frame(frame: bytes | bytearray | memoryview) -> Request:
         raise FrameError("uuid is not NUL-terminated", request)
     if uuid_field.count(0) != DM_UUID_LEN - nul:
         raise FrameError("uuid has bytes after its terminating NUL", request)
-    return request
+    # Every check passed here yet failed in decode_frame: the two disagree (a bug).
+    raise AssertionError("decode_frame refused a well-formed frame")
 
 
 def encode_request(request: Request) -> bytes:
@@ -241,13 +266,11 @@ def encode_reply(reply: Reply) -> bytes:
     if reply.error > 0:
         raise ValueError("reply error must be 0 or a negative errno")
     data = reply.data
-    uuid = uuid_to_bytes(req.uuid)[: DM_UUID_LEN - 1]
-    return (
-        _CN.pack(CN_IDX_DM, CN_VAL_DM_USERSPACE_LOG, req.seq, 0, HEADER_SIZE + len(data), 0)
-        + _HDR.pack(req.luid, uuid, b"\0\0\0", req.version, reply.error, req.seq,
-                    req.raw_type or req.request_type, len(data))
-        + data
-    )
+    size = len(data)
+    seq = req.seq
+    return _CN_HDR_pack(CN_IDX_DM, CN_VAL_DM_USERSPACE_LOG, seq, 0, HEADER_SIZE + size, 0,
+                        req.luid, req.uuid.encode("latin-1")[: DM_UUID_LEN - 1], b"\0\0\0",
+                        req.version, reply.error, seq, req.raw_type or req.request_type, size) + data
 
 
 @dataclass(slots=True)
