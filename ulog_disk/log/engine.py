@@ -50,6 +50,7 @@ from ..protocol.wire import Reply, Request, RequestType
 from . import restore
 from .lifecycle import (
     EXISTING,
+    TRANSITIONS,
     CtrAction,
     State,
     ctr_action,
@@ -82,6 +83,9 @@ log = logging.getLogger("ulog_disk.engine")
 Key = tuple[str, int]
 
 _EVENT = {kind: facts.journal_event for kind, facts in REQUESTS.items()}
+#: A request's type number → its type (``Request.kind``'s table, read without the property).
+_KIND_OF: dict[int, RequestType] = {int(kind): kind for kind in RequestType}
+_CTR = RequestType.CTR
 
 
 def describe(uuid: str, luid: int) -> str:
@@ -394,26 +398,28 @@ class Engine:
         """Apply one request at time ``now``: a reply to send at once (nothing to perform), or
         a :class:`Step`. Raises :class:`~ulog_disk.log.lifecycle.LifecycleError` on a bug."""
         self.now = now
-        self.stats.requests += 1
-        kind = req.kind
-        if req.request_type == 0:
-            # A zero type means the request was garbled on the way (cmirrord's reading): ask the
-            # kernel to send it again.
-            self.stats.errors_by_type[req.request_type] += 1
-            self.noisy.log("type-0 request", logging.WARNING,
-                           "request seq=%d has type 0: asking the kernel to resend", req.seq)
-            return Reply(req, -errno.EAGAIN, ack=True)
+        stats = self.stats
+        stats.requests += 1
+        # Every request's path: the lookups of ``Request.kind``/``key`` and ``next_state``
+        # inline (the same tables), no call that is not needed.
+        kind = _KIND_OF.get(req.request_type)
         if kind is None:
-            self.stats.errors_by_type[req.request_type] += 1
+            stats.errors_by_type[req.request_type] += 1
+            if req.request_type == 0:
+                # A zero type means the request was garbled on the way (cmirrord's reading): ask
+                # the kernel to send it again.
+                self.noisy.log("type-0 request", logging.WARNING,
+                               "request seq=%d has type 0: asking the kernel to resend", req.seq)
+                return Reply(req, -errno.EAGAIN, ack=True)
             self.noisy.log("unknown request type", logging.ERROR, "unknown request type %d (seq=%d, %s)",
                            req.request_type, req.seq, describe(req.uuid, req.luid))
             return _err(req, errno.EINVAL)
-        self.stats.by_type[kind] += 1
-        if kind is RequestType.CTR:
+        stats.by_type[kind] += 1
+        if kind is _CTR:
             return self._ctr(req)
-        inst = self.table.get(req.key)
+        inst = self.table.get((req.uuid, req.luid))
         if inst is None:
-            self.stats.errors_by_type[req.request_type] += 1
+            stats.errors_by_type[req.request_type] += 1
             if kind in REREGISTERS:
                 self.noisy.log("request for an unknown log", logging.WARNING,
                                "%s for unknown %s: answering -ESRCH so the kernel re-registers it",
@@ -424,11 +430,13 @@ class Engine:
             return _err(req, errno.EINVAL)
         inst.heard = True
         # The lifecycle table is consulted for every request (a pair it does not list raises).
-        new_state = next_state(inst.state, kind)
+        new_state = TRANSITIONS.get((inst.state, kind))
+        if new_state is None:
+            new_state = next_state(inst.state, kind)
         try:
-            return self._HANDLERS[kind](self, inst, req, new_state)
+            return _HANDLERS[kind](self, inst, req, new_state)
         except (ValueError, IndexError) as exc:
-            self.stats.errors_by_type[req.request_type] += 1
+            stats.errors_by_type[req.request_type] += 1
             self.noisy.log("rejected request", logging.ERROR, "%s %s seq=%d rejected: %s", kind.name,
                            describe(inst.uuid, inst.luid), req.seq, exc)
             return _err(req, errno.EINVAL)
@@ -921,5 +929,6 @@ Engine._HANDLERS = {
     kind: getattr(Engine, f"_{facts.handler}")
     for kind, facts in REQUESTS.items() if kind is not RequestType.CTR
 }
+_HANDLERS = Engine._HANDLERS
 
 __all__ = ["Engine", "Instance", "Step", "chunk_count"]
