@@ -42,6 +42,7 @@ import errno
 import functools
 import logging
 import os
+import stat
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -58,6 +59,7 @@ from .bootid import read_boot_id
 from .lmdb_env import (
     DIR_MODE,
     FDS_PER_ENV,
+    FILE_MODE,
     INITIAL_MAP_SIZE,
     MAX_DBS,
     MAX_OPEN_ENVS,
@@ -69,14 +71,17 @@ from .lmdb_env import (
 from .lmdb_migrate import check_format
 from .lmdb_reader import (
     InstanceContents,
+    StoreContents,
     decode_store,
     journal_records_by_instance,
     plan_replay,
     read_snapshot,
+    snapshot,
 )
 from .store_format import (
     CHECKPOINT_KEY,
     CHECKSUM_SIZE,
+    LAYOUT_VERSION,
     RECORD_KEY,
     RETAINED_CLEAN,
     RETAINED_META,
@@ -406,10 +411,12 @@ class LmdbBackend(Backend):
                         log.warning("state dir entry %r is not a store name: ignored", entry.name)
                     continue
                 try:
-                    e = self._env(uuid, create=False)
-                    if e is None:  # removed while we looked
-                        continue
-                    contents = decode_store(read_snapshot(e), uuid)
+                    contents = self._read_current(uuid, entry.path)
+                    if contents is None:
+                        e = self._env(uuid, create=False)
+                        if e is None:  # removed while we looked
+                            continue
+                        contents = decode_store(read_snapshot(e), uuid)
                     if (why := contents.damage()) is not None:
                         raise StoreFormatError(why)
                 except (BackendError, lmdb.Error, OSError, StoreFormatError) as exc:
@@ -446,6 +453,39 @@ class LmdbBackend(Backend):
         for stored in write_back:
             self._recovery_checkpoint(stored)
         return restored
+
+    def _read_current(self, uuid: str, path: str) -> StoreContents | None:
+        """A store read through a read-only open, when the read-write open would neither write
+        nor change anything in it: its directory and files there with their exact modes, its
+        format record of this layout and chunk size, nothing damaged. None otherwise (and on
+        any error): the caller then opens it as before, which migrates, repairs or judges it.
+
+        Why: a restart reads every store once, and LMDB opens an environment read-only in about
+        half the time (one descriptor for ``data.mdb``, not two; no writer set-up); with 1000
+        stores that is a tenth of a second of the start."""
+        if uuid in self._cache.envs:
+            return None  # open already (a tool's restore): LMDB forbids a second open
+        try:
+            if stat.S_IMODE(os.stat(path).st_mode) != DIR_MODE:
+                return None
+            for name in ("data.mdb", "lock.mdb"):
+                found = os.stat(os.path.join(path, name))
+                if found.st_size == 0 or found.st_mode & 0o777 != FILE_MODE:
+                    return None
+            env = lmdb_env.open_readonly(Path(path))
+            try:
+                with env.begin() as txn:
+                    snap = snapshot(env, txn)
+            finally:
+                env.close()
+            contents = decode_store(snap, uuid)
+        except (lmdb.Error, OSError, StoreFormatError):
+            return None
+        fmt = contents.format
+        if (fmt is None or fmt.version != LAYOUT_VERSION or fmt.chunk_bytes != regionlog.CHUNK_BYTES
+                or contents.damage() is not None):
+            return None
+        return contents
 
     def _stored(self, inst: InstanceContents, records: Sequence[jn.Record], found: jn.Scan,
                 journal_id: bytes) -> StoredInstance:
