@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 from .. import __version__
-from ..cluster.corosync import CorosyncError
 from ..protocol.capture import TO_DAEMON, CaptureWriter
 from ..storage.base import Backend, available_backends, load_backend
 from ..storage.bootid import read_boot_id
@@ -217,10 +216,17 @@ def main(argv: list[str] | None = None) -> int:
     lock = None
     backend: Backend | None = None
     corosync = None
+    # What a start that fails answers with exit status 2 (read when one is raised).
+    refused: tuple[type[Exception], ...] = (StartupError, LookupError, GroupTaken, OSError, ValueError)
     try:
         if args.fence_command and not args.cluster:
             raise StartupError("--fence-command needs --cluster")
         if args.cluster:
+            # Imported in cluster mode only: its ctypes definitions are a fifth of the imports of
+            # every start.
+            from ..cluster.corosync import CorosyncError
+
+            refused += (CorosyncError,)
             # Before anything is created: corosync not running, or refusing us, costs nothing.
             from .cluster import connect
 
@@ -261,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             cluster = ClusterNode(args.state_dir, applier.engine.boot_id, args.fence_command, *corosync,
                                   volatile=args.backend == "memory")
             transport = ClusterTransport(transport, cluster)
-    except (StartupError, LookupError, GroupTaken, OSError, CorosyncError, ValueError) as exc:
+    except refused as exc:
         log.error("cannot start: %s", exc, extra=PLAIN)
         if backend is not None:
             backend.close()
