@@ -257,11 +257,18 @@ class GroupCommit:
                 if not self.waiting or self.stopping:
                     self.running = False
                     taken, self.taken = self.taken, False
-                    if self.armed is not None:
-                        standby, loop_fd = self.armed
-                        standby.unregister(loop_fd)
-                        self.armed = None
                     return taken
+
+    def _disarm(self) -> None:
+        """The loop's epoll set leaves the standby set (under ``lock``): a sync claimed by a
+        serving thread is over, and whoever serves now (``take_over`` decided it) reads what
+        comes. Before the replies are sent, not after: a reply's client answers at once, and a
+        request that came before this would wake the standby thread for nothing (a cross-CPU
+        wake-up and both threads contending for the GIL, on that request's path)."""
+        if self.armed is not None:
+            standby, loop_fd = self.armed
+            standby.unregister(loop_fd)
+            self.armed = None
 
     def _run(self) -> None:
         while True:
@@ -299,6 +306,10 @@ class GroupCommit:
             else:
                 ready, self.waiting = self.waiting, []
             self.flushes += len(ready)
+            # Whoever serves from now on is decided: the standby set stops watching the loop
+            # before the replies go out. A further round (FLUSHes read meanwhile by the thread
+            # that took the loop over) needs no watch: that thread serves.
+            self._disarm()
         needs_loop = slow
         for w in ready:
             if answered_early(w.job.reply, exc):
