@@ -4,6 +4,7 @@ frames (tests, benchmarks, the kernel model). The daemon's loop sees only :class
 from __future__ import annotations
 
 import selectors
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -25,7 +26,8 @@ class Transport(Protocol):
 
     The daemon registers nothing itself: ``attach`` puts the transport's descriptors in the loop's
     selector (with data the transport recognises), ``readable`` turns one ready key into frames
-    (accepting a connection, draining a socket), ``queued`` drains every frame already waiting at
+    (accepting a connection, draining a socket; they may be read as the caller iterates, so that
+    a request is answered before the next is looked for), ``queued`` drains every frame already waiting at
     stop, after ``stop_receiving``.
     """
 
@@ -34,7 +36,7 @@ class Transport(Protocol):
 
     def attach(self, selector: selectors.BaseSelector) -> None: ...
 
-    def readable(self, key: selectors.SelectorKey, selector: selectors.BaseSelector) -> list[Frame]: ...
+    def readable(self, key: selectors.SelectorKey, selector: selectors.BaseSelector) -> Iterable[Frame]: ...
 
     def queued(self) -> list[Frame]: ...
 

@@ -14,6 +14,7 @@ import logging
 import os
 import selectors
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..protocol import wire
@@ -95,8 +96,11 @@ class NetlinkTransport:
     def attach(self, selector: selectors.BaseSelector) -> None:
         selector.register(self.sock, selectors.EVENT_READ, self)
 
-    def readable(self, key: selectors.SelectorKey, selector: selectors.BaseSelector) -> list[Frame]:
-        return self.receive()
+    def readable(self, key: selectors.SelectorKey, selector: selectors.BaseSelector) -> Iterator[Frame]:
+        # Read as the loop takes them: each request is answered before the next recvfrom, and
+        # the one that finds the queue empty (a syscall and a Python exception) comes after the
+        # last reply, not in front of it.
+        return self._frames()
 
     def queued(self) -> list[Frame]:
         return self.receive()
@@ -114,12 +118,15 @@ class NetlinkTransport:
 
     def receive(self) -> list[Frame]:
         """Drain what is queued: [(connector payload, reply address)]."""
-        frames: list[Frame] = []
+        return list(self._frames())
+
+    def _frames(self) -> Iterator[Frame]:
+        """What is queued, read one datagram at a time as the caller takes the frames."""
         while True:
             try:
                 data, (portid, _groups) = self.sock.recvfrom(65536)
             except BlockingIOError:
-                return frames
+                return
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:
                     # The receive queue overflowed: requests were lost; the kernel resends them
@@ -143,7 +150,7 @@ class NetlinkTransport:
                 self.counters.dropped_not_connector += 1
                 continue
             self.counters.received += 1
-            frames.append((payload, None))
+            yield payload, None
 
     def send(self, payload: bytes, address: object) -> None:
         try:

@@ -16,6 +16,7 @@ import select
 import selectors
 import socket
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from termios import FIONREAD
@@ -63,22 +64,49 @@ class UnixTransport:
     def attach(self, selector: selectors.BaseSelector) -> None:
         selector.register(self.listener, selectors.EVENT_READ, self)
 
-    def readable(self, key: selectors.SelectorKey, selector: selectors.BaseSelector) -> list[Frame]:
+    def readable(self, key: selectors.SelectorKey, selector: selectors.BaseSelector) -> Iterator[Frame]:
         if key.fileobj is self.listener:
             conn = self.accept()
             if conn is not None:
                 selector.register(conn, selectors.EVENT_READ, self)
-            return []
+            return iter(())
         assert isinstance(key.fileobj, socket.socket)
-        frames, still_open = self.receive_from(key.fileobj)
-        if not still_open:
-            selector.unregister(key.fd)  # the socket is closed: by its number
-        return frames
+        return self._frames(key.fileobj, key.fd, selector)
+
+    def _frames(self, conn: socket.socket, fd: int, selector: selectors.BaseSelector) -> Iterator[Frame]:
+        """The frames queued on one connection, read as the caller takes them: a request is
+        answered before the next is looked for. After a frame the bytes still queued are asked
+        for (``FIONREAD``, which counts every queued message of a ``SOCK_SEQPACKET`` socket), not
+        read until ``recv`` fails: one request at a time is the common case, and the failing
+        ``recv`` was a syscall and a Python exception in front of every request's reply.
+        Whatever that leaves (zero-length messages, a hang-up) keeps the socket readable, so the
+        loop's next turn reads it."""
+        while True:
+            try:
+                data = conn.recv(MAX_FRAME)
+            except BlockingIOError:
+                return
+            except OSError:
+                data, hung_up = b"", True
+            else:
+                # A zero-length SOCK_SEQPACKET message reads as b"" like the end of the
+                # connection: only a hang-up the socket reports ends it. An empty message is a
+                # frame like any other (the daemon counts and logs it as unanswerable).
+                hung_up = not data and _hung_up(conn)
+            if hung_up:
+                self.connections.pop(fd, None)
+                conn.close()
+                selector.unregister(fd)  # the socket is closed: by its number
+                return
+            self.counters.received += 1
+            yield data, conn
+            if _ioctl(fd, FIONREAD, _NONE) == _NONE:
+                return  # nothing more queued
 
     def queued(self) -> list[Frame]:
         frames: list[Frame] = []
         for conn in list(self.connections.values()):
-            frames += self.receive_from(conn, to_the_end=True)[0]
+            frames += self.receive_from(conn)[0]
         return frames
 
     def stop_receiving(self, selector: selectors.BaseSelector) -> None:
@@ -103,19 +131,10 @@ class UnixTransport:
         self.connections[conn.fileno()] = conn
         return conn
 
-    def receive_from(self, conn: socket.socket, to_the_end: bool = False) -> tuple[list[Frame], bool]:
-        """Drain one connection: ([(frame, reply address)], still open).
-
-        After each frame the bytes still queued are asked for (``FIONREAD``, which counts every
-        queued message of a ``SOCK_SEQPACKET`` socket) instead of reading until ``recv`` fails:
-        one request at a time is the common case, and a failing ``recv`` costs a syscall and a
-        Python exception on every request's path. What that leaves (zero-length messages, a
-        hang-up) keeps the socket readable, so the loop's next turn reads it. ``to_the_end``:
-        read until ``recv`` fails (the stop, which has no next turn)."""
+    def receive_from(self, conn: socket.socket) -> tuple[list[Frame], bool]:
+        """Drain one connection to the end (the stop): ([(frame, reply address)], still open)."""
         frames: list[Frame] = []
         while True:
-            if frames and not to_the_end and _ioctl(conn.fileno(), FIONREAD, _NONE) == _NONE:
-                return frames, True  # nothing more queued
             try:
                 data = conn.recv(MAX_FRAME)
             except BlockingIOError:
