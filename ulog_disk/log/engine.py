@@ -86,6 +86,9 @@ _EVENT = {kind: facts.journal_event for kind, facts in REQUESTS.items()}
 #: A request's type number → its type (``Request.kind``'s table, read without the property).
 _KIND_OF: dict[int, RequestType] = {int(kind): kind for kind in RequestType}
 _CTR = RequestType.CTR
+_DURABLE = Answered.DURABLE
+#: The IS_CLEAN / IN_SYNC reply payloads, by the answer (built once, not per request).
+_S64_0_1 = (wire.build_s64(0), wire.build_s64(1))
 
 
 def describe(uuid: str, luid: int) -> str:
@@ -268,9 +271,10 @@ class _Work:
     inst: Instance
     #: The request answered (None: background work, or the commits at stop).
     request: Request | None
-    #: A store write's chunks and flags, put back for the next write if it fails.
-    clean: dict[int, bytes] = field(default_factory=dict)
-    sync: dict[int, bytes] = field(default_factory=dict)
+    #: A store write's chunks and flags, put back for the next write if it fails (None: the work
+    #: writes no store; no dict made for every FLUSH).
+    clean: dict[int, bytes] | None = None
+    sync: dict[int, bytes] | None = None
     resized: bool = False
     gap: bool = False
     modified: bool = False
@@ -770,7 +774,7 @@ class Engine:
             return
         self.stats.checkpoint_failures += 1
         inst = w.inst
-        inst.log.restore_changes(w.clean, w.sync, False)
+        inst.log.restore_changes(w.clean or {}, w.sync or {}, False)
         inst.resized = inst.resized or w.resized
         inst.journal_gap = inst.journal_gap or w.gap
         log.warning("%s %s: store write failed (%s); the journal keeps its changes, retried later",
@@ -849,10 +853,10 @@ class Engine:
         return _ok(req, wire.build_u64(inst.ctr.region_size))
 
     def _is_clean(self, inst: Instance, req: Request, new_state: State) -> Reply:
-        return _ok(req, wire.build_s64(int(inst.log.is_clean(wire.parse_region(req.data)))))
+        return Reply(req, 0, _S64_0_1[inst.log.is_clean(wire.parse_region(req.data))])
 
     def _in_sync(self, inst: Instance, req: Request, new_state: State) -> Reply:
-        return _ok(req, wire.build_s64(int(inst.log.in_sync(wire.parse_region(req.data)))))
+        return Reply(req, 0, _S64_0_1[inst.log.in_sync(wire.parse_region(req.data))])
 
     def _flush(self, inst: Instance, req: Request, new_state: State) -> Step:
         ops: list[tuple[int, int]] = []
@@ -871,7 +875,7 @@ class Engine:
         # right, so that no STATUS_INFO after the reply still shows the old health.
         early = inst.health == "A"
         work = self._waiting(_Work("flush", inst, req, why="FLUSH"))
-        return Step(_ok(req) if early else None, [AppendFlush(inst.record(), ops)], Answered.DURABLE, work)
+        return Step(Reply(req) if early else None, [AppendFlush(inst.record(), ops)], _DURABLE, work)
 
     def _mark(self, inst: Instance, req: Request, new_state: State) -> Step:
         regions = wire.parse_region_group(req.request_type, req.data)

@@ -187,17 +187,23 @@ class RegionLog:
         if not 0 <= region < self.region_count:
             raise IndexError(f"region {region} out of range (region count {self.region_count})")
 
+    # The region requests' path: the range test inline, check_region only to raise.
+
     def is_clean(self, region: int) -> bool:
-        self.check_region(region)
+        if not 0 <= region < self.region_count:
+            self.check_region(region)
         return bool(self.clean[region])
 
     def in_sync(self, region: int) -> bool:
-        self.check_region(region)
+        if not 0 <= region < self.region_count:
+            self.check_region(region)
         return bool(self.sync[region])
 
     def mark(self, regions: list[int]) -> None:
+        count = self.region_count
         for r in regions:
-            self.check_region(r)
+            if not 0 <= r < count:
+                self.check_region(r)
         for r in regions:
             if self.clean[r]:
                 self.clean[r] = 0
