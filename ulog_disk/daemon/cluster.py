@@ -40,6 +40,7 @@ import contextlib
 import errno
 import logging
 import os
+import select
 import selectors
 import shlex
 import subprocess
@@ -88,6 +89,8 @@ FLUSH_REGIONS = 1024
 FENCE_TIMEOUT = 120.0
 #: Seconds between two attempts to fence a node whose fence command failed.
 FENCE_RETRY = 5.0
+#: Seconds between two attempts to sync a cluster journal whose sync failed.
+SYNC_RETRY = 0.5
 
 _CLUSTERED = ("clustered-core", "clustered-disk")
 _CTR = int(RequestType.CTR)
@@ -212,23 +215,27 @@ class ClusterNode:
         #: HELLOs of the rounds not decided yet, by round; the rounds this node said HELLO in.
         self.hello_book: dict[int, dict[tuple[int, int], object]] = {}
         self.hello_sent: set[int] = set()
-        #: When the loop must come back although nothing arrives (corosync pushed back, a fence
-        #: command to retry): the sync thread wakes it then.
-        self._timer_at: float | None = None
         self.counters = Counters()
         self.closed = False
-        # The sync thread: syncs the cluster journal (and writes snapshots) off the loop.
+        #: The node's state, shared by the cluster thread (corosync's events, the journal) and
+        #: the request loop (the kernel's requests of clustered logs); never held over a sync.
+        #: Reentrant: a reply sent under it may come back as the next request (a kernel model
+        #: in the same thread, in tests).
+        self.lock = threading.RLock()
+        #: Written by the loop to have the cluster thread look again at its timers (a send that
+        #: corosync pushed back), and by :meth:`close`.
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
-        self._sync_lock = threading.Condition()
-        self._sync_wanted = False
+        #: Snapshots to write before the next sync: (data, snapshot id, epoch, journal position).
         self._snapshots: list[tuple[bytes, int, int, int]] = []
         self._durable_epoch = self.store.durable_epoch
-        self._sync_error: BaseException | None = None
+        #: After a failed sync: not before then again.
+        self._sync_retry_at: float | None = None
         self._stopping = False
-        self._sync_thread = threading.Thread(target=self._sync_run, daemon=True, name="cluster-sync")
-        self._sync_thread.start()
+        self._thread: threading.Thread | None = None
+        #: Called with what stopped the cluster thread (a bug): the service stops the daemon.
+        self.fatal: Callable[[BaseException], None] | None = None
         self.group.join()
         if not quorum.provider:
             log.warning("corosync has no quorum provider: every partition counts as quorate, and both "
@@ -265,24 +272,72 @@ class ClusterNode:
                         state.epoch)
         return state
 
-    # --- descriptors ---------------------------------------------------------------------------
+    # --- the cluster thread ----------------------------------------------------------------------
 
     def fds(self) -> list[int]:
         return [self.group.fileno(), self.quorum.fileno(), self.wake_r]
 
-    def _arm_timer(self) -> None:
-        waits = [w for w in (self.group.retry_in(),) if w is not None]
-        if self.fencing:
-            waits.append(0.05)
-        if self.fence_after:
-            waits.append(max(0.0, min(self.fence_after.values()) - time.monotonic()))
-        at = time.monotonic() + min(waits) if waits else None
-        if at != self._timer_at:
-            with self._sync_lock:
-                self._timer_at = at
-                self._sync_lock.notify()
+    def start(self) -> None:
+        """Start the cluster thread: it reads corosync's events, applies the agreed messages,
+        journals them and syncs the journal itself, then says DURABLE and answers what waited
+        for it, with no other thread woken on the way (each hand-off between threads cost a
+        FLUSH a few hundred microseconds on a loaded machine). The request loop only reads
+        this node's copy and multicasts; it never waits for the cluster's disk."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, daemon=True, name="cluster")
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            poller = select.poll()
+            for fd in self.fds():
+                poller.register(fd, select.POLLIN)
+            watching = True
+            while not self._stopping:
+                ready = poller.poll(self._poll_timeout())
+                if self._stopping:
+                    return
+                with self.lock:
+                    for fd, _ in ready:
+                        self._readable(fd)
+                    self.tick()
+                if self.closed and watching:  # corosync lost: its descriptors stay readable
+                    watching = False
+                    for fd in (self.group.fileno(), self.quorum.fileno()):
+                        with contextlib.suppress(KeyError, ValueError):
+                            poller.unregister(fd)
+                self.flush_journal()
+        except BaseException as exc:  # noqa: BLE001 - told to the service, which stops the daemon
+            log.exception("internal error (a bug of dm-ulogd) in the cluster thread: clustered logs can "
+                          "change no more; stopping")
+            self.closed = True
+            if self.fatal is not None:
+                self.fatal(exc)
+
+    def _poll_timeout(self) -> int | None:
+        """Milliseconds until the cluster thread has work although nothing arrives: a send corosync
+        pushed back, a fence command to poll or to retry, a failed sync to try again."""
+        with self.lock:
+            now = time.monotonic()
+            waits = [w for w in (self.group.retry_in(),) if w is not None]
+            if self.fencing:
+                waits.append(0.05)
+            if self.fence_after:
+                waits.append(min(self.fence_after.values()) - now)
+            if self._sync_retry_at is not None:
+                waits.append(self._sync_retry_at - now)
+        if not waits:
+            return None
+        return max(0, int(min(waits) * 1000 + 0.999))
 
     def on_readable(self, fd: int) -> None:
+        """Handle what ``fd`` (one of :meth:`fds`) has, as the cluster thread does; the journal is
+        synced by :meth:`flush_journal` (for tests that run a node step by step)."""
+        with self.lock:
+            self._readable(fd)
+            self.tick()
+
+    def _readable(self, fd: int) -> None:
         if fd == self.group.fileno():
             try:
                 events = self.group.dispatch()
@@ -302,20 +357,21 @@ class ClusterNode:
         elif fd == self.wake_r:
             with contextlib.suppress(BlockingIOError):
                 os.read(self.wake_r, 4096)
-            self._durable_advanced()
-        self.tick()
 
     def tick(self) -> None:
         """Work that is due whatever arrived: sends corosync pushed back, fence commands."""
-        if not (self.fencing or self.fence_after or self._timer_at is not None or self.group.pending):
-            return  # nothing is due: every frame of the host comes this way
+        if not (self.fencing or self.fence_after or self.group.pending):
+            return
         self._poll_fences()
         if not self.closed:
             try:
                 self.group.pump()
             except CorosyncError as exc:
                 self._lost(exc)
-        self._arm_timer()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self.wake_w, b"w")
 
     def _lost(self, exc: BaseException) -> None:
         if self.closed:
@@ -336,6 +392,10 @@ class ClusterNode:
         peeked = _peek(frame)
         if peeked is None:
             return False  # the loop answers what it can of a malformed frame
+        with self.lock:
+            return self._take(frame, peeked, address)
+
+    def _take(self, frame: bytes, peeked: tuple[tuple[str, int], int], address: object) -> bool:
         key, request_type = peeked
         local = self.local.get(key)
         if local is None and request_type != _CTR:
@@ -540,7 +600,8 @@ class ClusterNode:
             pending.data, pending.sent_at, pending.epoch, pending.reply = data, time.monotonic(), None, None
         self.counters.agreed += 1
         self.group.send(data)
-        self.group.pump()
+        if not self.group.pump() and threading.current_thread() is not self._thread:
+            self._wake()  # corosync pushed back: the cluster thread retries it
 
     def _why_waiting(self) -> str:
         if self.closed:
@@ -587,8 +648,6 @@ class ClusterNode:
                     self._start_round()
             elif isinstance(event, TotemChange):
                 self.totem_members = set(event.members)
-        if self._journal_pending:
-            self._request_sync()
         if self._coordinate_due:
             # After the whole batch: a change read late (a split and its heal in one batch)
             # is judged by the membership as it is now.
@@ -699,10 +758,7 @@ class ClusterNode:
     def _snapshot_now(self) -> None:
         self._snapshot_position = self.store.journal.position
         data = msg.encode_snapshot(self.state)
-        with self._sync_lock:
-            self._snapshots.append((data, self.store.snapshot_id, self.state.epoch, self._snapshot_position))
-            self._sync_wanted = True
-            self._sync_lock.notify()
+        self._snapshots.append((data, self.store.snapshot_id, self.state.epoch, self._snapshot_position))
 
     # --- membership --------------------------------------------------------------------------------
 
@@ -869,10 +925,7 @@ class ClusterNode:
         # The members' requests the snapshot holds wait for this node to say it has it on disk.
         self.owed = state.epoch
         self._snapshot_position = self.store.journal.position
-        with self._sync_lock:
-            self._snapshots.append((payload, snapshot_id, state.epoch, self._snapshot_position))
-            self._sync_wanted = True
-            self._sync_lock.notify()
+        self._snapshots.append((payload, snapshot_id, state.epoch, self._snapshot_position))
         log.info("cluster: took the state at epoch %d (%d clustered log(s)); applying %d message(s) "
                  "that followed",
                  state.epoch, len(state.logs), len(self.queued))
@@ -980,46 +1033,43 @@ class ClusterNode:
 
     # --- durability ----------------------------------------------------------------------------------
 
-    def _request_sync(self) -> None:
-        self._journal_pending = False
-        with self._sync_lock:
-            self._sync_wanted = True
-            self._sync_lock.notify()
-
-    def _sync_run(self) -> None:
-        while True:
-            with self._sync_lock:
-                while not self._sync_wanted and not self._stopping:
-                    at = self._timer_at
-                    if at is not None and at <= time.monotonic():
-                        self._timer_at = None
-                        with contextlib.suppress(BlockingIOError):
-                            os.write(self.wake_w, b"t")
-                        continue
-                    self._sync_lock.wait(None if at is None else at - time.monotonic())
-                if self._stopping and not self._sync_wanted:
-                    return
-                self._sync_wanted = False
-                snapshots, self._snapshots = self._snapshots, []
-            try:
-                for data, snapshot_id, epoch, position in snapshots:
-                    self.store.write_snapshot(data, snapshot_id, epoch, position)
-                durable = self.store.sync()
-            except OSError as exc:
-                self._sync_error = exc
-                log.error("cluster: the cluster journal cannot be made durable (%s): FLUSHes wait", exc)
-                time.sleep(0.5)
-                with self._sync_lock:
-                    self._sync_wanted = True
-                continue
+    def flush_journal(self) -> bool:
+        """Write the snapshots due and make the cluster journal durable past every message applied,
+        then say DURABLE and answer what waited for it. The cluster thread runs it after each batch
+        of events (one sync for all of them), holding no lock over the sync: the request loop
+        goes on answering meanwhile. Whether there was anything to do."""
+        if not (self._journal_pending or self._snapshots):
+            return False
+        if self._sync_retry_at is not None and time.monotonic() < self._sync_retry_at:
+            return False
+        with self.lock:
+            self._journal_pending = False
+            snapshots, self._snapshots = self._snapshots, []
+        try:
+            for data, snapshot_id, epoch, position in snapshots:
+                self.store.write_snapshot(data, snapshot_id, epoch, position)
+            durable = self.store.sync()
+        except OSError as exc:
+            if self._sync_retry_at is None:
+                log.error("cluster: the cluster journal cannot be made durable (%s): FLUSHes wait; retried "
+                          "every %g s", exc, SYNC_RETRY)
+            with self.lock:
+                self._snapshots[:0] = snapshots
+                self._journal_pending = True
+                self._sync_retry_at = time.monotonic() + SYNC_RETRY
+            return True
+        if self._sync_retry_at is not None:
+            log.warning("cluster: the cluster journal is durable again")
+            self._sync_retry_at = None
+        with self.lock:
             self._durable_epoch = min(durable, self.store.durable_epoch)  # a new history resets it
-            with contextlib.suppress(BlockingIOError):
-                os.write(self.wake_w, b"d")
-            try:
-                if self.store.journal.wants_spare():
-                    self.store.journal.prepare()  # after the wake-up: no FLUSH waits for it
-            except OSError as exc:
-                log.error("cluster: cannot make the cluster journal's next segment (%s); retried", exc)
+            self._durable_advanced()
+        try:
+            if self.store.journal.wants_spare():
+                self.store.journal.prepare()  # after the answers: no FLUSH waits for it
+        except OSError as exc:
+            log.error("cluster: cannot make the cluster journal's next segment (%s); retried", exc)
+        return True
 
     def _durable_advanced(self) -> None:
         durable = self._durable_epoch
@@ -1067,11 +1117,12 @@ class ClusterNode:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-        with self._sync_lock:
-            self._stopping = True
-            self._sync_wanted = True
-            self._sync_lock.notify()
-        self._sync_thread.join(timeout=30)
+        self._stopping = True
+        self._wake()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+        with contextlib.suppress(OSError):
+            self.flush_journal()  # what was applied since the last sync: a stop keeps it
         for proc in self.fencing.values():
             with contextlib.suppress(OSError):
                 proc.wait(timeout=5)
@@ -1128,16 +1179,6 @@ class _Registering:
         return getattr(self.selector, name)
 
 
-@dataclass(frozen=True)
-class _Descriptor:
-    """A descriptor as a file object: the loop checks each transport key's ``fileno()``."""
-
-    fd: int
-
-    def fileno(self) -> int:
-        return self.fd
-
-
 class ClusterTransport:
     """The daemon's transport in cluster mode: frames of clustered logs go to the cluster node,
     the others to the request loop as before; the cluster's descriptors ride in the same selector."""
@@ -1152,17 +1193,11 @@ class ClusterTransport:
 
     def attach(self, selector: selectors.BaseSelector) -> None:
         self.inner.attach(self._registering(selector))
-        for fd in self.node.fds():
-            selector.register(_Descriptor(fd), selectors.EVENT_READ, self)
+        self.node.start()
 
     def readable(self, key: selectors.SelectorKey, selector: selectors.BaseSelector) -> list[Frame]:
-        if isinstance(key.fileobj, _Descriptor):
-            self.node.on_readable(key.fd)
-            return []
         frames = self.inner.readable(key, self._registering(selector))
-        out = [f for f in frames if not self._take(f)]
-        self.node.tick()
-        return out
+        return [f for f in frames if not self._take(f)]
 
     _wrapped: tuple[selectors.BaseSelector, _Registering] | None = None
 

@@ -288,6 +288,14 @@ def main(argv: list[str] | None = None) -> int:
     daemon = Daemon(applier, transport, capture, checkpoint_age=args.checkpoint_age, metrics=metrics)
     if cluster is not None:
         cluster.send = daemon.send
+
+        def cluster_failed(exc: BaseException) -> None:
+            # A bug in the cluster thread stops the daemon, as one in the request loop does.
+            if daemon.loop_error is None:
+                daemon.loop_error = exc
+            daemon.request_stop(0, None)
+
+        cluster.fatal = cluster_failed
         if capture is not None:
             def record(frame: bytes) -> None:
                 with daemon.send_lock:

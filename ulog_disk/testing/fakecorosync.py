@@ -40,7 +40,6 @@ import contextlib
 import itertools
 import os
 import select
-import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Generic, TypeVar
@@ -496,24 +495,16 @@ class FakeBus:
 
 
 def sync_idle(node: ClusterNode) -> bool:
-    """Whether ``node``'s sync thread waits with nothing to do (so any wake-up byte it wrote for
-    what it did is already in the pipe)."""
-    cond = node._sync_lock
-    with cond:
-        # CPython's Condition keeps its waiting threads in ``_waiters``; the sync thread is the
-        # only one that ever waits on this condition.
-        waiting = bool(getattr(cond, "_waiters", ()))
-        return waiting and not node._sync_wanted and not node._snapshots and node._timer_at is None
+    """Whether ``node`` has nothing to sync: every message it applied is durable, every snapshot
+    written."""
+    return not node._journal_pending and not node._snapshots
 
 
-def wait_sync_idle(node: ClusterNode, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not sync_idle(node):
-        if node._sync_thread is None or not node._sync_thread.is_alive():
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"node {node.nodeid}: its sync thread is still busy after {timeout} s")
-        time.sleep(0.0002)
+def wait_sync_idle(node: ClusterNode) -> None:
+    """Do what ``node``'s cluster thread does after a batch of events: sync its journal, then say
+    DURABLE and answer what waited for it (a test runs a node without its thread)."""
+    if not node._stopping:
+        node.flush_journal()
 
 
 def _readable(fd: int) -> bool:
@@ -522,7 +513,7 @@ def _readable(fd: int) -> bool:
 
 def step(node: ClusterNode, wait_sync: bool = False) -> bool:
     """Let ``node`` handle what is readable on its descriptors, once each; with ``wait_sync``,
-    its sync thread's work first. Whether anything was."""
+    its journal's sync first. Whether anything was."""
     if wait_sync:
         wait_sync_idle(node)
     did = False
@@ -539,7 +530,7 @@ class Unsettled(AssertionError):
 
 def settle(bus: FakeBus, nodes: Iterable[ClusterNode], rounds: int = 1000) -> int:
     """Run ``nodes`` (and order every message) until nothing is pending anywhere: no message in
-    flight, no event undispatched, every sync thread idle and its wake-up read. Returns the
+    flight, no event undispatched, every journal synced. Returns the
     number of rounds; raises :class:`Unsettled` if it does not end within ``rounds`` (a round
     orders every message in flight and lets every node read what it was delivered)."""
     nodes = [n for n in nodes if not n.closed]
@@ -549,9 +540,10 @@ def settle(bus: FakeBus, nodes: Iterable[ClusterNode], rounds: int = 1000) -> in
             did |= step(node)
         if did:
             continue
+        synced = False
         for node in nodes:
-            wait_sync_idle(node)
-        if any(step(node) for node in nodes):
+            synced |= node.flush_journal()
+        if synced or any(step(node) for node in nodes):
             continue
         if bus.idle():
             return i
@@ -559,16 +551,12 @@ def settle(bus: FakeBus, nodes: Iterable[ClusterNode], rounds: int = 1000) -> in
 
 
 def stop_node(node: ClusterNode, power_cut: bool = False) -> None:
-    """End ``node`` as ``kill -9`` does: its sync thread stops without syncing again, its files
-    and descriptors are closed, nothing is left for the group (the bus reports the death: call
-    :meth:`FakeBus.kill` or :meth:`FakeBus.crash` as well). With ``power_cut``, what its cluster
-    journal appended past the last sync is lost too (zeroed: the page cache did not survive)."""
-    with node._sync_lock:
-        node._stopping = True
-        node._sync_wanted = False
-        node._snapshots = []
-        node._sync_lock.notify()
-    node._sync_thread.join(timeout=30)
+    """End ``node`` as ``kill -9`` does: no sync again, its files and descriptors are closed,
+    nothing is left for the group (the bus reports the death: call :meth:`FakeBus.kill` or
+    :meth:`FakeBus.crash` as well). With ``power_cut``, what its cluster journal appended past the
+    last sync is lost too (zeroed: the page cache did not survive)."""
+    node._stopping = True
+    node._snapshots = []
     node.closed = True
     journal = node.store.journal
     if power_cut and hasattr(journal, "segments"):  # a volatile store has nothing on disk
