@@ -46,7 +46,7 @@ import shlex
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -1195,9 +1195,12 @@ class ClusterTransport:
         self.inner.attach(self._registering(selector))
         self.node.start()
 
-    def readable(self, key: selectors.SelectorKey, selector: selectors.BaseSelector) -> list[Frame]:
-        frames = self.inner.readable(key, self._registering(selector))
-        return [f for f in frames if not self._take(f)]
+    def readable(self, key: selectors.SelectorKey, selector: selectors.BaseSelector) -> Iterator[Frame]:
+        # As the loop takes them, as the transport reads them: each request is answered before
+        # the next is read.
+        for frame in self.inner.readable(key, self._registering(selector)):
+            if not self._take(frame):
+                yield frame
 
     _wrapped: tuple[selectors.BaseSelector, _Registering] | None = None
 
