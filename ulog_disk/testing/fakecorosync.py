@@ -40,6 +40,7 @@ import contextlib
 import itertools
 import os
 import select
+import threading
 from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Generic, TypeVar
@@ -110,9 +111,12 @@ class _FakeHandle(Generic[E]):
     def __init__(self) -> None:
         self._events: list[E] = []
         self._pipe = _Pipe()
+        # A node's cluster thread dispatches while the test's thread delivers.
+        self._events_lock = threading.Lock()
 
     def _push(self, event: E) -> None:
-        self._events.append(event)
+        with self._events_lock:
+            self._events.append(event)
         self._pipe.ring()
 
     @property
@@ -127,8 +131,9 @@ class _FakeHandle(Generic[E]):
         """The events a dispatch hands over (the descriptor read empty); a closed handle refuses."""
         if self.closed:
             raise ConnectionLost(call, CS_ERR_BAD_HANDLE, "the handle is closed")
-        self._pipe.drain()
-        events, self._events = self._events, []
+        with self._events_lock:
+            self._pipe.drain()
+            events, self._events = self._events, []
         return events
 
     @staticmethod
@@ -271,6 +276,7 @@ class FakeBus:
         self.ring_seq = 4
         self._groups: list[FakeCpgGroup] = []          # joined, in join order
         self._flight: dict[FakeCpgGroup, deque[bytes]] = {}
+        self._flight_lock = threading.Lock()
         #: How many of a sender's in-flight messages were already in flight at the last ring
         #: change: they are ordered before the next one.
         self._carried: dict[FakeCpgGroup, int] = {}
@@ -324,11 +330,13 @@ class FakeBus:
     # --- the agreed order ---
 
     def _in_flight(self, group: FakeCpgGroup, data: bytes) -> None:
-        self._flight.setdefault(group, deque()).append(data)
+        with self._flight_lock:  # a node's cluster thread sends while the test's thread orders
+            self._flight.setdefault(group, deque()).append(data)
 
     def in_flight(self) -> list[FakeCpgGroup]:
         """Senders with messages handed to corosync and not yet ordered, oldest sender first."""
-        return [g for g, q in self._flight.items() if q]
+        with self._flight_lock:
+            return [g for g, q in self._flight.items() if q]
 
     def order(self, sender: FakeCpgGroup | int | None = None) -> bool:
         """Put the oldest in-flight message of ``sender`` (a group, or the first in-flight group
@@ -338,11 +346,12 @@ class FakeBus:
             sender = next((g for g in self.in_flight() if g.nodeid == sender), None)
         elif sender is None:
             sender = next(iter(self.in_flight()), None)
-        if sender is None or not self._flight.get(sender):
-            return False
-        data = self._flight[sender].popleft()
-        if not self._flight[sender]:
-            del self._flight[sender]
+        with self._flight_lock:
+            if sender is None or not self._flight.get(sender):
+                return False
+            data = self._flight[sender].popleft()
+            if not self._flight[sender]:
+                del self._flight[sender]
         if self._carried.get(sender):
             self._carried[sender] -= 1
         self._deliver(self.ring(sender.nodeid), Deliver(sender.nodeid, sender.pid, data))
