@@ -14,27 +14,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ulog_disk.cluster import messages as m
-from ulog_disk.cluster.shared import (
-    Close,
-    ClusterState,
-    Departed,
-    Fenced,
-    Flush,
-    Input,
-    NodeOpen,
-    Open,
-    Rebooted,
-    ResyncWork,
-    SetRegionSync,
-    SharedLog,
-)
+from ulog_disk.cluster import shared as sh
 from ulog_disk.log.regionlog import new_bitmap
 from ulog_disk.testing.vectors import golden_vectors
 
 VECTORS = Path(__file__).resolve().parent.parent / "formats" / "vectors" / "cluster"
 
-_INPUTS = {cls.__name__: cls for cls in (Flush, ResyncWork, SetRegionSync, Open, Close, Departed, Fenced,
-                                         Rebooted)}
+_INPUTS = {cls.__name__: cls for cls in (sh.Flush, sh.ResyncWork, sh.SetRegionSync, sh.Open, sh.Close,
+                                         sh.Departed, sh.Fenced, sh.Rebooted)}
 
 
 # --- the vectors' JSON form -----------------------------------------------------------------------
@@ -59,7 +46,7 @@ def message_from_json(fields: dict) -> bytes:
     return m.encode(kind, **values)
 
 
-def input_json(item: Input) -> dict:
+def input_json(item: sh.Input) -> dict:
     out: dict[str, object] = {"type": type(item).__name__}
     for name in item.__slots__:
         value = getattr(item, name)
@@ -67,12 +54,12 @@ def input_json(item: Input) -> dict:
     return out
 
 
-def input_from_json(fields: dict) -> Input:
+def input_from_json(fields: dict) -> sh.Input:
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items() if k != "type"}
     return _INPUTS[fields["type"]](**values)
 
 
-def snapshot_json(state: ClusterState) -> dict:
+def snapshot_json(state: sh.ClusterState) -> dict:
     """A state as a snapshot vector's ``fields``, in the snapshot's own order; bitmaps as the
     regions whose bit is 1."""
     def regions(bits) -> list[int]:
@@ -96,8 +83,8 @@ def snapshot_json(state: ClusterState) -> dict:
     return {"epoch": state.epoch, "unfenced": list(state.unfenced), "logs": logs}
 
 
-def state_from_json(fields: dict) -> ClusterState:
-    state = ClusterState(epoch=fields["epoch"], unfenced=list(fields["unfenced"]))
+def state_from_json(fields: dict) -> sh.ClusterState:
+    state = sh.ClusterState(epoch=fields["epoch"], unfenced=list(fields["unfenced"]))
     for entry in fields["logs"]:
         count = entry["region_count"]
 
@@ -108,14 +95,14 @@ def state_from_json(fields: dict) -> ClusterState:
             return b
 
         sync = bits(entry["sync"])
-        state.logs[entry["uuid"]] = SharedLog(
+        state.logs[entry["uuid"]] = sh.SharedLog(
             uuid=entry["uuid"], region_count=count, sync=sync, sync_count=sync.count(1),
             marks={x["node"]: bits(x["regions"]) for x in entry["marks"]},
             held={x["node"]: bits(x["regions"]) for x in entry["held"]},
             released=bits(entry["released"]),
             recovering={x["region"]: x["node"] for x in entry["recovering"]},
             cursor={x["node"]: x["cursor"] for x in entry["cursor"]},
-            opened={x["node"]: NodeOpen(x["luid"], x["boot_id"]) for x in entry["opened"]},
+            opened={x["node"]: sh.NodeOpen(x["luid"], x["boot_id"]) for x in entry["opened"]},
         )
     return state
 
@@ -178,7 +165,7 @@ def test_the_digest_tells_states_apart():
 def test_snapshot_vector_is_a_reachable_state():
     """The snapshot vector is the state its ``stream`` makes: a state the rules can reach."""
     for _, vec in _vectors("snapshot"):
-        state = ClusterState()
+        state = sh.ClusterState()
         for item in vec["stream"]:
             state.apply(input_from_json(item))
         assert m.encode_snapshot(state) == bytes.fromhex(vec["hex"])
@@ -246,35 +233,35 @@ def test_every_kind_round_trips(case):
 
 
 inputs = st.one_of(
-    st.builds(Flush, u32, uuids, st.lists(u64, max_size=20).map(tuple),
+    st.builds(sh.Flush, u32, uuids, st.lists(u64, max_size=20).map(tuple),
               st.lists(u64, max_size=20).map(tuple)),
-    st.builds(ResyncWork, u32, uuids),
-    st.builds(SetRegionSync, u32, uuids, u64, st.booleans()),
-    st.builds(Open, u32, uuids, u64, boot_ids, u64, st.booleans()),
-    st.builds(Close, u32, uuids, st.booleans()),
-    st.builds(Departed, st.lists(u32, max_size=20).map(tuple)),
-    st.builds(Fenced, u32),
-    st.builds(Rebooted, u32, boot_ids),
+    st.builds(sh.ResyncWork, u32, uuids),
+    st.builds(sh.SetRegionSync, u32, uuids, u64, st.booleans()),
+    st.builds(sh.Open, u32, uuids, u64, boot_ids, u64, st.booleans()),
+    st.builds(sh.Close, u32, uuids, st.booleans()),
+    st.builds(sh.Departed, st.lists(u32, max_size=20).map(tuple)),
+    st.builds(sh.Fenced, u32),
+    st.builds(sh.Rebooted, u32, boot_ids),
 )
 
 
-def message_of(item: Input, token: int) -> bytes:
+def message_of(item: sh.Input, token: int) -> bytes:
     """The message a node multicasts for ``item`` (the sender is corosync's to tell)."""
-    if isinstance(item, Flush):
+    if isinstance(item, sh.Flush):
         return m.encode(m.Kind.FLUSH, token=token, uuid=item.uuid, marks=item.marks, clears=item.clears)
-    if isinstance(item, ResyncWork):
+    if isinstance(item, sh.ResyncWork):
         return m.encode(m.Kind.RESYNC_WORK, token=token, uuid=item.uuid)
-    if isinstance(item, SetRegionSync):
+    if isinstance(item, sh.SetRegionSync):
         return m.encode(m.Kind.SET_REGION_SYNC, token=token, uuid=item.uuid, region=item.region,
                         in_sync=item.in_sync)
-    if isinstance(item, Open):
+    if isinstance(item, sh.Open):
         return m.encode(m.Kind.OPEN, token=token, uuid=item.uuid, luid=item.luid, boot_id=item.boot_id,
                         region_count=item.region_count, in_sync=item.in_sync)
-    if isinstance(item, Close):
+    if isinstance(item, sh.Close):
         return m.encode(m.Kind.CLOSE, token=token, uuid=item.uuid, destroy=item.destroy)
-    if isinstance(item, Departed):
+    if isinstance(item, sh.Departed):
         return m.encode(m.Kind.DEPARTED, token=token, nodes=item.nodes)
-    if isinstance(item, Fenced):
+    if isinstance(item, sh.Fenced):
         return m.encode(m.Kind.FENCED, token=token, node=item.node)
     return m.encode(m.Kind.REBOOTED, token=token, boot_id=item.boot_id)
 
