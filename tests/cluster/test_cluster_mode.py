@@ -67,10 +67,12 @@ class Log:
     regions: int
     clients: dict[str, Client]
     luids: dict[str, int] = field(default_factory=dict)
+    log_type: str = "clustered-core"
 
     def open(self, name: str, sync: str | None = "nosync") -> None:
         self.luids[name] = next(_luids)
-        open_log(self.clients[name], self.uuid, self.luids[name], self.regions, sync=sync)
+        open_log(self.clients[name], self.uuid, self.luids[name], self.regions, log_type=self.log_type,
+                 sync=sync)
 
     def on(self, name: str) -> tuple[Client, str, int]:
         return self.clients[name], self.uuid, self.luids[name]
@@ -93,9 +95,10 @@ def cluster(healthy: Rig, daemons: ClusterDaemons) -> ClusterDaemons:
 
 
 def new_log(
-    daemons: ClusterDaemons, regions: int = 64, sync: str | None = "nosync", names: tuple[str, ...] = NAMES
+    daemons: ClusterDaemons, regions: int = 64, sync: str | None = "nosync", names: tuple[str, ...] = NAMES,
+    log_type: str = "clustered-core",
 ) -> Log:
-    log = Log(f"log-{next(_luids)}", regions, {n: daemons.client(n) for n in names})
+    log = Log(f"log-{next(_luids)}", regions, {n: daemons.client(n) for n in names}, log_type=log_type)
     for name in names:
         log.open(name, sync)
     return log
@@ -169,8 +172,13 @@ def counts(log: Log, names: tuple[str, ...] | list[str] = NAMES) -> dict[str, in
 # --- a, c, i: one log, local reads, one recoverer per region ------------------------------------
 
 
-def test_one_log_across_nodes_one_recoverer_per_region(cluster: ClusterDaemons) -> None:
-    log = new_log(cluster, 64, sync=None)  # a fresh log: every region to recover
+# Both clustered log types take one path; only what STATUS_INFO and STATUS_TABLE print differs.
+LOG_TYPES = pytest.mark.parametrize("log_type", ["clustered-core", "clustered-disk"])
+
+
+@LOG_TYPES
+def test_one_log_across_nodes_one_recoverer_per_region(cluster: ClusterDaemons, log_type: str) -> None:
+    log = new_log(cluster, 64, sync=None, log_type=log_type)  # a fresh log: every region to recover
     oracle = Oracle(log)
     assert counts(log) == {n: 0 for n in NAMES}
     handed = {n: oracle.work(n) for n in NAMES}
@@ -189,15 +197,19 @@ def test_one_log_across_nodes_one_recoverer_per_region(cluster: ClusterDaemons) 
     # The local answers (the table the kernel printed, the region size) need nobody.
     client, uuid, luid = log.on("n3")
     assert client.ok(uuid, luid, T.GET_REGION_SIZE) == (8).to_bytes(8, "little")
-    assert b"clustered-core" in client.ok(uuid, luid, T.STATUS_TABLE)
+    table = client.ok(uuid, luid, T.STATUS_TABLE).rstrip(b"\0").decode()
+    assert table.startswith(f"{log_type} "), table
+    info = client.ok(uuid, luid, T.STATUS_INFO).rstrip(b"\0").decode()
+    assert info == ("3 clustered-disk 7:3 A" if log_type == "clustered-disk" else "1 clustered-core"), info
     oracle.check(list(NAMES))
 
 
 # --- b, i: marks are per node ------------------------------------------------------------------------
 
 
-def test_marks_are_per_node(cluster: ClusterDaemons) -> None:
-    log = new_log(cluster, 64)
+@LOG_TYPES
+def test_marks_are_per_node(cluster: ClusterDaemons, log_type: str) -> None:
+    log = new_log(cluster, 64, log_type=log_type)
     oracle = Oracle(log)
     oracle.flush("n1", marks=[5])
     assert all(not is_clean(*log.on(n), 5) for n in NAMES)
