@@ -373,8 +373,9 @@ def test_format_fast_decoding_is_the_construct_definitions(uuid, chunk_bytes, cr
         if fast is not None:
             # The version read says which layout's definition reads the bytes.
             slow = sf._FORMAT_RECORDS[fast.version].parse(data)
-            assert vars(fast) == {k: v for k, v in slow.items()
-                                  if not k.startswith(("_", "reserved")) and k != "magic"}
+            want = {k: v for k, v in slow.items() if not k.startswith(("_", "reserved")) and k != "magic"}
+            # repr: a changed byte may make created_at a NaN
+            assert repr(sorted(vars(fast).items())) == repr(sorted(want.items()))
         elif data == good:
             raise AssertionError("a valid record left to construct")
 
