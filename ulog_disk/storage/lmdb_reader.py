@@ -32,33 +32,8 @@ from ..log import regionlog
 from ..log.records import InstanceRecord, StoredState
 from ..log.regionlog import chunk_count, format_ranges
 from . import journal as jn
+from . import store_format as sf
 from .lmdb_env import Env
-from .store_format import (
-    CHECKPOINT_KEY,
-    FORMAT_KEY,
-    JOURNAL_HEADER_SIZE,
-    LAYOUT_VERSION,
-    RECORD_KEY,
-    RETAINED_CLEAN,
-    RETAINED_META,
-    RETAINED_SYNC,
-    CheckpointRecord,
-    FormatRecord,
-    JournalHeader,
-    MetaRecord,
-    RetainedRecord,
-    StoreFormatError,
-    bitmap_bytes,
-    chunk_length,
-    decode_chunk_key,
-    decode_journal_ops,
-    journal_file_name,
-    parse_instance_db_name,
-    read_checkpoint_value,
-    read_format_value,
-    record_bytes,
-    unseal_chunk,
-)
 
 ERROR, WARNING, NOTE = "error", "warning", "note"
 
@@ -145,15 +120,15 @@ class InstanceContents(StoredBitmaps):
     """One instance's sub-databases (``meta/clean/sync.<luid>``), decoded."""
 
     luid: int
-    meta: MetaRecord | None = None
-    checkpoint: CheckpointRecord | None = None
+    meta: sf.MetaRecord | None = None
+    checkpoint: sf.CheckpointRecord | None = None
 
 
 @dataclass
 class RetainedContents(StoredBitmaps):
     """The uuid's retained state (``retained.meta/clean/sync``), decoded."""
 
-    record: RetainedRecord | None = None
+    record: sf.RetainedRecord | None = None
 
     def state(self, uuid: str) -> StoredState:
         rr = self.record
@@ -168,7 +143,7 @@ class StoreContents:
     """One environment, decoded."""
 
     uuid: str | None
-    format: FormatRecord | None = None
+    format: sf.FormatRecord | None = None
     #: Instances by luid, ascending.
     instances: list[InstanceContents] = field(default_factory=list)
     retained: RetainedContents | None = None
@@ -191,15 +166,15 @@ class StoreContents:
         return None
 
 
-def read_format(raw: bytes) -> FormatRecord:
+def read_format(raw: bytes) -> sf.FormatRecord:
     """The format record of a stored ``format`` value (StoreFormatError saying what is wrong)."""
     try:
-        return read_format_value(raw)
-    except StoreFormatError as exc:
+        return sf.read_format_value(raw)
+    except sf.StoreFormatError as exc:
         raise type(exc)(f"format record: {exc}") from exc
 
 
-def format_mismatch(fmt: FormatRecord, uuid: str) -> str | None:
+def format_mismatch(fmt: sf.FormatRecord, uuid: str) -> str | None:
     """Why the environment of ``uuid`` does not belong to it, or None."""
     if fmt.uuid == uuid:
         return None
@@ -212,7 +187,7 @@ def decode_store(snap: Snapshot, uuid: str | None) -> StoreContents:
     unknown: then the format record's)."""
     out = StoreContents(uuid=uuid)
     plain = dict(snap.plain)
-    raw_format = plain.pop(FORMAT_KEY, None)
+    raw_format = plain.pop(sf.FORMAT_KEY, None)
     chunk_bytes = 0
     if raw_format is None:
         if plain or snap.subs:
@@ -222,7 +197,7 @@ def decode_store(snap: Snapshot, uuid: str | None) -> StoreContents:
     else:
         try:
             fmt = out.format = read_format(raw_format)
-        except StoreFormatError as exc:
+        except sf.StoreFormatError as exc:
             out.findings.append(Finding(ERROR, "store", str(exc)))
         else:
             chunk_bytes = fmt.chunk_bytes
@@ -230,12 +205,13 @@ def decode_store(snap: Snapshot, uuid: str | None) -> StoreContents:
                 out.findings.append(Finding(ERROR, "store", why))
             if not fmt.sealed:
                 out.findings.append(Finding(NOTE, "store", f"layout {fmt.version}: values without checksums; "
-                                            f"the daemon migrates it to layout {LAYOUT_VERSION} when it "
+                                            f"the daemon migrates it to layout {sf.LAYOUT_VERSION} when it "
                                             "next opens it"))
-            elif fmt.version < LAYOUT_VERSION:
+            elif fmt.version < sf.LAYOUT_VERSION:
                 out.findings.append(Finding(NOTE, "store", f"layout {fmt.version}: the daemon migrates it to "
-                                            f"layout {LAYOUT_VERSION} when it next opens it (each instance's "
-                                            "journal file is folded into its bitmaps, then removed)"))
+                                            f"layout {sf.LAYOUT_VERSION} when it next opens it (each "
+                                            "instance's journal file is folded into its bitmaps, then "
+                                            "removed)"))
             elif chunk_bytes != (want := regionlog.CHUNK_BYTES):
                 out.findings.append(Finding(NOTE, "store", f"written with {chunk_bytes}-byte chunks: the "
                                             f"daemon re-chunks it to {want} when it next opens it"))
@@ -247,13 +223,13 @@ def decode_store(snap: Snapshot, uuid: str | None) -> StoreContents:
     # Without a readable format record the layout is unknown: records are taken as sealed
     # (this version's layout), so a layout-1 record reads as failing its checksum.
     sealed = out.format is None or out.format.sealed
-    layout = out.format.version if out.format is not None else LAYOUT_VERSION
+    layout = out.format.version if out.format is not None else sf.LAYOUT_VERSION
     groups: dict[int, dict[str, dict[bytes, bytes]]] = {}
     for name, content in snap.subs.items():
-        parsed = parse_instance_db_name(name)
+        parsed = sf.parse_instance_db_name(name)
         if parsed is not None:
             groups.setdefault(parsed[1], {})[parsed[0]] = content
-        elif name not in (RETAINED_META, RETAINED_CLEAN, RETAINED_SYNC):
+        elif name not in (sf.RETAINED_META, sf.RETAINED_CLEAN, sf.RETAINED_SYNC):
             out.findings.append(Finding(WARNING, "store", f"unknown sub-database {name!r} (ignored by the "
                                         "daemon)"))
     for luid in sorted(groups):
@@ -266,8 +242,8 @@ def decode_store(snap: Snapshot, uuid: str | None) -> StoreContents:
         inst = InstanceContents(luid)
         out.instances.append(inst)
         _decode_instance(inst, dbs, uuid, layout, sealed, chunk_bytes)
-    raw = snap.subs.get(RETAINED_META, {}).get(RECORD_KEY)
-    if raw is not None or RETAINED_CLEAN in snap.subs or RETAINED_SYNC in snap.subs:
+    raw = snap.subs.get(sf.RETAINED_META, {}).get(sf.RECORD_KEY)
+    if raw is not None or sf.RETAINED_CLEAN in snap.subs or sf.RETAINED_SYNC in snap.subs:
         out.retained = _decode_retained(snap, raw, uuid, sealed, chunk_bytes)
     return out
 
@@ -277,23 +253,23 @@ def _decode_instance(inst: InstanceContents, dbs: dict[str, dict[bytes, bytes]],
     luid, found = inst.luid, inst.findings
     where = f"meta.{luid:016x}"
     meta_db = dbs["meta"]
-    raw = meta_db.get(RECORD_KEY)
-    extra = set(meta_db) - ({RECORD_KEY, CHECKPOINT_KEY} if layout >= 3 else {RECORD_KEY})
+    raw = meta_db.get(sf.RECORD_KEY)
+    extra = set(meta_db) - ({sf.RECORD_KEY, sf.CHECKPOINT_KEY} if layout >= 3 else {sf.RECORD_KEY})
     if extra:
         found.append(Finding(WARNING, where, f"unexpected keys {sorted(extra)!r}"))
     if raw is None:
         found.append(Finding(ERROR, where, "sub-database has no record"))
         return
     try:
-        meta = inst.meta = MetaRecord.decode(record_bytes(where.encode(), raw, sealed))
-    except StoreFormatError as exc:
+        meta = inst.meta = sf.MetaRecord.decode(sf.record_bytes(where.encode(), raw, sealed))
+    except sf.StoreFormatError as exc:
         found.append(Finding(ERROR, where, str(exc)))
         return
-    raw_ckpt = meta_db.get(CHECKPOINT_KEY)
+    raw_ckpt = meta_db.get(sf.CHECKPOINT_KEY)
     if layout >= 3 and raw_ckpt is not None:
         try:
-            inst.checkpoint = read_checkpoint_value(where.encode(), raw_ckpt)
-        except StoreFormatError as exc:
+            inst.checkpoint = sf.read_checkpoint_value(where.encode(), raw_ckpt)
+        except sf.StoreFormatError as exc:
             found.append(Finding(ERROR, where, str(exc)))
     if meta.luid != luid or (uuid is not None and meta.uuid != uuid):
         found.append(Finding(ERROR, where, f"holds the record of uuid={meta.uuid!r} luid={meta.luid:#018x}"))
@@ -315,23 +291,23 @@ def _decode_instance(inst: InstanceContents, dbs: dict[str, dict[bytes, bytes]],
 def _decode_retained(snap: Snapshot, raw: bytes | None, uuid: str | None, sealed: bool,
                      chunk_bytes: int) -> RetainedContents:
     out = RetainedContents()
-    where = RETAINED_META.decode()
+    where = sf.RETAINED_META.decode()
     if raw is None:
         out.findings.append(Finding(WARNING, where, "retained bitmaps without a retained record (left over; "
                                     "ignored by the daemon)"))
         return out
     try:
-        rr = out.record = RetainedRecord.decode(record_bytes(RETAINED_META, raw, sealed))
-    except StoreFormatError as exc:
+        rr = out.record = sf.RetainedRecord.decode(sf.record_bytes(sf.RETAINED_META, raw, sealed))
+    except sf.StoreFormatError as exc:
         out.findings.append(Finding(ERROR, where, str(exc)))
         return out
     if uuid is not None and rr.uuid != uuid:
         out.findings.append(Finding(ERROR, where, f"names uuid {rr.uuid!r}"))
     if chunk_bytes:
         count = rr.region_count
-        out.clean = _bitmap(out.findings, RETAINED_CLEAN.decode(), snap.subs.get(RETAINED_CLEAN), count,
+        out.clean = _bitmap(out.findings, sf.RETAINED_CLEAN.decode(), snap.subs.get(sf.RETAINED_CLEAN), count,
                             chunk_bytes, sealed, True)
-        out.sync = _bitmap(out.findings, RETAINED_SYNC.decode(), snap.subs.get(RETAINED_SYNC), count,
+        out.sync = _bitmap(out.findings, sf.RETAINED_SYNC.decode(), snap.subs.get(sf.RETAINED_SYNC), count,
                            chunk_bytes, sealed, True)
         out.bitmaps = True
     return out
@@ -342,26 +318,26 @@ def _bitmap(found: list[Finding], what: str, chunks: dict[bytes, bytes] | None, 
     """One bitmap (sub-database ``what``) from its chunks, every chunk verified; a chunk that fails
     (its checksum, its key, its place in the geometry, its length) is an error and reads as zeros
     (dirty, out of sync), as does a missing one."""
-    total = bitmap_bytes(count)
+    total = sf.bitmap_bytes(count)
     n = chunk_count(count, chunk_bytes)
     out = bytearray(total)
     seen: set[int] = set()
     name = what.encode("latin-1")
     for key, value in (chunks or {}).items():
         try:
-            index = decode_chunk_key(key)
-        except StoreFormatError as exc:
+            index = sf.decode_chunk_key(key)
+        except sf.StoreFormatError as exc:
             found.append(Finding(ERROR, what, f"bad chunk key {key.hex()}: {exc}"))
             continue
         if index >= n:
             found.append(Finding(ERROR, what, f"chunk {index} lies past the {n} chunk(s) of {count} regions "
                                  "(geometry does not match the bitmap)"))
             continue
-        want = chunk_length(index, count, chunk_bytes)
+        want = sf.chunk_length(index, count, chunk_bytes)
         seen.add(index)
         try:
-            value = unseal_chunk(name, key, value, sealed)
-        except StoreFormatError as exc:
+            value = sf.unseal_chunk(name, key, value, sealed)
+        except sf.StoreFormatError as exc:
             found.append(Finding(ERROR, what, str(exc)))
             continue
         if len(value) != want:
@@ -412,7 +388,7 @@ def journal_records_by_instance(found: jn.Scan) -> dict[tuple[str, int], list[jn
     return by_instance
 
 
-def plan_replay(meta: MetaRecord, ckpt: CheckpointRecord | None, records: Sequence[jn.Record],
+def plan_replay(meta: sf.MetaRecord, ckpt: sf.CheckpointRecord | None, records: Sequence[jn.Record],
                 found: jn.Scan, journal_id: bytes | None) -> Replay:
     """The journal records of one instance since its checkpoint (``formats/journal.md``): the ops
     to replay, the meta its FLUSHes changed, and whether the journal can be trusted there.
@@ -470,7 +446,7 @@ class OldJournal:
     #: Why the file could not be read (the tools report it; the migration fails on it).
     unreadable: str | None = None
     same_boot: bool = True
-    header: JournalHeader | None = None
+    header: sf.JournalHeader | None = None
     #: The ops, folded into the bitmaps when ``folded``.
     ops: list[tuple[int, int]] = field(default_factory=list)
     folded: bool = False
@@ -482,10 +458,10 @@ class OldJournal:
     damaged: str | None = None
 
 
-def old_journal(meta: MetaRecord, data: bytes | OSError | None, boot_id: str) -> OldJournal:
+def old_journal(meta: sf.MetaRecord, data: bytes | OSError | None, boot_id: str) -> OldJournal:
     """Judge one layout-1/2 journal file (``data``: its bytes, None when there is none, the
     error when it could not be read) for the instance ``meta`` describes."""
-    name = journal_file_name(meta.luid)
+    name = sf.journal_file_name(meta.luid)
     out = OldJournal(name=name, same_boot=meta.boot_id == boot_id)
     if data is None:
         return out
@@ -497,8 +473,8 @@ def old_journal(meta: MetaRecord, data: bytes | OSError | None, boot_id: str) ->
     if not data or not out.same_boot:
         return out  # nothing to fold, or another boot: dropped unread
     try:
-        header = out.header = JournalHeader.decode(data)
-    except StoreFormatError as exc:
+        header = out.header = sf.JournalHeader.decode(data)
+    except sf.StoreFormatError as exc:
         out.damaged = f"its journal {name} has an unreadable header ({exc})"
         return out
     if header.luid != meta.luid:
@@ -509,7 +485,7 @@ def old_journal(meta: MetaRecord, data: bytes | OSError | None, boot_id: str) ->
     elif header.commit_seq < meta.commit_seq:
         out.stale = True
     else:
-        out.ops, _valid, out.cut = decode_journal_ops(data[JOURNAL_HEADER_SIZE:])
+        out.ops, _valid, out.cut = sf.decode_journal_ops(data[sf.JOURNAL_HEADER_SIZE:])
         out.folded = True
     return out
 
