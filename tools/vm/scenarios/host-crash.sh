@@ -127,15 +127,22 @@ boot2_resynced_regions() {
     sed -n '/^=== start 2 /,$p' "$SOUT/daemon.log" | sed -n 's/.* resync region \([0-9]*\)$/\1/p' | sort -n -u
 }
 
-# writes_in_flight: wait (at most 10 s) until the mirror has writes in flight, then record how many.
+# writes_in_flight: wait (at most 10 s) until the slowed leg holds writes, then record how many.
+# The mirror's own in-flight count is not enough: a write it has queued waits for its region's mark
+# to be flushed by the daemon before it goes to either leg, and a crash then leaves the legs equal.
+# dm-delay's status counts the writes it holds (its device's inflight file does not): once it holds
+# one, the mirror has sent that write to both legs; leg 0's half lands within milliseconds, leg 1's
+# is held 400 ms, so the crash a moment later leaves them different.
 writes_in_flight() {
-    local i reads writes
+    local i writes=0 status
     for ((i = 0; i < 200; i++)); do
-        read -r reads writes <"$HC_INFLIGHT"
-        [ "$writes" -gt 0 ] && break
+        read -r -a status <<<"$(timeout 5 dmsetup status "$HC_SLOW" 2>/dev/null)"
+        writes=${status[4]:-0}
+        [ "$writes" -gt 0 ] 2>/dev/null && break
         sleep 0.05
     done
     record "boot1_writes_in_flight" "$writes"
+    sleep 0.1
 }
 
 hc_boot1() {
@@ -157,7 +164,6 @@ hc_boot1() {
     record "boot1_writes_started" "$(cat "$SOUT"/writer*.log | grep -c '^start')"
     record "boot1_write_failures" "$(cat "$SOUT"/writer*.log | grep -c 'failed')"
     record "boot1_sync_at_crash" "$(sync_field "$HC_NAME")"
-    HC_INFLIGHT=/sys/dev/block/$(devno "/dev/mapper/$HC_NAME")/inflight
     crash_guest writes_in_flight
 }
 
