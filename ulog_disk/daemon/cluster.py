@@ -1133,6 +1133,10 @@ class ClusterNode:
         os.close(self.wake_w)
 
     def status(self) -> dict[str, object]:
+        with self.lock:  # the metrics thread reads what the cluster thread and the loop change
+            return self._status()
+
+    def _status(self) -> dict[str, object]:
         return {
             "node": self.nodeid, "members": [n for n, _ in self.members], "quorate": self.quorate,
             "current": self.current, "epoch": self.state.epoch, "logs": len(self.state.logs),

@@ -390,7 +390,7 @@ class Metrics:
             journal_syncs=journal_syncs[0], journal_sync_failures=journal_syncs[1],
             journal_backlog=max(0, applier.backend.position() - applier.needed()),
             dropped_frames=dropped_frames, mirrors=mirrors, held_requests=held_requests,
-            # On the loop thread, as the cluster node's state is only changed there.
+            # Under the cluster node's own lock (its thread and the loop change it).
             cluster=None if self.cluster is None else ClusterSample.of(self.cluster.status()),
         )
 
