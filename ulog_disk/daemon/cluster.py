@@ -19,9 +19,10 @@ When a reply goes out:
   flushed mark is durable on every node and read by every node's IS_CLEAN; it survives the loss
   of any node's state directory, and a whole-cluster crash;
 * the others agreed: once applied here;
-* never while this node is not quorate (asked of corosync right before answering): a node cut
-  off from the majority acknowledges no state change. Its requests wait, and are multicast again
-  once it has the majority's state (see below), where they apply a second time harmlessly.
+* never while this node is not quorate (as corosync last said, asked at every membership
+  change): a node cut off from the majority acknowledges no state change. Its requests wait, and
+  are multicast again once it has the majority's state (see below), where they apply a second
+  time harmlessly.
 
 Membership (corosync's, never our own): at every change that adds a member, each member
 multicasts a HELLO (its epoch, a digest of its state, whether it was current); when every
