@@ -3,7 +3,7 @@
 #
 # Boot 1: the daemon's state directory on its own ext4 disk (`state`), the mirror's legs on two
 # other disks (`leg0`, `leg1`; leg 1 through a dm-delay device), 512 regions of 64 KiB; full initial
-# resync; then leg 1's writes are delayed (CRASH_DELAY_MS, default 400), writers put O_DIRECT writes
+# resync; then leg 1's writes are delayed (CRASH_DELAY_MS, default 2000), writers put O_DIRECT writes
 # in flight at spread-out places (each 256 KiB = 4 regions) and the guest kernel is crashed (sysrq
 # c): nothing is flushed, qemu ends, and what was in flight to leg 1 is lost, so the legs differ.
 # Boot 2: the state disk is mounted again (ext4 journal replay), the legs are compared region by
@@ -132,7 +132,10 @@ boot2_resynced_regions() {
 # to be flushed by the daemon before it goes to either leg, and a crash then leaves the legs equal.
 # dm-delay's status counts the writes it holds (its device's inflight file does not): once it holds
 # one, the mirror has sent that write to both legs; leg 0's half lands within milliseconds, leg 1's
-# is held 400 ms, so the crash a moment later leaves them different.
+# is held CRASH_DELAY_MS, so the crash a moment later leaves them different. The hold is long (2 s)
+# against the 0.1-0.3 s from seeing the writes held to the crash: with 400 ms, the writes seen had
+# sometimes been held long enough to complete on both legs before the crash (CI, once: 12 held,
+# then every region clean and the legs equal).
 writes_in_flight() {
     local i writes=0 status
     for ((i = 0; i < 200; i++)); do
@@ -157,7 +160,7 @@ hc_boot1() {
     check "boot1_resync_initial" "$(resync_count)" "$HC_REGIONS"
     check "boot1_legs_after_resync" "$(cmp_legs)" equal
     record "boot1_boot_id" "$(cat /proc/sys/kernel/random/boot_id)"
-    slow_leg "${CRASH_DELAY_MS:-400}"
+    slow_leg "${CRASH_DELAY_MS:-2000}"
     record "boot1_slow_leg" "$(dm_table "$HC_SLOW")"
     spread_writers "${CRASH_WRITERS:-3}"
     sleep "${CRASH_AFTER:-6}"
