@@ -73,14 +73,16 @@ class UnixTransport:
         assert isinstance(key.fileobj, socket.socket)
         return self._frames(key.fileobj, key.fd, selector)
 
-    def _frames(self, conn: socket.socket, fd: int, selector: selectors.BaseSelector) -> Iterator[Frame]:
+    def _frames(self, conn: socket.socket, fd: int, selector: selectors.BaseSelector | None,
+                to_the_end: bool = False) -> Iterator[Frame]:
         """The frames queued on one connection, read as the caller takes them: a request is
         answered before the next is looked for. After a frame the bytes still queued are asked
         for (``FIONREAD``, which counts every queued message of a ``SOCK_SEQPACKET`` socket), not
         read until ``recv`` fails: one request at a time is the common case, and the failing
         ``recv`` was a syscall and a Python exception in front of every request's reply.
         Whatever that leaves (zero-length messages, a hang-up) keeps the socket readable, so the
-        loop's next turn reads it."""
+        loop's next turn reads it. ``to_the_end`` (the stop): read until ``recv`` finds nothing;
+        ``selector``: where a hung-up connection is unregistered (None: nowhere)."""
         while True:
             try:
                 data = conn.recv(MAX_FRAME)
@@ -96,17 +98,18 @@ class UnixTransport:
             if hung_up:
                 self.connections.pop(fd, None)
                 conn.close()
-                selector.unregister(fd)  # the socket is closed: by its number
+                if selector is not None:
+                    selector.unregister(fd)  # the socket is closed: by its number
                 return
             self.counters.received += 1
             yield data, conn
-            if _ioctl(fd, FIONREAD, _NONE) == _NONE:
+            if not to_the_end and _ioctl(fd, FIONREAD, _NONE) == _NONE:
                 return  # nothing more queued
 
     def queued(self) -> list[Frame]:
         frames: list[Frame] = []
-        for conn in list(self.connections.values()):
-            frames += self.receive_from(conn)[0]
+        for fd, conn in list(self.connections.items()):
+            frames += self._frames(conn, fd, None, to_the_end=True)
         return frames
 
     def stop_receiving(self, selector: selectors.BaseSelector) -> None:
@@ -130,28 +133,6 @@ class UnixTransport:
         conn.setblocking(False)
         self.connections[conn.fileno()] = conn
         return conn
-
-    def receive_from(self, conn: socket.socket) -> tuple[list[Frame], bool]:
-        """Drain one connection to the end (the stop): ([(frame, reply address)], still open)."""
-        frames: list[Frame] = []
-        while True:
-            try:
-                data = conn.recv(MAX_FRAME)
-            except BlockingIOError:
-                return frames, True
-            except OSError:
-                data, hung_up = b"", True
-            else:
-                # A zero-length SOCK_SEQPACKET message reads as b"" like the end of the
-                # connection: only a hang-up the socket reports ends it. An empty message is a
-                # frame like any other (the daemon counts and logs it as unanswerable).
-                hung_up = not data and _hung_up(conn)
-            if hung_up:
-                self.connections.pop(conn.fileno(), None)
-                conn.close()
-                return frames, False
-            self.counters.received += 1
-            frames.append((data, conn))
 
     def send(self, payload: bytes, address: object) -> None:
         conn = address
