@@ -61,7 +61,7 @@ def migrate(e: Env, fmt: sf.FormatRecord, journal_ref: JournalRef, boot_id: str)
     and 2, each instance's own journal file (``journal.<luid>``) is folded in and the instance
     gets a checkpoint record at the journal's current end; the files are removed once the
     transaction is durable. Anything the reader finds damaged fails the migration
-    (sf.StoreFormatError): the store is then refused as a whole, as it would be at restore.
+    (StoreFormatError): the store is then refused as a whole, as it would be at restore.
     """
     old_layout = fmt.version
     new_fmt = sf.FormatRecord(chunk_bytes=regionlog.CHUNK_BYTES, uuid=fmt.uuid, created_at=fmt.created_at)
