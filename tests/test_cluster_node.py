@@ -64,7 +64,7 @@ from ulog_disk.testing.fakecorosync import (
     settle,
     step,
     stop_node,
-    wait_sync_idle,
+    sync_journal,
 )
 
 UUID = "fake-cluster-log"
@@ -527,7 +527,7 @@ class Cluster:
         elif name == "dispatch":
             step(self.nodes[n])
         elif name == "sync":
-            wait_sync_idle(self.nodes[n])
+            sync_journal(self.nodes[n])
             step(self.nodes[n])
         elif name == "settle":
             self.settle()

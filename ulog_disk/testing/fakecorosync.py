@@ -503,28 +503,19 @@ class FakeBus:
 # --- running ClusterNodes on the bus -------------------------------------------------------------
 
 
-def sync_idle(node: ClusterNode) -> bool:
-    """Whether ``node`` has nothing to sync: every message it applied is durable, every snapshot
-    written."""
-    return not node._journal_pending and not node._snapshots
-
-
-def wait_sync_idle(node: ClusterNode) -> None:
+def sync_journal(node: ClusterNode) -> bool:
     """Do what ``node``'s cluster thread does after a batch of events: sync its journal, then say
-    DURABLE and answer what waited for it (a test runs a node without its thread)."""
-    if not node._stopping:
-        node.flush_journal()
+    DURABLE and answer what waited for it (a test runs a node without its thread). Whether there
+    was anything to sync; nothing for a stopped node."""
+    return not node._stopping and node.flush_journal()
 
 
 def _readable(fd: int) -> bool:
     return bool(select.select([fd], [], [], 0)[0])
 
 
-def step(node: ClusterNode, wait_sync: bool = False) -> bool:
-    """Let ``node`` handle what is readable on its descriptors, once each; with ``wait_sync``,
-    its journal's sync first. Whether anything was."""
-    if wait_sync:
-        wait_sync_idle(node)
+def step(node: ClusterNode) -> bool:
+    """Let ``node`` handle what is readable on its descriptors, once each. Whether anything was."""
     did = False
     for fd in node.fds():
         if _readable(fd):
@@ -551,7 +542,7 @@ def settle(bus: FakeBus, nodes: Iterable[ClusterNode], rounds: int = 1000) -> in
             continue
         synced = False
         for node in nodes:
-            synced |= node.flush_journal()
+            synced |= sync_journal(node)
         if synced or any(step(node) for node in nodes):
             continue
         if bus.idle():
