@@ -9,6 +9,8 @@ from __future__ import annotations
 import errno
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ulog_disk.protocol import capture, requests, wire
 from ulog_disk.protocol.wire import FrameError, Reply, Request, RequestType
@@ -493,3 +495,21 @@ def test_capture_bad_reserved_field_is_a_format_error(tmp_path):
     bad = capture.MAGIC + header[:10] + b"\x01\x00" + header[12:]
     with pytest.raises(capture.CaptureFormatError):
         list(capture.read_capture(bad))
+
+
+# --- peek_frame: whose a frame is, from its header alone -----------------------------------------
+
+
+@given(st.text(alphabet=st.characters(max_codepoint=255, blacklist_characters="\0"), max_size=128),
+       st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1), st.binary(max_size=64))
+def test_peek_frame_reads_what_decode_frame_reads(uuid: str, luid: int, raw_type: int, data: bytes) -> None:
+    f = wire.encode_request(Request(luid=luid, uuid=uuid, version=3, seq=5,
+                                    request_type=raw_type & wire.DM_ULOG_REQUEST_MASK, data=data,
+                                    raw_type=raw_type))
+    decoded = wire.decode_frame(f)
+    assert wire.peek_frame(f) == (decoded.key, decoded.request_type)
+
+
+@pytest.mark.parametrize("length", [0, wire.CN_MSG_SIZE, wire.CN_MSG_SIZE + wire.HEADER_SIZE - 1])
+def test_peek_frame_of_a_frame_without_a_whole_header_is_none(length: int) -> None:
+    assert wire.peek_frame(frame()[:length]) is None

@@ -68,7 +68,6 @@ from ..cluster.shared import ClusterRuleError, ClusterState, SharedLog
 from ..log.lifecycle import State, next_state
 from ..protocol import wire
 from ..protocol.ctrargs import CtrArgs, parse_ctr
-from ..protocol.fastpath import flat_struct
 from ..protocol.requests import RequestType
 from ..protocol.wire import Reply, Request
 from ..storage.cluster_store import ClusterStore, VolatileClusterStore
@@ -95,20 +94,6 @@ SYNC_RETRY = 0.5
 
 _CLUSTERED = ("clustered-core", "clustered-disk")
 _CTR = int(RequestType.CTR)
-#: The request header, generated from the wire's one definition: read to tell whose a frame is.
-_HEADER = flat_struct(wire.UlogHeader)
-_HEADER_END = wire.CN_MSG_SIZE + wire.HEADER_SIZE
-
-
-def _peek(frame: bytes) -> tuple[tuple[str, int], int] | None:
-    """A frame's (uuid, luid) and request type, as :func:`wire.decode_frame` reads them, from
-    its header alone; None when the frame has no whole header."""
-    if len(frame) < _HEADER_END:
-        return None
-    luid, uuid_field, _, _, _, _, raw_type, _ = _HEADER.unpack_from(frame, wire.CN_MSG_SIZE)
-    nul = uuid_field.find(b"\0")
-    uuid = (uuid_field if nul < 0 else uuid_field[:nul]).decode("latin-1")
-    return (uuid, luid), raw_type & wire.DM_ULOG_REQUEST_MASK
 
 
 @dataclass
@@ -390,7 +375,7 @@ class ClusterNode:
 
         Every frame of the host passes here first: the frames of other logs are told apart by
         their header alone (the loop decodes them), a clustered log's is decoded once."""
-        peeked = _peek(frame)
+        peeked = wire.peek_frame(frame)
         if peeked is None:
             return False  # the loop answers what it can of a malformed frame
         with self.lock:

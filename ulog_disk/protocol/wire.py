@@ -197,6 +197,21 @@ def decode_frame(frame: bytes | bytearray | memoryview) -> Request:
     return _decode_slowly(frame)
 
 
+_HDR_unpack_from = _HDR.unpack_from
+
+
+def peek_frame(frame: bytes | bytearray | memoryview) -> tuple[tuple[str, int], int] | None:
+    """A frame's ((uuid, luid), request type), read as :func:`decode_frame` reads them, from the
+    request header alone and unchecked; None when the frame has no whole header. For telling
+    whose a frame is before deciding who decodes it (cluster mode takes its logs' frames)."""
+    if len(frame) < _FRAME_HEAD:
+        return None
+    luid, uuid_field, _, _, _, _, raw_type, _ = _HDR_unpack_from(frame, CN_MSG_SIZE)
+    nul = uuid_field.find(0)
+    return ((uuid_field if nul < 0 else uuid_field[:nul]).decode("latin-1"), luid), \
+        raw_type & DM_ULOG_REQUEST_MASK
+
+
 def _decode_slowly(frame: bytes) -> Request:
     """:func:`decode_frame` for a frame that fails one of its checks: which one, in order."""
     if len(frame) < CN_MSG_SIZE:
