@@ -283,10 +283,7 @@ class ClusterNode:
                 ready = poller.poll(self._poll_timeout())
                 if self._stopping:
                     return
-                with self.lock:
-                    for fd, _ in ready:
-                        self._readable(fd)
-                    self.tick()
+                self._handle([fd for fd, _ in ready])
                 if self.closed and watching:  # corosync lost: its descriptors stay readable
                     watching = False
                     for fd in (self.group.fileno(), self.quorum.fileno()):
@@ -319,8 +316,12 @@ class ClusterNode:
     def on_readable(self, fd: int) -> None:
         """Handle what ``fd`` (one of :meth:`fds`) has, as the cluster thread does; the journal is
         synced by :meth:`flush_journal` (for tests that run a node step by step)."""
+        self._handle([fd])
+
+    def _handle(self, fds: list[int]) -> None:
         with self.lock:
-            self._readable(fd)
+            for fd in fds:
+                self._readable(fd)
             self.tick()
 
     def _readable(self, fd: int) -> None:
