@@ -744,8 +744,12 @@ class Daemon:
                         group.start()
                     else:
                         synced = group.claim(standby, loop_fd)
-                if not synced:  # with a sync to start, after it
-                    self.background_due(now, got)
+                # Cheap tests first (inline: this is every request's path): most turns of a busy
+                # loop have no background work to hand out. With a sync to start, after it.
+                if not synced and not worker.inflight and (
+                        applier.unstored or not got or self.held
+                        or now - self.maintained_at >= MAINTENANCE_INTERVAL):
+                    self.background(idle=now - self.last_frame >= IDLE_AFTER)
             if synced and group.rounds():
                 self.serving = 3 - me  # the other thread took the loop over during the sync
 
