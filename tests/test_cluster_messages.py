@@ -60,27 +60,8 @@ def input_from_json(fields: dict) -> sh.Input:
 
 
 def snapshot_json(state: sh.ClusterState) -> dict:
-    """A state as a snapshot vector's ``fields``, in the snapshot's own order; bitmaps as the
-    regions whose bit is 1."""
-    def regions(bits) -> list[int]:
-        return list(bits.search(1))
-
-    logs = []
-    for uuid in sorted(state.logs):
-        s = state.logs[uuid]
-        logs.append({
-            "uuid": uuid,
-            "region_count": s.region_count,
-            "sync": regions(s.sync),
-            "released": regions(s.released),
-            "marks": [{"node": n, "regions": regions(b)} for n, b in sorted(s.marks.items())],
-            "held": [{"node": n, "regions": regions(b)} for n, b in sorted(s.held.items())],
-            "recovering": [{"region": r, "node": n} for r, n in sorted(s.recovering.items())],
-            "cursor": [{"node": n, "cursor": v} for n, v in sorted(s.cursor.items())],
-            "opened": [{"node": n, "luid": o.luid, "boot_id": o.boot_id}
-                       for n, o in sorted(s.opened.items())],
-        })
-    return {"epoch": state.epoch, "unfenced": list(state.unfenced), "logs": logs}
+    """A state as a snapshot vector's ``fields``: bitmaps as the regions whose bit is 1."""
+    return m.snapshot_fields(state, bitmap=lambda bits: list(bits.search(1)), bitmap_key="regions")
 
 
 def state_from_json(fields: dict) -> sh.ClusterState:

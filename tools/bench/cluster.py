@@ -84,30 +84,12 @@ class ClusterConfig:
     death_after: float
 
 
-FULL = ClusterConfig(
-    flush_samples=1000,
-    flush_blocks=5,
-    warmup=50,
-    concurrent_seconds=2.0,
-    concurrent_rounds=5,
-    rate_requests=5000,
-    rate_blocks=5,
-    mirrors=1000,
-    death_before=1.0,
-    death_after=2.0,
-)
-QUICK = ClusterConfig(
-    flush_samples=150,
-    flush_blocks=3,
-    warmup=20,
-    concurrent_seconds=1.0,
-    concurrent_rounds=2,
-    rate_requests=2000,
-    rate_blocks=2,
-    mirrors=100,
-    death_before=0.5,
-    death_after=1.0,
-)
+FULL = ClusterConfig(flush_samples=1000, flush_blocks=5, warmup=50, concurrent_seconds=2.0,
+                     concurrent_rounds=5, rate_requests=5000, rate_blocks=5, mirrors=1000,
+                     death_before=1.0, death_after=2.0)
+QUICK = ClusterConfig(flush_samples=150, flush_blocks=3, warmup=20, concurrent_seconds=1.0,
+                      concurrent_rounds=2, rate_requests=2000, rate_blocks=2, mirrors=100,
+                      death_before=0.5, death_after=1.0)
 
 
 class Suite(Protocol):

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 import construct as c
 from bitarray import bitarray
@@ -246,24 +247,32 @@ SnapshotV1 = c.Struct(
 )
 
 
-def encode_snapshot(state: ClusterState) -> bytes:
+def snapshot_fields(state: ClusterState, bitmap: Callable[[bitarray], Any] = bitarray.tobytes,
+                    bitmap_key: str = "bits") -> dict[str, Any]:
+    """The snapshot's fields in its own order (logs by uuid, nodes and regions ascending).
+
+    ``bitmap`` renders each bitmap: its bytes for the snapshot itself; the format's vectors give
+    the regions whose bit is 1 (under ``bitmap_key``), which a reader can check by eye."""
     logs = []
     for uuid in sorted(state.logs):
         shared = state.logs[uuid]
         logs.append({
             "uuid": uuid,
             "region_count": shared.region_count,
-            "sync": shared.sync.tobytes(),
-            "released": shared.released.tobytes(),
-            "marks": [{"node": n, "bits": b.tobytes()} for n, b in sorted(shared.marks.items())],
-            "held": [{"node": n, "bits": b.tobytes()} for n, b in sorted(shared.held.items())],
+            "sync": bitmap(shared.sync),
+            "released": bitmap(shared.released),
+            "marks": [{"node": n, bitmap_key: bitmap(b)} for n, b in sorted(shared.marks.items())],
+            "held": [{"node": n, bitmap_key: bitmap(b)} for n, b in sorted(shared.held.items())],
             "recovering": [{"region": r, "node": n} for r, n in sorted(shared.recovering.items())],
             "cursor": [{"node": n, "cursor": v} for n, v in sorted(shared.cursor.items())],
             "opened": [{"node": n, "luid": o.luid, "boot_id": o.boot_id}
                        for n, o in sorted(shared.opened.items())],
         })
-    body = {"epoch": state.epoch, "unfenced": list(state.unfenced), "logs": logs}
-    return SnapshotV1.build({"body": {"value": body}})
+    return {"epoch": state.epoch, "unfenced": list(state.unfenced), "logs": logs}
+
+
+def encode_snapshot(state: ClusterState) -> bytes:
+    return SnapshotV1.build({"body": {"value": snapshot_fields(state)}})
 
 
 def digest(snapshot: bytes) -> int:
