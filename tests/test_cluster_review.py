@@ -22,7 +22,7 @@ from ulog_disk.protocol import wire
 from ulog_disk.protocol.wire import Reply, Request
 from ulog_disk.protocol.wire import RequestType as T
 from ulog_disk.testing.client import ctr_text
-from ulog_disk.testing.fakecorosync import MAX_ATOMIC, FakeBus, settle, stop_node
+from ulog_disk.testing.fakecorosync import MAX_ATOMIC, FakeBus, settle, step, stop_node, sync_journal
 
 UUID = "review-cluster-log"
 _seqs = itertools.count(1)
@@ -89,6 +89,19 @@ class Rig:
 
     def settle(self) -> None:
         settle(self.bus, self.live())
+
+    def run(self, only: Iterable[int], rounds: int = 200) -> None:
+        """Order every message and let only the daemons ``only`` read theirs (the others are slow
+        to read: their inboxes fill), until those have nothing left to do."""
+        nodes = [self.nodes[n] for n in only]
+        for _ in range(rounds):
+            did = self.bus.order_all() > 0
+            for node in nodes:
+                did |= step(node)
+                did |= sync_journal(node)
+            if not did:
+                return
+        raise AssertionError("the nodes kept talking")
 
     def crash(self, n: int) -> None:
         stop_node(self.nodes.pop(n), power_cut=True)
@@ -168,3 +181,61 @@ def test_a_resent_flush_with_its_regions_waits_too(rig3: Rig) -> None:
     rig.settle()
     assert rig.answer(3, first).error == 0 and rig.answer(3, resend).error == 0  # type: ignore[union-attr]
     assert [rig.read(n, T.IS_CLEAN, 7) for n in (1, 2, 3)] == [0, 0, 0]
+
+
+# --- a FLUSH cut into several messages, applied in a history its node then gives up -----------------
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "ClusterNode._resend_unanswered resends only the pending (last) message of a FLUSH cut into "
+    "several (> 1024 marks): the earlier pieces, applied only in the history the node gave up, are "
+    "lost; the FLUSH is answered with its first 1024 marks on no node"))
+def test_a_flush_in_pieces_resent_in_the_new_history_keeps_every_mark(base: Path) -> None:
+    rig = opened(base, regions=2048)
+    try:
+        flush = rig.mark(3, list(range(1500)))   # two FLUSH messages, handed to corosync
+        rig.bus.partition([{3}])                 # ordered on node 3's side only
+        # Node 1 is slow to read: the majority's coordinator declares nobody departed before the
+        # heal. Node 2 goes on: three FLUSHes make the majority's history the longer.
+        more = [rig.send(2, T.FLUSH, wire.build_regions([2000 + i])) for i in range(3)]
+        rig.run([2, 3])
+        assert rig.nodes[3].state.logs[UUID].marks[3].count(1) == 1500
+        assert rig.answer(3, flush) is None
+        rig.bus.heal()
+        rig.settle()
+        assert all(rig.answer(2, seq) is not None for seq in more)
+        reply = rig.answer(3, flush)
+        assert reply is not None and reply.error == 0
+        # Node 3's kernel now writes regions 0..1499: every node must say they are not clean.
+        assert [rig.read(n, T.IS_CLEAN, 1499) for n in (1, 2, 3)] == [0, 0, 0]
+        assert [rig.read(n, T.IS_CLEAN, 0) for n in (1, 2, 3)] == [0, 0, 0]
+    finally:
+        rig.close()
+
+
+# --- the coordinator's memory of what it declared ------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "ClusterNode.declared keeps a node whose DEPARTED was dropped at apply (it was a member again "
+    "where the message was ordered): when that node really goes later, the coordinator never "
+    "declares it departed: its marks stay in sync, never held, never recovered, and it is not fenced"))
+def test_a_node_declared_in_vain_is_declared_when_it_really_goes(rig3: Rig) -> None:
+    rig = rig3
+    flush = rig.mark(3, [5])
+    rig.settle()
+    assert rig.answer(3, flush) is not None
+    # A short split: node 1 (the coordinator) reads it and declares node 3 departed; the heal
+    # comes before the DEPARTED is ordered, so every member drops it (node 3 is a member there).
+    rig.bus.partition([{3}])
+    step(rig.nodes[1])
+    rig.bus.heal()
+    rig.settle()
+    shared = rig.nodes[1].state.logs[UUID]
+    assert shared.marks[3][5] and shared.in_sync(5) and not rig.nodes[1].state.unfenced
+    # Now node 3 crashes for good, holding region 5 marked.
+    rig.crash(3)
+    rig.settle()
+    shared = rig.nodes[1].state.logs[UUID]
+    assert 3 not in shared.marks, "node 3 was never declared departed"
+    assert not shared.in_sync(5), "region 5, marked by a crashed node, is still in sync (never recovered)"
