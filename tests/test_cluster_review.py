@@ -83,8 +83,8 @@ class Rig:
             assert reply is not None and reply.error == 0
         return self.send(n, T.FLUSH)
 
-    def read(self, n: int, kind: T, region: int) -> int:
-        reply = self.answer(n, self.send(n, kind, wire.build_u64(region)))
+    def read(self, n: int, kind: T, region: int, luid: int | None = None) -> int:
+        reply = self.answer(n, self.send(n, kind, wire.build_u64(region), luid=luid))
         assert reply is not None and reply.error == 0
         return int.from_bytes(reply.data[:8], "little", signed=True)
 
@@ -540,3 +540,80 @@ def test_a_cluster_whose_mirrors_are_on_two_of_four_hosts_forms(base: Path) -> N
         assert all(rig.answer(n, seq) is not None for n, seq in resumes.items()), "RESUME never answered"
     finally:
         rig.close()
+
+
+# --- interleavings that hold (pinned) -------------------------------------------------------------------
+
+
+def test_a_table_reload_keeps_the_log_open_and_releases_the_old_tables_marks(rig3: Rig) -> None:
+    """Two luids of one uuid on node 1: the new table's CTR, the old one suspended, the new one
+    resumed, the old one destroyed (its DTR is not the node's last: no CLOSE); then a reload
+    abandoned (the new table's CTR and DTR): nothing changes for the log."""
+    rig = rig3
+    old, new, abandoned = 0x7001, 0x9001, 0x9002
+    flush = rig.mark(1, [3])
+    rig.settle()
+    assert rig.answer(1, flush) is not None
+    assert rig.answer(1, rig.send(1, T.CTR, rig.ctr, luid=new)).error == 0  # type: ignore[union-attr]
+    for kind in (T.PRESUSPEND, T.POSTSUSPEND):
+        assert rig.answer(1, rig.send(1, kind, luid=old)).error == 0  # type: ignore[union-attr]
+    resume = rig.send(1, T.RESUME, luid=new)
+    dtr = rig.send(1, T.DTR, luid=old)    # before the new RESUME is answered
+    assert rig.answer(1, dtr).error == 0  # type: ignore[union-attr]
+    rig.settle()
+    assert rig.answer(1, resume).error == 0  # type: ignore[union-attr]
+    for n in (1, 2, 3):
+        shared = rig.nodes[n].state.logs[UUID]
+        assert shared.opened[1].luid == new
+        assert 1 not in shared.marks and shared.released[3] and not shared.in_sync(3)
+        assert rig.read(n, T.IS_CLEAN, 3, luid=new if n == 1 else None) == 0
+    # The new table marks and flushes as the old one did.
+    mark = rig.send(1, T.MARK_REGION, wire.build_regions([4]), luid=new)
+    assert rig.answer(1, mark).error == 0  # type: ignore[union-attr]
+    flush = rig.send(1, T.FLUSH, luid=new)
+    rig.settle()
+    assert rig.answer(1, flush).error == 0  # type: ignore[union-attr]
+    assert [rig.read(n, T.IS_CLEAN, 4, luid=new if n == 1 else None) for n in (1, 2, 3)] == [0, 0, 0]
+    # An abandoned reload: the new table constructed, then destroyed; the live one goes on.
+    assert rig.answer(1, rig.send(1, T.CTR, rig.ctr, luid=abandoned)).error == 0  # type: ignore[union-attr]
+    assert rig.answer(1, rig.send(1, T.DTR, luid=abandoned)).error == 0  # type: ignore[union-attr]
+    rig.settle()
+    shared = rig.nodes[2].state.logs[UUID]
+    assert shared.opened[1].luid == new and shared.marks[1][4]
+
+
+def test_a_member_dying_before_its_durable_holds_the_flush_only_until_it_is_gone(rig3: Rig) -> None:
+    rig = rig3
+    flush = rig.mark(1, [6])
+    rig.bus.order_all()
+    rig.run([1, 2])          # node 2 applies, syncs and says DURABLE; node 3 never reads it
+    assert rig.nodes[2].state.logs[UUID].marks[1][6]
+    assert rig.answer(1, flush) is None, "answered before node 3 said its journal has it"
+    rig.crash(3)
+    rig.settle()
+    assert rig.answer(1, flush).error == 0  # type: ignore[union-attr]
+    assert [rig.read(n, T.IS_CLEAN, 6) for n in (1, 2)] == [0, 0]
+
+
+def test_a_member_joining_while_a_flush_waits_holds_it_until_it_has_the_state_on_disk(rig3: Rig) -> None:
+    rig = rig3
+    rig.crash(3)
+    rig.settle()
+    flush = rig.mark(1, [6])
+    rig.bus.order_all()
+    for n in (1, 2):
+        step(rig.nodes[n])   # applied on both, synced by neither
+    rig.bus.start(3)
+    rig.start(3)             # a join: node 3 takes the state
+    for _ in range(50):      # everything but node 3's sync
+        did = rig.bus.order_all() > 0
+        for n, node in rig.nodes.items():
+            did |= step(node)
+            if n != 3:
+                did |= sync_journal(node)
+        if not did:
+            break
+    assert rig.nodes[3].current and rig.nodes[3].state.logs[UUID].marks[1][6]
+    assert rig.answer(1, flush) is None, "answered before the new member has the state on disk"
+    rig.settle()
+    assert rig.answer(1, flush).error == 0  # type: ignore[union-attr]
