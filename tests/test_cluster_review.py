@@ -633,3 +633,51 @@ def test_a_flush_as_corosync_dies_waits_instead_of_failing(rig3: Rig) -> None:
     flush = rig.mark(3, [2])
     reply = rig.answer(3, flush)
     assert reply is None or reply.error == 0, f"FLUSH answered {reply.error}"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "ClusterNode._hello decides a formation from what is not agreed: this node's quorum asked at the "
+    "instant it reads the last HELLO (and its own state's nodes_known). Two members reading the same "
+    "HELLOs on either side of a quorum change decide differently: one becomes current, the other "
+    "waits; the current one's RESUME then waits for a DURABLE the other never says"))
+def test_members_reading_the_last_hello_around_a_quorum_change_decide_alike(base: Path) -> None:
+    rig = Rig(base, corosyncs=5, daemons=())
+    try:
+        for n in (3, 4, 5):
+            rig.bus.crash(n)
+        for n in (1, 2):
+            rig.start(n)                  # fresh state directories: a formation (2 votes of 5)
+        resumes = {n: rig.open(n) for n in (1, 2)}
+        for node in rig.live():
+            step(node)                    # the join: each says HELLO
+        rig.bus.order_all()
+        step(rig.nodes[1])                # node 1 reads both HELLOs: not quorate, the formation waits
+        rig.bus.start(3)                  # corosync 3 is back: quorate
+        step(rig.nodes[2])                # node 2 reads the same HELLOs: quorate, it forms
+        rig.settle()
+        current = {n: rig.nodes[n].current for n in (1, 2)}
+        assert current[1] == current[2], f"one agreed stream, two decisions: current {current}"
+        assert all(rig.answer(n, seq) is not None for n, seq in resumes.items())
+    finally:
+        rig.close()
+
+
+def test_a_resync_work_resent_while_the_first_waits_gets_the_same_region(rig3: Rig) -> None:
+    rig = rig3
+    seq = rig.send(1, T.SET_REGION_SYNC, wire.build_set_region_sync(11, 0))
+    rig.settle()
+    assert rig.answer(1, seq) is not None
+    rig.bus.partition([{3}])
+    rig.run([2, 3])                           # node 1, the coordinator, reads the split late
+    first = rig.send(3, T.GET_RESYNC_WORK)
+    rig.run([2, 3])
+    resend = rig.send(3, T.GET_RESYNC_WORK)   # the kernel's resend after 15 s
+    rig.run([2, 3])
+    assert rig.answer(3, first) is None and rig.answer(3, resend) is None
+    rig.bus.heal()
+    rig.settle()
+    assert _work(rig, 3, first) == _work(rig, 3, resend) == 11
+    assert rig.nodes[1].state.logs[UUID].recovering == {11: 3}
+    other = rig.send(2, T.GET_RESYNC_WORK)
+    rig.settle()
+    assert _work(rig, 2, other) is None
