@@ -150,10 +150,6 @@ def rig3(base: Path) -> Iterator[Rig]:
 # --- a FLUSH resent by the kernel while the first waits ----------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ClusterNode._answer (FLUSH): the first FLUSH took the MARKs out of `unflushed`; the kernel's resend "
-    "after 15 s (same empty payload, new seq) finds nothing to agree and is answered 0 at once, while "
-    "the marks wait for quorum: the kernel writes regions the majority never saw marked"))
 def test_a_resent_flush_waits_for_the_marks_of_the_first(rig3: Rig) -> None:
     rig = rig3
     rig.bus.partition([{3}])
@@ -190,10 +186,6 @@ def test_a_resent_flush_with_its_regions_waits_too(rig3: Rig) -> None:
 # --- a FLUSH cut into several messages, applied in a history its node then gives up -----------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ClusterNode._resend_unanswered resends only the pending (last) message of a FLUSH cut into "
-    "several (> 1024 marks): the earlier pieces, applied only in the history the node gave up, are "
-    "lost; the FLUSH is answered with its first 1024 marks on no node"))
 def test_a_flush_in_pieces_resent_in_the_new_history_keeps_every_mark(base: Path) -> None:
     rig = opened(base, regions=2048)
     try:
@@ -220,10 +212,6 @@ def test_a_flush_in_pieces_resent_in_the_new_history_keeps_every_mark(base: Path
 # --- the coordinator's memory of what it declared ------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ClusterNode.declared keeps a node whose DEPARTED was dropped at apply (it was a member again "
-    "where the message was ordered): when that node really goes later, the coordinator never "
-    "declares it departed: its marks stay in sync, never held, never recovered, and it is not fenced"))
 def test_a_node_declared_in_vain_is_declared_when_it_really_goes(rig3: Rig) -> None:
     rig = rig3
     flush = rig.mark(3, [5])
@@ -248,10 +236,6 @@ def test_a_node_declared_in_vain_is_declared_when_it_really_goes(rig3: Rig) -> N
 # --- quorum coming back ------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ClusterNode._quorum_changed(True) releases the waiting requests but never calls _answer_ready: a "
-    "reply applied while not quorate waits for the next CPG event, which a quorum change alone "
-    "(a corosync-only node back, votequorum's expected votes lowered) does not bring"))
 def test_replies_held_for_quorum_go_out_when_quorum_alone_comes_back(base: Path) -> None:
     # Three corosyncs, dm-ulogd on nodes 1 and 2; the log is open on node 1 only.
     rig = Rig(base, corosyncs=3, daemons=(1, 2))
@@ -275,10 +259,6 @@ def test_replies_held_for_quorum_go_out_when_quorum_alone_comes_back(base: Path)
         rig.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ClusterNode._confchg asks quorum (quorate again) but a change without joins never calls "
-    "_release_waiting, and the quorum notification that follows finds nothing changed: requests that "
-    "waited for quorum stay in `waiting` while the coordinator's later DEPARTED and FENCED go ahead"))
 def test_requests_that_waited_for_quorum_go_out_when_a_split_moves(base: Path) -> None:
     # Five corosyncs, dm-ulogd on nodes 1..3 (a majority of the five, so the cluster forms).
     rig = opened(base, corosyncs=5, daemons=(1, 2, 3))
@@ -309,11 +289,6 @@ def _work(rig: Rig, n: int, seq: int) -> int | None:
     return region if found else None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ClusterNode._state_piece completes a transfer of an earlier round while a later round (a member "
-    "joined meanwhile) is undecided: it sets current and clears syncing, although it dropped the state "
-    "messages ordered since that change; its own GET_RESYNC_WORK is then applied to that copy and "
-    "answered, handing a region another node was handed"))
 def test_a_transfer_that_completes_after_another_join_hands_no_region_twice(base: Path) -> None:
     rig = opened(base, corosyncs=4, daemons=(1, 2, 3, 4), nosync=False)   # every region to recover
     try:
@@ -355,11 +330,6 @@ def test_a_transfer_that_completes_after_another_join_hands_no_region_twice(base
         rig.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ClusterNode._became_current (after _state_piece) answers the pending requests whose reply was "
-    "computed in the history the node just gave up (_durable_advanced -> _answer_ready runs before "
-    "_release_waiting re-multicasts them): a GET_RESYNC_WORK is answered with the region the old "
-    "history picked, which the adopted history handed to another node"))
 def test_a_reply_of_a_history_given_up_is_not_sent(rig3: Rig) -> None:
     rig = rig3
     # Region 9 out of sync: node 1's kernel reports a failed write there.
@@ -475,10 +445,6 @@ def test_a_fence_command_that_hangs_is_killed_and_retried(
         rig.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ClusterNode.close waits for a running fence command with proc.wait(timeout=5) under "
-    "suppress(OSError): subprocess.TimeoutExpired is not an OSError, so stopping the daemon while a "
-    "fence runs raises, and the group, quorum handle and cluster store are left open"))
 def test_stopping_while_a_fence_command_runs(base: Path) -> None:
     rig = opened(base, fence="sleep 600")
     coordinator = rig.nodes[1]
@@ -622,11 +588,6 @@ def test_a_member_joining_while_a_flush_waits_holds_it_until_it_has_the_state_on
 # --- corosync lost under a request ----------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ClusterNode._multicast calls group.pump() unguarded: a request agreed after corosync died but "
-    "before the cluster thread read the loss gets ConnectionLost, which _take answers -EIO (the "
-    "mirror's log fails) instead of the request waiting as docs/cluster.md says; on the cluster "
-    "thread (_release_waiting) the same exception stops the daemon"))
 def test_a_flush_as_corosync_dies_waits_instead_of_failing(rig3: Rig) -> None:
     rig = rig3
     rig.bus.crash(3)         # node 3's corosync is gone; its cluster thread has not read it yet

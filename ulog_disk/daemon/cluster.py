@@ -118,6 +118,12 @@ class Pending:
     epoch: int | None = None
     reply: Reply | None = None
     sent_at: float = field(default_factory=time.monotonic)
+    #: The messages of this request multicast before this one (a FLUSH cut into pieces): a
+    #: history given up loses them with it, so they go again with it.
+    before: list[tuple[msg.Kind, dict[str, object]]] = field(default_factory=list)
+    #: Requests of the kernel answered with this one's reply: a FLUSH resent (or sent again)
+    #: with nothing new while this one waits, which must not be answered before it.
+    followers: list[tuple[Request, object]] = field(default_factory=list)
 
 
 @dataclass
@@ -512,17 +518,23 @@ class ClusterNode:
             marks.update(regions)
             clears.difference_update(regions)
             if not marks and not clears:
+                # Nothing new, but a FLUSH of this log still waits (the kernel resends a request
+                # unanswered for 15 s, with a new seq and, without integrated_flush, no regions):
+                # answered with it, never before the marks it carries are agreed.
+                earlier = self._last_flush(request.uuid)
+                if earlier is not None:
+                    earlier.followers.append((request, address))
+                    return None
                 return Reply(request, 0)
-            pieces = _flush_pieces(sorted(marks), sorted(clears))
+            pieces = [{"uuid": request.uuid, "marks": m, "clears": c}
+                      for m, c in _flush_pieces(sorted(marks), sorted(clears))]
             # One sender's messages are applied in the order sent: the reply waits for the last,
             # and so for all of them.
-            for marks_piece, clears_piece in pieces[:-1]:
-                self._agree(msg.Kind.FLUSH,
-                            {"uuid": request.uuid, "marks": marks_piece, "clears": clears_piece})
-            marks_piece, clears_piece = pieces[-1]
-            fields = {"uuid": request.uuid, "marks": marks_piece, "clears": clears_piece}
-            self._agree(msg.Kind.FLUSH, fields,
-                        Pending(request, address, msg.Kind.FLUSH, b"", durable=bool(marks)))
+            pending = Pending(request, address, msg.Kind.FLUSH, b"", durable=bool(marks),
+                              before=[(msg.Kind.FLUSH, fields) for fields in pieces[:-1]])
+            for fields in pieces[:-1]:
+                self._agree(msg.Kind.FLUSH, fields)
+            self._agree(msg.Kind.FLUSH, pieces[-1], pending)
             return None
         if kind is RequestType.GET_RESYNC_WORK:
             if data:
@@ -561,6 +573,13 @@ class ClusterNode:
                 log_.remote_recovering(self.nodeid, region), log_.first_unsynced()))
         raise ValueError(f"request type {kind} has no clustered handler")
 
+    def _last_flush(self, uuid: str) -> Pending | None:
+        for token in reversed(self.pending):  # tokens grow: the newest first
+            pending = self.pending[token]
+            if pending.kind is msg.Kind.FLUSH and pending.request.uuid == uuid:
+                return pending
+        return None
+
     # --- multicasting --------------------------------------------------------------------------
 
     def may_multicast(self) -> bool:
@@ -587,7 +606,14 @@ class ClusterNode:
             pending.data, pending.sent_at, pending.epoch, pending.reply = data, time.monotonic(), None, None
         self.counters.agreed += 1
         self.group.send(data)
-        if not self.group.pump() and threading.current_thread() is not self._thread:
+        try:
+            pumped = self.group.pump()
+        except CorosyncError as exc:
+            # Corosync died under us: the request waits, as every other does once the cluster
+            # thread reads the loss (the daemon must be restarted with corosync).
+            self._lost(exc)
+            return
+        if not pumped and threading.current_thread() is not self._thread:
             self._wake()  # corosync pushed back: the cluster thread retries it
 
     def _why_waiting(self) -> str:
@@ -610,11 +636,12 @@ class ClusterNode:
     def _resend_unanswered(self) -> None:
         """After taking another state: this node's requests applied in the history it left
         behind were never answered; they go again in the new one."""
-        again = [(t, p) for t, p in self.pending.items()]
         queued = {t for _, _, t in self.waiting}
-        for token, pending in again:
-            if token in queued:
-                continue
+        for token, pending in list(self.pending.items()):
+            if token in queued or pending.reply is not None or not pending.data:
+                continue  # waiting to go anyway, applied in the new history, or never sent
+            for kind, fields in pending.before:
+                self.waiting.append((kind, fields, 0))
             decoded = msg.decode(pending.data)
             fields = {k: v for k, v in decoded.fields.items() if k != "token" and not k.startswith("_")}
             self.waiting.append((decoded.kind, fields, token))
@@ -640,6 +667,9 @@ class ClusterNode:
             # is judged by the membership as it is now.
             self._coordinate_due = False
             self._coordinate()
+        # A change asks quorum itself: quorate again there, corosync's notification that
+        # follows finds nothing changed.
+        self._release_waiting()
         self._answer_ready()
 
     _journal_pending = False
@@ -675,6 +705,8 @@ class ClusterNode:
             # not departed. What is applied, and journaled, is the rest.
             present = {n for n, _ in self.members}
             nodes = [n for n in message.fields.nodes if n not in present]
+            # Declared in vain: the coordinator must declare it again if it really goes later.
+            self.declared -= present.intersection(message.fields.nodes)
             if not nodes:
                 return
             if len(nodes) != len(message.fields.nodes):
@@ -778,6 +810,15 @@ class ClusterNode:
             self._round_due = True
         else:
             self._coordinate_due = True
+        if self._round_due and self.receiving:
+            # A transfer of an earlier round drops the state messages ordered from here on (they
+            # belong to the new round's history): completed, it would be a copy missing them.
+            # This node says HELLO as not current and takes the state the new round decides.
+            log.info("cluster: the state transfer from node %d is given up for the new exchange",
+                     self.receive_from[0])
+            self.receiving = False
+            self.queued = []
+            self.reassembler.forget(*self.receive_from)
 
     def _start_round(self, round_id: int | None = None) -> None:
         self.round = self.round_id() if round_id is None else round_id
@@ -916,6 +957,10 @@ class ClusterNode:
         log.info("cluster: took the state at epoch %d (%d clustered log(s)); applying %d message(s) "
                  "that followed",
                  state.epoch, len(state.logs), len(self.queued))
+        # The replies computed in the history given up are void: only what the new one applies
+        # (the queued messages, then what goes again) is answered.
+        for pending in self.pending.values():
+            pending.reply, pending.epoch = None, None
         queued, self.queued = self.queued, []
         for later in queued:
             self._apply(later, msg.decode(later.data))
@@ -1015,6 +1060,7 @@ class ClusterNode:
             log.warning("cluster: quorate again")
             self._release_waiting()
             self._coordinate()
+            self._answer_ready()
         else:
             log.warning("cluster: this node is not quorate: state changes wait for quorum")
 
@@ -1088,6 +1134,8 @@ class ClusterNode:
             self.counters.latency_sum += now - pending.sent_at
             self.counters.latency_count += 1
             self.send(pending.reply, pending.address)
+            for request, address in pending.followers:
+                self.send(Reply(request, pending.reply.error, pending.reply.data), address)
 
     def _durable_enough(self, pending: Pending) -> bool:
         if not pending.durable or not pending.epoch:
@@ -1110,9 +1158,14 @@ class ClusterNode:
             self._thread.join(timeout=30)
         with contextlib.suppress(OSError):
             self.flush_journal()  # what was applied since the last sync: a stop keeps it
-        for proc in self.fencing.values():
-            with contextlib.suppress(OSError):
+        for node, proc in self.fencing.items():
+            try:
                 proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                log.warning("cluster: the fence command for node %d still runs at the stop: left to "
+                            "finish; the next coordinator fences the node again", node)
+            except OSError:
+                pass
         self.group.close()
         self.quorum.close()
         self.store.close()
