@@ -669,6 +669,7 @@ class ClusterNode:
             self._coordinate()
         # A change asks quorum itself: quorate again there, corosync's notification that
         # follows finds nothing changed.
+        self._say_hello()
         self._release_waiting()
         self._answer_ready()
 
@@ -823,12 +824,27 @@ class ClusterNode:
     def _start_round(self, round_id: int | None = None) -> None:
         self.round = self.round_id() if round_id is None else round_id
         self.syncing = True
-        if self.round in self.hello_sent:
+        self._say_hello()
+
+    def _say_hello(self) -> None:
+        if self.round is None or self.round in self.hello_sent:
+            return
+        if not self.current and not self._ask_quorate():
+            # A formation (no member current) is decided from the HELLOs alone, at the same place
+            # of the agreed order on every member: each HELLO of a member that was not current
+            # says that it was quorate. Asked at the decision instead, two members reading the
+            # last HELLO on either side of a quorum change would decide differently.
+            if self._hello_deferred != self.round:
+                self._hello_deferred = self.round
+                log.warning("cluster: this node is not quorate: it joins the state exchange once it is "
+                            "(agreed requests wait)")
             return
         self.hello_sent.add(self.round)
         snapshot = msg.encode_snapshot(self.state)
         self._multicast_plain(msg.Kind.HELLO, round=self.round, epoch=self.state.epoch,
                               digest=msg.digest(snapshot), current=self.current, boot_id=self.boot_id)
+
+    _hello_deferred: int | None = None
 
     def round_id(self) -> int:
         return msg.round_of(list(self.members))
@@ -864,9 +880,10 @@ class ClusterNode:
             nodes = {n for n, _ in self.hellos}
             known = self.state.nodes_known() | nodes | self.totem_members
             expected = max(len(self.totem_members), len(known))
-            if 2 * len(nodes) <= expected or not self._ask_quorate():
+            if 2 * len(nodes) <= expected:
                 log.warning("cluster: the daemons of %d of %d nodes are members: the cluster's state is "
-                            "chosen once a majority's are; agreed requests wait", len(nodes), expected)
+                            "chosen once a majority's are (dm-ulogd runs on every corosync node); agreed "
+                            "requests wait", len(nodes), expected)
                 self.syncing = False
                 return
         # The newest state: the highest epoch, whose high bits count the formations (see
@@ -1058,6 +1075,7 @@ class ClusterNode:
         self.quorate = quorate
         if quorate:
             log.warning("cluster: quorate again")
+            self._say_hello()
             self._release_waiting()
             self._coordinate()
             self._answer_ready()
