@@ -681,3 +681,56 @@ def test_a_resync_work_resent_while_the_first_waits_gets_the_same_region(rig3: R
     other = rig.send(2, T.GET_RESYNC_WORK)
     rig.settle()
     assert _work(rig, 2, other) is None
+
+
+# --- a transfer in pieces cut by a member's departure ------------------------------------------------
+
+
+def _transfer_started(rig: Rig, joiner: int) -> None:
+    """Let every member read the join, say HELLO and decide, so that the donor has handed its
+    pieces to corosync, none of them ordered yet."""
+    for node in rig.live():
+        step(node)
+    rig.bus.order_all()
+    for node in rig.live():
+        step(node)
+    assert rig.nodes[joiner].receiving
+
+
+@pytest.mark.parametrize("leaving", [
+    pytest.param(1, id="the donor dies", marks=pytest.mark.xfail(strict=True, reason=(
+        "ClusterNode._confchg: when the donor leaves, only the receiving node starts a new round (its "
+        "receive_from is gone); the current members see a change without joins, say no HELLO, and "
+        "_hello answers no HELLO by saying its own: the round never completes, the joiner stays "
+        "not current and its RESUME is never answered"))),
+    pytest.param(2, id="another member dies"),
+])
+def test_a_member_dying_during_a_transfer_in_pieces(base: Path, leaving: int) -> None:
+    rig = opened(base, corosyncs=4, daemons=(1, 2, 3, 4), max_atomic=200, regions=64)
+    try:
+        rig.mark(2, [5, 40])
+        rig.settle()
+        rig.crash(4)
+        rig.settle()
+        rig.bus.start(4)
+        rig.start(4)
+        resume = rig.open(4)
+        _transfer_started(rig, 4)
+        assert len(rig.bus._flight[rig.nodes[1].group]) > 2, "the state was not cut into pieces"
+        rig.bus.order(1)                 # the first piece only
+        step(rig.nodes[4])
+        rig.crash(leaving)               # its messages in flight are lost with it
+        rig.settle()
+        node4 = rig.nodes[4]
+        assert node4.current and not node4.receiving and rig.answer(4, resume) is not None
+        members = [n for n in rig.nodes]
+        snaps = {n: rig.nodes[n].state.epoch for n in members}
+        assert len(set(snaps.values())) == 1, snaps
+        shared = node4.state.logs[UUID]
+        if leaving == 2:
+            assert not shared.in_sync(5) and not shared.in_sync(40)   # node 2's marks: departed
+        else:
+            assert shared.marks[2][5] and shared.marks[2][40]
+        assert [rig.read(4, T.IS_CLEAN, r) for r in (5, 40)] == [0, 0]
+    finally:
+        rig.close()
