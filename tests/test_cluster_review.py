@@ -734,3 +734,45 @@ def test_a_member_dying_during_a_transfer_in_pieces(base: Path, leaving: int) ->
         assert [rig.read(4, T.IS_CLEAN, r) for r in (5, 40)] == [0, 0]
     finally:
         rig.close()
+
+
+# --- IS_REMOTE_RECOVERING ------------------------------------------------------------------------------
+
+
+def _remote(rig: Rig, n: int, region: int, luid: int | None = None) -> tuple[int, int]:
+    reply = rig.answer(n, rig.send(n, T.IS_REMOTE_RECOVERING, wire.build_u64(region), luid=luid))
+    assert reply is not None and reply.error == 0
+    recovering, hint = wire.parse_remote_recovering(reply.data)
+    return recovering, hint
+
+
+def test_is_remote_recovering_follows_the_recoverer_across_a_reload(rig3: Rig) -> None:
+    rig = rig3
+    failed = [rig.send(1, T.SET_REGION_SYNC, wire.build_set_region_sync(region, 0)) for region in (6, 9)]
+    rig.settle()
+    assert all(rig.answer(1, seq) is not None for seq in failed)
+    work = rig.send(2, T.GET_RESYNC_WORK)
+    rig.settle()
+    assert _work(rig, 2, work) == 6
+    # Node 2 recovers region 6: the others hold their writes there, node 2 does not; the hint is
+    # the first region out of sync.
+    assert [_remote(rig, n, 6) for n in (1, 2, 3)] == [(1, 6), (0, 6), (1, 6)]
+    assert [_remote(rig, n, 9)[0] for n in (1, 2, 3)] == [0, 0, 0]
+    # Node 2's table is reloaded before its recovery ended: the old table's writes (and its
+    # recovery) are over, region 6 is anyone's again.
+    new = 0x9202
+    assert rig.answer(2, rig.send(2, T.CTR, rig.ctr, luid=new)).error == 0  # type: ignore[union-attr]
+    for kind in (T.PRESUSPEND, T.POSTSUSPEND):
+        rig.send(2, kind)
+    resume = rig.send(2, T.RESUME, luid=new)
+    rig.settle()
+    assert rig.answer(2, resume) is not None
+    rig.send(2, T.DTR)
+    assert [_remote(rig, n, 6, luid=new if n == 2 else None)[0] for n in (1, 2, 3)] == [0, 0, 0]
+    work = rig.send(3, T.GET_RESYNC_WORK)
+    rig.settle()
+    assert _work(rig, 3, work) == 6
+    done = rig.send(3, T.SET_REGION_SYNC, wire.build_set_region_sync(6, 1))
+    rig.settle()
+    assert rig.answer(3, done) is not None
+    assert [_remote(rig, n, 6, luid=new if n == 2 else None) for n in (1, 2, 3)] == [(0, 9)] * 3
