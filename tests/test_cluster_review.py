@@ -776,3 +776,58 @@ def test_is_remote_recovering_follows_the_recoverer_across_a_reload(rig3: Rig) -
     rig.settle()
     assert rig.answer(3, done) is not None
     assert [_remote(rig, n, 6, luid=new if n == 2 else None) for n in (1, 2, 3)] == [(0, 9)] * 3
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "ClusterNode._poll_fences agrees FENCED(node) whenever its fence command ends, into `waiting` when "
+    "this node is not quorate; nothing ties it to the departure it answered: multicast after the heal "
+    "it releases the regions of that node's next departure, whose fence failed"))
+def test_a_fenced_message_that_waited_does_not_release_a_later_departure(
+        base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cluster_mod, "FENCE_RETRY", 0.0)
+    status = base / "fence-status"
+    status.write_text("0")
+    fence = f"sh -c {shlex.quote(f'exit $(cat {status})')} fence"
+    # Five corosyncs and daemons; node 1 (the coordinator) does not have this mirror open.
+    rig = Rig(base, corosyncs=5, daemons=(1, 2, 3, 4, 5), fence=fence)
+    try:
+        resumes = {n: rig.open(n) for n in (2, 3, 4, 5)}
+        rig.settle()
+        assert all(rig.answer(n, seq) is not None for n, seq in resumes.items())
+        # Node 5 crashes; node 1 declares it departed and runs the fence command ...
+        rig.crash(5)
+        for _ in range(3):
+            rig.bus.order_all()
+            for node in rig.live():
+                step(node)
+        proc = rig.nodes[1].fencing[5]
+        assert proc.wait() == 0
+        # ... which ends after node 1 was cut off: its FENCED(5) waits for quorum.
+        rig.bus.partition([{1}])
+        rig.run([1])
+        assert any(kind.name == "FENCED" for kind, _, _ in rig.nodes[1].waiting)
+        # The majority's coordinator (node 2) fences node 5 itself; node 5 comes back, marks
+        # region 3, and crashes again; this time its fence fails: region 3 stays held.
+        _until(rig, lambda: not rig.nodes[2].state.unfenced, "node 2 fences node 5")
+        rig.bus.start(5)
+        rig.start(5)
+        resume = rig.open(5)
+        rig.settle()
+        assert rig.answer(5, resume) is not None
+        flush = rig.mark(5, [3])
+        rig.settle()
+        assert rig.answer(5, flush) is not None
+        status.write_text("1")
+        rig.crash(5)
+        rig.settle()
+        assert rig.nodes[2].state.unfenced == [5]
+        assert rig.nodes[2].state.logs[UUID].held_regions() == [3]
+        # The split heals: node 1 takes the majority's state and sends what waited.
+        rig.bus.heal()
+        rig.settle()
+        for n in (1, 2, 3, 4):
+            state = rig.nodes[n].state
+            assert state.unfenced == [5], f"node {n}: node 5 counts as fenced; its fence failed"
+            assert state.logs[UUID].held_regions() == [3]
+    finally:
+        rig.close()
