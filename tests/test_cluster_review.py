@@ -659,11 +659,7 @@ def _transfer_started(rig: Rig, joiner: int) -> None:
 
 
 @pytest.mark.parametrize("leaving", [
-    pytest.param(1, id="the donor dies", marks=pytest.mark.xfail(strict=True, reason=(
-        "ClusterNode._confchg: when the donor leaves, only the receiving node starts a new round (its "
-        "receive_from is gone); the current members see a change without joins, say no HELLO, and "
-        "_hello answers no HELLO by saying its own: the round never completes, the joiner stays "
-        "not current and its RESUME is never answered"))),
+    pytest.param(1, id="the donor dies"),
     pytest.param(2, id="another member dies"),
 ])
 def test_a_member_dying_during_a_transfer_in_pieces(base: Path, leaving: int) -> None:
@@ -739,10 +735,6 @@ def test_is_remote_recovering_follows_the_recoverer_across_a_reload(rig3: Rig) -
     assert [_remote(rig, n, 6, luid=new if n == 2 else None) for n in (1, 2, 3)] == [(0, 9)] * 3
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ClusterNode._poll_fences agrees FENCED(node) whenever its fence command ends, into `waiting` when "
-    "this node is not quorate; nothing ties it to the departure it answered: multicast after the heal "
-    "it releases the regions of that node's next departure, whose fence failed"))
 def test_a_fenced_message_that_waited_does_not_release_a_later_departure(
         base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cluster_mod, "FENCE_RETRY", 0.0)

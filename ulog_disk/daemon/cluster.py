@@ -194,6 +194,10 @@ class ClusterNode:
         self.owed = 0
         self.rebooted_sent = False
         self.fencing: dict[int, subprocess.Popen[bytes]] = {}
+        #: The history (see :attr:`history`) each running fence command was started in.
+        self.fence_history: dict[int, int] = {}
+        #: Counts the states this node took from another: a new history each time.
+        self.history = 0
         self.fence_after: dict[int, float] = {}
         self.fence_started: dict[int, float] = {}
         self.declared: set[int] = set()
@@ -804,9 +808,10 @@ class ClusterNode:
                                                                                  for a in event.joined))
             self._round_due = True
         elif self.round is not None or self._round_due or (
-                self.receiving and self.receive_from not in self.members):
-            # The exchange under way waits for a member that is gone (or its donor left): again,
-            # among those who are here.
+                self.transfer_donor is not None and self.transfer_donor not in self.members):
+            # The exchange under way waits for a member that is gone, or the donor of the last
+            # one left, maybe before its last piece (every member knows who the donor was, none
+            # but the receivers knows whether the pieces were all in): again, among those here.
             log.info("cluster: membership changed during the state exchange: exchanging again")
             self._round_due = True
         else:
@@ -905,6 +910,7 @@ class ClusterNode:
             (h.epoch, h.digest) != (donor.epoch, donor.digest) or not (h.current or formation))]
         for node, _ in needs:
             self.durable_of.pop(node, None)  # what it acknowledged was another history
+        self.transfer_donor = donor_member if needs else None
         if formation and (self.nodeid, self.pid) not in needs:
             self.state.epoch = ((donor.epoch >> EPOCH_FORMATION) + 1) << EPOCH_FORMATION
             log.info("cluster: formed from the state directories of node(s) %s (newest: node %d's); "
@@ -937,6 +943,8 @@ class ClusterNode:
 
     receive_round = 0
     receive_from: tuple[int, int] = (0, 0)
+    #: The donor of the last exchange that sent a state (every member knows it).
+    transfer_donor: tuple[int, int] | None = None
 
     def _state_piece(self, event: Deliver, message: msg.Decoded) -> None:
         if not self.receiving or message.fields.round != self.receive_round:
@@ -975,9 +983,15 @@ class ClusterNode:
                  "that followed",
                  state.epoch, len(state.logs), len(self.queued))
         # The replies computed in the history given up are void: only what the new one applies
-        # (the queued messages, then what goes again) is answered.
+        # (the queued messages, then what goes again) is answered. So are the coordinator's
+        # declarations and fences of it: FENCED says "the node's departure of this history is
+        # fenced"; the coordinator derives them again from the new state.
         for pending in self.pending.values():
             pending.reply, pending.epoch = None, None
+        self.history += 1
+        self.waiting = [w for w in self.waiting if w[0] not in (msg.Kind.DEPARTED, msg.Kind.FENCED)]
+        self.declared.clear()
+        self.declared_fenced.clear()
         queued, self.queued = self.queued, []
         for later in queued:
             self._apply(later, msg.decode(later.data))
@@ -1032,6 +1046,7 @@ class ClusterNode:
         try:
             self.fencing[node] = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
             self.fence_started[node] = time.monotonic()
+            self.fence_history[node] = self.history
         except OSError as exc:
             log.error("cluster: cannot run the fence command for node %d: %s; retried in %g s", node, exc,
                       FENCE_RETRY)
@@ -1047,6 +1062,13 @@ class ClusterNode:
                 proc.kill()
                 code = proc.wait()
             del self.fencing[node]
+            if self.fence_history.pop(node, None) != self.history:
+                # Run for a departure of a history this node gave up: says nothing of the node's
+                # departures in this one (it may have come back and gone again since).
+                log.warning("cluster: the fence command for node %d ended (exit %d) after this node took "
+                            "another state: not counted; the coordinator fences it again if it must",
+                            node, code)
+                continue
             if code == 0:
                 log.warning("cluster: node %d fenced (the fence command exited 0)", node)
                 self._agree(msg.Kind.FENCED, {"node": node})
