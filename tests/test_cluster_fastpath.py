@@ -44,7 +44,7 @@ def test_durable_both_ways(epoch: int) -> None:
 
 @given(st.binary(max_size=64), st.sampled_from([m.Kind.FLUSH, m.Kind.DURABLE]))
 def test_garbage_after_a_hot_header_is_refused_cleanly(tail: bytes, kind: m.Kind) -> None:
-    data = b"UC\x01" + bytes([kind]) + tail
+    data = b"UC" + bytes([m.MESSAGE_VERSION, kind]) + tail
     try:
         construct_ok = m.Message.parse(data) is not None and len(
             m.Message.build(m.Message.parse(data))

@@ -50,6 +50,9 @@ class Rig:
         for n in daemons:
             self.start(n)
 
+    def nodes_dir(self, n: int) -> Path:
+        return self.base / f"node{n}"
+
     def start(self, n: int) -> ClusterNode:
         self.boots[n] = self.boots.get(n, 0) + 1
         node = ClusterNode(self.base / f"node{n}", f"boot-{n}-{self.boots[n]}", self.fence,
@@ -789,11 +792,6 @@ def test_a_fenced_message_that_waited_does_not_release_a_later_departure(
 # --- a whole-cluster crash after one daemon served alone -------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "A FLUSH is made durable on the current members of the group only (ClusterNode._durable_enough), "
-    "which may be a minority of the nodes while corosync is quorate; a formation then needs only a "
-    "majority of the daemons (_hello): after a whole-cluster crash the others form from their older "
-    "states, and the marks node 1 alone acknowledged are lost (regions it was writing never resynced)"))
 def test_marks_acknowledged_by_a_daemon_serving_alone_survive_a_whole_cluster_crash(base: Path) -> None:
     rig = opened(base)
     try:
@@ -808,17 +806,20 @@ def test_marks_acknowledged_by_a_daemon_serving_alone_survive_a_whole_cluster_cr
         flush = rig.mark(1, [7])
         rig.settle()
         assert rig.answer(1, flush) is not None and rig.read(1, T.IS_CLEAN, 7) == 0
-        # The whole cluster loses power; nodes 2 and 3 come back first and form the cluster.
+        # The whole cluster loses power; nodes 2 and 3 come back first. Both stopped while node 1
+        # went on (their state directories say so): they wait for it rather than form from
+        # their older copies.
         rig.crash(1)
         for n in (2, 3):
             rig.bus.crash(n)
         for n in (1, 2, 3):
             rig.bus.start(n)
         for n in (2, 3):
+            assert rig.nodes_dir(n).joinpath("cluster", "left-behind").exists()
             rig.start(n)
             rig.open(n)
         rig.settle()
-        assert rig.nodes[2].current
+        assert not rig.nodes[2].current and not rig.nodes[3].current
         rig.start(1)
         rig.open(1)
         rig.settle()
@@ -860,11 +861,6 @@ def test_a_region_marked_after_its_hand_out_stays_out_of_sync(rig3: Rig) -> None
         "region 4 reads in sync although node 2 writes it on the default leg only"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ClusterNode._hello still decides whether a formation may go ahead from this node's own state "
-    "(state.nodes_known()) and totem view: members restarting from different state directories count "
-    "different majorities; one forms (here the donor), the other waits and ignores the state sent to "
-    "it, and the formed node's agreed requests wait for a DURABLE that never comes"))
 def test_members_with_different_states_decide_a_formation_alike(base: Path) -> None:
     rig = opened(base, corosyncs=4, daemons=(1, 2, 3))
     try:
@@ -887,8 +883,15 @@ def test_members_with_different_states_decide_a_formation_alike(base: Path) -> N
             rig.start(n)
             resumes[n] = rig.open(n)
         rig.settle()
+        # Node 1's state names node 4, node 2's does not: both count the nodes every HELLO
+        # names (4), of which 2 are here: both wait, until node 3's daemon is back.
         current = {n: rig.nodes[n].current for n in (1, 2)}
         assert current[1] == current[2], f"one agreed stream, two decisions: current {current}"
+        assert not current[1]
+        rig.start(3)
+        resumes[3] = rig.open(3)
+        rig.settle()
+        assert all(rig.nodes[n].current for n in (1, 2, 3))
         assert all(rig.answer(n, seq) is not None for n, seq in resumes.items())
     finally:
         rig.close()

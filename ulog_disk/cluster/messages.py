@@ -36,7 +36,9 @@ from .shared import (
     SharedLog,
 )
 
-MESSAGE_VERSION = 1
+#: 2: HELLO says whether its sender was left behind and which nodes its state names (version 1
+#: had neither).
+MESSAGE_VERSION = 2
 SNAPSHOT_VERSION = 1
 
 
@@ -94,6 +96,8 @@ Bodies = {
         "digest" / c.Int32ul,       # CRC-32 of the sender's snapshot: equal states need no transfer
         "current" / c.Flag,         # the sender's state was agreed in the membership before
         "boot_id" / BootId,
+        "left_behind" / c.Flag,     # the sender stopped while other members went on
+        "known" / c.PrefixedArray(c.Int16ul, c.Int32ul),  # the nodes the sender's state names
     ),
     Kind.STATE: c.Struct("round" / c.Int32ul, "piece" / c.GreedyBytes),
     Kind.DURABLE: c.Struct("epoch" / c.Int64ul),
@@ -119,6 +123,8 @@ class Decoded:
 _HEAD = struct.Struct("<2sBB")
 _KINDS = frozenset(int(k) for k in Kind)
 _MAGIC = b"UC"
+#: What a message of this version starts with, kind aside.
+_PREFIX = _MAGIC + bytes([MESSAGE_VERSION])
 _U64 = struct.Struct("<Q")
 _U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
@@ -169,12 +175,12 @@ def encode(kind: Kind, **fields: object) -> bytes:
 
 
 def decode(data: bytes) -> Decoded:
-    if len(data) >= 4 and data[:3] == b"UC\x01":
+    if len(data) >= 4 and data[:3] == _PREFIX:
         if data[3] == Kind.FLUSH:
             return Decoded(Kind.FLUSH, _decode_flush(data))
         if data[3] == Kind.DURABLE:
             return Decoded(Kind.DURABLE, _decode_durable(data))
-    if len(data) >= 4 and data[:3] == b"UC\x01" and data[3] not in _KINDS:
+    if len(data) >= 4 and data[:3] == _PREFIX and data[3] not in _KINDS:
         raise MessageError(f"cluster message of unknown kind {data[3]}")
     try:
         parsed = Message.parse(data)

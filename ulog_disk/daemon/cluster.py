@@ -166,6 +166,10 @@ class ClusterNode:
             VolatileClusterStore(where) if volatile else ClusterStore(where))
         # The state before joining: a state directory we cannot read must not make us a member.
         self.state = self._load()
+        #: This node stopped while other members went on: its copy is older than theirs, and it
+        #: says so in its HELLO (a formation waits for a member that was not left behind).
+        self.left_behind = self.store.left_behind() is not None
+        self._clear_left_behind_at: int | None = None
         self.group = group
         self.quorum = quorum
         self.nodeid = self.group.nodeid
@@ -240,8 +244,10 @@ class ClusterNode:
             log.warning("no --fence-command: a node that leaves the membership counts as fenced at once; "
                         "unsafe against a living node cut off by a partition, which can keep writing "
                         "regions it marked without a single log request (docs/cluster.md, Fencing)")
-        log.info("cluster: node %d joined group %r (state epoch %d, %d clustered log(s) known)",
-                 self.nodeid, group_name, self.state.epoch, len(self.state.logs))
+        log.info("cluster: node %d joined group %r (state epoch %d, %d clustered log(s) known)%s",
+                 self.nodeid, group_name, self.state.epoch, len(self.state.logs),
+                 "; it stopped while other members went on: its state is older than theirs"
+                 if self.left_behind else "")
 
     # --- restore -----------------------------------------------------------------------------
 
@@ -847,7 +853,9 @@ class ClusterNode:
         self.hello_sent.add(self.round)
         snapshot = msg.encode_snapshot(self.state)
         self._multicast_plain(msg.Kind.HELLO, round=self.round, epoch=self.state.epoch,
-                              digest=msg.digest(snapshot), current=self.current, boot_id=self.boot_id)
+                              digest=msg.digest(snapshot), current=self.current, boot_id=self.boot_id,
+                              left_behind=self.left_behind and not self.current,
+                              known=sorted(self.state.nodes_known()))
 
     _hello_deferred: int | None = None
 
@@ -882,13 +890,25 @@ class ClusterNode:
         # may: a minority's newest state may lack what the others acknowledged.
         formation = not any(h.current for h in self.hellos.values())
         if formation:
+            # From the HELLOs and the totem ring only, which every member has alike at this
+            # place of the agreed order (not from this node's own state).
             nodes = {n for n, _ in self.hellos}
-            known = self.state.nodes_known() | nodes | self.totem_members
-            expected = max(len(self.totem_members), len(known))
-            if 2 * len(nodes) <= expected:
+            known = nodes | self.totem_members
+            for h in self.hellos.values():
+                known.update(h.known)
+            if 2 * len(nodes) <= len(known):
                 log.warning("cluster: the daemons of %d of %d nodes are members: the cluster's state is "
                             "chosen once a majority's are (dm-ulogd runs on every corosync node); agreed "
-                            "requests wait", len(nodes), expected)
+                            "requests wait", len(nodes), len(known))
+                self.syncing = False
+                return
+            if all(h.left_behind for h in self.hellos.values()) and not known <= nodes:
+                # Each of them stopped while others went on: what those acknowledged after is in
+                # none of these copies. Galera's rule (safe_to_bootstrap): wait for one of them.
+                log.warning("cluster: every member here stopped while other nodes went on (node(s) %s not "
+                            "here): the cluster forms once one of those, or every node, is a member; "
+                            "agreed requests wait (docs/cluster.md, Formation)",
+                            ", ".join(str(n) for n in sorted(known - nodes)))
                 self.syncing = False
                 return
         # The newest state: the highest epoch, whose high bits count the formations (see
@@ -999,6 +1019,10 @@ class ClusterNode:
         self._became_current()
 
     def _became_current(self) -> None:
+        if self.left_behind:
+            # The agreed copy from now on: no longer left behind once it is durable here.
+            self._clear_left_behind_at = self.state.epoch
+            self._journal_pending = True
         # Once after every exchange, whatever it decided: what the members counted of this
         # node's durability before it may have been forgotten (a member that left and came back).
         self.announced = 0
@@ -1136,6 +1160,19 @@ class ClusterNode:
             self._sync_retry_at = None
         with self.lock:
             self._durable_epoch = min(durable, self.store.durable_epoch)  # a new history resets it
+            due = self._clear_left_behind_at
+            clear = due is not None and self._durable_epoch >= due
+        if clear:
+            try:
+                self.store.clear_left_behind()
+            except OSError as exc:
+                log.error("cluster: cannot remove %s (%s): retried at the next sync",
+                          self.store.left_behind_path, exc)
+            else:
+                with self.lock:
+                    self.left_behind = False
+                    self._clear_left_behind_at = None
+        with self.lock:
             self._durable_advanced()
         try:
             if self.store.journal.wants_spare():
@@ -1198,6 +1235,16 @@ class ClusterNode:
             self._thread.join(timeout=30)
         with contextlib.suppress(OSError):
             self.flush_journal()  # what was applied since the last sync: a stop keeps it
+        if any(n != self.nodeid for n, _ in self.members) and not self.left_behind:
+            # The others go on without this node: its copy is older than theirs from now on.
+            try:
+                self.store.mark_left_behind(self.state.epoch)
+            except OSError as exc:
+                log.error("cluster: cannot write %s (%s): a formation from the state directories may take "
+                          "this node's older copy", self.store.left_behind_path, exc)
+            else:
+                log.info("cluster: stopped while node(s) %s go on: this node's state is marked as older",
+                         ", ".join(str(n) for n, _ in self.members if n != self.nodeid))
         for node, proc in self.fencing.items():
             try:
                 proc.wait(timeout=5)

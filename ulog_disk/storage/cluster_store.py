@@ -10,6 +10,11 @@ Two things, both opaque bytes to this module (``ulog_disk.cluster.messages`` def
   new snapshot's rename, records of the new history are never replayed onto the old snapshot.
 
 A restart loads the snapshot and replays the records that build on it with an epoch past it.
+
+A third file, ``left-behind``, is there while this node's copy is older than what other members
+went on with: the node stopped (or lost its corosync) while they stayed. It holds the epoch the
+copy was at, in decimal. A cluster forming anew from its state directories waits for a member
+without it (or for every node), as Galera waits for the node that is safe to bootstrap.
 """
 
 from __future__ import annotations
@@ -86,6 +91,33 @@ class ClusterStore:
     @property
     def snapshot_path(self) -> Path:
         return self.directory / "snapshot"
+
+    @property
+    def left_behind_path(self) -> Path:
+        return self.directory / "left-behind"
+
+    def left_behind(self) -> int | None:
+        """The epoch this node's copy was at when other members went on without it, or None."""
+        return read_left_behind(self.left_behind_path)
+
+    def mark_left_behind(self, epoch: int) -> None:
+        tmp = self.left_behind_path.with_name("left-behind.new")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+        try:
+            os.write(fd, f"{epoch}\n".encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, self.left_behind_path)
+        fsync_dir(self.directory)
+
+    def clear_left_behind(self) -> None:
+        """Once this node's copy is the agreed one again, and durable."""
+        try:
+            self.left_behind_path.unlink()
+        except FileNotFoundError:
+            return
+        fsync_dir(self.directory)
 
     def load(self) -> Loaded:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -174,6 +206,17 @@ class ClusterStore:
 
     def close(self) -> None:
         self.journal.close()
+
+
+def read_left_behind(path: Path) -> int | None:
+    try:
+        text = path.read_text(encoding="ascii", errors="replace")
+    except FileNotFoundError:
+        return None
+    try:
+        return int(text.strip())
+    except ValueError:
+        return 0  # damaged: still left behind, at an epoch unknown
 
 
 def read_snapshot_file(path: Path) -> tuple[bytes, int, int] | None:
@@ -266,6 +309,19 @@ class VolatileClusterStore:
 
     def load(self) -> Loaded:
         return Loaded(None, 0, 0, [], 0)
+
+    @property
+    def left_behind_path(self) -> Path:
+        return self.directory / "left-behind"
+
+    def left_behind(self) -> int | None:
+        return None  # nothing survives a stop: the next start has no copy to be older
+
+    def mark_left_behind(self, epoch: int) -> None:
+        pass
+
+    def clear_left_behind(self) -> None:
+        pass
 
     def append(self, epoch: int, sender: int, message: bytes) -> int:
         with self._lock:
