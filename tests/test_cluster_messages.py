@@ -170,7 +170,8 @@ region_lists = st.lists(u64, max_size=40)
 BODIES: dict[m.Kind, st.SearchStrategy[dict]] = {
     m.Kind.FLUSH: st.fixed_dictionaries({"token": u64, "uuid": uuids, "marks": region_lists,
                                          "clears": region_lists}),
-    m.Kind.RESYNC_WORK: st.fixed_dictionaries({"token": u64, "uuid": uuids}),
+    m.Kind.RESYNC_WORK: st.fixed_dictionaries({"token": u64, "uuid": uuids,
+                                               "prefer": st.lists(u64, max_size=20)}),
     m.Kind.SET_REGION_SYNC: st.fixed_dictionaries({"token": u64, "uuid": uuids, "region": u64,
                                                    "in_sync": st.booleans()}),
     m.Kind.OPEN: st.fixed_dictionaries({"token": u64, "uuid": uuids, "luid": u64, "boot_id": boot_ids,
@@ -217,7 +218,7 @@ def test_every_kind_round_trips(case):
 inputs = st.one_of(
     st.builds(sh.Flush, u32, uuids, st.lists(u64, max_size=20).map(tuple),
               st.lists(u64, max_size=20).map(tuple)),
-    st.builds(sh.ResyncWork, u32, uuids),
+    st.builds(sh.ResyncWork, u32, uuids, st.lists(u64, max_size=20).map(tuple)),
     st.builds(sh.SetRegionSync, u32, uuids, u64, st.booleans()),
     st.builds(sh.Open, u32, uuids, u64, boot_ids, u64, st.booleans()),
     st.builds(sh.Close, u32, uuids, st.booleans()),
@@ -232,7 +233,7 @@ def message_of(item: sh.Input, token: int) -> bytes:
     if isinstance(item, sh.Flush):
         return m.encode(m.Kind.FLUSH, token=token, uuid=item.uuid, marks=item.marks, clears=item.clears)
     if isinstance(item, sh.ResyncWork):
-        return m.encode(m.Kind.RESYNC_WORK, token=token, uuid=item.uuid)
+        return m.encode(m.Kind.RESYNC_WORK, token=token, uuid=item.uuid, prefer=list(item.prefer))
     if isinstance(item, sh.SetRegionSync):
         return m.encode(m.Kind.SET_REGION_SYNC, token=token, uuid=item.uuid, region=item.region,
                         in_sync=item.in_sync)

@@ -463,7 +463,11 @@ class Cluster:
             if len(set(snaps.values())) > 1:
                 epochs = {n: self.nodes[n].state.epoch for n in snaps}
                 raise Violation(f"(1) members of ring {sorted(ring)} differ after settle (epochs {epochs})")
-            if self.bus.quorate(min(ring)):
+            # Every daemon here stopped while others went on (their state directories say so):
+            # they wait for one of those (docs/cluster.md, Formation), which is not here.
+            left_behind = all(self.nodes[n].left_behind for n in ring if n in self.nodes) and \
+                not set(self.bus.nodeids) <= set(ring)
+            if self.bus.quorate(min(ring)) and not left_behind:
                 stale = [n for n in ring if n in self.nodes and not self.nodes[n].current]
                 if stale:
                     raise Violation(f"nodes {stale} of the quorate ring {sorted(ring)} not current "
@@ -711,7 +715,7 @@ def test_a_stale_hello_of_an_earlier_round_of_the_same_name_is_not_counted(base:
     that handled the changes in one batch said HELLO for both, and the first copy (sent before it
     applied what its side ordered during the split) was counted in the second round: the donor
     lacked a FLUSH the majority had acknowledged."""
-    with settled(base, nosync=False) as c:
+    with settled(base, nosync=True) as c:
         # Nobody reads anything from here to the settle: each node handles every change at once.
         c.daemon_restart(2)
         c.mark(3, [0])      # in flight: ordered on the majority's side of the split

@@ -717,9 +717,11 @@ def test_is_remote_recovering_follows_the_recoverer_across_a_reload(rig3: Rig) -
     # Node 2 recovers region 6: the others hold their writes there, node 2 does not; the hint is
     # the first region out of sync.
     assert [_remote(rig, n, 6) for n in (1, 2, 3)] == [(1, 6), (0, 6), (1, 6)]
-    assert [_remote(rig, n, 9)[0] for n in (1, 2, 3)] == [0, 0, 0]
+    # Region 9, out of sync and recovered by nobody yet: every node holds its writes (a write to
+    # the default leg alone could race the copy of whoever is handed it next).
+    assert [_remote(rig, n, 9)[0] for n in (1, 2, 3)] == [1, 1, 1]
     # Node 2's table is reloaded before its recovery ended: the old table's writes (and its
-    # recovery) are over, region 6 is anyone's again.
+    # recovery) are over, region 6 is anyone's again (and nobody's yet: every node holds).
     new = 0x9202
     assert rig.answer(2, rig.send(2, T.CTR, rig.ctr, luid=new)).error == 0  # type: ignore[union-attr]
     for kind in (T.PRESUSPEND, T.POSTSUSPEND):
@@ -728,14 +730,20 @@ def test_is_remote_recovering_follows_the_recoverer_across_a_reload(rig3: Rig) -
     rig.settle()
     assert rig.answer(2, resume) is not None
     rig.send(2, T.DTR)
-    assert [_remote(rig, n, 6, luid=new if n == 2 else None)[0] for n in (1, 2, 3)] == [0, 0, 0]
-    work = rig.send(3, T.GET_RESYNC_WORK)
-    rig.settle()
-    assert _work(rig, 3, work) == 6
+    assert [_remote(rig, n, 6, luid=new if n == 2 else None)[0] for n in (1, 2, 3)] == [1, 1, 1]
+    # Node 3 asked about region 9 above (1: its write waits): it is handed 9 first, then 6.
+    for region in (9, 6):
+        work = rig.send(3, T.GET_RESYNC_WORK)
+        rig.settle()
+        assert _work(rig, 3, work) == region
+        if region == 9:
+            done = rig.send(3, T.SET_REGION_SYNC, wire.build_set_region_sync(9, 1))
+            rig.settle()
+            assert rig.answer(3, done) is not None
     done = rig.send(3, T.SET_REGION_SYNC, wire.build_set_region_sync(6, 1))
     rig.settle()
     assert rig.answer(3, done) is not None
-    assert [_remote(rig, n, 6, luid=new if n == 2 else None) for n in (1, 2, 3)] == [(0, 9)] * 3
+    assert [_remote(rig, n, 6, luid=new if n == 2 else None) for n in (1, 2, 3)] == [(0, 16)] * 3
 
 
 def test_a_fenced_message_that_waited_does_not_release_a_later_departure(
@@ -832,33 +840,29 @@ def test_marks_acknowledged_by_a_daemon_serving_alone_survive_a_whole_cluster_cr
 # --- a write that raced a recovery's hand-out ------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "SharedLog.set_region_sync counts the recoverer's report although another node marked the region "
-    "after it was handed out: that node had asked IS_REMOTE_RECOVERING (0: nobody recovered it yet) "
-    "before the hand-out, then marked and writes it as NOSYNC (default leg only, a state its region "
-    "hash keeps until it recovers the region itself); the region reads in sync with legs that differ"))
-def test_a_region_marked_after_its_hand_out_stays_out_of_sync(rig3: Rig) -> None:
+def test_a_write_to_a_region_out_of_sync_waits_for_its_recovery(rig3: Rig) -> None:
+    """cmirrord's policy: IS_REMOTE_RECOVERING is 1 for a region out of sync to every node but its
+    recoverer. Telling a writer 0 while nobody recovered the region let it write the default leg
+    alone (NOSYNC, unmarked) while a node handed the region the next moment copied the legs and
+    reported it in sync: legs different under a region read in sync. The writer's next
+    GET_RESYNC_WORK asks for the region first, so a write waits for one region's recovery."""
     rig = rig3
-    failed = rig.send(1, T.SET_REGION_SYNC, wire.build_set_region_sync(4, 0))
+    failed = [rig.send(1, T.SET_REGION_SYNC, wire.build_set_region_sync(r, 0)) for r in (2, 4)]
     rig.settle()
-    assert rig.answer(1, failed) is not None
-    # Node 2's kernel is about to write region 4: nobody recovers it, so it may (NOSYNC: it will
-    # write the default leg only).
-    assert _remote(rig, 2, 4)[0] == 0
-    # Node 1's GET_RESYNC_WORK is ordered just before node 2's FLUSH marking region 4.
-    work = rig.send(1, T.GET_RESYNC_WORK)
-    flush = rig.mark(2, [4])
-    rig.bus.order(1)
-    rig.bus.order(2)
+    assert all(rig.answer(1, seq) is not None for seq in failed)
+    assert [_remote(rig, n, 4)[0] for n in (1, 2, 3)] == [1, 1, 1]   # node 2's write to 4 waits
+    work = rig.send(2, T.GET_RESYNC_WORK)
     rig.settle()
-    assert _work(rig, 1, work) == 4 and rig.answer(2, flush) is not None
-    # Node 1 copies the default leg over the others while node 2 writes the default leg alone,
-    # and reports the region recovered.
-    done = rig.send(1, T.SET_REGION_SYNC, wire.build_set_region_sync(4, 1))
+    assert _work(rig, 2, work) == 4, "node 2 was not handed the region its write waits for"
+    assert [_remote(rig, n, 4)[0] for n in (1, 2, 3)] == [1, 0, 1]
+    other = rig.send(1, T.GET_RESYNC_WORK)
     rig.settle()
-    assert rig.answer(1, done) is not None
-    assert [rig.read(n, T.IN_SYNC, 4) for n in (1, 2, 3)] == [0, 0, 0], \
-        "region 4 reads in sync although node 2 writes it on the default leg only"
+    assert _work(rig, 1, other) == 2
+    done = rig.send(2, T.SET_REGION_SYNC, wire.build_set_region_sync(4, 1))
+    rig.settle()
+    assert rig.answer(2, done) is not None
+    assert [_remote(rig, n, 4)[0] for n in (1, 2, 3)] == [0, 0, 0]
+    assert [rig.read(n, T.IN_SYNC, 4) for n in (1, 2, 3)] == [1, 1, 1]
 
 
 def test_members_with_different_states_decide_a_formation_alike(base: Path) -> None:

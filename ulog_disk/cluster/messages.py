@@ -36,8 +36,8 @@ from .shared import (
     SharedLog,
 )
 
-#: 2: HELLO says whether its sender was left behind and which nodes its state names (version 1
-#: had neither).
+#: 2: HELLO says whether its sender was left behind and which nodes its state names, RESYNC_WORK
+#: which regions its sender prefers (version 1 had none of these).
 MESSAGE_VERSION = 2
 SNAPSHOT_VERSION = 1
 
@@ -81,7 +81,7 @@ Header = c.Struct(
 #: its own messages' results apart (0 for messages that answer no request).
 Bodies = {
     Kind.FLUSH: c.Struct("token" / c.Int64ul, "uuid" / Uuid, "marks" / Regions, "clears" / Regions),
-    Kind.RESYNC_WORK: c.Struct("token" / c.Int64ul, "uuid" / Uuid),
+    Kind.RESYNC_WORK: c.Struct("token" / c.Int64ul, "uuid" / Uuid, "prefer" / Regions),
     Kind.SET_REGION_SYNC: c.Struct("token" / c.Int64ul, "uuid" / Uuid, "region" / c.Int64ul,
                                    "in_sync" / c.Flag),
     Kind.OPEN: c.Struct("token" / c.Int64ul, "uuid" / Uuid, "luid" / c.Int64ul, "boot_id" / BootId,
@@ -198,7 +198,7 @@ def as_input(sender: int, message: Decoded) -> Input:
     if kind is Kind.FLUSH:
         return Flush(sender, f.uuid, tuple(f.marks), tuple(f.clears))
     if kind is Kind.RESYNC_WORK:
-        return ResyncWork(sender, f.uuid)
+        return ResyncWork(sender, f.uuid, tuple(f.prefer))
     if kind is Kind.SET_REGION_SYNC:
         return SetRegionSync(sender, f.uuid, f.region, bool(f.in_sync))
     if kind is Kind.OPEN:

@@ -10,8 +10,12 @@ a cluster log (``docs/cluster.md``, "What is guaranteed"):
   unresolved; a CLEAR removes the clearing node's mark only.
 * **One recoverer per region.** ``GET_RESYNC_WORK`` hands a node the lowest region, from that
   node's cursor, that is out of sync, handed to nobody, not marked by another node and not held
-  for a fence; it hands the *same* region again until ``SET_REGION_SYNC`` reports on it (the
-  kernel's resend after 15 s must not skip a region).
+  for a fence (first the regions it names as preferred: those its kernel's writes wait for); it
+  hands the *same* region again until ``SET_REGION_SYNC`` reports on it (the kernel's resend
+  after 15 s must not skip a region).
+* **No write to a region out of sync** but by its recoverer (``IS_REMOTE_RECOVERING`` 1 for every
+  other node, cmirrord's policy): a node writing it NOSYNC (the default leg only, unmarked) while
+  another copies the legs would leave them different under a region reported in sync.
 * **A departed node** (left the membership, or found missing when the cluster formed again):
   every region it held marked or was recovering becomes out of sync at once and is *held*
   (:attr:`SharedLog.held`: ``IS_REMOTE_RECOVERING`` 1, handed to nobody) until the node is
@@ -101,16 +105,15 @@ class SharedLog:
         return self.region_count if r < 0 else r
 
     def remote_recovering(self, node: int, region: int) -> bool:
-        """Whether ``node`` must hold its writes to ``region``: another node recovers it, or it
-        belonged to a departed node and is not back in sync (held for a fence, or released and
-        not yet recovered by ``node`` itself)."""
+        """Whether ``node`` must hold its writes to ``region``: it is out of sync and ``node`` is
+        not recovering it (another node may be, or may be handed it the next moment: a write
+        that went to the default leg alone meanwhile would race the copy). Held and released
+        regions of departed nodes are out of sync."""
         self.check_region(region)
         owner = self.recovering.get(region)
         if owner is not None:
             return owner != node
-        if any(bits[region] for bits in self.held.values()):
-            return True
-        return bool(self.released[region])
+        return not self.sync[region]
 
     def marked_by(self, node: int) -> list[int]:
         bits = self.marks.get(node)
@@ -153,7 +156,7 @@ class SharedLog:
             self.sync[region] = 0
             self.sync_count -= 1
 
-    def resync_work(self, node: int) -> int | None:
+    def resync_work(self, node: int, prefer: Iterable[int] = ()) -> int | None:
         for region, owner in self.recovering.items():
             if owner == node:
                 return region
@@ -168,6 +171,12 @@ class SharedLog:
             blocked |= bits
         candidates = ~self.sync & ~blocked
         candidates[self.region_count:] = 0
+        # The regions the node's writes wait for first (IS_REMOTE_RECOVERING said 1): a write
+        # waits for one region's recovery, not for the sweep to get there.
+        for region in prefer:
+            if 0 <= region < self.region_count and candidates[region] and region not in self.recovering:
+                self.recovering[region] = node
+                return region
         # From the cursor to the end, then from the start: unlike one node's log, regions come
         # back to hand out while the search is past them (another node's recovery failed, a
         # departed node was fenced), and the kernel keeps asking.
@@ -295,6 +304,8 @@ class Flush:
 class ResyncWork:
     node: int
     uuid: str
+    #: Regions to hand out first, if they may be (the sender's writes wait for them).
+    prefer: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,7 +387,7 @@ class ClusterState:
             self._log(item.uuid).flush(item.node, item.marks, item.clears)
             return len(item.marks)
         if isinstance(item, ResyncWork):
-            return self._log(item.uuid).resync_work(item.node)
+            return self._log(item.uuid).resync_work(item.node, item.prefer)
         if isinstance(item, SetRegionSync):
             self._log(item.uuid).set_region_sync(item.node, item.region, item.in_sync)
             return 1

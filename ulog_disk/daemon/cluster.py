@@ -91,6 +91,9 @@ FENCE_TIMEOUT = 120.0
 FENCE_RETRY = 5.0
 #: Seconds between two attempts to sync a cluster journal whose sync failed.
 SYNC_RETRY = 0.5
+#: Regions a node remembers its writes wait for, per log, and names in one GET_RESYNC_WORK.
+WANTED_REGIONS = 256
+PREFER_REGIONS = 16
 
 _CLUSTERED = ("clustered-core", "clustered-disk")
 _CTR = int(RequestType.CTR)
@@ -179,6 +182,9 @@ class ClusterNode:
         self.local: dict[tuple[str, int], Local] = {}
         #: MARKs and CLEARs since this node's last FLUSH of each uuid: (marks, clears).
         self.unflushed: dict[str, tuple[set[int], set[int]]] = {}
+        #: Regions out of sync that this node's kernel wants to write (IS_REMOTE_RECOVERING said
+        #: 1 and nobody recovers them), by uuid, oldest first: preferred at its GET_RESYNC_WORK.
+        self.wanted: dict[str, dict[int, None]] = {}
         self.pending: dict[int, Pending] = {}
         self.token = 0
         #: Agreed work that waits until this node may multicast (current and quorate).
@@ -209,6 +215,9 @@ class ClusterNode:
         self.totem_members: set[int] = set()
         #: Nodes whose daemon this one saw leave the group (and not come back).
         self.left_nodes: set[int] = set()
+        #: The members known to hold the agreed state: current at the last exchange, or said
+        #: DURABLE since (a member that took the state). Those go on if this node stops.
+        self.current_nodes: set[int] = set()
         self.declared_fenced: set[int] = set()
         #: Rounds decided since the last membership change (late HELLOs of them are ignored).
         self.rounds_done: set[int] = set()
@@ -486,6 +495,8 @@ class ClusterNode:
         if kind is RequestType.DTR:
             del self.local[request.key]
             last = not any(k[0] == request.uuid for k in self.local)
+            if last:
+                self.wanted.pop(request.uuid, None)
             if last and log_ is not None and self.nodeid in log_.opened:
                 self._agree(msg.Kind.CLOSE, {"uuid": request.uuid, "destroy": True})
             return Reply(request, 0)
@@ -551,7 +562,8 @@ class ClusterNode:
                 raise ValueError("GET_RESYNC_WORK carries no payload")
             if local.state is not State.LIVE or log_ is None:
                 return Reply(request, 0, wire.build_resync_work(False, 0))
-            self._agree(msg.Kind.RESYNC_WORK, {"uuid": request.uuid},
+            fields = {"uuid": request.uuid, "prefer": self._preferred(request.uuid, log_)}
+            self._agree(msg.Kind.RESYNC_WORK, fields,
                         Pending(request, address, msg.Kind.RESYNC_WORK, b"", durable=False))
             return None
         if kind is RequestType.SET_REGION_SYNC:
@@ -579,9 +591,25 @@ class ClusterNode:
                 raise IndexError(f"region {region} out of range (region count {ctr.region_count})")
             if log_ is None or region >= log_.region_count:
                 return Reply(request, 0, wire.build_remote_recovering(False, ctr.region_count))
-            return Reply(request, 0, wire.build_remote_recovering(
-                log_.remote_recovering(self.nodeid, region), log_.first_unsynced()))
+            recovering = log_.remote_recovering(self.nodeid, region)
+            if recovering and region not in log_.recovering:
+                # A write of this node's kernel waits for it: asked for first at its next
+                # GET_RESYNC_WORK (cmirrord's priority list, here one per node).
+                wanted = self.wanted.setdefault(request.uuid, {})
+                wanted[region] = None
+                if len(wanted) > WANTED_REGIONS:
+                    del wanted[next(iter(wanted))]
+            return Reply(request, 0, wire.build_remote_recovering(recovering, log_.first_unsynced()))
         raise ValueError(f"request type {kind} has no clustered handler")
+
+    def _preferred(self, uuid: str, log_: SharedLog) -> list[int]:
+        """The regions this node's writes wait for that may still be handed out, oldest first."""
+        wanted = self.wanted.get(uuid)
+        if not wanted:
+            return []
+        for region in [r for r in wanted if r >= log_.region_count or log_.in_sync(r)]:
+            del wanted[region]
+        return [r for r in wanted if r not in log_.recovering][:PREFER_REGIONS]
 
     def _last_flush(self, uuid: str) -> Pending | None:
         for token in reversed(self.pending):  # tokens grow: the newest first
@@ -708,6 +736,7 @@ class ClusterNode:
             self._state_piece(event, message)
         elif kind is msg.Kind.DURABLE:
             self.durable_of[event.nodeid] = max(self.durable_of.get(event.nodeid, 0), message.fields.epoch)
+            self.current_nodes.add(event.nodeid)  # a member that took the state says DURABLE once it has
 
     def _apply(self, event: Deliver, message: msg.Decoded) -> None:
         if message.kind is msg.Kind.DEPARTED:
@@ -800,6 +829,7 @@ class ClusterNode:
         self.members = tuple(sorted(a.member for a in event.members))
 
         nodes = {n for n, _ in self.members}
+        self.current_nodes &= nodes
         for gone in event.left:
             self.reassembler.forget(gone.nodeid, gone.pid)
             if gone.nodeid not in nodes:
@@ -931,6 +961,7 @@ class ClusterNode:
         for node, _ in needs:
             self.durable_of.pop(node, None)  # what it acknowledged was another history
         self.transfer_donor = donor_member if needs else None
+        self.current_nodes = {m[0] for m in self.hellos if m not in needs}
         if formation and (self.nodeid, self.pid) not in needs:
             self.state.epoch = ((donor.epoch >> EPOCH_FORMATION) + 1) << EPOCH_FORMATION
             log.info("cluster: formed from the state directories of node(s) %s (newest: node %d's); "
@@ -1235,7 +1266,8 @@ class ClusterNode:
             self._thread.join(timeout=30)
         with contextlib.suppress(OSError):
             self.flush_journal()  # what was applied since the last sync: a stop keeps it
-        if any(n != self.nodeid for n, _ in self.members) and not self.left_behind:
+        going_on = sorted(n for n, _ in self.members if n != self.nodeid and n in self.current_nodes)
+        if going_on and not self.left_behind:
             # The others go on without this node: its copy is older than theirs from now on.
             try:
                 self.store.mark_left_behind(self.state.epoch)
@@ -1244,7 +1276,7 @@ class ClusterNode:
                           "this node's older copy", self.store.left_behind_path, exc)
             else:
                 log.info("cluster: stopped while node(s) %s go on: this node's state is marked as older",
-                         ", ".join(str(n) for n, _ in self.members if n != self.nodeid))
+                         ", ".join(map(str, going_on)))
         for node, proc in self.fencing.items():
             try:
                 proc.wait(timeout=5)
