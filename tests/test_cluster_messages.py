@@ -399,3 +399,20 @@ def test_bytes_after_a_message_are_refused(kind):
     _, vec = next((n, v) for n, v in _vectors("message") if v["fields"]["kind"] == kind.name)
     with pytest.raises(m.MessageError):
         m.decode(bytes.fromhex(vec["hex"]) + b"\0")
+
+
+@pytest.mark.parametrize(("name", "vec"), [(n, v) for n, v in _vectors("message")
+                                           if m.Kind[v["fields"]["kind"]] in m.STATE_KINDS])
+def test_a_cluster_journal_of_version_1_is_read(name, vec):
+    """The cluster journal holds state messages as they were applied: a journal written by
+    version 1 is replayed, not cut at its first record. A live peer of version 1 is refused."""
+    data = bytearray.fromhex(vec["hex"])
+    data[2] = 1
+    fields = dict(vec["fields"])
+    if fields["kind"] == "RESYNC_WORK":
+        data = data[:-(2 + 8 * len(fields["prefer"]))]   # version 1 had no ``prefer``
+        fields["prefer"] = []
+    decoded = m.decode_stored(bytes(data))
+    assert {"kind": decoded.kind.name, **_plain(decoded.fields)} == fields
+    with pytest.raises(m.MessageError, match=f"version {m.MESSAGE_VERSION}"):
+        m.decode(bytes(data))

@@ -125,6 +125,8 @@ _KINDS = frozenset(int(k) for k in Kind)
 _MAGIC = b"UC"
 #: What a message of this version starts with, kind aside.
 _PREFIX = _MAGIC + bytes([MESSAGE_VERSION])
+_V1_PREFIX = _MAGIC + b"\x01"
+_STATE_KIND_CODES = frozenset(int(k) for k in STATE_KINDS)
 _U64 = struct.Struct("<Q")
 _U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
@@ -172,6 +174,16 @@ def encode(kind: Kind, **fields: object) -> bytes:
     if kind is Kind.DURABLE:
         return _HEAD.pack(_MAGIC, MESSAGE_VERSION, Kind.DURABLE) + _U64.pack(fields["epoch"])  # type: ignore[arg-type]
     return Message.build({"header": {"kind": kind}, "body": fields})
+
+
+def decode_stored(data: bytes) -> Decoded:
+    """A state message as a cluster journal holds it: of this version, or of version 1 (journals
+    written before version 2). A version-1 state message says what its version-2 form says:
+    the layouts are the same but RESYNC_WORK's, which gained ``prefer`` (none, then)."""
+    if len(data) >= 4 and data[:3] == _V1_PREFIX and data[3] in _STATE_KIND_CODES:
+        body = data[4:] + (b"\0\0" if data[3] == Kind.RESYNC_WORK else b"")
+        data = _PREFIX + data[3:4] + body
+    return decode(data)
 
 
 def decode(data: bytes) -> Decoded:

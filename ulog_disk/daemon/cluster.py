@@ -265,7 +265,7 @@ class ClusterNode:
         state = msg.decode_snapshot(loaded.snapshot) if loaded.snapshot is not None else ClusterState()
         for applied in loaded.records:
             try:
-                message = msg.decode(applied.message)
+                message = msg.decode_stored(applied.message)
                 state.apply(msg.as_input(applied.sender, message))
             except (msg.MessageError, ClusterRuleError) as exc:
                 # Only applied messages are journaled: this one is damage the CRC missed, or a

@@ -125,7 +125,7 @@ def read_cluster(directory: Path) -> ClusterView:
     expected = state.epoch
     for applied in loaded.records:
         try:
-            state.apply(msg.as_input(applied.sender, msg.decode(applied.message)))
+            state.apply(msg.as_input(applied.sender, msg.decode_stored(applied.message)))
         except (msg.MessageError, ClusterRuleError) as exc:
             view.findings.append(Finding(WARNING, f"{where} journal", f"the record of epoch {applied.epoch} "
                                          f"does not apply ({exc}): the state ends before it"))
@@ -302,7 +302,7 @@ def decode_agreed(record: jn.Record) -> Agreed:
     except ClusterStoreError as exc:
         return Agreed(record.luid, 0, 0, None, str(exc))
     try:
-        return Agreed(record.luid, sender, snapshot_id, msg.decode(data))
+        return Agreed(record.luid, sender, snapshot_id, msg.decode_stored(data))
     except msg.MessageError as exc:
         return Agreed(record.luid, sender, snapshot_id, None, str(exc))
 
