@@ -118,3 +118,22 @@ def test_a_damaged_marker_still_says_left_behind(tmp_path: Path, text: str) -> N
     store.clear_left_behind()
     assert store.left_behind() is None
     store.close()
+
+
+def test_ulog_dump_cluster_says_a_node_is_left_behind(base: Path, capsys: pytest.CaptureFixture) -> None:  # noqa: F811
+    import json
+
+    from ulog_disk.tools import dump
+
+    rig = opened(base)
+    try:
+        epoch = rig.nodes[3].state.epoch
+        rig.nodes.pop(3).close()
+        for n, expected in ((3, epoch), (2, None)):
+            assert dump.main(["cluster", str(rig.nodes_dir(n) / "cluster"), "--json"]) == 0
+            doc = json.loads(capsys.readouterr().out)
+            assert doc["left_behind"] == expected
+        assert dump.main(["cluster", str(rig.nodes_dir(3) / "cluster")]) == 0
+        assert f"left behind at epoch {epoch}" in capsys.readouterr().out
+    finally:
+        rig.close()

@@ -20,7 +20,7 @@ from ..cluster import messages as msg
 from ..cluster.shared import ClusterRuleError, ClusterState, SharedLog
 from ..log.regionlog import format_ranges
 from ..storage import journal as jn
-from ..storage.cluster_store import ClusterStoreError, agreed_head, read_cluster_dir
+from ..storage.cluster_store import ClusterStoreError, agreed_head, read_cluster_dir, read_left_behind
 from ..storage.lmdb_reader import ERROR, NOTE, WARNING, Finding
 from .common import bit_ranges, luid_hex
 from .storeview import CLUSTER_DIR, scan_journal
@@ -62,6 +62,9 @@ class ClusterView:
     skipped: int = 0
     #: Why the directory cannot be read at all (the daemon refuses to start clustered on it).
     error: str | None = None
+    #: The epoch its copy was at when other members went on without this node (its
+    #: ``left-behind`` file), or None.
+    left_behind: int | None = None
     findings: list[Finding] = field(default_factory=list)
 
     @property
@@ -111,6 +114,12 @@ def read_cluster(directory: Path) -> ClusterView:
     except msg.MessageError as exc:
         return _unreadable(view, f"{view.directory / SNAPSHOT_FILE}: {exc}")
     view.has_snapshot = loaded.snapshot is not None
+    view.left_behind = read_left_behind(view.directory / "left-behind")
+    if view.left_behind is not None:
+        view.findings.append(Finding(
+            NOTE, where, f"left behind at epoch {view.left_behind}: this node stopped while other members "
+            "went on, its copy is older than theirs; a cluster forming anew waits for one of them, or for "
+            "every node (docs/cluster.md, Epochs and the state exchange)"))
     view.snapshot_id, view.snapshot_epoch, view.skipped = loaded.snapshot_id, loaded.epoch, loaded.skipped
     for problem in view.scan.problems:
         view.findings.append(Finding(WARNING, f"{where} journal", f"{problem}: ignored by the daemon"))
@@ -233,6 +242,7 @@ def view_json(view: ClusterView, uuids: Iterable[str] | None = None,
             "damage": [{"start": d.start, "end": d.end, "reason": d.reason} for d in sc.damage],
             "problems": list(sc.problems)},
         "unfenced": [] if state is None else list(state.unfenced),
+        "left_behind": view.left_behind,
         "logs": [log_json(shared) for shared in view.logs(uuids, luid)],
         "findings": [f.as_json() for f in view.findings_for(uuids)],
     }
