@@ -899,3 +899,19 @@ def test_members_with_different_states_decide_a_formation_alike(base: Path) -> N
         assert all(rig.answer(n, seq) is not None for n, seq in resumes.items())
     finally:
         rig.close()
+
+
+def test_marks_not_flushed_when_the_last_instance_goes_do_not_reach_the_next(rig3: Rig) -> None:
+    rig = rig3
+    mark = rig.send(1, T.MARK_REGION, wire.build_regions([5]))
+    assert rig.answer(1, mark).error == 0  # type: ignore[union-attr]
+    assert rig.answer(1, rig.send(1, T.DTR)).error == 0  # type: ignore[union-attr]   # no FLUSH after it
+    rig.settle()
+    new = 0x9001
+    resume = rig.open(1, luid=new)
+    rig.settle()
+    assert rig.answer(1, resume).error == 0  # type: ignore[union-attr]
+    flush = rig.send(1, T.FLUSH, luid=new)
+    rig.settle()
+    assert rig.answer(1, flush).error == 0  # type: ignore[union-attr]
+    assert [rig.read(n, T.IS_CLEAN, 5) for n in (2, 3)] == [1, 1], "the old instance's mark came back"

@@ -533,7 +533,10 @@ class ClusterNode:
             del self.local[request.key]
             last = not any(k[0] == request.uuid for k in self.local)
             if last:
+                # Nothing of this node's instances is left to flush: a mark or clear not flushed
+                # must not go out with the next instance's first FLUSH.
                 self.wanted.pop(request.uuid, None)
+                self.unflushed.pop(request.uuid, None)
             if last and log_ is not None and self.nodeid in log_.opened:
                 self._agree(msg.Kind.CLOSE, {"uuid": request.uuid, "destroy": True})
             return Reply(request, 0)
@@ -1031,7 +1034,8 @@ class ClusterNode:
 
     receive_round = 0
     receive_from: tuple[int, int] = (0, 0)
-    #: The donor of the last exchange that sent a state (every member knows it).
+    #: The donor of the last exchange that sent a state (every member knows it; none knows when
+    #: the pieces were all in: its leaving later costs one exchange more, no transfer).
     transfer_donor: tuple[int, int] | None = None
 
     def _state_piece(self, event: Deliver, message: msg.Decoded) -> None:
@@ -1053,6 +1057,8 @@ class ClusterNode:
         except msg.MessageError as exc:
             log.error("cluster: the state received is not usable (%s): this node takes the state at the "
                       "next membership change (restart this daemon to force one)", exc)
+            self.receiving = False
+            self.queued = []  # what followed builds on the state it could not take
             return
         self.state = state
         self.receiving = False
