@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,3 +41,15 @@ def store_after(stores: Stores, tmp_path: Path) -> Path:
 @pytest.fixture
 def store_before(stores: Stores, tmp_path: Path) -> Path:
     return private_copy(stores, "before", tmp_path)
+
+
+@pytest.fixture
+def base() -> Iterator[Path]:
+    """A fresh directory for the state directories of in-process cluster nodes: on tmpfs where
+    there is one (the nodes fsync their journals at every agreed message)."""
+    root = "/dev/shm" if Path("/dev/shm").is_dir() else None
+    path = Path(tempfile.mkdtemp(prefix="ulog-fakecluster-", dir=root))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

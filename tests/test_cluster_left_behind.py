@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_cluster_review import UUID, Rig, base, opened  # noqa: F401 - base is a fixture
+from test_cluster_review import UUID, Rig, opened
 
 from ulog_disk.protocol.wire import RequestType as T
 from ulog_disk.storage.cluster_store import ClusterStore
@@ -26,7 +26,7 @@ def _whole_cluster_down(rig: Rig) -> None:
         rig.bus.start(n)
 
 
-def test_only_the_daemons_that_stop_while_others_stay_are_marked(base: Path) -> None:  # noqa: F811
+def test_only_the_daemons_that_stop_while_others_stay_are_marked(base: Path) -> None:
     rig = opened(base)
     try:
         epoch = rig.nodes[3].state.epoch
@@ -42,7 +42,7 @@ def test_only_the_daemons_that_stop_while_others_stay_are_marked(base: Path) -> 
         rig.close()
 
 
-def test_a_node_left_behind_is_not_once_it_has_the_agreed_state_on_disk(base: Path) -> None:  # noqa: F811
+def test_a_node_left_behind_is_not_once_it_has_the_agreed_state_on_disk(base: Path) -> None:
     rig = opened(base)
     try:
         rig.nodes.pop(3).close()
@@ -60,7 +60,7 @@ def test_a_node_left_behind_is_not_once_it_has_the_agreed_state_on_disk(base: Pa
         rig.close()
 
 
-def test_stopped_one_by_one_the_cluster_forms_again_around_the_last(base: Path) -> None:  # noqa: F811
+def test_stopped_one_by_one_the_cluster_forms_again_around_the_last(base: Path) -> None:
     rig = opened(base)
     try:
         for n in (3, 2):
@@ -89,7 +89,7 @@ def test_stopped_one_by_one_the_cluster_forms_again_around_the_last(base: Path) 
         rig.close()
 
 
-def test_every_node_back_forms_even_if_each_was_left_behind(base: Path) -> None:  # noqa: F811
+def test_every_node_back_forms_even_if_each_was_left_behind(base: Path) -> None:
     """Two daemons stopped at the same time each saw the other go on: both are marked. With
     every node back, the newest copy among all of them is the cluster's."""
     rig = opened(base, corosyncs=2, daemons=(1, 2))
@@ -120,7 +120,7 @@ def test_a_damaged_marker_still_says_left_behind(tmp_path: Path, text: str) -> N
     store.close()
 
 
-def test_ulog_dump_cluster_says_a_node_is_left_behind(base: Path, capsys: pytest.CaptureFixture) -> None:  # noqa: F811
+def test_ulog_dump_cluster_says_a_node_is_left_behind(base: Path, capsys: pytest.CaptureFixture) -> None:
     import json
 
     from ulog_disk.tools import dump

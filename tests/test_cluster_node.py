@@ -37,7 +37,6 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -45,7 +44,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -553,17 +551,6 @@ class Cluster:
             self.whole_restart()
         else:
             raise ValueError(f"unknown step {op!r}")
-
-
-@pytest.fixture
-def base() -> Iterator[Path]:
-    # tmpfs where there is one: the nodes fsync their journals at every agreed message.
-    root = "/dev/shm" if Path("/dev/shm").is_dir() else None
-    path = Path(tempfile.mkdtemp(prefix="ulog-fakecluster-", dir=root))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def run_stream(base: Path, nodes: int, nosync: bool, stream: Sequence[tuple[object, ...]],

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import itertools
 import shlex
-import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
@@ -88,6 +86,12 @@ class Rig:
             assert reply is not None and reply.error == 0
         return self.send(n, T.FLUSH)
 
+    def unsync(self, n: int, *regions: int) -> None:
+        """Node ``n``'s kernel reports failed writes there (SET_REGION_SYNC 0), answered."""
+        seqs = [self.send(n, T.SET_REGION_SYNC, wire.build_set_region_sync(r, 0)) for r in regions]
+        self.settle()
+        assert all(self.answer(n, seq) is not None for seq in seqs)
+
     def read(self, n: int, kind: T, region: int, luid: int | None = None) -> int:
         reply = self.answer(n, self.send(n, kind, wire.build_u64(region), luid=luid))
         assert reply is not None and reply.error == 0
@@ -121,15 +125,11 @@ class Rig:
             if not node.closed:
                 stop_node(node)
 
+    def __enter__(self) -> Rig:
+        return self
 
-@pytest.fixture
-def base() -> Iterator[Path]:
-    root = "/dev/shm" if Path("/dev/shm").is_dir() else None
-    path = Path(tempfile.mkdtemp(prefix="ulog-review-", dir=root))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def opened(base: Path, **kw: object) -> Rig:
@@ -145,11 +145,8 @@ def opened(base: Path, **kw: object) -> Rig:
 
 @pytest.fixture
 def rig3(base: Path) -> Iterator[Rig]:
-    rig = opened(base)
-    try:
+    with opened(base) as rig:
         yield rig
-    finally:
-        rig.close()
 
 
 # --- a FLUSH resent by the kernel while the first waits ----------------------------------------------
@@ -337,10 +334,8 @@ def test_a_transfer_that_completes_after_another_join_hands_no_region_twice(base
 
 def test_a_reply_of_a_history_given_up_is_not_sent(rig3: Rig) -> None:
     rig = rig3
-    # Region 9 out of sync: node 1's kernel reports a failed write there.
-    seq = rig.send(1, T.SET_REGION_SYNC, wire.build_set_region_sync(9, 0))
-    rig.settle()
-    assert rig.answer(1, seq) is not None and rig.read(2, T.IN_SYNC, 9) == 0
+    rig.unsync(1, 9)   # region 9 out of sync: node 1's kernel reports a failed write there
+    assert rig.read(2, T.IN_SYNC, 9) == 0
     # Node 3's kernel asks for work just as the split comes: ordered on its side only, applied
     # there (region 9 for node 3), not answered (not quorate).
     work3 = rig.send(3, T.GET_RESYNC_WORK)
@@ -628,9 +623,7 @@ def test_members_reading_the_last_hello_around_a_quorum_change_decide_alike(base
 
 def test_a_resync_work_resent_while_the_first_waits_gets_the_same_region(rig3: Rig) -> None:
     rig = rig3
-    seq = rig.send(1, T.SET_REGION_SYNC, wire.build_set_region_sync(11, 0))
-    rig.settle()
-    assert rig.answer(1, seq) is not None
+    rig.unsync(1, 11)
     rig.bus.partition([{3}])
     rig.run([2, 3])                           # node 1, the coordinator, reads the split late
     first = rig.send(3, T.GET_RESYNC_WORK)
@@ -708,9 +701,7 @@ def _remote(rig: Rig, n: int, region: int, luid: int | None = None) -> tuple[int
 
 def test_is_remote_recovering_follows_the_recoverer_across_a_reload(rig3: Rig) -> None:
     rig = rig3
-    failed = [rig.send(1, T.SET_REGION_SYNC, wire.build_set_region_sync(region, 0)) for region in (6, 9)]
-    rig.settle()
-    assert all(rig.answer(1, seq) is not None for seq in failed)
+    rig.unsync(1, 6, 9)
     work = rig.send(2, T.GET_RESYNC_WORK)
     rig.settle()
     assert _work(rig, 2, work) == 6
@@ -847,9 +838,7 @@ def test_a_write_to_a_region_out_of_sync_waits_for_its_recovery(rig3: Rig) -> No
     reported it in sync: legs different under a region read in sync. The writer's next
     GET_RESYNC_WORK asks for the region first, so a write waits for one region's recovery."""
     rig = rig3
-    failed = [rig.send(1, T.SET_REGION_SYNC, wire.build_set_region_sync(r, 0)) for r in (2, 4)]
-    rig.settle()
-    assert all(rig.answer(1, seq) is not None for seq in failed)
+    rig.unsync(1, 2, 4)
     assert [_remote(rig, n, 4)[0] for n in (1, 2, 3)] == [1, 1, 1]   # node 2's write to 4 waits
     work = rig.send(2, T.GET_RESYNC_WORK)
     rig.settle()
