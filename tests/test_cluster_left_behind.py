@@ -27,8 +27,7 @@ def _whole_cluster_down(rig: Rig) -> None:
 
 
 def test_only_the_daemons_that_stop_while_others_stay_are_marked(base: Path) -> None:
-    rig = opened(base)
-    try:
+    with opened(base) as rig:
         epoch = rig.nodes[3].state.epoch
         rig.nodes.pop(3).close()
         rig.settle()
@@ -38,13 +37,10 @@ def test_only_the_daemons_that_stop_while_others_stay_are_marked(base: Path) -> 
         assert _flag(rig, 2).exists()
         rig.nodes.pop(1).close()   # the last one: nobody goes on without it
         assert not _flag(rig, 1).exists()
-    finally:
-        rig.close()
 
 
 def test_a_node_left_behind_is_not_once_it_has_the_agreed_state_on_disk(base: Path) -> None:
-    rig = opened(base)
-    try:
+    with opened(base) as rig:
         rig.nodes.pop(3).close()
         rig.settle()
         flush = rig.mark(1, [9])
@@ -56,13 +52,10 @@ def test_a_node_left_behind_is_not_once_it_has_the_agreed_state_on_disk(base: Pa
         rig.settle()
         assert node.current and node.state.logs[UUID].marks[1][9]
         assert not node.left_behind and not _flag(rig, 3).exists()
-    finally:
-        rig.close()
 
 
 def test_stopped_one_by_one_the_cluster_forms_again_around_the_last(base: Path) -> None:
-    rig = opened(base)
-    try:
+    with opened(base) as rig:
         for n in (3, 2):
             rig.nodes.pop(n).close()
             rig.settle()
@@ -85,15 +78,12 @@ def test_stopped_one_by_one_the_cluster_forms_again_around_the_last(base: Path) 
         # its boot: out of sync, to be recovered).
         assert [rig.read(n, T.IN_SYNC, 4) for n in (1, 2, 3)] == [0, 0, 0]
         assert not any(_flag(rig, n).exists() for n in (1, 2, 3))
-    finally:
-        rig.close()
 
 
 def test_every_node_back_forms_even_if_each_was_left_behind(base: Path) -> None:
     """Two daemons stopped at the same time each saw the other go on: both are marked. With
     every node back, the newest copy among all of them is the cluster's."""
-    rig = opened(base, corosyncs=2, daemons=(1, 2))
-    try:
+    with opened(base, corosyncs=2, daemons=(1, 2)) as rig:
         for n in (1, 2):
             rig.nodes.pop(n).close()
         assert _flag(rig, 1).exists() and _flag(rig, 2).exists()
@@ -105,8 +95,6 @@ def test_every_node_back_forms_even_if_each_was_left_behind(base: Path) -> None:
         rig.settle()
         assert all(rig.nodes[n].current for n in (1, 2))
         assert all(rig.answer(n, seq) is not None for n, seq in resumes.items())
-    finally:
-        rig.close()
 
 
 @pytest.mark.parametrize("text", ["", "not a number\n", "\x00\x00"])
@@ -125,8 +113,7 @@ def test_ulog_dump_cluster_says_a_node_is_left_behind(base: Path, capsys: pytest
 
     from ulog_disk.tools import dump
 
-    rig = opened(base)
-    try:
+    with opened(base) as rig:
         epoch = rig.nodes[3].state.epoch
         rig.nodes.pop(3).close()
         for n, expected in ((3, epoch), (2, None)):
@@ -135,5 +122,3 @@ def test_ulog_dump_cluster_says_a_node_is_left_behind(base: Path, capsys: pytest
             assert doc["left_behind"] == expected
         assert dump.main(["cluster", str(rig.nodes_dir(3) / "cluster")]) == 0
         assert f"left behind at epoch {epoch}" in capsys.readouterr().out
-    finally:
-        rig.close()

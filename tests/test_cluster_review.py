@@ -189,8 +189,7 @@ def test_a_resent_flush_with_its_regions_waits_too(rig3: Rig) -> None:
 
 
 def test_a_flush_in_pieces_resent_in_the_new_history_keeps_every_mark(base: Path) -> None:
-    rig = opened(base, regions=2048)
-    try:
+    with opened(base, regions=2048) as rig:
         flush = rig.mark(3, list(range(1500)))   # two FLUSH messages, handed to corosync
         rig.bus.partition([{3}])                 # ordered on node 3's side only
         # Node 1 is slow to read: the majority's coordinator declares nobody departed before the
@@ -207,8 +206,6 @@ def test_a_flush_in_pieces_resent_in_the_new_history_keeps_every_mark(base: Path
         # Node 3's kernel now writes regions 0..1499: every node must say they are not clean.
         assert [rig.read(n, T.IS_CLEAN, 1499) for n in (1, 2, 3)] == [0, 0, 0]
         assert [rig.read(n, T.IS_CLEAN, 0) for n in (1, 2, 3)] == [0, 0, 0]
-    finally:
-        rig.close()
 
 
 # --- the coordinator's memory of what it declared ------------------------------------------------------
@@ -240,8 +237,7 @@ def test_a_node_declared_in_vain_is_declared_when_it_really_goes(rig3: Rig) -> N
 
 def test_replies_held_for_quorum_go_out_when_quorum_alone_comes_back(base: Path) -> None:
     # Three corosyncs, dm-ulogd on nodes 1 and 2; the log is open on node 1 only.
-    rig = Rig(base, corosyncs=3, daemons=(1, 2))
-    try:
+    with Rig(base, corosyncs=3, daemons=(1, 2)) as rig:
         resume = rig.open(1)
         rig.settle()
         assert rig.answer(1, resume) is not None
@@ -257,14 +253,11 @@ def test_replies_held_for_quorum_go_out_when_quorum_alone_comes_back(base: Path)
         rig.settle()
         assert rig.nodes[1].quorate
         assert rig.answer(1, flush) is not None, "the FLUSH waits although node 1 is quorate"
-    finally:
-        rig.close()
 
 
 def test_requests_that_waited_for_quorum_go_out_when_a_split_moves(base: Path) -> None:
     # Five corosyncs, dm-ulogd on nodes 1..3 (a majority of the five, so the cluster forms).
-    rig = opened(base, corosyncs=5, daemons=(1, 2, 3))
-    try:
+    with opened(base, corosyncs=5, daemons=(1, 2, 3)) as rig:
         rig.bus.partition([{1, 2}, {3, 4, 5}])   # nodes 1 and 2: 2 votes of 5
         rig.settle()
         assert not rig.nodes[1].quorate
@@ -277,8 +270,6 @@ def test_requests_that_waited_for_quorum_go_out_when_a_split_moves(base: Path) -
         assert 2 in rig.nodes[1].state.unfenced or 2 not in rig.nodes[1].state.logs[UUID].opened
         assert rig.answer(1, flush) is not None, \
             f"node 1's FLUSH still waits ({len(rig.nodes[1].waiting)} request(s) in `waiting`)"
-    finally:
-        rig.close()
 
 
 # --- a state transfer that completes after the next membership change --------------------------------
@@ -292,8 +283,8 @@ def _work(rig: Rig, n: int, seq: int) -> int | None:
 
 
 def test_a_transfer_that_completes_after_another_join_hands_no_region_twice(base: Path) -> None:
-    rig = opened(base, corosyncs=4, daemons=(1, 2, 3, 4), nosync=False)   # every region to recover
-    try:
+    # Every region to recover.
+    with opened(base, corosyncs=4, daemons=(1, 2, 3, 4), nosync=False) as rig:
         # Node 4 is cut off (1 vote of 4); its kernel's GET_RESYNC_WORK waits for quorum.
         rig.bus.partition([{4}])
         rig.run([4])                     # node 4 reads the split before its kernel asks
@@ -328,8 +319,6 @@ def test_a_transfer_that_completes_after_another_join_hands_no_region_twice(base
         assert regions[3] != regions[4], f"region {regions[3]} handed to nodes 3 and 4"
         owners = rig.nodes[1].state.logs[UUID].recovering
         assert all(owners.get(region) == n for n, region in regions.items() if region is not None), owners
-    finally:
-        rig.close()
 
 
 def test_a_reply_of_a_history_given_up_is_not_sent(rig3: Rig) -> None:
@@ -378,8 +367,7 @@ def test_a_failing_fence_command_keeps_the_regions_held_until_it_succeeds(
     status, runs = base / "fence-status", base / "fence-runs"
     status.write_text("1")
     script = f'echo "$1" >> {runs}; exit "$(cat {status})"'
-    rig = opened(base, fence=f"sh -c {shlex.quote(script)} fence")
-    try:
+    with opened(base, fence=f"sh -c {shlex.quote(script)} fence") as rig:
         flush = rig.mark(3, [5])
         rig.settle()
         assert rig.answer(3, flush) is not None
@@ -413,8 +401,6 @@ def test_a_failing_fence_command_keeps_the_regions_held_until_it_succeeds(
         assert rig.answer(2, done) is not None
         assert [rig.read(n, T.IN_SYNC, 5) for n in (1, 2)] == [1, 1]
         assert [rig.read(n, T.IS_CLEAN, 5) for n in (1, 2)] == [1, 1]
-    finally:
-        rig.close()
 
 
 def test_a_fence_command_that_hangs_is_killed_and_retried(
@@ -430,8 +416,7 @@ def test_a_fence_command_that_hangs_is_killed_and_retried(
         return proc
 
     monkeypatch.setattr(cluster_mod.subprocess, "Popen", recording)
-    rig = opened(base, fence="sleep 600")
-    try:
+    with opened(base, fence="sleep 600") as rig:
         rig.mark(3, [5])
         rig.settle()
         rig.crash(3)
@@ -441,14 +426,11 @@ def test_a_fence_command_that_hangs_is_killed_and_retried(
         assert len(started) == 1 and started[0].returncode is not None, "the hanging fence command still runs"
         assert 3 not in coordinator.fencing
         assert coordinator.state.unfenced == [3] and coordinator.state.logs[UUID].held_regions() == [5]
-    finally:
-        rig.close()
 
 
 def test_stopping_while_a_fence_command_runs(base: Path) -> None:
-    rig = opened(base, fence="sleep 600")
-    coordinator = rig.nodes[1]
-    try:
+    with opened(base, fence="sleep 600") as rig:
+        coordinator = rig.nodes[1]
         rig.mark(3, [5])
         rig.settle()
         rig.crash(3)
@@ -460,22 +442,25 @@ def test_stopping_while_a_fence_command_runs(base: Path) -> None:
             proc.kill()
             proc.wait()
         assert coordinator.group.closed
-    finally:
-        rig.close()
 
 
 # --- forming the cluster -----------------------------------------------------------------------------
 
 
+def _two_of_five(base: Path) -> Rig:
+    """Five corosyncs, three of them down; daemons (fresh) on nodes 1 and 2: not quorate."""
+    rig = Rig(base, corosyncs=5, daemons=())
+    for n in (3, 4, 5):
+        rig.bus.crash(n)
+    for n in (1, 2):
+        rig.start(n)
+    return rig
+
+
 def test_a_formation_that_waited_for_quorum_goes_ahead_when_quorum_comes(base: Path) -> None:
     # Five corosyncs; after a whole-cluster stop only nodes 1 and 2 are back, with their daemons
     # (2 of 5 votes). Then node 3's corosync comes back (its dm-ulogd is not started): quorate.
-    rig = Rig(base, corosyncs=5, daemons=())
-    try:
-        for n in (3, 4, 5):
-            rig.bus.crash(n)
-        for n in (1, 2):
-            rig.start(n)
+    with _two_of_five(base) as rig:
         resume = rig.open(1)
         rig.settle()
         assert not rig.nodes[1].current and rig.answer(1, resume) is None
@@ -484,8 +469,6 @@ def test_a_formation_that_waited_for_quorum_goes_ahead_when_quorum_comes(base: P
         assert rig.nodes[1].quorate
         assert rig.nodes[1].current and rig.nodes[2].current, "quorate, 2 daemons of 3 corosyncs: not formed"
         assert rig.answer(1, resume) is not None
-    finally:
-        rig.close()
 
 
 def test_a_cluster_forms_once_dm_ulogd_runs_on_a_majority_of_the_corosync_nodes(
@@ -494,8 +477,7 @@ def test_a_cluster_forms_once_dm_ulogd_runs_on_a_majority_of_the_corosync_nodes(
     dm-ulogd"): a formation needs the daemons of a majority of the nodes, so that what a quorate
     partition acknowledged is in the newest copy among them. With daemons on 2 of 4 nodes the
     cluster waits and says why; a third daemon, on a node with no mirror, lets it form."""
-    rig = Rig(base, corosyncs=4, daemons=(1, 2))
-    try:
+    with Rig(base, corosyncs=4, daemons=(1, 2)) as rig:
         resumes = {n: rig.open(n) for n in (1, 2)}
         rig.settle()
         assert all(rig.nodes[n].quorate for n in (1, 2))
@@ -507,8 +489,6 @@ def test_a_cluster_forms_once_dm_ulogd_runs_on_a_majority_of_the_corosync_nodes(
         for n, seq in resumes.items():
             reply = rig.answer(n, seq)
             assert reply is not None and reply.error == 0, f"node {n}: RESUME not answered"
-    finally:
-        rig.close()
 
 
 # --- interleavings that hold (pinned) -------------------------------------------------------------------
@@ -600,12 +580,7 @@ def test_a_flush_as_corosync_dies_waits_instead_of_failing(rig3: Rig) -> None:
 
 
 def test_members_reading_the_last_hello_around_a_quorum_change_decide_alike(base: Path) -> None:
-    rig = Rig(base, corosyncs=5, daemons=())
-    try:
-        for n in (3, 4, 5):
-            rig.bus.crash(n)
-        for n in (1, 2):
-            rig.start(n)                  # fresh state directories: a formation (2 votes of 5)
+    with _two_of_five(base) as rig:   # fresh state directories: a formation (2 votes of 5)
         resumes = {n: rig.open(n) for n in (1, 2)}
         for node in rig.live():
             step(node)                    # the join: each says HELLO
@@ -617,8 +592,6 @@ def test_members_reading_the_last_hello_around_a_quorum_change_decide_alike(base
         current = {n: rig.nodes[n].current for n in (1, 2)}
         assert current[1] == current[2], f"one agreed stream, two decisions: current {current}"
         assert all(rig.answer(n, seq) is not None for n, seq in resumes.items())
-    finally:
-        rig.close()
 
 
 def test_a_resync_work_resent_while_the_first_waits_gets_the_same_region(rig3: Rig) -> None:
@@ -659,8 +632,7 @@ def _transfer_started(rig: Rig, joiner: int) -> None:
     pytest.param(2, id="another member dies"),
 ])
 def test_a_member_dying_during_a_transfer_in_pieces(base: Path, leaving: int) -> None:
-    rig = opened(base, corosyncs=4, daemons=(1, 2, 3, 4), max_atomic=200, regions=64)
-    try:
+    with opened(base, corosyncs=4, daemons=(1, 2, 3, 4), max_atomic=200, regions=64) as rig:
         rig.mark(2, [5, 40])
         rig.settle()
         rig.crash(4)
@@ -685,8 +657,6 @@ def test_a_member_dying_during_a_transfer_in_pieces(base: Path, leaving: int) ->
         else:
             assert shared.marks[2][5] and shared.marks[2][40]
         assert [rig.read(4, T.IS_CLEAN, r) for r in (5, 40)] == [0, 0]
-    finally:
-        rig.close()
 
 
 # --- IS_REMOTE_RECOVERING ------------------------------------------------------------------------------
@@ -744,8 +714,7 @@ def test_a_fenced_message_that_waited_does_not_release_a_later_departure(
     status.write_text("0")
     fence = f"sh -c {shlex.quote(f'exit $(cat {status})')} fence"
     # Five corosyncs and daemons; node 1 (the coordinator) does not have this mirror open.
-    rig = Rig(base, corosyncs=5, daemons=(1, 2, 3, 4, 5), fence=fence)
-    try:
+    with Rig(base, corosyncs=5, daemons=(1, 2, 3, 4, 5), fence=fence) as rig:
         resumes = {n: rig.open(n) for n in (2, 3, 4, 5)}
         rig.settle()
         assert all(rig.answer(n, seq) is not None for n, seq in resumes.items())
@@ -784,16 +753,13 @@ def test_a_fenced_message_that_waited_does_not_release_a_later_departure(
             state = rig.nodes[n].state
             assert state.unfenced == [5], f"node {n}: node 5 counts as fenced; its fence failed"
             assert state.logs[UUID].held_regions() == [3]
-    finally:
-        rig.close()
 
 
 # --- a whole-cluster crash after one daemon served alone -------------------------------------------------
 
 
 def test_marks_acknowledged_by_a_daemon_serving_alone_survive_a_whole_cluster_crash(base: Path) -> None:
-    rig = opened(base)
-    try:
+    with opened(base) as rig:
         # Nodes 2 and 3 take their mirrors down and stop their daemons (maintenance): node 1 goes on
         # alone, quorate (every corosync runs), and acknowledges a FLUSH.
         for n in (2, 3):
@@ -824,8 +790,6 @@ def test_marks_acknowledged_by_a_daemon_serving_alone_survive_a_whole_cluster_cr
         rig.settle()
         # Node 1's kernel was writing region 7 when the power went: it must be resynced.
         assert [rig.read(n, T.IN_SYNC, 7) for n in (1, 2, 3)] == [0, 0, 0]
-    finally:
-        rig.close()
 
 
 # --- a write that raced a recovery's hand-out ------------------------------------------------------------
@@ -855,8 +819,7 @@ def test_a_write_to_a_region_out_of_sync_waits_for_its_recovery(rig3: Rig) -> No
 
 
 def test_members_with_different_states_decide_a_formation_alike(base: Path) -> None:
-    rig = opened(base, corosyncs=4, daemons=(1, 2, 3))
-    try:
+    with opened(base, corosyncs=4, daemons=(1, 2, 3)) as rig:
         rig.start(4)                     # node 4's daemon opens the log too
         resume = rig.open(4)
         rig.settle()
@@ -886,8 +849,6 @@ def test_members_with_different_states_decide_a_formation_alike(base: Path) -> N
         rig.settle()
         assert all(rig.nodes[n].current for n in (1, 2, 3))
         assert all(rig.answer(n, seq) is not None for n, seq in resumes.items())
-    finally:
-        rig.close()
 
 
 def test_marks_not_flushed_when_the_last_instance_goes_do_not_reach_the_next(rig3: Rig) -> None:

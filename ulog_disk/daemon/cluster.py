@@ -248,9 +248,7 @@ class ClusterNode:
         self.lock = threading.RLock()
         #: Written by the loop to have the cluster thread look again at its timers (a send that
         #: corosync pushed back), and by :meth:`close`.
-        self.wake_r, self.wake_w = os.pipe()
-        os.set_blocking(self.wake_r, False)
-        os.set_blocking(self.wake_w, False)
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         #: Snapshots to write before the next sync: (data, snapshot id, epoch, journal position).
         self._snapshots: list[tuple[bytes, int, int, int]] = []
         self._durable_epoch = self.store.durable_epoch

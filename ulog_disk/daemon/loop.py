@@ -391,9 +391,7 @@ class Daemon:
         self.capture = capture
         # Replies go out from the loop, the store worker and the group-commit thread.
         self.send_lock = threading.Lock()
-        self.wake_r, self.wake_w = os.pipe()
-        os.set_blocking(self.wake_r, False)
-        os.set_blocking(self.wake_w, False)
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.worker = StoreWorker(self.send, self.wake)
         self.group = GroupCommit(applier.backend, self.send, self.wake)
         self.selector = _selector()

@@ -32,6 +32,7 @@ import construct as c
 from .journal import FILE_MODE, Journal, JournalError, Kind, Scan, fsync_dir, scan
 
 SNAPSHOT_FILE_VERSION = 1
+LEFT_BEHIND_FILE = "left-behind"
 
 #: The snapshot file: the snapshot's id (what journal records name), the epoch it is at, the
 #: snapshot bytes, a CRC-32 of everything before it.
@@ -79,6 +80,8 @@ class ClusterStore:
 
     def __init__(self, directory: Path, segment_bytes: int | None = None) -> None:
         self.directory = Path(directory)
+        #: Present while this node's copy is older than what other members went on with.
+        self.left_behind_path = self.directory / LEFT_BEHIND_FILE
         self.journal = Journal(self.directory, segment_bytes) if segment_bytes else Journal(self.directory)
         self.snapshot_id = 0
         self._lock = threading.Lock()
@@ -91,10 +94,6 @@ class ClusterStore:
     @property
     def snapshot_path(self) -> Path:
         return self.directory / "snapshot"
-
-    @property
-    def left_behind_path(self) -> Path:
-        return self.directory / "left-behind"
 
     def left_behind(self) -> int | None:
         """The epoch this node's copy was at when other members went on without it, or None."""
@@ -300,6 +299,7 @@ class VolatileClusterStore:
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
+        self.left_behind_path = self.directory / LEFT_BEHIND_FILE  # never written: named in messages
         self.journal = _NoJournal()
         self.snapshot_id = 0
         self.durable_epoch = 0
@@ -309,10 +309,6 @@ class VolatileClusterStore:
 
     def load(self) -> Loaded:
         return Loaded(None, 0, 0, [], 0)
-
-    @property
-    def left_behind_path(self) -> Path:
-        return self.directory / "left-behind"
 
     def left_behind(self) -> int | None:
         return None  # nothing survives a stop: the next start has no copy to be older

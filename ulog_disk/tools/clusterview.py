@@ -20,7 +20,13 @@ from ..cluster import messages as msg
 from ..cluster.shared import ClusterRuleError, ClusterState, SharedLog
 from ..log.regionlog import format_ranges
 from ..storage import journal as jn
-from ..storage.cluster_store import ClusterStoreError, agreed_head, read_cluster_dir, read_left_behind
+from ..storage.cluster_store import (
+    LEFT_BEHIND_FILE,
+    ClusterStoreError,
+    agreed_head,
+    read_cluster_dir,
+    read_left_behind,
+)
 from ..storage.lmdb_reader import ERROR, NOTE, WARNING, Finding
 from .common import bit_ranges, luid_hex
 from .storeview import CLUSTER_DIR, scan_journal
@@ -114,7 +120,7 @@ def read_cluster(directory: Path) -> ClusterView:
     except msg.MessageError as exc:
         return _unreadable(view, f"{view.directory / SNAPSHOT_FILE}: {exc}")
     view.has_snapshot = loaded.snapshot is not None
-    view.left_behind = read_left_behind(view.directory / "left-behind")
+    view.left_behind = read_left_behind(view.directory / LEFT_BEHIND_FILE)
     if view.left_behind is not None:
         view.findings.append(Finding(
             NOTE, where, f"left behind at epoch {view.left_behind}: this node stopped while other members "
