@@ -1,6 +1,6 @@
 """Cluster mode, a second review of the session's changes (left-behind, message version 2,
 IS_REMOTE_RECOVERING's policy, the exchange's fixes): the interleavings that show a defect
-(xfail, strict) and the ones checked and found right (pinned)."""
+(xfail, strict, until fixed) and the ones checked and found right (pinned)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,6 @@ from ulog_disk.testing.client import ctr_text
 from ulog_disk.testing.fakecorosync import step
 
 
-@pytest.mark.xfail(strict=True, reason="IS_REMOTE_RECOVERING stays 1 after PRESUSPEND (cmirrord: 0 once "
-                   "recovery is halted): a write requeued there waits for a recovery nobody makes; "
-                   "the suspend hangs")
 def test_a_write_waiting_at_presuspend_is_let_through(base: Path) -> None:
     """cmirrord answers IS_REMOTE_RECOVERING 0 once recovery is halted (PRESUSPEND): the kernel
     asks no GET_RESYNC_WORK between PRESUSPEND and RESUME, and a write requeued for a region
@@ -34,9 +31,6 @@ def test_a_write_waiting_at_presuspend_is_let_through(base: Path) -> None:
         assert _remote(rig, 1, 5)[0] == 0, "a write held after PRESUSPEND that nobody will ever recover"
 
 
-@pytest.mark.xfail(strict=True, reason="a node that crashed writes no left-behind file: with it, a "
-                   "left-behind "
-                   "member's older copy forms the cluster (the donor itself is left behind)")
 def test_a_node_that_crashed_before_the_others_stopped_does_not_make_a_stale_copy_win(base: Path) -> None:
     """Node 3's host dies (no left-behind file can be written), nodes 1 and 2 go on; node 2 is
     stopped (left behind); node 1 serves alone and acknowledges a FLUSH; then node 1 loses power.
@@ -71,8 +65,6 @@ def test_a_node_that_crashed_before_the_others_stopped_does_not_make_a_stale_cop
             f"node 1's acknowledged mark lost (nodes 2 and 3 formed without it: {formed})"
 
 
-@pytest.mark.xfail(strict=True, reason="current_nodes counts a receiver only once its DURABLE is delivered: "
-                   "the donor stopping before writes no left-behind file, though the receiver goes on")
 def test_a_stop_while_a_joiner_takes_the_state_marks_the_stopping_node(base: Path) -> None:
     """``current_nodes`` counts a member that takes the state only once its DURABLE is delivered:
     the donor stopping in between sees nobody going on and writes no left-behind file, though
@@ -157,8 +149,6 @@ def _coordinator_fencing_across_a_split(base: Path) -> tuple[Rig, _Fence]:
     return rig, fence
 
 
-@pytest.mark.xfail(strict=True, reason="a fence command discarded for its history schedules no retry and "
-                   "nothing calls _coordinate again: the node stays unfenced, its regions held")
 def test_a_fence_command_discarded_after_taking_a_state_is_run_again(
         base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A coordinator's fence command that ends after it took another state is discarded
@@ -168,8 +158,9 @@ def test_a_fence_command_discarded_after_taking_a_state_is_run_again(
     monkeypatch.setattr(cluster_mod, "FENCE_RETRY", 0.0)
     rig, fence = _coordinator_fencing_across_a_split(base)
     with rig:
+        first = rig.nodes[1].fencing[5]      # node 1's, started in the history it gave up
         fence.go.write_text("")              # both commands (node 1's and node 2's) fail
-        _until(rig, lambda: 5 not in rig.nodes[1].fencing and 5 not in rig.nodes[2].fencing, "the fences end")
+        _until(rig, lambda: first.poll() is not None and 5 not in rig.nodes[2].fencing, "the fences end")
         fence.status.write_text("0")         # a fence would succeed now
         try:
             _until(rig, lambda: not rig.nodes[1].state.unfenced, "node 5 fenced", limit=3.0)
@@ -178,8 +169,6 @@ def test_a_fence_command_discarded_after_taking_a_state_is_run_again(
             pytest.fail(f"node 5 never fenced again: held regions {held}")
 
 
-@pytest.mark.xfail(strict=True, reason="IS_REMOTE_RECOVERING past the shared log's end answers the hint "
-                   "region_count: the kernel then asks about no region below it, nor GET_RESYNC_WORK")
 def test_a_region_past_a_shrunk_log_does_not_tell_the_kernel_all_is_in_sync(base: Path) -> None:
     """Node 2 reloads a smaller table (lvreduce: the shared log shrinks to 8 regions) while node
     1's table still has 16. Node 1's kernel asks about region 12: the answer's hint, 16, is node

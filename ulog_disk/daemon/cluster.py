@@ -228,8 +228,9 @@ class ClusterNode:
         self.totem_members: set[int] = set()
         #: Nodes whose daemon this one saw leave the group (and not come back).
         self.left_nodes: set[int] = set()
-        #: The members known to hold the agreed state: current at the last exchange, or said
-        #: DURABLE since (a member that took the state). Those go on if this node stops.
+        #: The members that hold the agreed state or may (every member of the last exchange,
+        #: those that took the state included), less those gone since: those go on if this node
+        #: stops.
         self.current_nodes: set[int] = set()
         self.declared_fenced: set[int] = set()
         #: Rounds decided since the last membership change (late HELLOs of them are ignored).
@@ -627,8 +628,20 @@ class ClusterNode:
             region = wire.parse_region(data)
             if not 0 <= region < ctr.region_count:
                 raise IndexError(f"region {region} out of range (region count {ctr.region_count})")
-            if log_ is None or region >= log_.region_count:
+            if log_ is None:
                 return Reply(request, 0, wire.build_remote_recovering(False, ctr.region_count))
+            # The hint within this node's table: a log shrunk by another node's reload must not
+            # say that every region of this one is in sync (the kernel then asks about none).
+            hint = min(log_.first_unsynced(), ctr.region_count)
+            if region >= log_.region_count:
+                return Reply(request, 0, wire.build_remote_recovering(False, hint))
+            if local.state is not State.LIVE:
+                # Suspending (or suspended): this kernel asks no GET_RESYNC_WORK any more, so a
+                # write held for a region nobody recovers would hold its suspend for good. As
+                # cmirrord once recovery is halted: held only while another node copies it now.
+                owner = log_.recovering.get(region)
+                return Reply(request, 0, wire.build_remote_recovering(
+                    owner is not None and owner != self.nodeid, ctr.region_count))
             recovering = log_.remote_recovering(self.nodeid, region)
             if recovering and region not in log_.recovering:
                 # A write of this node's kernel waits for it: asked for first at its next
@@ -637,7 +650,7 @@ class ClusterNode:
                 wanted[region] = None
                 if len(wanted) > WANTED_REGIONS:
                     del wanted[next(iter(wanted))]
-            return Reply(request, 0, wire.build_remote_recovering(recovering, log_.first_unsynced()))
+            return Reply(request, 0, wire.build_remote_recovering(recovering, hint))
         raise ValueError(f"request type {kind} has no clustered handler")
 
     def _preferred(self, uuid: str, log_: SharedLog) -> list[int]:
@@ -970,12 +983,14 @@ class ClusterNode:
                             "requests wait", len(nodes), len(known))
                 self.syncing = False
                 return
-            if all(h.left_behind for h in self.hellos.values()) and not known <= nodes:
-                # Each of them stopped while others went on: what those acknowledged after is in
-                # none of these copies. Galera's rule (safe_to_bootstrap): wait for one of them.
-                log.warning("cluster: every member here stopped while other nodes went on (node(s) %s not "
-                            "here): the cluster forms once one of those, or every node, is a member; "
-                            "agreed requests wait (docs/cluster.md, Formation)",
+            newest = self.hellos[max(self.hellos, key=self._rank)]
+            if newest.left_behind and not known <= nodes:
+                # The newest copy here stopped while others went on: what those acknowledged
+                # after is in none of these copies (an older one, of a node that crashed before,
+                # says nothing of it). Galera's rule (safe_to_bootstrap): wait for one of them.
+                log.warning("cluster: the newest state here is of a node that stopped while other nodes "
+                            "went on (node(s) %s not here): the cluster forms once one of those, or every "
+                            "node, is a member; agreed requests wait (docs/cluster.md, Formation)",
                             ", ".join(str(n) for n in sorted(known - nodes)))
                 self.syncing = False
                 return
@@ -985,11 +1000,7 @@ class ClusterNode:
         # Within one formation a member that was current holds the newest state: a member that
         # was not dropped what was applied since the change, and the current members' HELLOs
         # were sent before they applied it (their epochs then may tie with a stale copy's).
-        def rank(m: tuple[int, int]) -> tuple[int, bool, int, int, int]:
-            h = self.hellos[m]
-            return (h.epoch >> EPOCH_FORMATION, h.current, h.epoch, -m[0], -m[1])
-
-        donor_member = max(self.hellos, key=rank)
+        donor_member = max(self.hellos, key=self._rank)
         donor = self.hellos[donor_member]
         mine = self.hellos.get((self.nodeid, self.pid))
         # A member that was not current dropped the state messages delivered since the change:
@@ -999,7 +1010,8 @@ class ClusterNode:
         for node, _ in needs:
             self.durable_of.pop(node, None)  # what it acknowledged was another history
         self.transfer_donor = donor_member if needs else None
-        self.current_nodes = {m[0] for m in self.hellos if m not in needs}
+        # Those that take the state count too: one may have it, and go on, before its DURABLE.
+        self.current_nodes = {n for n, _ in self.hellos}
         if formation and (self.nodeid, self.pid) not in needs:
             self.state.epoch = ((donor.epoch >> EPOCH_FORMATION) + 1) << EPOCH_FORMATION
             log.info("cluster: formed from the state directories of node(s) %s (newest: node %d's); "
@@ -1029,6 +1041,11 @@ class ClusterNode:
             self.queued = []
         if self.current:
             self._became_current()
+
+    def _rank(self, member: tuple[int, int]) -> tuple[int, bool, int, int, int]:
+        """How a member's HELLO ranks as a donor: see _hello."""
+        h = self.hellos[member]
+        return (h.epoch >> EPOCH_FORMATION, h.current, h.epoch, -member[0], -member[1])
 
     receive_round = 0
     receive_from: tuple[int, int] = (0, 0)
@@ -1162,8 +1179,9 @@ class ClusterNode:
                 # Run for a departure of a history this node gave up: says nothing of the node's
                 # departures in this one (it may have come back and gone again since).
                 log.warning("cluster: the fence command for node %d ended (exit %d) after this node took "
-                            "another state: not counted; the coordinator fences it again if it must",
-                            node, code)
+                            "another state: not counted; run again if this node coordinates and the node "
+                            "is still to fence", node, code)
+                self.fence_after[node] = time.monotonic()
                 continue
             if code == 0:
                 log.warning("cluster: node %d fenced (the fence command exited 0)", node)

@@ -13,8 +13,9 @@ A restart loads the snapshot and replays the records that build on it with an ep
 
 A third file, ``left-behind``, is there while this node's copy is older than what other members
 went on with: the node stopped (or lost its corosync) while they stayed. It holds the epoch the
-copy was at, in decimal. A cluster forming anew from its state directories waits for a member
-without it (or for every node), as Galera waits for the node that is safe to bootstrap.
+copy was at, in decimal. A cluster forming anew from its state directories whose newest copy has
+it waits for one of the nodes that went on (or for every node), as Galera waits for the node that
+is safe to bootstrap.
 """
 
 from __future__ import annotations
