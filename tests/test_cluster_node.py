@@ -461,9 +461,9 @@ class Cluster:
             if len(set(snaps.values())) > 1:
                 epochs = {n: self.nodes[n].state.epoch for n in snaps}
                 raise Violation(f"(1) members of ring {sorted(ring)} differ after settle (epochs {epochs})")
-            # Every daemon here stopped while others went on (their state directories say so):
-            # they wait for one of those (docs/cluster.md, Formation), which is not here.
-            left_behind = all(self.nodes[n].left_behind for n in ring if n in self.nodes) and \
+            # A daemon here stopped while others went on (its state directory says so): if its
+            # copy is the newest here, they wait for one of those (docs/cluster.md, Formation).
+            left_behind = any(self.nodes[n].left_behind for n in ring if n in self.nodes) and \
                 not set(self.bus.nodeids) <= set(ring)
             if self.bus.quorate(min(ring)) and not left_behind:
                 stale = [n for n in ring if n in self.nodes and not self.nodes[n].current]
