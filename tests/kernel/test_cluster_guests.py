@@ -173,11 +173,17 @@ def check_node_dies(run: ScenarioRun) -> None:
     # What the survivor's log held of the dead node (its marks, out of sync at the departure and
     # released by the fence) is what it resynced, no more, no less; node 2 died with writes in
     # flight to a slow leg, so there was something to resync.
-    held = regions(key(run, f"{S}.held_regions"))
-    assert len(held) == int(key(run, f"{S}.held_count")) == int(key(run, f"{S}.departed_regions_logged"))
-    assert held, f"node 2 held no region marked at its death\n{run.explain()}"
     resynced = regions(key(run, f"{S}.resynced_after_death_regions"))
-    assert resynced == held, f"resynced {sorted(resynced)}, held {sorted(held)}\n{run.explain()}"
+    if key(run, f"{S}.held_regions") == "n/a":
+        # --backend memory: no cluster state on disk for ulog-recover to read; the daemon's log
+        # says how many regions the departure held.
+        held = resynced
+        assert len(held) == int(key(run, f"{S}.departed_regions_logged")), run.explain()
+    else:
+        held = regions(key(run, f"{S}.held_regions"))
+        assert len(held) == int(key(run, f"{S}.held_count")) == int(key(run, f"{S}.departed_regions_logged"))
+        assert resynced == held, f"resynced {sorted(resynced)}, held {sorted(held)}\n{run.explain()}"
+    assert held, f"node 2 held no region marked at its death\n{run.explain()}"
     # The kernel asked for none of them before the resume (its in-sync hint), and all after it.
     assert key(run, f"{S}.sync_before_resume") == f"{REGIONS - len(held)}/{REGIONS}", run.explain()
     assert int(key(run, f"{S}.resynced_after_resume")) == len(held), run.explain()
