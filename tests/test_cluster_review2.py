@@ -50,19 +50,26 @@ def test_a_node_that_crashed_before_the_others_stopped_does_not_make_a_stale_cop
         assert rig.answer(1, flush) is not None and rig.read(1, T.IS_CLEAN, 7) == 0
         rig.crash(1)                         # the power goes
         rig.bus.crash(2)
-        for n in (1, 2, 3):
-            rig.bus.start(n)
-        for n in (2, 3):
-            rig.start(n)
-            rig.open(n)
-        rig.settle()
-        formed = {n: rig.nodes[n].current for n in (2, 3)}
-        rig.start(1)
-        rig.open(1)
-        rig.settle()
+        formed = _back_after_a_power_cut(rig, first=(2, 3), last=1)
         # Node 1's kernel was writing region 7 when the power went: it must be resynced.
         assert [rig.read(n, T.IN_SYNC, 7) for n in (1, 2, 3)] == [0, 0, 0], \
             f"node 1's acknowledged mark lost (nodes 2 and 3 formed without it: {formed})"
+
+
+def _back_after_a_power_cut(rig: Rig, first: tuple[int, int], last: int) -> dict[int, bool]:
+    """Every corosync back; the daemons ``first`` start and open the log, then ``last``. Whether
+    each of ``first`` was current (had formed) before ``last`` came."""
+    for n in (1, 2, 3):
+        rig.bus.start(n)
+    for n in first:
+        rig.start(n)
+        rig.open(n)
+    rig.settle()
+    formed = {n: rig.nodes[n].current for n in first}
+    rig.start(last)
+    rig.open(last)
+    rig.settle()
+    return formed
 
 
 def test_a_stop_while_a_joiner_takes_the_state_marks_the_stopping_node(base: Path) -> None:
@@ -97,15 +104,7 @@ def test_a_stop_while_a_joiner_takes_the_state_marks_the_stopping_node(base: Pat
         rig.crash(2)                         # the power goes
         for n in (1, 3):
             rig.bus.crash(n)
-        for n in (1, 2, 3):
-            rig.bus.start(n)
-        for n in (1, 3):
-            rig.start(n)
-            rig.open(n)
-        rig.settle()
-        rig.start(2)
-        rig.open(2)
-        rig.settle()
+        _back_after_a_power_cut(rig, first=(1, 3), last=2)
         assert [rig.read(n, T.IN_SYNC, 7) for n in (1, 2, 3)] == [0, 0, 0], \
             f"node 2's acknowledged mark lost (node 1 marked left behind at its stop: {marked})"
 
