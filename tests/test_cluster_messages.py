@@ -171,7 +171,7 @@ BODIES: dict[m.Kind, st.SearchStrategy[dict]] = {
     m.Kind.FLUSH: st.fixed_dictionaries({"token": u64, "uuid": uuids, "marks": region_lists,
                                          "clears": region_lists}),
     m.Kind.RESYNC_WORK: st.fixed_dictionaries({"token": u64, "uuid": uuids,
-                                               "prefer": st.lists(u64, max_size=20)}),
+                                               "prefer": st.lists(u64, max_size=20), "limit": u64}),
     m.Kind.SET_REGION_SYNC: st.fixed_dictionaries({"token": u64, "uuid": uuids, "region": u64,
                                                    "in_sync": st.booleans()}),
     m.Kind.OPEN: st.fixed_dictionaries({"token": u64, "uuid": uuids, "luid": u64, "boot_id": boot_ids,
@@ -218,7 +218,7 @@ def test_every_kind_round_trips(case):
 inputs = st.one_of(
     st.builds(sh.Flush, u32, uuids, st.lists(u64, max_size=20).map(tuple),
               st.lists(u64, max_size=20).map(tuple)),
-    st.builds(sh.ResyncWork, u32, uuids, st.lists(u64, max_size=20).map(tuple)),
+    st.builds(sh.ResyncWork, u32, uuids, st.lists(u64, max_size=20).map(tuple), u64),
     st.builds(sh.SetRegionSync, u32, uuids, u64, st.booleans()),
     st.builds(sh.Open, u32, uuids, u64, boot_ids, u64, st.booleans()),
     st.builds(sh.Close, u32, uuids, st.booleans()),
@@ -233,7 +233,8 @@ def message_of(item: sh.Input, token: int) -> bytes:
     if isinstance(item, sh.Flush):
         return m.encode(m.Kind.FLUSH, token=token, uuid=item.uuid, marks=item.marks, clears=item.clears)
     if isinstance(item, sh.ResyncWork):
-        return m.encode(m.Kind.RESYNC_WORK, token=token, uuid=item.uuid, prefer=list(item.prefer))
+        return m.encode(m.Kind.RESYNC_WORK, token=token, uuid=item.uuid, prefer=list(item.prefer),
+                        limit=item.limit)
     if isinstance(item, sh.SetRegionSync):
         return m.encode(m.Kind.SET_REGION_SYNC, token=token, uuid=item.uuid, region=item.region,
                         in_sync=item.in_sync)
@@ -410,8 +411,8 @@ def test_a_cluster_journal_of_version_1_is_read(name, vec):
     data[2] = 1
     fields = dict(vec["fields"])
     if fields["kind"] == "RESYNC_WORK":
-        data = data[:-(2 + 8 * len(fields["prefer"]))]   # version 1 had no ``prefer``
-        fields["prefer"] = []
+        data = data[:-(2 + 8 * len(fields["prefer"]) + 8)]   # version 1 had no ``prefer``, ``limit``
+        fields["prefer"], fields["limit"] = [], 2**64 - 1
     decoded = m.decode_stored(bytes(data))
     assert {"kind": decoded.kind.name, **_plain(decoded.fields)} == fields
     with pytest.raises(m.MessageError, match=f"version {m.MESSAGE_VERSION}"):

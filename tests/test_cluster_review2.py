@@ -11,6 +11,7 @@ import pytest
 from test_cluster_review import UUID, Rig, _remote, _until, _work, opened
 
 from ulog_disk.daemon import cluster as cluster_mod
+from ulog_disk.protocol import wire
 from ulog_disk.protocol.wire import RequestType as T
 from ulog_disk.testing.client import ctr_text
 from ulog_disk.testing.fakecorosync import step
@@ -231,11 +232,12 @@ def test_version_1_messages_are_refused_live_and_replayed_from_a_journal() -> No
         with pytest.raises(msg.MessageError, match="version 2"):
             msg.decode(old)
     assert msg.decode_stored(flush1) == msg.decode(flush2)
-    work2 = msg.encode(msg.Kind.RESYNC_WORK, token=3, uuid="u", prefer=[])
-    work1 = b"UC\x01" + work2[3:-2]          # version 1: no prefer list
+    work2 = msg.encode(msg.Kind.RESYNC_WORK, token=3, uuid="u", prefer=[], limit=64)
+    work1 = b"UC\x01" + work2[3:-10]         # version 1: no prefer list, no limit
     stored = msg.decode_stored(work1)
     assert stored.kind is msg.Kind.RESYNC_WORK
     assert list(stored.fields.prefer) == [] and stored.fields.token == 3
+    assert stored.fields.limit == 2**64 - 1   # no limit: the log's own size
     hello1 = b"UC\x01" + msg.encode(msg.Kind.HELLO, round=1, epoch=2, digest=3, current=True, boot_id="b",
                                     left_behind=False, known=[])[3:-3]
     with pytest.raises(msg.MessageError):    # not a state kind: never journaled, never replayed
@@ -255,9 +257,9 @@ def test_the_hello_and_resync_work_bytes_are_as_formats_cluster_md_says() -> Non
     assert data[21] == m and data[22:22 + m] == boot.encode()
     assert data[22 + m] == 1                                      # left_behind
     assert struct.unpack_from("<H3I", data, 23 + m) == (3, 1, 3, 7)
-    work = msg.encode(msg.Kind.RESYNC_WORK, token=1, uuid="abc", prefer=[4, 9])
-    assert len(work) == 15 + 3 + 8 * 2
-    assert struct.unpack_from("<H2Q", work, 13 + 3) == (2, 4, 9)
+    work = msg.encode(msg.Kind.RESYNC_WORK, token=1, uuid="abc", prefer=[4, 9], limit=96)
+    assert len(work) == 23 + 3 + 8 * 2
+    assert struct.unpack_from("<H2QQ", work, 13 + 3) == (2, 4, 9, 96)
 
 
 def test_prefer_is_the_message_s_and_skips_what_may_not_be_handed_out(base: Path) -> None:
@@ -272,3 +274,33 @@ def test_prefer_is_the_message_s_and_skips_what_may_not_be_handed_out(base: Path
         rig.settle()
         assert _work(rig, 3, work) == 9
         assert [rig.nodes[n].state.logs[UUID].recovering for n in (1, 2, 3)] == [{9: 3}] * 3
+
+
+def test_a_node_is_never_handed_a_region_past_its_own_table(base: Path) -> None:
+    """A rolling resize (lvextend): node 2's table grows to 32 regions first, the shared log with
+    it, node 1's still has 16. Node 1's kernel must never get a region of 16..31 to recover (past
+    the end of its mirror); node 2's does; a region handed to node 1 before its table shrank goes
+    back to be handed out (RESYNC_WORK's limit)."""
+    with opened(base, nosync=False) as rig:
+        big = ctr_text(32, log_type="clustered-core").encode()
+        new = 0x9302
+        assert rig.answer(2, rig.send(2, T.CTR, big, luid=new)).error == 0  # type: ignore[union-attr]
+        for kind in (T.PRESUSPEND, T.POSTSUSPEND):
+            rig.send(2, kind)
+        resume = rig.send(2, T.RESUME, luid=new)
+        rig.settle()
+        assert rig.answer(2, resume) is not None
+        assert rig.nodes[1].state.logs[UUID].region_count == 32
+        handed: dict[int, list[int]] = {1: [], 2: []}
+        for _ in range(40):
+            for n, luid in ((1, None), (2, new)):
+                work = rig.send(n, T.GET_RESYNC_WORK, luid=luid)
+                rig.settle()
+                region = _work(rig, n, work)
+                if region is not None:
+                    handed[n].append(region)
+                    done = rig.send(n, T.SET_REGION_SYNC, wire.build_set_region_sync(region, 1), luid=luid)
+                    rig.settle()
+                    assert rig.answer(n, done) is not None
+        assert handed[1] and all(r < 16 for r in handed[1]), handed
+        assert sorted(handed[1] + handed[2]) == list(range(32)), handed

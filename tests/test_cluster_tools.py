@@ -82,9 +82,9 @@ def scenario(state_dir: Path) -> Builder:
     b.flush(2, "LVM-a", [20, 21])
     b.flush(2, "LVM-a", [], [21])
     b.send(1, K.DEPARTED, nodes=[3])
-    assert b.send(1, K.RESYNC_WORK, uuid="LVM-b", prefer=[]) == 0
+    assert b.send(1, K.RESYNC_WORK, uuid="LVM-b", prefer=[], limit=2**64 - 1) == 0
     b.send(1, K.SET_REGION_SYNC, uuid="LVM-b", region=0, in_sync=True)
-    assert b.send(1, K.RESYNC_WORK, uuid="LVM-b", prefer=[]) == 1
+    assert b.send(1, K.RESYNC_WORK, uuid="LVM-b", prefer=[], limit=2**64 - 1) == 1
     return b
 
 

@@ -37,7 +37,7 @@ from .shared import (
 )
 
 #: 2: HELLO says whether its sender was left behind and which nodes its state names, RESYNC_WORK
-#: which regions its sender prefers (version 1 had none of these).
+#: which regions its sender prefers and its table's region count (version 1 had none of these).
 MESSAGE_VERSION = 2
 SNAPSHOT_VERSION = 1
 
@@ -81,7 +81,8 @@ Header = c.Struct(
 #: its own messages' results apart (0 for messages that answer no request).
 Bodies = {
     Kind.FLUSH: c.Struct("token" / c.Int64ul, "uuid" / Uuid, "marks" / Regions, "clears" / Regions),
-    Kind.RESYNC_WORK: c.Struct("token" / c.Int64ul, "uuid" / Uuid, "prefer" / Regions),
+    Kind.RESYNC_WORK: c.Struct("token" / c.Int64ul, "uuid" / Uuid, "prefer" / Regions,
+                               "limit" / c.Int64ul),
     Kind.SET_REGION_SYNC: c.Struct("token" / c.Int64ul, "uuid" / Uuid, "region" / c.Int64ul,
                                    "in_sync" / c.Flag),
     Kind.OPEN: c.Struct("token" / c.Int64ul, "uuid" / Uuid, "luid" / c.Int64ul, "boot_id" / BootId,
@@ -126,6 +127,8 @@ _MAGIC = b"UC"
 #: What a message of this version starts with, kind aside.
 _PREFIX = _MAGIC + bytes([MESSAGE_VERSION])
 _V1_PREFIX = _MAGIC + b"\x01"
+#: What version 2 added to RESYNC_WORK, as version 1 meant it: no preferred region, no limit.
+_V1_RESYNC_WORK_TAIL = b"\0\0" + b"\xff" * 8
 _STATE_KIND_CODES = frozenset(int(k) for k in STATE_KINDS)
 _U64 = struct.Struct("<Q")
 _U8 = struct.Struct("<B")
@@ -179,9 +182,10 @@ def encode(kind: Kind, **fields: object) -> bytes:
 def decode_stored(data: bytes) -> Decoded:
     """A state message as a cluster journal holds it: of this version, or of version 1 (journals
     written before version 2). A version-1 state message says what its version-2 form says:
-    the layouts are the same but RESYNC_WORK's, which gained ``prefer`` (none, then)."""
+    the layouts are the same but RESYNC_WORK's, which gained ``prefer`` (none, then) and
+    ``limit`` (none: the largest u64)."""
     if len(data) >= 4 and data[:3] == _V1_PREFIX and data[3] in _STATE_KIND_CODES:
-        body = data[4:] + (b"\0\0" if data[3] == Kind.RESYNC_WORK else b"")
+        body = data[4:] + (_V1_RESYNC_WORK_TAIL if data[3] == Kind.RESYNC_WORK else b"")
         data = _PREFIX + data[3:4] + body
     return decode(data)
 
@@ -210,7 +214,7 @@ def as_input(sender: int, message: Decoded) -> Input:
     if kind is Kind.FLUSH:
         return Flush(sender, f.uuid, tuple(f.marks), tuple(f.clears))
     if kind is Kind.RESYNC_WORK:
-        return ResyncWork(sender, f.uuid, tuple(f.prefer))
+        return ResyncWork(sender, f.uuid, tuple(f.prefer), f.limit)
     if kind is Kind.SET_REGION_SYNC:
         return SetRegionSync(sender, f.uuid, f.region, bool(f.in_sync))
     if kind is Kind.OPEN:

@@ -156,13 +156,19 @@ class SharedLog:
             self.sync[region] = 0
             self.sync_count -= 1
 
-    def resync_work(self, node: int, prefer: Iterable[int] = ()) -> int | None:
-        for region, owner in self.recovering.items():
+    def resync_work(self, node: int, prefer: Iterable[int] = (), limit: int | None = None) -> int | None:
+        """The region ``node`` recovers next, or None. ``limit``: the node's own table's region
+        count (another node's reload may have resized the log past or short of it): nothing at or
+        past it is handed out, and a region it was handed there is given back."""
+        limit = self.region_count if limit is None else min(limit, self.region_count)
+        for region, owner in list(self.recovering.items()):
             if owner == node:
-                return region
+                if region < limit:
+                    return region
+                del self.recovering[region]
         if node not in self.opened:
             return None
-        start = self.cursor.get(node, 0)
+        start = min(self.cursor.get(node, 0), limit)
         blocked = new_bitmap(self.region_count, False)
         for other, bits in self.marks.items():
             if other != node:
@@ -170,17 +176,17 @@ class SharedLog:
         for bits in self.held.values():
             blocked |= bits
         candidates = ~self.sync & ~blocked
-        candidates[self.region_count:] = 0
+        candidates[limit:] = 0
         # The regions the node's writes wait for first (IS_REMOTE_RECOVERING said 1): a write
         # waits for one region's recovery, not for the sweep to get there.
         for region in prefer:
-            if 0 <= region < self.region_count and candidates[region] and region not in self.recovering:
+            if 0 <= region < limit and candidates[region] and region not in self.recovering:
                 self.recovering[region] = node
                 return region
         # From the cursor to the end, then from the start: unlike one node's log, regions come
         # back to hand out while the search is past them (another node's recovery failed, a
         # departed node was fenced), and the kernel keeps asking.
-        for lo, hi in ((start, self.region_count), (0, start)):
+        for lo, hi in ((start, limit), (0, start)):
             for region in candidates.search(1, lo, hi):
                 if region not in self.recovering:
                     self.cursor[node] = region + 1
@@ -306,6 +312,8 @@ class ResyncWork:
     uuid: str
     #: Regions to hand out first, if they may be (the sender's writes wait for them).
     prefer: tuple[int, ...] = ()
+    #: The sender's table's region count: nothing at or past it is handed to the sender.
+    limit: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,7 +395,7 @@ class ClusterState:
             self._log(item.uuid).flush(item.node, item.marks, item.clears)
             return len(item.marks)
         if isinstance(item, ResyncWork):
-            return self._log(item.uuid).resync_work(item.node, item.prefer)
+            return self._log(item.uuid).resync_work(item.node, item.prefer, item.limit)
         if isinstance(item, SetRegionSync):
             self._log(item.uuid).set_region_sync(item.node, item.region, item.in_sync)
             return 1

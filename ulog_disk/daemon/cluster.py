@@ -601,7 +601,8 @@ class ClusterNode:
                 raise ValueError("GET_RESYNC_WORK carries no payload")
             if local.state is not State.LIVE or log_ is None:
                 return Reply(request, 0, wire.build_resync_work(False, 0))
-            fields = {"uuid": request.uuid, "prefer": self._preferred(request.uuid, log_)}
+            fields = {"uuid": request.uuid, "prefer": self._preferred(request.uuid, log_),
+                      "limit": ctr.region_count}
             self._agree(msg.Kind.RESYNC_WORK, fields,
                         Pending(request, address, msg.Kind.RESYNC_WORK, b"", durable=False))
             return None
