@@ -212,7 +212,11 @@ def test_kernel_resend_after_timeout_is_harmless(daemon: Daemon) -> None:
     got: list[int | None] = []
     asker = threading.Thread(target=lambda: got.append(m.log.get_resync_work()))
     asker.start()
-    time.sleep(1.3)  # at least two kernel timeouts: the request is sent three times
+    # Stopped until the kernel timed out twice (the request sent three times), however slowly
+    # the asker's thread runs on a loaded machine (a fixed 1.3 s saw none, once, in CI).
+    deadline = time.monotonic() + 60
+    while conn.resends < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     daemon.proc.send_signal(signal.SIGCONT)
     asker.join(10)
     assert got == [0]
