@@ -209,11 +209,18 @@ def test_kernel_resend_after_timeout_is_harmless(daemon: Daemon) -> None:
     m = make_mirror(conn, "LVM-slow", 0x42, "8192 clustered-core 1024")
     m.resume()
     daemon.proc.send_signal(signal.SIGSTOP)
+    # kill() returns before every thread has stopped: on a loaded machine the daemon answered
+    # a request sent right after it (seen in CI). Ask once all its threads are stopped.
+    tasks = Path(f"/proc/{daemon.proc.pid}/task")
+    deadline = time.monotonic() + 60
+    while not all((t / "stat").read_text().rsplit(")", 1)[1].split()[0] == "T" for t in tasks.iterdir()):
+        assert time.monotonic() < deadline, "the daemon did not stop"
+        time.sleep(0.01)
     got: list[int | None] = []
     asker = threading.Thread(target=lambda: got.append(m.log.get_resync_work()))
     asker.start()
     # Stopped until the kernel timed out twice (the request sent three times), however slowly
-    # the asker's thread runs on a loaded machine (a fixed 1.3 s saw none, once, in CI).
+    # the asker's thread runs.
     deadline = time.monotonic() + 60
     while conn.resends < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
