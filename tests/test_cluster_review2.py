@@ -169,6 +169,18 @@ def test_a_fence_command_discarded_after_taking_a_state_is_run_again(
             pytest.fail(f"node 5 never fenced again: held regions {held}")
 
 
+def _reload(rig: Rig, n: int, regions: int, luid: int) -> None:
+    """Node ``n``'s table reloaded with ``regions`` regions (lvextend, lvreduce): the new table's
+    CTR with ``luid``, the old one suspended, the new one resumed, answered."""
+    table = ctr_text(regions, log_type="clustered-core").encode()
+    assert rig.answer(n, rig.send(n, T.CTR, table, luid=luid)).error == 0  # type: ignore[union-attr]
+    for kind in (T.PRESUSPEND, T.POSTSUSPEND):
+        rig.send(n, kind)
+    resume = rig.send(n, T.RESUME, luid=luid)
+    rig.settle()
+    assert rig.answer(n, resume) is not None
+
+
 def test_a_region_past_a_shrunk_log_does_not_tell_the_kernel_all_is_in_sync(base: Path) -> None:
     """Node 2 reloads a smaller table (lvreduce: the shared log shrinks to 8 regions) while node
     1's table still has 16. Node 1's kernel asks about region 12: the answer's hint, 16, is node
@@ -177,14 +189,7 @@ def test_a_region_past_a_shrunk_log_does_not_tell_the_kernel_all_is_in_sync(base
     NOSYNC to the default leg, racing node 2's recovery, the race the policy closes) and sends
     no GET_RESYNC_WORK."""
     with opened(base, nosync=False) as rig:
-        small = ctr_text(8, log_type="clustered-core").encode()
-        new = 0x9202
-        assert rig.answer(2, rig.send(2, T.CTR, small, luid=new)).error == 0  # type: ignore[union-attr]
-        for kind in (T.PRESUSPEND, T.POSTSUSPEND):
-            rig.send(2, kind)
-        resume = rig.send(2, T.RESUME, luid=new)
-        rig.settle()
-        assert rig.answer(2, resume) is not None
+        _reload(rig, 2, 8, 0x9202)
         assert rig.nodes[1].state.logs[UUID].region_count == 8
         assert _remote(rig, 1, 3) == (1, 0)
         recovering, hint = _remote(rig, 1, 12)
@@ -282,14 +287,8 @@ def test_a_node_is_never_handed_a_region_past_its_own_table(base: Path) -> None:
     the end of its mirror); node 2's does; a region handed to node 1 before its table shrank goes
     back to be handed out (RESYNC_WORK's limit)."""
     with opened(base, nosync=False) as rig:
-        big = ctr_text(32, log_type="clustered-core").encode()
         new = 0x9302
-        assert rig.answer(2, rig.send(2, T.CTR, big, luid=new)).error == 0  # type: ignore[union-attr]
-        for kind in (T.PRESUSPEND, T.POSTSUSPEND):
-            rig.send(2, kind)
-        resume = rig.send(2, T.RESUME, luid=new)
-        rig.settle()
-        assert rig.answer(2, resume) is not None
+        _reload(rig, 2, 32, new)
         assert rig.nodes[1].state.logs[UUID].region_count == 32
         handed: dict[int, list[int]] = {1: [], 2: []}
         for _ in range(40):
